@@ -1,0 +1,335 @@
+"""api.yaml parsed into immutable, typed objects, built once per load.
+
+The request path never touches YAML: everything it needs (model → routes, key index,
+timeouts) is derived here. A `Config` is swapped atomically on reload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from core.config_reader import Section, items_of
+from core.keys import KeyIndex, mask_key
+from core.lookup import PrefixTable
+from core.yamlsource import ConfigError, expand_env, line_of, parse_yaml
+
+ENGINES = ("openai", "azure", "anthropic", "gemini", "echo")
+SUPPORTED_ENGINES = ("openai", "echo")
+SCHEDULING_ALGORITHMS = ("fixed_priority", "round_robin", "weighted_round_robin", "random")
+DEFAULT_TIMEOUT = Decimal(100)
+DEFAULT_MAX_BODY = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    engine: str
+    base_url: str
+    upstream_keys: tuple[str, ...] = field(repr=False)
+    headers: dict[str, str]
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """One way to serve a public model name: this provider, under this upstream name."""
+
+    provider: Provider
+    public_name: str
+    upstream_name: str
+    timeout: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider.name}/{self.public_name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAccess:
+    """A key's allow-list, compiled: `*`, `provider/*`, `provider/model` or a public model name."""
+
+    everything: bool = True
+    providers: frozenset[str] = frozenset()
+    provider_models: frozenset[tuple[str, str]] = frozenset()
+    models: frozenset[str] = frozenset()
+
+    def allows(self, route: ModelRoute) -> bool:
+        return (
+            self.everything
+            or route.public_name in self.models
+            or route.provider.name in self.providers
+            or (route.provider.name, route.public_name) in self.provider_models
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    secret: str = field(repr=False)
+    name: str
+    role: str
+    access: ModelAccess
+    line: int | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    @property
+    def masked(self) -> str:
+        return mask_key(self.secret)
+
+
+@dataclass(frozen=True, slots=True)
+class Preferences:
+    scheduling_algorithm: str = "fixed_priority"
+    auto_retry: bool = True
+    cooldown_period: float = 60.0
+    max_request_body_bytes: int = DEFAULT_MAX_BODY
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    source_hash: str
+    loaded_at: float
+    providers: tuple[Provider, ...]
+    keys: tuple[ApiKey, ...]
+    key_index: KeyIndex[ApiKey]
+    routes: dict[str, tuple[ModelRoute, ...]]
+    public_models: tuple[str, ...]
+    preferences: Preferences
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, validate and build the config at `path`; raises ConfigError with file and line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), None, "config file not found (start from: cp api.yaml.example api.yaml)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), None, f"cannot read config file: {exc}") from None
+    return build_config(text, str(path), hashlib.sha256(raw).hexdigest())
+
+
+def build_config(text: str, file: str, source_hash: str | None = None) -> Config:
+    tree = expand_env(parse_yaml(text, file), file)
+    top = Section(tree, file, "")
+    top.reject_unknown(("providers", "api_keys", "preferences"))
+    preferences, global_timeouts = _read_preferences(top.section("preferences"))
+    providers, routes_by_provider = _read_providers(top, global_timeouts)
+    routes = _index_routes(routes_by_provider)
+    keys = _read_keys(top, {p.name: p for p in providers}, routes)
+    return Config(
+        source=file,
+        source_hash=source_hash or hashlib.sha256(text.encode()).hexdigest(),
+        loaded_at=time.time(),
+        providers=tuple(providers),
+        keys=tuple(keys),
+        key_index=KeyIndex(keys),
+        routes=routes,
+        public_models=tuple(dict.fromkeys(r.public_name for rs in routes_by_provider for r in rs)),
+        preferences=preferences,
+    )
+
+
+def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]]:
+    section.reject_unknown(("SCHEDULING_ALGORITHM", "AUTO_RETRY", "cooldown_period", "model_timeout", "max_request_body_bytes"))
+    prefs = Preferences(
+        scheduling_algorithm=section.choice("SCHEDULING_ALGORITHM", SCHEDULING_ALGORITHMS, "fixed_priority"),
+        auto_retry=section.boolean("AUTO_RETRY", True),
+        cooldown_period=float(section.number("cooldown_period", 60)),
+        max_request_body_bytes=section.integer("max_request_body_bytes", DEFAULT_MAX_BODY, minimum=1),
+    )
+    return prefs, _read_timeouts(section)
+
+
+def _read_timeouts(section: Section) -> dict[str, Decimal]:
+    if not section.has("model_timeout"):
+        return {}
+    raw = section.raw("model_timeout")
+    if not isinstance(raw, dict):
+        return {"default": section.number("model_timeout", minimum=0, allow_equal=False)}
+    table = section.section("model_timeout")
+    return {str(name): table.number(name, minimum=0, allow_equal=False) for name in table.node}
+
+
+def _infer_engine(base_url: str) -> str:
+    url = base_url.lower()
+    if "anthropic.com" in url:
+        return "anthropic"
+    if "googleapis.com" in url:
+        return "gemini"
+    if "openai.azure.com" in url:
+        return "azure"
+    return "openai"
+
+
+def _read_providers(top: Section, global_timeouts: dict[str, Decimal]) -> tuple[list[Provider], list[list[ModelRoute]]]:
+    providers: list[Provider] = []
+    all_routes: list[list[ModelRoute]] = []
+    seen: set[str] = set()
+    items = items_of(top, "providers")
+    if not items:
+        raise top.error("providers", "providers must list at least one provider")
+    for index, node in items:
+        section = Section(node, top.file, f"providers[{index}]", top.node["providers"], index)
+        section.reject_unknown(("provider", "base_url", "api", "engine", "model", "preferences"))
+        name = section.string("provider")
+        if name in seen:
+            raise section.error("provider", f"duplicate provider name '{name}'")
+        seen.add(name)
+        engine = _read_engine(section)
+        base_url = _read_base_url(section, engine)
+        prefs = section.section("preferences")
+        prefs.reject_unknown(("model_timeout", "headers", "weight"))
+        provider = Provider(
+            name=name,
+            engine=engine,
+            base_url=base_url,
+            upstream_keys=_read_upstream_keys(section, engine),
+            headers=_read_headers(prefs),
+            weight=prefs.integer("weight", 1, minimum=1),
+        )
+        timeouts = PrefixTable({**global_timeouts, **_read_timeouts(prefs)})
+        providers.append(provider)
+        all_routes.append(_read_models(section, provider, timeouts))
+    return providers, all_routes
+
+
+def _read_engine(section: Section) -> str:
+    if section.has("engine"):
+        engine = section.choice("engine", ENGINES)
+    elif section.has("base_url"):
+        engine = _infer_engine(section.string("base_url"))
+    else:
+        raise section.error("provider", f"{section.path} needs a base_url (or engine: echo)")
+    if engine not in SUPPORTED_ENGINES:
+        raise section.error("engine" if section.has("engine") else "base_url", f"engine '{engine}' is not supported yet (supported: {', '.join(SUPPORTED_ENGINES)})")
+    return engine
+
+
+def _read_base_url(section: Section, engine: str) -> str:
+    if engine == "echo":
+        return section.string("base_url", "echo://local")
+    url = section.string("base_url")
+    if not url.startswith(("http://", "https://")):
+        raise section.error("base_url", f"{section.where('base_url')} must start with http:// or https://, got '{url}'")
+    url = url.rstrip("/")
+    for suffix in ("/chat/completions", "/completions", "/embeddings"):
+        if url.endswith(suffix):
+            return url[: -len(suffix)]
+    return url
+
+
+def _read_upstream_keys(section: Section, engine: str) -> tuple[str, ...]:
+    raw = section.raw("api")
+    if raw is None:
+        if engine == "echo":
+            return ("",)
+        raise section.error("provider", f"{section.where('api')} is required: the upstream API key (or a list of keys)")
+    values = raw if isinstance(raw, list) else [raw]
+    keys = []
+    for index, value in enumerate(values):
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(section.file, line_of(raw, index) if isinstance(raw, list) else section.line("api"), f"{section.where('api')} entries must be non-empty strings")
+        keys.append(value.strip())
+    return tuple(keys)
+
+
+def _read_headers(prefs: Section) -> dict[str, str]:
+    headers = prefs.section("headers")
+    return {str(name): headers.string(name) for name in headers.node}
+
+
+def _read_models(section: Section, provider: Provider, timeouts: PrefixTable[Decimal]) -> list[ModelRoute]:
+    routes: list[ModelRoute] = []
+    seen: set[str] = set()
+    items = items_of(section, "model")
+    if not items:
+        raise section.error("provider", f"{section.where('model')} must list at least one model")
+    models_node = section.node["model"]
+    for index, entry in items:
+        if isinstance(entry, dict) and len(entry) == 1:
+            upstream, public = next(iter(entry.items()))
+        elif isinstance(entry, str):
+            upstream = public = entry
+        else:
+            raise ConfigError(section.file, line_of(models_node, index), f"{section.where('model')}[{index}] must be a model name or 'upstream-name: alias'")
+        upstream, public = str(upstream).strip(), str(public).strip()
+        if not upstream or not public:
+            raise ConfigError(section.file, line_of(models_node, index), f"{section.where('model')}[{index}] has an empty model name")
+        if public in seen:
+            raise ConfigError(section.file, line_of(models_node, index), f"model '{public}' is listed twice for provider '{provider.name}'")
+        seen.add(public)
+        timeout = timeouts.get(public) or timeouts.get(upstream) or DEFAULT_TIMEOUT
+        routes.append(ModelRoute(provider, public, upstream, float(timeout)))
+    return routes
+
+
+def _index_routes(routes_by_provider: list[list[ModelRoute]]) -> dict[str, tuple[ModelRoute, ...]]:
+    """Public name → every route serving it (config order), plus `provider/name` → that one route."""
+    index: dict[str, list[ModelRoute]] = {}
+    for routes in routes_by_provider:
+        for route in routes:
+            index.setdefault(route.public_name, []).append(route)
+    for routes in routes_by_provider:
+        for route in routes:
+            index.setdefault(route.label, [route])
+    return {name: tuple(routes) for name, routes in index.items()}
+
+
+def _read_keys(top: Section, providers: dict[str, Provider], routes: dict[str, tuple[ModelRoute, ...]]) -> list[ApiKey]:
+    keys: list[ApiKey] = []
+    seen: set[str] = set()
+    for index, node in items_of(top, "api_keys"):
+        section = Section(node, top.file, f"api_keys[{index}]", top.node["api_keys"], index)
+        section.reject_unknown(("api", "name", "role", "model", "preferences"))
+        secret = section.string("api")
+        if secret in seen:
+            raise section.error("api", f"duplicate API key in {section.path} (keys must be unique)")
+        seen.add(secret)
+        section.section("preferences").reject_unknown(())
+        keys.append(
+            ApiKey(
+                secret=secret,
+                name=section.string("name", mask_key(secret)),
+                role=section.choice("role", ("user", "admin"), "user"),
+                access=_read_access(section, providers, routes),
+                line=line_of(top.node["api_keys"], index),
+            )
+        )
+    return keys
+
+
+def _read_access(section: Section, providers: dict[str, Provider], routes: dict[str, tuple[ModelRoute, ...]]) -> ModelAccess:
+    if not section.has("model"):
+        return ModelAccess()
+    entries = section.raw("model")
+    entries = entries if isinstance(entries, list) else [entries]
+    everything, by_provider, pairs, models = False, set(), set(), set()
+    for entry in entries:
+        name = str(entry).strip()
+        provider, _, model = name.partition("/")
+        if name == "*":
+            everything = True
+        elif model and provider in providers:
+            if model == "*":
+                by_provider.add(provider)
+            elif name in routes:
+                pairs.add((provider, model))
+            else:
+                raise section.error("model", f"{section.where('model')} names '{name}', but provider '{provider}' has no model '{model}'")
+        elif name in routes:
+            models.add(name)
+        elif model:
+            raise section.error("model", f"{section.where('model')} names '{name}', but there is no provider '{provider}' and no model by that name")
+        else:
+            raise section.error("model", f"{section.where('model')} names model '{name}', which no provider serves")
+    return ModelAccess(everything, frozenset(by_provider), frozenset(pairs), frozenset(models))

@@ -1,0 +1,135 @@
+"""Typed, located reads from YAML mappings: every wrong value becomes `file:line: reason`."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from core.yamlsource import ConfigError, line_of
+
+_MISSING = object()
+
+
+class Section:
+    """One YAML mapping being read, with a dotted path for messages (`providers[0].preferences`)."""
+
+    def __init__(self, node: Any, file: str, path: str, parent: Any = None, key: Any = None):
+        self.file = file
+        self.path = path
+        if node is None:
+            node = {}
+        if not isinstance(node, dict):
+            raise ConfigError(file, line_of(parent, key) or line_of(node), f"{path} must be a mapping, got {_kind(node)}")
+        self.node = node
+
+    def error(self, key: Any, reason: str) -> ConfigError:
+        return ConfigError(self.file, line_of(self.node, key), reason)
+
+    def where(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def line(self, key: Any = None) -> int | None:
+        return line_of(self.node, key)
+
+    def reject_unknown(self, known: Iterable[str]) -> None:
+        known = list(known)
+        for key in self.node:
+            if key not in known:
+                hint = difflib.get_close_matches(str(key), known, n=1)
+                suffix = f" (did you mean '{hint[0]}'?)" if hint else f" (known: {', '.join(known)})"
+                raise self.error(key, f"unknown key '{key}' in {self.path or 'the top level'}{suffix}")
+
+    def has(self, key: str) -> bool:
+        return key in self.node and self.node[key] is not None
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        value = self.node.get(key)
+        return default if value is None else value
+
+    def section(self, key: str) -> Section:
+        return Section(self.node.get(key), self.file, self.where(key), self.node, key)
+
+    def string(self, key: str, default: Any = _MISSING) -> str:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise self.error(key, f"{self.where(key)} must be a string, got {_kind(value)}")
+        text = str(value).strip()
+        if not text:
+            raise self.error(key, f"{self.where(key)} must not be empty")
+        return text
+
+    def boolean(self, key: str, default: Any = _MISSING) -> bool:
+        value = self._get(key, default)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise self.error(key, f"{self.where(key)} must be true or false, got {_kind(value)}")
+
+    def number(self, key: str, default: Any = _MISSING, *, minimum: Decimal | int | None = 0, allow_equal: bool = True) -> Decimal:
+        """An exact number (Decimal, never float) with an optional lower bound."""
+        value = self._get(key, default)
+        return to_decimal(value, self, key, minimum=minimum, allow_equal=allow_equal)
+
+    def integer(self, key: str, default: Any = _MISSING, *, minimum: int | None = 0) -> int:
+        number = self.number(key, default, minimum=minimum)
+        if number != number.to_integral_value():
+            raise self.error(key, f"{self.where(key)} must be a whole number, got {number}")
+        return int(number)
+
+    def choice(self, key: str, choices: Iterable[str], default: Any = _MISSING) -> str:
+        choices = list(choices)
+        value = self.string(key, default)
+        if value not in choices:
+            raise self.error(key, f"{self.where(key)} must be one of {', '.join(choices)}; got '{value}'")
+        return value
+
+    def _get(self, key: str, default: Any) -> Any:
+        value = self.node.get(key)
+        if value is None:
+            if default is _MISSING:
+                raise ConfigError(self.file, line_of(self.node), f"{self.where(key)} is required")
+            return default
+        return value
+
+
+def to_decimal(value: Any, section: Section, key: Any, *, minimum: Decimal | int | None = 0, allow_equal: bool = True) -> Decimal:
+    where = section.where(str(key))
+    if isinstance(value, bool):
+        raise section.error(key, f"{where} must be a number, got a boolean")
+    try:
+        number = value if isinstance(value, Decimal) else Decimal(str(value).strip())
+    except (InvalidOperation, ValueError):
+        raise section.error(key, f"{where} must be a number, got '{value}'") from None
+    if not number.is_finite():
+        raise section.error(key, f"{where} must be a finite number, got '{value}'")
+    if minimum is not None and (number < minimum or (number == minimum and not allow_equal)):
+        bound = f">= {minimum}" if allow_equal else f"> {minimum}"
+        raise section.error(key, f"{where} must be {bound}, got {number}")
+    return number
+
+
+def items_of(section: Section, key: str) -> list[tuple[Any, Any]]:
+    """The (index, item) pairs of a list value; an absent list is empty."""
+    value = section.node.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise section.error(key, f"{section.where(key)} must be a list, got {_kind(value)}")
+    return list(enumerate(value))
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, (int, float, Decimal)):
+        return f"the number {value}"
+    return f"'{value}'"

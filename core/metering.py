@@ -1,0 +1,65 @@
+"""The seam billing plugs into: admit a request before the upstream call, settle it after.
+
+`admit` may refuse (raise GatewayError) and returns a `Ticket`. Exactly one of the ticket's
+`settle` or `release` is called, once, when the outcome is known: after the upstream
+answer, at the end of a stream, on client disconnect, or when every provider failed.
+Both are synchronous so they can run while a cancelled stream unwinds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from core.usage import Usage
+
+if TYPE_CHECKING:
+    from core.config import ApiKey, Config
+    from core.proxy import ProxyRequest
+
+OK = "ok"
+ERROR = "error"
+CLIENT_DISCONNECTED = "client_disconnected"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened upstream, as billing needs to know it."""
+
+    provider: str
+    upstream_model: str
+    usage: Usage
+    status: str  # OK | ERROR | CLIENT_DISCONNECTED
+
+
+class Ticket(Protocol):
+    def settle(self, outcome: Outcome) -> dict[str, str]:
+        """Charge the outcome; return response headers describing the charge."""
+        ...
+
+    def release(self) -> None:
+        """Nothing was delivered: charge nothing and free the reservation."""
+        ...
+
+
+class Meter(Protocol):
+    async def admit(self, config: Config, key: ApiKey, request: ProxyRequest) -> Ticket: ...
+
+
+class FreeTicket:
+    __slots__ = ()
+
+    def settle(self, outcome: Outcome) -> dict[str, str]:
+        return {}
+
+    def release(self) -> None:
+        pass
+
+
+class FreeMeter:
+    """Admits everything and charges nothing: the gateway without billing."""
+
+    _ticket = FreeTicket()
+
+    async def admit(self, config: Config, key: ApiKey, request: ProxyRequest) -> Ticket:
+        return self._ticket

@@ -1,0 +1,16 @@
+"""Provider adapters by engine name."""
+
+from __future__ import annotations
+
+from core.providers.base import Adapter
+from core.providers.echo import EchoAdapter
+from core.providers.openai import OpenAIAdapter
+
+ADAPTERS: dict[str, Adapter] = {
+    "openai": OpenAIAdapter(),
+    "echo": EchoAdapter(),
+}
+
+
+def adapter_for(engine: str) -> Adapter:
+    return ADAPTERS[engine]

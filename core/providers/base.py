@@ -1,0 +1,91 @@
+"""The contract every provider adapter fulfils.
+
+An adapter turns one `UpstreamCall` into either a finished `Reply` or a started
+`UpstreamStream`, or raises `UpstreamFailure` saying whether another provider may be tried.
+Billing never looks inside vendor formats: it reads `Usage` from these objects.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+from core.config import ModelRoute
+from core.errors import GatewayError, bad_gateway, gateway_timeout
+from core.usage import Usage
+
+SSE_CONTENT_TYPE = "text/event-stream"
+JSON_CONTENT_TYPE = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    endpoint: str  # "chat/completions" | "completions" | "embeddings"
+    body: dict[str, Any]
+    stream: bool
+    route: ModelRoute
+    upstream_key: str
+
+    @property
+    def client_wants_usage(self) -> bool:
+        options = self.body.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
+
+
+@dataclass(slots=True)
+class Reply:
+    """A complete upstream answer, already in OpenAI's format."""
+
+    status: int
+    body: bytes
+    usage: Usage | None
+    content_type: str = JSON_CONTENT_TYPE
+
+
+class UpstreamFailure(Exception):
+    """The upstream did not give a usable answer. `retryable` means another provider may."""
+
+    def __init__(self, error: GatewayError, *, retryable: bool, upstream_status: int | None = None):
+        super().__init__(error.message)
+        self.error = error
+        self.retryable = retryable
+        self.upstream_status = upstream_status
+
+    @classmethod
+    def timeout(cls, route: ModelRoute) -> UpstreamFailure:
+        return cls(gateway_timeout(f"Provider '{route.provider.name}' did not answer within {route.timeout:g}s."), retryable=True)
+
+    @classmethod
+    def unreachable(cls, route: ModelRoute, exc: BaseException) -> UpstreamFailure:
+        return cls(bad_gateway(f"Provider '{route.provider.name}' could not be reached: {type(exc).__name__}.", "upstream_unreachable"), retryable=True)
+
+
+class UpstreamStream(ABC):
+    """A stream the upstream has started (status 200). Iterate it for the bytes to send.
+
+    When iteration ends, `usage` holds what the upstream reported (None if it did not),
+    `completion_text_bytes` how much text was streamed (for estimates), and `error` any
+    failure that cut the stream short. `close()` is synchronous so it can run during
+    cancellation, when awaiting is no longer possible.
+    """
+
+    content_type = SSE_CONTENT_TYPE
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.completion_text_bytes = 0
+        self.error: GatewayError | None = None
+
+    @abstractmethod
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class Adapter(Protocol):
+    async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream: ...

@@ -1,0 +1,116 @@
+"""`engine: echo`: answers locally, deterministically, with real usage numbers.
+
+It lets a new user try Tollgate with no vendor account, and operators test configs and
+load without spending money. Usage is estimated from the input with the same rules the
+gateway uses for admission, so billing can be checked by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from core.providers.base import Reply, UpstreamCall, UpstreamStream
+from core.sse import encode_event
+from core.usage import BYTES_PER_TOKEN, Usage, estimate_prompt_tokens, estimate_text_tokens, message_text
+
+EMBEDDING_DIMENSIONS = 16
+_ids = itertools.count(1)
+
+
+class EchoAdapter:
+    async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
+        if call.endpoint == "embeddings":
+            return _embeddings(call)
+        text = reply_text(call)
+        usage = Usage(prompt_tokens=estimate_prompt_tokens(call.body), completion_tokens=estimate_text_tokens(text))
+        if call.stream:
+            return EchoStream(call, text, usage)
+        return Reply(200, _dumps(_completion(call, text, usage)), usage)
+
+
+def reply_text(call: UpstreamCall) -> str:
+    """`Echo: <last user message>`, cut to `max_tokens` like a real model would be."""
+    if call.endpoint == "chat/completions":
+        messages = call.body.get("messages") or []
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        said = message_text(users[-1].get("content")) if users else ""
+    else:
+        prompt = call.body.get("prompt")
+        said = prompt if isinstance(prompt, str) else " ".join(p for p in prompt or [] if isinstance(p, str))
+    text = f"Echo: {said}"
+    limit = call.body.get("max_tokens") or call.body.get("max_completion_tokens")
+    if isinstance(limit, int) and limit > 0:
+        text = text.encode()[: limit * BYTES_PER_TOKEN].decode(errors="ignore")
+    return text
+
+
+def _completion(call: UpstreamCall, text: str, usage: Usage) -> dict[str, Any]:
+    created = int(time.time())
+    base = {"id": f"echo-{next(_ids)}", "created": created, "model": call.route.public_name, "usage": _usage_json(usage)}
+    if call.endpoint == "chat/completions":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": None}
+        return {**base, "object": "chat.completion", "choices": [choice]}
+    return {**base, "object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}]}
+
+
+def _embeddings(call: UpstreamCall) -> Reply:
+    raw = call.body.get("input")
+    inputs = raw if isinstance(raw, list) and all(isinstance(i, str) for i in raw) else [raw if isinstance(raw, str) else json.dumps(raw)]
+    data = [{"object": "embedding", "index": i, "embedding": _vector(text)} for i, text in enumerate(inputs)]
+    usage = Usage(prompt_tokens=sum(estimate_text_tokens(text) for text in inputs))
+    body = {"object": "list", "data": data, "model": call.route.public_name, "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens}}
+    return Reply(200, _dumps(body), usage)
+
+
+def _vector(text: str) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round(byte / 255 * 2 - 1, 6) for byte in digest[:EMBEDDING_DIMENSIONS]]
+
+
+def _usage_json(usage: Usage) -> dict[str, int]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens}
+
+
+def _dumps(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, ensure_ascii=False).encode()
+
+
+class EchoStream(UpstreamStream):
+    """Streams the reply word by word, then a usage chunk if the client asked for one."""
+
+    def __init__(self, call: UpstreamCall, text: str, usage: Usage):
+        super().__init__()
+        self._call = call
+        self._text = text
+        self._final_usage = usage
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        chat = self._call.endpoint == "chat/completions"
+        base = {"id": f"echo-{next(_ids)}", "created": int(time.time()), "model": self._call.route.public_name}
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        words = self._text.split(" ")
+        for index, word in enumerate(words):
+            piece = word if index == 0 else " " + word
+            if chat:
+                delta: dict[str, Any] = {"content": piece} if index else {"role": "assistant", "content": piece}
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
+            else:
+                choice = {"index": 0, "text": piece, "finish_reason": None}
+            self.completion_text_bytes += len(piece.encode())
+            yield encode_event(_dumps({**base, "object": obj, "choices": [choice]}))
+        last = {"index": 0, "delta": {}, "finish_reason": "stop"} if chat else {"index": 0, "text": "", "finish_reason": "stop"}
+        yield encode_event(_dumps({**base, "object": obj, "choices": [last]}))
+        self.usage = self._final_usage
+        if self._call.client_wants_usage:
+            yield encode_event(_dumps({**base, "object": obj, "choices": [], "usage": _usage_json(self._final_usage)}))
+        yield b"data: [DONE]\n\n"
+
+    def close(self) -> None:
+        pass

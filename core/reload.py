@@ -1,0 +1,88 @@
+"""Hot reload: watch api.yaml, rebuild the config off the event loop, swap it in one step.
+
+A request reads `store.current` once and keeps that object to the end, so a swap never
+affects requests in flight. A file that fails to load leaves the last good config serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchfiles import awatch
+
+from core.config import Config, load_config
+from core.yamlsource import ConfigError
+
+log = logging.getLogger("tollgate.config")
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadError:
+    message: str
+    file: str
+    line: int | None
+    reason: str
+    at: float
+
+
+class ConfigStore:
+    """Holds the current config and the story of its reloads."""
+
+    def __init__(self, path: str | Path, initial: Config):
+        self.path = Path(path)
+        self.current = initial
+        self.last_error: ReloadError | None = None
+        self.last_attempt_at = initial.loaded_at
+        self.reload_count = 0
+        self._lock = asyncio.Lock()
+
+    async def reload(self) -> bool:
+        """Load the file again if its content changed; True when a new config was swapped in."""
+        async with self._lock:
+            self.last_attempt_at = time.time()
+            try:
+                digest = await asyncio.to_thread(_file_hash, self.path)
+                if digest == self.current.source_hash and self.last_error is None:
+                    return False
+                config = await asyncio.to_thread(load_config, self.path)
+            except ConfigError as exc:
+                if self.last_error is None or self.last_error.message != str(exc):
+                    log.error("config reload failed, still serving the previous config: %s", exc)
+                self.last_error = ReloadError(str(exc), exc.file, exc.line, exc.reason, time.time())
+                return False
+            self.current = config
+            self.last_error = None
+            self.reload_count += 1
+            log.info("config reloaded from %s (%d providers, %d keys)", self.path, len(config.providers), len(config.keys))
+            return True
+
+    async def watch(self, stop: asyncio.Event | None = None) -> None:
+        """Reload on every change to the file's directory.
+
+        Watching the directory rather than the file follows editors that save by atomic
+        rename and Kubernetes ConfigMaps that swap a symlink; the content hash filters out
+        changes to other files.
+        """
+        directory = self.path.absolute().parent
+        name = self.path.name
+
+        def relevant(_change: object, changed: str) -> bool:
+            changed_name = Path(changed).name
+            return changed_name == name or changed_name.startswith("..")  # `..data` is Kubernetes' swap
+
+        async for _changes in awatch(directory, watch_filter=relevant, stop_event=stop, debounce=100, step=20, recursive=False):
+            await self.reload()
+
+
+def _file_hash(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise ConfigError(str(path), None, "config file was removed; still serving the previous config") from None
+    except OSError as exc:
+        raise ConfigError(str(path), None, f"cannot read config file: {exc}") from None

@@ -1,0 +1,100 @@
+"""Which providers serve a request, in which order: scheduling, cooldown and key rotation.
+
+The config says what *can* serve a model; this module holds the little mutable state that
+decides what *will*: round-robin positions, cooled-down routes, upstream key rotation. The
+state is keyed by names, so it survives a config reload.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Callable, Sequence
+
+from core.config import ApiKey, Config, ModelRoute, Provider
+from core.errors import forbidden, not_found
+
+
+def routes_for(config: Config, model: str, key: ApiKey) -> tuple[ModelRoute, ...]:
+    """Every route that may serve `model` for `key`, in config order; 404 / 403 otherwise."""
+    routes = config.routes.get(model)
+    if routes is None:
+        raise not_found(f"The model '{model}' does not exist or is not served by this gateway.", "model_not_found")
+    if key.access.everything:
+        return routes
+    allowed = tuple(route for route in routes if key.access.allows(route))
+    if not allowed:
+        raise forbidden(f"This API key is not allowed to use the model '{model}'.", "model_not_allowed")
+    return allowed
+
+
+class Scheduler:
+    """Orders candidate routes and remembers which ones failed recently."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._cooldown_until: dict[tuple[str, str], float] = {}
+        self._round_robin: dict[str, itertools.count[int]] = {}
+        self._smooth_weights: dict[str, dict[str, int]] = {}
+        self._key_turn: dict[str, itertools.count[int]] = {}
+
+    def order(self, model: str, routes: Sequence[ModelRoute], algorithm: str) -> list[ModelRoute]:
+        """Routes to try, best first. Cooled-down routes go last rather than away: when every
+        provider is cooling down, trying one beats failing the request outright."""
+        ordered = self._schedule(model, routes, algorithm)
+        if not self._cooldown_until:
+            return ordered
+        now = self._clock()
+        ready = [r for r in ordered if not self._is_cooling(r, now)]
+        if len(ready) == len(ordered):
+            return ordered
+        return ready + [r for r in ordered if self._is_cooling(r, now)]
+
+    def cool_down(self, route: ModelRoute, seconds: float) -> None:
+        if seconds > 0:
+            self._cooldown_until[(route.provider.name, route.upstream_name)] = self._clock() + seconds
+
+    def recovered(self, route: ModelRoute) -> None:
+        if self._cooldown_until:
+            self._cooldown_until.pop((route.provider.name, route.upstream_name), None)
+
+    def is_cooling(self, route: ModelRoute) -> bool:
+        return self._is_cooling(route, self._clock())
+
+    def next_upstream_key(self, provider: Provider) -> str:
+        keys = provider.upstream_keys
+        if len(keys) == 1:
+            return keys[0]
+        turn = self._key_turn.setdefault(provider.name, itertools.count())
+        return keys[next(turn) % len(keys)]
+
+    def _is_cooling(self, route: ModelRoute, now: float) -> bool:
+        until = self._cooldown_until.get((route.provider.name, route.upstream_name))
+        if until is None:
+            return False
+        if until <= now:
+            del self._cooldown_until[(route.provider.name, route.upstream_name)]
+            return False
+        return True
+
+    def _schedule(self, model: str, routes: Sequence[ModelRoute], algorithm: str) -> list[ModelRoute]:
+        if len(routes) == 1 or algorithm == "fixed_priority":
+            return list(routes)
+        if algorithm == "random":
+            return random.sample(list(routes), len(routes))
+        if algorithm == "round_robin":
+            start = next(self._round_robin.setdefault(model, itertools.count())) % len(routes)
+            return list(routes[start:]) + list(routes[:start])
+        return self._weighted(model, routes)
+
+    def _weighted(self, model: str, routes: Sequence[ModelRoute]) -> list[ModelRoute]:
+        """Smooth weighted round robin (as nginx does): picks spread evenly in proportion to weight."""
+        current = self._smooth_weights.setdefault(model, {})
+        total = 0
+        for route in routes:
+            current[route.label] = current.get(route.label, 0) + route.provider.weight
+            total += route.provider.weight
+        first = max(routes, key=lambda r: current[r.label])
+        current[first.label] -= total
+        return [first] + [r for r in routes if r is not first]

@@ -1,0 +1,42 @@
+"""Server-sent events: split a byte stream into whole events without buffering the stream."""
+
+from __future__ import annotations
+
+import re
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+DONE = b"[DONE]"
+
+
+class SseSplitter:
+    """Feed arbitrary byte chunks; get back complete events (each with its blank-line ending)."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = self._buffer + chunk if self._buffer else chunk
+        events: list[bytes] = []
+        start = 0
+        for match in _EVENT_END.finditer(data):
+            events.append(data[start : match.end()])
+            start = match.end()
+        self._buffer = data[start:]
+        return events
+
+    def rest(self) -> bytes:
+        """Whatever trailed the last complete event (a stream cut mid-event)."""
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The joined `data:` payload of one event, or None if it has none (comments, pings)."""
+    parts = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(parts) if parts else None
+
+
+def encode_event(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"

@@ -1,0 +1,92 @@
+"""Token usage normalised across vendors, and estimates for when a vendor gives none."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Rough but deterministic: ~4 bytes of UTF-8 per token for English text. Used for admission
+# estimates, for the echo engine, and for usage a vendor did not report (marked `estimated`).
+BYTES_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+TOKENS_PER_IMAGE = 85
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def tokens_for_bytes(size: int) -> int:
+    return -(-size // BYTES_PER_TOKEN)
+
+
+def estimate_text_tokens(text: str) -> int:
+    return tokens_for_bytes(len(text.encode("utf-8", "surrogatepass"))) if text else 0
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """Prompt size of a chat, completion or embedding request body."""
+    if "messages" in body:
+        return estimate_messages_tokens(body.get("messages"))
+    prompt = body.get("prompt", body.get("input"))
+    if isinstance(prompt, list):
+        return sum(estimate_text_tokens(p) if isinstance(p, str) else len(p) if isinstance(p, list) else 0 for p in prompt)
+    return estimate_text_tokens(prompt) if isinstance(prompt, str) else 0
+
+
+def estimate_messages_tokens(messages: Any) -> int:
+    if not isinstance(messages, list):
+        return 0
+    total = 3  # every reply is primed with a few tokens
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        total += TOKENS_PER_MESSAGE + estimate_text_tokens(str(message.get("name") or ""))
+        total += _content_tokens(message.get("content"))
+        if message.get("tool_calls"):
+            total += estimate_text_tokens(str(message["tool_calls"]))
+    return total
+
+
+def message_text(content: Any) -> str:
+    """The text of a chat message's content, whether a string or a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
+
+
+def _content_tokens(content: Any) -> int:
+    if isinstance(content, list):
+        images = sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image_url")
+        return estimate_text_tokens(message_text(content)) + images * TOKENS_PER_IMAGE
+    return estimate_text_tokens(message_text(content))
+
+
+def usage_from_openai(data: Any) -> Usage | None:
+    """Read OpenAI's `usage` object (chat, completions, embeddings); None when absent."""
+    if not isinstance(data, dict):
+        return None
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+    return Usage(
+        prompt_tokens=_count(usage.get("prompt_tokens")),
+        completion_tokens=_count(usage.get("completion_tokens")),
+        cached_tokens=_count(cached),
+    )
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

@@ -1,0 +1,90 @@
+"""Read api.yaml into plain-ish nodes that still know their line numbers.
+
+Validation errors must name file, line and reason, so we keep ruamel's round-trip nodes
+(which carry positions) until the config is built, and expand `${VAR}` in place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A config problem located in the source file: `file:line: reason`."""
+
+    def __init__(self, file: str, line: int | None, reason: str):
+        self.file = file
+        self.line = line
+        self.reason = reason
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {reason}")
+
+
+def line_of(node: Any, key: Any = None) -> int | None:
+    """1-based line of `node[key]` (or of `node` itself) when the YAML parser recorded it."""
+    lc = getattr(node, "lc", None)
+    if lc is None:
+        return None
+    try:
+        if isinstance(node, CommentedMap) and key is not None and key in node:
+            return int(lc.key(key)[0]) + 1
+        if isinstance(node, CommentedSeq) and isinstance(key, int) and 0 <= key < len(node):
+            return int(lc.item(key)[0]) + 1
+        return int(lc.line) + 1
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
+def parse_yaml(text: str, file: str) -> Any:
+    """Parse YAML text, turning parser errors into a located ConfigError."""
+    yaml = YAML(typ="rt")
+    try:
+        return yaml.load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        reason = " ".join(part for part in (exc.context, exc.problem) if part) or "invalid YAML"
+        raise ConfigError(file, line, f"YAML syntax error: {reason}") from None
+    except YAMLError as exc:
+        raise ConfigError(file, None, f"YAML error: {exc}") from None
+
+
+def expand_env(node: Any, file: str, environ: Mapping[str, str] | None = None) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string value, in place.
+
+    An unset variable without a default is an error: silently sending an empty API key
+    upstream is worse than refusing the config.
+    """
+    env = os.environ if environ is None else environ
+
+    def expand(value: str, parent: Any, key: Any) -> str:
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(file, line_of(parent, key), f"environment variable {name} is not set (use ${{{name}:-default}} for a default)")
+
+        return _ENV_REF.sub(substitute, value)
+
+    def walk(container: Any) -> None:
+        items = container.items() if isinstance(container, dict) else enumerate(container)
+        for key, value in list(items):
+            if isinstance(value, str) and "${" in value:
+                container[key] = expand(value, container, key)
+            elif isinstance(value, (dict, list)):
+                walk(value)
+
+    if isinstance(node, (dict, list)):
+        walk(node)
+    return node

@@ -1,0 +1,90 @@
+"""Tollgate: app factory and the `python main.py` entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+
+from core.config import load_config
+from core.errors import GatewayError
+from core.metering import FreeMeter, Meter
+from core.proxy import Gateway
+from core.reload import ConfigStore
+from core.routing import Scheduler
+from core.upstream import create_http_session
+from core.yamlsource import ConfigError
+from routes import admin, proxy
+from routes._http import on_gateway_error, on_http_exception, on_unexpected_error
+
+log = logging.getLogger("tollgate")
+
+
+def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db", *, watch: bool = True) -> Starlette:
+    """Build the app on a config file; raises ConfigError if the file cannot be loaded."""
+    store = ConfigStore(config_path, load_config(config_path))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        meter: Meter = FreeMeter()
+        http = create_http_session()
+        app.state.store = store
+        app.state.db_path = Path(db_path)
+        app.state.gateway = Gateway(http, Scheduler(), meter)
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(store.watch(stop)) if watch else None
+        try:
+            yield
+        finally:
+            stop.set()
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await http.close()
+
+    return Starlette(
+        routes=[*proxy.routes, *admin.routes],
+        lifespan=lifespan,
+        exception_handlers={GatewayError: on_gateway_error, HTTPException: on_http_exception, Exception: on_unexpected_error},
+    )
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tollgate", description="Metering and billing gateway for LLM APIs.")
+    parser.add_argument("--config", default=os.environ.get("TOLLGATE_CONFIG", "./api.yaml"), help="config file (env TOLLGATE_CONFIG, default ./api.yaml)")
+    parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"), help="listen address (env HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")), help="listen port (env PORT, default 8000)")
+    parser.add_argument("--db", default=os.environ.get("TOLLGATE_DB", "./data/tollgate.db"), help="SQLite ledger (env TOLLGATE_DB, default ./data/tollgate.db)")
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config_path = Path(args.config)
+    if not config_path.exists():
+        print(f"tollgate: config file {config_path} not found; start from the example: cp api.yaml.example {config_path}", file=sys.stderr)
+        return 2
+    try:
+        app = create_app(config_path, args.db)
+    except ConfigError as exc:
+        print(f"tollgate: invalid config: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

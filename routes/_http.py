@@ -1,0 +1,86 @@
+"""Request helpers shared by the routes: authentication, bounded JSON bodies, error rendering."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from core.config import ApiKey, Config
+from core.errors import GatewayError, bad_request, forbidden, too_large, unauthorized
+
+log = logging.getLogger("tollgate.http")
+
+_STATUS_CODES = {404: ("invalid_request_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed")}
+
+
+def current_config(request: Request) -> Config:
+    """The config this request uses from start to end (a reload swaps the store, not this)."""
+    config: Config = request.app.state.store.current
+    return config
+
+
+def presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def authenticate(request: Request, config: Config) -> ApiKey:
+    secret = presented_key(request)
+    key = config.key_index.find(secret) if secret else None
+    if key is None:
+        raise unauthorized("Invalid API key." if secret else "Missing API key: send 'Authorization: Bearer <key>'.")
+    return key
+
+
+def require_admin(request: Request, config: Config) -> ApiKey:
+    key = authenticate(request, config)
+    if not key.is_admin:
+        raise forbidden("This endpoint needs an admin key.", "admin_required")
+    return key
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON, refusing bodies over `limit` bytes before reading them whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, RecursionError):
+        raise bad_request("The request body is not valid JSON.", "invalid_json") from None
+
+
+def error_response(error: GatewayError) -> Response:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def on_gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return error_response(exc)
+
+
+async def on_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    type_, code = _STATUS_CODES.get(exc.status_code, ("invalid_request_error", "http_error"))
+    return error_response(GatewayError(exc.status_code, type_, code, str(exc.detail)))
+
+
+async def on_unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(GatewayError(500, "api_error", "internal_error", "The gateway hit an internal error; it has been logged."))

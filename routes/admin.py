@@ -1,0 +1,41 @@
+"""Admin endpoints (admin key required)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from core.reload import ConfigStore
+from routes._http import current_config, require_admin
+
+
+async def config_status(request: Request) -> Response:
+    """When the config was loaded, from what, and the last reload error if the file is broken."""
+    config = current_config(request)
+    require_admin(request, config)
+    store: ConfigStore = request.app.state.store
+    error = store.last_error
+    return JSONResponse(
+        {
+            "path": str(store.path),
+            "loaded_at": config.loaded_at,
+            "source_hash": config.source_hash,
+            "last_attempt_at": store.last_attempt_at,
+            "reload_count": store.reload_count,
+            "providers": len(config.providers),
+            "api_keys": len(config.keys),
+            "models": len(config.public_models),
+            "last_error": None if error is None else {"message": error.message, "file": error.file, "line": error.line, "reason": error.reason, "at": error.at},
+        }
+    )
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+routes = [
+    Route("/v1/config/status", config_status, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+]

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import os
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from main import create_app
+from test.servers import FakeUpstream, ServerThread
+
+ADMIN_KEY = "sk-admin-test-0001"
+USER_KEY = "sk-user-test-0002"
+
+
+class RunningGateway:
+    def __init__(self, server: ServerThread, config_path: Path):
+        self.server = server
+        self.config_path = config_path
+        self.url = server.url
+
+    def client(self, key: str = USER_KEY, **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kwargs)
+
+    def async_client(self, key: str = USER_KEY, **kwargs: Any) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kwargs)
+
+    def http(self, method: str, path: str, key: str | None = USER_KEY, **kwargs: Any) -> httpx.Response:
+        headers = kwargs.pop("headers", {})
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=10, **kwargs)
+
+    def status(self) -> dict[str, Any]:
+        return self.http("GET", "/v1/config/status", key=ADMIN_KEY).json()
+
+    def rewrite_config(self, text: str) -> None:
+        """Write a new config the way editors do (temp file, then atomic rename) and wait for it."""
+        before = self.status()
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(textwrap.dedent(text))
+        os.replace(tmp, self.config_path)
+        self.wait_for(lambda s: s["reload_count"] > before["reload_count"] or s["last_attempt_at"] > before["last_attempt_at"])
+
+    def wait_for(self, condition: Callable[[dict[str, Any]], bool], timeout: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if condition(status):
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"config status never matched: {status}")
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    fake = FakeUpstream()
+    fake.server = ServerThread(fake.app()).start()
+    yield fake
+    fake.server.stop()
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
+    """Start the real app under uvicorn on a config text; `{fake:NAME}` becomes a fake upstream URL."""
+    started: list[ServerThread] = []
+
+    def start(config_text: str, upstream: FakeUpstream | None = None, **app_kwargs: Any) -> RunningGateway:
+        text = textwrap.dedent(config_text)
+        if upstream is not None:
+            for name in ("p1", "p2", "p3"):
+                text = text.replace(f"{{fake:{name}}}", upstream.base_url(name))
+        config_path = tmp_path / "api.yaml"
+        config_path.write_text(text)
+        app = create_app(config_path, tmp_path / "data" / "tollgate.db", **app_kwargs)
+        server = ServerThread(app).start()
+        started.append(server)
+        return RunningGateway(server, config_path)
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def keys_yaml(user_models: str | None = None) -> str:
+    """The api_keys section most tests share: one admin and one user key."""
+    allow = f"\n    model: {user_models}" if user_models else ""
+    return f"""
+api_keys:
+  - api: {ADMIN_KEY}
+    role: admin
+    name: ops
+  - api: {USER_KEY}
+    name: alice{allow}
+"""

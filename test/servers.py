@@ -1,0 +1,152 @@
+"""Real servers for tests: the gateway and a fake upstream, each on uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+class ServerThread:
+    """Runs an ASGI app under uvicorn in a background thread on a free port."""
+
+    def __init__(self, app: Any):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.run(self.server.serve(sockets=[self.sock]))
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+Handler = Callable[[dict[str, Any], Request], Awaitable[Response]]
+
+
+@dataclass
+class SeenRequest:
+    provider: str
+    endpoint: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+@dataclass
+class FakeUpstream:
+    """An OpenAI-compatible fake vendor. Each provider in a test config points at
+    `{url}/{provider}/v1`; `script(provider, handler)` changes what that provider answers."""
+
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    seen: list[SeenRequest] = field(default_factory=list)
+    disconnects: list[str] = field(default_factory=list)
+    server: ServerThread | None = None
+
+    def base_url(self, provider: str) -> str:
+        assert self.server is not None
+        return f"{self.server.url}/{provider}/v1"
+
+    def script(self, provider: str, handler: Handler) -> None:
+        self.handlers[provider] = handler
+
+    def providers_seen(self) -> list[str]:
+        return [request.provider for request in self.seen]
+
+    def app(self) -> Starlette:
+        async def endpoint(request: Request) -> Response:
+            provider = request.path_params["provider"]
+            endpoint_name = request.path_params["endpoint"]
+            body = json.loads(await request.body())
+            self.seen.append(SeenRequest(provider, endpoint_name, body, dict(request.headers)))
+            handler = self.handlers.get(provider, openai_like)
+            return await handler(body, request)
+
+        return Starlette(routes=[Route("/{provider}/v1/{endpoint:path}", endpoint, methods=["POST"])])
+
+
+def completion_body(body: dict[str, Any], text: str = "Hello from upstream") -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1,
+        "model": body.get("model"),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+    }
+
+
+def sse(payload: Any) -> bytes:
+    return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
+
+
+def stream_chunks(body: dict[str, Any], words: list[str]) -> list[bytes]:
+    base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": body.get("model")}
+    with_usage = (body.get("stream_options") or {}).get("include_usage")
+    extra = {"usage": None} if with_usage else {}
+    chunks = [sse({**base, **extra, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}) for w in words]
+    chunks.append(sse({**base, **extra, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    if with_usage:
+        chunks.append(sse({**base, "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": len(words), "total_tokens": 11 + len(words)}}))
+    chunks.append(sse(b"[DONE]"))
+    return chunks
+
+
+async def openai_like(body: dict[str, Any], request: Request) -> Response:
+    """The default fake answer: a normal completion, streamed when asked."""
+    if body.get("stream"):
+        chunks = stream_chunks(body, ["Hello", " from", " upstream"])
+
+        async def gen():  # type: ignore[no-untyped-def]
+            for chunk in chunks:
+                yield chunk
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+    return JSONResponse(completion_body(body))
+
+
+def fail(status: int, body: Any = None) -> Handler:
+    async def handler(_body: dict[str, Any], _request: Request) -> Response:
+        if body is None:
+            return Response(f"upstream says {status}", status_code=status, media_type="text/plain")
+        return JSONResponse(body, status_code=status)
+
+    return handler
+
+
+def hang(seconds: float) -> Handler:
+    async def handler(body: dict[str, Any], request: Request) -> Response:
+        await asyncio.sleep(seconds)
+        return await openai_like(body, request)
+
+    return handler

@@ -1,0 +1,198 @@
+"""api.yaml parsing and validation: typed results, and errors that name file, line and reason."""
+
+from __future__ import annotations
+
+import textwrap
+from decimal import Decimal
+
+import pytest
+
+from core.config import build_config
+from core.routing import Scheduler, routes_for
+from core.yamlsource import ConfigError, expand_env, parse_yaml
+
+BASE = """\
+providers:
+  - provider: echo
+    engine: echo
+    model: [echo-1]
+api_keys:
+  - api: sk-one
+"""
+
+
+def load(text: str):
+    return build_config(textwrap.dedent(text), "api.yaml")
+
+
+def error_of(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        load(text)
+    return caught.value
+
+
+def test_minimal_config_builds_typed_objects():
+    config = load(BASE)
+    assert config.providers[0].engine == "echo"
+    assert config.preferences.scheduling_algorithm == "fixed_priority"
+    assert config.preferences.auto_retry is True
+    assert config.key_index.find("sk-one").role == "user"
+    assert config.key_index.find("sk-on") is None
+
+
+def test_alias_and_provider_scoped_names_resolve_to_routes():
+    config = load(
+        """\
+        providers:
+          - provider: a
+            base_url: https://a.example/v1/chat/completions
+            api: k
+            model:
+              - real-model-name: nice
+              - other
+          - provider: b
+            base_url: https://b.example/v1/
+            api: k
+            model: [nice]
+        """
+    )
+    nice = config.routes["nice"]
+    assert [(r.provider.name, r.upstream_name) for r in nice] == [("a", "real-model-name"), ("b", "nice")]
+    assert config.routes["b/nice"] == (nice[1],)
+    assert "real-model-name" not in config.routes
+    assert config.providers[0].base_url == "https://a.example/v1"
+    assert config.providers[1].base_url == "https://b.example/v1"
+
+
+def test_engine_is_inferred_from_base_url():
+    config = load("providers:\n  - provider: x\n    base_url: https://api.example.com/v1\n    api: k\n    model: [m]\n")
+    assert config.providers[0].engine == "openai"
+    error = error_of("providers:\n  - provider: x\n    base_url: https://api.anthropic.com/v1\n    api: k\n    model: [m]\n")
+    assert error.line == 3 and "not supported yet" in error.reason
+
+
+def test_timeouts_resolve_exact_then_longest_prefix_then_default():
+    config = load(
+        """\
+        providers:
+          - provider: a
+            base_url: https://a.example/v1
+            api: k
+            model: [gpt-4o, gpt-4o-mini, o1]
+            preferences:
+              model_timeout: {default: 50, gpt-4o: 20, gpt-4o-mini: 5}
+        preferences:
+          model_timeout: {o1: 300}
+        """
+    )
+    timeouts = {r.public_name: r.timeout for rs in config.routes.values() for r in rs}
+    assert timeouts == {"gpt-4o": 20, "gpt-4o-mini": 5, "o1": 300}
+
+
+def test_env_vars_are_expanded_with_defaults(monkeypatch):
+    monkeypatch.setenv("UP_KEY", "secret-from-env")
+    config = load(
+        """\
+        providers:
+          - provider: a
+            base_url: ${BASE:-https://fallback.example/v1}
+            api: ${UP_KEY}
+            model: [m]
+        """
+    )
+    assert config.providers[0].upstream_keys == ("secret-from-env",)
+    assert config.providers[0].base_url == "https://fallback.example/v1"
+
+
+def test_unset_env_var_is_an_error_with_its_line(monkeypatch):
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    error = error_of(
+        """\
+        providers:
+          - provider: a
+            base_url: https://a.example/v1
+            api: ${NOT_SET_ANYWHERE}
+            model: [m]
+        """
+    )
+    assert error.line == 4
+    assert "NOT_SET_ANYWHERE is not set" in error.reason
+    assert str(error).startswith("api.yaml:4: ")
+
+
+def test_expand_env_leaves_plain_text_alone():
+    tree = expand_env(parse_yaml("a: plain $HOME\nb: [x, '${V}']\n", "f"), "f", {"V": "v"})
+    assert tree["a"] == "plain $HOME" and tree["b"][1] == "v"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "reason"),
+    [
+        (BASE + "extra: 1\n", 7, "unknown key 'extra' in the top level"),
+        (BASE + "preferences:\n  cooldown_perod: 5\n", 8, "did you mean 'cooldown_period'?"),
+        (BASE + "preferences:\n  cooldown_period: -5\n", 8, "preferences.cooldown_period must be >= 0, got -5"),
+        (BASE + "preferences:\n  cooldown_period: soon\n", 8, "must be a number, got 'soon'"),
+        (BASE + "preferences:\n  AUTO_RETRY: maybe\n", 8, "preferences.AUTO_RETRY must be true or false"),
+        (BASE + "preferences:\n  SCHEDULING_ALGORITHM: fastest\n", 8, "must be one of fixed_priority, round_robin"),
+        (BASE + "  - api: sk-one\n", 7, "duplicate API key in api_keys[1]"),
+        (BASE + "  - api: sk-two\n    model: [nope/*]\n", 8, "there is no provider 'nope'"),
+        (BASE + "  - api: sk-two\n    model: [gpt-9]\n", 8, "model 'gpt-9', which no provider serves"),
+        (BASE + "  - api: sk-two\n    role: root\n", 8, "must be one of user, admin"),
+        (BASE.replace("model: [echo-1]", "model: [echo-1]\n  - provider: echo\n    engine: echo\n    model: [x]"), 5, "duplicate provider name 'echo'"),
+        (BASE.replace("engine: echo", "engine: telepathy"), 3, "must be one of openai, azure"),
+        (BASE.replace("model: [echo-1]", "model: [echo-1, echo-1]"), 4, "model 'echo-1' is listed twice"),
+        (BASE.replace("model: [echo-1]", "model: 5"), 4, "providers[0].model must be a list"),
+        ("providers:\n  - provider: x\n    base_url: ftp://x\n    api: k\n    model: [m]\n", 3, "must start with http:// or https://"),
+        ("providers:\n  - provider: x\n    base_url: https://x\n    model: [m]\n", 2, "providers[0].api is required"),
+        ("providers: []\n", 1, "at least one provider"),
+        ("providers:\n  - provider: x\n    engine: echo\n    model: [m\n", 5, "YAML syntax error"),
+        ("providers:\n  - provider: [x\n", 3, "YAML syntax error"),
+    ],
+)
+def test_validation_errors_name_the_line_and_reason(text, line, reason):
+    error = error_of(text)
+    assert error.file == "api.yaml"
+    assert error.line == line, str(error)
+    assert reason in error.reason, str(error)
+
+
+def test_numbers_are_exact_decimals():
+    config = load(BASE + "preferences:\n  cooldown_period: 0.1\n")
+    assert config.preferences.cooldown_period == float(Decimal("0.1"))
+
+
+def test_routes_for_applies_the_allow_list():
+    config = load(
+        """\
+        providers:
+          - provider: a
+            engine: echo
+            model: [m1, m2]
+          - provider: b
+            engine: echo
+            model: [m1]
+        api_keys:
+          - api: sk-all
+          - api: sk-some
+            model: [b/m1]
+        """
+    )
+    some = config.key_index.find("sk-some")
+    assert [r.provider.name for r in routes_for(config, "m1", some)] == ["b"]
+    with pytest.raises(Exception) as caught:
+        routes_for(config, "m2", some)
+    assert getattr(caught.value, "status", None) == 403
+    with pytest.raises(Exception) as caught:
+        routes_for(config, "m3", config.key_index.find("sk-all"))
+    assert getattr(caught.value, "status", None) == 404
+
+
+def test_scheduler_puts_cooling_routes_last_and_recovers_them():
+    clock = [100.0]
+    config = load("providers:\n  - provider: a\n    engine: echo\n    model: [m]\n  - provider: b\n    engine: echo\n    model: [m]\n")
+    scheduler = Scheduler(clock=lambda: clock[0])
+    first, second = config.routes["m"]
+    scheduler.cool_down(first, 60)
+    assert scheduler.order("m", config.routes["m"], "fixed_priority") == [second, first]
+    clock[0] += 61
+    assert scheduler.order("m", config.routes["m"], "fixed_priority") == [first, second]

@@ -1,0 +1,423 @@
+"""The /v1 proxy end to end: real gateway, official openai SDK, fake upstream vendors."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import openai
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from test.conftest import ADMIN_KEY, USER_KEY, keys_yaml
+from test.servers import completion_body, fail, hang, openai_like, sse, stream_chunks
+
+TWO_PROVIDERS = """
+providers:
+  - provider: p1
+    base_url: {fake:p1}
+    api: up-key-1
+    model: [gpt-4o]
+  - provider: p2
+    base_url: {fake:p2}
+    api: up-key-2
+    model: [gpt-4o]
+preferences:
+  cooldown_period: 60
+""" + keys_yaml()
+
+MESSAGES = [{"role": "user", "content": "hello there"}]
+
+
+def test_echo_provider_answers_through_the_openai_sdk(start_gateway):
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml())
+    reply = gateway.client().chat.completions.create(model="echo-1", messages=MESSAGES)
+    assert reply.choices[0].message.content == "Echo: hello there"
+    assert reply.usage.prompt_tokens == 10  # 3 priming + 4 per message + ceil(11 bytes / 4)
+    assert reply.usage.completion_tokens == 5  # ceil(len("Echo: hello there") / 4)
+
+
+def test_echo_provider_streams_and_reports_usage(start_gateway):
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml())
+    stream = gateway.client().chat.completions.create(model="echo-1", messages=MESSAGES, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Echo: hello there"
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+def test_echo_embeddings_and_completions(start_gateway):
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml())
+    client = gateway.client()
+    embedding = client.embeddings.create(model="echo-1", input=["a", "b"])
+    assert len(embedding.data) == 2 and embedding.data[0].embedding != embedding.data[1].embedding
+    completion = client.completions.create(model="echo-1", prompt="say hi")
+    assert completion.choices[0].text == "Echo: say hi"
+
+
+def test_openai_upstream_gets_upstream_model_name_key_and_headers(start_gateway, upstream):
+    config = """
+providers:
+  - provider: p1
+    base_url: {fake:p1}
+    api: up-key-1
+    model:
+      - gpt-4o-2024-08-06: gpt-4o
+    preferences:
+      headers: {X-Extra: extra-value}
+""" + keys_yaml()
+    gateway = start_gateway(config, upstream)
+    reply = gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, temperature=0.5)
+    assert reply.choices[0].message.content == "Hello from upstream"
+    seen = upstream.seen[-1]
+    assert seen.body["model"] == "gpt-4o-2024-08-06"
+    assert seen.body["temperature"] == 0.5
+    assert seen.headers["authorization"] == "Bearer up-key-1"
+    assert seen.headers["x-extra"] == "extra-value"
+    assert USER_KEY not in json.dumps(seen.headers)
+
+
+def test_provider_scoped_model_name_routes_to_that_provider(start_gateway, upstream):
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    gateway.client().chat.completions.create(model="p2/gpt-4o", messages=MESSAGES)
+    assert upstream.providers_seen() == ["p2"]
+
+
+def test_stream_passes_chunks_and_hides_the_usage_chunk_the_client_did_not_ask_for(start_gateway, upstream):
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    chunks = list(gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from upstream"
+    assert all(c.choices for c in chunks), "the usage-only chunk must be stripped"
+    assert upstream.seen[-1].body["stream_options"] == {"include_usage": True}
+
+
+def test_stream_keeps_the_usage_chunk_when_the_client_asked(start_gateway, upstream):
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    stream = gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.prompt_tokens == 11
+
+
+def test_stream_is_relayed_chunk_by_chunk_without_buffering(start_gateway, upstream):
+    release = threading.Event()
+
+    async def slow_stream(body: dict[str, Any], request: Request) -> Response:
+        chunks = stream_chunks(body, ["first", " second"])
+
+        async def gen():  # type: ignore[no-untyped-def]
+            yield chunks[0]
+            while not release.is_set():
+                import asyncio
+
+                await asyncio.sleep(0.01)
+            for chunk in chunks[1:]:
+                yield chunk
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    upstream.script("p1", slow_stream)
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    stream = gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    first = next(iter(stream))
+    assert first.choices[0].delta.content == "first"  # arrived while the upstream still holds the rest
+    release.set()
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == " second"
+
+
+def test_fixed_priority_uses_the_first_provider(start_gateway, upstream):
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    client = gateway.client()
+    for _ in range(3):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert upstream.providers_seen() == ["p1", "p1", "p1"]
+
+
+def test_round_robin_alternates_providers(start_gateway, upstream):
+    gateway = start_gateway(TWO_PROVIDERS.replace("cooldown_period: 60", "SCHEDULING_ALGORITHM: round_robin"), upstream)
+    client = gateway.client()
+    for _ in range(4):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert upstream.providers_seen() == ["p1", "p2", "p1", "p2"]
+
+
+def test_weighted_round_robin_follows_weights(start_gateway, upstream):
+    config = """
+providers:
+  - provider: p1
+    base_url: {fake:p1}
+    api: k
+    model: [gpt-4o]
+    preferences: {weight: 3}
+  - provider: p2
+    base_url: {fake:p2}
+    api: k
+    model: [gpt-4o]
+preferences:
+  SCHEDULING_ALGORITHM: weighted_round_robin
+""" + keys_yaml()
+    gateway = start_gateway(config, upstream)
+    client = gateway.client()
+    for _ in range(8):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert upstream.providers_seen().count("p1") == 6
+    assert upstream.providers_seen().count("p2") == 2
+
+
+@pytest.mark.parametrize("failure", [fail(500), fail(429, {"error": {"message": "slow down", "type": "rate_limit", "code": "rate"}}), fail(503)])
+def test_fails_over_to_the_next_provider(start_gateway, upstream, failure):
+    upstream.script("p1", failure)
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    reply = gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert reply.choices[0].message.content == "Hello from upstream"
+    assert upstream.providers_seen() == ["p1", "p2"]
+
+
+def test_fails_over_when_a_provider_is_unreachable(start_gateway, upstream):
+    config = TWO_PROVIDERS.replace("{fake:p1}", "http://127.0.0.1:9/v1")
+    gateway = start_gateway(config, upstream)
+    response = gateway.http("POST", "/v1/chat/completions", json={"model": "gpt-4o", "messages": MESSAGES})
+    assert response.status_code == 200
+    assert response.headers["x-tollgate-provider"] == "p2"
+
+
+def test_fails_over_on_timeout_and_cools_the_slow_provider_down(start_gateway, upstream):
+    upstream.script("p1", hang(1.0))
+    config = TWO_PROVIDERS.replace("model: [gpt-4o]\n  - provider: p2", "model: [gpt-4o]\n    preferences: {model_timeout: {default: 0.3}}\n  - provider: p2")
+    gateway = start_gateway(config, upstream)
+    client = gateway.client()
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert upstream.providers_seen() == ["p1", "p2", "p2"], "the cooled-down provider is tried last"
+
+
+def test_cooldown_ends_after_the_period(start_gateway, upstream):
+    upstream.script("p1", fail(500))
+    gateway = start_gateway(TWO_PROVIDERS.replace("cooldown_period: 60", "cooldown_period: 0.3"), upstream)
+    client = gateway.client()
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    upstream.script("p1", openai_like)
+    time.sleep(0.4)
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert upstream.providers_seen() == ["p1", "p2", "p1"]
+
+
+def test_streams_fail_over_before_the_first_byte(start_gateway, upstream):
+    upstream.script("p1", fail(502))
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    chunks = list(gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from upstream"
+    assert upstream.providers_seen() == ["p1", "p2"]
+
+
+def test_no_failover_on_a_client_error_and_the_openai_error_passes_through(start_gateway, upstream):
+    upstream.script("p1", fail(400, {"error": {"message": "messages: too long", "type": "invalid_request_error", "code": "context_length_exceeded"}}))
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    with pytest.raises(openai.BadRequestError) as caught:
+        gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.body["code"] == "context_length_exceeded"
+    assert upstream.providers_seen() == ["p1"]
+
+
+def test_auto_retry_off_tries_one_provider(start_gateway, upstream):
+    upstream.script("p1", fail(500))
+    gateway = start_gateway(TWO_PROVIDERS.replace("cooldown_period: 60", "AUTO_RETRY: false"), upstream)
+    with pytest.raises(openai.APIStatusError) as caught:
+        gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.status_code == 502
+    assert upstream.providers_seen() == ["p1"]
+
+
+def test_all_providers_failing_gives_502_with_openai_shape(start_gateway, upstream):
+    upstream.script("p1", fail(500))
+    upstream.script("p2", fail(500))
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    response = gateway.http("POST", "/v1/chat/completions", json={"model": "gpt-4o", "messages": MESSAGES})
+    assert response.status_code == 502
+    assert response.json()["error"]["type"] == "api_error"
+    assert response.json()["error"]["code"] == "upstream_error"
+
+
+def test_upstream_timeout_gives_504(start_gateway, upstream):
+    upstream.script("p1", hang(1.0))
+    config = TWO_PROVIDERS.replace("cooldown_period: 60", "AUTO_RETRY: false\n  model_timeout: {default: 0.3}")
+    gateway = start_gateway(config, upstream)
+    response = gateway.http("POST", "/v1/chat/completions", json={"model": "gpt-4o", "messages": MESSAGES})
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "upstream_timeout"
+
+
+def test_upstream_garbage_gives_502(start_gateway, upstream):
+    async def html(body: dict[str, Any], request: Request) -> Response:
+        return Response("<html>oops</html>", media_type="text/html")
+
+    upstream.script("p1", html)
+    gateway = start_gateway(TWO_PROVIDERS.replace("cooldown_period: 60", "AUTO_RETRY: false"), upstream)
+    response = gateway.http("POST", "/v1/chat/completions", json={"model": "gpt-4o", "messages": MESSAGES})
+    assert response.status_code == 502
+    assert "not JSON" in response.json()["error"]["message"]
+
+
+def test_upstream_auth_failure_is_not_passed_through(start_gateway, upstream):
+    upstream.script("p1", fail(401, {"error": {"message": "Incorrect API key provided: up-k***-1", "type": "invalid_request_error", "code": "invalid_api_key"}}))
+    upstream.script("p2", fail(401))
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    response = gateway.http("POST", "/v1/chat/completions", json={"model": "gpt-4o", "messages": MESSAGES})
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_auth_failed"
+    assert "up-k" not in response.text
+
+
+def test_upstream_keys_are_rotated(start_gateway, upstream):
+    config = TWO_PROVIDERS.replace("api: up-key-1", "api: [up-a, up-b]")
+    gateway = start_gateway(config, upstream)
+    client = gateway.client()
+    for _ in range(4):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert [s.headers["authorization"] for s in upstream.seen] == ["Bearer up-a", "Bearer up-b", "Bearer up-a", "Bearer up-b"]
+
+
+def test_mid_stream_failure_ends_with_an_openai_error_event(start_gateway, upstream):
+    async def cut(body: dict[str, Any], request: Request) -> Response:
+        async def gen():  # type: ignore[no-untyped-def]
+            yield stream_chunks(body, ["partial"])[0]
+            yield b'data: {"choices": [{"delta": {"content": "tru'
+            raise RuntimeError("upstream died")
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    upstream.script("p1", cut)
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    stream = gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    received = []
+    with pytest.raises(openai.APIError):
+        for chunk in stream:
+            received.append(chunk.choices[0].delta.content)
+    assert received == ["partial"]
+
+
+def test_client_disconnect_cancels_the_upstream_stream(start_gateway, upstream):
+    cancelled = threading.Event()
+
+    async def endless(body: dict[str, Any], request: Request) -> Response:
+        import asyncio
+
+        async def gen():  # type: ignore[no-untyped-def]
+            try:
+                while True:
+                    yield stream_chunks(body, ["tick"])[0]
+                    await asyncio.sleep(0.02)
+            finally:
+                cancelled.set()
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    upstream.script("p1", endless)
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    stream = gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    assert next(iter(stream)).choices[0].delta.content == "tick"
+    stream.close()
+    assert cancelled.wait(5), "the upstream stream should be closed when the client goes away"
+
+
+# --- authentication, allow-lists and request errors ------------------------------------------
+
+
+def test_missing_and_wrong_keys_get_401(start_gateway, upstream):
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    missing = gateway.http("POST", "/v1/chat/completions", key=None, json={"model": "gpt-4o", "messages": MESSAGES})
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client("sk-wrong").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert upstream.seen == []
+
+
+def test_x_api_key_header_authenticates(start_gateway, upstream):
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    response = gateway.http("GET", "/v1/models", key=None, headers={"x-api-key": USER_KEY})
+    assert response.status_code == 200
+
+
+def test_allow_list_limits_models_and_the_model_list(start_gateway, upstream):
+    config = """
+providers:
+  - provider: p1
+    base_url: {fake:p1}
+    api: k
+    model: [gpt-4o, gpt-4o-mini]
+  - provider: p2
+    base_url: {fake:p2}
+    api: k
+    model: [gpt-4o, o1]
+""" + keys_yaml('[gpt-4o-mini, "p2/*"]')
+    gateway = start_gateway(config, upstream)
+    client = gateway.client()
+    assert sorted(m.id for m in client.models.list()) == ["gpt-4o", "gpt-4o-mini", "o1"]
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert upstream.providers_seen() == ["p2"], "gpt-4o is allowed only through p2/*"
+    admin_models = gateway.client(ADMIN_KEY).models.list()
+    assert sorted(m.id for m in admin_models) == ["gpt-4o", "gpt-4o-mini", "o1"]
+
+
+def test_model_not_allowed_gets_403(start_gateway, upstream):
+    config = TWO_PROVIDERS.replace("api: up-key-2\n    model: [gpt-4o]", "api: up-key-2\n    model: [gpt-4o, o1]") + "    model: [gpt-4o]\n"
+    gateway = start_gateway(config, upstream)
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        gateway.client().chat.completions.create(model="o1", messages=MESSAGES)
+    assert caught.value.body["code"] == "model_not_allowed"
+    assert [m.id for m in gateway.client().models.list()] == ["gpt-4o"]
+
+
+def test_unknown_model_gets_404(start_gateway, upstream):
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    with pytest.raises(openai.NotFoundError) as caught:
+        gateway.client().chat.completions.create(model="nope", messages=MESSAGES)
+    assert caught.value.body["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"{not json", "invalid_json"),
+        (b"[1, 2]", "invalid_body"),
+        (json.dumps({"messages": MESSAGES}).encode(), "missing_model"),
+        (json.dumps({"model": "gpt-4o"}).encode(), "missing_messages"),
+        (json.dumps({"model": "gpt-4o", "messages": "hi"}).encode(), "invalid_messages"),
+        (json.dumps({"model": "gpt-4o", "messages": MESSAGES, "stream": "yes"}).encode(), "invalid_stream"),
+        (b"\xff\xfe\x00garbage", "invalid_json"),
+        (b"[" * 100000, "invalid_json"),
+    ],
+)
+def test_malformed_requests_get_400(start_gateway, upstream, body, code):
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    response = gateway.http("POST", "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"] == {"message": response.json()["error"]["message"], "type": "invalid_request_error", "code": code, "param": None}
+    assert upstream.seen == []
+
+
+def test_body_over_the_limit_gets_413(start_gateway, upstream):
+    gateway = start_gateway(TWO_PROVIDERS.replace("cooldown_period: 60", "max_request_body_bytes: 1000"), upstream)
+    big = [{"role": "user", "content": "x" * 2000}]
+    with pytest.raises(openai.APIStatusError) as caught:
+        gateway.client().chat.completions.create(model="gpt-4o", messages=big)
+    assert caught.value.status_code == 413
+    assert caught.value.body["code"] == "request_too_large"
+    assert upstream.seen == []
+
+
+def test_unknown_route_gets_an_openai_shaped_404(start_gateway, upstream):
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    response = gateway.http("GET", "/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+def test_config_status_needs_an_admin_key(start_gateway, upstream):
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    assert gateway.http("GET", "/v1/config/status").status_code == 403
+    assert gateway.http("GET", "/v1/config/status", key=None).status_code == 401
+    status = gateway.status()
+    assert status["providers"] == 2 and status["last_error"] is None and len(status["source_hash"]) == 64
