@@ -119,7 +119,18 @@ def load_config(path: str | Path) -> Config:
 
 
 def build_config(text: str, file: str, source_hash: str | None = None) -> Config:
-    tree = expand_env(parse_yaml(text, file), file)
+    """Build from the fast, position-less parse; on an error, build again from a parse
+    that knows line numbers, so the message can say where."""
+    try:
+        return _build(parse_yaml(text, file, located=False), text, file, source_hash)
+    except ConfigError as fast_error:
+        if fast_error.line is not None:
+            raise
+    return _build(parse_yaml(text, file), text, file, source_hash)
+
+
+def _build(tree: Any, text: str, file: str, source_hash: str | None) -> Config:
+    expand_env(tree, file)
     top = Section(tree, file, "")
     top.reject_unknown(("providers", "api_keys", "preferences"))
     preferences, global_timeouts = _read_preferences(top.section("preferences"))
