@@ -11,6 +11,7 @@ import contextlib
 import gc
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ from core.config import Config, load_config
 from core.yamlsource import ConfigError
 
 log = logging.getLogger("tollgate.config")
+
+# inotify events can be missed (a change before the watcher is up, some bind mounts), so the
+# watcher also compares the file's stat signature this often.
+POLL_MS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,48 +47,75 @@ class ConfigStore:
         self.last_error: ReloadError | None = None
         self.last_attempt_at = initial.loaded_at
         self.reload_count = 0
+        self._signature = _signature(self.path)
         self._lock = asyncio.Lock()
 
     async def reload(self) -> bool:
-        """Load the file again if its content changed; True when a new config was swapped in."""
+        """Load the file again if its content changed; True when a new config was swapped in.
+
+        `last_attempt_at` is stamped when the attempt is over, so whoever watches it sees
+        the outcome, not an attempt still in progress."""
         async with self._lock:
-            self.last_attempt_at = time.time()
             try:
-                digest = await asyncio.to_thread(_file_hash, self.path)
-                if digest == self.current.source_hash and self.last_error is None:
-                    return False
-                with _gc_paused():
-                    config = await asyncio.to_thread(load_config, self.path)
-            except ConfigError as exc:
-                if self.last_error is None or self.last_error.message != str(exc):
-                    log.error("config reload failed, still serving the previous config: %s", exc)
-                self.last_error = ReloadError(str(exc), exc.file, exc.line, exc.reason, time.time())
+                return await self._reload()
+            finally:
+                self.last_attempt_at = time.time()
+
+    async def _reload(self) -> bool:
+        self._signature = _signature(self.path)
+        try:
+            digest = await asyncio.to_thread(_file_hash, self.path)
+            if digest == self.current.source_hash and self.last_error is None:
                 return False
-            self.current = config
-            # The config is long-lived: keep the collector from re-scanning it on every full
-            # collection (a pause that grows with the number of keys).
-            gc.freeze()
-            self.last_error = None
-            self.reload_count += 1
-            log.info("config reloaded from %s (%d providers, %d keys)", self.path, len(config.providers), len(config.keys))
-            return True
+            with _gc_paused():
+                config = await asyncio.to_thread(load_config, self.path)
+        except ConfigError as exc:
+            if self.last_error is None or self.last_error.message != str(exc):
+                log.error("config reload failed, still serving the previous config: %s", exc)
+            self.last_error = ReloadError(str(exc), exc.file, exc.line, exc.reason, time.time())
+            return False
+        self.current = config
+        # The config is long-lived: keep the collector from re-scanning it on every full
+        # collection (a pause that grows with the number of keys).
+        gc.freeze()
+        self.last_error = None
+        self.reload_count += 1
+        log.info("config reloaded from %s (%d providers, %d keys)", self.path, len(config.providers), len(config.keys))
+        return True
 
     async def watch(self, stop: asyncio.Event | None = None) -> None:
-        """Reload on every change to the file's directory.
+        """Reload on changes to the file's directory, and on a changed stat signature.
 
         Watching the directory rather than the file follows editors that save by atomic
         rename and Kubernetes ConfigMaps that swap a symlink; the content hash filters out
-        changes to other files.
+        changes that do not alter the file.
         """
-        directory = self.path.absolute().parent
         name = self.path.name
 
         def relevant(_change: object, changed: str) -> bool:
             changed_name = Path(changed).name
             return changed_name == name or changed_name.startswith("..")  # `..data` is Kubernetes' swap
 
-        async for _changes in awatch(directory, watch_filter=relevant, stop_event=stop, debounce=100, step=20, recursive=False):
-            await self.reload()
+        async for changes in awatch(
+            self.path.absolute().parent,
+            watch_filter=relevant,
+            stop_event=stop,
+            debounce=100,
+            step=20,
+            recursive=False,
+            rust_timeout=POLL_MS,
+            yield_on_timeout=True,
+        ):
+            if changes or _signature(self.path) != self._signature:
+                await self.reload()
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 @contextlib.contextmanager
