@@ -16,13 +16,14 @@ from starlette.exceptions import HTTPException
 
 from core.config import load_config
 from core.errors import GatewayError
-from core.metering import FreeMeter, Meter
+from core.billing import BillingMeter
 from core.proxy import Gateway
 from core.reload import ConfigStore
 from core.routing import Scheduler
+from core.sqlite_ledger import SqliteLedger
 from core.upstream import create_http_session
 from core.yamlsource import ConfigError
-from routes import admin, proxy
+from routes import admin, billing_admin, proxy
 from routes._http import on_gateway_error, on_http_exception, on_unexpected_error
 
 log = logging.getLogger("tollgate")
@@ -34,11 +35,11 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        meter: Meter = FreeMeter()
+        ledger = await SqliteLedger.open(db_path)
         http = create_http_session()
         app.state.store = store
-        app.state.db_path = Path(db_path)
-        app.state.gateway = Gateway(http, Scheduler(), meter)
+        app.state.ledger = ledger
+        app.state.gateway = Gateway(http, Scheduler(), BillingMeter(ledger))
         stop = asyncio.Event()
         watcher = asyncio.create_task(store.watch(stop)) if watch else None
         try:
@@ -50,9 +51,10 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             await http.close()
+            await ledger.close()  # flushes every queued ledger row
 
     return Starlette(
-        routes=[*proxy.routes, *admin.routes],
+        routes=[*proxy.routes, *admin.routes, *billing_admin.routes],
         lifespan=lifespan,
         exception_handlers={GatewayError: on_gateway_error, HTTPException: on_http_exception, Exception: on_unexpected_error},
     )

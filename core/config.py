@@ -13,9 +13,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from core.config_billing import DEFAULT_RESERVE_COMPLETION_TOKENS, KeyBilling, read_key_billing, read_price_book
 from core.config_reader import Section, items_of
 from core.keys import KeyIndex, mask_key
 from core.lookup import PrefixTable
+from core.pricing import PriceBook, build_price_book
 from core.yamlsource import ConfigError, expand_env, line_of, parse_yaml
 
 ENGINES = ("openai", "azure", "anthropic", "gemini", "echo")
@@ -70,9 +72,11 @@ class ModelAccess:
 @dataclass(frozen=True, slots=True)
 class ApiKey:
     secret: str = field(repr=False)
+    id: str  # the ledger's name for the key: a hash, so the database never holds secrets
     name: str
     role: str
     access: ModelAccess
+    billing: KeyBilling = KeyBilling()
     line: int | None = None
 
     @property
@@ -90,6 +94,8 @@ class Preferences:
     auto_retry: bool = True
     cooldown_period: float = 60.0
     max_request_body_bytes: int = DEFAULT_MAX_BODY
+    prices: PriceBook = field(default_factory=lambda: build_price_book({}, {}, Decimal(0), True))
+    reserve_completion_tokens: int = DEFAULT_RESERVE_COMPLETION_TOKENS
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,12 +157,16 @@ def _build(tree: Any, text: str, file: str, source_hash: str | None) -> Config:
 
 
 def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]]:
-    section.reject_unknown(("SCHEDULING_ALGORITHM", "AUTO_RETRY", "cooldown_period", "model_timeout", "max_request_body_bytes"))
+    section.reject_unknown(
+        ("SCHEDULING_ALGORITHM", "AUTO_RETRY", "cooldown_period", "model_timeout", "max_request_body_bytes", "model_price", "count_billing", "reserve_completion_tokens")
+    )
     prefs = Preferences(
         scheduling_algorithm=section.choice("SCHEDULING_ALGORITHM", SCHEDULING_ALGORITHMS, "fixed_priority"),
         auto_retry=section.boolean("AUTO_RETRY", True),
         cooldown_period=float(section.number("cooldown_period", 60)),
         max_request_body_bytes=section.integer("max_request_body_bytes", DEFAULT_MAX_BODY, minimum=1),
+        prices=read_price_book(section),
+        reserve_completion_tokens=section.integer("reserve_completion_tokens", DEFAULT_RESERVE_COMPLETION_TOKENS),
     )
     return prefs, _read_timeouts(section)
 
@@ -306,17 +316,24 @@ def _read_keys(top: Section, providers: dict[str, Provider], routes: dict[str, t
         if secret in seen:
             raise section.error("api", f"duplicate API key in {section.path} (keys must be unique)")
         seen.add(secret)
-        section.section("preferences").reject_unknown(())
+        prefs = section.section("preferences")
+        prefs.reject_unknown(("billing_mode", "credits", "count_credits", "created_at"))
         keys.append(
             ApiKey(
                 secret=secret,
+                id=ledger_id(secret),
                 name=section.string("name", mask_key(secret)),
                 role=section.choice("role", ("user", "admin"), "user"),
                 access=_read_access(section, providers, routes),
+                billing=read_key_billing(prefs),
                 line=line_of(top.node["api_keys"], index),
             )
         )
     return keys
+
+
+def ledger_id(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _read_access(section: Section, providers: dict[str, Provider], routes: dict[str, tuple[ModelRoute, ...]]) -> ModelAccess:

@@ -38,6 +38,10 @@ class PrefixTable(Generic[T]):
                 self._memo[name] = hit
         return hit
 
+    @property
+    def default(self) -> T | None:
+        return self._default
+
     def get(self, name: str) -> T | None:
         return self.match(name)[0]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from core.metering import CLIENT_DISCONNECTED, ERROR, OK, Meter, Outcome, Ticket
 from core.providers import adapter_for
 from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamStream
 from core.routing import Scheduler, routes_for
-from core.usage import Usage, estimate_prompt_tokens, estimate_text_tokens, tokens_for_bytes
+from core.usage import Usage, estimate_prompt_tokens, estimate_text_tokens, message_text, tokens_for_bytes
 
 log = logging.getLogger("tollgate.proxy")
 
@@ -106,7 +107,13 @@ class Gateway:
 
 
 def _estimate(request: ProxyRequest, body: bytes) -> Usage:
-    return Usage(prompt_tokens=estimate_prompt_tokens(request.body), completion_tokens=estimate_text_tokens(body.decode(errors="ignore")), estimated=True)
+    """Usage for an answer that reported none: estimated from the prompt and the reply text."""
+    try:
+        choices = json.loads(body).get("choices") or []
+    except (ValueError, AttributeError):
+        choices = []
+    text = "".join(message_text((c.get("message") or {}).get("content")) or str(c.get("text") or "") for c in choices if isinstance(c, dict))
+    return Usage(prompt_tokens=estimate_prompt_tokens(request.body), completion_tokens=estimate_text_tokens(text), estimated=True)
 
 
 class MeteredStream:

@@ -23,6 +23,7 @@ class ProxyStreamResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         disconnected = False
+        delivered = False  # once the whole stream is sent, a disconnect is just the client leaving
         chunks = self.stream.__aiter__()
         try:
             async with anyio.create_task_group() as group:
@@ -39,12 +40,13 @@ class ProxyStreamResponse:
                 await send({"type": "http.response.start", "status": 200, "headers": self.headers})
                 async for chunk in chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                delivered = True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 group.cancel_scope.cancel()
         except OSError:
             disconnected = True
         finally:
-            self.stream.finish(disconnected)
+            self.stream.finish(disconnected and not delivered)
             with anyio.CancelScope(shield=True):
                 aclose = getattr(chunks, "aclose", None)
                 if aclose is not None:

@@ -1,0 +1,93 @@
+"""The billing parts of api.yaml: `model_price`, `count_billing` and each key's terms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from typing import Any
+
+from core.config_reader import Section, to_decimal
+from core.pricing import COUNT, TOKEN, ModelPrice, PriceBook, TokenPrice, build_price_book, to_nanos
+
+BILLING_MODES = (TOKEN, COUNT, "hybrid")
+UNLIMITED = -1
+DEFAULT_RESERVE_COMPLETION_TOKENS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBilling:
+    """A key's billing terms from the config; the ledger adds grants and charges."""
+
+    mode: str = TOKEN
+    credits_nanos: int | None = None  # None: unlimited USD
+    count_credits: int = 0
+    created_at: float = 0.0  # the billing window starts here (unix seconds)
+
+    @property
+    def unlimited_credits(self) -> bool:
+        return self.credits_nanos is None
+
+
+def read_price_book(prefs: Section) -> PriceBook:
+    prices = prefs.section("model_price")
+    model_prices = {str(name): _read_model_price(prices, name) for name in prices.node}
+    billing = prefs.section("count_billing")
+    billing.reject_unknown(("enabled", "default_count_price", "model_count_prices"))
+    table = billing.section("model_count_prices")
+    count_prices = {str(name): table.number(name) for name in table.node}
+    return build_price_book(model_prices, count_prices, billing.number("default_count_price", 0), billing.boolean("enabled", True))
+
+
+def _read_model_price(prices: Section, name: Any) -> ModelPrice:
+    value = prices.node[name]
+    if isinstance(value, dict):
+        entry = prices.section(name)
+        entry.reject_unknown(("token_price", "count_price", "cache_read_price"))
+        token = _token_price(entry, "token_price") if entry.has("token_price") else None
+        if token is not None and entry.has("cache_read_price"):
+            token = TokenPrice(token.input, token.output, entry.number("cache_read_price"))
+        count = entry.number("count_price") if entry.has("count_price") else None
+        if token is None and count is None:
+            raise prices.error(name, f"{prices.where(str(name))} needs token_price and/or count_price")
+        return ModelPrice(token, count)
+    if isinstance(value, str) and "," in value:
+        return ModelPrice(token=_token_price(prices, name))
+    return ModelPrice(count=to_decimal(value, prices, name))
+
+
+def _token_price(section: Section, key: Any) -> TokenPrice:
+    text = str(section.node[key])
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 2:
+        raise section.error(key, f"{section.where(str(key))} must be 'input,output' USD per 1M tokens, got '{text}'")
+    return TokenPrice(to_decimal(parts[0], section, key), to_decimal(parts[1], section, key))
+
+
+def read_key_billing(prefs: Section) -> KeyBilling:
+    credits = prefs.number("credits", UNLIMITED, minimum=None)
+    if credits < 0 and credits != UNLIMITED:
+        raise prefs.error("credits", f"{prefs.where('credits')} must be >= 0, or -1 for unlimited; got {credits}")
+    return KeyBilling(
+        mode=prefs.choice("billing_mode", BILLING_MODES, TOKEN),
+        credits_nanos=None if credits == UNLIMITED else to_nanos(credits),
+        count_credits=prefs.integer("count_credits", 0),
+        created_at=_read_timestamp(prefs, "created_at"),
+    )
+
+
+def _read_timestamp(section: Section, key: str) -> float:
+    value = section.raw(key)
+    if value is None:
+        return 0.0
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, date):
+        moment = datetime(value.year, value.month, value.day)
+    else:
+        try:
+            moment = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise section.error(key, f"{section.where(key)} must be a timestamp like 2024-01-01T00:00:00+08:00, got '{value}'") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()

@@ -1,0 +1,112 @@
+"""The ledger interface: reserve → settle/release, grants, and balances.
+
+Routes and billing talk only to this interface. The embedded implementation is SQLite
+(core/sqlite_ledger.py); a PostgreSQL one for several gateway processes implements the
+same calls with an atomic `UPDATE … WHERE remaining >= $1 RETURNING`.
+
+Amounts are integer nano-dollars (core.pricing) and whole count credits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from core.config_billing import KeyBilling
+
+CREDITS = "credits"
+COUNT_CREDITS = "count_credits"
+
+
+class InsufficientBalance(Exception):
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind  # CREDITS or COUNT_CREDITS
+
+
+@dataclass(slots=True)
+class Account:
+    """One key's money as the ledger says it, within the key's billing window, plus what
+    requests in flight have reserved. Lives in memory for the hot path."""
+
+    key_id: str
+    window_start: float
+    spent_nanos: int = 0  # token-billed charges
+    granted_nanos: int = 0
+    count_used: int = 0
+    count_granted: int = 0
+    total_cost_nanos: int = 0  # every charge, count-billed ones included
+    request_count: int = 0
+    reserved_nanos: int = 0
+    reserved_count: int = 0
+
+    def remaining_nanos(self, terms: KeyBilling) -> int | None:
+        if terms.credits_nanos is None:
+            return None
+        return terms.credits_nanos + self.granted_nanos - self.spent_nanos
+
+    def remaining_count(self, terms: KeyBilling) -> int:
+        return terms.count_credits + self.count_granted - self.count_used
+
+
+@dataclass(slots=True)
+class Reservation:
+    account: Account
+    nanos: int
+    count: int
+    open: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One row of the request log: what was used, at which unit prices, for how much."""
+
+    request_id: str
+    ts: float
+    key_id: str
+    key_name: str
+    model: str
+    provider: str
+    upstream_model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cost_type: str
+    unit_prices: dict[str, str] = field(default_factory=dict)
+    cost_nanos: int = 0
+    count_charged: int = 0
+    status: str = "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    key_id: str
+    kind: str  # CREDITS (nanos) or COUNT_CREDITS (whole credits)
+    amount: int
+    reason: str
+    idempotency_key: str | None
+    ts: float
+
+
+class Ledger(Protocol):
+    async def account(self, key_id: str, terms: KeyBilling) -> Account: ...
+
+    async def reserve(self, key_id: str, terms: KeyBilling, nanos: int, count: int) -> Reservation:
+        """Hold `nanos` of USD credit and `count` count credits, or raise InsufficientBalance."""
+        ...
+
+    def settle(self, reservation: Reservation, record: UsageRecord) -> None:
+        """Release the hold and charge the record; durable at the next group commit."""
+        ...
+
+    def release(self, reservation: Reservation, record: UsageRecord | None = None) -> None:
+        """Release the hold without charging (a zero-cost record may still be logged)."""
+        ...
+
+    async def grant(self, grant: Grant, terms: KeyBilling) -> bool:
+        """Add credit; False when the idempotency key was used before (nothing applied)."""
+        ...
+
+    async def flush(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,107 @@
+"""Prices and costs: pure functions over exact Decimals.
+
+Token prices are USD per 1M tokens; count prices are USD per request. A ledger amount is
+an integer number of nano-dollars (1e-9 USD): costs are rounded half-up to that quantum
+once per request, and every balance is then an exact integer sum of ledger amounts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+
+from core.lookup import DEFAULT, PrefixTable
+from core.usage import Usage
+
+NANOS_PER_USD = 1_000_000_000
+PER_MILLION = Decimal(1_000_000)
+TOKEN = "token"
+COUNT = "count"
+
+
+def to_nanos(usd: Decimal) -> int:
+    return int((usd * NANOS_PER_USD).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def from_nanos(nanos: int) -> Decimal:
+    return Decimal(nanos) / NANOS_PER_USD
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPrice:
+    """USD per 1M tokens. Cached input tokens bill at `cache_read` when set, else at `input`."""
+
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal | None = None
+
+    def cost(self, usage: Usage) -> Decimal:
+        cached = min(usage.cached_tokens, usage.prompt_tokens)
+        cache_price = self.input if self.cache_read is None else self.cache_read
+        return ((usage.prompt_tokens - cached) * self.input + cached * cache_price + usage.completion_tokens * self.output) / PER_MILLION
+
+    def estimate(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        return (prompt_tokens * self.input + completion_tokens * self.output) / PER_MILLION
+
+
+FREE = TokenPrice(Decimal(0), Decimal(0))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """One `model_price` entry: a token price, a count price, or both."""
+
+    token: TokenPrice | None = None
+    count: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PriceBook:
+    """Everything needed to price a model, resolved once per config load.
+
+    A model takes the `model_price` entry that matches it best (exact, longest prefix,
+    `default`); that entry's token price, or the default entry's when it has none. So
+    `gpt-4o-mini: 0.001` (count only) never inherits `gpt-4o`'s token price.
+    """
+
+    model_prices: PrefixTable[ModelPrice]
+    billing_count_prices: PrefixTable[Decimal]  # count_billing.model_count_prices
+    default_count_price: Decimal
+    count_billing_enabled: bool
+
+    def token_price(self, model: str) -> TokenPrice:
+        entry = self.model_prices.get(model)
+        if entry is not None and entry.token is not None:
+            return entry.token
+        fallback = self.model_prices.default
+        return fallback.token if fallback is not None and fallback.token is not None else FREE
+
+    def count_price(self, model: str) -> Decimal:
+        """Its own model_price count price, else count_billing.model_count_prices, else the default."""
+        own = self._own_count_price(model)
+        if own is not None:
+            return own
+        configured = self.billing_count_prices.get(model)
+        return self.default_count_price if configured is None else configured
+
+    def has_explicit_count_price(self, model: str) -> bool:
+        """A named entry (not a default) gives this model a count price: hybrid keys bill it by count."""
+        if self._own_count_price(model) is not None:
+            return True
+        value, key = self.billing_count_prices.match(model)
+        return value is not None and key != DEFAULT
+
+    def cost_type(self, billing_mode: str, model: str) -> str:
+        if not self.count_billing_enabled or billing_mode == TOKEN:
+            return TOKEN
+        if billing_mode == COUNT:
+            return COUNT
+        return COUNT if self.has_explicit_count_price(model) else TOKEN
+
+    def _own_count_price(self, model: str) -> Decimal | None:
+        entry, key = self.model_prices.match(model)
+        return entry.count if entry is not None and key != DEFAULT else None
+
+
+def build_price_book(model_prices: dict[str, ModelPrice], count_prices: dict[str, Decimal], default_count_price: Decimal, enabled: bool) -> PriceBook:
+    return PriceBook(PrefixTable(model_prices), PrefixTable(count_prices), default_count_price, enabled)

@@ -1,0 +1,190 @@
+"""Admin billing API: key states, top-ups, billing mode, usage reports."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from core.billing import BillingMeter
+from core.config import ApiKey, Config
+from core.config_billing import BILLING_MODES
+from core.config_writer import ConfigWriteError, set_key_preference
+from core.errors import GatewayError, bad_request, forbidden, not_found
+from core.key_states import key_state, ledger_usage, usd
+from core.ledger import COUNT_CREDITS, CREDITS, Grant
+from core.pricing import to_nanos
+from core.reload import ConfigStore
+from core.usage import Usage
+from routes._http import authenticate, current_config, read_json, require_admin
+
+MAX_IDEMPOTENCY_KEY = 200
+
+
+def _paid_key(request: Request, config: Config) -> ApiKey:
+    secret = request.query_params.get("paid_key")
+    if not secret:
+        raise bad_request("The 'paid_key' parameter is required.", "missing_paid_key")
+    key = config.key_index.find(secret)
+    if key is None:
+        raise not_found("No API key matches 'paid_key'.", "key_not_found")
+    return key
+
+
+def _amount(request: Request, whole: bool) -> Decimal:
+    raw = request.query_params.get("amount", "")
+    try:
+        amount = Decimal(raw)
+    except InvalidOperation:
+        amount = Decimal("NaN")
+    if not amount.is_finite() or amount <= 0 or (whole and amount != amount.to_integral_value()) or amount > Decimal(10) ** 9:
+        kind = "a positive whole number" if whole else "a positive number"
+        raise bad_request(f"The 'amount' parameter must be {kind} (at most 1e9), got '{raw}'.", "invalid_amount")
+    return amount
+
+
+async def api_keys_states(request: Request) -> Response:
+    config = current_config(request)
+    require_admin(request, config)
+    ledger = request.app.state.ledger
+    return JSONResponse({"api_keys_states": {key.secret: await key_state(config, ledger, key) for key in config.keys}})
+
+
+def _grant_endpoint(kind: str):  # type: ignore[no-untyped-def]
+    async def handle(request: Request) -> Response:
+        config = current_config(request)
+        require_admin(request, config)
+        key = _paid_key(request, config)
+        amount = _amount(request, whole=kind == COUNT_CREDITS)
+        idempotency_key = request.headers.get("idempotency-key") or None
+        if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise bad_request(f"The Idempotency-Key header must be at most {MAX_IDEMPOTENCY_KEY} characters.", "invalid_idempotency_key")
+        units = to_nanos(amount) if kind == CREDITS else int(amount)
+        grant = Grant(key.id, kind, units, request.query_params.get("reason") or "admin top-up", idempotency_key, time.time())
+        ledger = request.app.state.ledger
+        applied = await ledger.grant(grant, key.billing)
+        state = await key_state(config, ledger, key)
+        return JSONResponse({"applied": applied, "api_key_state": state})
+
+    handle.__name__ = f"add_{kind}"
+    return handle
+
+
+async def set_billing_mode(request: Request) -> Response:
+    config = current_config(request)
+    require_admin(request, config)
+    key = _paid_key(request, config)
+    mode = request.query_params.get("billing_mode", "")
+    if mode not in BILLING_MODES:
+        raise bad_request(f"The 'billing_mode' parameter must be one of {', '.join(BILLING_MODES)}, got '{mode}'.", "invalid_billing_mode")
+    store: ConfigStore = request.app.state.store
+    try:
+        set_key_preference(store.path, key.secret, "billing_mode", mode)
+    except ConfigWriteError as exc:
+        raise GatewayError(409, "conflict_error", "config_not_writable", f"Could not update the config file: {exc}") from None
+    await store.reload()
+    if store.last_error is not None:
+        raise GatewayError(409, "conflict_error", "config_invalid", f"The config file does not load: {store.last_error.message}")
+    config = store.current
+    updated = config.key_index.find(key.secret)
+    assert updated is not None
+    return JSONResponse({"api_key_state": await key_state(config, request.app.state.ledger, updated)})
+
+
+def _time_range(request: Request) -> tuple[float | None, float | None]:
+    params = request.query_params
+    start = _datetime_param(params.get("start_datetime"), "start_datetime")
+    end = _datetime_param(params.get("end_datetime"), "end_datetime")
+    last = params.get("last_n_days")
+    if last is not None:
+        if not last.isdigit() or int(last) <= 0:
+            raise bad_request(f"The 'last_n_days' parameter must be a positive whole number, got '{last}'.", "invalid_last_n_days")
+        start = time.time() - timedelta(days=int(last)).total_seconds()
+    return start, end
+
+
+def _datetime_param(raw: str | None, name: str) -> float | None:
+    if not raw:
+        return None
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise bad_request(f"The '{name}' parameter must be an ISO 8601 time, got '{raw}'.", f"invalid_{name}") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+async def token_usage(request: Request) -> Response:
+    """Usage per key and model. Admins may ask about any key (or all); others only themselves."""
+    config = current_config(request)
+    caller = authenticate(request, config)
+    asked = request.query_params.get("api_key_param")
+    if asked:
+        target = config.key_index.find(asked)
+        if target is None or (target is not caller and not caller.is_admin):
+            if not caller.is_admin:
+                raise forbidden("A non-admin key may only read its own usage.", "not_your_key")
+            raise not_found("No API key matches 'api_key_param'.", "key_not_found")
+        keys = [target]
+    else:
+        keys = list(config.keys) if caller.is_admin else [caller]
+    start, end = _time_range(request)
+    model = request.query_params.get("model") or None
+    ledger = request.app.state.ledger
+    stats = []
+    for key in keys:
+        state = await key_state(config, ledger, key)
+        since = max(start or 0.0, key.billing.created_at)
+        stats.append(
+            {
+                "api_key": key.masked,
+                "name": key.name,
+                "billing_mode": state["billing_mode"],
+                "credits": state["credits"],
+                "remaining_credits": state["remaining_credits"],
+                "remaining_count_credits": state["remaining_count_credits"],
+                "total_cost": state["total_cost"],
+                "usage": await ledger_usage(ledger, key.id, since, end, model),
+            }
+        )
+    return JSONResponse({"stats": stats})
+
+
+async def report_usage(request: Request) -> Response:
+    """Record usage that happened outside the gateway, billed by the same rules."""
+    config = current_config(request)
+    require_admin(request, config)
+    body = await read_json(request, config.preferences.max_request_body_bytes)
+    if not isinstance(body, dict):
+        raise bad_request("The body must be a JSON object.", "invalid_body")
+    key = config.key_index.find(str(body.get("api_key") or ""))
+    if key is None:
+        raise not_found("No API key matches 'api_key'.", "key_not_found")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("The 'model' field is required.", "missing_model")
+    usage = Usage(*(_token_count(body, name) for name in ("prompt_tokens", "completion_tokens", "cached_tokens")))
+    meter: BillingMeter = request.app.state.gateway.meter
+    cost_nanos = await meter.record_external(config, key, model, usage, str(body.get("provider") or "external"))
+    return JSONResponse({"cost": usd(cost_nanos), "api_key_state": await key_state(config, request.app.state.ledger, key)})
+
+
+def _token_count(body: dict[str, Any], name: str) -> int:
+    value = body.get(name, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > 10**12:
+        raise bad_request(f"The '{name}' field must be a non-negative whole number.", f"invalid_{name}")
+    return value
+
+
+routes = [
+    Route("/v1/api_keys_states", api_keys_states, methods=["GET"]),
+    Route("/v1/add_credits", _grant_endpoint(CREDITS), methods=["POST"]),
+    Route("/v1/add_count_credits", _grant_endpoint(COUNT_CREDITS), methods=["POST"]),
+    Route("/v1/set_billing_mode", set_billing_mode, methods=["POST"]),
+    Route("/v1/token_usage", token_usage, methods=["GET"]),
+    Route("/v1/usage/report", report_usage, methods=["POST"]),
+]

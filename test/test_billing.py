@@ -1,0 +1,361 @@
+"""Billing end to end: the real gateway, the openai SDK, a fake upstream, the SQLite ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import subprocess
+from decimal import Decimal
+from typing import Any
+
+import openai
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from test.conftest import ADMIN_KEY
+from test.servers import completion_body, fail
+
+TOKEN_KEY = "sk-token-user-0001"
+COUNT_KEY = "sk-count-user-0002"
+HYBRID_KEY = "sk-hybrid-user-0003"
+MESSAGES = [{"role": "user", "content": "hello there"}]
+
+CONFIG = f"""
+# Billing test config: comments must survive set_billing_mode.
+providers:
+  - provider: p1
+    base_url: {{fake:p1}}
+    api: k
+    model: [gpt-4o, claude-3-5-sonnet]
+api_keys:
+  - api: {ADMIN_KEY}
+    role: admin
+  - api: {TOKEN_KEY}
+    name: tokens   # the token user
+    preferences: {{billing_mode: token, credits: 10}}
+  - api: {COUNT_KEY}
+    name: counts
+    preferences: {{billing_mode: count, count_credits: 10}}
+  - api: {HYBRID_KEY}
+    name: hybrid
+    preferences: {{billing_mode: hybrid, credits: 5, count_credits: 3}}
+preferences:
+  count_billing:
+    enabled: true
+    default_count_price: 0.001
+    model_count_prices: {{gpt-4o: 0.008}}
+  model_price:
+    gpt-4o: 1000,2000
+    claude-3-5-sonnet: 1000,2000
+"""
+# The fake upstream reports 11 prompt + 7 completion tokens: 11*1000/1M + 7*2000/1M = 0.025 USD.
+REPLY_COST = Decimal("0.025")
+
+
+def states(gateway) -> dict[str, Any]:
+    return gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY).json()["api_keys_states"]
+
+
+def ledger_rows(gateway, sql: str = "SELECT status, cost_type, cost_nanos, count_charged FROM usage ORDER BY id") -> list[tuple]:
+    path = gateway.config_path.parent / "data" / "tollgate.db"
+    with sqlite3.connect(path) as db:
+        return db.execute(sql).fetchall()
+
+
+def test_token_key_is_charged_the_reported_usage(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    raw = gateway.client(TOKEN_KEY).chat.completions.with_raw_response.create(model="claude-3-5-sonnet", messages=MESSAGES)
+    assert Decimal(raw.headers["x-tollgate-cost"]) == REPLY_COST
+    assert Decimal(raw.headers["x-tollgate-credits-remaining"]) == 10 - REPLY_COST
+    state = states(gateway)[TOKEN_KEY]
+    assert state["remaining_credits"] == pytest.approx(float(10 - REPLY_COST))
+    assert state["total_cost"] == 0.025 and state["request_count"] == 1
+    assert state["cost_details"]["billing_details"][0] | {} == {
+        "model": "claude-3-5-sonnet", "cost": 0.025, "cost_type": "token", "request_count": 1, "prompt_tokens": 11,
+        "completion_tokens": 7, "cached_tokens": 0, "total_tokens": 18, "count_credits_used": 0,
+    }
+
+
+def test_token_key_stream_is_charged_from_the_final_usage_chunk(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    chunks = list(gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    assert all(c.choices for c in chunks)
+    # Fake stream usage: 11 prompt + 3 completion tokens.
+    expected = (11 * 1000 + 3 * 2000) / 1_000_000
+    assert states(gateway)[TOKEN_KEY]["total_cost"] == pytest.approx(expected)
+    assert ledger_rows(gateway) == [("ok", "token", int(expected * 1e9), 0)]
+
+
+def test_count_key_spends_one_credit_per_request_and_records_the_count_price(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    raw = gateway.client(COUNT_KEY).chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+    assert raw.headers["x-tollgate-count-credits-remaining"] == "9"
+    assert raw.headers["x-tollgate-cost"] == "0.008"
+    state = states(gateway)[COUNT_KEY]
+    assert state["remaining_count_credits"] == 9 and state["total_cost"] == 0.008
+
+
+def test_count_key_rejects_request_after_last_credit(start_gateway, upstream):
+    gateway = start_gateway(CONFIG.replace("count_credits: 10", "count_credits: 2"), upstream)
+    client = gateway.client(COUNT_KEY)
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.status_code == 402
+    assert caught.value.body == {"message": caught.value.body["message"], "type": "insufficient_quota", "code": "count_credits_exhausted", "param": None}
+    assert len(upstream.seen) == 2
+
+
+def test_hybrid_key_uses_count_billing_only_for_models_with_an_explicit_count_price(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    client = gateway.client(HYBRID_KEY)
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # named count price: count
+    client.chat.completions.create(model="claude-3-5-sonnet", messages=MESSAGES)  # default count price only: token
+    state = states(gateway)[HYBRID_KEY]
+    assert state["remaining_count_credits"] == 2
+    assert state["remaining_credits"] == pytest.approx(float(5 - REPLY_COST))
+    assert state["total_cost"] == pytest.approx(0.008 + 0.025)
+
+
+def test_count_billing_disabled_bills_every_key_by_tokens(start_gateway, upstream):
+    gateway = start_gateway(CONFIG.replace("enabled: true", "enabled: false"), upstream)
+    gateway.client(COUNT_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    state = states(gateway)[COUNT_KEY]
+    assert state["billing_mode"] == "token"
+    assert state["remaining_count_credits"] == 10 and state["total_cost"] == 0.025
+
+
+def test_token_key_with_no_balance_gets_402(start_gateway, upstream):
+    gateway = start_gateway(CONFIG.replace("token, credits: 10}", "token, credits: 0.02}"), upstream)
+    client = gateway.client(TOKEN_KEY)
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=5)  # reserve 0.02 fits, costs 0.025
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=5)
+    assert caught.value.status_code == 402 and caught.value.body["code"] == "credit_balance_exhausted"
+
+
+def test_upstream_error_is_not_billed(start_gateway, upstream):
+    upstream.script("p1", fail(500))
+    gateway = start_gateway(CONFIG, upstream)
+    with pytest.raises(openai.APIStatusError):
+        gateway.client(COUNT_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    state = states(gateway)[COUNT_KEY]
+    assert state["remaining_count_credits"] == 10 and state["total_cost"] == 0
+    assert ledger_rows(gateway) == [("error", "count", 0, 0)]
+
+
+def test_missing_usage_is_estimated_and_marked(start_gateway, upstream):
+    async def no_usage(body: dict[str, Any], request: Request) -> Response:
+        data = completion_body(body, "four")
+        del data["usage"]
+        return JSONResponse(data)
+
+    upstream.script("p1", no_usage)
+    gateway = start_gateway(CONFIG, upstream)
+    gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    states(gateway)  # reading the states flushes the ledger's write queue
+    (status, cost_type, cost, _), = ledger_rows(gateway)
+    assert status == "estimated" and cost_type == "token"
+    # 10 prompt tokens estimated from the messages, 1 completion token for "four".
+    assert cost == (10 * 1000 + 1 * 2000) * 1000
+
+
+def test_client_disconnect_mid_stream_charges_what_was_streamed(start_gateway, upstream):
+    from test.test_proxy import test_client_disconnect_cancels_the_upstream_stream as disconnect_scenario
+
+    del disconnect_scenario  # same upstream shape as the proxy test, but checked against the ledger
+    from starlette.responses import StreamingResponse
+
+    from test.servers import stream_chunks
+
+    async def endless(body: dict[str, Any], request: Request) -> Response:
+        async def gen():  # type: ignore[no-untyped-def]
+            while True:
+                yield stream_chunks(body, ["tick"])[0]
+                await asyncio.sleep(0.02)
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    upstream.script("p1", endless)
+    gateway = start_gateway(CONFIG, upstream)
+    stream = gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    next(iter(stream))
+    stream.close()
+    import time
+
+    deadline = time.monotonic() + 5
+    while not (rows := ledger_rows(gateway, "SELECT status, completion_tokens, cost_nanos FROM usage")) and time.monotonic() < deadline:
+        states(gateway)  # flushes the ledger
+        time.sleep(0.05)
+    (status, completion_tokens, cost), = rows
+    assert status == "client_disconnected" and completion_tokens >= 1 and cost > 0
+
+
+def test_concurrent_requests_on_a_count_key_never_overspend(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+
+    async def fire() -> list[int]:
+        client = gateway.async_client(COUNT_KEY)
+
+        async def one() -> int:
+            try:
+                await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+                return 200
+            except openai.APIStatusError as exc:
+                return exc.status_code
+
+        return await asyncio.gather(*(one() for _ in range(50)))
+
+    results = asyncio.run(fire())
+    assert results.count(200) == 10 and results.count(402) == 40
+    assert states(gateway)[COUNT_KEY]["remaining_count_credits"] == 0
+    assert len(upstream.seen) == 10
+
+
+def test_concurrent_token_requests_with_max_tokens_never_go_below_zero(start_gateway, upstream):
+    # Each request reserves (prompt estimate 10 + max_tokens 7) at 1000/2000 per 1M and costs 0.025.
+    gateway = start_gateway(CONFIG.replace("token, credits: 10}", "token, credits: 0.3}"), upstream)
+
+    async def fire() -> list[int]:
+        client = gateway.async_client(TOKEN_KEY)
+
+        async def one() -> int:
+            try:
+                await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=7)
+                return 200
+            except openai.APIStatusError as exc:
+                return exc.status_code
+
+        return await asyncio.gather(*(one() for _ in range(60)))
+
+    results = asyncio.run(fire())
+    remaining = states(gateway)[TOKEN_KEY]["remaining_credits"]
+    assert remaining >= 0
+    assert results.count(200) == round((0.3 - remaining) / 0.025)
+    assert results.count(200) >= 10 and set(results) == {200, 402}
+
+
+def test_balances_survive_a_restart(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    gateway.client(COUNT_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    gateway.http("POST", "/v1/add_credits", key=ADMIN_KEY, params={"paid_key": TOKEN_KEY, "amount": "1.5"})
+    before = states(gateway)
+    gateway.server.stop()
+    again = start_gateway(gateway.config_path.read_text(), upstream)
+    after = states(again)
+    for key in (COUNT_KEY, TOKEN_KEY):
+        for field in ("remaining_credits", "remaining_count_credits", "total_cost", "request_count", "credits"):
+            assert after[key][field] == before[key][field], (key, field)
+    assert after[TOKEN_KEY]["remaining_credits"] == pytest.approx(11.5 - 0.025)
+
+
+def test_top_ups_apply_once_per_idempotency_key(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    params = {"paid_key": COUNT_KEY, "amount": "5"}
+    headers = {"Idempotency-Key": "topup-42"}
+    first = gateway.http("POST", "/v1/add_count_credits", key=ADMIN_KEY, params=params, headers=dict(headers)).json()
+    second = gateway.http("POST", "/v1/add_count_credits", key=ADMIN_KEY, params=params, headers=dict(headers)).json()
+    assert first["applied"] is True and second["applied"] is False
+    assert second["api_key_state"]["remaining_count_credits"] == 15
+    gateway.http("POST", "/v1/add_count_credits", key=ADMIN_KEY, params=params)
+    assert states(gateway)[COUNT_KEY]["remaining_count_credits"] == 20
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "code"),
+    [
+        ("/v1/add_credits", {"paid_key": TOKEN_KEY, "amount": "-1"}, 400, "invalid_amount"),
+        ("/v1/add_credits", {"paid_key": TOKEN_KEY, "amount": "NaN"}, 400, "invalid_amount"),
+        ("/v1/add_credits", {"paid_key": TOKEN_KEY, "amount": "ten"}, 400, "invalid_amount"),
+        ("/v1/add_count_credits", {"paid_key": COUNT_KEY, "amount": "1.5"}, 400, "invalid_amount"),
+        ("/v1/add_credits", {"paid_key": "sk-nobody", "amount": "1"}, 404, "key_not_found"),
+        ("/v1/add_credits", {"amount": "1"}, 400, "missing_paid_key"),
+        ("/v1/set_billing_mode", {"paid_key": TOKEN_KEY, "billing_mode": "free"}, 400, "invalid_billing_mode"),
+    ],
+)
+def test_admin_billing_input_errors(start_gateway, upstream, path, params, status, code):
+    gateway = start_gateway(CONFIG, upstream)
+    response = gateway.http("POST", path, key=ADMIN_KEY, params=params)
+    assert response.status_code == status and response.json()["error"]["code"] == code
+    assert ledger_rows(gateway, "SELECT COUNT(*) FROM grants") == [(0,)]
+
+
+def test_admin_billing_routes_refuse_user_keys(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    assert gateway.http("GET", "/v1/api_keys_states", key=TOKEN_KEY).status_code == 403
+    assert gateway.http("POST", "/v1/add_credits", key=TOKEN_KEY, params={"paid_key": TOKEN_KEY, "amount": "5"}).status_code == 403
+    assert gateway.http("POST", "/v1/set_billing_mode", key=TOKEN_KEY, params={"paid_key": TOKEN_KEY, "billing_mode": "count"}).status_code == 403
+    assert gateway.http("POST", "/v1/usage/report", key=TOKEN_KEY, json={}).status_code == 403
+
+
+def test_set_billing_mode_rewrites_yaml_keeping_comments(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    response = gateway.http("POST", "/v1/set_billing_mode", key=ADMIN_KEY, params={"paid_key": TOKEN_KEY, "billing_mode": "count"})
+    assert response.status_code == 200
+    assert response.json()["api_key_state"]["billing_mode"] == "count"
+    text = gateway.config_path.read_text()
+    assert "# Billing test config: comments must survive set_billing_mode." in text
+    assert "# the token user" in text
+    assert "billing_mode: count, credits: 10" in text
+    with pytest.raises(openai.APIStatusError) as caught:  # count mode with no count credits
+        gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.status_code == 402
+
+
+def test_set_billing_mode_on_an_unwritable_config_gives_409(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    before = gateway.config_path.read_text()
+    with read_only_directory(gateway.config_path.parent):
+        response = gateway.http("POST", "/v1/set_billing_mode", key=ADMIN_KEY, params={"paid_key": TOKEN_KEY, "billing_mode": "count"})
+    assert response.status_code == 409 and response.json()["error"]["code"] == "config_not_writable"
+    assert gateway.config_path.read_text() == before
+    assert states(gateway)[TOKEN_KEY]["billing_mode"] == "token"
+
+
+@contextlib.contextmanager
+def read_only_directory(path):
+    """chmod does not stop root, so use the immutable attribute where the tests run as root."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("cannot make a directory read-only for root here (no chattr)")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o500)
+        try:
+            yield
+        finally:
+            path.chmod(0o700)
+
+
+def test_token_usage_permissions(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    own = gateway.http("GET", "/v1/token_usage", key=TOKEN_KEY)
+    assert own.status_code == 200
+    (stats,) = own.json()["stats"]
+    assert stats["usage"][0]["model"] == "gpt-4o" and stats["usage"][0]["prompt_tokens"] == 11
+    assert TOKEN_KEY not in own.text
+    other = gateway.http("GET", "/v1/token_usage", key=TOKEN_KEY, params={"api_key_param": COUNT_KEY})
+    assert other.status_code == 403
+    admin = gateway.http("GET", "/v1/token_usage", key=ADMIN_KEY, params={"api_key_param": TOKEN_KEY, "last_n_days": "1", "model": "gpt-4o"})
+    assert admin.json()["stats"][0]["total_cost"] == 0.025
+    empty = gateway.http("GET", "/v1/token_usage", key=ADMIN_KEY, params={"api_key_param": TOKEN_KEY, "end_datetime": "2000-01-01T00:00:00Z"})
+    assert empty.json()["stats"][0]["usage"] == []
+
+
+def test_usage_report_bills_external_usage_by_the_same_rules(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    body = {"api_key": TOKEN_KEY, "model": "gpt-4o", "prompt_tokens": 11, "completion_tokens": 7}
+    response = gateway.http("POST", "/v1/usage/report", key=ADMIN_KEY, json=body)
+    assert response.status_code == 200 and response.json()["cost"] == 0.025
+    assert states(gateway)[TOKEN_KEY]["remaining_credits"] == pytest.approx(9.975)
+    bad = gateway.http("POST", "/v1/usage/report", key=ADMIN_KEY, json={**body, "prompt_tokens": -3})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_prompt_tokens"

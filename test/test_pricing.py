@@ -1,0 +1,110 @@
+"""Price resolution and cost arithmetic: pure functions, exact Decimals."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from core.config import build_config
+from core.pricing import from_nanos, to_nanos
+from core.usage import Usage
+
+PRICES = """\
+providers:
+  - provider: echo
+    engine: echo
+    model: [gpt-4o, gpt-4o-mini, gpt-4-turbo, claude-3-5-sonnet, claude-3-haiku, other]
+preferences:
+  count_billing:
+    enabled: {enabled}
+    default_count_price: 0.001
+    model_count_prices: {{gpt-4: 0.01, claude-3: 0.005, default: 0.002}}
+  model_price:
+    claude-3-5-sonnet: 0.12,0.48
+    gpt-4o-mini: 0.0005
+    gpt-4o:
+      token_price: 1,2
+      count_price: 0.008
+      cache_read_price: 0.5
+    default: 3,6
+"""
+
+
+def book(enabled: bool = True):
+    return build_config(PRICES.format(enabled=str(enabled).lower()), "api.yaml").preferences.prices
+
+
+@pytest.mark.parametrize(
+    ("model", "token_price"),
+    [
+        ("gpt-4o", (Decimal(1), Decimal(2))),  # exact
+        ("gpt-4o-2024-08-06", (Decimal(1), Decimal(2))),  # prefix
+        ("gpt-4o-mini", (Decimal(3), Decimal(6))),  # its entry is count-only: token price falls to default
+        ("claude-3-5-sonnet-20241022", (Decimal("0.12"), Decimal("0.48"))),
+        ("other", (Decimal(3), Decimal(6))),  # default
+    ],
+)
+def test_token_price_resolution(model, token_price):
+    price = book().token_price(model)
+    assert (price.input, price.output) == token_price
+
+
+@pytest.mark.parametrize(
+    ("model", "count_price"),
+    [
+        ("gpt-4o-mini", Decimal("0.0005")),  # its own model_price count price beats gpt-4o's by length
+        ("gpt-4o", Decimal("0.008")),  # own model_price count price
+        ("gpt-4-turbo", Decimal("0.01")),  # count_billing prefix gpt-4
+        ("claude-3-haiku", Decimal("0.005")),  # count_billing prefix claude-3
+        ("other", Decimal("0.002")),  # count_billing default
+    ],
+)
+def test_count_price_resolution(model, count_price):
+    assert book().count_price(model) == count_price
+
+
+@pytest.mark.parametrize(
+    ("mode", "model", "cost_type"),
+    [
+        ("hybrid", "gpt-4o", "count"),  # own count price
+        ("hybrid", "gpt-4-turbo", "count"),  # named model_count_prices entry
+        ("hybrid", "claude-3-5-sonnet", "count"),  # prefix claude-3 is a named entry
+        ("hybrid", "other", "token"),  # only a default count price: token billing
+        ("count", "other", "count"),
+        ("token", "gpt-4o", "token"),
+    ],
+)
+def test_hybrid_choice(mode, model, cost_type):
+    assert book().cost_type(mode, model) == cost_type
+
+
+def test_count_billing_disabled_bills_everything_by_tokens():
+    assert book(enabled=False).cost_type("count", "gpt-4o") == "token"
+    assert book(enabled=False).cost_type("hybrid", "gpt-4o") == "token"
+
+
+def test_token_cost_bills_cached_tokens_at_the_cache_price():
+    price = book().token_price("gpt-4o")
+    cost = price.cost(Usage(prompt_tokens=1000, completion_tokens=500, cached_tokens=400))
+    assert cost == (600 * Decimal(1) + 400 * Decimal("0.5") + 500 * Decimal(2)) / 1_000_000
+
+
+def test_cached_tokens_bill_at_input_price_without_a_cache_price():
+    price = book().token_price("claude-3-5-sonnet")
+    assert price.cost(Usage(100, 10, 50)) == price.cost(Usage(100, 10, 0))
+
+
+def test_tiny_charges_sum_exactly():
+    price = book().token_price("claude-3-5-sonnet")
+    one = to_nanos(price.cost(Usage(prompt_tokens=1, completion_tokens=0)))
+    assert one == 120  # 0.12 USD / 1M tokens = 120 nano-dollars per token
+    assert from_nanos(sum(one for _ in range(10_000))) == Decimal("0.0012")
+
+
+def test_bad_prices_are_config_errors():
+    from core.yamlsource import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        build_config(PRICES.format(enabled="true").replace("0.12,0.48", "0.12,abc"), "api.yaml")
+    assert caught.value.line == 11 and "must be a number" in caught.value.reason
