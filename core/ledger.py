@@ -32,13 +32,20 @@ class Account:
     key_id: str
     window_start: float
     spent_nanos: int = 0  # token-billed charges
-    granted_nanos: int = 0
     count_used: int = 0
-    count_granted: int = 0
     total_cost_nanos: int = 0  # every charge, count-billed ones included
     request_count: int = 0
+    granted_nanos: int = 0
+    count_granted: int = 0
     reserved_nanos: int = 0
     reserved_count: int = 0
+
+    def charges(self) -> tuple[int, int, int, int]:
+        """The fields that settlements change, in the order of `add_charges`."""
+        return (self.spent_nanos, self.count_used, self.total_cost_nanos, self.request_count)
+
+    def set_charges(self, values: tuple[int, int, int, int]) -> None:
+        self.spent_nanos, self.count_used, self.total_cost_nanos, self.request_count = values
 
     def remaining_nanos(self, terms: KeyBilling) -> int | None:
         if terms.credits_nanos is None:

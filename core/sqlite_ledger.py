@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import astuple
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +69,32 @@ class LedgerUnavailable(Exception):
     pass
 
 
+@dataclass(slots=True)
+class _Recount:
+    """Rebuild one account from the tables, in queue order: every row queued before this
+    marker is committed and counted by the query, every row queued after it is not."""
+
+    account: Account
+    charges_when_queued: tuple[int, int, int, int]
+    done: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _GrantItem:
+    grant: Grant
+    account: Account
+    done: asyncio.Future[bool]
+
+
+_QueueItem = UsageRecord | _GrantItem | _Recount | asyncio.Future  # a bare future is a flush marker
+
+
 class SqliteLedger:
     def __init__(self, db: aiosqlite.Connection):
         self.db = db
         self._accounts: dict[str, Account] = {}
-        self._loading: dict[str, asyncio.Future[Account]] = {}
-        self._queue: asyncio.Queue[UsageRecord | tuple[Grant, asyncio.Future[bool]] | asyncio.Future[None]] = asyncio.Queue()
+        self._ready: dict[str, asyncio.Future[None]] = {}
+        self._queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
 
     @classmethod
@@ -97,42 +117,26 @@ class SqliteLedger:
     # --- balances ---------------------------------------------------------------------
 
     async def account(self, key_id: str, terms: KeyBilling) -> Account:
+        """The key's account for its current billing window, rebuilt from the tables on
+        first use and when the window (`created_at`) changes. The object is never replaced,
+        so reservations held by requests in flight stay attached to it."""
         account = self._accounts.get(key_id)
-        if account is not None and account.window_start == terms.created_at:
-            return account
-        loading = self._loading.get(key_id)
-        if loading is None:
-            loading = asyncio.get_running_loop().create_future()
-            self._loading[key_id] = loading
-            try:
-                loaded = await self._load_account(key_id, terms.created_at, previous=account)
-                self._accounts[key_id] = loaded
-                loading.set_result(loaded)
-            except BaseException as exc:
-                loading.set_exception(exc)
-                raise
-            finally:
-                del self._loading[key_id]
-        return await asyncio.shield(loading)
-
-    async def _load_account(self, key_id: str, since: float, previous: Account | None) -> Account:
-        await self.flush()  # rows still queued belong in the sums
-        async with self.db.execute(
-            "SELECT COALESCE(SUM(CASE WHEN cost_type = 'token' THEN cost_nanos END), 0), COALESCE(SUM(count_charged), 0),"
-            " COALESCE(SUM(cost_nanos), 0), COUNT(*) FROM usage WHERE key_id = ? AND ts >= ?",
-            (key_id, since),
-        ) as cursor:
-            spent, count_used, total, requests = await cursor.fetchone()  # type: ignore[misc]
-        async with self.db.execute(
-            "SELECT COALESCE(SUM(CASE WHEN kind = 'credits' THEN amount END), 0), COALESCE(SUM(CASE WHEN kind = 'count_credits' THEN amount END), 0)"
-            " FROM grants WHERE key_id = ? AND ts >= ?",
-            (key_id, since),
-        ) as cursor:
-            granted, count_granted = await cursor.fetchone()  # type: ignore[misc]
-        account = Account(key_id, since, spent, granted, count_used, count_granted, total, requests)
-        if previous is not None:  # a new window: requests in flight keep their holds
-            account.reserved_nanos, account.reserved_count = previous.reserved_nanos, previous.reserved_count
+        if account is None:
+            account = self._accounts[key_id] = Account(key_id, terms.created_at)
+            self._recount(account)
+        elif account.window_start != terms.created_at:
+            account.window_start = terms.created_at
+            self._recount(account)
+        ready = self._ready[key_id]
+        if not ready.done():
+            await asyncio.shield(ready)
+        ready.result()  # re-raise a failed recount
         return account
+
+    def _recount(self, account: Account) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ready[account.key_id] = done
+        self._queue.put_nowait(_Recount(account, account.charges(), done))
 
     async def reserve(self, key_id: str, terms: KeyBilling, nanos: int, count: int) -> Reservation:
         account = await self.account(key_id, terms)
@@ -140,9 +144,7 @@ class SqliteLedger:
         if count and account.remaining_count(terms) - account.reserved_count < count:
             raise InsufficientBalance(COUNT_CREDITS)
         remaining = account.remaining_nanos(terms)
-        if nanos and remaining is not None and remaining - account.reserved_nanos < nanos:
-            raise InsufficientBalance(CREDITS)
-        if remaining is not None and remaining <= 0 and not count:
+        if remaining is not None and not count and (remaining <= 0 or remaining - account.reserved_nanos < nanos):
             raise InsufficientBalance(CREDITS)
         account.reserved_nanos += nanos
         account.reserved_count += count
@@ -172,16 +174,11 @@ class SqliteLedger:
             reservation.account.reserved_count -= reservation.count
 
     async def grant(self, grant: Grant, terms: KeyBilling) -> bool:
+        """Durable before it returns; the balance grows when the grant commits."""
         account = await self.account(grant.key_id, terms)
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((grant, done))
-        applied = await done
-        if applied and account.window_start <= grant.ts:
-            if grant.kind == CREDITS:
-                account.granted_nanos += grant.amount
-            else:
-                account.count_granted += grant.amount
-        return applied
+        self._queue.put_nowait(_GrantItem(grant, account, done))
+        return await done
 
     # --- writing ------------------------------------------------------------------------
 
@@ -204,47 +201,99 @@ class SqliteLedger:
         await self.db.close()
 
     async def _write_loop(self) -> None:
+        """Group commit: everything queued while the last batch was written goes in one
+        transaction. Items are handled strictly in queue order."""
         while True:
             batch = [await self._queue.get()]
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self._write_batch(batch)
+            pending: list[UsageRecord | _GrantItem] = []
+            for item in batch:
+                if isinstance(item, (UsageRecord, _GrantItem)):
+                    pending.append(item)
+                    continue
+                await self._commit_with_retry(pending)
+                pending = []
+                if isinstance(item, _Recount):
+                    await self._run_recount(item)
+                elif not item.done():
+                    item.set_result(None)
+            await self._commit_with_retry(pending)
 
-    async def _write_batch(self, batch: list[Any]) -> None:
-        """One transaction per batch (group commit). On a failure the batch is retried; the
-        requests have their answers already and their charges stay in memory meanwhile."""
-        usage = [_usage_row(item) for item in batch if isinstance(item, UsageRecord)]
-        grants = [item for item in batch if isinstance(item, tuple)]
+    async def _commit_with_retry(self, items: list[UsageRecord | _GrantItem]) -> None:
+        """On a failure (disk full, locked file) keep the rows and try again: the requests
+        have their answers already, and their charges stay in memory meanwhile."""
+        if not items:
+            return
         delay = 0.05
         while True:
             try:
-                applied = await self._commit(usage, [grant for grant, _ in grants])
+                applied = await self._commit(items)
                 break
-            except Exception:  # disk full, locked file: keep the rows and try again
-                log.exception("ledger write of %d rows failed; retrying in %.2fs", len(usage) + len(grants), delay)
+            except Exception:
+                log.exception("ledger write of %d rows failed; retrying in %.2fs", len(items), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        for (_, done), was_applied in zip(grants, applied, strict=True):
-            if not done.done():
-                done.set_result(was_applied)
-        for item in batch:
-            if isinstance(item, asyncio.Future) and not item.done():
-                item.set_result(None)
+        for item, was_applied in zip((i for i in items if isinstance(i, _GrantItem)), applied, strict=True):
+            grant, account = item.grant, item.account
+            if was_applied and grant.ts >= account.window_start:
+                if grant.kind == CREDITS:
+                    account.granted_nanos += grant.amount
+                else:
+                    account.count_granted += grant.amount
+            if not item.done.done():
+                item.done.set_result(was_applied)
 
-    async def _commit(self, usage: list[tuple[Any, ...]], grants: list[Grant]) -> list[bool]:
+    async def _commit(self, items: list[UsageRecord | _GrantItem]) -> list[bool]:
+        usage = [_usage_row(item) for item in items if isinstance(item, UsageRecord)]
         applied = []
         await self.db.execute("BEGIN IMMEDIATE")
         try:
             if usage:
                 await self.db.executemany(_INSERT_USAGE, usage)
-            for grant in grants:
-                cursor = await self.db.execute(_INSERT_GRANT, (grant.key_id, grant.kind, grant.amount, grant.reason, grant.idempotency_key, grant.ts))
-                applied.append(cursor.rowcount == 1)
+            for item in items:
+                if isinstance(item, _GrantItem):
+                    g = item.grant
+                    cursor = await self.db.execute(_INSERT_GRANT, (g.key_id, g.kind, g.amount, g.reason, g.idempotency_key, g.ts))
+                    applied.append(cursor.rowcount == 1)
             await self.db.execute("COMMIT")
         except BaseException:
             await self.db.execute("ROLLBACK")
             raise
         return applied
+
+    async def _run_recount(self, item: _Recount) -> None:
+        account = item.account
+        try:
+            charges, grants = await self._sums(account.key_id, account.window_start)
+        except Exception as exc:
+            log.exception("rebuilding the balance of key %s from the ledger failed", account.key_id[:8])
+            if not item.done.done():
+                item.done.set_exception(exc)
+            self._accounts.pop(account.key_id, None)
+            return
+        # Settlements queued after the marker are already in memory but not in the sums.
+        since_marker = [now - then for now, then in zip(account.charges(), item.charges_when_queued, strict=True)]
+        account.set_charges(tuple(total + delta for total, delta in zip(charges, since_marker, strict=True)))  # type: ignore[arg-type]
+        account.granted_nanos, account.count_granted = grants
+        if not item.done.done():
+            item.done.set_result(None)
+
+    async def _sums(self, key_id: str, since: float) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+        async with self.db.execute(
+            "SELECT COALESCE(SUM(CASE WHEN cost_type = 'token' THEN cost_nanos END), 0), COALESCE(SUM(count_charged), 0),"
+            " COALESCE(SUM(cost_nanos), 0), COUNT(*) FROM usage WHERE key_id = ? AND ts >= ?",
+            (key_id, since),
+        ) as cursor:
+            charges = await cursor.fetchone()
+        async with self.db.execute(
+            "SELECT COALESCE(SUM(CASE WHEN kind = 'credits' THEN amount END), 0), COALESCE(SUM(CASE WHEN kind = 'count_credits' THEN amount END), 0)"
+            " FROM grants WHERE key_id = ? AND ts >= ?",
+            (key_id, since),
+        ) as cursor:
+            grants = await cursor.fetchone()
+        assert charges is not None and grants is not None
+        return (charges[0], charges[1], charges[2], charges[3]), (grants[0], grants[1])
 
     # --- reading ------------------------------------------------------------------------
 

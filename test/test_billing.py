@@ -359,3 +359,35 @@ def test_usage_report_bills_external_usage_by_the_same_rules(start_gateway, upst
     assert states(gateway)[TOKEN_KEY]["remaining_credits"] == pytest.approx(9.975)
     bad = gateway.http("POST", "/v1/usage/report", key=ADMIN_KEY, json={**body, "prompt_tokens": -3})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_prompt_tokens"
+
+
+@pytest.mark.parametrize(
+    ("key", "model", "field", "expected"),
+    [
+        (COUNT_KEY, "gpt-4o", "remaining_count_credits", 9),
+        (HYBRID_KEY, "gpt-4o", "remaining_count_credits", 2),
+        (HYBRID_KEY, "claude-3-5-sonnet", "remaining_credits", 5 - 0.017),  # stream usage: 11 prompt + 3 completion
+    ],
+)
+def test_streams_are_billed_in_every_mode(start_gateway, upstream, key, model, field, expected):
+    gateway = start_gateway(CONFIG, upstream)
+    chunks = list(gateway.client(key).chat.completions.create(model=model, messages=MESSAGES, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from upstream"
+    assert states(gateway)[key][field] == pytest.approx(expected)
+
+
+def test_created_at_starts_a_new_billing_window(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert states(gateway)[TOKEN_KEY]["remaining_credits"] == pytest.approx(9.975)
+    import datetime
+    import time
+
+    time.sleep(0.01)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    gateway.rewrite_config(CONFIG.replace("token, credits: 10}", f"token, credits: 10, created_at: '{now}'}}").replace("{fake:p1}", upstream.base_url("p1")))
+    state = states(gateway)[TOKEN_KEY]
+    assert state["remaining_credits"] == 10 and state["total_cost"] == 0 and state["request_count"] == 0
+    gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert states(gateway)[TOKEN_KEY]["remaining_credits"] == pytest.approx(9.975)
+    assert len(ledger_rows(gateway)) == 2, "history before the window is kept, just not counted"

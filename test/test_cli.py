@@ -44,3 +44,49 @@ def test_example_config_is_valid():
     config = load_config(ROOT / "api.yaml.example")
     assert "echo-1" in config.routes
     assert any(key.is_admin for key in config.keys)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sigterm_flushes_every_ledger_row(tmp_path):
+    import signal
+    import sqlite3
+    import time
+
+    import httpx
+
+    config = tmp_path / "api.yaml"
+    config.write_text(
+        "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n"
+        "api_keys:\n  - api: sk-count-cli-0001\n    preferences: {billing_mode: count, count_credits: 100}\n"
+        "preferences:\n  count_billing: {default_count_price: 0.002}\n"
+    )
+    db, port = tmp_path / "ledger.db", _free_port()
+    process = subprocess.Popen([sys.executable, "main.py", "--config", str(config), "--db", str(db), "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None, "gateway did not start"
+            time.sleep(0.1)
+        body = {"model": "echo-1", "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"Authorization": "Bearer sk-count-cli-0001"}
+        for _ in range(25):
+            assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=headers, timeout=5).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
+    finally:
+        if process.poll() is None:
+            process.kill()
+    with sqlite3.connect(db) as ledger:
+        assert ledger.execute("SELECT COUNT(*), SUM(count_charged), SUM(cost_nanos) FROM usage").fetchone() == (25, 25, 25 * 2_000_000)

@@ -1,0 +1,118 @@
+"""The SQLite ledger on a real database file: balances always equal the ledger's sums."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from core.config_billing import KeyBilling
+from core.ledger import COUNT_CREDITS, CREDITS, Grant, InsufficientBalance, UsageRecord
+from core.sqlite_ledger import SqliteLedger
+
+
+def record(key_id: str, cost_nanos: int, cost_type: str = "token", count: int = 0) -> UsageRecord:
+    return UsageRecord("req", time.time(), key_id, "name", "m", "p", "m", 1, 0, 0, cost_type, {"input": "0.12"}, cost_nanos, count)
+
+
+async def rebuilt(path: Path, key_id: str, terms: KeyBilling):
+    ledger = await SqliteLedger.open(path)
+    try:
+        return await ledger.account(key_id, terms)
+    finally:
+        await ledger.close()
+
+
+def test_ten_thousand_tiny_charges_sum_exactly(tmp_path):
+    terms = KeyBilling(credits_nanos=10**9)
+
+    async def scenario():
+        ledger = await SqliteLedger.open(tmp_path / "l.db")
+        for _ in range(10_000):
+            ledger.settle(await ledger.reserve("k", terms, 120, 0), record("k", 120))
+        live = await ledger.account("k", terms)
+        await ledger.close()
+        return live.remaining_nanos(terms), (await rebuilt(tmp_path / "l.db", "k", terms)).remaining_nanos(terms)
+
+    live, after_restart = asyncio.run(scenario())
+    assert live == after_restart == 10**9 - 1_200_000
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        assert db.execute("SELECT SUM(cost_nanos), COUNT(*) FROM usage").fetchone() == (1_200_000, 10_000)
+
+
+def test_count_reservations_are_exact_under_concurrency(tmp_path):
+    terms = KeyBilling(mode="count", count_credits=7)
+
+    async def scenario():
+        ledger = await SqliteLedger.open(tmp_path / "l.db")
+
+        async def one():
+            try:
+                reservation = await ledger.reserve("k", terms, 0, 1)
+            except InsufficientBalance:
+                return False
+            await asyncio.sleep(0.01)  # the upstream call
+            ledger.settle(reservation, record("k", 1000, "count", 1))
+            return True
+
+        results = await asyncio.gather(*(one() for _ in range(50)))
+        await ledger.close()
+        return results
+
+    assert sum(asyncio.run(scenario())) == 7
+
+
+def test_a_changed_billing_window_recounts_exactly_with_requests_in_flight(tmp_path):
+    old = KeyBilling(credits_nanos=10_000, created_at=0.0)
+
+    async def scenario():
+        ledger = await SqliteLedger.open(tmp_path / "l.db")
+        ledger.settle(await ledger.reserve("k", old, 100, 0), record("k", 100))
+        await ledger.flush()
+        window = time.time()
+        ledger.settle(await ledger.reserve("k", old, 100, 0), record("k", 70))  # after the new window starts
+        in_flight = await ledger.reserve("k", old, 100, 0)
+        new = KeyBilling(credits_nanos=10_000, created_at=window)
+        recount = asyncio.create_task(ledger.account("k", new))
+        await asyncio.sleep(0)
+        ledger.settle(in_flight, record("k", 40))  # settles while the recount is queued
+        account = await recount
+        await ledger.grant(Grant("k", CREDITS, 500, "top-up", None, time.time()), new)
+        live = account.remaining_nanos(new), account.reserved_nanos
+        await ledger.close()
+        return live, (await rebuilt(tmp_path / "l.db", "k", new)).remaining_nanos(new)
+
+    (live_remaining, reserved), rebuilt_remaining = asyncio.run(scenario())
+    assert reserved == 0
+    assert live_remaining == rebuilt_remaining == 10_000 + 500 - 70 - 40
+
+
+def test_grants_are_idempotent_per_key(tmp_path):
+    terms = KeyBilling(mode="count", count_credits=0)
+
+    async def scenario():
+        ledger = await SqliteLedger.open(tmp_path / "l.db")
+        grant = Grant("k", COUNT_CREDITS, 5, "top-up", "once", time.time())
+        applied = await asyncio.gather(ledger.grant(grant, terms), ledger.grant(grant, terms))
+        other_key = await ledger.grant(Grant("k2", COUNT_CREDITS, 5, "top-up", "once", time.time()), terms)
+        account = await ledger.account("k", terms)
+        await ledger.close()
+        return sorted(applied), other_key, account.remaining_count(terms)
+
+    applied, other_key, remaining = asyncio.run(scenario())
+    assert applied == [False, True] and other_key is True and remaining == 5
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "l.db"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+
+    async def scenario():
+        await SqliteLedger.open(path)
+
+    with pytest.raises(Exception, match="schema version 99 is newer"):
+        asyncio.run(scenario())
