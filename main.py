@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -40,6 +41,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         app.state.store = store
         app.state.ledger = ledger
         app.state.gateway = Gateway(http, Scheduler(), BillingMeter(ledger))
+        gc.freeze()  # the loaded config is long-lived: keep full collections from re-scanning it
         stop = asyncio.Event()
         watcher = asyncio.create_task(store.watch(stop)) if watch else None
         try:

@@ -68,16 +68,13 @@ class ConfigStore:
             if digest == self.current.source_hash and self.last_error is None:
                 return False
             with _gc_paused():
-                config = await asyncio.to_thread(load_config, self.path)
+                config = await asyncio.to_thread(_load_and_freeze, self.path)
         except ConfigError as exc:
             if self.last_error is None or self.last_error.message != str(exc):
                 log.error("config reload failed, still serving the previous config: %s", exc)
             self.last_error = ReloadError(str(exc), exc.file, exc.line, exc.reason, time.time())
             return False
         self.current = config
-        # The config is long-lived: keep the collector from re-scanning it on every full
-        # collection (a pause that grows with the number of keys).
-        gc.freeze()
         self.last_error = None
         self.reload_count += 1
         log.info("config reloaded from %s (%d providers, %d keys)", self.path, len(config.providers), len(config.keys))
@@ -116,6 +113,15 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+def _load_and_freeze(path: Path) -> Config:
+    """Load, then move everything just allocated out of the collector's reach: otherwise the
+    first collection after the load scans the whole new config on the event loop's thread,
+    and later full collections scan it again (pauses that grow with the number of keys)."""
+    config = load_config(path)
+    gc.freeze()
+    return config
 
 
 @contextlib.contextmanager
