@@ -40,6 +40,8 @@ def read_price_book(prefs: Section) -> PriceBook:
 
 def _read_model_price(prices: Section, name: Any) -> ModelPrice:
     value = prices.node[name]
+    if value is None:
+        raise prices.error(name, f"{prices.where(str(name))} has no price (inside {{...}} write token prices in quotes, like {{default: '1,2'}})")
     if isinstance(value, dict):
         entry = prices.section(name)
         entry.reject_unknown(("token_price", "count_price", "cache_read_price"))
