@@ -15,9 +15,9 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
+from core.billing import BillingMeter
 from core.config import load_config
 from core.errors import GatewayError
-from core.billing import BillingMeter
 from core.proxy import Gateway
 from core.reload import ConfigStore
 from core.routing import Scheduler

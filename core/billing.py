@@ -25,7 +25,9 @@ ESTIMATED = "estimated"
 
 def exhausted(kind: str) -> GatewayError:
     if kind == COUNT_CREDITS:
-        return GatewayError(402, "insufficient_quota", "count_credits_exhausted", "This API key has no count credits left. Ask the operator to add count credits.")
+        return GatewayError(
+            402, "insufficient_quota", "count_credits_exhausted", "This API key has no count credits left. Ask the operator to add count credits."
+        )
     return GatewayError(402, "insufficient_quota", "credit_balance_exhausted", "This API key's credit balance is exhausted. Ask the operator to add credits.")
 
 
@@ -75,7 +77,7 @@ class BillingMeter:
 
 
 class BillingTicket:
-    __slots__ = ("ledger", "key", "terms", "prices", "request", "cost_type", "reservation")
+    __slots__ = ("cost_type", "key", "ledger", "prices", "request", "reservation", "terms")
 
     def __init__(self, ledger: Ledger, key: ApiKey, terms: KeyBilling, prices: PriceBook, request: ProxyRequest, cost_type: str, reservation: Reservation):
         self.ledger = ledger
@@ -132,5 +134,3 @@ class BillingTicket:
             count_charged=count,
             status=status,
         )
-
-

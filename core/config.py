@@ -76,7 +76,7 @@ class ApiKey:
     name: str
     role: str
     access: ModelAccess
-    billing: KeyBilling = KeyBilling()
+    billing: KeyBilling = field(default_factory=KeyBilling)
     line: int | None = None
 
     @property
@@ -158,7 +158,16 @@ def _build(tree: Any, text: str, file: str, source_hash: str | None) -> Config:
 
 def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]]:
     section.reject_unknown(
-        ("SCHEDULING_ALGORITHM", "AUTO_RETRY", "cooldown_period", "model_timeout", "max_request_body_bytes", "model_price", "count_billing", "reserve_completion_tokens")
+        (
+            "SCHEDULING_ALGORITHM",
+            "AUTO_RETRY",
+            "cooldown_period",
+            "model_timeout",
+            "max_request_body_bytes",
+            "model_price",
+            "count_billing",
+            "reserve_completion_tokens",
+        )
     )
     prefs = Preferences(
         scheduling_algorithm=section.choice("SCHEDULING_ALGORITHM", SCHEDULING_ALGORITHMS, "fixed_priority"),
@@ -232,7 +241,9 @@ def _read_engine(section: Section) -> str:
     else:
         raise section.error("provider", f"{section.path} needs a base_url (or engine: echo)")
     if engine not in SUPPORTED_ENGINES:
-        raise section.error("engine" if section.has("engine") else "base_url", f"engine '{engine}' is not supported yet (supported: {', '.join(SUPPORTED_ENGINES)})")
+        raise section.error(
+            "engine" if section.has("engine") else "base_url", f"engine '{engine}' is not supported yet (supported: {', '.join(SUPPORTED_ENGINES)})"
+        )
     return engine
 
 
@@ -259,7 +270,9 @@ def _read_upstream_keys(section: Section, engine: str) -> tuple[str, ...]:
     keys = []
     for index, value in enumerate(values):
         if not isinstance(value, str) or not value.strip():
-            raise ConfigError(section.file, line_of(raw, index) if isinstance(raw, list) else section.line("api"), f"{section.where('api')} entries must be non-empty strings")
+            raise ConfigError(
+                section.file, line_of(raw, index) if isinstance(raw, list) else section.line("api"), f"{section.where('api')} entries must be non-empty strings"
+            )
         keys.append(value.strip())
     return tuple(keys)
 

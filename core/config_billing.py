@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
 from typing import Any
 
 from core.config_reader import Section, to_decimal
 from core.pricing import COUNT, TOKEN, ModelPrice, PriceBook, TokenPrice, build_price_book, to_nanos
+from core.timeutil import to_unix
 
 BILLING_MODES = (TOKEN, COUNT, "hybrid")
 UNLIMITED = -1
@@ -81,15 +81,7 @@ def _read_timestamp(section: Section, key: str) -> float:
     value = section.raw(key)
     if value is None:
         return 0.0
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, date):
-        moment = datetime(value.year, value.month, value.day)
-    else:
-        try:
-            moment = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
-        except ValueError:
-            raise section.error(key, f"{section.where(key)} must be a timestamp like 2024-01-01T00:00:00+08:00, got '{value}'") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
+    try:
+        return to_unix(value)
+    except ValueError:
+        raise section.error(key, f"{section.where(key)} must be a timestamp like 2024-01-01T00:00:00+08:00, got '{value}'") from None

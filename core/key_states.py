@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from core.config import ApiKey, Config
@@ -37,7 +37,7 @@ async def key_state(config: Config, ledger: Ledger, key: ApiKey) -> dict[str, An
         "total_cost": usd(account.total_cost_nanos),
         "request_count": account.request_count,
         "enabled": True,
-        "created_at": datetime.fromtimestamp(terms.created_at, timezone.utc).isoformat() if terms.created_at else None,
+        "created_at": datetime.fromtimestamp(terms.created_at, UTC).isoformat() if terms.created_at else None,
         "cost_details": {"billing_details": details},
     }
 

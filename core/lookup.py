@@ -18,7 +18,7 @@ DEFAULT = "default"
 class PrefixTable(Generic[T]):
     """Immutable name → value table with exact / longest-prefix / default resolution."""
 
-    __slots__ = ("_exact", "_prefixes", "_default", "_memo")
+    __slots__ = ("_default", "_exact", "_memo", "_prefixes")
 
     def __init__(self, entries: Mapping[str, T]):
         self._exact: dict[str, T] = {k: v for k, v in entries.items() if k != DEFAULT}

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 
 from core.config import ApiKey, Config, ModelRoute
-from core.errors import GatewayError, bad_gateway, bad_request
+from core.errors import bad_gateway, bad_request
 from core.metering import CLIENT_DISCONNECTED, ERROR, OK, Meter, Outcome, Ticket
 from core.providers import adapter_for
 from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamStream

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -20,6 +20,7 @@ from core.key_states import key_state, ledger_usage, usd
 from core.ledger import COUNT_CREDITS, CREDITS, Grant
 from core.pricing import to_nanos
 from core.reload import ConfigStore
+from core.timeutil import to_unix
 from core.usage import Usage
 from routes._http import authenticate, current_config, read_json, require_admin
 
@@ -112,10 +113,9 @@ def _datetime_param(raw: str | None, name: str) -> float | None:
     if not raw:
         return None
     try:
-        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        return to_unix(raw)
     except ValueError:
         raise bad_request(f"The '{name}' parameter must be an ISO 8601 time, got '{raw}'.", f"invalid_{name}") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
 async def token_usage(request: Request) -> Response:
@@ -167,7 +167,7 @@ async def report_usage(request: Request) -> Response:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("The 'model' field is required.", "missing_model")
-    usage = Usage(*(_token_count(body, name) for name in ("prompt_tokens", "completion_tokens", "cached_tokens")))
+    usage = Usage(_token_count(body, "prompt_tokens"), _token_count(body, "completion_tokens"), _token_count(body, "cached_tokens"))
     meter: BillingMeter = request.app.state.gateway.meter
     cost_nanos = await meter.record_external(config, key, model, usage, str(body.get("provider") or "external"))
     return JSONResponse({"cost": usd(cost_nanos), "api_key_state": await key_state(config, request.app.state.ledger, key)})

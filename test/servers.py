@@ -150,3 +150,21 @@ def hang(seconds: float) -> Handler:
         return await openai_like(body, request)
 
     return handler
+
+
+def held_stream(release: threading.Event, words: list[str]) -> Handler:
+    """Streams the first word at once and the rest only after `release` is set."""
+
+    async def handler(body: dict[str, Any], request: Request) -> Response:
+        chunks = stream_chunks(body, words)
+
+        async def gen():  # type: ignore[no-untyped-def]
+            yield chunks[0]
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+            for chunk in chunks[1:]:
+                yield chunk
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    return handler

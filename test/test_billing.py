@@ -74,8 +74,15 @@ def test_token_key_is_charged_the_reported_usage(start_gateway, upstream):
     assert state["remaining_credits"] == pytest.approx(float(10 - REPLY_COST))
     assert state["total_cost"] == 0.025 and state["request_count"] == 1
     assert state["cost_details"]["billing_details"][0] | {} == {
-        "model": "claude-3-5-sonnet", "cost": 0.025, "cost_type": "token", "request_count": 1, "prompt_tokens": 11,
-        "completion_tokens": 7, "cached_tokens": 0, "total_tokens": 18, "count_credits_used": 0,
+        "model": "claude-3-5-sonnet",
+        "cost": 0.025,
+        "cost_type": "token",
+        "request_count": 1,
+        "prompt_tokens": 11,
+        "completion_tokens": 7,
+        "cached_tokens": 0,
+        "total_tokens": 18,
+        "count_credits_used": 0,
     }
 
 
@@ -158,7 +165,7 @@ def test_missing_usage_is_estimated_and_marked(start_gateway, upstream):
     gateway = start_gateway(CONFIG, upstream)
     gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
     states(gateway)  # reading the states flushes the ledger's write queue
-    (status, cost_type, cost, _), = ledger_rows(gateway)
+    ((status, cost_type, cost, _),) = ledger_rows(gateway)
     assert status == "estimated" and cost_type == "token"
     # 10 prompt tokens estimated from the messages, 1 completion token for "four".
     assert cost == (10 * 1000 + 1 * 2000) * 1000
@@ -191,7 +198,7 @@ def test_client_disconnect_mid_stream_charges_what_was_streamed(start_gateway, u
     while not (rows := ledger_rows(gateway, "SELECT status, completion_tokens, cost_nanos FROM usage")) and time.monotonic() < deadline:
         states(gateway)  # flushes the ledger
         time.sleep(0.05)
-    (status, completion_tokens, cost), = rows
+    ((status, completion_tokens, cost),) = rows
     assert status == "client_disconnected" and completion_tokens >= 1 and cost > 0
 
 
@@ -321,7 +328,7 @@ def test_set_billing_mode_on_an_unwritable_config_gives_409(start_gateway, upstr
 def read_only_directory(path):
     """chmod does not stop root, so use the immutable attribute where the tests run as root."""
     if os.geteuid() == 0:
-        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False).returncode != 0:
             pytest.skip("cannot make a directory read-only for root here (no chattr)")
         try:
             yield
@@ -384,7 +391,7 @@ def test_created_at_starts_a_new_billing_window(start_gateway, upstream):
     import time
 
     time.sleep(0.01)
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    now = datetime.datetime.now(datetime.UTC).isoformat()
     gateway.rewrite_config(CONFIG.replace("token, credits: 10}", f"token, credits: 10, created_at: '{now}'}}").replace("{fake:p1}", upstream.base_url("p1")))
     state = states(gateway)[TOKEN_KEY]
     assert state["remaining_credits"] == 10 and state["total_cost"] == 0 and state["request_count"] == 0

@@ -10,10 +10,10 @@ from typing import Any
 import openai
 import pytest
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from test.conftest import ADMIN_KEY, USER_KEY, keys_yaml
-from test.servers import completion_body, fail, hang, openai_like, sse, stream_chunks
+from test.servers import fail, hang, held_stream, openai_like, stream_chunks
 
 TWO_PROVIDERS = """
 providers:
@@ -103,22 +103,7 @@ def test_stream_keeps_the_usage_chunk_when_the_client_asked(start_gateway, upstr
 
 def test_stream_is_relayed_chunk_by_chunk_without_buffering(start_gateway, upstream):
     release = threading.Event()
-
-    async def slow_stream(body: dict[str, Any], request: Request) -> Response:
-        chunks = stream_chunks(body, ["first", " second"])
-
-        async def gen():  # type: ignore[no-untyped-def]
-            yield chunks[0]
-            while not release.is_set():
-                import asyncio
-
-                await asyncio.sleep(0.01)
-            for chunk in chunks[1:]:
-                yield chunk
-
-        return StreamingResponse(gen(), media_type="text/event-stream")
-
-    upstream.script("p1", slow_stream)
+    upstream.script("p1", held_stream(release, ["first", " second"]))
     gateway = start_gateway(TWO_PROVIDERS, upstream)
     stream = gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
     first = next(iter(stream))
@@ -261,7 +246,9 @@ def test_upstream_garbage_gives_502(start_gateway, upstream):
 
 
 def test_upstream_auth_failure_is_not_passed_through(start_gateway, upstream):
-    upstream.script("p1", fail(401, {"error": {"message": "Incorrect API key provided: up-k***-1", "type": "invalid_request_error", "code": "invalid_api_key"}}))
+    upstream.script(
+        "p1", fail(401, {"error": {"message": "Incorrect API key provided: up-k***-1", "type": "invalid_request_error", "code": "invalid_api_key"}})
+    )
     upstream.script("p2", fail(401))
     gateway = start_gateway(TWO_PROVIDERS, upstream)
     response = gateway.http("POST", "/v1/chat/completions", json={"model": "gpt-4o", "messages": MESSAGES})

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
-from typing import Any
 
 import openai
 import pytest
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
 
 from test.conftest import ADMIN_KEY, keys_yaml
-from test.servers import stream_chunks
+from test.servers import held_stream
 
 ECHO = "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml()
 ECHO_TWO_MODELS = "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1, echo-2]\n" + keys_yaml()
@@ -90,21 +86,11 @@ def test_symlink_swap_is_followed(start_gateway, tmp_path):
 def test_streams_in_flight_finish_across_a_reload(start_gateway, upstream):
     """Requests keep the config they started with, even when the reload removes their model."""
     release = threading.Event()
-
-    async def held_stream(body: dict[str, Any], request: Request) -> Response:
-        chunks = stream_chunks(body, ["one", " two"])
-
-        async def gen():  # type: ignore[no-untyped-def]
-            yield chunks[0]
-            while not release.is_set():
-                await asyncio.sleep(0.01)
-            for chunk in chunks[1:]:
-                yield chunk
-
-        return StreamingResponse(gen(), media_type="text/event-stream")
-
-    upstream.script("p1", held_stream)
-    config = "providers:\n  - provider: p1\n    base_url: {fake:p1}\n    api: k\n    model: [gpt-4o]\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml()
+    upstream.script("p1", held_stream(release, ["one", " two"]))
+    config = (
+        "providers:\n  - provider: p1\n    base_url: {fake:p1}\n    api: k\n    model: [gpt-4o]\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n"
+        + keys_yaml()
+    )
     gateway = start_gateway(config, upstream)
     client = gateway.client()
     streams = [client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True) for _ in range(5)]

@@ -65,7 +65,12 @@ def _embeddings(call: UpstreamCall) -> Reply:
     inputs = raw if isinstance(raw, list) and all(isinstance(i, str) for i in raw) else [raw if isinstance(raw, str) else json.dumps(raw)]
     data = [{"object": "embedding", "index": i, "embedding": _vector(text)} for i, text in enumerate(inputs)]
     usage = Usage(prompt_tokens=sum(estimate_text_tokens(text) for text in inputs))
-    body = {"object": "list", "data": data, "model": call.route.public_name, "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens}}
+    body = {
+        "object": "list",
+        "data": data,
+        "model": call.route.public_name,
+        "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens},
+    }
     return Reply(200, _dumps(body), usage)
 
 

@@ -17,7 +17,7 @@ from core.config import ModelRoute
 from core.errors import GatewayError, bad_gateway
 from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamFailure, UpstreamStream
 from core.sse import DONE, SseSplitter, encode_event, event_data
-from core.usage import Usage, usage_from_openai
+from core.usage import usage_from_openai
 
 MAX_ERROR_BODY = 64 * 1024
 # Upstream statuses that say nothing about the client's request: the provider is overloaded,
@@ -86,7 +86,11 @@ def failure_from_status(route: ModelRoute, status: int, body: bytes) -> Upstream
     if status in (401, 403):
         # Never pass these through: the client's Tollgate key is fine, and the vendor's
         # message may quote part of the operator's vendor key.
-        return UpstreamFailure(bad_gateway(f"Provider '{name}' rejected the gateway's credentials (HTTP {status}).", "upstream_auth_failed"), retryable=True, upstream_status=status)
+        return UpstreamFailure(
+            bad_gateway(f"Provider '{name}' rejected the gateway's credentials (HTTP {status}).", "upstream_auth_failed"),
+            retryable=True,
+            upstream_status=status,
+        )
     retryable = status in RETRYABLE_STATUSES or status >= 500
     passed = _openai_error(body)
     if passed is not None:
@@ -97,7 +101,11 @@ def failure_from_status(route: ModelRoute, status: int, body: bytes) -> Upstream
         client_status = 429 if status == 429 else 502
         error = GatewayError(client_status, "api_error", "upstream_error", f"Provider '{name}' answered HTTP {status}.")
         return UpstreamFailure(error, retryable=True, upstream_status=status)
-    return UpstreamFailure(GatewayError(status, "invalid_request_error", "upstream_rejected", f"Provider '{name}' rejected the request (HTTP {status})."), retryable=False, upstream_status=status)
+    return UpstreamFailure(
+        GatewayError(status, "invalid_request_error", "upstream_rejected", f"Provider '{name}' rejected the request (HTTP {status})."),
+        retryable=False,
+        upstream_status=status,
+    )
 
 
 def _openai_error(body: bytes) -> tuple[str, str, str] | None:
@@ -128,7 +136,9 @@ class OpenAIStream(UpstreamStream):
                     yield b"".join(out)
             self._finished = True
         except TimeoutError:
-            self.error = GatewayError(504, "api_error", "upstream_timeout", f"Provider '{self._route.provider.name}' stopped sending for {self._route.timeout:g}s.")
+            self.error = GatewayError(
+                504, "api_error", "upstream_timeout", f"Provider '{self._route.provider.name}' stopped sending for {self._route.timeout:g}s."
+            )
         except aiohttp.ClientError:
             self.error = bad_gateway(f"Provider '{self._route.provider.name}' broke off the stream.", "upstream_stream_broken")
         finally:
