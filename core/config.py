@@ -358,7 +358,7 @@ def _read_access(section: Section, providers: dict[str, Provider], routes: dict[
     for entry in entries:
         name = str(entry).strip()
         provider, _, model = name.partition("/")
-        if name == "*":
+        if name in ("*", "all"):  # "all" as in uni-api configs
             everything = True
         elif model and provider in providers:
             if model == "*":

@@ -398,3 +398,26 @@ def test_created_at_starts_a_new_billing_window(start_gateway, upstream):
     gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert states(gateway)[TOKEN_KEY]["remaining_credits"] == pytest.approx(9.975)
     assert len(ledger_rows(gateway)) == 2, "history before the window is kept, just not counted"
+
+
+def test_stream_without_usage_is_estimated_from_the_streamed_text(start_gateway, upstream):
+    from starlette.responses import StreamingResponse
+
+    from test.servers import stream_chunks
+
+    async def no_usage_stream(body: dict[str, Any], request: Request) -> Response:
+        chunks = stream_chunks({**body, "stream_options": None}, ["abcd", "efgh"])  # an upstream that ignores include_usage
+
+        async def gen():  # type: ignore[no-untyped-def]
+            for chunk in chunks:
+                yield chunk
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    upstream.script("p1", no_usage_stream)
+    gateway = start_gateway(CONFIG, upstream)
+    list(gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    states(gateway)
+    rows = ledger_rows(gateway, "SELECT status, prompt_tokens, completion_tokens, cost_nanos FROM usage")
+    # 10 prompt tokens estimated from the messages; 8 streamed bytes = 2 completion tokens.
+    assert rows == [("estimated", 10, 2, (10 * 1000 + 2 * 2000) * 1000)]

@@ -175,10 +175,13 @@ def test_routes_for_applies_the_allow_list():
           - api: sk-all
           - api: sk-some
             model: [b/m1]
+          - api: sk-uni
+            model: [all]
         """
     )
     some = config.key_index.find("sk-some")
     assert [r.provider.name for r in routes_for(config, "m1", some)] == ["b"]
+    assert len(routes_for(config, "m1", config.key_index.find("sk-uni"))) == 2
     with pytest.raises(Exception) as caught:
         routes_for(config, "m2", some)
     assert getattr(caught.value, "status", None) == 403
