@@ -18,51 +18,23 @@ import aiosqlite
 
 from core.config_billing import KeyBilling
 from core.ledger import COUNT_CREDITS, CREDITS, Account, Grant, InsufficientBalance, Reservation, UsageRecord
+from core.ledger_schema import migrate
+from core.ledger_sums import Totals, Window, grant_totals, utc_day, window_totals
 
 log = logging.getLogger("tollgate.ledger")
 
 MAX_BATCH = 2000
-SCHEMA_VERSION = 1
-MIGRATIONS: dict[int, str] = {
-    1: """
-    CREATE TABLE usage (
-        id INTEGER PRIMARY KEY,
-        request_id TEXT NOT NULL,
-        ts REAL NOT NULL,
-        key_id TEXT NOT NULL,
-        key_name TEXT NOT NULL,
-        model TEXT NOT NULL,
-        provider TEXT NOT NULL,
-        upstream_model TEXT NOT NULL,
-        prompt_tokens INTEGER NOT NULL,
-        completion_tokens INTEGER NOT NULL,
-        cached_tokens INTEGER NOT NULL,
-        cost_type TEXT NOT NULL,
-        unit_prices TEXT NOT NULL,
-        cost_nanos INTEGER NOT NULL,
-        count_charged INTEGER NOT NULL,
-        status TEXT NOT NULL
-    );
-    CREATE INDEX usage_by_key_time ON usage (key_id, ts);
-    CREATE INDEX usage_by_time ON usage (ts);
-    CREATE TABLE grants (
-        id INTEGER PRIMARY KEY,
-        key_id TEXT NOT NULL,
-        kind TEXT NOT NULL CHECK (kind IN ('credits', 'count_credits')),
-        amount INTEGER NOT NULL CHECK (amount > 0),
-        reason TEXT NOT NULL,
-        idempotency_key TEXT,
-        ts REAL NOT NULL
-    );
-    CREATE INDEX grants_by_key_time ON grants (key_id, ts);
-    CREATE UNIQUE INDEX grants_idempotency ON grants (key_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
-    """,
-}
 
 _INSERT_USAGE = """INSERT INTO usage (request_id, ts, key_id, key_name, model, provider, upstream_model, prompt_tokens,
     completion_tokens, cached_tokens, cost_type, unit_prices, cost_nanos, count_charged, status)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 _INSERT_GRANT = "INSERT OR IGNORE INTO grants (key_id, kind, amount, reason, idempotency_key, ts) VALUES (?, ?, ?, ?, ?, ?)"
+_UPSERT_DAILY = """INSERT INTO usage_daily (key_id, day, model, cost_type, requests, prompt_tokens, completion_tokens, cached_tokens,
+    cost_nanos, count_charged, errors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (key_id, day, model, cost_type) DO UPDATE SET requests = requests + excluded.requests,
+    prompt_tokens = prompt_tokens + excluded.prompt_tokens, completion_tokens = completion_tokens + excluded.completion_tokens,
+    cached_tokens = cached_tokens + excluded.cached_tokens, cost_nanos = cost_nanos + excluded.cost_nanos,
+    count_charged = count_charged + excluded.count_charged, errors = errors + excluded.errors"""
 
 
 class LedgerUnavailable(Exception):
@@ -90,8 +62,9 @@ _QueueItem = UsageRecord | _GrantItem | _Recount | asyncio.Future  # a bare futu
 
 
 class SqliteLedger:
-    def __init__(self, db: aiosqlite.Connection):
-        self.db = db
+    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection):
+        self.db = db  # the writer's connection: every write, and recounts in queue order
+        self.reader = reader  # pages and reports read here, concurrently with writes (WAL)
         self._accounts: dict[str, Account] = {}
         self._ready: dict[str, asyncio.Future[None]] = {}
         self._queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
@@ -106,11 +79,14 @@ class SqliteLedger:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=NORMAL")
             await db.execute("PRAGMA busy_timeout=5000")
-            await _migrate(db)
+            await migrate(db)
+            reader = await aiosqlite.connect(path, isolation_level=None)
+            await reader.execute("PRAGMA busy_timeout=5000")
+            await reader.execute("PRAGMA query_only=ON")
         except Exception as exc:
             await db.close()
             raise LedgerUnavailable(f"cannot open the ledger database {path}: {exc}") from exc
-        ledger = cls(db)
+        ledger = cls(db, reader)
         ledger._writer = asyncio.create_task(ledger._write_loop())
         return ledger
 
@@ -198,6 +174,7 @@ class SqliteLedger:
                 await self._writer
             except asyncio.CancelledError:
                 pass
+        await self.reader.close()
         await self.db.close()
 
     async def _write_loop(self) -> None:
@@ -245,12 +222,13 @@ class SqliteLedger:
                 item.done.set_result(was_applied)
 
     async def _commit(self, items: list[UsageRecord | _GrantItem]) -> list[bool]:
-        usage = [_usage_row(item) for item in items if isinstance(item, UsageRecord)]
+        records = [item for item in items if isinstance(item, UsageRecord)]
         applied = []
         await self.db.execute("BEGIN IMMEDIATE")
         try:
-            if usage:
-                await self.db.executemany(_INSERT_USAGE, usage)
+            if records:
+                await self.db.executemany(_INSERT_USAGE, [_usage_row(record) for record in records])
+                await self.db.executemany(_UPSERT_DAILY, _daily_rows(records))
             for item in items:
                 if isinstance(item, _GrantItem):
                     g = item.grant
@@ -265,7 +243,9 @@ class SqliteLedger:
     async def _run_recount(self, item: _Recount) -> None:
         account = item.account
         try:
-            charges, grants = await self._sums(account.key_id, account.window_start)
+            window = [Window(account.key_id, account.window_start)]
+            totals = (await window_totals(self.db, window)).get((account.key_id,), Totals())
+            granted = (await grant_totals(self.db, window)).get(account.key_id, (0, 0))
         except Exception as exc:
             log.exception("rebuilding the balance of key %s from the ledger failed", account.key_id[:8])
             if not item.done.done():
@@ -273,49 +253,35 @@ class SqliteLedger:
             self._accounts.pop(account.key_id, None)
             return
         # Settlements queued after the marker are already in memory but not in the sums.
+        counted = (totals.token_cost_nanos, totals.count_charged, totals.cost_nanos, totals.requests)
         since_marker = [now - then for now, then in zip(account.charges(), item.charges_when_queued, strict=True)]
-        account.set_charges(tuple(total + delta for total, delta in zip(charges, since_marker, strict=True)))  # type: ignore[arg-type]
-        account.granted_nanos, account.count_granted = grants
+        account.set_charges((counted[0] + since_marker[0], counted[1] + since_marker[1], counted[2] + since_marker[2], counted[3] + since_marker[3]))
+        account.granted_nanos, account.count_granted = granted
         if not item.done.done():
             item.done.set_result(None)
-
-    async def _sums(self, key_id: str, since: float) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
-        async with self.db.execute(
-            "SELECT COALESCE(SUM(CASE WHEN cost_type = 'token' THEN cost_nanos END), 0), COALESCE(SUM(count_charged), 0),"
-            " COALESCE(SUM(cost_nanos), 0), COUNT(*) FROM usage WHERE key_id = ? AND ts >= ?",
-            (key_id, since),
-        ) as cursor:
-            charges = await cursor.fetchone()
-        async with self.db.execute(
-            "SELECT COALESCE(SUM(CASE WHEN kind = 'credits' THEN amount END), 0), COALESCE(SUM(CASE WHEN kind = 'count_credits' THEN amount END), 0)"
-            " FROM grants WHERE key_id = ? AND ts >= ?",
-            (key_id, since),
-        ) as cursor:
-            grants = await cursor.fetchone()
-        assert charges is not None and grants is not None
-        return (charges[0], charges[1], charges[2], charges[3]), (grants[0], grants[1])
 
     # --- reading ------------------------------------------------------------------------
 
     async def usage_by_model(self, key_id: str, since: float, until: float | None = None, model: str | None = None) -> list[dict[str, Any]]:
-        """Per model and cost type: requests, tokens and cost (nanos) for one key."""
+        """Per model and cost type: requests, tokens and cost (nanos) for one key's window."""
         await self.flush()
-        sql = (
-            "SELECT model, cost_type, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), SUM(cost_nanos), SUM(count_charged)"
-            " FROM usage WHERE key_id = ? AND ts >= ?"
-        )
-        params: list[Any] = [key_id, since]
-        if until is not None:
-            sql += " AND ts < ?"
-            params.append(until)
-        if model is not None:
-            sql += " AND model = ?"
-            params.append(model)
-        sql += " GROUP BY model, cost_type ORDER BY model, cost_type"
-        async with self.db.execute(sql, params) as cursor:
-            rows = await cursor.fetchall()
-        names = ("model", "cost_type", "request_count", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_nanos", "count_charged")
-        return [dict(zip(names, row, strict=True)) for row in rows]
+        totals = await window_totals(self.reader, [Window(key_id, since, until)], by_model=True)
+        rows = []
+        for (_, row_model, cost_type), t in sorted(totals.items()):
+            if model is None or row_model == model:
+                rows.append(
+                    {
+                        "model": row_model,
+                        "cost_type": cost_type,
+                        "request_count": t.requests,
+                        "prompt_tokens": t.prompt_tokens,
+                        "completion_tokens": t.completion_tokens,
+                        "cached_tokens": t.cached_tokens,
+                        "cost_nanos": t.cost_nanos,
+                        "count_charged": t.count_charged,
+                    }
+                )
+        return rows
 
 
 def _usage_row(record: UsageRecord) -> tuple[Any, ...]:
@@ -324,19 +290,16 @@ def _usage_row(record: UsageRecord) -> tuple[Any, ...]:
     return tuple(row)
 
 
-async def _migrate(db: aiosqlite.Connection) -> None:
-    async with db.execute("PRAGMA user_version") as cursor:
-        (version,) = await cursor.fetchone()  # type: ignore[misc]
-    if version > SCHEMA_VERSION:
-        raise LedgerUnavailable(f"database schema version {version} is newer than this Tollgate ({SCHEMA_VERSION})")
-    for target in range(version + 1, SCHEMA_VERSION + 1):
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in MIGRATIONS[target].split(";"):
-                if statement.strip():
-                    await db.execute(statement)
-            await db.execute(f"PRAGMA user_version = {target}")
-            await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
+def _daily_rows(records: list[UsageRecord]) -> list[tuple[Any, ...]]:
+    """The batch's records summed per key, UTC day, model and cost type."""
+    sums: dict[tuple[str, str, str, str], list[int]] = {}
+    for r in records:
+        row = sums.setdefault((r.key_id, utc_day(r.ts), r.model, r.cost_type), [0] * 7)
+        row[0] += 1
+        row[1] += r.prompt_tokens
+        row[2] += r.completion_tokens
+        row[3] += r.cached_tokens
+        row[4] += r.cost_nanos
+        row[5] += r.count_charged
+        row[6] += r.status == "error"
+    return [(*key, *values) for key, values in sums.items()]

@@ -116,3 +116,64 @@ def test_a_newer_schema_is_refused(tmp_path):
 
     with pytest.raises(Exception, match="schema version 99 is newer"):
         asyncio.run(scenario())
+
+
+def _raw_totals(path: Path, key_id: str, since: float, until: float | None) -> tuple[int, int]:
+    with sqlite3.connect(path) as db:
+        sql = "SELECT COUNT(*), COALESCE(SUM(cost_nanos), 0) FROM usage WHERE key_id = ? AND ts >= ?"
+        params: list = [key_id, since]
+        if until is not None:
+            sql += " AND ts < ?"
+            params.append(until)
+        return db.execute(sql, params).fetchone()
+
+
+def test_window_totals_from_the_daily_rollup_equal_the_raw_rows(tmp_path):
+    from core.ledger_sums import DAY, Totals, Window, window_totals
+
+    base = 1_700_000_000.0 - (1_700_000_000 % DAY)  # a UTC midnight
+    stamps = [base + offset for offset in (-5, 0, 1, 3600, DAY - 1, DAY, DAY + 7, 2 * DAY + 100, 3 * DAY + 50, 5 * DAY)]
+
+    async def scenario():
+        ledger = await SqliteLedger.open(tmp_path / "l.db")
+        for i, ts in enumerate(stamps):
+            ledger._queue.put_nowait(UsageRecord(f"r{i}", ts, "k", "n", "m", "p", "m", 1, 1, 0, "token", {}, 1000 + i, 0))
+        await ledger.flush()
+        windows = [
+            (0.0, None),
+            (base + 1, None),
+            (base + 1, base + DAY + 7),
+            (base + 2, base + 3),
+            (base + DAY, base + 3 * DAY + 50),
+            (base - 5, base + 5 * DAY),
+        ]
+        results = []
+        for since, until in windows:
+            totals = (await window_totals(ledger.reader, [Window("k", since, until)])).get(("k",), Totals())
+            results.append(((since, until), (totals.requests, totals.cost_nanos)))
+        await ledger.close()
+        return results
+
+    for (since, until), totals in asyncio.run(scenario()):
+        assert totals == _raw_totals(tmp_path / "l.db", "k", since, until), (since, until)
+
+
+def test_migrating_a_version_1_database_backfills_the_rollup(tmp_path):
+    from core.ledger_schema import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(MIGRATIONS[1])
+        db.execute("PRAGMA user_version = 1")
+        rows = [("r", 1_700_000_000.0 + i * 40_000, "k", "n", "m", "p", "m", 10, 5, 0, "count", "{}", 2_000_000, 1, "ok") for i in range(5)]
+        db.executemany(
+            "INSERT INTO usage (request_id, ts, key_id, key_name, model, provider, upstream_model, prompt_tokens, completion_tokens,"
+            " cached_tokens, cost_type, unit_prices, cost_nanos, count_charged, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    terms = KeyBilling(mode="count", count_credits=10)
+    account = asyncio.run(rebuilt(path, "k", terms))
+    assert account.count_used == 5 and account.total_cost_nanos == 10_000_000 and account.request_count == 5
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] >= 2
+        assert db.execute("SELECT SUM(requests), SUM(cost_nanos) FROM usage_daily").fetchone() == (5, 10_000_000)

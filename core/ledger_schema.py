@@ -1,0 +1,91 @@
+"""The ledger's SQLite schema and its migrations, numbered by `PRAGMA user_version`."""
+
+from __future__ import annotations
+
+import aiosqlite
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE usage (
+        id INTEGER PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        ts REAL NOT NULL,
+        key_id TEXT NOT NULL,
+        key_name TEXT NOT NULL,
+        model TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        upstream_model TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cached_tokens INTEGER NOT NULL,
+        cost_type TEXT NOT NULL,
+        unit_prices TEXT NOT NULL,
+        cost_nanos INTEGER NOT NULL,
+        count_charged INTEGER NOT NULL,
+        status TEXT NOT NULL
+    );
+    CREATE INDEX usage_by_key_time ON usage (key_id, ts);
+    CREATE INDEX usage_by_time ON usage (ts);
+    CREATE TABLE grants (
+        id INTEGER PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('credits', 'count_credits')),
+        amount INTEGER NOT NULL CHECK (amount > 0),
+        reason TEXT NOT NULL,
+        idempotency_key TEXT,
+        ts REAL NOT NULL
+    );
+    CREATE INDEX grants_by_key_time ON grants (key_id, ts);
+    CREATE UNIQUE INDEX grants_idempotency ON grants (key_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    """,
+    # A per key, UTC day, model and cost type rollup of `usage`, written in the same
+    # transaction as the rows it sums: pages and balances aggregate days, not the whole log.
+    2: """
+    CREATE TABLE usage_daily (
+        key_id TEXT NOT NULL,
+        day TEXT NOT NULL,
+        model TEXT NOT NULL,
+        cost_type TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cached_tokens INTEGER NOT NULL,
+        cost_nanos INTEGER NOT NULL,
+        count_charged INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        PRIMARY KEY (key_id, day, model, cost_type)
+    ) WITHOUT ROWID;
+    CREATE INDEX usage_daily_by_day ON usage_daily (day);
+    INSERT INTO usage_daily
+        SELECT key_id, strftime('%Y-%m-%d', ts, 'unixepoch'), model, cost_type, COUNT(*), SUM(prompt_tokens),
+               SUM(completion_tokens), SUM(cached_tokens), SUM(cost_nanos), SUM(count_charged), SUM(status = 'error')
+        FROM usage GROUP BY 1, 2, 3, 4;
+    CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
+class SchemaError(Exception):
+    pass
+
+
+async def migrate(db: aiosqlite.Connection) -> int:
+    """Bring the database to SCHEMA_VERSION, one transaction per step; returns the old version."""
+    async with db.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise SchemaError(f"database schema version {version} is newer than this Tollgate ({SCHEMA_VERSION})")
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[target].split(";"):
+                if statement.strip():
+                    await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {target}")
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+    return version

@@ -1,0 +1,114 @@
+"""Exact sums over a time window, fast: whole UTC days from the `usage_daily` rollup, and
+only the partial days at the window's edges from the raw `usage` rows (indexed by key, time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+
+DAY = 86400
+MAX_WINDOWS_PER_QUERY = 4000  # 7 parameters each, under SQLite's 32,766
+
+
+def utc_day(ts: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+def day_start(ts: float) -> float:
+    return float(int(ts // DAY) * DAY)
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    key_id: str
+    since: float
+    until: float | None = None  # None: open-ended
+
+
+@dataclass(slots=True)
+class Totals:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost_nanos: int = 0
+    token_cost_nanos: int = 0
+    count_charged: int = 0
+    errors: int = 0
+
+    def add(self, row: Sequence[int]) -> None:
+        self.requests += row[0]
+        self.prompt_tokens += row[1]
+        self.completion_tokens += row[2]
+        self.cached_tokens += row[3]
+        self.cost_nanos += row[4]
+        self.token_cost_nanos += row[5]
+        self.count_charged += row[6]
+        self.errors += row[7]
+
+
+def _split(window: Window) -> tuple[Any, ...]:
+    """(key, raw_lo_from, raw_lo_to, first_full_day, end_day_exclusive, raw_hi_from, raw_hi_to)."""
+    first_full = window.since if window.since == day_start(window.since) else day_start(window.since) + DAY
+    if window.until is None:
+        return (window.key_id, window.since, first_full, utc_day(first_full), None, None, None)
+    last_start = day_start(window.until)
+    if first_full >= last_start:  # no whole day inside: raw rows only
+        return (window.key_id, window.since, window.until, None, None, None, None)
+    return (window.key_id, window.since, first_full, utc_day(first_full), utc_day(last_start), last_start, window.until)
+
+
+_RAW_COLUMNS = """COUNT(*), SUM(u.prompt_tokens), SUM(u.completion_tokens), SUM(u.cached_tokens), SUM(u.cost_nanos),
+    COALESCE(SUM(CASE WHEN u.cost_type = 'token' THEN u.cost_nanos END), 0), SUM(u.count_charged), SUM(u.status = 'error')"""
+_DAILY_COLUMNS = """SUM(d.requests), SUM(d.prompt_tokens), SUM(d.completion_tokens), SUM(d.cached_tokens), SUM(d.cost_nanos),
+    COALESCE(SUM(CASE WHEN d.cost_type = 'token' THEN d.cost_nanos END), 0), SUM(d.count_charged), SUM(d.errors)"""
+
+
+async def window_totals(db: aiosqlite.Connection, windows: Iterable[Window], by_model: bool = False) -> dict[tuple[str, ...], Totals]:
+    """Totals per key (or per key, model and cost type) over each key's window."""
+    totals: dict[tuple[str, ...], Totals] = {}
+    windows = list(windows)
+    for start in range(0, len(windows), MAX_WINDOWS_PER_QUERY):
+        chunk = [_split(w) for w in windows[start : start + MAX_WINDOWS_PER_QUERY]]
+        values = ", ".join("(?, ?, ?, ?, ?, ?, ?)" for _ in chunk)
+        params = [value for row in chunk for value in row]
+        group = "w.key_id, u.model, u.cost_type" if by_model else "w.key_id"
+        daily_group = group.replace("u.", "d.")
+        cte = f"WITH w(key_id, lo_from, lo_to, day_from, day_to, hi_from, hi_to) AS (VALUES {values}) "
+        queries = (
+            f"SELECT {group}, {_RAW_COLUMNS} FROM w JOIN usage u ON u.key_id = w.key_id AND u.ts >= w.lo_from AND u.ts < w.lo_to GROUP BY {group}",
+            f"SELECT {daily_group}, {_DAILY_COLUMNS} FROM w JOIN usage_daily d ON d.key_id = w.key_id AND d.day >= w.day_from"
+            f" AND (w.day_to IS NULL OR d.day < w.day_to) WHERE w.day_from IS NOT NULL GROUP BY {daily_group}",
+            f"SELECT {group}, {_RAW_COLUMNS} FROM w JOIN usage u ON u.key_id = w.key_id AND u.ts >= w.hi_from AND u.ts < w.hi_to"
+            f" WHERE w.hi_from IS NOT NULL GROUP BY {group}",
+        )
+        width = 3 if by_model else 1
+        for sql in queries:
+            async with db.execute(cte + sql, params) as cursor:
+                async for row in cursor:
+                    totals.setdefault(tuple(row[:width]), Totals()).add([value or 0 for value in row[width:]])
+    return totals
+
+
+async def grant_totals(db: aiosqlite.Connection, windows: Iterable[Window]) -> dict[str, tuple[int, int]]:
+    """(credits in nanos, count credits) granted per key within each key's window."""
+    result: dict[str, tuple[int, int]] = {}
+    windows = list(windows)
+    for start in range(0, len(windows), MAX_WINDOWS_PER_QUERY):
+        chunk = windows[start : start + MAX_WINDOWS_PER_QUERY]
+        values = ", ".join("(?, ?)" for _ in chunk)
+        params = [value for w in chunk for value in (w.key_id, w.since)]
+        sql = (
+            f"WITH w(key_id, since) AS (VALUES {values}) SELECT w.key_id,"
+            " COALESCE(SUM(CASE WHEN g.kind = 'credits' THEN g.amount END), 0), COALESCE(SUM(CASE WHEN g.kind = 'count_credits' THEN g.amount END), 0)"
+            " FROM w JOIN grants g ON g.key_id = w.key_id AND g.ts >= w.since GROUP BY w.key_id"
+        )
+        async with db.execute(sql, params) as cursor:
+            async for row in cursor:
+                result[row[0]] = (row[1], row[2])
+    return result
