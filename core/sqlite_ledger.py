@@ -43,11 +43,10 @@ class LedgerUnavailable(Exception):
 
 @dataclass(slots=True)
 class _Recount:
-    """Rebuild one account from the tables, in queue order: every row queued before this
+    """Rebuild accounts from the tables, in queue order: every row queued before this
     marker is committed and counted by the query, every row queued after it is not."""
 
-    account: Account
-    charges_when_queued: tuple[int, int, int, int]
+    accounts: list[tuple[Account, tuple[int, int, int, int]]]  # with their charges when queued
     done: asyncio.Future[None]
 
 
@@ -97,22 +96,38 @@ class SqliteLedger:
         first use and when the window (`created_at`) changes. The object is never replaced,
         so reservations held by requests in flight stay attached to it."""
         account = self._accounts.get(key_id)
-        if account is None:
-            account = self._accounts[key_id] = Account(key_id, terms.created_at)
-            self._recount(account)
-        elif account.window_start != terms.created_at:
-            account.window_start = terms.created_at
-            self._recount(account)
+        if account is None or account.window_start != terms.created_at:
+            account = self._stale([(key_id, terms)])[0]
         ready = self._ready[key_id]
         if not ready.done():
             await asyncio.shield(ready)
         ready.result()  # re-raise a failed recount
         return account
 
-    def _recount(self, account: Account) -> None:
+    async def accounts(self, keys: list[tuple[str, KeyBilling]]) -> dict[str, Account]:
+        """Many accounts at once (a page of 10,000 keys): one recount query for all missing."""
+        self._stale([(key_id, terms) for key_id, terms in keys if (a := self._accounts.get(key_id)) is None or a.window_start != terms.created_at])
+        for future in {id(f): f for f in (self._ready[key_id] for key_id, _ in keys)}.values():
+            if not future.done():
+                await asyncio.shield(future)
+            future.result()
+        return {key_id: self._accounts[key_id] for key_id, _ in keys}
+
+    def _stale(self, keys: list[tuple[str, KeyBilling]]) -> list[Account]:
+        """Set up accounts for new keys or new windows and queue one recount for them."""
+        if not keys:
+            return []
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._ready[account.key_id] = done
-        self._queue.put_nowait(_Recount(account, account.charges(), done))
+        marked = []
+        for key_id, terms in keys:
+            account = self._accounts.get(key_id)
+            if account is None:
+                account = self._accounts[key_id] = Account(key_id, terms.created_at)
+            account.window_start = terms.created_at
+            self._ready[key_id] = done
+            marked.append((account, account.charges()))
+        self._queue.put_nowait(_Recount(marked, done))
+        return [account for account, _ in marked]
 
     async def reserve(self, key_id: str, terms: KeyBilling, nanos: int, count: int) -> Reservation:
         account = await self.account(key_id, terms)
@@ -241,22 +256,31 @@ class SqliteLedger:
         return applied
 
     async def _run_recount(self, item: _Recount) -> None:
-        account = item.account
+        windows = [Window(account.key_id, account.window_start) for account, _ in item.accounts]
         try:
-            window = [Window(account.key_id, account.window_start)]
-            totals = (await window_totals(self.db, window)).get((account.key_id,), Totals())
-            granted = (await grant_totals(self.db, window)).get(account.key_id, (0, 0))
+            totals = await window_totals(self.db, windows)
+            granted = await grant_totals(self.db, windows)
         except Exception as exc:
-            log.exception("rebuilding the balance of key %s from the ledger failed", account.key_id[:8])
+            log.exception("rebuilding %d balances from the ledger failed", len(windows))
+            for account, _ in item.accounts:
+                self._accounts.pop(account.key_id, None)
             if not item.done.done():
                 item.done.set_exception(exc)
-            self._accounts.pop(account.key_id, None)
             return
-        # Settlements queued after the marker are already in memory but not in the sums.
-        counted = (totals.token_cost_nanos, totals.count_charged, totals.cost_nanos, totals.requests)
-        since_marker = [now - then for now, then in zip(account.charges(), item.charges_when_queued, strict=True)]
-        account.set_charges((counted[0] + since_marker[0], counted[1] + since_marker[1], counted[2] + since_marker[2], counted[3] + since_marker[3]))
-        account.granted_nanos, account.count_granted = granted
+        for account, when_queued in item.accounts:
+            t = totals.get((account.key_id,), Totals())
+            counted = (t.token_cost_nanos, t.count_charged, t.cost_nanos, t.requests)
+            # Settlements queued after the marker are already in memory but not in the sums.
+            now = account.charges()
+            account.set_charges(
+                (
+                    counted[0] + now[0] - when_queued[0],
+                    counted[1] + now[1] - when_queued[1],
+                    counted[2] + now[2] - when_queued[2],
+                    counted[3] + now[3] - when_queued[3],
+                )
+            )
+            account.granted_nanos, account.count_granted = granted.get(account.key_id, (0, 0))
         if not item.done.done():
             item.done.set_result(None)
 
