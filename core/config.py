@@ -106,6 +106,7 @@ class Config:
     providers: tuple[Provider, ...]
     keys: tuple[ApiKey, ...]
     key_index: KeyIndex[ApiKey]
+    keys_by_id: dict[str, ApiKey]  # by ledger id: how pages and sessions name a key
     routes: dict[str, tuple[ModelRoute, ...]]
     public_models: tuple[str, ...]
     preferences: Preferences
@@ -150,6 +151,7 @@ def _build(tree: Any, text: str, file: str, source_hash: str | None) -> Config:
         providers=tuple(providers),
         keys=tuple(keys),
         key_index=KeyIndex(keys),
+        keys_by_id={key.id: key for key in keys},
         routes=routes,
         public_models=tuple(dict.fromkeys(r.public_name for rs in routes_by_provider for r in rs)),
         preferences=preferences,

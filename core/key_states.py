@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from core.config import ApiKey, Config
-from core.ledger import Ledger
+from core.ledger import Account
+from core.ledger_sums import Totals, Window
 from core.pricing import COUNT, TOKEN, from_nanos
 from core.sqlite_ledger import SqliteLedger
 
@@ -22,11 +23,23 @@ def effective_mode(config: Config, key: ApiKey) -> str:
     return key.billing.mode if config.preferences.prices.count_billing_enabled else TOKEN
 
 
-async def key_state(config: Config, ledger: Ledger, key: ApiKey) -> dict[str, Any]:
+async def key_state(config: Config, ledger: SqliteLedger, key: ApiKey) -> dict[str, Any]:
+    return (await key_states(config, ledger, [key]))[key.id]
+
+
+async def key_states(config: Config, ledger: SqliteLedger, keys: list[ApiKey]) -> dict[str, dict[str, Any]]:
+    """States of many keys with two queries, whatever their number."""
+    accounts = await ledger.accounts([(key.id, key.billing) for key in keys])
+    by_model = await ledger.totals([Window(key.id, key.billing.created_at) for key in keys], by_model=True)
+    details: dict[str, list[dict[str, Any]]] = {key.id: [] for key in keys}
+    for (key_id, model, cost_type), totals in sorted(by_model.items()):
+        details[key_id].append(model_row(model, cost_type, totals))
+    return {key.id: _state(config, key, accounts[key.id], details[key.id]) for key in keys}
+
+
+def _state(config: Config, key: ApiKey, account: Account, details: list[dict[str, Any]]) -> dict[str, Any]:
     terms = key.billing
-    account = await ledger.account(key.id, terms)
     remaining = account.remaining_nanos(terms)
-    details = await ledger_usage(ledger, key.id, terms.created_at)
     return {
         "name": key.name,
         "billing_mode": effective_mode(config, key),
@@ -42,20 +55,20 @@ async def key_state(config: Config, ledger: Ledger, key: ApiKey) -> dict[str, An
     }
 
 
-async def ledger_usage(ledger: Ledger, key_id: str, since: float, until: float | None = None, model: str | None = None) -> list[dict[str, Any]]:
-    assert isinstance(ledger, SqliteLedger)
-    rows = await ledger.usage_by_model(key_id, since, until, model)
-    return [
-        {
-            "model": row["model"],
-            "cost": usd(row["cost_nanos"]),
-            "cost_type": row["cost_type"],
-            "request_count": row["request_count"],
-            "prompt_tokens": row["prompt_tokens"],
-            "completion_tokens": row["completion_tokens"],
-            "cached_tokens": row["cached_tokens"],
-            "total_tokens": row["prompt_tokens"] + row["completion_tokens"],
-            "count_credits_used": row["count_charged"] if row["cost_type"] == COUNT else 0,
-        }
-        for row in rows
-    ]
+def model_row(model: str, cost_type: str, totals: Totals) -> dict[str, Any]:
+    return {
+        "model": model,
+        "cost": usd(totals.cost_nanos),
+        "cost_type": cost_type,
+        "request_count": totals.requests,
+        "prompt_tokens": totals.prompt_tokens,
+        "completion_tokens": totals.completion_tokens,
+        "cached_tokens": totals.cached_tokens,
+        "total_tokens": totals.prompt_tokens + totals.completion_tokens,
+        "count_credits_used": totals.count_charged if cost_type == COUNT else 0,
+    }
+
+
+async def usage_rows(ledger: SqliteLedger, key: ApiKey, since: float, until: float | None = None, model: str | None = None) -> list[dict[str, Any]]:
+    totals = await ledger.totals([Window(key.id, since, until)], by_model=True)
+    return [model_row(m, cost_type, t) for (_, m, cost_type), t in sorted(totals.items()) if model is None or m == model]

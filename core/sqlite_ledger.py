@@ -286,26 +286,11 @@ class SqliteLedger:
 
     # --- reading ------------------------------------------------------------------------
 
-    async def usage_by_model(self, key_id: str, since: float, until: float | None = None, model: str | None = None) -> list[dict[str, Any]]:
-        """Per model and cost type: requests, tokens and cost (nanos) for one key's window."""
+    async def totals(self, windows: list[Window], by_model: bool = False) -> dict[tuple[str, ...], Totals]:
+        """Usage totals per key (or key, model and cost type) over each key's window; exact
+        as of now, because everything queued is committed first."""
         await self.flush()
-        totals = await window_totals(self.reader, [Window(key_id, since, until)], by_model=True)
-        rows = []
-        for (_, row_model, cost_type), t in sorted(totals.items()):
-            if model is None or row_model == model:
-                rows.append(
-                    {
-                        "model": row_model,
-                        "cost_type": cost_type,
-                        "request_count": t.requests,
-                        "prompt_tokens": t.prompt_tokens,
-                        "completion_tokens": t.completion_tokens,
-                        "cached_tokens": t.cached_tokens,
-                        "cost_nanos": t.cost_nanos,
-                        "count_charged": t.count_charged,
-                    }
-                )
-        return rows
+        return await window_totals(self.reader, windows, by_model)
 
 
 def _usage_row(record: UsageRecord) -> tuple[Any, ...]:

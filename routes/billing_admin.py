@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from core import admin_actions
+from core.admin_actions import add_credit
 from core.billing import BillingMeter
 from core.config import ApiKey, Config
-from core.config_billing import BILLING_MODES
-from core.config_writer import ConfigWriteError, set_key_preference
-from core.errors import GatewayError, bad_request, forbidden, not_found
-from core.key_states import key_state, ledger_usage, usd
-from core.ledger import COUNT_CREDITS, CREDITS, Grant
-from core.pricing import to_nanos
+from core.errors import bad_request, forbidden, not_found
+from core.key_states import key_state, key_states, usage_rows, usd
+from core.ledger import COUNT_CREDITS, CREDITS
 from core.reload import ConfigStore
 from core.timeutil import to_unix
 from core.usage import Usage
 from routes._http import authenticate, current_config, read_json, require_admin
-
-MAX_IDEMPOTENCY_KEY = 200
 
 
 def _paid_key(request: Request, config: Config) -> ApiKey:
@@ -37,23 +33,11 @@ def _paid_key(request: Request, config: Config) -> ApiKey:
     return key
 
 
-def _amount(request: Request, whole: bool) -> Decimal:
-    raw = request.query_params.get("amount", "")
-    try:
-        amount = Decimal(raw)
-    except InvalidOperation:
-        amount = Decimal("NaN")
-    if not amount.is_finite() or amount <= 0 or (whole and amount != amount.to_integral_value()) or amount > Decimal(10) ** 9:
-        kind = "a positive whole number" if whole else "a positive number"
-        raise bad_request(f"The 'amount' parameter must be {kind} (at most 1e9), got '{raw}'.", "invalid_amount")
-    return amount
-
-
 async def api_keys_states(request: Request) -> Response:
     config = current_config(request)
     require_admin(request, config)
-    ledger = request.app.state.ledger
-    return JSONResponse({"api_keys_states": {key.secret: await key_state(config, ledger, key) for key in config.keys}})
+    states = await key_states(config, request.app.state.ledger, list(config.keys))
+    return JSONResponse({"api_keys_states": {key.secret: states[key.id] for key in config.keys}})
 
 
 def _grant_endpoint(kind: str):  # type: ignore[no-untyped-def]
@@ -61,16 +45,10 @@ def _grant_endpoint(kind: str):  # type: ignore[no-untyped-def]
         config = current_config(request)
         require_admin(request, config)
         key = _paid_key(request, config)
-        amount = _amount(request, whole=kind == COUNT_CREDITS)
-        idempotency_key = request.headers.get("idempotency-key") or None
-        if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
-            raise bad_request(f"The Idempotency-Key header must be at most {MAX_IDEMPOTENCY_KEY} characters.", "invalid_idempotency_key")
-        units = to_nanos(amount) if kind == CREDITS else int(amount)
-        grant = Grant(key.id, kind, units, request.query_params.get("reason") or "admin top-up", idempotency_key, time.time())
         ledger = request.app.state.ledger
-        applied = await ledger.grant(grant, key.billing)
-        state = await key_state(config, ledger, key)
-        return JSONResponse({"applied": applied, "api_key_state": state})
+        amount = request.query_params.get("amount", "")
+        applied = await add_credit(ledger, key, kind, amount, request.query_params.get("reason"), request.headers.get("idempotency-key") or None)
+        return JSONResponse({"applied": applied, "api_key_state": await key_state(config, ledger, key)})
 
     handle.__name__ = f"add_{kind}"
     return handle
@@ -80,21 +58,9 @@ async def set_billing_mode(request: Request) -> Response:
     config = current_config(request)
     require_admin(request, config)
     key = _paid_key(request, config)
-    mode = request.query_params.get("billing_mode", "")
-    if mode not in BILLING_MODES:
-        raise bad_request(f"The 'billing_mode' parameter must be one of {', '.join(BILLING_MODES)}, got '{mode}'.", "invalid_billing_mode")
     store: ConfigStore = request.app.state.store
-    try:
-        set_key_preference(store.path, key.secret, "billing_mode", mode)
-    except ConfigWriteError as exc:
-        raise GatewayError(409, "conflict_error", "config_not_writable", f"Could not update the config file: {exc}") from None
-    await store.reload()
-    if store.last_error is not None:
-        raise GatewayError(409, "conflict_error", "config_invalid", f"The config file does not load: {store.last_error.message}")
-    config = store.current
-    updated = config.key_index.find(key.secret)
-    assert updated is not None
-    return JSONResponse({"api_key_state": await key_state(config, request.app.state.ledger, updated)})
+    updated = await admin_actions.set_billing_mode(store, key, request.query_params.get("billing_mode", ""))
+    return JSONResponse({"api_key_state": await key_state(store.current, request.app.state.ledger, updated)})
 
 
 def _time_range(request: Request) -> tuple[float | None, float | None]:
@@ -135,9 +101,10 @@ async def token_usage(request: Request) -> Response:
     start, end = _time_range(request)
     model = request.query_params.get("model") or None
     ledger = request.app.state.ledger
+    states = await key_states(config, ledger, keys)
     stats = []
     for key in keys:
-        state = await key_state(config, ledger, key)
+        state = states[key.id]
         since = max(start or 0.0, key.billing.created_at)
         stats.append(
             {
@@ -148,7 +115,7 @@ async def token_usage(request: Request) -> Response:
                 "remaining_credits": state["remaining_credits"],
                 "remaining_count_credits": state["remaining_count_credits"],
                 "total_cost": state["total_cost"],
-                "usage": await ledger_usage(ledger, key.id, since, end, model),
+                "usage": await usage_rows(ledger, key, since, end, model),
             }
         )
     return JSONResponse({"stats": stats})

@@ -1,0 +1,62 @@
+"""What an admin can do to a key, shared by the admin API and the web pages."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal, InvalidOperation
+
+from core.config import ApiKey
+from core.config_billing import BILLING_MODES
+from core.config_writer import ConfigWriteError, set_key_preference
+from core.errors import GatewayError, bad_request
+from core.ledger import COUNT_CREDITS, CREDITS, Grant, Ledger
+from core.pricing import to_nanos
+from core.reload import ConfigStore
+
+MAX_AMOUNT = Decimal(10) ** 9
+MAX_IDEMPOTENCY_KEY = 200
+MAX_REASON = 500
+
+
+def parse_amount(raw: str, kind: str) -> Decimal:
+    """A top-up amount: a positive number of USD, or a positive whole number of count credits."""
+    whole = kind == COUNT_CREDITS
+    try:
+        amount = Decimal(raw.strip())
+    except (InvalidOperation, AttributeError):
+        amount = Decimal("NaN")
+    if not amount.is_finite() or amount <= 0 or amount > MAX_AMOUNT or (whole and amount != amount.to_integral_value()):
+        what = "a positive whole number" if whole else "a positive number"
+        raise bad_request(f"The 'amount' parameter must be {what} (at most 1e9), got '{raw}'.", "invalid_amount")
+    if not whole and to_nanos(amount) <= 0:
+        raise bad_request(f"The 'amount' parameter is below the smallest unit (1e-9 USD), got '{raw}'.", "invalid_amount")
+    return amount
+
+
+async def add_credit(ledger: Ledger, key: ApiKey, kind: str, raw_amount: str, reason: str | None, idempotency_key: str | None) -> bool:
+    """Grant USD credits or count credits; False when the idempotency key was used before."""
+    if kind not in (CREDITS, COUNT_CREDITS):
+        raise bad_request(f"Unknown credit kind '{kind}'.", "invalid_kind")
+    amount = parse_amount(raw_amount, kind)
+    if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+        raise bad_request(f"The Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} characters.", "invalid_idempotency_key")
+    units = to_nanos(amount) if kind == CREDITS else int(amount)
+    grant = Grant(key.id, kind, units, (reason or "admin top-up")[:MAX_REASON], idempotency_key, time.time())
+    return await ledger.grant(grant, key.billing)
+
+
+async def set_billing_mode(store: ConfigStore, key: ApiKey, mode: str) -> ApiKey:
+    """Write the mode into api.yaml (round trip, atomic) and apply it; the updated key."""
+    if mode not in BILLING_MODES:
+        raise bad_request(f"The 'billing_mode' parameter must be one of {', '.join(BILLING_MODES)}, got '{mode}'.", "invalid_billing_mode")
+    try:
+        set_key_preference(store.path, key.secret, "billing_mode", mode)
+    except ConfigWriteError as exc:
+        raise GatewayError(409, "conflict_error", "config_not_writable", f"Could not update the config file: {exc}") from None
+    await store.reload()
+    if store.last_error is not None:
+        raise GatewayError(409, "conflict_error", "config_invalid", f"The config file does not load: {store.last_error.message}")
+    updated = store.current.key_index.find(key.secret)
+    if updated is None:
+        raise GatewayError(409, "conflict_error", "key_removed", "The key is no longer in the config.")
+    return updated
