@@ -8,12 +8,15 @@ import contextlib
 import gc
 import logging
 import os
+import secrets
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
 
 from core.billing import BillingMeter
 from core.config import load_config
@@ -24,8 +27,10 @@ from core.routing import Scheduler
 from core.sqlite_ledger import SqliteLedger
 from core.upstream import create_http_session
 from core.yamlsource import ConfigError
-from routes import admin, billing_admin, proxy
-from routes._http import on_gateway_error, on_http_exception, on_unexpected_error
+from routes import admin, billing_admin, proxy, web
+from routes._http import error_response, http_error, on_unexpected_error
+from routes._session import SessionSigner
+from routes._web_auth import LoginRequired
 
 log = logging.getLogger("tollgate")
 
@@ -37,6 +42,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         ledger = await SqliteLedger.open(db_path)
+        app.state.session_signer = SessionSigner(await ledger.setting("session_secret", lambda: secrets.token_hex(32)))
         http = create_http_session()
         app.state.store = store
         app.state.ledger = ledger
@@ -56,10 +62,26 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             await ledger.close()  # flushes every queued ledger row
 
     return Starlette(
-        routes=[*proxy.routes, *admin.routes, *billing_admin.routes],
+        routes=[*proxy.routes, *admin.routes, *billing_admin.routes, *web.routes],
         lifespan=lifespan,
-        exception_handlers={GatewayError: on_gateway_error, HTTPException: on_http_exception, Exception: on_unexpected_error},
+        exception_handlers={GatewayError: on_error, HTTPException: on_error, LoginRequired: to_login, Exception: on_unexpected_error},
     )
+
+
+def _is_page(request: Request) -> bool:
+    return not request.url.path.startswith(("/v1/", "/health"))
+
+
+async def on_error(request: Request, exc: Exception) -> Response:
+    """One error type, rendered once: OpenAI-shaped JSON for the API, a page for browsers."""
+    if isinstance(exc, HTTPException):
+        exc = http_error(exc)
+    assert isinstance(exc, GatewayError)
+    return web.render_error(request, exc) if _is_page(request) else error_response(exc)
+
+
+async def to_login(request: Request, exc: Exception) -> Response:
+    return RedirectResponse("/login", status_code=303)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

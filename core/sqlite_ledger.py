@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,14 @@ class SqliteLedger:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_GrantItem(grant, account, done))
         return await done
+
+    async def setting(self, name: str, make: Callable[[], str]) -> str:
+        """A persistent setting (such as the session signing secret), created on first use."""
+        await self.db.execute("INSERT OR IGNORE INTO settings (name, value) VALUES (?, ?)", (name, make()))
+        async with self.db.execute("SELECT value FROM settings WHERE name = ?", (name,)) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return str(row[0])
 
     # --- writing ------------------------------------------------------------------------
 

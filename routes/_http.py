@@ -70,15 +70,10 @@ def error_response(error: GatewayError) -> Response:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-async def on_gateway_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, GatewayError)
-    return error_response(exc)
-
-
-async def on_http_exception(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
+def http_error(exc: HTTPException) -> GatewayError:
+    """Starlette's own 404/405 as our error type."""
     type_, code = _STATUS_CODES.get(exc.status_code, ("invalid_request_error", "http_error"))
-    return error_response(GatewayError(exc.status_code, type_, code, str(exc.detail)))
+    return GatewayError(exc.status_code, type_, code, str(exc.detail))
 
 
 async def on_unexpected_error(request: Request, exc: Exception) -> Response:

@@ -1,0 +1,137 @@
+"""Read-only queries behind the web pages and CSV exports.
+
+Aggregates come from the `usage_daily` rollup (bounded by keys, days and models, never by
+the size of the log); the request log is read a page at a time through the (key, time)
+index; exports stream rows with a cursor instead of loading them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from core.ledger_sums import DAY, day_start, utc_day
+from core.sqlite_ledger import SqliteLedger
+
+LOG_PAGE = 50
+EXPORT_CHUNK = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class DayPoint:
+    day: str
+    requests: int
+    cost_nanos: int
+
+
+def today(now: float | None = None) -> str:
+    return utc_day(time.time() if now is None else now)
+
+
+def month_start(now: float | None = None) -> str:
+    return today(now)[:8] + "01"
+
+
+async def daily_series(ledger: SqliteLedger, key_id: str | None, days: int = 30, now: float | None = None) -> list[DayPoint]:
+    """One point per UTC day for the last `days` days, today included, zeros filled in."""
+    await ledger.flush()
+    end = day_start(time.time() if now is None else now)
+    labels = [utc_day(end - DAY * offset) for offset in range(days - 1, -1, -1)]
+    sql = "SELECT day, SUM(requests), SUM(cost_nanos) FROM usage_daily WHERE day >= ?"
+    params: list[Any] = [labels[0]]
+    if key_id is not None:
+        sql += " AND key_id = ?"
+        params.append(key_id)
+    async with ledger.reader.execute(sql + " GROUP BY day", params) as cursor:
+        found = {row[0]: (row[1], row[2]) for row in await cursor.fetchall()}
+    return [DayPoint(day, *found.get(day, (0, 0))) for day in labels]
+
+
+async def totals_since(ledger: SqliteLedger, since_day: str, key_id: str | None = None) -> tuple[int, int]:
+    """(requests, cost in nanos) from the start of `since_day` until now."""
+    await ledger.flush()
+    sql = "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(cost_nanos), 0) FROM usage_daily WHERE day >= ?"
+    params: list[Any] = [since_day]
+    if key_id is not None:
+        sql += " AND key_id = ?"
+        params.append(key_id)
+    async with ledger.reader.execute(sql, params) as cursor:
+        row = await cursor.fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+async def by_key_since(ledger: SqliteLedger, since_day: str) -> dict[str, tuple[int, int]]:
+    """key id → (requests, cost in nanos) since the start of `since_day`."""
+    await ledger.flush()
+    sql = "SELECT key_id, SUM(requests), SUM(cost_nanos) FROM usage_daily WHERE day >= ? GROUP BY key_id"
+    async with ledger.reader.execute(sql, (since_day,)) as cursor:
+        return {row[0]: (row[1], row[2]) for row in await cursor.fetchall()}
+
+
+async def top_models(ledger: SqliteLedger, since_day: str, key_id: str | None = None, limit: int = 5) -> list[tuple[str, int, int]]:
+    """(model, requests, cost in nanos), most expensive first."""
+    await ledger.flush()
+    sql = "SELECT model, SUM(requests), SUM(cost_nanos) FROM usage_daily WHERE day >= ?"
+    params: list[Any] = [since_day]
+    if key_id is not None:
+        sql += " AND key_id = ?"
+        params.append(key_id)
+    sql += " GROUP BY model ORDER BY SUM(cost_nanos) DESC, SUM(requests) DESC LIMIT ?"
+    params.append(limit)
+    async with ledger.reader.execute(sql, params) as cursor:
+        return [(row[0], row[1], row[2]) for row in await cursor.fetchall()]
+
+
+async def request_log(ledger: SqliteLedger, key_id: str, before: float | None = None, limit: int = LOG_PAGE) -> list[dict[str, Any]]:
+    """The newest requests of a key, older than `before` (keyset paging on the (key, ts) index)."""
+    await ledger.flush()
+    sql = (
+        "SELECT ts, model, provider, prompt_tokens, completion_tokens, cached_tokens, cost_type, cost_nanos, count_charged, status, request_id"
+        " FROM usage WHERE key_id = ? AND ts < ? ORDER BY ts DESC LIMIT ?"
+    )
+    async with ledger.reader.execute(sql, (key_id, float("inf") if before is None else before, limit)) as cursor:
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+
+
+async def grant_history(ledger: SqliteLedger, key_id: str, limit: int = 50) -> list[dict[str, Any]]:
+    await ledger.flush()
+    sql = "SELECT ts, kind, amount, reason, idempotency_key FROM grants WHERE key_id = ? ORDER BY ts DESC LIMIT ?"
+    async with ledger.reader.execute(sql, (key_id, limit)) as cursor:
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+
+
+EXPORT_COLUMNS = (
+    "ts",
+    "request_id",
+    "key_id",
+    "key_name",
+    "model",
+    "provider",
+    "upstream_model",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cost_type",
+    "unit_prices",
+    "cost_nanos",
+    "count_charged",
+    "status",
+)
+
+
+async def iter_requests(ledger: SqliteLedger, key_id: str | None, since: float, until: float) -> AsyncIterator[tuple[Any, ...]]:
+    """Every logged request in [since, until), oldest first, fetched a chunk at a time."""
+    await ledger.flush()
+    sql = f"SELECT {', '.join(EXPORT_COLUMNS)} FROM usage WHERE ts >= ? AND ts < ?"
+    params: list[Any] = [since, until]
+    if key_id is not None:
+        sql += " AND key_id = ?"
+        params.append(key_id)
+    async with ledger.reader.execute(sql + " ORDER BY ts", params) as cursor:
+        while rows := await cursor.fetchmany(EXPORT_CHUNK):
+            for row in rows:
+                yield tuple(row)

@@ -1,0 +1,34 @@
+"""Who is looking at a page: the session cookie's key, checked against the current config."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from core.config import ApiKey, Config
+from core.errors import forbidden
+from routes._session import SESSION_COOKIE, Session, SessionSigner
+
+
+class LoginRequired(Exception):
+    """No valid session: pages answer with a redirect to the login form."""
+
+
+def signer(request: Request) -> SessionSigner:
+    value: SessionSigner = request.app.state.session_signer
+    return value
+
+
+def visitor(request: Request, config: Config) -> tuple[ApiKey, Session]:
+    """The logged-in key, or LoginRequired (also when the key has left the config)."""
+    session = signer(request).load(request.cookies.get(SESSION_COOKIE))
+    key = config.keys_by_id.get(session.key_id) if session else None
+    if session is None or key is None:
+        raise LoginRequired()
+    return key, session
+
+
+def admin_visitor(request: Request, config: Config) -> tuple[ApiKey, Session]:
+    key, session = visitor(request, config)
+    if not key.is_admin:
+        raise forbidden("This page is for admins.", "admin_required")
+    return key, session

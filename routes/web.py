@@ -1,0 +1,286 @@
+"""The web pages: login, admin overview and billing tab, key detail, the key holder's usage."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
+
+from jinja2 import Environment, FileSystemLoader
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from core import admin_actions, reports
+from core.config import ApiKey, Config
+from core.errors import GatewayError, forbidden, not_found
+from core.ledger import COUNT_CREDITS, CREDITS
+from core.ledger_sums import Window
+from core.reload import ConfigStore
+from core.sqlite_ledger import SqliteLedger
+from routes import web_export
+from routes._http import current_config
+from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
+from routes._web_auth import admin_visitor, signer, visitor
+from routes.web_views import MESSAGES, breakdown_rows, chart, grant_rows, key_row, log_rows, money, when
+
+WEB = Path(__file__).resolve().parent.parent / "web"
+PAGE_SIZE = 50
+SORTS = ("name", "mode", "credits", "count", "spend", "today", "status")
+WRONG_KEY_DELAY = 0.5
+MAX_FORM_BYTES = 16 * 1024
+
+templates = Environment(loader=FileSystemLoader(WEB / "templates"), autoescape=True)
+
+
+def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    # `nonce` makes each rendered top-up form a one-time idempotency key: a double submit applies once.
+    html = templates.get_template(name).render(request=request, nonce=secrets.token_urlsafe(12), **context)
+    return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY"})
+
+
+def render_error(request: Request, error: GatewayError) -> HTMLResponse:
+    return render(request, "error.html", status=error.status, error=error)
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """An urlencoded form, size-capped (no multipart needed for these pages)."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise GatewayError(413, "invalid_request_error", "request_too_large", "Form too large.")
+    return {name: values[0] for name, values in parse_qs(body.decode("utf-8", "replace")).items()}
+
+
+def redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+# --- login -----------------------------------------------------------------------------
+
+
+async def home(request: Request) -> Response:
+    key, _ = visitor(request, current_config(request))
+    return redirect("/admin" if key.is_admin else "/usage")
+
+
+async def login_page(request: Request, error: str | None = None, status: int = 200) -> Response:
+    token = secrets.token_urlsafe(24)
+    response = render(request, "login.html", status=status, csrf=token, error=error)
+    set_cookie(request, response, LOGIN_CSRF_COOKIE, token, 3600)
+    return response
+
+
+async def login_form(request: Request) -> Response:
+    return await login_page(request)
+
+
+async def login(request: Request) -> Response:
+    form = await read_form(request)
+    if not csrf_matches(request.cookies.get(LOGIN_CSRF_COOKIE), form.get("csrf_token")):
+        return await login_page(request, MESSAGES["bad_csrf"], status=403)
+    config = current_config(request)
+    key = config.key_index.find(form.get("api_key", "").strip())
+    if key is None:
+        await asyncio.sleep(WRONG_KEY_DELAY)  # slows down guessing without blocking anyone else
+        return await login_page(request, "That key is not valid. Check it and try again.", status=401)
+    response = redirect("/admin" if key.is_admin else "/usage")
+    set_cookie(request, response, SESSION_COOKIE, signer(request).dump(new_session(key.id)), SESSION_SECONDS)
+    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
+    return response
+
+
+async def logout(request: Request) -> Response:
+    config = current_config(request)
+    _, session = visitor(request, config)
+    form = await read_form(request)
+    if not csrf_matches(session.csrf, form.get("csrf_token")):
+        raise forbidden("The form expired; please try again.", "bad_csrf")
+    response = redirect("/login")
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+# --- admin pages -------------------------------------------------------------------------
+
+
+async def overview(request: Request) -> Response:
+    config = current_config(request)
+    key, session = admin_visitor(request, config)
+    ledger: SqliteLedger = request.app.state.ledger
+    store: ConfigStore = request.app.state.store
+    today, month = reports.today(), reports.month_start()
+    by_key = await reports.by_key_since(ledger, month)
+    top_keys = sorted(by_key.items(), key=lambda item: (-item[1][1], -item[1][0]))[:5]
+    names = {k.id: k.name for k in config.keys}
+    error = store.last_error
+    return render(
+        request,
+        "overview.html",
+        me=key,
+        csrf=session.csrf,
+        today=_pair(await reports.totals_since(ledger, today)),
+        month=_pair(await reports.totals_since(ledger, month)),
+        top_keys=[{"id": kid, "name": names.get(kid, kid[:8] + " (removed)"), "requests": r, "cost": money(c), "known": kid in names} for kid, (r, c) in top_keys],
+        top_models=[{"model": m, "requests": r, "cost": money(c)} for m, r, c in await reports.top_models(ledger, month)],
+        trend=chart(await reports.daily_series(ledger, None)),
+        config={"loaded_at": when(config.loaded_at), "hash": config.source_hash[:12], "key_count": len(config.keys), "provider_count": len(config.providers)},
+        reload_error=None if error is None else {"message": error.message, "at": when(error.at)},
+    )
+
+
+def _pair(totals: tuple[int, int]) -> dict[str, Any]:
+    return {"requests": totals[0], "cost": money(totals[1])}
+
+
+async def billing_tab(request: Request) -> Response:
+    config = current_config(request)
+    me, session = admin_visitor(request, config)
+    ledger: SqliteLedger = request.app.state.ledger
+    params = request.query_params
+    query = params.get("q", "").strip().lower()
+    sort = params.get("sort", "name") if params.get("sort") in SORTS else "name"
+    descending = params.get("dir") == "desc"
+    keys = [k for k in config.keys if not query or query in k.name.lower() or query in k.masked.lower() or k.id.startswith(query)]
+    accounts = await ledger.accounts([(k.id, k.billing) for k in keys])
+    month = await reports.by_key_since(ledger, reports.month_start())
+    today = await reports.by_key_since(ledger, reports.today())
+    rows = [key_row(config, k, accounts[k.id], month.get(k.id, (0, 0)), today.get(k.id, (0, 0))) for k in keys]
+    rows.sort(key=lambda row: row.sort[sort], reverse=descending)
+    page, pages = _page(params.get("page"), len(rows))
+    return render(
+        request,
+        "keys.html",
+        me=me,
+        csrf=session.csrf,
+        rows=rows[(page - 1) * PAGE_SIZE : page * PAGE_SIZE],
+        total=len(rows),
+        query=params.get("q", ""),
+        sort=sort,
+        descending=descending,
+        page=page,
+        pages=pages,
+        link=lambda **changes: "/admin/keys?" + urlencode({**{"q": params.get("q", ""), "sort": sort, "dir": "desc" if descending else "asc", "page": page}, **changes}),
+        message=MESSAGES.get(params.get("done") or params.get("error") or ""),
+        is_error="error" in params,
+    )
+
+
+def _page(raw: str | None, count: int) -> tuple[int, int]:
+    pages = max(1, -(-count // PAGE_SIZE))
+    page = int(raw) if raw and raw.isdigit() else 1
+    return min(max(page, 1), pages), pages
+
+
+async def key_detail(request: Request) -> Response:
+    config = current_config(request)
+    me, session = visitor(request, config)
+    key = config.keys_by_id.get(request.path_params["key_id"])
+    if not me.is_admin and (key is None or key.id != me.id):
+        raise forbidden("You may only see your own key.", "not_your_key")
+    if key is None:
+        raise not_found("No such key.", "key_not_found")
+    return await _detail_page(request, config, me, session, key)
+
+
+async def usage_page(request: Request) -> Response:
+    config = current_config(request)
+    me, session = visitor(request, config)
+    return await _detail_page(request, config, me, session, me)
+
+
+async def _detail_page(request: Request, config: Config, me: ApiKey, session: Session, key: ApiKey) -> Response:
+    ledger: SqliteLedger = request.app.state.ledger
+    account = await ledger.account(key.id, key.billing)
+    month = await reports.totals_since(ledger, reports.month_start(), key.id)
+    today = await reports.totals_since(ledger, reports.today(), key.id)
+    before = _float(request.query_params.get("before"))
+    log = await reports.request_log(ledger, key.id, before)
+    params = request.query_params
+    return render(
+        request,
+        "key_detail.html",
+        me=me,
+        csrf=session.csrf,
+        key=key,
+        row=key_row(config, key, account, month, today),
+        totals={"requests": account.request_count, "cost": money(account.total_cost_nanos), "window": when(key.billing.created_at) if key.billing.created_at else None},
+        month=_pair(month),
+        breakdown=breakdown_rows(await ledger.totals([Window(key.id, key.billing.created_at)], by_model=True)),
+        trend=chart(await reports.daily_series(ledger, key.id)),
+        log=log_rows(log),
+        next_before=log[-1]["ts"] if len(log) == reports.LOG_PAGE else None,
+        grants=grant_rows(await reports.grant_history(ledger, key.id)),
+        base_url=f"/admin/keys/{key.id}" if me.is_admin else "/usage",
+        export_url=f"/admin/export/requests.csv?key={key.id}" if me.is_admin else "/usage/export/requests.csv",
+        message=MESSAGES.get(params.get("done") or params.get("error") or ""),
+        is_error="error" in params,
+    )
+
+
+def _float(raw: str | None) -> float | None:
+    try:
+        return float(raw) if raw else None
+    except ValueError:
+        return None
+
+
+# --- admin actions -----------------------------------------------------------------------
+
+
+def _action(kind: str):  # type: ignore[no-untyped-def]
+    async def handle(request: Request) -> Response:
+        config = current_config(request)
+        _, session = admin_visitor(request, config)
+        key = config.keys_by_id.get(request.path_params["key_id"])
+        if key is None:
+            raise not_found("No such key.", "key_not_found")
+        form = await read_form(request)
+        back = _back(form.get("back", ""), key)
+        if not csrf_matches(session.csrf, form.get("csrf_token")):
+            raise forbidden("The form expired; please reload the page and try again.", "bad_csrf")
+        separator = "&" if "?" in back else "?"
+        try:
+            if kind == "billing_mode":
+                await admin_actions.set_billing_mode(request.app.state.store, key, form.get("billing_mode", ""))
+                done = "mode_set"
+            else:
+                # The form's one-time token makes a double submit apply once, like the API's Idempotency-Key.
+                applied = await admin_actions.add_credit(request.app.state.ledger, key, kind, form.get("amount", ""), form.get("reason") or "web top-up", form.get("idempotency_key") or None)
+                done = ("credits_added" if kind == CREDITS else "count_credits_added") if applied else "already_applied"
+        except GatewayError as exc:
+            return redirect(f"{back}{separator}error={exc.code}")
+        return redirect(f"{back}{separator}done={done}")
+
+    handle.__name__ = f"web_{kind}"
+    return handle
+
+
+def _back(raw: str, key: ApiKey) -> str:
+    """Where a form returns to: an admin page only (no open redirect), without old messages."""
+    if not raw.startswith("/admin"):
+        return f"/admin/keys/{key.id}"
+    url = urlsplit(raw)
+    query = [(name, value) for name, value in parse_qsl(url.query) if name not in ("done", "error")]
+    return url.path + ("?" + urlencode(query) if query else "")
+
+
+routes = [
+    Route("/", home, methods=["GET"]),
+    Route("/login", login_form, methods=["GET"]),
+    Route("/login", login, methods=["POST"]),
+    Route("/logout", logout, methods=["POST"]),
+    Route("/admin", overview, methods=["GET"]),
+    Route("/admin/keys", billing_tab, methods=["GET"]),
+    Route("/admin/keys/{key_id}", key_detail, methods=["GET"]),
+    Route("/admin/keys/{key_id}/add_credits", _action(CREDITS), methods=["POST"]),
+    Route("/admin/keys/{key_id}/add_count_credits", _action(COUNT_CREDITS), methods=["POST"]),
+    Route("/admin/keys/{key_id}/billing_mode", _action("billing_mode"), methods=["POST"]),
+    Route("/usage", usage_page, methods=["GET"]),
+    *web_export.routes,
+    Mount("/static", StaticFiles(directory=WEB / "static"), name="static"),
+]

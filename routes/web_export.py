@@ -1,0 +1,129 @@
+"""CSV downloads: the request log and the per-key summary for a date range, streamed."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+
+from core import reports
+from core.errors import bad_request, forbidden, not_found
+from core.key_states import effective_mode
+from core.ledger_sums import Window
+from core.pricing import from_nanos
+from core.sqlite_ledger import SqliteLedger
+from routes._http import current_config
+from routes._web_auth import admin_visitor, visitor
+
+DEFAULT_DAYS = 30
+REQUEST_HEADER = ("time", "request_id", "key_id", "key_name", "model", "provider", "upstream_model", "prompt_tokens", "completion_tokens", "cached_tokens",
+                  "cost_type", "unit_prices", "cost_usd", "count_credits", "status")  # fmt: skip
+SUMMARY_HEADER = ("key_id", "key_name", "masked_key", "billing_mode", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "count_credits", "errors")
+
+
+def date_range(request: Request) -> tuple[float, float, str]:
+    """[start day 00:00, end day + 1 00:00) in UTC from `start`/`end` (YYYY-MM-DD); last 30 days by default."""
+    params = request.query_params
+    try:
+        end = date.fromisoformat(params["end"]) if params.get("end") else datetime.now(UTC).date()
+        start = date.fromisoformat(params["start"]) if params.get("start") else end - timedelta(days=DEFAULT_DAYS - 1)
+    except ValueError:
+        raise bad_request("Dates must look like 2024-01-31.", "invalid_date") from None
+    if start > end:
+        raise bad_request("The start date is after the end date.", "invalid_date")
+    since = datetime(start.year, start.month, start.day, tzinfo=UTC).timestamp()
+    until = datetime(end.year, end.month, end.day, tzinfo=UTC).timestamp() + 86400
+    return since, until, f"{start.isoformat()}_{end.isoformat()}"
+
+
+async def _csv(header: Iterable[str], rows: AsyncIterator[Iterable[Any]]) -> AsyncIterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    count = 0
+    async for row in rows:
+        writer.writerow(row)
+        count += 1
+        if count % 500 == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+def _download(body: AsyncIterator[str], filename: str) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/csv; charset=utf-8", headers={"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "no-store"})
+
+
+async def _request_rows(ledger: SqliteLedger, key_id: str | None, since: float, until: float) -> AsyncIterator[tuple[Any, ...]]:
+    async for row in reports.iter_requests(ledger, key_id, since, until):
+        record = dict(zip(reports.EXPORT_COLUMNS, row, strict=True))
+        yield (
+            datetime.fromtimestamp(record["ts"], UTC).isoformat(),
+            record["request_id"],
+            record["key_id"],
+            record["key_name"],
+            record["model"],
+            record["provider"],
+            record["upstream_model"],
+            record["prompt_tokens"],
+            record["completion_tokens"],
+            record["cached_tokens"],
+            record["cost_type"],
+            record["unit_prices"],
+            format(from_nanos(record["cost_nanos"]), "f"),
+            record["count_charged"],
+            record["status"],
+        )
+
+
+async def admin_requests_csv(request: Request) -> StreamingResponse:
+    config = current_config(request)
+    admin_visitor(request, config)
+    key_id = request.query_params.get("key") or None
+    if key_id is not None and key_id not in config.keys_by_id:
+        raise not_found("No such key.", "key_not_found")
+    since, until, label = date_range(request)
+    name = f"requests_{key_id[:8] if key_id else 'all'}_{label}.csv"
+    return _download(_csv(REQUEST_HEADER, _request_rows(request.app.state.ledger, key_id, since, until)), name)
+
+
+async def own_requests_csv(request: Request) -> StreamingResponse:
+    config = current_config(request)
+    me, _ = visitor(request, config)
+    if request.query_params.get("key") not in (None, "", me.id):
+        raise forbidden("You may only export your own key.", "not_your_key")
+    since, until, label = date_range(request)
+    return _download(_csv(REQUEST_HEADER, _request_rows(request.app.state.ledger, me.id, since, until)), f"requests_{label}.csv")
+
+
+async def keys_csv(request: Request) -> StreamingResponse:
+    config = current_config(request)
+    admin_visitor(request, config)
+    since, until, label = date_range(request)
+    ledger: SqliteLedger = request.app.state.ledger
+    totals = await ledger.totals([Window(key.id, since, until) for key in config.keys])
+
+    async def rows() -> AsyncIterator[tuple[Any, ...]]:
+        for key in config.keys:
+            t = totals.get((key.id,))
+            if t is None:
+                yield (key.id, key.name, key.masked, effective_mode(config, key), 0, 0, 0, 0, "0", 0, 0)
+            else:
+                yield (key.id, key.name, key.masked, effective_mode(config, key), t.requests, t.prompt_tokens, t.completion_tokens, t.cached_tokens,
+                       format(from_nanos(t.cost_nanos), "f"), t.count_charged, t.errors)  # fmt: skip
+
+    return _download(_csv(SUMMARY_HEADER, rows()), f"keys_{label}.csv")
+
+
+routes = [
+    Route("/admin/export/requests.csv", admin_requests_csv, methods=["GET"]),
+    Route("/admin/export/keys.csv", keys_csv, methods=["GET"]),
+    Route("/usage/export/requests.csv", own_requests_csv, methods=["GET"]),
+]

@@ -1,0 +1,174 @@
+"""Ready-made view data for the templates: formatted money, bars, chart geometry.
+
+Templates stay dumb: every number they print is computed here from ledger values.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+from core.config import ApiKey, Config
+from core.key_states import effective_mode
+from core.ledger import Account
+from core.ledger_sums import Totals
+from core.pricing import COUNT, TOKEN, from_nanos
+from core.reports import DayPoint
+
+CENT_PLACES = Decimal("0.0001")
+MESSAGES = {
+    "credits_added": "Credits added.",
+    "count_credits_added": "Count credits added.",
+    "already_applied": "That top-up was already applied (same form submitted twice).",
+    "mode_set": "Billing mode updated in api.yaml and applied.",
+    "invalid_amount": "The amount must be a positive number (count credits: a whole number).",
+    "invalid_billing_mode": "Unknown billing mode.",
+    "config_not_writable": "api.yaml could not be written: the billing mode is unchanged.",
+    "config_invalid": "api.yaml does not load after the change; see the config status.",
+    "bad_csrf": "The form expired; please try again.",
+}
+
+
+def money(nanos: int | None) -> str:
+    """`$1,234.5678`: four decimals, so the page agrees with the API to the cent and beyond."""
+    if nanos is None:
+        return "unlimited"
+    exact = from_nanos(nanos)
+    sign = "-" if exact < 0 else ""
+    if 0 < abs(exact) < CENT_PLACES:  # tiny token costs: show them whole rather than as $0.0000
+        return f"{sign}${format(abs(exact).normalize(), 'f')}"
+    return f"{sign}${abs(exact.quantize(CENT_PLACES, rounding=ROUND_HALF_UP)):,.4f}"
+
+
+def when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def percent(part: int, whole: int) -> int:
+    if whole <= 0:
+        return 0
+    return max(0, min(100, round(part * 100 / whole)))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    id: str
+    name: str
+    masked: str
+    mode: str
+    credits_text: str
+    credits_pct: int | None
+    count_text: str
+    count_pct: int | None
+    spend_month: str
+    requests_today: int
+    status: str
+    sort: dict[str, Any]
+
+
+def status_of(mode: str, remaining: int | None, remaining_count: int) -> str:
+    usd_gone = remaining is not None and remaining <= 0
+    if mode == COUNT:
+        return "exhausted" if remaining_count <= 0 else "active"
+    if mode == TOKEN:
+        return "exhausted" if usd_gone else "active"
+    return "exhausted" if usd_gone and remaining_count <= 0 else "active"
+
+
+def key_row(config: Config, key: ApiKey, account: Account, month: tuple[int, int], today: tuple[int, int]) -> KeyRow:
+    terms = key.billing
+    mode = effective_mode(config, key)
+    remaining = account.remaining_nanos(terms)
+    remaining_count = account.remaining_count(terms)
+    given = None if terms.credits_nanos is None else terms.credits_nanos + account.granted_nanos
+    given_count = terms.count_credits + account.count_granted
+    status = status_of(mode, remaining, remaining_count)
+    return KeyRow(
+        id=key.id,
+        name=key.name,
+        masked=key.masked,
+        mode=mode,
+        credits_text=money(remaining),
+        credits_pct=None if remaining is None or given is None else percent(remaining, given),
+        count_text=str(remaining_count),
+        count_pct=percent(remaining_count, given_count) if given_count > 0 else None,
+        spend_month=money(month[1]),
+        requests_today=today[0],
+        status=status,
+        sort={
+            "name": key.name.lower(),
+            "mode": mode,
+            "credits": float("inf") if remaining is None else remaining,
+            "count": remaining_count,
+            "spend": month[1],
+            "today": today[0],
+            "status": status,
+        },
+    )
+
+
+def chart(points: list[DayPoint], width: int = 720, height: int = 160) -> dict[str, Any]:
+    """Bars for cost per day, a line for requests per day, in SVG user units."""
+    top_cost = max((p.cost_nanos for p in points), default=0) or 1
+    top_requests = max((p.requests for p in points), default=0) or 1
+    step = width / max(len(points), 1)
+    bars, line = [], []
+    for index, point in enumerate(points):
+        bar_height = round(point.cost_nanos / top_cost * (height - 10), 1)
+        x = round(index * step, 1)
+        bars.append({"x": x + 1, "y": height - bar_height, "w": max(step - 2, 1), "h": bar_height, "label": f"{point.day}: {money(point.cost_nanos)}, {point.requests} requests"})
+        line.append(f"{x + step / 2:.1f},{height - point.requests / top_requests * (height - 10):.1f}")
+    return {
+        "width": width,
+        "height": height,
+        "bars": bars,
+        "line": " ".join(line),
+        "first": points[0].day if points else "",
+        "last": points[-1].day if points else "",
+        "max_cost": money(top_cost if any(p.cost_nanos for p in points) else 0),
+        "max_requests": max((p.requests for p in points), default=0),
+    }
+
+
+def breakdown_rows(totals: dict[tuple[str, ...], Totals]) -> list[dict[str, Any]]:
+    """Per model and cost type, from `SqliteLedger.totals(..., by_model=True)`."""
+    return [
+        {
+            "model": model,
+            "cost_type": cost_type,
+            "requests": t.requests,
+            "prompt_tokens": t.prompt_tokens,
+            "completion_tokens": t.completion_tokens,
+            "cached_tokens": t.cached_tokens,
+            "cost": money(t.cost_nanos),
+            "count_credits": t.count_charged,
+        }
+        for (_, model, cost_type), t in sorted(totals.items())
+    ]
+
+
+def log_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "time": when(row["ts"]),
+            "model": row["model"],
+            "provider": row["provider"] or "—",
+            "tokens": f"{row['prompt_tokens']} / {row['completion_tokens']}" + (f" ({row['cached_tokens']} cached)" if row["cached_tokens"] else ""),
+            "cost": money(row["cost_nanos"]) + (" · 1 credit" if row["count_charged"] else ""),
+            "status": row["status"],
+        }
+        for row in rows
+    ]
+
+
+def grant_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "time": when(row["ts"]),
+            "amount": money(row["amount"]) if row["kind"] == "credits" else f"{row['amount']} count credits",
+            "reason": row["reason"],
+        }
+        for row in rows
+    ]
