@@ -125,7 +125,9 @@ async def overview(request: Request) -> Response:
         csrf=session.csrf,
         today=_pair(await reports.totals_since(ledger, today)),
         month=_pair(await reports.totals_since(ledger, month)),
-        top_keys=[{"id": kid, "name": names.get(kid, kid[:8] + " (removed)"), "requests": r, "cost": money(c), "known": kid in names} for kid, (r, c) in top_keys],
+        top_keys=[
+            {"id": kid, "name": names.get(kid, kid[:8] + " (removed)"), "requests": r, "cost": money(c), "known": kid in names} for kid, (r, c) in top_keys
+        ],
         top_models=[{"model": m, "requests": r, "cost": money(c)} for m, r, c in await reports.top_models(ledger, month)],
         trend=chart(await reports.daily_series(ledger, None)),
         config={"loaded_at": when(config.loaded_at), "hash": config.source_hash[:12], "key_count": len(config.keys), "provider_count": len(config.providers)},
@@ -164,7 +166,9 @@ async def billing_tab(request: Request) -> Response:
         descending=descending,
         page=page,
         pages=pages,
-        link=lambda **changes: "/admin/keys?" + urlencode({**{"q": params.get("q", ""), "sort": sort, "dir": "desc" if descending else "asc", "page": page}, **changes}),
+        link=lambda **changes: (
+            "/admin/keys?" + urlencode({**{"q": params.get("q", ""), "sort": sort, "dir": "desc" if descending else "asc", "page": page}, **changes})
+        ),
         message=MESSAGES.get(params.get("done") or params.get("error") or ""),
         is_error="error" in params,
     )
@@ -208,7 +212,11 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
         csrf=session.csrf,
         key=key,
         row=key_row(config, key, account, month, today),
-        totals={"requests": account.request_count, "cost": money(account.total_cost_nanos), "window": when(key.billing.created_at) if key.billing.created_at else None},
+        totals={
+            "requests": account.request_count,
+            "cost": money(account.total_cost_nanos),
+            "window": when(key.billing.created_at) if key.billing.created_at else None,
+        },
         month=_pair(month),
         breakdown=breakdown_rows(await ledger.totals([Window(key.id, key.billing.created_at)], by_model=True)),
         trend=chart(await reports.daily_series(ledger, key.id)),
@@ -250,7 +258,9 @@ def _action(kind: str):  # type: ignore[no-untyped-def]
                 done = "mode_set"
             else:
                 # The form's one-time token makes a double submit apply once, like the API's Idempotency-Key.
-                applied = await admin_actions.add_credit(request.app.state.ledger, key, kind, form.get("amount", ""), form.get("reason") or "web top-up", form.get("idempotency_key") or None)
+                applied = await admin_actions.add_credit(
+                    request.app.state.ledger, key, kind, form.get("amount", ""), form.get("reason") or "web top-up", form.get("idempotency_key") or None
+                )
                 done = ("credits_added" if kind == CREDITS else "count_credits_added") if applied else "already_applied"
         except GatewayError as exc:
             return redirect(f"{back}{separator}error={exc.code}")

@@ -24,7 +24,19 @@ from routes._web_auth import admin_visitor, visitor
 DEFAULT_DAYS = 30
 REQUEST_HEADER = ("time", "request_id", "key_id", "key_name", "model", "provider", "upstream_model", "prompt_tokens", "completion_tokens", "cached_tokens",
                   "cost_type", "unit_prices", "cost_usd", "count_credits", "status")  # fmt: skip
-SUMMARY_HEADER = ("key_id", "key_name", "masked_key", "billing_mode", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "count_credits", "errors")
+SUMMARY_HEADER = (
+    "key_id",
+    "key_name",
+    "masked_key",
+    "billing_mode",
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cost_usd",
+    "count_credits",
+    "errors",
+)
 
 
 def date_range(request: Request) -> tuple[float, float, str]:
@@ -58,7 +70,9 @@ async def _csv(header: Iterable[str], rows: AsyncIterator[Iterable[Any]]) -> Asy
 
 
 def _download(body: AsyncIterator[str], filename: str) -> StreamingResponse:
-    return StreamingResponse(body, media_type="text/csv; charset=utf-8", headers={"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "no-store"})
+    return StreamingResponse(
+        body, media_type="text/csv; charset=utf-8", headers={"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "no-store"}
+    )
 
 
 async def _request_rows(ledger: SqliteLedger, key_id: str | None, since: float, until: float) -> AsyncIterator[tuple[Any, ...]]:

@@ -118,7 +118,15 @@ def chart(points: list[DayPoint], width: int = 720, height: int = 160) -> dict[s
     for index, point in enumerate(points):
         bar_height = round(point.cost_nanos / top_cost * (height - 10), 1)
         x = round(index * step, 1)
-        bars.append({"x": x + 1, "y": height - bar_height, "w": max(step - 2, 1), "h": bar_height, "label": f"{point.day}: {money(point.cost_nanos)}, {point.requests} requests"})
+        bars.append(
+            {
+                "x": x + 1,
+                "y": height - bar_height,
+                "w": max(step - 2, 1),
+                "h": bar_height,
+                "label": f"{point.day}: {money(point.cost_nanos)}, {point.requests} requests",
+            }
+        )
         line.append(f"{x + step / 2:.1f},{height - point.requests / top_requests * (height - 10):.1f}")
     return {
         "width": width,

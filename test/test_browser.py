@@ -1,0 +1,72 @@
+"""A real browser (headless Chromium via Playwright) logs in, tops up a key and sees it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from test.conftest import ADMIN_KEY
+from test.test_web import CONFIG, COUNT_KEY, key_id
+
+SCREENSHOTS = Path(os.environ.get("TOLLGATE_SCREENSHOTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium_path() -> str:
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/run should have installed it")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return path
+
+
+@pytest.fixture
+def browser_page():
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        yield page
+        browser.close()
+
+
+def test_admin_adds_count_credits_in_the_browser(start_gateway, browser_page):
+    gateway = start_gateway(CONFIG)
+    gateway.client(COUNT_KEY).chat.completions.create(model="echo-1", messages=[{"role": "user", "content": "hi"}])
+    page = browser_page
+    page.goto(f"{gateway.url}/")
+    page.fill("#api_key", ADMIN_KEY)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/admin")
+    page.click("text=Billing")
+    row = page.locator(f'tr[data-key="{key_id(COUNT_KEY)}"]')
+    assert row.locator("td.count .value").inner_text() == "9"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "billing-tab.png"), full_page=True)
+
+    row.locator("summary").click()
+    row.locator('input[aria-label="Count credits to add"]').fill("5")
+    row.locator("text=Add count credits").click()
+    page.wait_for_url("**done=count_credits_added**")
+    assert page.locator(".flash").inner_text() == "Count credits added."
+    assert page.locator(f'tr[data-key="{key_id(COUNT_KEY)}"] td.count .value').inner_text() == "14"
+    states = gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY).json()["api_keys_states"]
+    assert states[COUNT_KEY]["remaining_count_credits"] == 14
+
+    page.click("text=bob")
+    page.wait_for_url(f"**/admin/keys/{key_id(COUNT_KEY)}")
+    assert "5 count credits" in page.locator("text=Credit grants").locator("..").inner_text()
+    page.screenshot(path=str(SCREENSHOTS / "key-detail.png"), full_page=True)
+    assert (SCREENSHOTS / "billing-tab.png").stat().st_size > 10_000

@@ -1,0 +1,289 @@
+"""The web pages through the real app: sessions, CSRF, access rules, actions, CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import sqlite3
+import time
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from test.conftest import ADMIN_KEY
+
+USER_KEY = "sk-web-user-0001"
+OTHER_KEY = "sk-web-other-0002"
+COUNT_KEY = "sk-web-count-0003"
+MESSAGES = [{"role": "user", "content": "hello there"}]
+
+CONFIG = f"""
+# web test config
+providers:
+  - provider: echo
+    engine: echo
+    model: [echo-1]
+api_keys:
+  - api: {ADMIN_KEY}
+    role: admin
+    name: ops
+  - api: {USER_KEY}
+    name: alice
+    preferences: {{billing_mode: token, credits: 10}}
+  - api: {OTHER_KEY}
+    name: mallory-secret-name
+    preferences: {{billing_mode: token, credits: 3}}
+  - api: {COUNT_KEY}
+    name: bob
+    preferences: {{billing_mode: count, count_credits: 10}}
+preferences:
+  model_price:
+    echo-1: 1000,2000
+"""
+
+
+def key_id(secret: str) -> str:
+    from core.config import ledger_id
+
+    return ledger_id(secret)
+
+
+class Browser:
+    """A cookie-keeping HTTP client that logs in through the form, like a person would."""
+
+    def __init__(self, url: str):
+        self.http = httpx.Client(base_url=url, follow_redirects=False, timeout=10)
+
+    def csrf_from(self, html: str) -> str:
+        match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+        assert match, "page has no CSRF token"
+        return match.group(1)
+
+    def login(self, key: str) -> httpx.Response:
+        page = self.http.get("/login")
+        return self.http.post("/login", data={"csrf_token": self.csrf_from(page.text), "api_key": key})
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        return self.http.get(path, **kwargs)
+
+    def submit(self, page_path: str, action: str, **fields: str) -> httpx.Response:
+        """Load a page, then post one of its forms with the page's CSRF token."""
+        page = self.http.get(page_path)
+        assert page.status_code == 200, page.text
+        return self.http.post(action, data={"csrf_token": self.csrf_from(page.text), **fields})
+
+
+@pytest.fixture
+def web(start_gateway):
+    gateway = start_gateway(CONFIG)
+    return gateway, Browser(gateway.url)
+
+
+def chat(gateway, key: str, n: int = 1) -> None:
+    client = gateway.client(key)
+    for _ in range(n):
+        client.chat.completions.create(model="echo-1", messages=MESSAGES)
+
+
+def states(gateway) -> dict:
+    return gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY).json()["api_keys_states"]
+
+
+def test_root_sends_visitors_to_login_then_to_their_page(web):
+    gateway, browser = web
+    assert browser.get("/").headers["location"] == "/login"
+    assert browser.login(ADMIN_KEY).headers["location"] == "/admin"
+    assert browser.get("/").headers["location"] == "/admin"
+    user = Browser(gateway.url)
+    assert user.login(USER_KEY).headers["location"] == "/usage"
+    assert user.get("/").headers["location"] == "/usage"
+
+
+def test_session_cookie_is_signed_httponly_and_samesite_strict(web):
+    gateway, browser = web
+    response = browser.login(USER_KEY)
+    cookie = response.headers["set-cookie"]
+    assert "tollgate_session=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+    assert USER_KEY not in cookie
+    value = browser.http.cookies["tollgate_session"]
+    forged = Browser(gateway.url)
+    payload, _, signature = value.partition(".")
+    forged.http.cookies.set("tollgate_session", payload + "." + signature[:-2] + ("AA" if signature[-2:] != "AA" else "BB"))
+    assert forged.get("/usage").headers["location"] == "/login"
+
+
+def test_wrong_key_gets_a_polite_error_after_a_delay(web):
+    _, browser = web
+    start = time.monotonic()
+    response = browser.login("sk-not-a-key")
+    assert time.monotonic() - start >= 0.5
+    assert response.status_code == 401
+    assert "That key is not valid" in response.text and "Traceback" not in response.text
+
+
+def test_login_without_the_csrf_token_is_refused(web):
+    _, browser = web
+    browser.get("/login")
+    response = browser.http.post("/login", data={"api_key": ADMIN_KEY})
+    assert response.status_code == 403
+    assert "tollgate_session" not in response.headers.get("set-cookie", "")
+
+
+def test_logout_ends_the_session_and_needs_csrf(web):
+    _, browser = web
+    browser.login(ADMIN_KEY)
+    assert browser.http.post("/logout", data={}).status_code == 403
+    assert browser.get("/admin").status_code == 200
+    assert browser.submit("/admin", "/logout").headers["location"] == "/login"
+    assert browser.get("/admin").headers["location"] == "/login"
+
+
+def test_key_holder_cannot_reach_admin_pages_or_other_keys(web):
+    gateway, browser = web
+    browser.login(USER_KEY)
+    for path in ("/admin", "/admin/keys", f"/admin/keys/{key_id(OTHER_KEY)}", "/admin/export/keys.csv", "/admin/export/requests.csv",
+                 f"/usage/export/requests.csv?key={key_id(OTHER_KEY)}"):  # fmt: skip
+        assert browser.get(path).status_code == 403, path
+    page = browser.http.post(f"/admin/keys/{key_id(OTHER_KEY)}/add_credits", data={"amount": "5"})
+    assert page.status_code == 403
+    assert states(gateway)[OTHER_KEY]["remaining_credits"] == 3
+
+
+def test_usage_page_shows_only_the_visitors_key(web):
+    gateway, browser = web
+    chat(gateway, USER_KEY, 2)
+    chat(gateway, OTHER_KEY, 1)
+    browser.login(USER_KEY)
+    page = browser.get("/usage").text
+    assert "alice" in page and "mallory-secret-name" not in page
+    log = page.split("Recent requests")[1].split("</table>")[0]
+    assert log.count("<td>echo-1</td>") == 2  # two log rows: the other key's request is not shown
+    own = browser.get(f"/admin/keys/{key_id(USER_KEY)}")
+    assert own.status_code == 200 and "mallory" not in own.text
+
+
+def test_page_numbers_agree_with_the_api(web):
+    gateway, browser = web
+    chat(gateway, USER_KEY, 3)
+    browser.login(ADMIN_KEY)
+    page = browser.get("/admin/keys").text
+    remaining = Decimal(str(states(gateway)[USER_KEY]["remaining_credits"]))
+    row = page[page.index(f'data-key="{key_id(USER_KEY)}"') :].split("</tr>")[0]
+    assert f"${remaining:,.4f}" in row
+    detail = browser.get(f"/admin/keys/{key_id(USER_KEY)}").text
+    total = Decimal(str(states(gateway)[USER_KEY]["total_cost"]))
+    assert f"3 · ${total:,.4f}" in detail
+
+
+def test_add_credits_form_changes_the_ledger_once(web):
+    gateway, browser = web
+    browser.login(ADMIN_KEY)
+    page_path = f"/admin/keys/{key_id(USER_KEY)}"
+    page = browser.get(page_path).text
+    token = browser.csrf_from(page)
+    nonce = re.search(r'name="idempotency_key" value="([^"]+-usd)"', page).group(1)
+    form = {"csrf_token": token, "amount": "2.5", "idempotency_key": nonce, "back": page_path}
+    first = browser.http.post(f"{page_path}/add_credits", data=form)
+    assert first.headers["location"] == f"{page_path}?done=credits_added"
+    assert states(gateway)[USER_KEY]["remaining_credits"] == 12.5
+    again = browser.http.post(f"{page_path}/add_credits", data=form)  # the same form submitted twice
+    assert again.headers["location"] == f"{page_path}?done=already_applied"
+    assert states(gateway)[USER_KEY]["remaining_credits"] == 12.5
+    shown = browser.get(first.headers["location"]).text
+    assert "Credits added." in shown and "$12.5000" in shown and "web top-up" in shown
+
+
+def test_add_count_credits_and_set_mode_forms(web):
+    gateway, browser = web
+    browser.login(ADMIN_KEY)
+    path = f"/admin/keys/{key_id(COUNT_KEY)}"
+    assert browser.submit("/admin/keys", f"{path}/add_count_credits", amount="7").status_code == 303
+    assert states(gateway)[COUNT_KEY]["remaining_count_credits"] == 17
+    response = browser.submit("/admin/keys", f"{path}/billing_mode", billing_mode="hybrid", back="/admin/keys?sort=name")
+    assert response.headers["location"] == "/admin/keys?sort=name&done=mode_set"
+    assert states(gateway)[COUNT_KEY]["billing_mode"] == "hybrid"
+    assert "billing_mode: hybrid" in gateway.config_path.read_text() and "# web test config" in gateway.config_path.read_text()
+
+
+def test_forms_without_csrf_change_nothing(web):
+    gateway, browser = web
+    browser.login(ADMIN_KEY)
+    response = browser.http.post(f"/admin/keys/{key_id(COUNT_KEY)}/add_count_credits", data={"amount": "7", "csrf_token": "forged"})
+    assert response.status_code == 403
+    assert states(gateway)[COUNT_KEY]["remaining_count_credits"] == 10
+
+
+def test_bad_amount_shows_an_error_and_grants_nothing(web):
+    gateway, browser = web
+    browser.login(ADMIN_KEY)
+    path = f"/admin/keys/{key_id(COUNT_KEY)}"
+    response = browser.submit(path, f"{path}/add_count_credits", amount="1.5")
+    assert response.headers["location"].endswith("error=invalid_amount")
+    assert "The amount must be a positive number" in browser.get(response.headers["location"]).text
+    assert states(gateway)[COUNT_KEY]["remaining_count_credits"] == 10
+
+
+def test_request_log_csv_matches_the_ledger(web):
+    gateway, browser = web
+    chat(gateway, USER_KEY, 3)
+    chat(gateway, COUNT_KEY, 2)
+    browser.login(ADMIN_KEY)
+    response = browser.get("/admin/export/requests.csv")
+    assert response.headers["content-type"].startswith("text/csv") and "attachment" in response.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(response.text)))
+    with sqlite3.connect(gateway.config_path.parent / "data" / "tollgate.db") as db:
+        ledger = db.execute("SELECT request_id, cost_nanos, status FROM usage ORDER BY ts").fetchall()
+    assert [(r["request_id"], Decimal(r["cost_usd"]) * 10**9, r["status"]) for r in rows] == [(rid, Decimal(cost), status) for rid, cost, status in ledger]
+    own = Browser(gateway.url)
+    own.login(USER_KEY)
+    mine = list(csv.DictReader(io.StringIO(own.get("/usage/export/requests.csv").text)))
+    assert len(mine) == 3 and {r["key_name"] for r in mine} == {"alice"}
+
+
+def test_key_summary_csv_matches_the_api(web):
+    gateway, browser = web
+    chat(gateway, USER_KEY, 2)
+    browser.login(ADMIN_KEY)
+    rows = {r["key_name"]: r for r in csv.DictReader(io.StringIO(browser.get("/admin/export/keys.csv").text))}
+    api = states(gateway)
+    assert float(rows["alice"]["cost_usd"]) == api[USER_KEY]["total_cost"]
+    assert int(rows["alice"]["requests"]) == api[USER_KEY]["request_count"] == 2
+    assert rows["bob"]["requests"] == "0"
+    assert USER_KEY not in browser.get("/admin/export/keys.csv").text
+    assert browser.get("/admin/export/keys.csv?start=2030-01-02&end=2030-01-01").status_code == 400
+
+
+def test_billing_tab_searches_sorts_and_pages(start_gateway):
+    many = "".join(f"  - api: sk-many-{i:04d}-abcdef\n    name: user-{i:04d}\n" for i in range(120))
+    gateway = start_gateway(CONFIG.replace("preferences:\n  model_price", "".join(["", many]) + "preferences:\n  model_price", 1))
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    first = browser.get("/admin/keys").text
+    assert first.count("<tr data-key") == 50 and "Page 1 of 3" in first
+    assert browser.get("/admin/keys?page=3").text.count("<tr data-key") == 24
+    found = browser.get("/admin/keys?q=user-007").text
+    assert found.count("<tr data-key") == 10
+    names = re.findall(r'<td data-label="Name"><a [^>]+>([^<]+)</a>', browser.get("/admin/keys?sort=name&dir=desc").text)
+    assert names[0] == "user-0119" and names == sorted(names, reverse=True)
+
+
+def test_overview_shows_totals_and_a_reload_error_banner(web):
+    gateway, browser = web
+    chat(gateway, USER_KEY, 2)
+    browser.login(ADMIN_KEY)
+    page = browser.get("/admin").text
+    assert "Requests today" in page and ">2<" in page.replace(" ", "")
+    assert "failed to reload" not in page
+    gateway.rewrite_config(CONFIG + "bogus: 1\n")
+    page = browser.get("/admin").text
+    assert "failed to reload" in page and "unknown key &#39;bogus&#39;" in page
+
+
+def test_pages_escape_names(start_gateway):
+    gateway = start_gateway(CONFIG.replace("name: bob", "name: '<script>alert(1)</script>'"))
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    page = browser.get("/admin/keys").text
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
