@@ -62,6 +62,43 @@ MIGRATIONS: dict[int, str] = {
         FROM usage GROUP BY 1, 2, 3, 4;
     CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # Coarser rollups, so that no page or balance query grows with the number of requests:
+    # per key and day (charts, requests today, balances), per key and month (spend this
+    # month), per key and model since the start (key states), per day and model (overview).
+    3: """
+    CREATE TABLE usage_key_day (
+        key_id TEXT NOT NULL, day TEXT NOT NULL, requests INTEGER NOT NULL, cost_nanos INTEGER NOT NULL,
+        token_cost_nanos INTEGER NOT NULL, count_charged INTEGER NOT NULL, errors INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL,
+        PRIMARY KEY (key_id, day)
+    ) WITHOUT ROWID;
+    CREATE INDEX usage_key_day_by_day ON usage_key_day (day);
+    CREATE TABLE usage_key_month (
+        key_id TEXT NOT NULL, month TEXT NOT NULL, requests INTEGER NOT NULL, cost_nanos INTEGER NOT NULL,
+        PRIMARY KEY (key_id, month)
+    ) WITHOUT ROWID;
+    CREATE INDEX usage_key_month_by_month ON usage_key_month (month, cost_nanos);
+    CREATE TABLE usage_key_model (
+        key_id TEXT NOT NULL, model TEXT NOT NULL, cost_type TEXT NOT NULL, requests INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL,
+        cost_nanos INTEGER NOT NULL, count_charged INTEGER NOT NULL, errors INTEGER NOT NULL,
+        PRIMARY KEY (key_id, model, cost_type)
+    ) WITHOUT ROWID;
+    CREATE TABLE usage_day_model (
+        day TEXT NOT NULL, model TEXT NOT NULL, requests INTEGER NOT NULL, cost_nanos INTEGER NOT NULL,
+        PRIMARY KEY (day, model)
+    ) WITHOUT ROWID;
+    INSERT INTO usage_key_day
+        SELECT key_id, day, SUM(requests), SUM(cost_nanos), SUM(CASE WHEN cost_type = 'token' THEN cost_nanos ELSE 0 END), SUM(count_charged),
+               SUM(errors), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens)
+        FROM usage_daily GROUP BY key_id, day;
+    INSERT INTO usage_key_month SELECT key_id, substr(day, 1, 7), SUM(requests), SUM(cost_nanos) FROM usage_daily GROUP BY key_id, substr(day, 1, 7);
+    INSERT INTO usage_key_model
+        SELECT key_id, model, cost_type, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), SUM(cost_nanos),
+               SUM(count_charged), SUM(errors)
+        FROM usage_daily GROUP BY key_id, model, cost_type;
+    INSERT INTO usage_day_model SELECT day, model, SUM(requests), SUM(cost_nanos) FROM usage_daily GROUP BY day, model;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -63,36 +63,66 @@ def _split(window: Window) -> tuple[Any, ...]:
     return (window.key_id, window.since, first_full, utc_day(first_full), utc_day(last_start), last_start, window.until)
 
 
-_RAW_COLUMNS = """COUNT(*), SUM(u.prompt_tokens), SUM(u.completion_tokens), SUM(u.cached_tokens), SUM(u.cost_nanos),
-    COALESCE(SUM(CASE WHEN u.cost_type = 'token' THEN u.cost_nanos END), 0), SUM(u.count_charged), SUM(u.status = 'error')"""
-_DAILY_COLUMNS = """SUM(d.requests), SUM(d.prompt_tokens), SUM(d.completion_tokens), SUM(d.cached_tokens), SUM(d.cost_nanos),
-    COALESCE(SUM(CASE WHEN d.cost_type = 'token' THEN d.cost_nanos END), 0), SUM(d.count_charged), SUM(d.errors)"""
+# Columns in the order of Totals.add, for a table aliased {t}: requests and errors differ
+# between raw rows (one request each) and rollups (a count).
+_COLUMNS = (
+    "SUM({requests}), SUM({t}.prompt_tokens), SUM({t}.completion_tokens), SUM({t}.cached_tokens), SUM({t}.cost_nanos),"
+    " COALESCE(SUM(CASE WHEN {t}.cost_type = 'token' THEN {t}.cost_nanos END), 0), SUM({t}.count_charged), SUM({errors})"
+)
+_KEY_DAY_COLUMNS = (
+    "SUM(d.requests), SUM(d.prompt_tokens), SUM(d.completion_tokens), SUM(d.cached_tokens), SUM(d.cost_nanos), SUM(d.token_cost_nanos),"
+    " SUM(d.count_charged), SUM(d.errors)"
+)
 
 
 async def window_totals(db: aiosqlite.Connection, windows: Iterable[Window], by_model: bool = False) -> dict[tuple[str, ...], Totals]:
     """Totals per key (or per key, model and cost type) over each key's window."""
     totals: dict[tuple[str, ...], Totals] = {}
     windows = list(windows)
-    for start in range(0, len(windows), MAX_WINDOWS_PER_QUERY):
-        chunk = [_split(w) for w in windows[start : start + MAX_WINDOWS_PER_QUERY]]
-        values = ", ".join("(?, ?, ?, ?, ?, ?, ?)" for _ in chunk)
-        params = [value for row in chunk for value in row]
-        group = "w.key_id, u.model, u.cost_type" if by_model else "w.key_id"
-        daily_group = group.replace("u.", "d.")
-        cte = f"WITH w(key_id, lo_from, lo_to, day_from, day_to, hi_from, hi_to) AS (VALUES {values}) "
-        queries = (
-            f"SELECT {group}, {_RAW_COLUMNS} FROM w JOIN usage u ON u.key_id = w.key_id AND u.ts >= w.lo_from AND u.ts < w.lo_to GROUP BY {group}",
-            f"SELECT {daily_group}, {_DAILY_COLUMNS} FROM w JOIN usage_daily d ON d.key_id = w.key_id AND d.day >= w.day_from"
-            f" AND (w.day_to IS NULL OR d.day < w.day_to) WHERE w.day_from IS NOT NULL GROUP BY {daily_group}",
-            f"SELECT {group}, {_RAW_COLUMNS} FROM w JOIN usage u ON u.key_id = w.key_id AND u.ts >= w.hi_from AND u.ts < w.hi_to"
-            f" WHERE w.hi_from IS NOT NULL GROUP BY {group}",
-        )
-        width = 3 if by_model else 1
-        for sql in queries:
-            async with db.execute(cte + sql, params) as cursor:
-                async for row in cursor:
-                    totals.setdefault(tuple(row[:width]), Totals()).add([value or 0 for value in row[width:]])
+    all_time = [w.key_id for w in windows if w.since <= 0 and w.until is None]
+    ranged = [w for w in windows if not (w.since <= 0 and w.until is None)]
+    for start in range(0, len(all_time), MAX_WINDOWS_PER_QUERY):
+        await _all_time_totals(db, all_time[start : start + MAX_WINDOWS_PER_QUERY], by_model, totals)
+    for start in range(0, len(ranged), MAX_WINDOWS_PER_QUERY):
+        await _ranged_totals(db, ranged[start : start + MAX_WINDOWS_PER_QUERY], by_model, totals)
     return totals
+
+
+async def _all_time_totals(db: aiosqlite.Connection, key_ids: list[str], by_model: bool, totals: dict[tuple[str, ...], Totals]) -> None:
+    """Windows from the beginning: the per key and model rollup holds the answer."""
+    group = "m.key_id, m.model, m.cost_type" if by_model else "m.key_id"
+    sql = (
+        f"WITH w(key_id) AS (VALUES {', '.join('(?)' for _ in key_ids)}) SELECT {group}, {_COLUMNS.format(t='m', requests='m.requests', errors='m.errors')}"
+        f" FROM w JOIN usage_key_model m ON m.key_id = w.key_id GROUP BY {group}"
+    )
+    await _collect(db, sql, key_ids, 3 if by_model else 1, totals)
+
+
+async def _ranged_totals(db: aiosqlite.Connection, windows: list[Window], by_model: bool, totals: dict[tuple[str, ...], Totals]) -> None:
+    chunk = [_split(w) for w in windows]
+    params = [value for row in chunk for value in row]
+    cte = f"WITH w(key_id, lo_from, lo_to, day_from, day_to, hi_from, hi_to) AS (VALUES {', '.join('(?, ?, ?, ?, ?, ?, ?)' for _ in chunk)}) "
+    raw_group = "w.key_id, u.model, u.cost_type" if by_model else "w.key_id"
+    raw = _COLUMNS.format(t="u", requests="1", errors="(u.status = 'error')")
+    if by_model:
+        days = f"SELECT w.key_id, d.model, d.cost_type, {_COLUMNS.format(t='d', requests='d.requests', errors='d.errors')} FROM w JOIN usage_daily d"
+        days_group = "w.key_id, d.model, d.cost_type"
+    else:
+        days = f"SELECT w.key_id, {_KEY_DAY_COLUMNS} FROM w JOIN usage_key_day d"
+        days_group = "w.key_id"
+    queries = (
+        f"SELECT {raw_group}, {raw} FROM w JOIN usage u ON u.key_id = w.key_id AND u.ts >= w.lo_from AND u.ts < w.lo_to GROUP BY {raw_group}",
+        f"{days} ON d.key_id = w.key_id AND d.day >= w.day_from AND (w.day_to IS NULL OR d.day < w.day_to) WHERE w.day_from IS NOT NULL GROUP BY {days_group}",
+        f"SELECT {raw_group}, {raw} FROM w JOIN usage u ON u.key_id = w.key_id AND u.ts >= w.hi_from AND u.ts < w.hi_to WHERE w.hi_from IS NOT NULL GROUP BY {raw_group}",
+    )
+    for sql in queries:
+        await _collect(db, cte + sql, params, 3 if by_model else 1, totals)
+
+
+async def _collect(db: aiosqlite.Connection, sql: str, params: list[Any], width: int, totals: dict[tuple[str, ...], Totals]) -> None:
+    async with db.execute(sql, params) as cursor:
+        async for row in cursor:
+            totals.setdefault(tuple(row[:width]), Totals()).add([value or 0 for value in row[width:]])
 
 
 async def grant_totals(db: aiosqlite.Connection, windows: Iterable[Window]) -> dict[str, tuple[int, int]]:

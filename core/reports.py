@@ -1,7 +1,7 @@
 """Read-only queries behind the web pages and CSV exports.
 
-Aggregates come from the `usage_daily` rollup (bounded by keys, days and models, never by
-the size of the log); the request log is read a page at a time through the (key, time)
+Aggregates come from the rollup tables (sized by keys, days and models, never by the size
+of the log); the request log is read a page at a time through the (key, time)
 index; exports stream rows with a cursor instead of loading them.
 """
 
@@ -34,17 +34,20 @@ def month_start(now: float | None = None) -> str:
     return today(now)[:8] + "01"
 
 
+def this_month(now: float | None = None) -> str:
+    return today(now)[:7]
+
+
 async def daily_series(ledger: SqliteLedger, key_id: str | None, days: int = 30, now: float | None = None) -> list[DayPoint]:
     """One point per UTC day for the last `days` days, today included, zeros filled in."""
     await ledger.flush()
     end = day_start(time.time() if now is None else now)
     labels = [utc_day(end - DAY * offset) for offset in range(days - 1, -1, -1)]
-    sql = "SELECT day, SUM(requests), SUM(cost_nanos) FROM usage_daily WHERE day >= ?"
-    params: list[Any] = [labels[0]]
-    if key_id is not None:
-        sql += " AND key_id = ?"
-        params.append(key_id)
-    async with ledger.reader.execute(sql + " GROUP BY day", params) as cursor:
+    if key_id is None:
+        sql, params = "SELECT day, SUM(requests), SUM(cost_nanos) FROM usage_day_model WHERE day >= ? GROUP BY day", [labels[0]]
+    else:
+        sql, params = "SELECT day, requests, cost_nanos FROM usage_key_day WHERE key_id = ? AND day >= ?", [key_id, labels[0]]
+    async with ledger.reader.execute(sql, params) as cursor:
         found = {row[0]: (row[1], row[2]) for row in await cursor.fetchall()}
     return [DayPoint(day, *found.get(day, (0, 0))) for day in labels]
 
@@ -52,35 +55,46 @@ async def daily_series(ledger: SqliteLedger, key_id: str | None, days: int = 30,
 async def totals_since(ledger: SqliteLedger, since_day: str, key_id: str | None = None) -> tuple[int, int]:
     """(requests, cost in nanos) from the start of `since_day` until now."""
     await ledger.flush()
-    sql = "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(cost_nanos), 0) FROM usage_daily WHERE day >= ?"
-    params: list[Any] = [since_day]
-    if key_id is not None:
-        sql += " AND key_id = ?"
-        params.append(key_id)
+    if key_id is None:
+        sql, params = "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(cost_nanos), 0) FROM usage_day_model WHERE day >= ?", [since_day]
+    else:
+        sql, params = "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(cost_nanos), 0) FROM usage_key_day WHERE key_id = ? AND day >= ?", [key_id, since_day]
     async with ledger.reader.execute(sql, params) as cursor:
         row = await cursor.fetchone()
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
-async def by_key_since(ledger: SqliteLedger, since_day: str) -> dict[str, tuple[int, int]]:
-    """key id → (requests, cost in nanos) since the start of `since_day`."""
+async def by_key_in_month(ledger: SqliteLedger, month: str) -> dict[str, tuple[int, int]]:
+    """key id → (requests, cost in nanos) in the month `YYYY-MM`."""
     await ledger.flush()
-    sql = "SELECT key_id, SUM(requests), SUM(cost_nanos) FROM usage_daily WHERE day >= ? GROUP BY key_id"
-    async with ledger.reader.execute(sql, (since_day,)) as cursor:
+    async with ledger.reader.execute("SELECT key_id, requests, cost_nanos FROM usage_key_month WHERE month = ?", (month,)) as cursor:
         return {row[0]: (row[1], row[2]) for row in await cursor.fetchall()}
+
+
+async def by_key_on_day(ledger: SqliteLedger, day: str) -> dict[str, tuple[int, int]]:
+    """key id → (requests, cost in nanos) on one UTC day."""
+    await ledger.flush()
+    async with ledger.reader.execute("SELECT key_id, requests, cost_nanos FROM usage_key_day WHERE day = ?", (day,)) as cursor:
+        return {row[0]: (row[1], row[2]) for row in await cursor.fetchall()}
+
+
+async def top_keys_in_month(ledger: SqliteLedger, month: str, limit: int = 5) -> list[tuple[str, int, int]]:
+    """(key id, requests, cost in nanos), most expensive first."""
+    await ledger.flush()
+    sql = "SELECT key_id, requests, cost_nanos FROM usage_key_month WHERE month = ? ORDER BY cost_nanos DESC, requests DESC LIMIT ?"
+    async with ledger.reader.execute(sql, (month, limit)) as cursor:
+        return [(row[0], row[1], row[2]) for row in await cursor.fetchall()]
 
 
 async def top_models(ledger: SqliteLedger, since_day: str, key_id: str | None = None, limit: int = 5) -> list[tuple[str, int, int]]:
     """(model, requests, cost in nanos), most expensive first."""
     await ledger.flush()
-    sql = "SELECT model, SUM(requests), SUM(cost_nanos) FROM usage_daily WHERE day >= ?"
-    params: list[Any] = [since_day]
-    if key_id is not None:
-        sql += " AND key_id = ?"
-        params.append(key_id)
+    if key_id is None:
+        sql, params = "SELECT model, SUM(requests), SUM(cost_nanos) FROM usage_day_model WHERE day >= ?", [since_day]
+    else:
+        sql, params = "SELECT model, SUM(requests), SUM(cost_nanos) FROM usage_daily WHERE key_id = ? AND day >= ?", [key_id, since_day]
     sql += " GROUP BY model ORDER BY SUM(cost_nanos) DESC, SUM(requests) DESC LIMIT ?"
-    params.append(limit)
-    async with ledger.reader.execute(sql, params) as cursor:
+    async with ledger.reader.execute(sql, [*params, limit]) as cursor:
         return [(row[0], row[1], row[2]) for row in await cursor.fetchall()]
 
 

@@ -20,7 +20,8 @@ import aiosqlite
 from core.config_billing import KeyBilling
 from core.ledger import COUNT_CREDITS, CREDITS, Account, Grant, InsufficientBalance, Reservation, UsageRecord
 from core.ledger_schema import migrate
-from core.ledger_sums import Totals, Window, grant_totals, utc_day, window_totals
+from core.ledger_sums import Totals, Window, grant_totals, window_totals
+from core.rollups import rollup_statements
 
 log = logging.getLogger("tollgate.ledger")
 
@@ -30,12 +31,6 @@ _INSERT_USAGE = """INSERT INTO usage (request_id, ts, key_id, key_name, model, p
     completion_tokens, cached_tokens, cost_type, unit_prices, cost_nanos, count_charged, status)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 _INSERT_GRANT = "INSERT OR IGNORE INTO grants (key_id, kind, amount, reason, idempotency_key, ts) VALUES (?, ?, ?, ?, ?, ?)"
-_UPSERT_DAILY = """INSERT INTO usage_daily (key_id, day, model, cost_type, requests, prompt_tokens, completion_tokens, cached_tokens,
-    cost_nanos, count_charged, errors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-    ON CONFLICT (key_id, day, model, cost_type) DO UPDATE SET requests = requests + excluded.requests,
-    prompt_tokens = prompt_tokens + excluded.prompt_tokens, completion_tokens = completion_tokens + excluded.completion_tokens,
-    cached_tokens = cached_tokens + excluded.cached_tokens, cost_nanos = cost_nanos + excluded.cost_nanos,
-    count_charged = count_charged + excluded.count_charged, errors = errors + excluded.errors"""
 
 
 class LedgerUnavailable(Exception):
@@ -252,7 +247,8 @@ class SqliteLedger:
         try:
             if records:
                 await self.db.executemany(_INSERT_USAGE, [_usage_row(record) for record in records])
-                await self.db.executemany(_UPSERT_DAILY, _daily_rows(records))
+                for sql, rows in rollup_statements(records):
+                    await self.db.executemany(sql, rows)
             for item in items:
                 if isinstance(item, _GrantItem):
                     g = item.grant
@@ -306,18 +302,3 @@ def _usage_row(record: UsageRecord) -> tuple[Any, ...]:
     row = list(astuple(record))
     row[11] = json.dumps(record.unit_prices, separators=(",", ":"))
     return tuple(row)
-
-
-def _daily_rows(records: list[UsageRecord]) -> list[tuple[Any, ...]]:
-    """The batch's records summed per key, UTC day, model and cost type."""
-    sums: dict[tuple[str, str, str, str], list[int]] = {}
-    for r in records:
-        row = sums.setdefault((r.key_id, utc_day(r.ts), r.model, r.cost_type), [0] * 7)
-        row[0] += 1
-        row[1] += r.prompt_tokens
-        row[2] += r.completion_tokens
-        row[3] += r.cached_tokens
-        row[4] += r.cost_nanos
-        row[5] += r.count_charged
-        row[6] += r.status == "error"
-    return [(*key, *values) for key, values in sums.items()]

@@ -114,8 +114,6 @@ async def overview(request: Request) -> Response:
     ledger: SqliteLedger = request.app.state.ledger
     store: ConfigStore = request.app.state.store
     today, month = reports.today(), reports.month_start()
-    by_key = await reports.by_key_since(ledger, month)
-    top_keys = sorted(by_key.items(), key=lambda item: (-item[1][1], -item[1][0]))[:5]
     names = {k.id: k.name for k in config.keys}
     error = store.last_error
     return render(
@@ -126,7 +124,8 @@ async def overview(request: Request) -> Response:
         today=_pair(await reports.totals_since(ledger, today)),
         month=_pair(await reports.totals_since(ledger, month)),
         top_keys=[
-            {"id": kid, "name": names.get(kid, kid[:8] + " (removed)"), "requests": r, "cost": money(c), "known": kid in names} for kid, (r, c) in top_keys
+            {"id": kid, "name": names.get(kid, kid[:8] + " (removed)"), "requests": r, "cost": money(c), "known": kid in names}
+            for kid, r, c in await reports.top_keys_in_month(ledger, reports.this_month())
         ],
         top_models=[{"model": m, "requests": r, "cost": money(c)} for m, r, c in await reports.top_models(ledger, month)],
         trend=chart(await reports.daily_series(ledger, None)),
@@ -149,8 +148,8 @@ async def billing_tab(request: Request) -> Response:
     descending = params.get("dir") == "desc"
     keys = [k for k in config.keys if not query or query in k.name.lower() or query in k.masked.lower() or k.id.startswith(query)]
     accounts = await ledger.accounts([(k.id, k.billing) for k in keys])
-    month = await reports.by_key_since(ledger, reports.month_start())
-    today = await reports.by_key_since(ledger, reports.today())
+    month = await reports.by_key_in_month(ledger, reports.this_month())
+    today = await reports.by_key_on_day(ledger, reports.today())
     rows = [key_row(config, k, accounts[k.id], month.get(k.id, (0, 0)), today.get(k.id, (0, 0))) for k in keys]
     rows.sort(key=lambda row: row.sort[sort], reverse=descending)
     page, pages = _page(params.get("page"), len(rows))
