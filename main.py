@@ -50,9 +50,12 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         gc.freeze()  # the loaded config is long-lived: keep full collections from re-scanning it
         stop = asyncio.Event()
         watcher = asyncio.create_task(store.watch(stop)) if watch else None
+        # Rebuild every key's balance from the ledger now rather than on its first request.
+        warm_up = asyncio.create_task(ledger.accounts([(key.id, key.billing) for key in store.current.keys]))
         try:
             yield
         finally:
+            warm_up.cancel()
             stop.set()
             if watcher is not None:
                 watcher.cancel()

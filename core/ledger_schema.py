@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import aiosqlite
+
+log = logging.getLogger("tollgate.ledger")
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -115,6 +119,7 @@ async def migrate(db: aiosqlite.Connection) -> int:
     if version > SCHEMA_VERSION:
         raise SchemaError(f"database schema version {version} is newer than this Tollgate ({SCHEMA_VERSION})")
     for target in range(version + 1, SCHEMA_VERSION + 1):
+        log.info("migrating the ledger to schema version %d (a large ledger takes a while, once)", target)
         await db.execute("BEGIN IMMEDIATE")
         try:
             for statement in MIGRATIONS[target].split(";"):

@@ -90,11 +90,12 @@ async def window_totals(db: aiosqlite.Connection, windows: Iterable[Window], by_
 
 async def _all_time_totals(db: aiosqlite.Connection, key_ids: list[str], by_model: bool, totals: dict[tuple[str, ...], Totals]) -> None:
     """Windows from the beginning: the per key and model rollup holds the answer."""
-    group = "m.key_id, m.model, m.cost_type" if by_model else "m.key_id"
-    sql = (
-        f"WITH w(key_id) AS (VALUES {', '.join('(?)' for _ in key_ids)}) SELECT {group}, {_COLUMNS.format(t='m', requests='m.requests', errors='m.errors')}"
-        f" FROM w JOIN usage_key_model m ON m.key_id = w.key_id GROUP BY {group}"
-    )
+    cte = f"WITH w(key_id) AS (VALUES {', '.join('(?)' for _ in key_ids)}) "
+    if by_model:  # one rollup row per (key, model, cost type) already: nothing to group
+        columns = "m.requests, m.prompt_tokens, m.completion_tokens, m.cached_tokens, m.cost_nanos, CASE WHEN m.cost_type = 'token' THEN m.cost_nanos ELSE 0 END, m.count_charged, m.errors"
+        sql = f"{cte}SELECT m.key_id, m.model, m.cost_type, {columns} FROM w CROSS JOIN usage_key_model m ON m.key_id = w.key_id"
+    else:
+        sql = f"{cte}SELECT m.key_id, {_COLUMNS.format(t='m', requests='m.requests', errors='m.errors')} FROM w CROSS JOIN usage_key_model m ON m.key_id = w.key_id GROUP BY m.key_id"
     await _collect(db, sql, key_ids, 3 if by_model else 1, totals)
 
 
@@ -105,15 +106,15 @@ async def _ranged_totals(db: aiosqlite.Connection, windows: list[Window], by_mod
     raw_group = "w.key_id, u.model, u.cost_type" if by_model else "w.key_id"
     raw = _COLUMNS.format(t="u", requests="1", errors="(u.status = 'error')")
     if by_model:
-        days = f"SELECT w.key_id, d.model, d.cost_type, {_COLUMNS.format(t='d', requests='d.requests', errors='d.errors')} FROM w JOIN usage_daily d"
+        days = f"SELECT w.key_id, d.model, d.cost_type, {_COLUMNS.format(t='d', requests='d.requests', errors='d.errors')} FROM w CROSS JOIN usage_daily d"
         days_group = "w.key_id, d.model, d.cost_type"
     else:
-        days = f"SELECT w.key_id, {_KEY_DAY_COLUMNS} FROM w JOIN usage_key_day d"
+        days = f"SELECT w.key_id, {_KEY_DAY_COLUMNS} FROM w CROSS JOIN usage_key_day d"
         days_group = "w.key_id"
     queries = (
-        f"SELECT {raw_group}, {raw} FROM w JOIN usage u ON u.key_id = w.key_id AND u.ts >= w.lo_from AND u.ts < w.lo_to GROUP BY {raw_group}",
+        f"SELECT {raw_group}, {raw} FROM w CROSS JOIN usage u ON u.key_id = w.key_id AND u.ts >= w.lo_from AND u.ts < w.lo_to GROUP BY {raw_group}",
         f"{days} ON d.key_id = w.key_id AND d.day >= w.day_from AND (w.day_to IS NULL OR d.day < w.day_to) WHERE w.day_from IS NOT NULL GROUP BY {days_group}",
-        f"SELECT {raw_group}, {raw} FROM w JOIN usage u ON u.key_id = w.key_id AND u.ts >= w.hi_from AND u.ts < w.hi_to WHERE w.hi_from IS NOT NULL GROUP BY {raw_group}",
+        f"SELECT {raw_group}, {raw} FROM w CROSS JOIN usage u ON u.key_id = w.key_id AND u.ts >= w.hi_from AND u.ts < w.hi_to WHERE w.hi_from IS NOT NULL GROUP BY {raw_group}",
     )
     for sql in queries:
         await _collect(db, cte + sql, params, 3 if by_model else 1, totals)
@@ -121,8 +122,9 @@ async def _ranged_totals(db: aiosqlite.Connection, windows: list[Window], by_mod
 
 async def _collect(db: aiosqlite.Connection, sql: str, params: list[Any], width: int, totals: dict[tuple[str, ...], Totals]) -> None:
     async with db.execute(sql, params) as cursor:
-        async for row in cursor:
-            totals.setdefault(tuple(row[:width]), Totals()).add([value or 0 for value in row[width:]])
+        rows = await cursor.fetchall()  # one hop to the database thread, not one per row
+    for row in rows:
+        totals.setdefault(tuple(row[:width]), Totals()).add([value or 0 for value in row[width:]])
 
 
 async def grant_totals(db: aiosqlite.Connection, windows: Iterable[Window]) -> dict[str, tuple[int, int]]:
@@ -136,9 +138,9 @@ async def grant_totals(db: aiosqlite.Connection, windows: Iterable[Window]) -> d
         sql = (
             f"WITH w(key_id, since) AS (VALUES {values}) SELECT w.key_id,"
             " COALESCE(SUM(CASE WHEN g.kind = 'credits' THEN g.amount END), 0), COALESCE(SUM(CASE WHEN g.kind = 'count_credits' THEN g.amount END), 0)"
-            " FROM w JOIN grants g ON g.key_id = w.key_id AND g.ts >= w.since GROUP BY w.key_id"
+            " FROM w CROSS JOIN grants g ON g.key_id = w.key_id AND g.ts >= w.since GROUP BY w.key_id"
         )
         async with db.execute(sql, params) as cursor:
-            async for row in cursor:
+            for row in await cursor.fetchall():
                 result[row[0]] = (row[1], row[2])
     return result
