@@ -10,7 +10,8 @@ import logging
 import os
 import secrets
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -35,8 +36,10 @@ from routes._web_auth import LoginRequired
 log = logging.getLogger("tollgate")
 
 
-def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db", *, watch: bool = True) -> Starlette:
-    """Build the app on a config file; raises ConfigError if the file cannot be loaded."""
+def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db", *, watch: bool = True, clock: Callable[[], float] = time.time) -> Starlette:
+    """Build the app on a config file; raises ConfigError if the file cannot be loaded.
+
+    `clock` is the time every limit, budget period and ledger row uses (tests move it)."""
     store = ConfigStore(config_path, load_config(config_path))
 
     @contextlib.asynccontextmanager
@@ -46,7 +49,8 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         http = create_http_session()
         app.state.store = store
         app.state.ledger = ledger
-        app.state.gateway = Gateway(http, Scheduler(), BillingMeter(ledger))
+        app.state.clock = clock
+        app.state.gateway = Gateway(http, Scheduler(), BillingMeter(ledger, clock))
         gc.freeze()  # the loaded config is long-lived: keep full collections from re-scanning it
         stop = asyncio.Event()
         watcher = asyncio.create_task(store.watch(stop)) if watch else None

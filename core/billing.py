@@ -2,22 +2,26 @@
 
 Token-billed requests reserve an estimate (prompt estimate + `max_tokens`, or the
 configured default, at the model's prices); count-billed requests reserve one count
-credit. Settlement charges what the upstream reported and frees the reservation.
+credit. The key's limits (core/limits.py) are checked and held in the same synchronous
+step. Settlement charges what the upstream reported and frees every hold.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 
 from core.config import ApiKey, Config
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
-from core.ledger import COUNT_CREDITS, InsufficientBalance, Ledger, Reservation, UsageRecord
+from core.ledger import COUNT_CREDITS, Account, InsufficientBalance, Reservation, UsageRecord
+from core.limits import Holds, Limiter
 from core.metering import ERROR, OK, Outcome
 from core.pricing import COUNT, PriceBook, from_nanos, to_nanos
 from core.proxy import ProxyRequest
+from core.sqlite_ledger import SqliteLedger
 from core.usage import Usage, estimate_prompt_tokens
 
 ESTIMATED = "estimated"
@@ -36,57 +40,83 @@ def format_usd(nanos: int) -> str:
 
 
 class BillingMeter:
-    """The Meter that charges keys through the ledger."""
+    """The Meter that charges keys through the ledger and enforces their limits."""
 
-    def __init__(self, ledger: Ledger):
+    def __init__(self, ledger: SqliteLedger, clock: Callable[[], float] = time.time):
         self.ledger = ledger
+        self.clock = clock
+        self.limiter = Limiter(ledger, clock)
 
     async def admit(self, config: Config, key: ApiKey, request: ProxyRequest) -> BillingTicket:
+        now = self.clock()
         prices = config.preferences.prices
-        terms = key.billing
+        terms, limits = key.billing, key.limits
         cost_type = prices.cost_type(terms.mode, request.model)
+        account = await self.ledger.account(key.id, terms)
+        if limits.period_limits:
+            await self.limiter.prepare(key, now)
+        # No await from here on: every limit and the balance are checked and held in one step.
+        metered = limits.meters_anything
+        needs_estimate = metered or (cost_type != COUNT and not terms.unlimited_credits)
+        prompt, completion = self._token_estimate(config, request) if needs_estimate else (0, 0)
+        if cost_type == COUNT:
+            nanos = to_nanos(prices.count_price(request.model))
+        else:
+            nanos = to_nanos(prices.token_price(request.model).estimate(prompt, completion)) if needs_estimate else 0
+        holds = self.limiter.acquire(key, account, nanos, prompt + completion, now) if metered else None
         try:
             if cost_type == COUNT:
-                reservation = await self.ledger.reserve(key.id, terms, 0, 1)
+                reservation = self.ledger.hold(account, terms, 0, 1)
             else:
-                reservation = await self.ledger.reserve(key.id, terms, self._token_estimate(config, terms, request), 0)
+                reservation = self.ledger.hold(account, terms, 0 if terms.unlimited_credits else nanos, 0)
         except InsufficientBalance as exc:
+            if holds is not None:
+                self.limiter.release(holds, 0, 0, now, counted=False)
             raise exhausted(exc.kind) from None
-        return BillingTicket(self.ledger, key, terms, prices, request, cost_type, reservation)
+        return BillingTicket(self, key, terms, prices, request, cost_type, reservation, holds)
 
     async def record_external(self, config: Config, key: ApiKey, model: str, usage: Usage, provider: str) -> int:
         """Charge usage that happened elsewhere; it already happened, so no balance check."""
         account = await self.ledger.account(key.id, key.billing)
         request = ProxyRequest("chat/completions", {}, model, False, f"ext_{uuid.uuid4().hex}")
         cost_type = config.preferences.prices.cost_type(key.billing.mode, model)
-        ticket = BillingTicket(self.ledger, key, key.billing, config.preferences.prices, request, cost_type, Reservation(account, 0, 0))
+        ticket = BillingTicket(self, key, key.billing, config.preferences.prices, request, cost_type, Reservation(account, 0, 0), None)
         headers = ticket.settle(Outcome(provider, model, usage, OK))
         return to_nanos(Decimal(headers["x-tollgate-cost"]))
 
     @staticmethod
-    def _token_estimate(config: Config, terms: KeyBilling, request: ProxyRequest) -> int:
-        if terms.unlimited_credits:
-            return 0
+    def _token_estimate(config: Config, request: ProxyRequest) -> tuple[int, int]:
+        """(prompt, completion) tokens this request may use at most, as far as we can tell."""
         body = request.body
         completion = 0
         if request.endpoint != "embeddings":
             limit = body.get("max_completion_tokens") or body.get("max_tokens")
             completion = limit if isinstance(limit, int) and limit > 0 else config.preferences.reserve_completion_tokens
-        price = config.preferences.prices.token_price(request.model)
-        return to_nanos(price.estimate(estimate_prompt_tokens(body), completion))
+        return estimate_prompt_tokens(body), completion
 
 
 class BillingTicket:
-    __slots__ = ("cost_type", "key", "ledger", "prices", "request", "reservation", "terms")
+    __slots__ = ("cost_type", "holds", "key", "meter", "prices", "request", "reservation", "terms")
 
-    def __init__(self, ledger: Ledger, key: ApiKey, terms: KeyBilling, prices: PriceBook, request: ProxyRequest, cost_type: str, reservation: Reservation):
-        self.ledger = ledger
+    def __init__(
+        self,
+        meter: BillingMeter,
+        key: ApiKey,
+        terms: KeyBilling,
+        prices: PriceBook,
+        request: ProxyRequest,
+        cost_type: str,
+        reservation: Reservation,
+        holds: Holds | None,
+    ):
+        self.meter = meter
         self.key = key
         self.terms = terms
         self.prices = prices
         self.request = request
         self.cost_type = cost_type
         self.reservation = reservation
+        self.holds = holds
 
     def settle(self, outcome: Outcome) -> dict[str, str]:
         model = self.request.model
@@ -101,11 +131,26 @@ class BillingTicket:
                 unit_prices["cache_read"] = str(token_price.cache_read)
         status = ESTIMATED if outcome.status == OK and outcome.usage.estimated else outcome.status
         cost_nanos = to_nanos(cost)
-        self.ledger.settle(self.reservation, self._record(outcome.provider, outcome.upstream_model, outcome.usage, unit_prices, cost_nanos, count, status))
-        return self.headers(cost_nanos)
+        record = self._record(outcome.provider, outcome.upstream_model, outcome.usage, unit_prices, cost_nanos, count, status)
+        self.meter.ledger.settle(self.reservation, record)
+        if self.holds is not None:
+            self.meter.limiter.release(self.holds, cost_nanos, outcome.usage.total_tokens, record.ts)
+        return {**self.headers(cost_nanos), **self.start_headers()}
 
     def release(self) -> None:
-        self.ledger.release(self.reservation, self._record("", "", Usage(), {}, 0, 0, ERROR))
+        record = self._record("", "", Usage(), {}, 0, 0, ERROR)
+        self.meter.ledger.release(self.reservation, record)
+        if self.holds is not None:
+            self.meter.limiter.release(self.holds, 0, 0, record.ts)
+
+    def start_headers(self) -> dict[str, str]:
+        if not self.key.limits.meters_anything:
+            return {}
+        return self.meter.limiter.headers(self.key, self.account, self.meter.clock())
+
+    @property
+    def account(self) -> Account:
+        return self.reservation.account
 
     def headers(self, cost_nanos: int) -> dict[str, str]:
         account = self.reservation.account
@@ -119,7 +164,7 @@ class BillingTicket:
     def _record(self, provider: str, upstream_model: str, usage: Usage, unit_prices: dict[str, str], cost_nanos: int, count: int, status: str) -> UsageRecord:
         return UsageRecord(
             request_id=self.request.request_id,
-            ts=time.time(),
+            ts=self.meter.clock(),
             key_id=self.key.id,
             key_name=self.key.name,
             model=self.request.model,

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from core.config_billing import DEFAULT_RESERVE_COMPLETION_TOKENS, KeyBilling, read_key_billing, read_price_book
+from core.config_limits import LIMIT_KEYS, AlertSettings, IPNetwork, KeyLimits, read_alerts, read_key_limits, read_networks, read_timezone
 from core.config_reader import Section, items_of
 from core.keys import KeyIndex, mask_key
 from core.lookup import PrefixTable
@@ -77,6 +79,7 @@ class ApiKey:
     role: str
     access: ModelAccess
     billing: KeyBilling = field(default_factory=KeyBilling)
+    limits: KeyLimits = field(default_factory=KeyLimits)
     line: int | None = None
 
     @property
@@ -96,6 +99,9 @@ class Preferences:
     max_request_body_bytes: int = DEFAULT_MAX_BODY
     prices: PriceBook = field(default_factory=lambda: build_price_book({}, {}, Decimal(0), True))
     reserve_completion_tokens: int = DEFAULT_RESERVE_COMPLETION_TOKENS
+    timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +149,7 @@ def _build(tree: Any, text: str, file: str, source_hash: str | None) -> Config:
     preferences, global_timeouts = _read_preferences(top.section("preferences"))
     providers, routes_by_provider = _read_providers(top, global_timeouts)
     routes = _index_routes(routes_by_provider)
-    keys = _read_keys(top, {p.name: p for p in providers}, routes)
+    keys = _read_keys(top, {p.name: p for p in providers}, routes, preferences)
     return Config(
         source=file,
         source_hash=source_hash or hashlib.sha256(text.encode()).hexdigest(),
@@ -178,6 +184,9 @@ def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]
         max_request_body_bytes=section.integer("max_request_body_bytes", DEFAULT_MAX_BODY, minimum=1),
         prices=read_price_book(section),
         reserve_completion_tokens=section.integer("reserve_completion_tokens", DEFAULT_RESERVE_COMPLETION_TOKENS),
+        timezone=read_timezone(section, "timezone"),
+        trusted_proxies=read_networks(section, "trusted_proxies"),
+        alerts=read_alerts(section, "alerts"),
     )
     return prefs, _read_timeouts(section)
 
@@ -321,7 +330,7 @@ def _index_routes(routes_by_provider: list[list[ModelRoute]]) -> dict[str, tuple
     return {name: tuple(routes) for name, routes in index.items()}
 
 
-def _read_keys(top: Section, providers: dict[str, Provider], routes: dict[str, tuple[ModelRoute, ...]]) -> list[ApiKey]:
+def _read_keys(top: Section, providers: dict[str, Provider], routes: dict[str, tuple[ModelRoute, ...]], preferences: Preferences) -> list[ApiKey]:
     keys: list[ApiKey] = []
     seen: set[str] = set()
     for index, node in items_of(top, "api_keys"):
@@ -332,7 +341,7 @@ def _read_keys(top: Section, providers: dict[str, Provider], routes: dict[str, t
             raise section.error("api", f"duplicate API key in {section.path} (keys must be unique)")
         seen.add(secret)
         prefs = section.section("preferences")
-        prefs.reject_unknown(("billing_mode", "credits", "count_credits", "created_at"))
+        prefs.reject_unknown(("billing_mode", "credits", "count_credits", "created_at", *LIMIT_KEYS))
         keys.append(
             ApiKey(
                 secret=secret,
@@ -341,6 +350,7 @@ def _read_keys(top: Section, providers: dict[str, Provider], routes: dict[str, t
                 role=section.choice("role", ("user", "admin"), "user"),
                 access=_read_access(section, providers, routes),
                 billing=read_key_billing(prefs),
+                limits=read_key_limits(prefs, preferences.timezone, preferences.alerts),
                 line=line_of(top.node["api_keys"], index),
             )
         )

@@ -35,17 +35,18 @@ class Account:
     count_used: int = 0
     total_cost_nanos: int = 0  # every charge, count-billed ones included
     request_count: int = 0
+    tokens_used: int = 0  # prompt + completion tokens: what a token quota counts
     granted_nanos: int = 0
     count_granted: int = 0
     reserved_nanos: int = 0
     reserved_count: int = 0
 
-    def charges(self) -> tuple[int, int, int, int]:
-        """The fields that settlements change, in the order of `add_charges`."""
-        return (self.spent_nanos, self.count_used, self.total_cost_nanos, self.request_count)
+    def charges(self) -> tuple[int, int, int, int, int]:
+        """The fields that settlements change."""
+        return (self.spent_nanos, self.count_used, self.total_cost_nanos, self.request_count, self.tokens_used)
 
-    def set_charges(self, values: tuple[int, int, int, int]) -> None:
-        self.spent_nanos, self.count_used, self.total_cost_nanos, self.request_count = values
+    def set_charges(self, values: tuple[int, int, int, int, int]) -> None:
+        self.spent_nanos, self.count_used, self.total_cost_nanos, self.request_count, self.tokens_used = values
 
     def remaining_nanos(self, terms: KeyBilling) -> int | None:
         if terms.credits_nanos is None:
@@ -100,6 +101,11 @@ class Ledger(Protocol):
 
     async def reserve(self, key_id: str, terms: KeyBilling, nanos: int, count: int) -> Reservation:
         """Hold `nanos` of USD credit and `count` count credits, or raise InsufficientBalance."""
+        ...
+
+    def hold(self, account: Account, terms: KeyBilling, nanos: int, count: int) -> Reservation:
+        """`reserve` for an account already at hand, without awaiting: lets billing check
+        several limits and hold them all in one step."""
         ...
 
     def settle(self, reservation: Reservation, record: UsageRecord) -> None:

@@ -41,6 +41,10 @@ class Ticket(Protocol):
         """Nothing was delivered: charge nothing and free the reservation."""
         ...
 
+    def start_headers(self) -> dict[str, str]:
+        """Headers known at admission (rate limits, quota), for responses sent before settling."""
+        ...
+
 
 class Meter(Protocol):
     async def admit(self, config: Config, key: ApiKey, request: ProxyRequest) -> Ticket: ...
@@ -54,6 +58,9 @@ class FreeTicket:
 
     def release(self) -> None:
         pass
+
+    def start_headers(self) -> dict[str, str]:
+        return {}
 
 
 class FreeMeter:

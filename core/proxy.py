@@ -32,9 +32,11 @@ class ProxyRequest:
     model: str
     stream: bool
     request_id: str
+    client_ip: str | None = None
+    user_agent: str | None = None
 
 
-def parse_proxy_request(endpoint: str, body: Any) -> ProxyRequest:
+def parse_proxy_request(endpoint: str, body: Any, client_ip: str | None = None, user_agent: str | None = None) -> ProxyRequest:
     """Check the few fields the gateway itself relies on; the upstream validates the rest."""
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", "invalid_body")
@@ -51,7 +53,7 @@ def parse_proxy_request(endpoint: str, body: Any) -> ProxyRequest:
         raise bad_request("The 'stream' field must be true or false.", "invalid_stream")
     if stream and endpoint == "embeddings":
         raise bad_request("Embeddings cannot be streamed.", "invalid_stream")
-    return ProxyRequest(endpoint, body, model, stream, f"req_{uuid.uuid4().hex}")
+    return ProxyRequest(endpoint, body, model, stream, f"req_{uuid.uuid4().hex}", client_ip, user_agent)
 
 
 @dataclass(slots=True)
@@ -78,7 +80,7 @@ class Gateway:
             ticket.release()
             raise
         if isinstance(answer, UpstreamStream):
-            return MeteredStream(answer, route, request, ticket)
+            return MeteredStream(answer, route, request, ticket, ticket.start_headers())
         usage = answer.usage or _estimate(request, answer.body)
         headers = ticket.settle(Outcome(route.provider.name, route.upstream_name, usage, OK))
         return CompletedCall(answer, route, headers)
@@ -119,10 +121,11 @@ def _estimate(request: ProxyRequest, body: bytes) -> Usage:
 class MeteredStream:
     """An upstream stream that settles its ticket exactly once, however it ends."""
 
-    def __init__(self, upstream: UpstreamStream, route: ModelRoute, request: ProxyRequest, ticket: Ticket):
+    def __init__(self, upstream: UpstreamStream, route: ModelRoute, request: ProxyRequest, ticket: Ticket, headers: dict[str, str]):
         self.upstream = upstream
         self.route = route
         self.request = request
+        self.headers = headers  # sent with the stream's start: limits and quota as admitted
         self._ticket: Ticket | None = ticket
 
     @property

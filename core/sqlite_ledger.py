@@ -42,7 +42,7 @@ class _Recount:
     """Rebuild accounts from the tables, in queue order: every row queued before this
     marker is committed and counted by the query, every row queued after it is not."""
 
-    accounts: list[tuple[Account, tuple[int, int, int, int]]]  # with their charges when queued
+    accounts: list[tuple[Account, tuple[int, int, int, int, int]]]  # with their charges when queued
     done: asyncio.Future[None]
 
 
@@ -126,8 +126,10 @@ class SqliteLedger:
         return [account for account, _ in marked]
 
     async def reserve(self, key_id: str, terms: KeyBilling, nanos: int, count: int) -> Reservation:
-        account = await self.account(key_id, terms)
-        # From here to the end there is no await: check and hold are one step on the loop.
+        return self.hold(await self.account(key_id, terms), terms, nanos, count)
+
+    def hold(self, account: Account, terms: KeyBilling, nanos: int, count: int) -> Reservation:
+        """Check and hold in one synchronous step: nothing else runs on the loop in between."""
         if count and account.remaining_count(terms) - account.reserved_count < count:
             raise InsufficientBalance(COUNT_CREDITS)
         remaining = account.remaining_nanos(terms)
@@ -145,6 +147,7 @@ class SqliteLedger:
         account.count_used += record.count_charged
         account.total_cost_nanos += record.cost_nanos
         account.request_count += 1
+        account.tokens_used += record.prompt_tokens + record.completion_tokens
         self._queue.put_nowait(record)
 
     def release(self, reservation: Reservation, record: UsageRecord | None = None) -> None:
@@ -274,17 +277,10 @@ class SqliteLedger:
             return
         for account, when_queued in item.accounts:
             t = totals.get((account.key_id,), Totals())
-            counted = (t.token_cost_nanos, t.count_charged, t.cost_nanos, t.requests)
+            counted = (t.token_cost_nanos, t.count_charged, t.cost_nanos, t.requests, t.prompt_tokens + t.completion_tokens)
             # Settlements queued after the marker are already in memory but not in the sums.
             now = account.charges()
-            account.set_charges(
-                (
-                    counted[0] + now[0] - when_queued[0],
-                    counted[1] + now[1] - when_queued[1],
-                    counted[2] + now[2] - when_queued[2],
-                    counted[3] + now[3] - when_queued[3],
-                )
-            )
+            account.set_charges(tuple(c + n - q for c, n, q in zip(counted, now, when_queued, strict=True)))  # type: ignore[arg-type]
             account.granted_nanos, account.count_granted = granted.get(account.key_id, (0, 0))
         if not item.done.done():
             item.done.set_result(None)

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from core.config import ApiKey, Config
 from core.errors import GatewayError, bad_request, forbidden, too_large, unauthorized
+from core.limits import check_access, client_ip
 
 log = logging.getLogger("tollgate.http")
 
@@ -33,11 +34,18 @@ def presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
+def caller_ip(request: Request, config: Config) -> str | None:
+    peer = request.client.host if request.client else None
+    return client_ip(peer, request.headers.get("x-forwarded-for"), config.preferences.trusted_proxies)
+
+
 def authenticate(request: Request, config: Config) -> ApiKey:
+    """The key presented, if it exists and may be used from here, now, by this client."""
     secret = presented_key(request)
     key = config.key_index.find(secret) if secret else None
     if key is None:
         raise unauthorized("Invalid API key." if secret else "Missing API key: send 'Authorization: Bearer <key>'.")
+    check_access(key, request.app.state.clock(), caller_ip(request, config), request.headers.get("user-agent"))
     return key
 
 

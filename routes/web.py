@@ -19,10 +19,11 @@ from core.config import ApiKey, Config
 from core.errors import GatewayError, forbidden, not_found
 from core.ledger import COUNT_CREDITS, CREDITS
 from core.ledger_sums import Window
+from core.limits import check_access
 from core.reload import ConfigStore
 from core.sqlite_ledger import SqliteLedger
 from routes import web_export
-from routes._http import current_config
+from routes._http import caller_ip, current_config
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
 from routes._web_auth import admin_visitor, signer, visitor
 from routes.web_views import MESSAGES, breakdown_rows, chart, grant_rows, key_row, log_rows, money, when
@@ -88,6 +89,10 @@ async def login(request: Request) -> Response:
     if key is None:
         await asyncio.sleep(WRONG_KEY_DELAY)  # slows down guessing without blocking anyone else
         return await login_page(request, "That key is not valid. Check it and try again.", status=401)
+    try:
+        check_access(key, request.app.state.clock(), caller_ip(request, config), request.headers.get("user-agent"))
+    except GatewayError as exc:
+        return await login_page(request, exc.message, status=exc.status)
     response = redirect("/admin" if key.is_admin else "/usage")
     set_cookie(request, response, SESSION_COOKIE, signer(request).dump(new_session(key.id)), SESSION_SECONDS)
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
