@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30)
+    # proxy_headers off: X-Forwarded-For is honoured only from `preferences.trusted_proxies`, by us.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30, proxy_headers=False)
     return 0
 
 

@@ -71,7 +71,7 @@ class BillingMeter:
                 reservation = self.ledger.hold(account, terms, 0 if terms.unlimited_credits else nanos, 0)
         except InsufficientBalance as exc:
             if holds is not None:
-                self.limiter.release(holds, 0, 0, now, counted=False)
+                self.limiter.release(holds, 0, 0, now, 0, counted=False)
             raise exhausted(exc.kind) from None
         return BillingTicket(self, key, terms, prices, request, cost_type, reservation, holds)
 
@@ -132,16 +132,16 @@ class BillingTicket:
         status = ESTIMATED if outcome.status == OK and outcome.usage.estimated else outcome.status
         cost_nanos = to_nanos(cost)
         record = self._record(outcome.provider, outcome.upstream_model, outcome.usage, unit_prices, cost_nanos, count, status)
-        self.meter.ledger.settle(self.reservation, record)
+        seq = self.meter.ledger.settle(self.reservation, record)
         if self.holds is not None:
-            self.meter.limiter.release(self.holds, cost_nanos, outcome.usage.total_tokens, record.ts)
+            self.meter.limiter.release(self.holds, cost_nanos, outcome.usage.total_tokens, record.ts, seq)
         return {**self.headers(cost_nanos), **self.start_headers()}
 
     def release(self) -> None:
         record = self._record("", "", Usage(), {}, 0, 0, ERROR)
-        self.meter.ledger.release(self.reservation, record)
+        seq = self.meter.ledger.release(self.reservation, record)
         if self.holds is not None:
-            self.meter.limiter.release(self.holds, 0, 0, record.ts)
+            self.meter.limiter.release(self.holds, 0, 0, record.ts, seq)
 
     def start_headers(self) -> dict[str, str]:
         if not self.key.limits.meters_anything:

@@ -175,6 +175,9 @@ def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]
             "model_price",
             "count_billing",
             "reserve_completion_tokens",
+            "timezone",
+            "trusted_proxies",
+            "alerts",
         )
     )
     prefs = Preferences(

@@ -108,11 +108,12 @@ class Ledger(Protocol):
         several limits and hold them all in one step."""
         ...
 
-    def settle(self, reservation: Reservation, record: UsageRecord) -> None:
-        """Release the hold and charge the record; durable at the next group commit."""
+    def settle(self, reservation: Reservation, record: UsageRecord) -> int:
+        """Release the hold and charge the record; durable at the next group commit.
+        Returns the record's position in the write order."""
         ...
 
-    def release(self, reservation: Reservation, record: UsageRecord | None = None) -> None:
+    def release(self, reservation: Reservation, record: UsageRecord | None = None) -> int:
         """Release the hold without charging (a zero-cost record may still be logged)."""
         ...
 

@@ -23,7 +23,7 @@ from core.config import ApiKey
 from core.config_limits import IPNetwork, PeriodLimit, RateRule
 from core.errors import GatewayError, forbidden
 from core.ledger import Account
-from core.ledger_sums import Window
+from core.ledger_sums import Window, window_totals
 from core.pricing import from_nanos
 from core.sqlite_ledger import SqliteLedger
 
@@ -100,11 +100,12 @@ class RateWindow:
 
 @dataclass(slots=True)
 class PeriodSpend:
-    """Spend in one budget period: what the ledger had when loaded, plus what settled since."""
+    """Spend in one budget period: what the ledger held up to a point in the write order
+    (`marker`), plus what settled after that point."""
 
     start: float
     end: float
-    loaded_at: float
+    marker: int = 0
     db_nanos: int = 0
     live_nanos: int = 0
     reserved_nanos: int = 0
@@ -154,23 +155,25 @@ class Limiter:
             start, end = period_bounds(limit.period, key.limits.timezone, now)
             spend = state.periods.get(limit.name)
             if spend is None or spend.start != start or spend.end != end:
-                spend = PeriodSpend(start, end, loaded_at=now, ready=asyncio.get_running_loop().create_future())
+                spend = PeriodSpend(start, end, ready=asyncio.get_running_loop().create_future())
                 state.periods[limit.name] = spend
-                await self._load(key, spend)  # concurrent requests wait on spend.ready meanwhile
+                await self._load(key, limit.name, spend)  # concurrent requests wait on spend.ready meanwhile
             if spend.ready is not None and not spend.ready.done():
                 await asyncio.shield(spend.ready)
             if spend.ready is not None:
                 spend.ready.result()
 
-    async def _load(self, key: ApiKey, spend: PeriodSpend) -> None:
+    async def _load(self, key: ApiKey, name: str, spend: PeriodSpend) -> None:
         assert spend.ready is not None
+        windows = [Window(key.id, max(spend.start, key.billing.created_at))]
+        spend.marker, result = self.ledger.query_in_order(lambda db: window_totals(db, windows))
         try:
-            since = max(spend.start, key.billing.created_at)
-            totals = await self.ledger.totals([Window(key.id, since, spend.loaded_at)])
+            totals = await result
             spend.db_nanos = totals[(key.id,)].cost_nanos if (key.id,) in totals else 0
             spend.ready.set_result(None)
         except Exception as exc:  # the next request tries again
-            self.state(key).periods.pop(next((n for n, s in self.state(key).periods.items() if s is spend), ""), None)
+            if self.state(key).periods.get(name) is spend:
+                del self.state(key).periods[name]
             spend.ready.set_exception(exc)
 
     def acquire(self, key: ApiKey, account: Account, nanos: int, tokens: int, now: float) -> Holds:
@@ -227,8 +230,9 @@ class Limiter:
             holds.periods.append((limit.name, state.periods[limit.name].start))
         return holds
 
-    def release(self, holds: Holds, cost_nanos: int, tokens: int, at: float, counted: bool = True) -> None:
-        """Free what the request held and record what it really used (once)."""
+    def release(self, holds: Holds, cost_nanos: int, tokens: int, at: float, seq: int, counted: bool = True) -> None:
+        """Free what the request held and record what it really used (once). `at` and `seq`
+        are the ledger record's time and position in the write order."""
         if not holds.open:
             return
         holds.open = False
@@ -247,7 +251,7 @@ class Limiter:
             if spend is not None and spend.start == start:
                 spend.reserved_nanos -= holds.nanos
         for spend in state.periods.values():
-            if spend.loaded_at <= at and spend.start <= at < spend.end:
+            if seq > spend.marker and spend.start <= at < spend.end:
                 spend.live_nanos += cost_nanos
 
     def _window(self, state: KeyState, kind: str, rule: RateRule, now: float) -> RateWindow:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -24,6 +24,7 @@ from core.ledger_sums import Totals, Window, grant_totals, window_totals
 from core.rollups import rollup_statements
 
 log = logging.getLogger("tollgate.ledger")
+T = TypeVar("T")
 
 MAX_BATCH = 2000
 
@@ -53,7 +54,15 @@ class _GrantItem:
     done: asyncio.Future[bool]
 
 
-_QueueItem = UsageRecord | _GrantItem | _Recount | asyncio.Future  # a bare future is a flush marker
+@dataclass(slots=True)
+class _InOrder:
+    """A read run by the writer at this point of the queue (see `query_in_order`)."""
+
+    query: Callable[[aiosqlite.Connection], Awaitable[Any]]
+    done: asyncio.Future[Any]
+
+
+_QueueItem = UsageRecord | _GrantItem | _Recount | _InOrder | asyncio.Future  # a bare future is a flush marker
 
 
 class SqliteLedger:
@@ -64,6 +73,7 @@ class SqliteLedger:
         self._ready: dict[str, asyncio.Future[None]] = {}
         self._queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        self._seq = 0  # position in the write queue of the last item queued
 
     @classmethod
     async def open(cls, path: str | Path) -> SqliteLedger:
@@ -122,7 +132,7 @@ class SqliteLedger:
             account.window_start = terms.created_at
             self._ready[key_id] = done
             marked.append((account, account.charges()))
-        self._queue.put_nowait(_Recount(marked, done))
+        self._enqueue(_Recount(marked, done))
         return [account for account, _ in marked]
 
     async def reserve(self, key_id: str, terms: KeyBilling, nanos: int, count: int) -> Reservation:
@@ -139,7 +149,18 @@ class SqliteLedger:
         account.reserved_count += count
         return Reservation(account, nanos, count)
 
-    def settle(self, reservation: Reservation, record: UsageRecord) -> None:
+    def _enqueue(self, item: _QueueItem) -> int:
+        self._seq += 1
+        self._queue.put_nowait(item)
+        return self._seq
+
+    def query_in_order(self, query: Callable[[aiosqlite.Connection], Awaitable[T]]) -> tuple[int, asyncio.Future[T]]:
+        """Run `query` once every item queued before it is committed and none after it is:
+        returns the queue position (what later settlements compare with) and the result."""
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        return self._enqueue(_InOrder(query, done)), done
+
+    def settle(self, reservation: Reservation, record: UsageRecord) -> int:
         self._unhold(reservation)
         account = reservation.account
         if record.cost_type == "token":
@@ -148,13 +169,14 @@ class SqliteLedger:
         account.total_cost_nanos += record.cost_nanos
         account.request_count += 1
         account.tokens_used += record.prompt_tokens + record.completion_tokens
-        self._queue.put_nowait(record)
+        return self._enqueue(record)
 
-    def release(self, reservation: Reservation, record: UsageRecord | None = None) -> None:
+    def release(self, reservation: Reservation, record: UsageRecord | None = None) -> int:
         self._unhold(reservation)
-        if record is not None:
-            reservation.account.request_count += 1
-            self._queue.put_nowait(record)
+        if record is None:
+            return self._seq
+        reservation.account.request_count += 1
+        return self._enqueue(record)
 
     @staticmethod
     def _unhold(reservation: Reservation) -> None:
@@ -167,7 +189,7 @@ class SqliteLedger:
         """Durable before it returns; the balance grows when the grant commits."""
         account = await self.account(grant.key_id, terms)
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_GrantItem(grant, account, done))
+        self._enqueue(_GrantItem(grant, account, done))
         return await done
 
     async def setting(self, name: str, make: Callable[[], str]) -> str:
@@ -185,7 +207,7 @@ class SqliteLedger:
         if self._writer is None or self._writer.done():
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(done)
+        self._enqueue(done)
         await done
 
     async def close(self) -> None:
@@ -215,6 +237,8 @@ class SqliteLedger:
                 pending = []
                 if isinstance(item, _Recount):
                     await self._run_recount(item)
+                elif isinstance(item, _InOrder):
+                    await self._run_in_order(item)
                 elif not item.done():
                     item.set_result(None)
             await self._commit_with_retry(pending)
@@ -262,6 +286,16 @@ class SqliteLedger:
             await self.db.execute("ROLLBACK")
             raise
         return applied
+
+    async def _run_in_order(self, item: _InOrder) -> None:
+        try:
+            result = await item.query(self.db)
+        except Exception as exc:
+            if not item.done.done():
+                item.done.set_exception(exc)
+            return
+        if not item.done.done():
+            item.done.set_result(result)
 
     async def _run_recount(self, item: _Recount) -> None:
         windows = [Window(account.key_id, account.window_start) for account, _ in item.accounts]
