@@ -28,7 +28,7 @@ from core.routing import Scheduler
 from core.sqlite_ledger import SqliteLedger
 from core.upstream import create_http_session
 from core.yamlsource import ConfigError
-from routes import admin, billing_admin, proxy, web
+from routes import admin, billing_admin, proxy, self_service, web
 from routes._http import error_response, http_error, on_unexpected_error
 from routes._session import SessionSigner
 from routes._web_auth import LoginRequired
@@ -69,14 +69,14 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             await ledger.close()  # flushes every queued ledger row
 
     return Starlette(
-        routes=[*proxy.routes, *admin.routes, *billing_admin.routes, *web.routes],
+        routes=[*proxy.routes, *admin.routes, *billing_admin.routes, *self_service.routes, *web.routes],
         lifespan=lifespan,
         exception_handlers={GatewayError: on_error, HTTPException: on_error, LoginRequired: to_login, Exception: on_unexpected_error},
     )
 
 
 def _is_page(request: Request) -> bool:
-    return not request.url.path.startswith(("/v1/", "/health"))
+    return not request.url.path.startswith(("/v1/", "/health", "/dashboard/"))
 
 
 async def on_error(request: Request, exc: Exception) -> Response:

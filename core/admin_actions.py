@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from decimal import Decimal, InvalidOperation
 
 from core.config import ApiKey
@@ -33,7 +32,7 @@ def parse_amount(raw: str, kind: str) -> Decimal:
     return amount
 
 
-async def add_credit(ledger: Ledger, key: ApiKey, kind: str, raw_amount: str, reason: str | None, idempotency_key: str | None) -> bool:
+async def add_credit(ledger: Ledger, key: ApiKey, kind: str, raw_amount: str, reason: str | None, idempotency_key: str | None, now: float) -> bool:
     """Grant USD credits or count credits; False when the idempotency key was used before."""
     if kind not in (CREDITS, COUNT_CREDITS):
         raise bad_request(f"Unknown credit kind '{kind}'.", "invalid_kind")
@@ -41,7 +40,7 @@ async def add_credit(ledger: Ledger, key: ApiKey, kind: str, raw_amount: str, re
     if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
         raise bad_request(f"The Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} characters.", "invalid_idempotency_key")
     units = to_nanos(amount) if kind == CREDITS else int(amount)
-    grant = Grant(key.id, kind, units, (reason or "admin top-up")[:MAX_REASON], idempotency_key, time.time())
+    grant = Grant(key.id, kind, units, (reason or "admin top-up")[:MAX_REASON], idempotency_key, now)
     return await ledger.grant(grant, key.billing)
 
 

@@ -133,12 +133,12 @@ async def grant_totals(db: aiosqlite.Connection, windows: Iterable[Window]) -> d
     windows = list(windows)
     for start in range(0, len(windows), MAX_WINDOWS_PER_QUERY):
         chunk = windows[start : start + MAX_WINDOWS_PER_QUERY]
-        values = ", ".join("(?, ?)" for _ in chunk)
-        params = [value for w in chunk for value in (w.key_id, w.since)]
+        values = ", ".join("(?, ?, ?)" for _ in chunk)
+        params = [value for w in chunk for value in (w.key_id, w.since, float("inf") if w.until is None else w.until)]
         sql = (
-            f"WITH w(key_id, since) AS (VALUES {values}) SELECT w.key_id,"
+            f"WITH w(key_id, since, until) AS (VALUES {values}) SELECT w.key_id,"
             " COALESCE(SUM(CASE WHEN g.kind = 'credits' THEN g.amount END), 0), COALESCE(SUM(CASE WHEN g.kind = 'count_credits' THEN g.amount END), 0)"
-            " FROM w CROSS JOIN grants g ON g.key_id = w.key_id AND g.ts >= w.since GROUP BY w.key_id"
+            " FROM w CROSS JOIN grants g ON g.key_id = w.key_id AND g.ts >= w.since AND g.ts < w.until GROUP BY w.key_id"
         )
         async with db.execute(sql, params) as cursor:
             for row in await cursor.fetchall():

@@ -98,6 +98,22 @@ async def top_models(ledger: SqliteLedger, since_day: str, key_id: str | None = 
         return [(row[0], row[1], row[2]) for row in await cursor.fetchall()]
 
 
+async def daily_model_costs(ledger: SqliteLedger, key_id: str, start_day: str, end_day: str, since: float = 0.0) -> dict[str, list[tuple[str, int]]]:
+    """UTC day → [(model, token-billed cost in nanos)] for days in [start_day, end_day) from
+    the day of `since` on (whole days: the legacy usage API's resolution)."""
+    await ledger.flush()
+    first = max(start_day, utc_day(since)) if since else start_day
+    sql = (
+        "SELECT day, model, SUM(cost_nanos) FROM usage_daily WHERE key_id = ? AND cost_type = 'token' AND day >= ? AND day < ?"
+        " GROUP BY day, model ORDER BY day, model"
+    )
+    result: dict[str, list[tuple[str, int]]] = {}
+    async with ledger.reader.execute(sql, (key_id, first, end_day)) as cursor:
+        for day, model, nanos in await cursor.fetchall():
+            result.setdefault(day, []).append((model, nanos))
+    return result
+
+
 async def request_log(ledger: SqliteLedger, key_id: str, before: float | None = None, limit: int = LOG_PAGE) -> list[dict[str, Any]]:
     """The newest requests of a key, older than `before` (keyset paging on the (key, ts) index)."""
     await ledger.flush()

@@ -321,6 +321,11 @@ class SqliteLedger:
 
     # --- reading ------------------------------------------------------------------------
 
+    async def grants_in(self, windows: list[Window]) -> dict[str, tuple[int, int]]:
+        """(credits in nanos, count credits) granted per key within each window."""
+        await self.flush()
+        return await grant_totals(self.reader, windows)
+
     async def totals(self, windows: list[Window], by_model: bool = False) -> dict[tuple[str, ...], Totals]:
         """Usage totals per key (or key, model and cost type) over each key's window; exact
         as of now, because everything queued is committed first."""

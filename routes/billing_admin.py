@@ -47,7 +47,9 @@ def _grant_endpoint(kind: str):  # type: ignore[no-untyped-def]
         key = _paid_key(request, config)
         ledger = request.app.state.ledger
         amount = request.query_params.get("amount", "")
-        applied = await add_credit(ledger, key, kind, amount, request.query_params.get("reason"), request.headers.get("idempotency-key") or None)
+        applied = await add_credit(
+            ledger, key, kind, amount, request.query_params.get("reason"), request.headers.get("idempotency-key") or None, request.app.state.clock()
+        )
         return JSONResponse({"applied": applied, "api_key_state": await key_state(config, ledger, key)})
 
     handle.__name__ = f"add_{kind}"

@@ -263,7 +263,13 @@ def _action(kind: str):  # type: ignore[no-untyped-def]
             else:
                 # The form's one-time token makes a double submit apply once, like the API's Idempotency-Key.
                 applied = await admin_actions.add_credit(
-                    request.app.state.ledger, key, kind, form.get("amount", ""), form.get("reason") or "web top-up", form.get("idempotency_key") or None
+                    request.app.state.ledger,
+                    key,
+                    kind,
+                    form.get("amount", ""),
+                    form.get("reason") or "web top-up",
+                    form.get("idempotency_key") or None,
+                    request.app.state.clock(),
                 )
                 done = ("credits_added" if kind == CREDITS else "count_credits_added") if applied else "already_applied"
         except GatewayError as exc:
