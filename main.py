@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from core.alerts import Alerts
 from core.billing import BillingMeter
 from core.config import load_config
 from core.errors import GatewayError
@@ -50,7 +51,11 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         app.state.store = store
         app.state.ledger = ledger
         app.state.clock = clock
-        app.state.gateway = Gateway(http, Scheduler(), BillingMeter(ledger, clock))
+        meter = BillingMeter(ledger, clock)
+        app.state.gateway = Gateway(http, Scheduler(), meter)
+        alerts = meter.alerts = app.state.alerts = Alerts(ledger, meter.limiter, clock, lambda: http)
+        await alerts.load()
+        alert_sender = asyncio.create_task(alerts.deliver_forever())
         gc.freeze()  # the loaded config is long-lived: keep full collections from re-scanning it
         stop = asyncio.Event()
         watcher = asyncio.create_task(store.watch(stop)) if watch else None
@@ -60,6 +65,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             yield
         finally:
             warm_up.cancel()
+            alert_sender.cancel()
             stop.set()
             if watcher is not None:
                 watcher.cancel()

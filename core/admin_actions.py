@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
 
+from core.alerts import Alerts
 from core.config import ApiKey
 from core.config_billing import BILLING_MODES
 from core.config_writer import ConfigWriteError, set_key_preference
 from core.errors import GatewayError, bad_request
-from core.ledger import COUNT_CREDITS, CREDITS, Grant, Ledger
+from core.ledger import COUNT_CREDITS, CREDITS, Grant
 from core.pricing import to_nanos
 from core.reload import ConfigStore
+from core.sqlite_ledger import SqliteLedger
 
 MAX_AMOUNT = Decimal(10) ** 9
 MAX_IDEMPOTENCY_KEY = 200
@@ -32,8 +34,11 @@ def parse_amount(raw: str, kind: str) -> Decimal:
     return amount
 
 
-async def add_credit(ledger: Ledger, key: ApiKey, kind: str, raw_amount: str, reason: str | None, idempotency_key: str | None, now: float) -> bool:
-    """Grant USD credits or count credits; False when the idempotency key was used before."""
+async def add_credit(
+    ledger: SqliteLedger, key: ApiKey, kind: str, raw_amount: str, reason: str | None, idempotency_key: str | None, now: float, alerts: Alerts | None = None
+) -> bool:
+    """Grant USD credits or count credits; False when the idempotency key was used before.
+    A top-up that lifts the key back under an alert threshold re-arms that alert."""
     if kind not in (CREDITS, COUNT_CREDITS):
         raise bad_request(f"Unknown credit kind '{kind}'.", "invalid_kind")
     amount = parse_amount(raw_amount, kind)
@@ -41,7 +46,10 @@ async def add_credit(ledger: Ledger, key: ApiKey, kind: str, raw_amount: str, re
         raise bad_request(f"The Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} characters.", "invalid_idempotency_key")
     units = to_nanos(amount) if kind == CREDITS else int(amount)
     grant = Grant(key.id, kind, units, (reason or "admin top-up")[:MAX_REASON], idempotency_key, now)
-    return await ledger.grant(grant, key.billing)
+    applied = await ledger.grant(grant, key.billing)
+    if alerts is not None:
+        alerts.check(key, await ledger.account(key.id, key.billing))
+    return applied
 
 
 async def set_billing_mode(store: ConfigStore, key: ApiKey, mode: str) -> ApiKey:

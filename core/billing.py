@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from decimal import Decimal
 
+from core.alerts import Alerts
 from core.config import ApiKey, Config
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
@@ -46,6 +47,7 @@ class BillingMeter:
         self.ledger = ledger
         self.clock = clock
         self.limiter = Limiter(ledger, clock)
+        self.alerts: Alerts | None = None  # set by the app once the sender runs
 
     async def admit(self, config: Config, key: ApiKey, request: ProxyRequest) -> BillingTicket:
         now = self.clock()
@@ -135,6 +137,8 @@ class BillingTicket:
         seq = self.meter.ledger.settle(self.reservation, record)
         if self.holds is not None:
             self.meter.limiter.release(self.holds, cost_nanos, outcome.usage.total_tokens, record.ts, seq)
+        if self.meter.alerts is not None:
+            self.meter.alerts.check(self.key, self.reservation.account)
         return {**self.headers(cost_nanos), **self.start_headers()}
 
     def release(self) -> None:

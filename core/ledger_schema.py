@@ -103,6 +103,32 @@ MIGRATIONS: dict[int, str] = {
         FROM usage_daily GROUP BY key_id, model, cost_type;
     INSERT INTO usage_day_model SELECT day, model, SUM(requests), SUM(cost_nanos) FROM usage_daily GROUP BY day, model;
     """,
+    # Threshold alerts: every event (and its delivery), and which crossings have fired, so a
+    # restart neither repeats an alert nor forgets one.
+    4: """
+    CREATE TABLE alert_events (
+        id INTEGER PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        key_name TEXT NOT NULL,
+        metric TEXT NOT NULL,
+        threshold REAL NOT NULL,
+        used TEXT NOT NULL,
+        limit_value TEXT NOT NULL,
+        ts REAL NOT NULL,
+        webhook_url TEXT,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+    );
+    CREATE INDEX alert_events_by_key ON alert_events (key_id, ts);
+    CREATE TABLE alert_fired (
+        key_id TEXT NOT NULL,
+        metric TEXT NOT NULL,
+        threshold REAL NOT NULL,
+        fired_at REAL NOT NULL,
+        PRIMARY KEY (key_id, metric, threshold)
+    ) WITHOUT ROWID;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -14,7 +14,8 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from core import admin_actions, reports
+from core import admin_actions, reports, statements
+from core.alerts import recent_alerts
 from core.config import ApiKey, Config
 from core.errors import GatewayError, forbidden, not_found
 from core.ledger import COUNT_CREDITS, CREDITS
@@ -26,7 +27,7 @@ from routes import web_export
 from routes._http import caller_ip, current_config
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
 from routes._web_auth import admin_visitor, signer, visitor
-from routes.web_views import MESSAGES, breakdown_rows, chart, grant_rows, key_row, log_rows, money, when
+from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, money, when
 
 WEB = Path(__file__).resolve().parent.parent / "web"
 PAGE_SIZE = 50
@@ -134,6 +135,7 @@ async def overview(request: Request) -> Response:
         ],
         top_models=[{"model": m, "requests": r, "cost": money(c)} for m, r, c in await reports.top_models(ledger, month)],
         trend=chart(await reports.daily_series(ledger, None)),
+        alerts=alert_rows(await recent_alerts(ledger, None, limit=10)),
         config={"loaded_at": when(config.loaded_at), "hash": config.source_hash[:12], "key_count": len(config.keys), "provider_count": len(config.providers)},
         reload_error=None if error is None else {"message": error.message, "at": when(error.at)},
     )
@@ -208,6 +210,10 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
     today = await reports.totals_since(ledger, reports.today(), key.id)
     before = _float(request.query_params.get("before"))
     log = await reports.request_log(ledger, key.id, before)
+    limiter = request.app.state.gateway.meter.limiter
+    now = request.app.state.clock()
+    if key.limits.period_limits:
+        await limiter.prepare(key, now)
     params = request.query_params
     return render(
         request,
@@ -227,6 +233,8 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
         log=log_rows(log),
         next_before=log[-1]["ts"] if len(log) == reports.LOG_PAGE else None,
         grants=grant_rows(await reports.grant_history(ledger, key.id)),
+        limits=limit_rows(statements.limits_status(key, account, limiter, now), statements.quota_status(key, account)),
+        alerts=alert_rows(await recent_alerts(ledger, key.id)),
         base_url=f"/admin/keys/{key.id}" if me.is_admin else "/usage",
         export_url=f"/admin/export/requests.csv?key={key.id}" if me.is_admin else "/usage/export/requests.csv",
         message=MESSAGES.get(params.get("done") or params.get("error") or ""),
@@ -270,6 +278,7 @@ def _action(kind: str):  # type: ignore[no-untyped-def]
                     form.get("reason") or "web top-up",
                     form.get("idempotency_key") or None,
                     request.app.state.clock(),
+                    request.app.state.alerts,
                 )
                 done = ("credits_added" if kind == CREDITS else "count_credits_added") if applied else "already_applied"
         except GatewayError as exc:

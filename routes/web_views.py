@@ -68,7 +68,9 @@ class KeyRow:
     sort: dict[str, Any]
 
 
-def status_of(mode: str, remaining: int | None, remaining_count: int) -> str:
+def status_of(mode: str, remaining: int | None, remaining_count: int, key: ApiKey | None = None, now: float | None = None) -> str:
+    if key is not None and (not key.limits.enabled or (key.limits.expires_at is not None and (now or time.time()) >= key.limits.expires_at)):
+        return "disabled"
     usd_gone = remaining is not None and remaining <= 0
     if mode == COUNT:
         return "exhausted" if remaining_count <= 0 else "active"
@@ -84,7 +86,7 @@ def key_row(config: Config, key: ApiKey, account: Account, month: tuple[int, int
     remaining_count = account.remaining_count(terms)
     given = None if terms.credits_nanos is None else terms.credits_nanos + account.granted_nanos
     given_count = terms.count_credits + account.count_granted
-    status = status_of(mode, remaining, remaining_count)
+    status = status_of(mode, remaining, remaining_count, key)
     return KeyRow(
         id=key.id,
         name=key.name,
@@ -177,6 +179,64 @@ def grant_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "time": when(row["ts"]),
             "amount": money(row["amount"]) if row["kind"] == "credits" else f"{row['amount']} count credits",
             "reason": row["reason"],
+        }
+        for row in rows
+    ]
+
+
+def limit_rows(status: list[dict[str, Any]], quota: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The key's limits for the page: what, how much is used, and when it resets."""
+    rows = []
+    if quota is not None:
+        unit = "$" if quota["type"] == "usd" else ""
+        rows.append(
+            {
+                "name": f"quota ({quota['type']})",
+                "used": f"{unit}{quota['used']}",
+                "limit": f"{unit}{quota['limit']}",
+                "pct": _pct(quota["used"], quota["limit"]),
+                "resets": "never",
+            }
+        )
+    for limit in status:
+        money_limit = limit["name"].endswith("cost_limit") or limit["name"] == "budget"
+        unit = "$" if money_limit else ""
+        label = {"rate_limit": f"requests {limit.get('rule', '')}", "token_rate_limit": f"tokens {limit.get('rule', '')}"}.get(
+            limit["name"], limit["name"].replace("_", " ")
+        )
+        if limit["name"] == "budget":
+            label = f"{limit['period']} budget"
+        resets = f"in {_duration(limit['reset_seconds'])}" if "reset_seconds" in limit else "when requests finish"
+        rows.append(
+            {"name": label, "used": f"{unit}{limit['used']}", "limit": f"{unit}{limit['limit']}", "pct": _pct(limit["used"], limit["limit"]), "resets": resets}
+        )
+    return rows
+
+
+def _pct(used: float, limit: float) -> int:
+    return 0 if not limit else max(0, min(100, round(used * 100 / limit)))
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
+def alert_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "time": when(row["ts"]),
+            "key_name": row["key_name"],
+            "text": f"{row['metric']} crossed {round(row['threshold'] * 100)}% ({row['used']} of {row['limit_value']})",
+            "status": row["status"],
+            "delivery": f"{row['attempts']} attempt{'s' if row['attempts'] != 1 else ''}" + (f", last error {row['last_error']}" if row["last_error"] else ""),
         }
         for row in rows
     ]

@@ -22,6 +22,7 @@ class ServerThread:
     """Runs an ASGI app under uvicorn in a background thread on a free port."""
 
     def __init__(self, app: Any):
+        self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -168,3 +169,36 @@ def held_stream(release: threading.Event, words: list[str]) -> Handler:
         return StreamingResponse(gen(), media_type="text/event-stream")
 
     return handler
+
+
+@dataclass
+class WebhookReceiver:
+    """Collects webhook POSTs; answers HTTP 500 to the first `fail_first` of them."""
+
+    received: list[dict[str, Any]] = field(default_factory=list)
+    attempts: int = 0
+    fail_first: int = 0
+    server: ServerThread | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"{self.server.url}/hook"
+
+    def app(self) -> Starlette:
+        async def hook(request: Request) -> Response:
+            self.attempts += 1
+            if self.attempts <= self.fail_first:
+                return Response("try later", status_code=500)
+            self.received.append(json.loads(await request.body()))
+            return Response(status_code=204)
+
+        return Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+
+    def wait_for(self, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {count} webhook calls, got {self.received}")
+            time.sleep(0.02)
+        return self.received

@@ -1,0 +1,229 @@
+"""Threshold alerts: when a key's credits, count credits, quota or a period budget crosses
+a configured fraction, record an event and POST it to the webhook, once per crossing.
+
+Checking is synchronous and cheap (it runs right after settlement); recording and delivery
+happen in the ledger's write order and a background task, never on the request's path. A
+top-up that lifts a key back under a threshold re-arms it; a new budget period is a new
+metric and starts armed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import aiosqlite
+
+from core.config import ApiKey
+from core.ledger import Account
+from core.limits import Limiter
+from core.pricing import from_nanos
+from core.sqlite_ledger import SqliteLedger
+
+log = logging.getLogger("tollgate.alerts")
+
+DELIVERY_ATTEMPTS = 5
+FIRST_RETRY_SECONDS = 1.0
+DELIVERY_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One watched quantity of a key: how much of `limit` is used."""
+
+    metric: str
+    used: int
+    limit: int
+    unit: str  # "usd" (nanos) or "count"/"tokens"
+
+    def shown(self, value: int) -> str:
+        return format(from_nanos(value).normalize(), "f") if self.unit == "usd" else str(value)
+
+
+def readings(key: ApiKey, account: Account, limiter: Limiter) -> list[Reading]:
+    terms, limits = key.billing, key.limits
+    out = []
+    if terms.credits_nanos is not None:
+        given = terms.credits_nanos + account.granted_nanos
+        if given > 0:
+            out.append(Reading("credits", given - (account.remaining_nanos(terms) or 0), given, "usd"))
+    given_count = terms.count_credits + account.count_granted
+    if given_count > 0:
+        out.append(Reading("count_credits", given_count - account.remaining_count(terms), given_count, "count"))
+    if limits.quota:
+        out.append(Reading("quota", Limiter.quota_used(key, account), limits.quota, "tokens" if limits.quota_type == "tokens" else "usd"))
+    state = limiter.state(key)
+    for limit in limits.period_limits:
+        spend = state.periods.get(limit.name)
+        if spend is not None and spend.ready is not None and spend.ready.done() and spend.ready.exception() is None:
+            out.append(Reading(f"{limit.name}:{datetime.fromtimestamp(spend.start, UTC).date().isoformat()}", spend.spent, limit.limit_nanos, "usd"))
+    return out
+
+
+class Alerts:
+    def __init__(self, ledger: SqliteLedger, limiter: Limiter, clock: Callable[[], float], http: Callable[[], aiohttp.ClientSession]):
+        self.ledger = ledger
+        self.limiter = limiter
+        self.clock = clock
+        self.http = http
+        self.retry_seconds = FIRST_RETRY_SECONDS
+        self._fired: dict[str, set[tuple[str, float]]] = {}
+        self._deliveries: asyncio.Queue[int] = asyncio.Queue()
+
+    async def load(self) -> None:
+        """Which crossings have fired (survives restarts), and deliveries still owed."""
+
+        async def read(db: aiosqlite.Connection) -> tuple[list[Any], list[Any]]:
+            async with db.execute("SELECT key_id, metric, threshold FROM alert_fired") as cursor:
+                fired = list(await cursor.fetchall())
+            async with db.execute("SELECT id FROM alert_events WHERE status = 'pending' ORDER BY id") as cursor:
+                pending = list(await cursor.fetchall())
+            return fired, pending
+
+        _, result = self.ledger.query_in_order(read)
+        fired, pending = await result
+        for key_id, metric, threshold in fired:
+            self._fired.setdefault(key_id, set()).add((metric, threshold))
+        for (event_id,) in pending:
+            self._deliveries.put_nowait(event_id)
+
+    def check(self, key: ApiKey, account: Account) -> None:
+        """Compare the key's readings with its thresholds; fire new crossings, re-arm cleared ones."""
+        thresholds = key.limits.alerts.thresholds
+        if not thresholds:
+            return
+        fired = self._fired.setdefault(key.id, set())
+        for reading in readings(key, account, self.limiter):
+            fraction = Decimal(reading.used) / Decimal(reading.limit)
+            for threshold in thresholds:
+                crossed = fraction >= Decimal(str(threshold))
+                armed = (reading.metric, threshold) not in fired
+                if crossed and armed:
+                    fired.add((reading.metric, threshold))
+                    self._record(key, reading, threshold)
+                elif not crossed and not armed:
+                    fired.discard((reading.metric, threshold))
+                    self._rearm(key.id, reading.metric, threshold)
+
+    def _record(self, key: ApiKey, reading: Reading, threshold: float) -> None:
+        now = self.clock()
+        url = key.limits.alerts.webhook_url
+        event = (
+            key.id,
+            key.name,
+            reading.metric,
+            threshold,
+            reading.shown(reading.used),
+            reading.shown(reading.limit),
+            now,
+            url,
+            "pending" if url else "recorded",
+        )
+
+        async def write(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute(
+                "INSERT INTO alert_events (key_id, key_name, metric, threshold, used, limit_value, ts, webhook_url, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                event,
+            )
+            await db.execute(
+                "INSERT OR REPLACE INTO alert_fired (key_id, metric, threshold, fired_at) VALUES (?, ?, ?, ?)", (key.id, reading.metric, threshold, now)
+            )
+            return int(cursor.lastrowid or 0)
+
+        log.info(
+            "alert: key %s %s crossed %.0f%% (%s of %s)", key.masked, reading.metric, threshold * 100, reading.shown(reading.used), reading.shown(reading.limit)
+        )
+        _, done = self.ledger.query_in_order(write)
+        if url:
+            done.add_done_callback(self._queue_delivery)
+
+    def _queue_delivery(self, recorded: asyncio.Future[int]) -> None:
+        if not recorded.cancelled() and recorded.exception() is None:
+            self._deliveries.put_nowait(recorded.result())
+
+    def _rearm(self, key_id: str, metric: str, threshold: float) -> None:
+        async def write(db: aiosqlite.Connection) -> None:
+            await db.execute("DELETE FROM alert_fired WHERE key_id = ? AND metric = ? AND threshold = ?", (key_id, metric, threshold))
+
+        self.ledger.query_in_order(write)
+
+    async def deliver_forever(self) -> None:
+        """The background sender: one delivery at a time, each retried with backoff."""
+        while True:
+            event_id = await self._deliveries.get()
+            try:
+                await self._deliver(event_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one event stop the sender
+                log.exception("alert delivery %d failed unexpectedly", event_id)
+
+    async def _deliver(self, event_id: int) -> None:
+        async def read(db: aiosqlite.Connection) -> Any:
+            async with db.execute(
+                "SELECT key_id, key_name, metric, threshold, used, limit_value, ts, webhook_url, attempts FROM alert_events WHERE id = ?", (event_id,)
+            ) as cursor:
+                return await cursor.fetchone()
+
+        _, result = self.ledger.query_in_order(read)
+        row = await result
+        if row is None or not row[7]:
+            return
+        key_id, key_name, metric, threshold, used, limit_value, ts, url, attempts = row
+        payload = {
+            "event": "threshold_crossed",
+            "id": event_id,
+            "key_id": key_id,
+            "key_name": key_name,
+            "metric": metric,
+            "threshold": threshold,
+            "used": used,
+            "limit": limit_value,
+            "time": datetime.fromtimestamp(ts, UTC).isoformat(),
+        }
+        delay = self.retry_seconds
+        error = None
+        while attempts < DELIVERY_ATTEMPTS:
+            attempts += 1
+            try:
+                async with self.http().post(
+                    url, data=json.dumps(payload), headers={"Content-Type": "application/json"}, timeout=aiohttp.ClientTimeout(total=DELIVERY_TIMEOUT)
+                ) as response:
+                    if response.status < 300:
+                        await self._set_status(event_id, "sent", attempts, None)
+                        return
+                    error = f"HTTP {response.status}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                error = type(exc).__name__
+            await self._set_status(event_id, "pending", attempts, error)
+            if attempts < DELIVERY_ATTEMPTS:
+                await asyncio.sleep(delay)
+                delay *= 2
+        log.warning("alert %d to %s failed after %d attempts: %s", event_id, url, attempts, error)
+        await self._set_status(event_id, "failed", attempts, error)
+
+    async def _set_status(self, event_id: int, status: str, attempts: int, error: str | None) -> None:
+        async def write(db: aiosqlite.Connection) -> None:
+            await db.execute("UPDATE alert_events SET status = ?, attempts = ?, last_error = ? WHERE id = ?", (status, attempts, error, event_id))
+
+        _, done = self.ledger.query_in_order(write)
+        await done
+
+
+async def recent_alerts(ledger: SqliteLedger, key_id: str | None, limit: int = 20) -> list[dict[str, Any]]:
+    await ledger.flush()
+    sql = "SELECT ts, key_name, metric, threshold, used, limit_value, status, attempts, last_error FROM alert_events"
+    params: list[Any] = []
+    if key_id is not None:
+        sql += " WHERE key_id = ?"
+        params.append(key_id)
+    async with ledger.reader.execute(sql + " ORDER BY ts DESC, id DESC LIMIT ?", [*params, limit]) as cursor:
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
