@@ -26,6 +26,17 @@ ENGINES = ("openai", "azure", "anthropic", "gemini", "echo")
 SUPPORTED_ENGINES = ("openai", "echo")
 SCHEDULING_ALGORITHMS = ("fixed_priority", "round_robin", "weighted_round_robin", "random")
 DEFAULT_TIMEOUT = Decimal(100)
+
+# Every setting api.yaml accepts, by place; a test checks that api.yaml.example documents each.
+TOP_LEVEL_KEYS = ("providers", "api_keys", "preferences")
+PROVIDER_KEYS = ("provider", "base_url", "api", "engine", "model", "preferences")
+PROVIDER_PREFERENCE_KEYS = ("model_timeout", "headers", "weight")
+KEY_KEYS = ("api", "name", "role", "model", "preferences")
+KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at", *LIMIT_KEYS)
+PREFERENCE_KEYS = (
+    "SCHEDULING_ALGORITHM", "AUTO_RETRY", "cooldown_period", "model_timeout", "max_request_body_bytes", "model_price", "count_billing",
+    "reserve_completion_tokens", "timezone", "trusted_proxies", "alerts",
+)  # fmt: skip
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 
 
@@ -145,7 +156,7 @@ def build_config(text: str, file: str, source_hash: str | None = None) -> Config
 def _build(tree: Any, text: str, file: str, source_hash: str | None) -> Config:
     expand_env(tree, file)
     top = Section(tree, file, "")
-    top.reject_unknown(("providers", "api_keys", "preferences"))
+    top.reject_unknown(TOP_LEVEL_KEYS)
     preferences, global_timeouts = _read_preferences(top.section("preferences"))
     providers, routes_by_provider = _read_providers(top, global_timeouts)
     routes = _index_routes(routes_by_provider)
@@ -165,21 +176,7 @@ def _build(tree: Any, text: str, file: str, source_hash: str | None) -> Config:
 
 
 def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]]:
-    section.reject_unknown(
-        (
-            "SCHEDULING_ALGORITHM",
-            "AUTO_RETRY",
-            "cooldown_period",
-            "model_timeout",
-            "max_request_body_bytes",
-            "model_price",
-            "count_billing",
-            "reserve_completion_tokens",
-            "timezone",
-            "trusted_proxies",
-            "alerts",
-        )
-    )
+    section.reject_unknown(PREFERENCE_KEYS)
     prefs = Preferences(
         scheduling_algorithm=section.choice("SCHEDULING_ALGORITHM", SCHEDULING_ALGORITHMS, "fixed_priority"),
         auto_retry=section.boolean("AUTO_RETRY", True),
@@ -224,7 +221,7 @@ def _read_providers(top: Section, global_timeouts: dict[str, Decimal]) -> tuple[
         raise top.error("providers", "providers must list at least one provider")
     for index, node in items:
         section = Section(node, top.file, f"providers[{index}]", top.node["providers"], index)
-        section.reject_unknown(("provider", "base_url", "api", "engine", "model", "preferences"))
+        section.reject_unknown(PROVIDER_KEYS)
         name = section.string("provider")
         if name in seen:
             raise section.error("provider", f"duplicate provider name '{name}'")
@@ -232,7 +229,7 @@ def _read_providers(top: Section, global_timeouts: dict[str, Decimal]) -> tuple[
         engine = _read_engine(section)
         base_url = _read_base_url(section, engine)
         prefs = section.section("preferences")
-        prefs.reject_unknown(("model_timeout", "headers", "weight"))
+        prefs.reject_unknown(PROVIDER_PREFERENCE_KEYS)
         provider = Provider(
             name=name,
             engine=engine,
@@ -338,13 +335,13 @@ def _read_keys(top: Section, providers: dict[str, Provider], routes: dict[str, t
     seen: set[str] = set()
     for index, node in items_of(top, "api_keys"):
         section = Section(node, top.file, f"api_keys[{index}]", top.node["api_keys"], index)
-        section.reject_unknown(("api", "name", "role", "model", "preferences"))
+        section.reject_unknown(KEY_KEYS)
         secret = section.string("api")
         if secret in seen:
             raise section.error("api", f"duplicate API key in {section.path} (keys must be unique)")
         seen.add(secret)
         prefs = section.section("preferences")
-        prefs.reject_unknown(("billing_mode", "credits", "count_credits", "created_at", *LIMIT_KEYS))
+        prefs.reject_unknown(KEY_PREFERENCE_KEYS)
         keys.append(
             ApiKey(
                 secret=secret,

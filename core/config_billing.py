@@ -12,6 +12,8 @@ from core.timeutil import to_unix
 BILLING_MODES = (TOKEN, COUNT, "hybrid")
 UNLIMITED = -1
 DEFAULT_RESERVE_COMPLETION_TOKENS = 1024
+COUNT_BILLING_KEYS = ("enabled", "default_count_price", "model_count_prices")
+MODEL_PRICE_KEYS = ("token_price", "count_price", "cache_read_price")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +34,7 @@ def read_price_book(prefs: Section) -> PriceBook:
     prices = prefs.section("model_price")
     model_prices = {str(name): _read_model_price(prices, name) for name in prices.node}
     billing = prefs.section("count_billing")
-    billing.reject_unknown(("enabled", "default_count_price", "model_count_prices"))
+    billing.reject_unknown(COUNT_BILLING_KEYS)
     table = billing.section("model_count_prices")
     count_prices = {str(name): table.number(name) for name in table.node}
     return build_price_book(model_prices, count_prices, billing.number("default_count_price", 0), billing.boolean("enabled", True))
@@ -44,7 +46,7 @@ def _read_model_price(prices: Section, name: Any) -> ModelPrice:
         raise prices.error(name, f"{prices.where(str(name))} has no price (inside {{...}} write token prices in quotes, like {{default: '1,2'}})")
     if isinstance(value, dict):
         entry = prices.section(name)
-        entry.reject_unknown(("token_price", "count_price", "cache_read_price"))
+        entry.reject_unknown(MODEL_PRICE_KEYS)
         token = _token_price(entry, "token_price") if entry.has("token_price") else None
         if token is not None and entry.has("cache_read_price"):
             token = TokenPrice(token.input, token.output, entry.number("cache_read_price"))

@@ -16,6 +16,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 UNIT_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+?)s?\s*$")
 PERIODS = ("daily", "weekly", "monthly")
+ALERT_KEYS = ("thresholds", "webhook_url")
 QUOTA_TYPES = ("tokens", "usd")
 LIMIT_KEYS = (
     "enabled", "expires_at", "allowed_ips", "allowed_clients", "quota", "quota_type", "rate_limit", "token_rate_limit", "concurrency_limit",
@@ -96,7 +97,7 @@ def read_alerts(section: Section, key: str, default: AlertSettings | None = None
     if not section.has(key):
         return default or AlertSettings()
     alerts = section.section(key)
-    alerts.reject_unknown(("thresholds", "webhook_url"))
+    alerts.reject_unknown(ALERT_KEYS)
     base = default or AlertSettings()
     thresholds = base.thresholds
     if alerts.has("thresholds"):

@@ -199,3 +199,19 @@ def test_scheduler_puts_cooling_routes_last_and_recovers_them():
     assert scheduler.order("m", config.routes["m"], "fixed_priority") == [second, first]
     clock[0] += 61
     assert scheduler.order("m", config.routes["m"], "fixed_priority") == [first, second]
+
+
+def test_every_setting_is_documented_in_the_example():
+    import re
+    from pathlib import Path
+
+    from core import config, config_billing, config_limits
+
+    example = (Path(__file__).resolve().parent.parent / "api.yaml.example").read_text()
+    settings = (
+        config.TOP_LEVEL_KEYS + config.PROVIDER_KEYS + config.PROVIDER_PREFERENCE_KEYS + config.KEY_KEYS + config.KEY_PREFERENCE_KEYS
+        + config.PREFERENCE_KEYS + config_billing.COUNT_BILLING_KEYS + config_billing.MODEL_PRICE_KEYS + config_limits.ALERT_KEYS
+    )  # fmt: skip
+    missing = [name for name in settings if not re.search(rf"(^|[\s{{,]){re.escape(name)}:", example, re.MULTILINE)]
+    weekly = "weekly_cost_limit" in example and "monthly_cost_limit" in example
+    assert missing == [] and weekly, f"api.yaml.example does not document: {missing}"
