@@ -6,6 +6,8 @@ from starlette.requests import Request
 
 from core.config import ApiKey, Config
 from core.errors import forbidden
+from core.limits import check_access
+from routes._http import caller_ip
 from routes._session import SESSION_COOKIE, Session, SessionSigner
 
 
@@ -24,6 +26,8 @@ def visitor(request: Request, config: Config) -> tuple[ApiKey, Session]:
     key = config.keys_by_id.get(session.key_id) if session else None
     if session is None or key is None:
         raise LoginRequired()
+    # A key disabled, expired or out of its allowed addresses after login loses its pages too.
+    check_access(key, request.app.state.clock(), caller_ip(request, config), request.headers.get("user-agent"))
     return key, session
 
 

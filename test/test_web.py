@@ -287,3 +287,13 @@ def test_pages_escape_names(start_gateway):
     browser.login(ADMIN_KEY)
     page = browser.get("/admin/keys").text
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
+
+
+def test_a_key_disabled_after_login_loses_its_pages(web):
+    gateway, browser = web
+    browser.login(USER_KEY)
+    assert browser.get("/usage").status_code == 200
+    gateway.rewrite_config(CONFIG.replace("name: alice\n    preferences: {billing_mode: token, credits: 10}", "name: alice\n    preferences: {billing_mode: token, credits: 10, enabled: false}"))
+    page = browser.get("/usage")
+    assert page.status_code == 403 and "disabled" in page.text
+    assert Browser(gateway.url).login(USER_KEY).status_code == 403
