@@ -128,9 +128,7 @@ class BillingTicket:
         else:
             token_price = self.prices.token_price(model)
             cost, count = token_price.cost(outcome.usage), 0
-            unit_prices = {"input": str(token_price.input), "output": str(token_price.output)}
-            if token_price.cache_read is not None:
-                unit_prices["cache_read"] = str(token_price.cache_read)
+            unit_prices = token_price.unit_prices()
         status = ESTIMATED if outcome.status == OK and outcome.usage.estimated else outcome.status
         cost_nanos = to_nanos(cost)
         record = self._record(outcome.provider, outcome.upstream_model, outcome.usage, unit_prices, cost_nanos, count, status)
@@ -182,4 +180,6 @@ class BillingTicket:
             cost_nanos=cost_nanos,
             count_charged=count,
             status=status,
+            cache_write_tokens=usage.cache_write_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
         )

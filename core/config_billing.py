@@ -13,7 +13,7 @@ BILLING_MODES = (TOKEN, COUNT, "hybrid")
 UNLIMITED = -1
 DEFAULT_RESERVE_COMPLETION_TOKENS = 1024
 COUNT_BILLING_KEYS = ("enabled", "default_count_price", "model_count_prices")
-MODEL_PRICE_KEYS = ("token_price", "count_price", "cache_read_price")
+MODEL_PRICE_KEYS = ("token_price", "count_price", "cache_read_price", "cache_write_price", "reasoning_price")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +48,9 @@ def _read_model_price(prices: Section, name: Any) -> ModelPrice:
         entry = prices.section(name)
         entry.reject_unknown(MODEL_PRICE_KEYS)
         token = _token_price(entry, "token_price") if entry.has("token_price") else None
-        if token is not None and entry.has("cache_read_price"):
-            token = TokenPrice(token.input, token.output, entry.number("cache_read_price"))
+        if token is not None:
+            extra = {name: entry.number(f"{name}_price") for name in ("cache_read", "cache_write", "reasoning") if entry.has(f"{name}_price")}
+            token = TokenPrice(token.input, token.output, **extra)
         count = entry.number("count_price") if entry.has("count_price") else None
         if token is None and count is None:
             raise prices.error(name, f"{prices.where(str(name))} needs token_price and/or count_price")

@@ -84,6 +84,8 @@ class UsageRecord:
     cost_nanos: int = 0
     count_charged: int = 0
     status: str = "ok"
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -129,6 +129,11 @@ MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (key_id, metric, threshold)
     ) WITHOUT ROWID;
     """,
+    # Vendors report cache writes (Anthropic) and reasoning tokens (OpenAI o-series, Gemini).
+    5: """
+    ALTER TABLE usage ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -29,16 +29,36 @@ def from_nanos(nanos: int) -> Decimal:
 
 @dataclass(frozen=True, slots=True)
 class TokenPrice:
-    """USD per 1M tokens. Cached input tokens bill at `cache_read` when set, else at `input`."""
+    """USD per 1M tokens. Cache reads bill at `cache_read`, cache writes at `cache_write`
+    and reasoning tokens at `reasoning` when set; otherwise at the input (cache) or output
+    (reasoning) price."""
 
     input: Decimal
     output: Decimal
     cache_read: Decimal | None = None
+    cache_write: Decimal | None = None
+    reasoning: Decimal | None = None
 
     def cost(self, usage: Usage) -> Decimal:
         cached = min(usage.cached_tokens, usage.prompt_tokens)
-        cache_price = self.input if self.cache_read is None else self.cache_read
-        return ((usage.prompt_tokens - cached) * self.input + cached * cache_price + usage.completion_tokens * self.output) / PER_MILLION
+        written = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
+        reasoning = min(usage.reasoning_tokens, usage.completion_tokens)
+        return (
+            (usage.prompt_tokens - cached - written) * self.input
+            + cached * (self.input if self.cache_read is None else self.cache_read)
+            + written * (self.input if self.cache_write is None else self.cache_write)
+            + (usage.completion_tokens - reasoning) * self.output
+            + reasoning * (self.output if self.reasoning is None else self.reasoning)
+        ) / PER_MILLION
+
+    def unit_prices(self) -> dict[str, str]:
+        """The prices as recorded with each charge (history is never repriced)."""
+        prices = {"input": str(self.input), "output": str(self.output)}
+        for name in ("cache_read", "cache_write", "reasoning"):
+            value = getattr(self, name)
+            if value is not None:
+                prices[name] = str(value)
+        return prices
 
     def estimate(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
         return (prompt_tokens * self.input + completion_tokens * self.output) / PER_MILLION

@@ -150,6 +150,8 @@ EXPORT_COLUMNS = (
     "cost_nanos",
     "count_charged",
     "status",
+    "cache_write_tokens",
+    "reasoning_tokens",
 )
 
 

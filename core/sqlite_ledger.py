@@ -29,8 +29,8 @@ T = TypeVar("T")
 MAX_BATCH = 2000
 
 _INSERT_USAGE = """INSERT INTO usage (request_id, ts, key_id, key_name, model, provider, upstream_model, prompt_tokens,
-    completion_tokens, cached_tokens, cost_type, unit_prices, cost_nanos, count_charged, status)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    completion_tokens, cached_tokens, cost_type, unit_prices, cost_nanos, count_charged, status, cache_write_tokens, reasoning_tokens)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 _INSERT_GRANT = "INSERT OR IGNORE INTO grants (key_id, kind, amount, reason, idempotency_key, ts) VALUES (?, ?, ?, ?, ?, ?)"
 
 

@@ -14,10 +14,16 @@ TOKENS_PER_IMAGE = 85
 
 @dataclass(slots=True)
 class Usage:
+    """Usage normalised across vendors: `prompt_tokens` counts every input token, cached
+    reads (`cached_tokens`) and cache writes (`cache_write_tokens`) included;
+    `completion_tokens` counts every output token, reasoning (`reasoning_tokens`) included."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     estimated: bool = False
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -81,11 +87,19 @@ def usage_from_openai(data: Any) -> Usage | None:
         return None
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+    completion_details = usage.get("completion_tokens_details")
+    reasoning = completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else 0
     return Usage(
         prompt_tokens=_count(usage.get("prompt_tokens")),
         completion_tokens=_count(usage.get("completion_tokens")),
         cached_tokens=_count(cached),
+        reasoning_tokens=_count(reasoning),
     )
+
+
+def count(value: Any) -> int:
+    """A token count from vendor JSON: a non-negative int, anything else is 0."""
+    return _count(value)
 
 
 def _count(value: Any) -> int:

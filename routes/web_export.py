@@ -23,7 +23,7 @@ from routes._web_auth import admin_visitor, visitor
 
 DEFAULT_DAYS = 30
 REQUEST_HEADER = ("time", "request_id", "key_id", "key_name", "model", "provider", "upstream_model", "prompt_tokens", "completion_tokens", "cached_tokens",
-                  "cost_type", "unit_prices", "cost_usd", "count_credits", "status")  # fmt: skip
+                  "cost_type", "unit_prices", "cost_usd", "count_credits", "status", "cache_write_tokens", "reasoning_tokens")  # fmt: skip
 SUMMARY_HEADER = (
     "key_id",
     "key_name",
@@ -94,6 +94,8 @@ async def _request_rows(ledger: SqliteLedger, key_id: str | None, since: float, 
             format(from_nanos(record["cost_nanos"]), "f"),
             record["count_charged"],
             record["status"],
+            record["cache_write_tokens"],
+            record["reasoning_tokens"],
         )
 
 
