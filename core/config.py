@@ -23,14 +23,14 @@ from core.pricing import PriceBook, build_price_book
 from core.yamlsource import ConfigError, expand_env, line_of, parse_yaml
 
 ENGINES = ("openai", "azure", "anthropic", "gemini", "echo")
-SUPPORTED_ENGINES = ("openai", "echo")
+SUPPORTED_ENGINES = ("openai", "azure", "echo")
 SCHEDULING_ALGORITHMS = ("fixed_priority", "round_robin", "weighted_round_robin", "random")
 DEFAULT_TIMEOUT = Decimal(100)
 
 # Every setting api.yaml accepts, by place; a test checks that api.yaml.example documents each.
 TOP_LEVEL_KEYS = ("providers", "api_keys", "preferences")
 PROVIDER_KEYS = ("provider", "base_url", "api", "engine", "model", "preferences")
-PROVIDER_PREFERENCE_KEYS = ("model_timeout", "headers", "weight")
+PROVIDER_PREFERENCE_KEYS = ("model_timeout", "headers", "weight", "api_version", "default_max_tokens")
 KEY_KEYS = ("api", "name", "role", "model", "preferences")
 KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at", *LIMIT_KEYS)
 PREFERENCE_KEYS = (
@@ -48,6 +48,8 @@ class Provider:
     upstream_keys: tuple[str, ...] = field(repr=False)
     headers: dict[str, str]
     weight: int
+    api_version: str | None = None  # Azure's api-version, Anthropic's anthropic-version
+    default_max_tokens: int = 4096  # Anthropic requires max_tokens; used when the client sends none
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +239,8 @@ def _read_providers(top: Section, global_timeouts: dict[str, Decimal]) -> tuple[
             upstream_keys=_read_upstream_keys(section, engine),
             headers=_read_headers(prefs),
             weight=prefs.integer("weight", 1, minimum=1),
+            api_version=prefs.string("api_version") if prefs.has("api_version") else None,
+            default_max_tokens=prefs.integer("default_max_tokens", 4096, minimum=1),
         )
         timeouts = PrefixTable({**global_timeouts, **_read_timeouts(prefs)})
         providers.append(provider)

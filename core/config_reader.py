@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from datetime import date
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -53,6 +54,8 @@ class Section:
 
     def string(self, key: str, default: Any = _MISSING) -> str:
         value = self._get(key, default)
+        if isinstance(value, date):  # YAML reads an unquoted 2024-06-01 as a date
+            value = value.isoformat()
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise self.error(key, f"{self.where(key)} must be a string, got {_kind(value)}")
         text = str(value).strip()

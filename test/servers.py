@@ -62,6 +62,8 @@ class SeenRequest:
     endpoint: str
     body: dict[str, Any]
     headers: dict[str, str]
+    path: str = ""
+    query: str = ""
 
 
 @dataclass
@@ -89,11 +91,12 @@ class FakeUpstream:
             provider = request.path_params["provider"]
             endpoint_name = request.path_params["endpoint"]
             body = json.loads(await request.body())
-            self.seen.append(SeenRequest(provider, endpoint_name, body, dict(request.headers)))
+            self.seen.append(SeenRequest(provider, endpoint_name, body, dict(request.headers), request.url.path, request.url.query))
             handler = self.handlers.get(provider, openai_like)
             return await handler(body, request)
 
-        return Starlette(routes=[Route("/{provider}/v1/{endpoint:path}", endpoint, methods=["POST"])])
+        # Vendors' URL shapes: OpenAI `/v1/...`, Azure `/openai/deployments/...`, Gemini `/v1beta/...`.
+        return Starlette(routes=[Route("/{provider}/{endpoint:path}", endpoint, methods=["POST"])])
 
 
 def completion_body(body: dict[str, Any], text: str = "Hello from upstream") -> dict[str, Any]:

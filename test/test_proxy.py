@@ -408,3 +408,25 @@ def test_config_status_needs_an_admin_key(start_gateway, upstream):
     assert gateway.http("GET", "/v1/config/status", key=None).status_code == 401
     status = gateway.status()
     assert status["providers"] == 2 and status["last_error"] is None and len(status["source_hash"]) == 64
+
+
+def test_azure_uses_deployment_urls_api_version_and_api_key_header(start_gateway, upstream):
+    config = """
+providers:
+  - provider: p1
+    base_url: {fake:p1}
+    engine: azure
+    api: azure-secret
+    model:
+      - my-deployment: gpt-4o
+    preferences: {api_version: 2024-06-01}
+""" + keys_yaml()
+    gateway = start_gateway(config.replace("{fake:p1}", upstream.base_url("p1").removesuffix("/v1")), upstream)
+    reply = gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert reply.choices[0].message.content == "Hello from upstream"
+    seen = upstream.seen[-1]
+    assert seen.path == "/p1/openai/deployments/my-deployment/chat/completions"
+    assert seen.query == "api-version=2024-06-01"
+    assert seen.headers["api-key"] == "azure-secret" and "authorization" not in seen.headers
+    chunks = list(gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from upstream"

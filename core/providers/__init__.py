@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from core.providers.base import Adapter
 from core.providers.echo import EchoAdapter
-from core.providers.openai import OpenAIAdapter
+from core.providers.openai import AzureAdapter, OpenAIAdapter
 
 ADAPTERS: dict[str, Adapter] = {
     "openai": OpenAIAdapter(),
+    "azure": AzureAdapter(),
     "echo": EchoAdapter(),
 }
 

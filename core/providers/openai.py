@@ -6,49 +6,46 @@ uses the vendor's numbers; the extra chunk is dropped again if the client did no
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
 from core.config import ModelRoute
 from core.errors import GatewayError, bad_gateway
-from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamFailure, UpstreamStream
+from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream
+from core.providers.http import open_stream, post_json
 from core.sse import DONE, SseSplitter, encode_event, event_data
 from core.usage import usage_from_openai
 
-MAX_ERROR_BODY = 64 * 1024
-# Upstream statuses that say nothing about the client's request: the provider is overloaded,
-# broken, or misconfigured by the operator (bad vendor key, unknown upstream model name).
-RETRYABLE_STATUSES = frozenset({401, 403, 404, 408, 409, 429})
+AZURE_API_VERSION = "2024-10-21"
 
 
 class OpenAIAdapter:
-    async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
+    """OpenAI itself and any OpenAI-compatible API: `{base_url}/{endpoint}`, bearer key."""
+
+    def target(self, call: UpstreamCall) -> tuple[str, dict[str, str]]:
         route = call.route
-        url = f"{route.provider.base_url}/{call.endpoint}"
-        headers = {"Authorization": f"Bearer {call.upstream_key}", "Content-Type": JSON_CONTENT_TYPE, **route.provider.headers}
+        return f"{route.provider.base_url}/{call.endpoint}", {"Authorization": f"Bearer {call.upstream_key}", "Content-Type": JSON_CONTENT_TYPE, **route.provider.headers}
+
+    async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
+        url, headers = self.target(call)
         payload = json.dumps(upstream_body(call), ensure_ascii=False).encode()
         if call.stream:
-            return await _open_stream(http, url, headers, payload, call)
-        try:
-            async with asyncio.timeout(route.timeout):
-                async with http.post(url, data=payload, headers=headers) as response:
-                    body = await response.read()
-                    status = response.status
-        except TimeoutError:
-            raise UpstreamFailure.timeout(route) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamFailure.unreachable(route, exc) from None
-        if status != 200:
-            raise failure_from_status(route, status, body)
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise UpstreamFailure(bad_gateway(f"Provider '{route.provider.name}' returned a response that is not JSON."), retryable=True) from None
+            return OpenAIStream(await open_stream(http, url, headers, payload, call.route), call.route, call.client_wants_usage)
+        body, data = await post_json(http, url, headers, payload, call.route)
         return Reply(200, body, usage_from_openai(data))
+
+
+class AzureAdapter(OpenAIAdapter):
+    """Azure OpenAI: the upstream model name is the deployment; `api-key` header; `api-version`."""
+
+    def target(self, call: UpstreamCall) -> tuple[str, dict[str, str]]:
+        route = call.route
+        url = f"{route.provider.base_url}/openai/deployments/{quote(route.upstream_name, safe='')}/{call.endpoint}?api-version={quote(route.provider.api_version or AZURE_API_VERSION)}"
+        return url, {"api-key": call.upstream_key, "Content-Type": JSON_CONTENT_TYPE, **route.provider.headers}
 
 
 def upstream_body(call: UpstreamCall) -> dict[str, Any]:
@@ -59,64 +56,6 @@ def upstream_body(call: UpstreamCall) -> dict[str, Any]:
         options["include_usage"] = True
         body["stream_options"] = options
     return body
-
-
-async def _open_stream(http: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes, call: UpstreamCall) -> UpstreamStream:
-    route = call.route
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.timeout, sock_read=route.timeout)
-    try:
-        async with asyncio.timeout(route.timeout):
-            response = await http.post(url, data=payload, headers=headers, timeout=timeout)
-            if response.status != 200:
-                try:
-                    body = await response.content.read(MAX_ERROR_BODY)
-                finally:
-                    response.release()
-                raise failure_from_status(route, response.status, body)
-    except TimeoutError:
-        raise UpstreamFailure.timeout(route) from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamFailure.unreachable(route, exc) from None
-    return OpenAIStream(response, route, call.client_wants_usage)
-
-
-def failure_from_status(route: ModelRoute, status: int, body: bytes) -> UpstreamFailure:
-    """Classify a non-200 upstream answer; pass an OpenAI-shaped error body through when safe."""
-    name = route.provider.name
-    if status in (401, 403):
-        # Never pass these through: the client's Tollgate key is fine, and the vendor's
-        # message may quote part of the operator's vendor key.
-        return UpstreamFailure(
-            bad_gateway(f"Provider '{name}' rejected the gateway's credentials (HTTP {status}).", "upstream_auth_failed"),
-            retryable=True,
-            upstream_status=status,
-        )
-    retryable = status in RETRYABLE_STATUSES or status >= 500
-    passed = _openai_error(body)
-    if passed is not None:
-        message, type_, code = passed
-        client_status = status if status == 429 or not retryable else 502
-        return UpstreamFailure(GatewayError(client_status, type_, code, message), retryable=retryable, upstream_status=status)
-    if retryable:
-        client_status = 429 if status == 429 else 502
-        error = GatewayError(client_status, "api_error", "upstream_error", f"Provider '{name}' answered HTTP {status}.")
-        return UpstreamFailure(error, retryable=True, upstream_status=status)
-    return UpstreamFailure(
-        GatewayError(status, "invalid_request_error", "upstream_rejected", f"Provider '{name}' rejected the request (HTTP {status})."),
-        retryable=False,
-        upstream_status=status,
-    )
-
-
-def _openai_error(body: bytes) -> tuple[str, str, str] | None:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    error = data.get("error") if isinstance(data, dict) else None
-    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
-        return None
-    return error["message"], str(error.get("type") or "api_error"), str(error.get("code") or "upstream_error")
 
 
 class OpenAIStream(UpstreamStream):

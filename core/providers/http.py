@@ -1,0 +1,103 @@
+"""HTTP plumbing every vendor adapter shares: timeouts, connection errors, and the
+classification of non-200 answers into retryable or final, OpenAI-shaped failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from core.config import ModelRoute
+from core.errors import GatewayError, bad_gateway
+from core.providers.base import UpstreamFailure
+
+MAX_ERROR_BODY = 64 * 1024
+# Upstream statuses that say nothing about the client's request: the provider is overloaded,
+# broken, or misconfigured by the operator (bad vendor key, unknown upstream model name).
+RETRYABLE_STATUSES = frozenset({401, 403, 404, 408, 409, 429, 529})
+# Vendors' error types mapped to OpenAI's, where they differ.
+_ERROR_TYPES = {"INVALID_ARGUMENT": "invalid_request_error", "RESOURCE_EXHAUSTED": "rate_limit_error", "overloaded_error": "api_error"}
+
+
+async def post_json(http: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes, route: ModelRoute) -> tuple[bytes, Any]:
+    """POST and return the body and parsed JSON of a 200 answer, or raise UpstreamFailure."""
+    try:
+        async with asyncio.timeout(route.timeout):
+            async with http.post(url, data=payload, headers=headers) as response:
+                body = await response.read()
+                status = response.status
+    except TimeoutError:
+        raise UpstreamFailure.timeout(route) from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamFailure.unreachable(route, exc) from None
+    if status != 200:
+        raise failure_from_status(route, status, body)
+    try:
+        return body, json.loads(body)
+    except ValueError:
+        raise UpstreamFailure(bad_gateway(f"Provider '{route.provider.name}' returned a response that is not JSON."), retryable=True) from None
+
+
+async def open_stream(http: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes, route: ModelRoute) -> aiohttp.ClientResponse:
+    """POST and return a 200 response whose body is still to be read (a stream)."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.timeout, sock_read=route.timeout)
+    try:
+        async with asyncio.timeout(route.timeout):
+            response = await http.post(url, data=payload, headers=headers, timeout=timeout)
+            if response.status != 200:
+                try:
+                    body = await response.content.read(MAX_ERROR_BODY)
+                finally:
+                    response.release()
+                raise failure_from_status(route, response.status, body)
+    except TimeoutError:
+        raise UpstreamFailure.timeout(route) from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamFailure.unreachable(route, exc) from None
+    return response
+
+
+def failure_from_status(route: ModelRoute, status: int, body: bytes) -> UpstreamFailure:
+    """Classify a non-200 upstream answer; pass a vendor's error message through when safe."""
+    name = route.provider.name
+    if status in (401, 403):
+        # Never pass these through: the client's Tollgate key is fine, and the vendor's
+        # message may quote part of the operator's vendor key.
+        return UpstreamFailure(
+            bad_gateway(f"Provider '{name}' rejected the gateway's credentials (HTTP {status}).", "upstream_auth_failed"),
+            retryable=True,
+            upstream_status=status,
+        )
+    retryable = status in RETRYABLE_STATUSES or status >= 500
+    passed = vendor_error(body)
+    if passed is not None:
+        message, type_, code = passed
+        client_status = status if status == 429 or not retryable else 502
+        return UpstreamFailure(GatewayError(client_status, type_, code, message), retryable=retryable, upstream_status=status)
+    if retryable:
+        client_status = 429 if status == 429 else 502
+        error = GatewayError(client_status, "api_error", "upstream_error", f"Provider '{name}' answered HTTP {status}.")
+        return UpstreamFailure(error, retryable=True, upstream_status=status)
+    return UpstreamFailure(
+        GatewayError(status, "invalid_request_error", "upstream_rejected", f"Provider '{name}' rejected the request (HTTP {status})."),
+        retryable=False,
+        upstream_status=status,
+    )
+
+
+def vendor_error(body: bytes) -> tuple[str, str, str] | None:
+    """(message, type, code) from OpenAI's, Anthropic's or Google's error bodies."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(data, list) and data:  # Gemini sometimes wraps the error in a list
+        data = data[0]
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return None
+    vendor_type = str(error.get("type") or error.get("status") or "api_error")
+    code = error.get("code")
+    return error["message"], _ERROR_TYPES.get(vendor_type, vendor_type), str(code if isinstance(code, str) else vendor_type.lower())
