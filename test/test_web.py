@@ -293,7 +293,12 @@ def test_a_key_disabled_after_login_loses_its_pages(web):
     gateway, browser = web
     browser.login(USER_KEY)
     assert browser.get("/usage").status_code == 200
-    gateway.rewrite_config(CONFIG.replace("name: alice\n    preferences: {billing_mode: token, credits: 10}", "name: alice\n    preferences: {billing_mode: token, credits: 10, enabled: false}"))
+    gateway.rewrite_config(
+        CONFIG.replace(
+            "name: alice\n    preferences: {billing_mode: token, credits: 10}",
+            "name: alice\n    preferences: {billing_mode: token, credits: 10, enabled: false}",
+        )
+    )
     page = browser.get("/usage")
     assert page.status_code == 403 and "disabled" in page.text
     assert Browser(gateway.url).login(USER_KEY).status_code == 403

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from core.providers.anthropic import AnthropicAdapter
 from core.providers.base import Adapter
 from core.providers.echo import EchoAdapter
 from core.providers.openai import AzureAdapter, OpenAIAdapter
@@ -9,6 +10,7 @@ from core.providers.openai import AzureAdapter, OpenAIAdapter
 ADAPTERS: dict[str, Adapter] = {
     "openai": OpenAIAdapter(),
     "azure": AzureAdapter(),
+    "anthropic": AnthropicAdapter(),
     "echo": EchoAdapter(),
 }
 

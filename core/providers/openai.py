@@ -28,7 +28,11 @@ class OpenAIAdapter:
 
     def target(self, call: UpstreamCall) -> tuple[str, dict[str, str]]:
         route = call.route
-        return f"{route.provider.base_url}/{call.endpoint}", {"Authorization": f"Bearer {call.upstream_key}", "Content-Type": JSON_CONTENT_TYPE, **route.provider.headers}
+        return f"{route.provider.base_url}/{call.endpoint}", {
+            "Authorization": f"Bearer {call.upstream_key}",
+            "Content-Type": JSON_CONTENT_TYPE,
+            **route.provider.headers,
+        }
 
     async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
         url, headers = self.target(call)

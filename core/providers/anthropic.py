@@ -1,0 +1,290 @@
+"""Anthropic's Messages API behind the OpenAI chat format, streams included.
+
+Usage: Anthropic's `input_tokens` excludes cached tokens, so the normalised prompt is
+input + cache reads + cache writes; `cached_tokens` are the reads, `cache_write_tokens`
+the writes (`cache_creation_input_tokens`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from core.config import ModelRoute
+from core.errors import bad_gateway
+from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream
+from core.providers.http import open_stream, post_json, vendor_error
+from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
+from core.sse import SseSplitter, encode_event
+from core.usage import Usage, count, tokens_for_bytes
+
+ANTHROPIC_VERSION = "2023-06-01"
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "pause_turn": "stop",
+    "refusal": "content_filter",
+}
+
+
+class AnthropicAdapter:
+    async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
+        if call.endpoint != "chat/completions":
+            raise not_supported(call)
+        route = call.route
+        headers = {
+            "x-api-key": call.upstream_key,
+            "anthropic-version": route.provider.api_version or ANTHROPIC_VERSION,
+            "Content-Type": JSON_CONTENT_TYPE,
+            **route.provider.headers,
+        }
+        payload = json.dumps(to_anthropic(call), ensure_ascii=False).encode()
+        url = f"{route.provider.base_url}/messages"
+        if call.stream:
+            return AnthropicStream(await open_stream(http, url, headers, payload, route), call)
+        _, data = await post_json(http, url, headers, payload, route)
+        message, finish_reason, usage = from_anthropic(data)
+        return Reply(200, completion(call, message, finish_reason, usage, data.get("id") if isinstance(data, dict) else None), usage)
+
+
+def to_anthropic(call: UpstreamCall) -> dict[str, Any]:
+    """An OpenAI chat request as an Anthropic Messages request."""
+    body = call.body
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+    for message in body.get("messages") or []:
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.append(_text_of(message.get("content")))
+            continue
+        if role == "tool":
+            block = {"type": "tool_result", "tool_use_id": str(message.get("tool_call_id") or ""), "content": _text_of(message.get("content"))}
+            _append(messages, "user", [block])
+            continue
+        blocks = _blocks(message.get("content"))
+        if role == "assistant":
+            for tool_call in message.get("tool_calls") or []:
+                if isinstance(tool_call, dict):
+                    blocks.append(
+                        {"type": "tool_use", "id": tool_call.get("id"), "name": (tool_call.get("function") or {}).get("name"), "input": arguments_of(tool_call)}
+                    )
+        _append(messages, "assistant" if role == "assistant" else "user", blocks)
+    out: dict[str, Any] = {"model": call.route.upstream_name, "messages": messages}
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    out["max_tokens"] = limit if isinstance(limit, int) and limit > 0 else call.route.provider.default_max_tokens
+    if system:
+        out["system"] = "\n\n".join(part for part in system if part)
+    for name in ("temperature", "top_p", "top_k"):
+        if body.get(name) is not None:
+            out[name] = body[name]
+    if stop_list(body.get("stop")):
+        out["stop_sequences"] = stop_list(body.get("stop"))
+    tools: list[dict[str, Any]] = [t["function"] for t in body.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    if tools:
+        out["tools"] = [
+            {"name": f.get("name"), "description": f.get("description", ""), "input_schema": f.get("parameters") or {"type": "object"}} for f in tools
+        ]
+        choice = _tool_choice(body.get("tool_choice"))
+        if choice is not None:
+            out["tool_choice"] = choice
+    if call.stream:
+        out["stream"] = True
+    return out
+
+
+def _tool_choice(choice: Any) -> dict[str, Any] | None:
+    if choice == "required":
+        return {"type": "any"}
+    if choice == "none":
+        return {"type": "none"}
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        return {"type": "tool", "name": choice["function"].get("name")}
+    return {"type": "auto"} if choice == "auto" else None
+
+
+def _append(messages: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
+    """Anthropic wants user and assistant turns to alternate: merge consecutive ones."""
+    if not blocks:
+        blocks = [{"type": "text", "text": ""}]
+    if messages and messages[-1]["role"] == role:
+        messages[-1]["content"].extend(blocks)
+    else:
+        messages.append({"role": role, "content": blocks})
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def _blocks(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks = []
+    for part in content if isinstance(content, list) else []:
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text":
+            blocks.append({"type": "text", "text": part.get("text", "")})
+        elif part.get("type") == "image_url":
+            url = (part.get("image_url") or {}).get("url", "")
+            inline = split_data_url(url)
+            source = {"type": "base64", "media_type": inline[0], "data": inline[1]} if inline else {"type": "url", "url": url}
+            blocks.append({"type": "image", "source": source})
+    return blocks
+
+
+def usage_from_anthropic(raw: Any) -> Usage:
+    raw = raw if isinstance(raw, dict) else {}
+    read, written = count(raw.get("cache_read_input_tokens")), count(raw.get("cache_creation_input_tokens"))
+    return Usage(
+        prompt_tokens=count(raw.get("input_tokens")) + read + written,
+        completion_tokens=count(raw.get("output_tokens")),
+        cached_tokens=read,
+        cache_write_tokens=written,
+    )
+
+
+def from_anthropic(data: Any) -> tuple[dict[str, Any], str, Usage]:
+    """(OpenAI message, finish_reason, usage) of an Anthropic Messages response."""
+    if not isinstance(data, dict):
+        data = {}
+    text, tool_calls = [], []
+    for block in data.get("content") or []:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text":
+            text.append(str(block.get("text", "")))
+        elif block.get("type") == "tool_use":
+            tool_calls.append(
+                {"id": block.get("id"), "type": "function", "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {})}}
+            )
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not tool_calls else None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return message, FINISH_REASONS.get(str(data.get("stop_reason")), "stop"), usage_from_anthropic(data.get("usage"))
+
+
+class AnthropicStream(UpstreamStream):
+    """Anthropic's stream events as OpenAI chunks (`message_start` … `message_stop`)."""
+
+    def __init__(self, response: aiohttp.ClientResponse, call: UpstreamCall):
+        super().__init__()
+        self._response = response
+        self._call = call
+        self._route: ModelRoute = call.route
+        self._writer = ChunkWriter(call)
+        self._input: Usage | None = None
+        self._output_tokens = 0
+        self._tool_index: dict[int, int] = {}
+        self._finished = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        splitter = SseSplitter()
+        stopped = False
+        try:
+            async for chunk in self._response.content.iter_any():
+                out = []
+                for event in splitter.feed(chunk):
+                    out.extend(self._translate(event))
+                    stopped = stopped or self._finished
+                if out:
+                    yield b"".join(out)
+                if stopped:
+                    break
+        except TimeoutError:
+            self.error = bad_gateway(f"Provider '{self._route.provider.name}' stopped sending.", "upstream_timeout")
+        except aiohttp.ClientError:
+            self.error = bad_gateway(f"Provider '{self._route.provider.name}' broke off the stream.", "upstream_stream_broken")
+        finally:
+            self.close()
+        if self.error is None and not stopped:
+            self.error = bad_gateway(f"Provider '{self._route.provider.name}' ended the stream before message_stop.", "upstream_stream_broken")
+        if self.error is not None:
+            self._partial_usage()
+            yield encode_event(json.dumps(self.error.body()).encode())
+        else:
+            yield b"data: [DONE]\n\n"
+
+    def _translate(self, event: bytes) -> list[bytes]:
+        kind, data = _event(event)
+        if data is None:
+            return []
+        if kind == "message_start":
+            message = data.get("message") or {}
+            self._input = usage_from_anthropic(message.get("usage"))
+            self._output_tokens = self._input.completion_tokens
+            return [self._writer.chunk({"role": "assistant", "content": ""})]
+        if kind == "content_block_start":
+            block = data.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                index = self._tool_index.setdefault(int(data.get("index", 0)), len(self._tool_index))
+                call = {"index": index, "id": block.get("id"), "type": "function", "function": {"name": block.get("name"), "arguments": ""}}
+                return [self._writer.chunk({"tool_calls": [call]})]
+            return []
+        if kind == "content_block_delta":
+            delta = data.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                text = str(delta.get("text", ""))
+                self.completion_text_bytes += len(text.encode())
+                return [self._writer.chunk({"content": text})]
+            if delta.get("type") == "input_json_delta":
+                partial = str(delta.get("partial_json", ""))
+                self.completion_text_bytes += len(partial.encode())
+                index = self._tool_index.get(int(data.get("index", 0)), 0)
+                return [self._writer.chunk({"tool_calls": [{"index": index, "function": {"arguments": partial}}]})]
+            return []
+        if kind == "message_delta":
+            self._output_tokens = count((data.get("usage") or {}).get("output_tokens")) or self._output_tokens
+            reason = FINISH_REASONS.get(str((data.get("delta") or {}).get("stop_reason")), "stop")
+            return [self._writer.chunk({}, reason)]
+        if kind == "message_stop":
+            self._finished = True
+            base = self._input or Usage()
+            self.usage = Usage(base.prompt_tokens, self._output_tokens, base.cached_tokens, cache_write_tokens=base.cache_write_tokens)
+            return [self._writer.chunk(None, usage=self.usage)] if self._call.client_wants_usage else []
+        if kind == "error":
+            passed = vendor_error(json.dumps(data).encode())
+            self.error = bad_gateway(passed[0] if passed else "The provider reported an error mid-stream.", "upstream_stream_error")
+            self._finished = True
+        return []
+
+    def _partial_usage(self) -> None:
+        """A cut stream: the prompt as the provider counted it, the output from what we relayed."""
+        if self._input is not None and self.usage is None:
+            output = max(self._output_tokens, tokens_for_bytes(self.completion_text_bytes))
+            self.usage = Usage(self._input.prompt_tokens, output, self._input.cached_tokens, estimated=True, cache_write_tokens=self._input.cache_write_tokens)
+
+    def close(self) -> None:
+        if self._finished:
+            self._response.release()
+        else:
+            self._response.close()
+
+
+def _event(event: bytes) -> tuple[str | None, dict[str, Any] | None]:
+    kind, data = None, []
+    for line in event.splitlines():
+        if line.startswith(b"event:"):
+            kind = line[6:].strip().decode()
+        elif line.startswith(b"data:"):
+            data.append(line[5:].strip())
+    if not data:
+        return kind, None
+    try:
+        parsed = json.loads(b"\n".join(data))
+    except ValueError:
+        return kind, None
+    if not isinstance(parsed, dict):
+        return kind, None
+    return kind or parsed.get("type"), parsed

@@ -1,0 +1,196 @@
+"""Anthropic behind the OpenAI endpoint: request and response translation, streams, billing."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from core.config import build_config
+from core.providers.anthropic import from_anthropic, to_anthropic
+from core.providers.base import UpstreamCall
+from test.conftest import ADMIN_KEY, USER_KEY, keys_yaml
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+MESSAGE = json.loads((FIXTURES / "anthropic_message.json").read_text())
+STREAM = (FIXTURES / "anthropic_stream.txt").read_bytes()
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather now", "parameters": {"type": "object", "properties": {"location": {"type": "string"}}}},
+    }
+]
+
+CONFIG = (
+    """
+providers:
+  - provider: p1
+    base_url: {fake:p1}
+    engine: anthropic
+    api: anthropic-secret
+    model:
+      - claude-3-5-sonnet-20241022: claude-sonnet
+    preferences: {default_max_tokens: 1000}
+"""
+    + keys_yaml().replace("name: alice", "name: alice\n    preferences: {credits: 10}")
+    + """
+preferences:
+  model_price:
+    claude-sonnet: {token_price: '3,15', cache_read_price: 0.3, cache_write_price: 3.75}
+"""
+)
+# 25 uncached x 3 + 1000 cache reads x 0.3 + 100 cache writes x 3.75 + 15 output x 15, per 1M tokens.
+EXPECTED_COST_NANOS = 25 * 3 * 1000 + 300 * 1000 + 375 * 1000 + 225 * 1000
+
+
+def route_call(body: dict[str, Any], stream: bool = False) -> UpstreamCall:
+    config = build_config(
+        "providers:\n  - provider: a\n    engine: anthropic\n    base_url: https://api.anthropic.com/v1\n    api: k\n    model: [claude-x]\n", "api.yaml"
+    )
+    return UpstreamCall("chat/completions", body, stream, config.routes["claude-x"][0], "k")
+
+
+def test_request_translation_covers_system_images_tools_and_results():
+    body = {
+        "model": "claude-x",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "What is here?"}, {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,QUJD"}},
+                                         {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]},
+            {"role": "assistant", "content": "Checking.", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"location\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18C, sunny"},
+            {"role": "user", "content": "Thanks"},
+        ],
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "temperature": 0.2,
+        "stop": "END",
+    }  # fmt: skip
+    out = to_anthropic(route_call(body))
+    assert out["system"] == "Be brief."
+    assert out["max_tokens"] == 4096 and out["temperature"] == 0.2 and out["stop_sequences"] == ["END"]
+    assert out["tools"] == [{"name": "get_weather", "description": "Weather now", "input_schema": TOOLS[0]["function"]["parameters"]}]
+    assert out["tool_choice"] == {"type": "any"}
+    user, assistant, results = out["messages"]
+    assert user["content"][1] == {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "QUJD"}}
+    assert user["content"][2] == {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}
+    assert assistant["content"] == [
+        {"type": "text", "text": "Checking."},
+        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"location": "Paris"}},
+    ]
+    assert results == {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "18C, sunny"}, {"type": "text", "text": "Thanks"}],
+    }
+
+
+def test_response_translation_maps_tools_stop_reason_and_cache_usage():
+    message, finish_reason, usage = from_anthropic(MESSAGE)
+    assert message["content"] == "Let me check the weather."
+    assert message["tool_calls"] == [{"id": "toolu_01A", "type": "function", "function": {"name": "get_weather", "arguments": '{"location": "Paris"}'}}]
+    assert finish_reason == "tool_calls"
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.cache_write_tokens, usage.completion_tokens) == (1125, 1000, 100, 15)
+    assert from_anthropic({"content": [], "stop_reason": "max_tokens", "unknown": 1})[1] == "length"
+
+
+def ledger_rows(gateway) -> list[tuple]:
+    gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY)
+    with sqlite3.connect(gateway.config_path.parent / "data" / "tollgate.db") as db:
+        return db.execute("SELECT status, prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, cost_nanos FROM usage").fetchall()
+
+
+def test_non_stream_end_to_end_is_translated_and_billed_with_cache_prices(start_gateway, upstream):
+    async def anthropic(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse(MESSAGE)
+
+    upstream.script("p1", anthropic)
+    gateway = start_gateway(CONFIG, upstream)
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="claude-sonnet", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS
+    )
+    reply = raw.parse()
+    assert reply.choices[0].message.tool_calls[0].function.name == "get_weather"
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert reply.usage.prompt_tokens == 1125 and reply.usage.prompt_tokens_details.cached_tokens == 1000
+    seen = upstream.seen[-1]
+    assert seen.path == "/p1/v1/messages"
+    assert seen.headers["x-api-key"] == "anthropic-secret" and seen.headers["anthropic-version"] == "2023-06-01"
+    assert seen.body["model"] == "claude-3-5-sonnet-20241022" and seen.body["max_tokens"] == 1000
+    assert ledger_rows(gateway) == [("ok", 1125, 15, 1000, 100, EXPECTED_COST_NANOS)]
+    assert raw.headers["x-tollgate-cost"] == "0.000975"
+
+
+def test_stream_end_to_end_is_translated_and_billed(start_gateway, upstream):
+    async def anthropic(body: dict[str, Any], request: Request) -> Response:
+        assert body["stream"] is True
+
+        async def gen():  # type: ignore[no-untyped-def]
+            for part in STREAM.split(b"\n\n"):
+                yield part + b"\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    upstream.script("p1", anthropic)
+    gateway = start_gateway(CONFIG, upstream)
+    chunks = list(
+        gateway.client().chat.completions.create(
+            model="claude-sonnet", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    arguments = "".join(tc.function.arguments or "" for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or [])
+    assert text == "Let me check the weather."
+    assert json.loads(arguments) == {"location": "Paris"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert chunks[-1].usage.prompt_tokens == 1125 and chunks[-1].usage.completion_tokens == 15
+    assert ledger_rows(gateway) == [("ok", 1125, 15, 1000, 100, EXPECTED_COST_NANOS)]
+
+
+def test_truncated_stream_gives_a_clean_error_and_bills_the_partial_usage(start_gateway, upstream):
+    cut = STREAM.split(b"event: content_block_stop")[0]  # message_start and some text, then the connection ends
+
+    async def anthropic(body: dict[str, Any], request: Request) -> Response:
+        async def gen():  # type: ignore[no-untyped-def]
+            yield cut
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    upstream.script("p1", anthropic)
+    gateway = start_gateway(CONFIG, upstream)
+    received = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in gateway.client().chat.completions.create(model="claude-sonnet", messages=[{"role": "user", "content": "Weather?"}], stream=True):
+            received.append(chunk.choices[0].delta.content)
+    assert "before message_stop" in str(caught.value.message)
+    assert "".join(r or "" for r in received) == "Let me check the weather."
+    ((status, prompt, completion, cached, written, cost),) = ledger_rows(gateway)
+    assert (status, prompt, cached, written) == ("error", 1125, 1000, 100)
+    assert completion >= 6 and cost > 0  # 25 bytes of text streamed: estimated
+
+
+def test_anthropic_errors_come_back_openai_shaped(start_gateway, upstream):
+    async def anthropic(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse(
+            {"type": "error", "error": {"type": "invalid_request_error", "message": "messages: text content blocks must be non-empty"}}, status_code=400
+        )
+
+    upstream.script("p1", anthropic)
+    gateway = start_gateway(CONFIG, upstream)
+    with pytest.raises(openai.BadRequestError) as caught:
+        gateway.client().chat.completions.create(model="claude-sonnet", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["message"] == "messages: text content blocks must be non-empty"
+    assert caught.value.body["type"] == "invalid_request_error"
+    assert ledger_rows(gateway) == [("error", 0, 0, 0, 0, 0)]
+
+
+def test_embeddings_are_not_sent_to_anthropic(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    response = gateway.http("POST", "/v1/embeddings", key=USER_KEY, json={"model": "claude-sonnet", "input": "x"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "endpoint_not_supported"
+    assert upstream.seen == []
