@@ -67,8 +67,10 @@ def test_alias_and_provider_scoped_names_resolve_to_routes():
 def test_engine_is_inferred_from_base_url():
     config = load("providers:\n  - provider: x\n    base_url: https://api.example.com/v1\n    api: k\n    model: [m]\n")
     assert config.providers[0].engine == "openai"
-    error = error_of("providers:\n  - provider: x\n    base_url: https://api.anthropic.com/v1\n    api: k\n    model: [m]\n")
-    assert error.line == 3 and "not supported yet" in error.reason
+    anthropic = load("providers:\n  - provider: x\n    base_url: https://api.anthropic.com/v1\n    api: k\n    model: [m]\n")
+    assert anthropic.providers[0].engine == "anthropic"
+    azure = load("providers:\n  - provider: x\n    base_url: https://me.openai.azure.com\n    api: k\n    model: [m]\n")
+    assert azure.providers[0].engine == "azure"
 
 
 def test_timeouts_resolve_exact_then_longest_prefix_then_default():
