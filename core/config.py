@@ -23,7 +23,7 @@ from core.pricing import PriceBook, build_price_book
 from core.yamlsource import ConfigError, expand_env, line_of, parse_yaml
 
 ENGINES = ("openai", "azure", "anthropic", "gemini", "echo")
-SUPPORTED_ENGINES = ("openai", "azure", "anthropic", "echo")
+SUPPORTED_ENGINES = ENGINES
 SCHEDULING_ALGORITHMS = ("fixed_priority", "round_robin", "weighted_round_robin", "random")
 DEFAULT_TIMEOUT = Decimal(100)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from core.providers.anthropic import AnthropicAdapter
 from core.providers.base import Adapter
 from core.providers.echo import EchoAdapter
+from core.providers.gemini import GeminiAdapter
 from core.providers.openai import AzureAdapter, OpenAIAdapter
 
 ADAPTERS: dict[str, Adapter] = {
     "openai": OpenAIAdapter(),
     "azure": AzureAdapter(),
     "anthropic": AnthropicAdapter(),
+    "gemini": GeminiAdapter(),
     "echo": EchoAdapter(),
 }
 

@@ -1,0 +1,289 @@
+"""Google Gemini (`generateContent`, `streamGenerateContent?alt=sse`) behind the OpenAI chat
+format.
+
+Usage: `promptTokenCount` already includes `cachedContentTokenCount`; thinking tokens
+(`thoughtsTokenCount`) are output the model is billed for, so the normalised completion is
+candidates + thoughts, with the thoughts as `reasoning_tokens`.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from core.errors import bad_gateway
+from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream
+from core.providers.http import open_stream, post_json
+from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
+from core.sse import SseSplitter, encode_event, event_data
+from core.usage import Usage, count, tokens_for_bytes
+
+FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
+_GENERATION = {
+    "temperature": "temperature",
+    "top_p": "topP",
+    "top_k": "topK",
+    "n": "candidateCount",
+    "seed": "seed",
+    "presence_penalty": "presencePenalty",
+    "frequency_penalty": "frequencyPenalty",
+}
+
+
+class GeminiAdapter:
+    async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
+        if call.endpoint != "chat/completions":
+            raise not_supported(call)
+        route = call.route
+        model = quote(route.upstream_name, safe="")
+        headers = {"x-goog-api-key": call.upstream_key, "Content-Type": JSON_CONTENT_TYPE, **route.provider.headers}
+        payload = json.dumps(to_gemini(call), ensure_ascii=False).encode()
+        if call.stream:
+            url = f"{route.provider.base_url}/models/{model}:streamGenerateContent?alt=sse"
+            return GeminiStream(await open_stream(http, url, headers, payload, route), call)
+        _, data = await post_json(http, f"{route.provider.base_url}/models/{model}:generateContent", headers, payload, route)
+        message, finish_reason, usage = from_gemini(data)
+        return Reply(200, completion(call, message, finish_reason, usage, data.get("responseId") if isinstance(data, dict) else None), usage)
+
+
+def to_gemini(call: UpstreamCall) -> dict[str, Any]:
+    """An OpenAI chat request as a Gemini generateContent request."""
+    body = call.body
+    system: list[str] = []
+    contents: list[dict[str, Any]] = []
+    tool_names: dict[str, str] = {}  # OpenAI tool call id -> function name (Gemini answers by name)
+    for message in body.get("messages") or []:
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.append(_text(message.get("content")))
+        elif role == "tool":
+            name = tool_names.get(str(message.get("tool_call_id")), "tool")
+            _add(contents, "user", [{"functionResponse": {"name": name, "response": _tool_response(message.get("content"))}}])
+        elif role == "assistant":
+            parts = _parts(message.get("content"))
+            for tool_call in message.get("tool_calls") or []:
+                if isinstance(tool_call, dict):
+                    name = str((tool_call.get("function") or {}).get("name"))
+                    tool_names[str(tool_call.get("id"))] = name
+                    parts.append({"functionCall": {"name": name, "args": arguments_of(tool_call)}})
+            _add(contents, "model", parts)
+        else:
+            _add(contents, "user", _parts(message.get("content")))
+    out: dict[str, Any] = {"contents": contents}
+    if system:
+        out["systemInstruction"] = {"parts": [{"text": "\n\n".join(s for s in system if s)}]}
+    generation = {target: body[source] for source, target in _GENERATION.items() if body.get(source) is not None}
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    if isinstance(limit, int) and limit > 0:
+        generation["maxOutputTokens"] = limit
+    if stop_list(body.get("stop")):
+        generation["stopSequences"] = stop_list(body.get("stop"))
+    if generation:
+        out["generationConfig"] = generation
+    functions = [t["function"] for t in body.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    if functions:
+        out["tools"] = [{"functionDeclarations": [{k: v for k, v in f.items() if k in ("name", "description", "parameters")} for f in functions]}]
+        mode = _tool_mode(body.get("tool_choice"))
+        if mode is not None:
+            out["toolConfig"] = {"functionCallingConfig": mode}
+    return out
+
+
+def _tool_mode(choice: Any) -> dict[str, Any] | None:
+    if choice == "required":
+        return {"mode": "ANY"}
+    if choice == "none":
+        return {"mode": "NONE"}
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        return {"mode": "ANY", "allowedFunctionNames": [choice["function"].get("name")]}
+    return {"mode": "AUTO"} if choice == "auto" else None
+
+
+def _add(contents: list[dict[str, Any]], role: str, parts: list[dict[str, Any]]) -> None:
+    if not parts:
+        parts = [{"text": ""}]
+    if contents and contents[-1]["role"] == role:
+        contents[-1]["parts"].extend(parts)
+    else:
+        contents.append({"role": role, "parts": parts})
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and p.get("type") == "text") if isinstance(content, list) else ""
+
+
+def _tool_response(content: Any) -> dict[str, Any]:
+    text = _text(content)
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    return parsed if isinstance(parsed, dict) else {"content": text}
+
+
+def _parts(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    parts = []
+    for part in content if isinstance(content, list) else []:
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text":
+            parts.append({"text": part.get("text", "")})
+        elif part.get("type") == "image_url":
+            url = (part.get("image_url") or {}).get("url", "")
+            inline = split_data_url(url)
+            if inline:
+                parts.append({"inlineData": {"mimeType": inline[0], "data": inline[1]}})
+            else:
+                parts.append({"fileData": {"mimeType": mimetypes.guess_type(url)[0] or "image/jpeg", "fileUri": url}})
+    return parts
+
+
+def usage_from_gemini(metadata: Any) -> Usage | None:
+    if not isinstance(metadata, dict):
+        return None
+    thoughts = count(metadata.get("thoughtsTokenCount"))
+    return Usage(
+        prompt_tokens=count(metadata.get("promptTokenCount")),
+        completion_tokens=count(metadata.get("candidatesTokenCount")) + thoughts,
+        cached_tokens=count(metadata.get("cachedContentTokenCount")),
+        reasoning_tokens=thoughts,
+    )
+
+
+def _finish(reason: Any, has_calls: bool) -> str:
+    if reason == "MAX_TOKENS":
+        return "length"
+    if reason in FILTERED:
+        return "content_filter"
+    return "tool_calls" if has_calls else "stop"
+
+
+def _candidate_parts(data: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]], Any]:
+    """(texts, function calls, finish reason) of the first candidate."""
+    candidates = data.get("candidates") or []
+    first = candidates[0] if candidates and isinstance(candidates[0], dict) else {}
+    texts, calls = [], []
+    for part in (first.get("content") or {}).get("parts") or []:
+        if not isinstance(part, dict) or part.get("thought"):
+            continue
+        if isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif isinstance(part.get("functionCall"), dict):
+            calls.append(part["functionCall"])
+    return texts, calls, first.get("finishReason")
+
+
+def _tool_calls(calls: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:
+    return [
+        {
+            "index": start + i,
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": c.get("name"), "arguments": json.dumps(c.get("args") or {})},
+        }
+        for i, c in enumerate(calls)
+    ]
+
+
+def from_gemini(data: Any) -> tuple[dict[str, Any], str, Usage]:
+    if not isinstance(data, dict):
+        data = {}
+    texts, calls, reason = _candidate_parts(data)
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
+    if calls:
+        message["tool_calls"] = [{k: v for k, v in call.items() if k != "index"} for call in _tool_calls(calls)]
+    return message, _finish(reason, bool(calls)), usage_from_gemini(data.get("usageMetadata")) or Usage(estimated=True)
+
+
+class GeminiStream(UpstreamStream):
+    """Gemini's SSE chunks (each a partial response) as OpenAI chunks. The stream has no
+    end marker: it is complete when a chunk carries a finish reason."""
+
+    def __init__(self, response: aiohttp.ClientResponse, call: UpstreamCall):
+        super().__init__()
+        self._response = response
+        self._call = call
+        self._writer = ChunkWriter(call)
+        self._last_usage: Usage | None = None
+        self._finish: str | None = None
+        self._calls = 0
+        self._started = False
+        self._ended = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        splitter = SseSplitter()
+        name = self._call.route.provider.name
+        try:
+            async for chunk in self._response.content.iter_any():
+                out = [piece for event in splitter.feed(chunk) for piece in self._translate(event)]
+                if out:
+                    yield b"".join(out)
+            self._ended = True
+        except TimeoutError:
+            self.error = bad_gateway(f"Provider '{name}' stopped sending.", "upstream_timeout")
+        except aiohttp.ClientError:
+            self.error = bad_gateway(f"Provider '{name}' broke off the stream.", "upstream_stream_broken")
+        finally:
+            self.close()
+        if self.error is None and self._finish is None:
+            self.error = bad_gateway(f"Provider '{name}' ended the stream without a finish reason.", "upstream_stream_broken")
+        if self.error is not None:
+            if self._last_usage is not None or self.completion_text_bytes:
+                base = self._last_usage or Usage()
+                self.usage = Usage(
+                    base.prompt_tokens, max(base.completion_tokens, tokens_for_bytes(self.completion_text_bytes)), base.cached_tokens, estimated=True
+                )
+            yield encode_event(json.dumps(self.error.body()).encode())
+            return
+        self.usage = self._last_usage
+        tail = [self._writer.chunk({}, self._finish)]
+        if self._call.client_wants_usage and self.usage is not None:
+            tail.append(self._writer.chunk(None, usage=self.usage))
+        yield b"".join(tail) + b"data: [DONE]\n\n"
+
+    def _translate(self, event: bytes) -> list[bytes]:
+        raw = event_data(event)
+        if raw is None:
+            return []
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return []
+        if not isinstance(data, dict):
+            return []
+        usage = usage_from_gemini(data.get("usageMetadata"))
+        if usage is not None:
+            self._last_usage = usage
+        texts, calls, reason = _candidate_parts(data)
+        out = []
+        if not self._started:
+            self._started = True
+            out.append(self._writer.chunk({"role": "assistant", "content": ""}))
+        text = "".join(texts)
+        if text:
+            self.completion_text_bytes += len(text.encode())
+            out.append(self._writer.chunk({"content": text}))
+        if calls:
+            out.append(self._writer.chunk({"tool_calls": _tool_calls(calls, self._calls)}))
+            self._calls += len(calls)
+        if reason:
+            self._finish = _finish(reason, self._calls > 0)
+        return out
+
+    def close(self) -> None:
+        if self._ended:
+            self._response.release()
+        else:
+            self._response.close()
