@@ -17,12 +17,13 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from core.alerts import Alerts
 from core.billing import BillingMeter
 from core.config import load_config
 from core.errors import GatewayError
+from core.providers.messages import anthropic_error_body
 from core.proxy import Gateway
 from core.reload import ConfigStore
 from core.routing import Scheduler
@@ -90,6 +91,8 @@ async def on_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         exc = http_error(exc)
     assert isinstance(exc, GatewayError)
+    if request.url.path == "/v1/messages":  # Anthropic's clients expect Anthropic's error shape
+        return JSONResponse(anthropic_error_body(exc), status_code=exc.status, headers=exc.headers)
     return web.render_error(request, exc) if _is_page(request) else error_response(exc)
 
 

@@ -14,15 +14,15 @@ import aiohttp
 from core.config import ApiKey, Config, ModelRoute
 from core.errors import bad_gateway, bad_request
 from core.metering import CLIENT_DISCONNECTED, ERROR, OK, Meter, Outcome, Ticket
-from core.providers import adapter_for
+from core.providers import adapter_for, messages_adapter_for
 from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamStream
 from core.routing import Scheduler, routes_for
 from core.usage import Usage, estimate_prompt_tokens, estimate_text_tokens, message_text, tokens_for_bytes
 
 log = logging.getLogger("tollgate.proxy")
 
-ENDPOINTS = ("chat/completions", "completions", "embeddings")
-_REQUIRED_FIELD = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}
+ENDPOINTS = ("chat/completions", "completions", "embeddings", "messages")
+_REQUIRED_FIELD = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input", "messages": "messages"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +46,7 @@ def parse_proxy_request(endpoint: str, body: Any, client_ip: str | None = None, 
     required = _REQUIRED_FIELD[endpoint]
     if body.get(required) is None:
         raise bad_request(f"The '{required}' field is required.", f"missing_{required}")
-    if endpoint == "chat/completions" and not isinstance(body["messages"], list):
+    if endpoint in ("chat/completions", "messages") and not isinstance(body["messages"], list):
         raise bad_request("The 'messages' field must be a list of messages.", "invalid_messages")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -95,7 +95,8 @@ class Gateway:
         for route in ordered:
             call = UpstreamCall(request.endpoint, request.body, request.stream, route, self.scheduler.next_upstream_key(route.provider))
             try:
-                answer = await adapter_for(route.provider.engine).send(call, self.http)
+                adapter = messages_adapter_for(route.provider.engine) if request.endpoint == "messages" else adapter_for(route.provider.engine)
+                answer = await adapter.send(call, self.http)
             except UpstreamFailure as exc:
                 log.warning("%s: %s failed: %s", request.request_id, route.label, exc.error.message)
                 if not exc.retryable:

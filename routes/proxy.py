@@ -47,5 +47,6 @@ routes = [
     Route("/v1/chat/completions", _proxy("chat/completions"), methods=["POST"]),
     Route("/v1/completions", _proxy("completions"), methods=["POST"]),
     Route("/v1/embeddings", _proxy("embeddings"), methods=["POST"]),
+    Route("/v1/messages", _proxy("messages"), methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
 ]

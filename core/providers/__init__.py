@@ -19,3 +19,10 @@ ADAPTERS: dict[str, Adapter] = {
 
 def adapter_for(engine: str) -> Adapter:
     return ADAPTERS[engine]
+
+
+def messages_adapter_for(engine: str) -> Adapter:
+    """The `/v1/messages` path: native for Anthropic providers, translated for the rest."""
+    from core.providers.messages import MessagesAdapter
+
+    return MessagesAdapter(ADAPTERS[engine], native=engine == "anthropic")

@@ -1,0 +1,320 @@
+"""`POST /v1/messages`: Anthropic's request format in, Anthropic's format out, any provider.
+
+Anthropic providers get the request as it came (model renamed): nothing is lost in
+translation. Every other provider gets it translated to the OpenAI chat format, and its
+answer (or stream) is translated back into Anthropic's message (or events).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from core.errors import GatewayError, bad_gateway
+from core.providers.anthropic import ANTHROPIC_VERSION, usage_from_anthropic
+from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamStream
+from core.providers.http import open_stream, post_json
+from core.sse import DONE, SseSplitter, event_data
+from core.usage import Usage, count, usage_from_openai
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use", "content_filter": "refusal"}
+
+
+def anthropic_error_body(error: GatewayError) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": error.type, "message": error.message}}
+
+
+def to_openai(body: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic Messages request as an OpenAI chat request."""
+    messages: list[dict[str, Any]] = []
+    system = body.get("system")
+    if isinstance(system, list):
+        system = "".join(b.get("text", "") for b in system if isinstance(b, dict))
+    if system:
+        messages.append({"role": "system", "content": system})
+    for message in body.get("messages") or []:
+        if not isinstance(message, dict):
+            continue
+        role = "assistant" if message.get("role") == "assistant" else "user"
+        content = message.get("content")
+        if isinstance(content, str):
+            messages.append({"role": role, "content": content})
+            continue
+        parts, tool_calls, results = [], [], []
+        for block in content if isinstance(content, list) else []:
+            if not isinstance(block, dict):
+                continue
+            kind = block.get("type")
+            if kind == "text":
+                parts.append({"type": "text", "text": block.get("text", "")})
+            elif kind == "image":
+                source = block.get("source") or {}
+                url = (
+                    f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}" if source.get("type") == "base64" else source.get("url", "")
+                )
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+            elif kind == "tool_use":
+                tool_calls.append(
+                    {"id": block.get("id"), "type": "function", "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {})}}
+                )
+            elif kind == "tool_result":
+                inner = block.get("content")
+                text = inner if isinstance(inner, str) else "".join(b.get("text", "") for b in inner or [] if isinstance(b, dict))
+                results.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text})
+        messages.extend(results)
+        if parts or tool_calls:
+            entry: dict[str, Any] = {"role": role, "content": parts if parts else None}
+            if tool_calls:
+                entry["tool_calls"] = tool_calls
+            messages.append(entry)
+    out: dict[str, Any] = {"model": body.get("model"), "messages": messages, "max_tokens": body.get("max_tokens")}
+    for name in ("temperature", "top_p"):
+        if body.get(name) is not None:
+            out[name] = body[name]
+    if body.get("stop_sequences"):
+        out["stop"] = body["stop_sequences"]
+    if body.get("tools"):
+        out["tools"] = [{"type": "function", "function": {"name": t.get("name"), "description": t.get("description", ""), "parameters": t.get("input_schema") or {}}}
+                        for t in body["tools"] if isinstance(t, dict)]  # fmt: skip
+        choice = body.get("tool_choice") or {}
+        mapped = {"auto": "auto", "any": "required", "none": "none"}.get(str(choice.get("type"))) if isinstance(choice, dict) else None
+        if isinstance(choice, dict) and choice.get("type") == "tool":
+            out["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+        elif mapped:
+            out["tool_choice"] = mapped
+    if body.get("stream"):
+        out["stream"] = True
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+def anthropic_usage(usage: Usage) -> dict[str, int]:
+    return {
+        "input_tokens": max(0, usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens),
+        "output_tokens": usage.completion_tokens,
+        "cache_read_input_tokens": usage.cached_tokens,
+        "cache_creation_input_tokens": usage.cache_write_tokens,
+    }
+
+
+def to_anthropic_message(data: Any, model: str, usage: Usage) -> dict[str, Any]:
+    """An OpenAI chat completion as an Anthropic message."""
+    choice = (data.get("choices") or [{}])[0] if isinstance(data, dict) else {}
+    message = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    if message.get("content"):
+        content.append({"type": "text", "text": message["content"]})
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except ValueError:
+            arguments = {}
+        content.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"), "input": arguments})
+    return {
+        "id": f"msg_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": STOP_REASONS.get(str(choice.get("finish_reason")), "end_turn"),
+        "stop_sequence": None,
+        "usage": anthropic_usage(usage),
+    }
+
+
+def _event(kind: str, data: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+class MessagesAdapter:
+    """Serves the `messages` endpoint through any provider's adapter."""
+
+    def __init__(self, inner: Adapter, native: bool):
+        self.inner = inner
+        self.native = native
+
+    async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
+        if self.native:
+            return await self._native(call, http)
+        chat = UpstreamCall("chat/completions", to_openai(call.body), call.stream, call.route, call.upstream_key)
+        answer = await self.inner.send(chat, http)
+        if isinstance(answer, UpstreamStream):
+            return EventsFromChunks(answer, call.route.public_name)
+        usage = answer.usage or Usage(estimated=True)
+        data = json.loads(answer.body)
+        return Reply(200, json.dumps(to_anthropic_message(data, call.route.public_name, usage)).encode(), answer.usage)
+
+    async def _native(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
+        route = call.route
+        headers = {
+            "x-api-key": call.upstream_key,
+            "anthropic-version": route.provider.api_version or ANTHROPIC_VERSION,
+            "Content-Type": JSON_CONTENT_TYPE,
+            **route.provider.headers,
+        }
+        payload = json.dumps({**call.body, "model": route.upstream_name}, ensure_ascii=False).encode()
+        url = f"{route.provider.base_url}/messages"
+        if call.stream:
+            return NativeEvents(await open_stream(http, url, headers, payload, route), route.provider.name)
+        body, data = await post_json(http, url, headers, payload, route)
+        return Reply(200, body, usage_from_anthropic(data.get("usage")) if isinstance(data, dict) else None)
+
+
+class NativeEvents(UpstreamStream):
+    """An Anthropic stream relayed as it is, reading its usage on the way."""
+
+    def __init__(self, response: aiohttp.ClientResponse, provider: str):
+        super().__init__()
+        self._response = response
+        self._provider = provider
+        self._input = Usage()
+        self._output = 0
+        self._stopped = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        splitter = SseSplitter()
+        try:
+            async for chunk in self._response.content.iter_any():
+                for event in splitter.feed(chunk):
+                    self._observe(event)
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError):
+            self.error = bad_gateway(f"Provider '{self._provider}' broke off the stream.", "upstream_stream_broken")
+        finally:
+            self.close()
+        if not self._stopped and self.error is None:
+            self.error = bad_gateway(f"Provider '{self._provider}' ended the stream before message_stop.", "upstream_stream_broken")
+        if self.error is not None:
+            if self._input.prompt_tokens:
+                self.usage = Usage(
+                    self._input.prompt_tokens, self._output, self._input.cached_tokens, estimated=True, cache_write_tokens=self._input.cache_write_tokens
+                )
+            yield _event("error", anthropic_error_body(self.error))
+
+    def _observe(self, event: bytes) -> None:
+        raw = event_data(event)
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            return
+        if not isinstance(data, dict):
+            return
+        if data.get("type") == "message_start":
+            self._input = usage_from_anthropic((data.get("message") or {}).get("usage"))
+            self._output = self._input.completion_tokens
+        elif data.get("type") == "content_block_delta":
+            delta = data.get("delta") or {}
+            self.completion_text_bytes += len(str(delta.get("text") or delta.get("partial_json") or "").encode())
+        elif data.get("type") == "message_delta":
+            self._output = count((data.get("usage") or {}).get("output_tokens")) or self._output
+        elif data.get("type") == "message_stop":
+            self._stopped = True
+            self.usage = Usage(self._input.prompt_tokens, self._output, self._input.cached_tokens, cache_write_tokens=self._input.cache_write_tokens)
+
+    def close(self) -> None:
+        if self._stopped:
+            self._response.release()
+        else:
+            self._response.close()
+
+
+class EventsFromChunks(UpstreamStream):
+    """Any provider's OpenAI-format stream re-encoded as Anthropic's stream events."""
+
+    def __init__(self, inner: UpstreamStream, model: str):
+        super().__init__()
+        self._inner = inner
+        self._model = model
+        self._block = -1
+        self._open: str | None = None  # "text" or a tool call's index
+        self._stop_reason = "end_turn"
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        start: dict[str, Any] = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": self._model, "content": [],
+                 "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}  # fmt: skip
+        yield _event("message_start", {"type": "message_start", "message": start})
+        splitter = SseSplitter()
+        try:
+            async for chunk in self._inner:
+                out = [piece for event in splitter.feed(chunk) for piece in self._translate(event)]
+                if out:
+                    yield b"".join(out)
+        finally:
+            self._sync()
+        if self.error is not None:
+            yield _event("error", anthropic_error_body(self.error))
+            return
+        tail = self._close_block()
+        usage = anthropic_usage(self.usage or Usage())
+        tail.append(_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": self._stop_reason, "stop_sequence": None}, "usage": usage}))
+        tail.append(_event("message_stop", {"type": "message_stop"}))
+        yield b"".join(tail)
+
+    def _sync(self) -> None:
+        self.usage = self._inner.usage
+        self.completion_text_bytes = self._inner.completion_text_bytes
+        self.error = self._inner.error
+
+    def _translate(self, event: bytes) -> list[bytes]:
+        raw = event_data(event)
+        if raw is None or raw == DONE:
+            return []
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return []
+        if not isinstance(data, dict) or data.get("error"):
+            return []
+        out: list[bytes] = []
+        if usage_from_openai(data) is not None:
+            self.usage = usage_from_openai(data)
+        for choice in data.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                if self._open != "text":
+                    out += self._close_block()
+                    out += self._start_block({"type": "text", "text": ""}, "text")
+                out.append(
+                    _event(
+                        "content_block_delta", {"type": "content_block_delta", "index": self._block, "delta": {"type": "text_delta", "text": delta["content"]}}
+                    )
+                )
+            for call in delta.get("tool_calls") or []:
+                key = f"tool{call.get('index', 0)}"
+                if self._open != key:
+                    out += self._close_block()
+                    function = call.get("function") or {}
+                    out += self._start_block(
+                        {"type": "tool_use", "id": call.get("id") or f"toolu_{uuid.uuid4().hex[:20]}", "name": function.get("name"), "input": {}}, key
+                    )
+                arguments = (call.get("function") or {}).get("arguments")
+                if arguments:
+                    out.append(
+                        _event(
+                            "content_block_delta",
+                            {"type": "content_block_delta", "index": self._block, "delta": {"type": "input_json_delta", "partial_json": arguments}},
+                        )
+                    )
+            if choice.get("finish_reason"):
+                self._stop_reason = STOP_REASONS.get(choice["finish_reason"], "end_turn")
+        return out
+
+    def _start_block(self, block: dict[str, Any], key: str) -> list[bytes]:
+        self._block += 1
+        self._open = key
+        return [_event("content_block_start", {"type": "content_block_start", "index": self._block, "content_block": block})]
+
+    def _close_block(self) -> list[bytes]:
+        if self._open is None:
+            return []
+        self._open = None
+        return [_event("content_block_stop", {"type": "content_block_stop", "index": self._block})]
+
+    def close(self) -> None:
+        self._inner.close()
+        self._sync()

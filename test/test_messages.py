@@ -1,0 +1,119 @@
+"""`POST /v1/messages`: Anthropic's format through any provider, with the anthropic SDK."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anthropic
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from test.conftest import USER_KEY, keys_yaml
+from test.test_anthropic import CONFIG as ANTHROPIC_CONFIG
+from test.test_anthropic import EXPECTED_COST_NANOS, MESSAGE, STREAM, ledger_rows
+
+ECHO = (
+    "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n"
+    + keys_yaml().replace("name: alice", "name: alice\n    preferences: {credits: 10}")
+    + "preferences:\n  model_price: {default: '1000,2000'}\n"
+)
+WEATHER_TOOL = {"name": "get_weather", "description": "Weather now", "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}}}
+
+
+def sdk(gateway) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=gateway.url, api_key=USER_KEY, max_retries=0)
+
+
+def test_messages_through_an_openai_format_provider(start_gateway):
+    gateway = start_gateway(ECHO)
+    message = sdk(gateway).messages.create(model="echo-1", max_tokens=50, system="Be brief.", messages=[{"role": "user", "content": "hello there"}])
+    assert message.content[0].text == "Echo: hello there"
+    assert message.stop_reason == "end_turn"
+    assert message.usage.input_tokens > 0 and message.usage.output_tokens == 5
+    ((status, prompt, completion, *_),) = ledger_rows(gateway)
+    assert (status, prompt, completion) == ("ok", message.usage.input_tokens, 5)
+
+
+def test_messages_stream_through_an_openai_format_provider(start_gateway):
+    gateway = start_gateway(ECHO)
+    with sdk(gateway).messages.stream(model="echo-1", max_tokens=50, messages=[{"role": "user", "content": "hello there"}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == "Echo: hello there"
+    assert final.usage.output_tokens == 5 and final.stop_reason == "end_turn"
+    assert ledger_rows(gateway)[0][:3] == ("ok", final.usage.input_tokens, 5)
+
+
+def test_messages_go_to_anthropic_natively_and_are_billed_the_same(start_gateway, upstream):
+    seen_bodies: list[dict[str, Any]] = []
+
+    async def anthropic_upstream(body: dict[str, Any], request: Request) -> Response:
+        seen_bodies.append(body)
+        return JSONResponse(MESSAGE)
+
+    upstream.script("p1", anthropic_upstream)
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    cached_system = [{"type": "text", "text": "Long instructions", "cache_control": {"type": "ephemeral"}}]
+    message = sdk(gateway).messages.create(
+        model="claude-sonnet", max_tokens=100, system=cached_system, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER_TOOL]
+    )
+    assert message.content[1].name == "get_weather" and message.usage.cache_read_input_tokens == 1000
+    assert seen_bodies[0]["system"] == cached_system, "passed through untranslated: cache_control survives"
+    assert seen_bodies[0]["model"] == "claude-3-5-sonnet-20241022"
+    assert ledger_rows(gateway) == [("ok", 1125, 15, 1000, 100, EXPECTED_COST_NANOS)]
+
+
+def test_native_anthropic_stream_is_relayed_and_billed(start_gateway, upstream):
+    async def anthropic_upstream(body: dict[str, Any], request: Request) -> Response:
+        async def gen():  # type: ignore[no-untyped-def]
+            for part in STREAM.split(b"\n\n"):
+                yield part + b"\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    upstream.script("p1", anthropic_upstream)
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    with sdk(gateway).messages.stream(
+        model="claude-sonnet", max_tokens=100, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER_TOOL]
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].text == "Let me check the weather." and final.content[1].input == {"location": "Paris"}
+    assert ledger_rows(gateway) == [("ok", 1125, 15, 1000, 100, EXPECTED_COST_NANOS)]
+
+
+def test_tool_use_round_trip_through_an_openai_format_provider(start_gateway, upstream):
+    async def openai_tool_call(body: dict[str, Any], request: Request) -> Response:
+        assert body["tools"][0]["function"]["name"] == "get_weather"
+        assert body["messages"][-1] == {"role": "tool", "tool_call_id": "toolu_1", "content": "18C"}
+        reply = {"id": "x", "object": "chat.completion", "created": 1, "model": body["model"],
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "It is 18C."}, "finish_reason": "stop"}],
+                 "usage": {"prompt_tokens": 30, "completion_tokens": 4, "total_tokens": 34}}  # fmt: skip
+        return JSONResponse(reply)
+
+    upstream.script("p1", openai_tool_call)
+    config = "providers:\n  - provider: p1\n    base_url: {fake:p1}\n    api: k\n    model: [gpt-4o]\n" + keys_yaml()
+    gateway = start_gateway(config, upstream)
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"location": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C"}]},
+    ]
+    message = sdk(gateway).messages.create(model="gpt-4o", max_tokens=100, messages=messages, tools=[WEATHER_TOOL])
+    assert message.content[0].text == "It is 18C." and message.usage.input_tokens == 30
+    assert json.loads(json.dumps(upstream.seen[-1].body["messages"][1]["tool_calls"][0]["function"]["arguments"])) == '{"location": "Paris"}'
+
+
+def test_errors_on_messages_are_anthropic_shaped(start_gateway):
+    gateway = start_gateway(ECHO)
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        sdk(gateway).messages.create(model="nope", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    assert caught.value.body == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "The model 'nope' does not exist or is not served by this gateway."},
+    }
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=gateway.url, api_key="sk-wrong", max_retries=0).messages.create(
+            model="echo-1", max_tokens=10, messages=[{"role": "user", "content": "x"}]
+        )
