@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -421,3 +422,43 @@ def test_stream_without_usage_is_estimated_from_the_streamed_text(start_gateway,
     rows = ledger_rows(gateway, "SELECT status, prompt_tokens, completion_tokens, cost_nanos FROM usage")
     # 10 prompt tokens estimated from the messages; 8 streamed bytes = 2 completion tokens.
     assert rows == [("estimated", 10, 2, (10 * 1000 + 2 * 2000) * 1000)]
+
+
+def test_openai_cached_and_reasoning_tokens_bill_at_their_prices(start_gateway, upstream):
+    async def with_details(body: dict[str, Any], request: Request) -> Response:
+        data = completion_body(body)
+        data["usage"] = {"prompt_tokens": 2000, "completion_tokens": 300, "total_tokens": 2300,
+                         "prompt_tokens_details": {"cached_tokens": 1500}, "completion_tokens_details": {"reasoning_tokens": 200}}  # fmt: skip
+        return JSONResponse(data)
+
+    upstream.script("p1", with_details)
+    config = CONFIG.replace("    gpt-4o: 1000,2000\n", "    gpt-4o: {token_price: '2,8', cache_read_price: 0.5, reasoning_price: 10}\n")
+    gateway = start_gateway(config, upstream)
+    raw = gateway.client(TOKEN_KEY).chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, max_tokens=400)
+    # 500 uncached x 2 + 1500 cached x 0.5 + 100 output x 8 + 200 reasoning x 10, per 1M tokens = 0.00455 USD
+    assert raw.headers["x-tollgate-cost"] == "0.00455"
+    states(gateway)  # flushes the ledger
+    rows = ledger_rows(gateway, "SELECT prompt_tokens, cached_tokens, completion_tokens, reasoning_tokens, cost_nanos, unit_prices FROM usage")
+    assert rows[0][:5] == (2000, 1500, 300, 200, 4_550_000)
+    assert json.loads(rows[0][5]) == {"input": "2", "output": "8", "cache_read": "0.5", "reasoning": "10"}
+
+
+def test_openai_stream_cut_midway_bills_what_was_streamed(start_gateway, upstream):
+    from starlette.responses import StreamingResponse
+
+    from test.servers import stream_chunks
+
+    async def cut(body: dict[str, Any], request: Request) -> Response:
+        async def gen():  # type: ignore[no-untyped-def]
+            for chunk in stream_chunks(body, ["abcdefgh", "ijklmnop"])[:2]:
+                yield chunk
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    upstream.script("p1", cut)
+    gateway = start_gateway(CONFIG, upstream)
+    with pytest.raises(openai.APIError):
+        list(gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    states(gateway)
+    (row,) = ledger_rows(gateway, "SELECT status, prompt_tokens, completion_tokens, cost_nanos FROM usage")
+    assert row == ("error", 10, 4, (10 * 1000 + 4 * 2000) * 1000)  # 16 streamed bytes: 4 tokens, prompt estimated

@@ -69,6 +69,7 @@ class OpenAIStream(UpstreamStream):
         self._route = route
         self._client_wants_usage = client_wants_usage
         self._finished = False
+        self._done_seen = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         splitter = SseSplitter()
@@ -86,15 +87,18 @@ class OpenAIStream(UpstreamStream):
             self.error = bad_gateway(f"Provider '{self._route.provider.name}' broke off the stream.", "upstream_stream_broken")
         finally:
             self.close()
-        if self.error is None and splitter.rest().strip():
-            self.error = bad_gateway(f"Provider '{self._route.provider.name}' ended the stream mid-event.", "upstream_stream_broken")
+        if self.error is None and (splitter.rest().strip() or not self._done_seen):
+            self.error = bad_gateway(f"Provider '{self._route.provider.name}' ended the stream early.", "upstream_stream_broken")
         if self.error is not None:
             yield encode_event(json.dumps(self.error.body()).encode())
 
     def _observe(self, event: bytes) -> bool:
         """Record usage and streamed text from one event; say whether the client should see it."""
         data = event_data(event)
-        if data is None or data == DONE:
+        if data == DONE:
+            self._done_seen = True
+            return True
+        if data is None:
             return True
         try:
             chunk = json.loads(data)
