@@ -20,7 +20,7 @@ from core.errors import GatewayError
 from core.ledger import COUNT_CREDITS, Account, InsufficientBalance, Reservation, UsageRecord
 from core.limits import Holds, Limiter
 from core.metering import ERROR, OK, Outcome
-from core.pricing import COUNT, PriceBook, from_nanos, to_nanos
+from core.pricing import COUNT, PriceBook, count_price_json, from_nanos, to_nanos
 from core.proxy import ProxyRequest
 from core.sqlite_ledger import SqliteLedger
 from core.usage import Usage, estimate_prompt_tokens
@@ -124,7 +124,7 @@ class BillingTicket:
         model = self.request.model
         if self.cost_type == COUNT:
             price = self.prices.count_price(model)
-            cost, count, unit_prices = price, 1, {"count": str(price)}
+            cost, count, unit_prices = price, 1, count_price_json(price)
         else:
             token_price = self.prices.token_price(model)
             cost, count = token_price.cost(outcome.usage), 0
@@ -140,7 +140,7 @@ class BillingTicket:
         return {**self.headers(cost_nanos), **self.start_headers()}
 
     def release(self) -> None:
-        record = self._record("", "", Usage(), {}, 0, 0, ERROR)
+        record = self._record("", "", Usage(), "{}", 0, 0, ERROR)
         seq = self.meter.ledger.release(self.reservation, record)
         if self.holds is not None:
             self.meter.limiter.release(self.holds, 0, 0, record.ts, seq)
@@ -163,7 +163,7 @@ class BillingTicket:
             "x-tollgate-count-credits-remaining": str(account.remaining_count(self.terms)),
         }
 
-    def _record(self, provider: str, upstream_model: str, usage: Usage, unit_prices: dict[str, str], cost_nanos: int, count: int, status: str) -> UsageRecord:
+    def _record(self, provider: str, upstream_model: str, usage: Usage, unit_prices: str, cost_nanos: int, count: int, status: str) -> UsageRecord:
         return UsageRecord(
             request_id=self.request.request_id,
             ts=self.meter.clock(),

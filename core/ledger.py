@@ -9,7 +9,7 @@ Amounts are integer nano-dollars (core.pricing) and whole count credits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from core.config_billing import KeyBilling
@@ -80,7 +80,7 @@ class UsageRecord:
     completion_tokens: int
     cached_tokens: int
     cost_type: str
-    unit_prices: dict[str, str] = field(default_factory=dict)
+    unit_prices: str = "{}"  # JSON: the unit prices this charge used (history is never repriced)
     cost_nanos: int = 0
     count_charged: int = 0
     status: str = "ok"

@@ -7,6 +7,8 @@ once per request, and every balance is then an exact integer sum of ledger amoun
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -51,17 +53,27 @@ class TokenPrice:
             + reasoning * (self.output if self.reasoning is None else self.reasoning)
         ) / PER_MILLION
 
-    def unit_prices(self) -> dict[str, str]:
-        """The prices as recorded with each charge (history is never repriced)."""
-        prices = {"input": str(self.input), "output": str(self.output)}
-        for name in ("cache_read", "cache_write", "reasoning"):
-            value = getattr(self, name)
-            if value is not None:
-                prices[name] = str(value)
-        return prices
+    def unit_prices(self) -> str:
+        """The prices as recorded with each charge (history is never repriced), as JSON."""
+        return _token_prices_json(self)
 
     def estimate(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
         return (prompt_tokens * self.input + completion_tokens * self.output) / PER_MILLION
+
+
+@functools.lru_cache(maxsize=4096)
+def _token_prices_json(price: TokenPrice) -> str:
+    prices = {"input": str(price.input), "output": str(price.output)}
+    for name in ("cache_read", "cache_write", "reasoning"):
+        value = getattr(price, name)
+        if value is not None:
+            prices[name] = str(value)
+    return json.dumps(prices, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=4096)
+def count_price_json(price: Decimal) -> str:
+    return json.dumps({"count": str(price)}, separators=(",", ":"))
 
 
 FREE = TokenPrice(Decimal(0), Decimal(0))

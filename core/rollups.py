@@ -10,18 +10,21 @@ from typing import Any
 from core.ledger import UsageRecord
 from core.ledger_sums import utc_day
 
+MEASURES = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_nanos", "token_cost_nanos", "count_charged", "errors")
 
-def _measures(record: UsageRecord) -> dict[str, int]:
-    return {
-        "requests": 1,
-        "prompt_tokens": record.prompt_tokens,
-        "completion_tokens": record.completion_tokens,
-        "cached_tokens": record.cached_tokens,
-        "cost_nanos": record.cost_nanos,
-        "token_cost_nanos": record.cost_nanos if record.cost_type == "token" else 0,
-        "count_charged": record.count_charged,
-        "errors": int(record.status == "error"),
-    }
+
+def _measures(record: UsageRecord) -> tuple[int, ...]:
+    """In the order of MEASURES."""
+    return (
+        1,
+        record.prompt_tokens,
+        record.completion_tokens,
+        record.cached_tokens,
+        record.cost_nanos,
+        record.cost_nanos if record.cost_type == "token" else 0,
+        record.count_charged,
+        int(record.status == "error"),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +40,13 @@ class Rollup:
         updates = ", ".join(f"{v} = {v} + excluded.{v}" for v in self.values)
         return f"INSERT INTO {self.table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) ON CONFLICT ({', '.join(self.keys)}) DO UPDATE SET {updates}"
 
-    def rows(self, records: list[tuple[UsageRecord, str, dict[str, int]]]) -> list[tuple[Any, ...]]:
+    def rows(self, records: list[tuple[UsageRecord, str, tuple[int, ...]]]) -> list[tuple[Any, ...]]:
+        positions = [MEASURES.index(name) for name in self.values]
         sums: dict[tuple[str, ...], list[int]] = {}
         for record, day, measures in records:
-            row = sums.setdefault(self.group(record, day), [0] * len(self.values))
-            for index, name in enumerate(self.values):
-                row[index] += measures[name]
+            row = sums.setdefault(self.group(record, day), [0] * len(positions))
+            for index, position in enumerate(positions):
+                row[index] += measures[position]
         return [(*group, *values) for group, values in sums.items()]
 
 

@@ -8,10 +8,10 @@ grants wait for their commit so an admin sees a durable top-up.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +26,8 @@ from core.rollups import rollup_statements
 log = logging.getLogger("tollgate.ledger")
 T = TypeVar("T")
 
-MAX_BATCH = 2000
+MAX_BATCH = 5000
+GROUP_COMMIT_SECONDS = 0.01
 
 _INSERT_USAGE = """INSERT INTO usage (request_id, ts, key_id, key_name, model, provider, upstream_model, prompt_tokens,
     completion_tokens, cached_tokens, cost_type, unit_prices, cost_nanos, count_charged, status, cache_write_tokens, reasoning_tokens)
@@ -222,10 +223,13 @@ class SqliteLedger:
         await self.db.close()
 
     async def _write_loop(self) -> None:
-        """Group commit: everything queued while the last batch was written goes in one
-        transaction. Items are handled strictly in queue order."""
+        """Group commit: charges are collected for GROUP_COMMIT_SECONDS and written in one
+        transaction (a crash loses at most that window). Items are handled strictly in
+        queue order; a flush or a read in order waits for the window like everything else."""
         while True:
             batch = [await self._queue.get()]
+            if self._queue.qsize() < MAX_BATCH:
+                await asyncio.sleep(GROUP_COMMIT_SECONDS)
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             pending: list[UsageRecord | _GrantItem] = []
@@ -244,8 +248,10 @@ class SqliteLedger:
             await self._commit_with_retry(pending)
 
     async def _commit_with_retry(self, items: list[UsageRecord | _GrantItem]) -> None:
-        """On a failure (disk full, locked file) keep the rows and try again: the requests
-        have their answers already, and their charges stay in memory meanwhile."""
+        """On an operational failure (disk full, locked file) keep the rows and try again:
+        the requests have their answers already, and their charges stay in memory meanwhile.
+        A row the database refuses outright must not block the others: the batch is then
+        written row by row and the refused row is logged in full."""
         if not items:
             return
         delay = 0.05
@@ -253,10 +259,18 @@ class SqliteLedger:
             try:
                 applied = await self._commit(items)
                 break
-            except Exception:
+            except sqlite3.OperationalError:
                 log.exception("ledger write of %d rows failed; retrying in %.2fs", len(items), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            except Exception:
+                if len(items) == 1:
+                    log.exception("the ledger refused a row; it is dropped: %r", items[0])
+                    applied = [False] if isinstance(items[0], _GrantItem) else []
+                    break
+                for item in items:
+                    await self._commit_with_retry([item])
+                return
         for item, was_applied in zip((i for i in items if isinstance(i, _GrantItem)), applied, strict=True):
             grant, account = item.grant, item.account
             if was_applied and grant.ts >= account.window_start:
@@ -268,24 +282,10 @@ class SqliteLedger:
                 item.done.set_result(was_applied)
 
     async def _commit(self, items: list[UsageRecord | _GrantItem]) -> list[bool]:
-        records = [item for item in items if isinstance(item, UsageRecord)]
-        applied = []
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            if records:
-                await self.db.executemany(_INSERT_USAGE, [_usage_row(record) for record in records])
-                for sql, rows in rollup_statements(records):
-                    await self.db.executemany(sql, rows)
-            for item in items:
-                if isinstance(item, _GrantItem):
-                    g = item.grant
-                    cursor = await self.db.execute(_INSERT_GRANT, (g.key_id, g.kind, g.amount, g.reason, g.idempotency_key, g.ts))
-                    applied.append(cursor.rowcount == 1)
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
-        return applied
+        # One hop to the database thread for the whole transaction: building the rows and
+        # every statement run there, not on the event loop. (`_execute` and `_conn` are
+        # aiosqlite's own way to run a function on its thread; the version is pinned.)
+        return await self.db._execute(_commit_sync, self.db._conn, items)  # type: ignore[no-any-return]
 
     async def _run_in_order(self, item: _InOrder) -> None:
         try:
@@ -333,7 +333,29 @@ class SqliteLedger:
         return await window_totals(self.reader, windows, by_model)
 
 
-def _usage_row(record: UsageRecord) -> tuple[Any, ...]:
-    row = list(astuple(record))
-    row[11] = json.dumps(record.unit_prices, separators=(",", ":"))
-    return tuple(row)
+def _usage_row(r: UsageRecord) -> tuple[Any, ...]:
+    return (r.request_id, r.ts, r.key_id, r.key_name, r.model, r.provider, r.upstream_model, r.prompt_tokens, r.completion_tokens, r.cached_tokens,
+            r.cost_type, r.unit_prices, r.cost_nanos, r.count_charged, r.status, r.cache_write_tokens, r.reasoning_tokens)  # fmt: skip
+
+
+def _commit_sync(db: sqlite3.Connection, items: list[UsageRecord | _GrantItem]) -> list[bool]:
+    """Write one batch in one transaction (runs on the database thread); whether each grant
+    applied (an idempotency key seen before does not)."""
+    records = [item for item in items if isinstance(item, UsageRecord)]
+    applied = []
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if records:
+            db.executemany(_INSERT_USAGE, [_usage_row(record) for record in records])
+            for sql, rows in rollup_statements(records):
+                db.executemany(sql, rows)
+        for item in items:
+            if isinstance(item, _GrantItem):
+                g = item.grant
+                cursor = db.execute(_INSERT_GRANT, (g.key_id, g.kind, g.amount, g.reason, g.idempotency_key, g.ts))
+                applied.append(cursor.rowcount == 1)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return applied

@@ -15,7 +15,7 @@ from core.sqlite_ledger import SqliteLedger
 
 
 def record(key_id: str, cost_nanos: int, cost_type: str = "token", count: int = 0) -> UsageRecord:
-    return UsageRecord("req", time.time(), key_id, "name", "m", "p", "m", 1, 0, 0, cost_type, {"input": "0.12"}, cost_nanos, count)
+    return UsageRecord("req", time.time(), key_id, "name", "m", "p", "m", 1, 0, 0, cost_type, "{\"input\":\"0.12\"}", cost_nanos, count)
 
 
 async def rebuilt(path: Path, key_id: str, terms: KeyBilling):
@@ -137,7 +137,7 @@ def test_window_totals_from_the_daily_rollup_equal_the_raw_rows(tmp_path):
     async def scenario():
         ledger = await SqliteLedger.open(tmp_path / "l.db")
         for i, ts in enumerate(stamps):
-            ledger._queue.put_nowait(UsageRecord(f"r{i}", ts, "k", "n", "m", "p", "m", 1, 1, 0, "token", {}, 1000 + i, 0))
+            ledger._queue.put_nowait(UsageRecord(f"r{i}", ts, "k", "n", "m", "p", "m", 1, 1, 0, "token", "{}", 1000 + i, 0))
         await ledger.flush()
         windows = [
             (0.0, None),
