@@ -9,7 +9,6 @@ step. Settlement charges what the upstream reported and frees every hold.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from decimal import Decimal
 
@@ -21,7 +20,7 @@ from core.ledger import COUNT_CREDITS, Account, InsufficientBalance, Reservation
 from core.limits import Holds, Limiter
 from core.metering import ERROR, OK, Outcome
 from core.pricing import COUNT, PriceBook, count_price_json, from_nanos, to_nanos
-from core.proxy import ProxyRequest
+from core.proxy import ProxyRequest, new_request_id
 from core.sqlite_ledger import SqliteLedger
 from core.usage import Usage, estimate_prompt_tokens
 
@@ -80,7 +79,7 @@ class BillingMeter:
     async def record_external(self, config: Config, key: ApiKey, model: str, usage: Usage, provider: str) -> int:
         """Charge usage that happened elsewhere; it already happened, so no balance check."""
         account = await self.ledger.account(key.id, key.billing)
-        request = ProxyRequest("chat/completions", {}, model, False, f"ext_{uuid.uuid4().hex}")
+        request = ProxyRequest("chat/completions", {}, model, False, new_request_id())
         cost_type = config.preferences.prices.cost_type(key.billing.mode, model)
         ticket = BillingTicket(self, key, key.billing, config.preferences.prices, request, cost_type, Reservation(account, 0, 0), None)
         headers = ticket.settle(Outcome(provider, model, usage, OK))

@@ -134,6 +134,11 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE usage ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0;
     """,
+    # Every index costs each charge a b-tree insert: the time index only served the
+    # all-keys export, which now reads in insertion order instead.
+    6: """
+    DROP INDEX IF EXISTS usage_by_time;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

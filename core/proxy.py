@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import uuid
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,11 +33,9 @@ class ProxyRequest:
     model: str
     stream: bool
     request_id: str
-    client_ip: str | None = None
-    user_agent: str | None = None
 
 
-def parse_proxy_request(endpoint: str, body: Any, client_ip: str | None = None, user_agent: str | None = None) -> ProxyRequest:
+def parse_proxy_request(endpoint: str, body: Any) -> ProxyRequest:
     """Check the few fields the gateway itself relies on; the upstream validates the rest."""
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", "invalid_body")
@@ -53,7 +52,16 @@ def parse_proxy_request(endpoint: str, body: Any, client_ip: str | None = None, 
         raise bad_request("The 'stream' field must be true or false.", "invalid_stream")
     if stream and endpoint == "embeddings":
         raise bad_request("Embeddings cannot be streamed.", "invalid_stream")
-    return ProxyRequest(endpoint, body, model, stream, f"req_{uuid.uuid4().hex}", client_ip, user_agent)
+    return ProxyRequest(endpoint, body, model, stream, new_request_id())
+
+
+_REQUEST_PREFIX = f"req_{secrets.token_hex(6)}"
+_request_numbers = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """Unique across processes and restarts (random prefix) without a syscall per request."""
+    return f"{_REQUEST_PREFIX}{next(_request_numbers):x}"
 
 
 @dataclass(slots=True)

@@ -163,7 +163,9 @@ async def iter_requests(ledger: SqliteLedger, key_id: str | None, since: float, 
     if key_id is not None:
         sql += " AND key_id = ?"
         params.append(key_id)
-    async with ledger.reader.execute(sql + " ORDER BY ts", params) as cursor:
+    # One key: the (key, time) index. All keys: insertion order, which is time order, so the
+    # export streams without sorting the log.
+    async with ledger.reader.execute(sql + (" ORDER BY ts" if key_id is not None else " ORDER BY id"), params) as cursor:
         while rows := await cursor.fetchmany(EXPORT_CHUNK):
             for row in rows:
                 yield tuple(row)

@@ -45,8 +45,15 @@ def authenticate(request: Request, config: Config) -> ApiKey:
     key = config.key_index.find(secret) if secret else None
     if key is None:
         raise unauthorized("Invalid API key." if secret else "Missing API key: send 'Authorization: Bearer <key>'.")
-    check_access(key, request.app.state.clock(), caller_ip(request, config), request.headers.get("user-agent"))
+    check_request_access(request, config, key)
     return key
+
+
+def check_request_access(request: Request, config: Config, key: ApiKey) -> None:
+    """The key's access rules (enabled, expiry, addresses, clients) for this request."""
+    limits = key.limits
+    ip = caller_ip(request, config) if limits.allowed_ips else None  # most keys: no address rules
+    check_access(key, request.app.state.clock(), ip, request.headers.get("user-agent") if limits.allowed_clients else None)
 
 
 def require_admin(request: Request, config: Config) -> ApiKey:

@@ -6,8 +6,7 @@ from starlette.requests import Request
 
 from core.config import ApiKey, Config
 from core.errors import forbidden
-from core.limits import check_access
-from routes._http import caller_ip
+from routes._http import check_request_access
 from routes._session import SESSION_COOKIE, Session, SessionSigner
 
 
@@ -27,7 +26,7 @@ def visitor(request: Request, config: Config) -> tuple[ApiKey, Session]:
     if session is None or key is None:
         raise LoginRequired()
     # A key disabled, expired or out of its allowed addresses after login loses its pages too.
-    check_access(key, request.app.state.clock(), caller_ip(request, config), request.headers.get("user-agent"))
+    check_request_access(request, config, key)
     return key, session
 
 

@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from core.proxy import MeteredStream, parse_proxy_request
-from routes._http import authenticate, caller_ip, current_config, read_json
+from routes._http import authenticate, current_config, read_json
 from routes._stream import ProxyStreamResponse
 
 
@@ -18,7 +18,7 @@ def _proxy(endpoint: str):  # type: ignore[no-untyped-def]
         config = current_config(request)
         key = authenticate(request, config)
         body = await read_json(request, config.preferences.max_request_body_bytes)
-        proxy_request = parse_proxy_request(endpoint, body, caller_ip(request, config), request.headers.get("user-agent"))
+        proxy_request = parse_proxy_request(endpoint, body)
         result = await request.app.state.gateway.handle(config, key, proxy_request)
         headers = {"x-request-id": proxy_request.request_id, "x-tollgate-provider": result.route.provider.name}
         if isinstance(result, MeteredStream):

@@ -20,11 +20,10 @@ from core.config import ApiKey, Config
 from core.errors import GatewayError, forbidden, not_found
 from core.ledger import COUNT_CREDITS, CREDITS
 from core.ledger_sums import Window
-from core.limits import check_access
 from core.reload import ConfigStore
 from core.sqlite_ledger import SqliteLedger
 from routes import web_export
-from routes._http import caller_ip, current_config
+from routes._http import check_request_access, current_config
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
 from routes._web_auth import admin_visitor, signer, visitor
 from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, money, when
@@ -91,7 +90,7 @@ async def login(request: Request) -> Response:
         await asyncio.sleep(WRONG_KEY_DELAY)  # slows down guessing without blocking anyone else
         return await login_page(request, "That key is not valid. Check it and try again.", status=401)
     try:
-        check_access(key, request.app.state.clock(), caller_ip(request, config), request.headers.get("user-agent"))
+        check_request_access(request, config, key)
     except GatewayError as exc:
         return await login_page(request, exc.message, status=exc.status)
     response = redirect("/admin" if key.is_admin else "/usage")
