@@ -33,7 +33,9 @@ def sse_body() -> str:
     chunk = '{{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{{"index":0,"delta":{{"content":"{w}"}},"finish_reason":null}}]}}'
     events = [f"data: {chunk.format(w=w)}\n\n" for w in words]
     events.append('data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n')
-    events.append('data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}}\n\n')
+    events.append(
+        'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}}\n\n'
+    )
     events.append("data: [DONE]\n\n")
     return "".join(events)  # real newlines: nginx keeps them inside a quoted string
 
@@ -130,11 +132,20 @@ class Result:
 
 def run_wrk(url: str, script: Path, connections: int, seconds: int, server_pid: int, nginx_pid: int) -> Result:
     before, nginx_before, started = cpu_seconds(server_pid), cpu_seconds(nginx_pid), time.monotonic()
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url], capture_output=True, text=True, check=True
+    ).stdout
     elapsed = time.monotonic() - started
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     errors = sum(int(n) for n in re.findall(r"(?:Non-2xx or 3xx responses|connect|read|write|timeout)[: ]+(\d+)", out))
-    return Result(rps, _latency(out, "50%"), _latency(out, "99%"), errors, (cpu_seconds(server_pid) - before) / elapsed * 100, (cpu_seconds(nginx_pid) - nginx_before) / elapsed * 100)
+    return Result(
+        rps,
+        _latency(out, "50%"),
+        _latency(out, "99%"),
+        errors,
+        (cpu_seconds(server_pid) - before) / elapsed * 100,
+        (cpu_seconds(nginx_pid) - nginx_before) / elapsed * 100,
+    )
 
 
 def _latency(out: str, percentile: str) -> float:
@@ -166,9 +177,34 @@ def start_server(kind: str, work: Path, upstream: str, port: int) -> subprocess.
     if kind == "bare":
         # The bare pass-through forwards to the same nginx paths as the gateway's providers.
         env["UPSTREAM"] = upstream
-        command = [sys.executable, "-m", "uvicorn", "bench.bare_passthrough:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.bare_passthrough:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
     else:
-        command = [sys.executable, "main.py", "--config", str(work / "api.yaml"), "--db", str(work / "ledger.db"), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        command = [
+            sys.executable,
+            "main.py",
+            "--config",
+            str(work / "api.yaml"),
+            "--db",
+            str(work / "ledger.db"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     wait_http(f"http://127.0.0.1:{port}/v1/chat/completions")
     return process
@@ -205,8 +241,12 @@ def main() -> None:
                             mode = "stream" if stream else "json"
                             # The bare pass-through takes the provider path from the model name.
                             run_wrk(url, scripts[stream], args.connections, args.warmup, server.pid, nginx_worker)
-                            results.setdefault((kind, f"{mode} x{args.connections}"), []).append(run_wrk(url, scripts[stream], args.connections, args.duration, server.pid, nginx_worker))
-                            results.setdefault((kind, f"{mode} x1"), []).append(run_wrk(url, scripts[stream], 1, max(5, args.duration // 2), server.pid, nginx_worker))
+                            results.setdefault((kind, f"{mode} x{args.connections}"), []).append(
+                                run_wrk(url, scripts[stream], args.connections, args.duration, server.pid, nginx_worker)
+                            )
+                            results.setdefault((kind, f"{mode} x1"), []).append(
+                                run_wrk(url, scripts[stream], 1, max(5, args.duration // 2), server.pid, nginx_worker)
+                            )
                     finally:
                         server.send_signal(signal.SIGTERM)
                         server.wait(timeout=60)

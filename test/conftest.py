@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import textwrap
 import time
@@ -29,6 +30,23 @@ class RunningGateway:
 
     def async_client(self, key: str = USER_KEY, **kwargs: Any) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kwargs)
+
+    def fire(self, key: str, count: int, **create: Any) -> list[int]:
+        """Send `count` chat completions at once with the async openai SDK; their HTTP statuses."""
+
+        async def all_at_once() -> list[int]:
+            client = self.async_client(key)
+
+            async def one() -> int:
+                try:
+                    await client.chat.completions.create(**create)
+                    return 200
+                except openai.APIStatusError as exc:
+                    return exc.status_code
+
+            return list(await asyncio.gather(*(one() for _ in range(count))))
+
+        return asyncio.run(all_at_once())
 
     def http(self, method: str, path: str, key: str | None = USER_KEY, **kwargs: Any) -> httpx.Response:
         headers = kwargs.pop("headers", {})

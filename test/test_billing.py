@@ -206,19 +206,7 @@ def test_client_disconnect_mid_stream_charges_what_was_streamed(start_gateway, u
 def test_concurrent_requests_on_a_count_key_never_overspend(start_gateway, upstream):
     gateway = start_gateway(CONFIG, upstream)
 
-    async def fire() -> list[int]:
-        client = gateway.async_client(COUNT_KEY)
-
-        async def one() -> int:
-            try:
-                await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
-                return 200
-            except openai.APIStatusError as exc:
-                return exc.status_code
-
-        return await asyncio.gather(*(one() for _ in range(50)))
-
-    results = asyncio.run(fire())
+    results = gateway.fire(COUNT_KEY, 50, model="gpt-4o", messages=MESSAGES)
     assert results.count(200) == 10 and results.count(402) == 40
     assert states(gateway)[COUNT_KEY]["remaining_count_credits"] == 0
     assert len(upstream.seen) == 10
@@ -228,19 +216,7 @@ def test_concurrent_token_requests_with_max_tokens_never_go_below_zero(start_gat
     # Each request reserves (prompt estimate 10 + max_tokens 7) at 1000/2000 per 1M and costs 0.025.
     gateway = start_gateway(CONFIG.replace("token, credits: 10}", "token, credits: 0.3}"), upstream)
 
-    async def fire() -> list[int]:
-        client = gateway.async_client(TOKEN_KEY)
-
-        async def one() -> int:
-            try:
-                await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=7)
-                return 200
-            except openai.APIStatusError as exc:
-                return exc.status_code
-
-        return await asyncio.gather(*(one() for _ in range(60)))
-
-    results = asyncio.run(fire())
+    results = gateway.fire(TOKEN_KEY, 60, model="gpt-4o", messages=MESSAGES, max_tokens=7)
     remaining = states(gateway)[TOKEN_KEY]["remaining_credits"]
     assert remaining >= 0
     assert results.count(200) == round((0.3 - remaining) / 0.025)

@@ -15,7 +15,7 @@ from core.sqlite_ledger import SqliteLedger
 
 
 def record(key_id: str, cost_nanos: int, cost_type: str = "token", count: int = 0) -> UsageRecord:
-    return UsageRecord("req", time.time(), key_id, "name", "m", "p", "m", 1, 0, 0, cost_type, "{\"input\":\"0.12\"}", cost_nanos, count)
+    return UsageRecord("req", time.time(), key_id, "name", "m", "p", "m", 1, 0, 0, cost_type, '{"input":"0.12"}', cost_nanos, count)
 
 
 async def rebuilt(path: Path, key_id: str, terms: KeyBilling):

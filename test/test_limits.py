@@ -114,19 +114,7 @@ def test_concurrency_limit_counts_requests_in_flight(start_gateway, upstream):
 def test_fifty_concurrent_requests_against_a_limit_of_ten_admit_exactly_ten(start_gateway):
     gateway, _ = start(start_gateway, "rate_limit: '10/day'")
 
-    async def fire() -> list[int]:
-        client = gateway.async_client(KEY)
-
-        async def one() -> int:
-            try:
-                await client.chat.completions.create(model="echo-1", messages=MESSAGES)
-                return 200
-            except openai.APIStatusError as exc:
-                return exc.status_code
-
-        return await asyncio.gather(*(one() for _ in range(50)))
-
-    results = asyncio.run(fire())
+    results = gateway.fire(KEY, 50, model="echo-1", messages=MESSAGES)
     assert results.count(200) == 10 and results.count(429) == 40
 
 
@@ -139,19 +127,7 @@ def test_concurrent_requests_never_exceed_a_concurrency_limit(start_gateway, ups
     provider = "  - provider: p1\n    base_url: {fake:p1}\n    api: k\n    model: [echo-1]\n"
     gateway = start_gateway(config("concurrency_limit: 5", provider=provider), upstream, clock=FakeClock(T0))
 
-    async def fire() -> list[int]:
-        client = gateway.async_client(KEY)
-
-        async def one() -> int:
-            try:
-                await client.chat.completions.create(model="echo-1", messages=MESSAGES)
-                return 200
-            except openai.APIStatusError as exc:
-                return exc.status_code
-
-        return await asyncio.gather(*(one() for _ in range(30)))
-
-    results = asyncio.run(fire())
+    results = gateway.fire(KEY, 30, model="echo-1", messages=MESSAGES)
     assert results.count(200) == 5 and results.count(429) == 25
 
 
@@ -187,19 +163,7 @@ def test_usd_quota(start_gateway):
 def test_concurrent_requests_against_a_quota_are_bounded(start_gateway):
     gateway, _ = start(start_gateway, "quota: 150")  # 15 tokens per request, reserved 15 each with max_tokens=5
 
-    async def fire() -> list[int]:
-        client = gateway.async_client(KEY)
-
-        async def one() -> int:
-            try:
-                await client.chat.completions.create(model="echo-1", messages=MESSAGES, max_tokens=5)
-                return 200
-            except openai.APIStatusError as exc:
-                return exc.status_code
-
-        return await asyncio.gather(*(one() for _ in range(50)))
-
-    results = asyncio.run(fire())
+    results = gateway.fire(KEY, 50, model="echo-1", messages=MESSAGES, max_tokens=5)
     assert results.count(200) == 10 and results.count(402) == 40
 
 
