@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.config_billing import KeyBilling  # noqa: E402
-from core.ledger import UsageRecord  # noqa: E402
-from core.sqlite_ledger import SqliteLedger  # noqa: E402
+from core.config_billing import KeyBilling
+from core.ledger import UsageRecord
+from core.sqlite_ledger import SqliteLedger
 
 
 async def run(path: Path, rows: int, keys: int) -> None:
