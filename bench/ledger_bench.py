@@ -29,7 +29,9 @@ async def run(path: Path, rows: int, keys: int) -> None:
     for n in range(rows):
         key = f"key{n % keys}"
         reservation = ledger.hold(accounts[key], terms, 1000, 0)
-        ledger.settle(reservation, UsageRecord(f"r{n}", time.time(), key, key, f"model-{n % 7}", "p", "m", 100, 20, 0, "token", '{"input":"1","output":"2"}', 140_000))
+        ledger.settle(
+            reservation, UsageRecord(f"r{n}", time.time(), key, key, f"model-{n % 7}", "p", "m", 100, 20, 0, "token", '{"input":"1","output":"2"}', 140_000)
+        )
         if n % 1000 == 999:
             await asyncio.sleep(0)  # let the writer run, as a busy event loop would
     await ledger.flush()

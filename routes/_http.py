@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
+import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -76,7 +76,7 @@ async def read_json(request: Request, limit: int) -> Any:
             raise too_large(limit)
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        return orjson.loads(b"".join(chunks))
     except (ValueError, RecursionError):
         raise bad_request("The request body is not valid JSON.", "invalid_json") from None
 

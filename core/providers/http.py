@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import aiohttp
+import orjson
 
 from core.config import ModelRoute
 from core.errors import GatewayError, bad_gateway
@@ -35,7 +36,7 @@ async def post_json(http: aiohttp.ClientSession, url: str, headers: dict[str, st
     if status != 200:
         raise failure_from_status(route, status, body)
     try:
-        return body, json.loads(body)
+        return body, orjson.loads(body)
     except ValueError:
         raise UpstreamFailure(bad_gateway(f"Provider '{route.provider.name}' returned a response that is not JSON."), retryable=True) from None
 

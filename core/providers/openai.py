@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 
 from core.config import ModelRoute
 from core.errors import GatewayError, bad_gateway
@@ -36,7 +37,7 @@ class OpenAIAdapter:
 
     async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
         url, headers = self.target(call)
-        payload = json.dumps(upstream_body(call), ensure_ascii=False).encode()
+        payload = orjson.dumps(upstream_body(call))
         if call.stream:
             return OpenAIStream(await open_stream(http, url, headers, payload, call.route), call.route, call.client_wants_usage)
         body, data = await post_json(http, url, headers, payload, call.route)
@@ -101,7 +102,7 @@ class OpenAIStream(UpstreamStream):
         if data is None:
             return True
         try:
-            chunk = json.loads(data)
+            chunk = orjson.loads(data)
         except ValueError:
             return True
         if not isinstance(chunk, dict):
