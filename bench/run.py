@@ -176,7 +176,6 @@ def start_server(kind: str, work: Path, upstream: str, port: int) -> subprocess.
     env = {**os.environ, "UPSTREAM": upstream}
     if kind == "bare":
         # The bare pass-through forwards to the same nginx paths as the gateway's providers.
-        env["UPSTREAM"] = upstream
         command = [
             sys.executable,
             "-m",

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from core.config import ApiKey
-from core.config_limits import IPNetwork, PeriodLimit, RateRule
+from core.config_limits import IPNetwork, RateRule
 from core.errors import GatewayError, forbidden
 from core.ledger import Account
 from core.ledger_sums import Window, window_totals
@@ -299,6 +299,3 @@ class Limiter:
             headers[f"x-ratelimit-remaining-{kind}"] = str(best[1])
             headers[f"x-ratelimit-reset-{kind}"] = openai_duration(best[2])
         return headers
-
-    def period_status(self, key: ApiKey, limit: PeriodLimit) -> PeriodSpend | None:
-        return self.state(key).periods.get(limit.name)

@@ -48,25 +48,3 @@ class Ticket(Protocol):
 
 class Meter(Protocol):
     async def admit(self, config: Config, key: ApiKey, request: ProxyRequest) -> Ticket: ...
-
-
-class FreeTicket:
-    __slots__ = ()
-
-    def settle(self, outcome: Outcome) -> dict[str, str]:
-        return {}
-
-    def release(self) -> None:
-        pass
-
-    def start_headers(self) -> dict[str, str]:
-        return {}
-
-
-class FreeMeter:
-    """Admits everything and charges nothing: the gateway without billing."""
-
-    _ticket = FreeTicket()
-
-    async def admit(self, config: Config, key: ApiKey, request: ProxyRequest) -> Ticket:
-        return self._ticket

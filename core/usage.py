@@ -90,17 +90,13 @@ def usage_from_openai(data: Any) -> Usage | None:
     completion_details = usage.get("completion_tokens_details")
     reasoning = completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else 0
     return Usage(
-        prompt_tokens=_count(usage.get("prompt_tokens")),
-        completion_tokens=_count(usage.get("completion_tokens")),
-        cached_tokens=_count(cached),
-        reasoning_tokens=_count(reasoning),
+        prompt_tokens=count(usage.get("prompt_tokens")),
+        completion_tokens=count(usage.get("completion_tokens")),
+        cached_tokens=count(cached),
+        reasoning_tokens=count(reasoning),
     )
 
 
 def count(value: Any) -> int:
     """A token count from vendor JSON: a non-negative int, anything else is 0."""
-    return _count(value)
-
-
-def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
