@@ -63,10 +63,12 @@ class KeyLimits:
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
     alerts: AlertSettings = field(default_factory=AlertSettings)
 
-    @property
-    def meters_anything(self) -> bool:
-        """Whether admission needs the limiter at all (most keys: no)."""
-        return bool(self.quota or self.rate_limits or self.token_rate_limits or self.concurrency_limit or self.period_limits)
+    # Whether admission needs the limiter at all (most keys: no); derived once, at load.
+    meters_anything: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        metered = bool(self.quota or self.rate_limits or self.token_rate_limits or self.concurrency_limit or self.period_limits)
+        object.__setattr__(self, "meters_anything", metered)
 
 
 def read_timezone(section: Section, key: str, default: ZoneInfo | None = None) -> ZoneInfo:

@@ -117,3 +117,12 @@ def test_errors_on_messages_are_anthropic_shaped(start_gateway):
         anthropic.Anthropic(base_url=gateway.url, api_key="sk-wrong", max_retries=0).messages.create(
             model="echo-1", max_tokens=10, messages=[{"role": "user", "content": "x"}]
         )
+
+
+def test_optional_fields_are_not_sent_as_nulls_when_translated(start_gateway, upstream):
+    config = "providers:\n  - provider: p1\n    base_url: {fake:p1}\n    api: k\n    model: [gpt-4o]\n" + keys_yaml()
+    gateway = start_gateway(config, upstream)
+    response = gateway.http("POST", "/v1/messages", key=USER_KEY, json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 200 and response.json()["content"][0]["text"] == "Hello from upstream"
+    sent = upstream.seen[-1].body
+    assert "max_tokens" not in sent and "temperature" not in sent

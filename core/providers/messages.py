@@ -71,8 +71,8 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
             if tool_calls:
                 entry["tool_calls"] = tool_calls
             messages.append(entry)
-    out: dict[str, Any] = {"model": body.get("model"), "messages": messages, "max_tokens": body.get("max_tokens")}
-    for name in ("temperature", "top_p"):
+    out: dict[str, Any] = {"model": body.get("model"), "messages": messages}
+    for name in ("max_tokens", "temperature", "top_p"):
         if body.get(name) is not None:
             out[name] = body[name]
     if body.get("stop_sequences"):
