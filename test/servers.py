@@ -205,3 +205,8 @@ class WebhookReceiver:
                 raise AssertionError(f"expected {count} webhook calls, got {self.received}")
             time.sleep(0.02)
         return self.received
+
+
+def streamed_text(chunks: Any) -> str:
+    """The text an OpenAI chat stream delivered, from the SDK's chunks."""
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

@@ -16,6 +16,7 @@ from core.config import build_config
 from core.providers.anthropic import from_anthropic, to_anthropic
 from core.providers.base import UpstreamCall
 from test.conftest import ADMIN_KEY, USER_KEY, keys_yaml
+from test.servers import streamed_text
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MESSAGE = json.loads((FIXTURES / "anthropic_message.json").read_text())
@@ -143,7 +144,7 @@ def test_stream_end_to_end_is_translated_and_billed(start_gateway, upstream):
             model="claude-sonnet", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS, stream=True, stream_options={"include_usage": True}
         )
     )
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    text = streamed_text(chunks)
     arguments = "".join(tc.function.arguments or "" for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or [])
     assert text == "Let me check the weather."
     assert json.loads(arguments) == {"location": "Paris"}

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from test.conftest import ADMIN_KEY
-from test.servers import completion_body, fail
+from test.servers import completion_body, fail, streamed_text
 
 TOKEN_KEY = "sk-token-user-0001"
 COUNT_KEY = "sk-count-user-0002"
@@ -356,7 +356,7 @@ def test_usage_report_bills_external_usage_by_the_same_rules(start_gateway, upst
 def test_streams_are_billed_in_every_mode(start_gateway, upstream, key, model, field, expected):
     gateway = start_gateway(CONFIG, upstream)
     chunks = list(gateway.client(key).chat.completions.create(model=model, messages=MESSAGES, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from upstream"
+    assert streamed_text(chunks) == "Hello from upstream"
     assert states(gateway)[key][field] == pytest.approx(expected)
 
 

@@ -15,6 +15,7 @@ from core.config import build_config
 from core.providers.base import UpstreamCall
 from core.providers.gemini import from_gemini, to_gemini
 from test.conftest import keys_yaml
+from test.servers import streamed_text
 from test.test_anthropic import TOOLS, ledger_rows
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -117,7 +118,7 @@ def test_stream_end_to_end(start_gateway, upstream):
         )
     )
     assert upstream.seen[-1].path == "/p1/v1/models/gemini-2.5-flash:streamGenerateContent" and upstream.seen[-1].query == "alt=sse"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Looking it up."
+    assert streamed_text(chunks) == "Looking it up."
     calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
     assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments) == {"location": "Paris"}
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]

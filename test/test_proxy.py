@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from test.conftest import ADMIN_KEY, USER_KEY, keys_yaml
-from test.servers import fail, hang, held_stream, openai_like, stream_chunks
+from test.servers import fail, hang, held_stream, openai_like, stream_chunks, streamed_text
 
 TWO_PROVIDERS = """
 providers:
@@ -44,7 +44,7 @@ def test_echo_provider_streams_and_reports_usage(start_gateway):
     gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml())
     stream = gateway.client().chat.completions.create(model="echo-1", messages=MESSAGES, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    text = streamed_text(chunks)
     assert text == "Echo: hello there"
     assert chunks[-1].usage.completion_tokens == 5
 
@@ -89,7 +89,7 @@ def test_provider_scoped_model_name_routes_to_that_provider(start_gateway, upstr
 def test_stream_passes_chunks_and_hides_the_usage_chunk_the_client_did_not_ask_for(start_gateway, upstream):
     gateway = start_gateway(TWO_PROVIDERS, upstream)
     chunks = list(gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from upstream"
+    assert streamed_text(chunks) == "Hello from upstream"
     assert all(c.choices for c in chunks), "the usage-only chunk must be stripped"
     assert upstream.seen[-1].body["stream_options"] == {"include_usage": True}
 
@@ -109,7 +109,7 @@ def test_stream_is_relayed_chunk_by_chunk_without_buffering(start_gateway, upstr
     first = next(iter(stream))
     assert first.choices[0].delta.content == "first"  # arrived while the upstream still holds the rest
     release.set()
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == " second"
+    assert streamed_text(stream) == " second"
 
 
 def test_fixed_priority_uses_the_first_provider(start_gateway, upstream):
@@ -193,7 +193,7 @@ def test_streams_fail_over_before_the_first_byte(start_gateway, upstream):
     upstream.script("p1", fail(502))
     gateway = start_gateway(TWO_PROVIDERS, upstream)
     chunks = list(gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from upstream"
+    assert streamed_text(chunks) == "Hello from upstream"
     assert upstream.providers_seen() == ["p1", "p2"]
 
 
@@ -429,4 +429,4 @@ providers:
     assert seen.query == "api-version=2024-06-01"
     assert seen.headers["api-key"] == "azure-secret" and "authorization" not in seen.headers
     chunks = list(gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from upstream"
+    assert streamed_text(chunks) == "Hello from upstream"

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from test.conftest import ADMIN_KEY, keys_yaml
-from test.servers import held_stream
+from test.servers import held_stream, streamed_text
 
 ECHO = "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml()
 ECHO_TWO_MODELS = "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1, echo-2]\n" + keys_yaml()
@@ -99,6 +99,6 @@ def test_streams_in_flight_finish_across_a_reload(start_gateway, upstream):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     release.set()
-    rests = ["".join(c.choices[0].delta.content or "" for c in stream if c.choices) for stream in streams]
+    rests = [streamed_text(stream) for stream in streams]
     assert firsts == ["one"] * 5
     assert rests == [" two"] * 5
