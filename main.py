@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from core.alerts import Alerts
 from core.billing import BillingMeter
@@ -75,11 +76,28 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             await http.close()
             await ledger.close()  # flushes every queued ledger row
 
-    return Starlette(
+    return GatewayApp(
         routes=[*proxy.routes, *admin.routes, *billing_admin.routes, *self_service.routes, *web.routes],
         lifespan=lifespan,
         exception_handlers={GatewayError: on_error, HTTPException: on_error, LoginRequired: to_login, Exception: on_unexpected_error},
     )
+
+
+class GatewayApp(Starlette):
+    """Starlette, with the proxy endpoints dispatched ahead of its router and middleware.
+
+    Those endpoints handle their own errors (routes/proxy.py), so the layers they skip add
+    nothing for them but cost on every call; everything else takes Starlette's usual way.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = proxy.PROXY_ENDPOINTS.get(scope["path"])
+            if endpoint is not None:
+                scope["app"] = self
+                await endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def _is_page(request: Request) -> bool:

@@ -24,7 +24,7 @@ import aiosqlite
 from core.config import ApiKey
 from core.ledger import Account
 from core.limits import Limiter
-from core.pricing import from_nanos
+from core.pricing import format_usd
 from core.sqlite_ledger import SqliteLedger
 
 log = logging.getLogger("tollgate.alerts")
@@ -44,7 +44,7 @@ class Reading:
     unit: str  # "usd" (nanos) or "count"/"tokens"
 
     def shown(self, value: int) -> str:
-        return format(from_nanos(value).normalize(), "f") if self.unit == "usd" else str(value)
+        return format_usd(value) if self.unit == "usd" else str(value)
 
 
 def readings(key: ApiKey, account: Account, limiter: Limiter) -> list[Reading]:

@@ -19,7 +19,7 @@ from core.errors import GatewayError
 from core.ledger import COUNT_CREDITS, Account, InsufficientBalance, Reservation, UsageRecord
 from core.limits import Holds, Limiter
 from core.metering import ERROR, OK, Outcome
-from core.pricing import COUNT, PriceBook, count_price_json, from_nanos, to_nanos
+from core.pricing import COUNT, PriceBook, count_price_json, format_usd, to_nanos
 from core.proxy import ProxyRequest, new_request_id
 from core.sqlite_ledger import SqliteLedger
 from core.usage import Usage, estimate_prompt_tokens
@@ -33,10 +33,6 @@ def exhausted(kind: str) -> GatewayError:
             402, "insufficient_quota", "count_credits_exhausted", "This API key has no count credits left. Ask the operator to add count credits."
         )
     return GatewayError(402, "insufficient_quota", "credit_balance_exhausted", "This API key's credit balance is exhausted. Ask the operator to add credits.")
-
-
-def format_usd(nanos: int) -> str:
-    return format(from_nanos(nanos).normalize(), "f")
 
 
 class BillingMeter:
@@ -61,9 +57,9 @@ class BillingMeter:
         needs_estimate = metered or (cost_type != COUNT and not terms.unlimited_credits)
         prompt, completion = self._token_estimate(config, request) if needs_estimate else (0, 0)
         if cost_type == COUNT:
-            nanos = to_nanos(prices.count_price(request.model))
+            nanos = prices.count_price_nanos(request.model)
         else:
-            nanos = to_nanos(prices.token_price(request.model).estimate(prompt, completion)) if needs_estimate else 0
+            nanos = prices.token_price(request.model).estimate_nanos(prompt, completion) if needs_estimate else 0
         holds = self.limiter.acquire(key, account, nanos, prompt + completion, now) if metered else None
         try:
             if cost_type == COUNT:
@@ -122,14 +118,13 @@ class BillingTicket:
     def settle(self, outcome: Outcome) -> dict[str, str]:
         model = self.request.model
         if self.cost_type == COUNT:
-            price = self.prices.count_price(model)
-            cost, count, unit_prices = price, 1, count_price_json(price)
+            cost_nanos, count = self.prices.count_price_nanos(model), 1
+            unit_prices = count_price_json(self.prices.count_price(model))
         else:
             token_price = self.prices.token_price(model)
-            cost, count = token_price.cost(outcome.usage), 0
+            cost_nanos, count = token_price.cost_nanos(outcome.usage), 0
             unit_prices = token_price.unit_prices()
         status = ESTIMATED if outcome.status == OK and outcome.usage.estimated else outcome.status
-        cost_nanos = to_nanos(cost)
         record = self._record(outcome.provider, outcome.upstream_model, outcome.usage, unit_prices, cost_nanos, count, status)
         seq = self.meter.ledger.settle(self.reservation, record)
         if self.holds is not None:

@@ -24,7 +24,7 @@ from core.config_limits import IPNetwork, RateRule
 from core.errors import GatewayError, forbidden
 from core.ledger import Account
 from core.ledger_sums import Window, window_totals
-from core.pricing import from_nanos
+from core.pricing import format_usd
 from core.sqlite_ledger import SqliteLedger
 
 QUOTA_CODE = "API_KEY_QUOTA_EXHAUSTED"
@@ -216,7 +216,7 @@ class Limiter:
                     402,
                     "insufficient_quota",
                     limit.code,
-                    f"This API key reached its {limit.period} limit of ${from_nanos(limit.limit_nanos).normalize():f}; it resets at {reset}.",
+                    f"This API key reached its {limit.period} limit of ${format_usd(limit.limit_nanos)}; it resets at {reset}.",
                 )
         holds = Holds(key, tokens, nanos)
         state.in_flight += 1
@@ -270,7 +270,7 @@ class Limiter:
         assert limits.quota is not None
         if limits.quota_type == "tokens":
             return f"{used} of {limits.quota} tokens"
-        return f"${from_nanos(used).normalize():f} of ${from_nanos(limits.quota).normalize():f}"
+        return f"${format_usd(used)} of ${format_usd(limits.quota)}"
 
     def quota_headers(self, key: ApiKey, account: Account) -> dict[str, str]:
         limits = key.limits
@@ -278,7 +278,7 @@ class Limiter:
             return {}
         used = self.quota_used(key, account)
         if limits.quota_type == "usd":
-            return {"X-Quota-Used": format(from_nanos(used).normalize(), "f"), "X-Quota-Limit": format(from_nanos(limits.quota).normalize(), "f")}
+            return {"X-Quota-Used": format_usd(used), "X-Quota-Limit": format_usd(limits.quota)}
         return {"X-Quota-Used": str(used), "X-Quota-Limit": str(limits.quota)}
 
     def headers(self, key: ApiKey, account: Account, now: float) -> dict[str, str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 
 from core.lookup import DEFAULT, PrefixTable
@@ -29,6 +29,24 @@ def from_nanos(nanos: int) -> Decimal:
     return Decimal(nanos) / NANOS_PER_USD
 
 
+def format_usd(nanos: int) -> str:
+    """Nano-dollars as a plain decimal string (`1.5`, `0.000000001`), without a Decimal."""
+    whole, fraction = divmod(abs(nanos), NANOS_PER_USD)
+    sign = "-" if nanos < 0 else ""
+    return f"{sign}{whole}.{fraction:09d}".rstrip("0") if fraction else f"{sign}{whole}"
+
+
+def _nanos_per_million(price: Decimal) -> int | None:
+    """A per-1M-token price in whole nano-dollars, or None if it has finer digits."""
+    scaled = price * NANOS_PER_USD
+    return int(scaled) if scaled == scaled.to_integral_value() else None
+
+
+def _round_per_million(total: int) -> int:
+    """nano-dollars x tokens / 1M, rounded half up like to_nanos (totals are never negative)."""
+    return (total + 500_000) // 1_000_000
+
+
 @dataclass(frozen=True, slots=True)
 class TokenPrice:
     """USD per 1M tokens. Cache reads bill at `cache_read`, cache writes at `cache_write`
@@ -40,6 +58,46 @@ class TokenPrice:
     cache_read: Decimal | None = None
     cache_write: Decimal | None = None
     reasoning: Decimal | None = None
+    # The five rates in nano-dollars per 1M tokens, fallbacks applied, computed once so the
+    # request path prices in integers; None when a price has more than nine decimals.
+    _rates: tuple[int, int, int, int, int] | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        rates = [
+            _nanos_per_million(price)
+            for price in (
+                self.input,
+                self.output,
+                self.input if self.cache_read is None else self.cache_read,
+                self.input if self.cache_write is None else self.cache_write,
+                self.output if self.reasoning is None else self.reasoning,
+            )
+        ]
+        if None not in rates:
+            object.__setattr__(self, "_rates", tuple(rates))
+
+    def cost_nanos(self, usage: Usage) -> int:
+        """`to_nanos(self.cost(usage))`, in integer arithmetic when the prices allow it."""
+        rates = self._rates
+        if rates is None:
+            return to_nanos(self.cost(usage))
+        cached = min(usage.cached_tokens, usage.prompt_tokens)
+        written = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
+        reasoning = min(usage.reasoning_tokens, usage.completion_tokens)
+        return _round_per_million(
+            (usage.prompt_tokens - cached - written) * rates[0]
+            + (usage.completion_tokens - reasoning) * rates[1]
+            + cached * rates[2]
+            + written * rates[3]
+            + reasoning * rates[4]
+        )
+
+    def estimate_nanos(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """`to_nanos(self.estimate(...))`, in integer arithmetic when the prices allow it."""
+        rates = self._rates
+        if rates is None:
+            return to_nanos(self.estimate(prompt_tokens, completion_tokens))
+        return _round_per_million(prompt_tokens * rates[0] + completion_tokens * rates[1])
 
     def cost(self, usage: Usage) -> Decimal:
         cached = min(usage.cached_tokens, usage.prompt_tokens)
@@ -100,6 +158,7 @@ class PriceBook:
     billing_count_prices: PrefixTable[Decimal]  # count_billing.model_count_prices
     default_count_price: Decimal
     count_billing_enabled: bool
+    _count_nanos: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def token_price(self, model: str) -> TokenPrice:
         entry = self.model_prices.get(model)
@@ -107,6 +166,15 @@ class PriceBook:
             return entry.token
         fallback = self.model_prices.default
         return fallback.token if fallback is not None and fallback.token is not None else FREE
+
+    def count_price_nanos(self, model: str) -> int:
+        """The count price in nano-dollars, remembered per model for this config."""
+        nanos = self._count_nanos.get(model)
+        if nanos is None:
+            nanos = to_nanos(self.count_price(model))
+            if len(self._count_nanos) < 65536:
+                self._count_nanos[model] = nanos
+        return nanos
 
     def count_price(self, model: str) -> Decimal:
         """Its own model_price count price, else count_billing.model_count_prices, else the default."""

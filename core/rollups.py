@@ -1,30 +1,32 @@
-"""Rollup tables kept in step with `usage`: each batch of records is summed per group and
-upserted in the same transaction as the rows themselves."""
+"""Rollup tables kept in step with `usage`: each batch's new rows are summed per group and
+upserted in the same transaction as the rows themselves.
+
+The sums are SQL over the batch's rows (`id > ?`), so SQLite does them in C, off Python's
+GIL, rather than the database thread competing with the event loop for it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from core.ledger import UsageRecord
-from core.ledger_sums import utc_day
-
-MEASURES = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_nanos", "token_cost_nanos", "count_charged", "errors")
-
-
-def _measures(record: UsageRecord) -> tuple[int, ...]:
-    """In the order of MEASURES."""
-    return (
-        1,
-        record.prompt_tokens,
-        record.completion_tokens,
-        record.cached_tokens,
-        record.cost_nanos,
-        record.cost_nanos if record.cost_type == "token" else 0,
-        record.count_charged,
-        int(record.status == "error"),
-    )
+# How each rollup column is computed from `usage` rows.
+_GROUPS = {
+    "key_id": "key_id",
+    "model": "model",
+    "cost_type": "cost_type",
+    "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",  # the UTC day, as core.ledger_sums.utc_day
+    "month": "strftime('%Y-%m', ts, 'unixepoch')",
+}
+_MEASURES = {
+    "requests": "COUNT(*)",
+    "prompt_tokens": "SUM(prompt_tokens)",
+    "completion_tokens": "SUM(completion_tokens)",
+    "cached_tokens": "SUM(cached_tokens)",
+    "cost_nanos": "SUM(cost_nanos)",
+    "token_cost_nanos": "SUM(CASE WHEN cost_type = 'token' THEN cost_nanos ELSE 0 END)",
+    "count_charged": "SUM(count_charged)",
+    "errors": "SUM(status = 'error')",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,47 +34,26 @@ class Rollup:
     table: str
     keys: tuple[str, ...]
     values: tuple[str, ...]
-    group: Callable[[UsageRecord, str], tuple[str, ...]]  # (record, its UTC day) -> group key
 
     @property
     def sql(self) -> str:
-        columns = (*self.keys, *self.values)
+        """Upsert the sums of the `usage` rows with `id > ?` (one batch) into this table."""
+        columns = ", ".join((*self.keys, *self.values))
+        selected = ", ".join([_GROUPS[k] for k in self.keys] + [_MEASURES[v] for v in self.values])
         updates = ", ".join(f"{v} = {v} + excluded.{v}" for v in self.values)
-        return f"INSERT INTO {self.table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) ON CONFLICT ({', '.join(self.keys)}) DO UPDATE SET {updates}"
-
-    def rows(self, records: list[tuple[UsageRecord, str, tuple[int, ...]]]) -> list[tuple[Any, ...]]:
-        positions = [MEASURES.index(name) for name in self.values]
-        sums: dict[tuple[str, ...], list[int]] = {}
-        for record, day, measures in records:
-            row = sums.setdefault(self.group(record, day), [0] * len(positions))
-            for index, position in enumerate(positions):
-                row[index] += measures[position]
-        return [(*group, *values) for group, values in sums.items()]
+        groups = ", ".join(str(i) for i in range(1, len(self.keys) + 1))
+        return (
+            f"INSERT INTO {self.table} ({columns}) SELECT {selected} FROM usage WHERE id > ? GROUP BY {groups} "
+            f"ON CONFLICT ({', '.join(self.keys)}) DO UPDATE SET {updates}"
+        )
 
 
 _TOKENS = ("prompt_tokens", "completion_tokens", "cached_tokens")
 ROLLUPS = (
-    Rollup(
-        "usage_daily",
-        ("key_id", "day", "model", "cost_type"),
-        ("requests", *_TOKENS, "cost_nanos", "count_charged", "errors"),
-        lambda r, day: (r.key_id, day, r.model, r.cost_type),
-    ),
-    Rollup(
-        "usage_key_day", ("key_id", "day"), ("requests", "cost_nanos", "token_cost_nanos", "count_charged", "errors", *_TOKENS), lambda r, day: (r.key_id, day)
-    ),
-    Rollup("usage_key_month", ("key_id", "month"), ("requests", "cost_nanos"), lambda r, day: (r.key_id, day[:7])),
-    Rollup(
-        "usage_key_model",
-        ("key_id", "model", "cost_type"),
-        ("requests", *_TOKENS, "cost_nanos", "count_charged", "errors"),
-        lambda r, day: (r.key_id, r.model, r.cost_type),
-    ),
-    Rollup("usage_day_model", ("day", "model"), ("requests", "cost_nanos"), lambda r, day: (day, r.model)),
+    Rollup("usage_daily", ("key_id", "day", "model", "cost_type"), ("requests", *_TOKENS, "cost_nanos", "count_charged", "errors")),
+    Rollup("usage_key_day", ("key_id", "day"), ("requests", "cost_nanos", "token_cost_nanos", "count_charged", "errors", *_TOKENS)),
+    Rollup("usage_key_month", ("key_id", "month"), ("requests", "cost_nanos")),
+    Rollup("usage_key_model", ("key_id", "model", "cost_type"), ("requests", *_TOKENS, "cost_nanos", "count_charged", "errors")),
+    Rollup("usage_day_model", ("day", "model"), ("requests", "cost_nanos")),
 )
-
-
-def rollup_statements(records: list[UsageRecord]) -> list[tuple[str, list[tuple[Any, ...]]]]:
-    """(upsert SQL, rows) for every rollup table, for one batch of records."""
-    prepared = [(record, utc_day(record.ts), _measures(record)) for record in records]
-    return [(rollup.sql, rollup.rows(prepared)) for rollup in ROLLUPS]
+ROLLUP_STATEMENTS = tuple(rollup.sql for rollup in ROLLUPS)

@@ -21,7 +21,7 @@ from core.config_billing import KeyBilling
 from core.ledger import COUNT_CREDITS, CREDITS, Account, Grant, InsufficientBalance, Reservation, UsageRecord
 from core.ledger_schema import migrate
 from core.ledger_sums import Totals, Window, grant_totals, window_totals
-from core.rollups import rollup_statements
+from core.rollups import ROLLUP_STATEMENTS
 
 log = logging.getLogger("tollgate.ledger")
 T = TypeVar("T")
@@ -346,9 +346,10 @@ def _commit_sync(db: sqlite3.Connection, items: list[UsageRecord | _GrantItem]) 
     db.execute("BEGIN IMMEDIATE")
     try:
         if records:
+            (last_id,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM usage").fetchone()
             db.executemany(_INSERT_USAGE, [_usage_row(record) for record in records])
-            for sql, rows in rollup_statements(records):
-                db.executemany(sql, rows)
+            for sql in ROLLUP_STATEMENTS:
+                db.execute(sql, (last_id,))
         for item in items:
             if isinstance(item, _GrantItem):
                 g = item.grant

@@ -18,6 +18,9 @@ class SseSplitter:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         data = self._buffer + chunk if self._buffer else chunk
+        if b"\r" not in data:  # the usual case: plain newlines, split in C
+            *whole, self._buffer = data.split(b"\n\n")
+            return [event + b"\n\n" for event in whole]
         events: list[bytes] = []
         start = 0
         for match in _EVENT_END.finditer(data):
@@ -34,6 +37,8 @@ class SseSplitter:
 
 def event_data(event: bytes) -> bytes | None:
     """The joined `data:` payload of one event, or None if it has none (comments, pings)."""
+    if event.startswith(b"data:") and event.count(b"\n") == 2 and event.endswith(b"\n\n"):
+        return event[5:-2].lstrip(b" ")  # the usual one-line event
     parts = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
     return b"\n".join(parts) if parts else None
 

@@ -65,6 +65,11 @@ def require_admin(request: Request, config: Config) -> ApiKey:
 
 async def read_json(request: Request, limit: int) -> Any:
     """The request body as JSON, refusing bodies over `limit` bytes before reading them whole."""
+    return parse_json(await read_body(request, limit))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to pass `limit` bytes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
@@ -75,8 +80,12 @@ async def read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise too_large(limit)
         chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
     try:
-        return orjson.loads(b"".join(chunks))
+        return orjson.loads(body)
     except (ValueError, RecursionError):
         raise bad_request("The request body is not valid JSON.", "invalid_json") from None
 
@@ -91,6 +100,11 @@ def http_error(exc: HTTPException) -> GatewayError:
     return GatewayError(exc.status_code, type_, code, str(exc.detail))
 
 
-async def on_unexpected_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+def unexpected_error(request: Request, exc: Exception) -> Response:
+    """A bug: logged with its traceback, answered with a 500 that reveals nothing."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(GatewayError(500, "api_error", "internal_error", "The gateway hit an internal error; it has been logged."))
+
+
+async def on_unexpected_error(request: Request, exc: Exception) -> Response:
+    return unexpected_error(request, exc)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import anyio
+import asyncio
+
 from starlette.types import Message, Receive, Scope, Send
 
 from core.proxy import MeteredStream
@@ -13,41 +14,54 @@ class ProxyStreamResponse:
 
     A client disconnect (seen on `receive`, or as a failed send) cancels the upstream read at
     once, and `finish` settles with what was streamed. Starlette's StreamingResponse would
-    leave the upstream generator to the garbage collector.
+    leave the upstream generator to the garbage collector. The disconnect watcher is one
+    plain task that cancels the relaying task: an anyio task group per stream cost more than
+    the relaying itself (bench/run.py).
     """
+
+    __slots__ = ("_relaying", "disconnected", "headers", "stream")
 
     def __init__(self, stream: MeteredStream, headers: dict[str, str]):
         self.stream = stream
         self.headers = [(b"content-type", stream.content_type.encode()), (b"cache-control", b"no-cache")]
         self.headers += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+        self.disconnected = False
+        self._relaying: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        disconnected = False
         delivered = False  # once the whole stream is sent, a disconnect is just the client leaving
         chunks = self.stream.__aiter__()
+        self._relaying = asyncio.current_task()
+        watcher = asyncio.ensure_future(self._watch_disconnect(receive))
         try:
-            async with anyio.create_task_group() as group:
-
-                async def watch_disconnect() -> None:
-                    nonlocal disconnected
-                    message: Message = {"type": ""}
-                    while message["type"] != "http.disconnect":
-                        message = await receive()
-                    disconnected = True
-                    group.cancel_scope.cancel()
-
-                group.start_soon(watch_disconnect)
-                await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-                async for chunk in chunks:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                delivered = True
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                group.cancel_scope.cancel()
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            delivered = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not self.disconnected:
+                raise  # cancelled from outside (shutdown): not ours to swallow
+            self._uncancel()
         except OSError:
-            disconnected = True
+            self.disconnected = True
         finally:
-            self.stream.finish(disconnected and not delivered)
-            with anyio.CancelScope(shield=True):
-                aclose = getattr(chunks, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+            self._relaying = None  # from here on a disconnect cancels nothing
+            watcher.cancel()
+            self.stream.finish(self.disconnected and not delivered)
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await asyncio.shield(aclose())
+
+    async def _watch_disconnect(self, receive: Receive) -> None:
+        message: Message = {"type": ""}
+        while message["type"] != "http.disconnect":
+            message = await receive()
+        self.disconnected = True
+        if self._relaying is not None:
+            self._relaying.cancel()
+
+    def _uncancel(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()

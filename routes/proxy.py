@@ -1,33 +1,66 @@
-"""/v1 proxy endpoints: chat completions, completions, embeddings, models."""
+"""/v1 proxy endpoints: chat completions, completions, embeddings, messages, models.
+
+The four proxy endpoints are plain ASGI apps rather than Starlette request handlers: they
+are the hot path, and building Starlette's Request/Response objects and passing its
+exception middleware cost more per call than all of billing (see bench/run.py).
+"""
 
 from __future__ import annotations
 
+import logging
 import time
+from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+from core.errors import GatewayError
+from core.providers.messages import anthropic_error_body
 from core.proxy import MeteredStream, parse_proxy_request
-from routes._http import authenticate, current_config, read_json
+from routes._http import authenticate, current_config, parse_json, read_body, unexpected_error
 from routes._stream import ProxyStreamResponse
 
+log = logging.getLogger("tollgate.proxy")
 
-def _proxy(endpoint: str):  # type: ignore[no-untyped-def]
-    async def handle(request: Request) -> Response | ProxyStreamResponse:
-        config = current_config(request)
-        key = authenticate(request, config)
-        body = await read_json(request, config.preferences.max_request_body_bytes)
-        proxy_request = parse_proxy_request(endpoint, body)
-        result = await request.app.state.gateway.handle(config, key, proxy_request)
-        headers = {"x-request-id": proxy_request.request_id, "x-tollgate-provider": result.route.provider.name}
+
+class ProxyEndpoint:
+    """One proxied endpoint: authenticate, read the body, run the gateway, answer."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.__name__ = endpoint.replace("/", "_")  # Starlette names routes after their endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        try:
+            config = current_config(request)
+            key = authenticate(request, config)
+            body = parse_json(await read_body(request, config.preferences.max_request_body_bytes))
+            proxy_request = parse_proxy_request(self.endpoint, body)
+            result = await scope["app"].state.gateway.handle(config, key, proxy_request)
+        except GatewayError as exc:
+            await self.error_response(exc)(scope, receive, send)
+            return
+        except Exception as exc:  # a bug: answered with a logged 500, not a dropped connection
+            await unexpected_error(request, exc)(scope, receive, send)
+            return
+        headers = {"x-request-id": proxy_request.request_id, "x-tollgate-provider": result.route.provider.name, **result.headers}
         if isinstance(result, MeteredStream):
-            return ProxyStreamResponse(result, {**headers, **result.headers})
-        headers.update(result.headers)
-        return Response(result.reply.body, status_code=result.reply.status, media_type=result.reply.content_type, headers=headers)
+            await ProxyStreamResponse(result, headers)(scope, receive, send)
+            return
+        reply = result.reply
+        raw_headers = [(b"content-type", reply.content_type.encode()), (b"content-length", str(len(reply.body)).encode())]
+        raw_headers += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+        await send({"type": "http.response.start", "status": reply.status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": reply.body})
 
-    handle.__name__ = endpoint.replace("/", "_")
-    return handle
+    def error_response(self, error: GatewayError) -> Response:
+        """OpenAI's error shape; Anthropic's on /v1/messages, whose clients expect it."""
+        body: dict[str, Any] = anthropic_error_body(error) if self.endpoint == "messages" else error.body()
+        return Response(orjson.dumps(body), status_code=error.status, headers=error.headers, media_type="application/json")
 
 
 async def list_models(request: Request) -> Response:
@@ -43,10 +76,9 @@ async def list_models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": data})
 
 
+PROXY_ENDPOINTS = {f"/v1/{endpoint}": ProxyEndpoint(endpoint) for endpoint in ("chat/completions", "completions", "embeddings", "messages")}
+
 routes = [
-    Route("/v1/chat/completions", _proxy("chat/completions"), methods=["POST"]),
-    Route("/v1/completions", _proxy("completions"), methods=["POST"]),
-    Route("/v1/embeddings", _proxy("embeddings"), methods=["POST"]),
-    Route("/v1/messages", _proxy("messages"), methods=["POST"]),
+    *(Route(path, endpoint, methods=["POST"]) for path, endpoint in PROXY_ENDPOINTS.items()),
     Route("/v1/models", list_models, methods=["GET"]),
 ]

@@ -377,13 +377,20 @@ def test_created_at_starts_a_new_billing_window(start_gateway, upstream):
     assert len(ledger_rows(gateway)) == 2, "history before the window is kept, just not counted"
 
 
-def test_stream_without_usage_is_estimated_from_the_streamed_text(start_gateway, upstream):
+@pytest.mark.parametrize(
+    ("pieces", "completion_tokens"),
+    [
+        (["abcd", "efgh"], 2),  # 8 streamed bytes = 2 completion tokens
+        (["abcdefgh"] * 5000, 10000),  # long enough that the gateway counts the text as it goes
+    ],
+)
+def test_stream_without_usage_is_estimated_from_the_streamed_text(start_gateway, upstream, pieces, completion_tokens):
     from starlette.responses import StreamingResponse
 
     from test.servers import stream_chunks
 
     async def no_usage_stream(body: dict[str, Any], request: Request) -> Response:
-        chunks = stream_chunks({**body, "stream_options": None}, ["abcd", "efgh"])  # an upstream that ignores include_usage
+        chunks = stream_chunks({**body, "stream_options": None}, pieces)  # an upstream that ignores include_usage
 
         async def gen():  # type: ignore[no-untyped-def]
             for chunk in chunks:
@@ -396,8 +403,8 @@ def test_stream_without_usage_is_estimated_from_the_streamed_text(start_gateway,
     list(gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
     states(gateway)
     rows = ledger_rows(gateway, "SELECT status, prompt_tokens, completion_tokens, cost_nanos FROM usage")
-    # 10 prompt tokens estimated from the messages; 8 streamed bytes = 2 completion tokens.
-    assert rows == [("estimated", 10, 2, (10 * 1000 + 2 * 2000) * 1000)]
+    # 10 prompt tokens estimated from the messages; 4 streamed bytes per completion token.
+    assert rows == [("estimated", 10, completion_tokens, (10 * 1000 + completion_tokens * 2000) * 1000)]
 
 
 def test_openai_cached_and_reasoning_tokens_bill_at_their_prices(start_gateway, upstream):

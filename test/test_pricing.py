@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 
 from core.config import build_config
-from core.pricing import from_nanos, to_nanos
+from core.pricing import TokenPrice, format_usd, from_nanos, to_nanos
 from core.usage import Usage
 
 PRICES = """\
@@ -108,3 +108,32 @@ def test_bad_prices_are_config_errors():
     with pytest.raises(ConfigError) as caught:
         build_config(PRICES.format(enabled="true").replace("0.12,0.48", "0.12,abc"), "api.yaml")
     assert caught.value.line == 11 and "must be a number" in caught.value.reason
+
+
+PRICE_CASES = [
+    TokenPrice(Decimal("2.5"), Decimal("10")),
+    TokenPrice(Decimal("0.15"), Decimal("0.6"), cache_read=Decimal("0.075"), cache_write=Decimal("0.1875"), reasoning=Decimal("1.2")),
+    TokenPrice(Decimal("0.000000001"), Decimal("0.0000000015")),  # finer than a nano per 1M: Decimal path
+    TokenPrice(Decimal("3"), Decimal("15"), cache_read=Decimal("0.3")),
+    TokenPrice(Decimal(0), Decimal(0)),
+]
+USAGE_CASES = [
+    Usage(),
+    Usage(prompt_tokens=1),
+    Usage(prompt_tokens=7, completion_tokens=3),
+    Usage(prompt_tokens=1000, completion_tokens=333, cached_tokens=400, cache_write_tokens=200, reasoning_tokens=100),
+    Usage(prompt_tokens=5, completion_tokens=5, cached_tokens=50, cache_write_tokens=50, reasoning_tokens=50),  # parts capped at totals
+    Usage(prompt_tokens=123_456_789, completion_tokens=98_765_432),
+]
+
+
+@pytest.mark.parametrize("price", PRICE_CASES)
+@pytest.mark.parametrize("usage", USAGE_CASES)
+def test_integer_costs_equal_the_decimal_definition(price, usage):
+    assert price.cost_nanos(usage) == to_nanos(price.cost(usage))
+    assert price.estimate_nanos(usage.prompt_tokens, usage.completion_tokens) == to_nanos(price.estimate(usage.prompt_tokens, usage.completion_tokens))
+
+
+@pytest.mark.parametrize("nanos", [0, 1, 10, 999_999_999, 1_000_000_000, 10_000_000_000, 1_500_000_000, -1, -2_250_000_000, 123_456_789_012])
+def test_format_usd_matches_decimal_formatting(nanos):
+    assert format_usd(nanos) == format(from_nanos(nanos).normalize(), "f")

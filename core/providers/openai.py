@@ -64,7 +64,16 @@ def upstream_body(call: UpstreamCall) -> dict[str, Any]:
 
 
 class OpenAIStream(UpstreamStream):
+    """Relays the upstream's events, reading only what billing needs.
+
+    Most events are text deltas: they pass through unparsed and are kept (as the bytes they
+    already are) in case the stream ends without a usage report and the text has to be
+    estimated. Only an event that carries a usage object is parsed on the way.
+    """
+
     def __init__(self, response: aiohttp.ClientResponse, route: ModelRoute, client_wants_usage: bool):
+        self._unread: list[bytes] = []  # text events not yet counted (see completion_text_bytes)
+        self._unread_size = 0
         super().__init__()
         self._response = response
         self._route = route
@@ -72,13 +81,23 @@ class OpenAIStream(UpstreamStream):
         self._finished = False
         self._done_seen = False
 
+    @property  # type: ignore[override]
+    def completion_text_bytes(self) -> int:
+        if self._unread:
+            self._count_unread()
+        return self._text_bytes
+
+    @completion_text_bytes.setter
+    def completion_text_bytes(self, value: int) -> None:
+        self._text_bytes = value
+
     async def __aiter__(self) -> AsyncIterator[bytes]:
         splitter = SseSplitter()
         try:
             async for chunk in self._response.content.iter_any():
                 out = [event for event in splitter.feed(chunk) if self._observe(event)]
                 if out:
-                    yield b"".join(out)
+                    yield out[0] if len(out) == 1 else b"".join(out)
             self._finished = True
         except TimeoutError:
             self.error = GatewayError(
@@ -96,10 +115,16 @@ class OpenAIStream(UpstreamStream):
     def _observe(self, event: bytes) -> bool:
         """Record usage and streamed text from one event; say whether the client should see it."""
         data = event_data(event)
+        if data is None:
+            return True
         if data == DONE:
             self._done_seen = True
             return True
-        if data is None:
+        if not _may_carry_usage(data):
+            self._unread.append(data)
+            self._unread_size += len(data)
+            if self._unread_size > MAX_UNREAD_BYTES:
+                self._count_unread()
             return True
         try:
             chunk = orjson.loads(data)
@@ -111,9 +136,18 @@ class OpenAIStream(UpstreamStream):
         if usage is not None:
             self.usage = usage
         choices = chunk.get("choices")
-        if isinstance(choices, list):
-            self.completion_text_bytes += sum(_choice_text_bytes(choice) for choice in choices)
+        self._text_bytes += _chunk_text_bytes(chunk)
         return self._client_wants_usage or usage is None or bool(choices)
+
+    def _count_unread(self) -> None:
+        """Count the text of the events kept so far (bounded: called past MAX_UNREAD_BYTES)."""
+        for data in self._unread:
+            try:
+                self._text_bytes += _chunk_text_bytes(orjson.loads(data))
+            except ValueError:
+                continue
+        self._unread.clear()
+        self._unread_size = 0
 
     def close(self) -> None:
         # A stream cut short must drop its connection (that is what cancels the upstream
@@ -122,6 +156,21 @@ class OpenAIStream(UpstreamStream):
             self._response.release()
         else:
             self._response.close()
+
+
+MAX_UNREAD_BYTES = 256 * 1024
+
+
+def _may_carry_usage(data: bytes) -> bool:
+    """False for an event whose `usage` is absent or null: no parse needed. (A `"usage"`
+    inside a content string is escaped, so a hit is a real key or, harmlessly, a full parse.)"""
+    at = data.find(b'"usage"')
+    return at >= 0 and not data[at + 7 : at + 24].lstrip(b" \t:").startswith(b"null")
+
+
+def _chunk_text_bytes(chunk: Any) -> int:
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    return sum(_choice_text_bytes(choice) for choice in choices) if isinstance(choices, list) else 0
 
 
 def _choice_text_bytes(choice: Any) -> int:
