@@ -333,11 +333,6 @@ class SqliteLedger:
         return await window_totals(self.reader, windows, by_model)
 
 
-def _usage_row(r: UsageRecord) -> tuple[Any, ...]:
-    return (r.request_id, r.ts, r.key_id, r.key_name, r.model, r.provider, r.upstream_model, r.prompt_tokens, r.completion_tokens, r.cached_tokens,
-            r.cost_type, r.unit_prices, r.cost_nanos, r.count_charged, r.status, r.cache_write_tokens, r.reasoning_tokens)  # fmt: skip
-
-
 def _commit_sync(db: sqlite3.Connection, items: list[UsageRecord | _GrantItem]) -> list[bool]:
     """Write one batch in one transaction (runs on the database thread); whether each grant
     applied (an idempotency key seen before does not)."""
@@ -347,7 +342,7 @@ def _commit_sync(db: sqlite3.Connection, items: list[UsageRecord | _GrantItem]) 
     try:
         if records:
             (last_id,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM usage").fetchone()
-            db.executemany(_INSERT_USAGE, [_usage_row(record) for record in records])
+            db.executemany(_INSERT_USAGE, records)  # UsageRecord is a tuple in column order
             for sql in ROLLUP_STATEMENTS:
                 db.execute(sql, (last_id,))
         for item in items:

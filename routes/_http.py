@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive
 
 from core.config import ApiKey, Config
 from core.errors import GatewayError, bad_request, forbidden, too_large, unauthorized
@@ -25,35 +27,47 @@ def current_config(request: Request) -> Config:
     return config
 
 
-def presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization")
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    auth = headers.get("authorization")
     if auth:
         scheme, _, token = auth.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
-    return request.headers.get("x-api-key") or None
+    return headers.get("x-api-key") or None
 
 
 def caller_ip(request: Request, config: Config) -> str | None:
-    peer = request.client.host if request.client else None
-    return client_ip(peer, request.headers.get("x-forwarded-for"), config.preferences.trusted_proxies)
+    return client_ip(_peer(request), request.headers.get("x-forwarded-for"), config.preferences.trusted_proxies)
 
 
 def authenticate(request: Request, config: Config) -> ApiKey:
     """The key presented, if it exists and may be used from here, now, by this client."""
-    secret = presented_key(request)
+    return authenticate_headers(config, request.headers, _peer(request), request.app.state.clock())
+
+
+def authenticate_headers(config: Config, headers: Mapping[str, str], peer: str | None, now: float) -> ApiKey:
+    """`authenticate` from the parts of a request (the proxy endpoints have no Request object)."""
+    secret = presented_key(headers)
     key = config.key_index.find(secret) if secret else None
     if key is None:
         raise unauthorized("Invalid API key." if secret else "Missing API key: send 'Authorization: Bearer <key>'.")
-    check_request_access(request, config, key)
+    check_key_access(config, key, headers, peer, now)
     return key
 
 
 def check_request_access(request: Request, config: Config, key: ApiKey) -> None:
     """The key's access rules (enabled, expiry, addresses, clients) for this request."""
+    check_key_access(config, key, request.headers, _peer(request), request.app.state.clock())
+
+
+def check_key_access(config: Config, key: ApiKey, headers: Mapping[str, str], peer: str | None, now: float) -> None:
     limits = key.limits
-    ip = caller_ip(request, config) if limits.allowed_ips else None  # most keys: no address rules
-    check_access(key, request.app.state.clock(), ip, request.headers.get("user-agent") if limits.allowed_clients else None)
+    ip = client_ip(peer, headers.get("x-forwarded-for"), config.preferences.trusted_proxies) if limits.allowed_ips else None  # most keys: no address rules
+    check_access(key, now, ip, headers.get("user-agent") if limits.allowed_clients else None)
+
+
+def _peer(request: Request) -> str | None:
+    return request.client.host if request.client else None
 
 
 def require_admin(request: Request, config: Config) -> ApiKey:
@@ -70,17 +84,26 @@ async def read_json(request: Request, limit: int) -> Any:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused (413) as soon as it is known to pass `limit` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    return await receive_body(request.receive, request.headers.get("content-length"), limit)
+
+
+async def receive_body(receive: Receive, declared_length: str | None, limit: int) -> bytes:
+    """`read_body` on a raw ASGI receive channel; ClientDisconnect if the client leaves."""
+    if declared_length and declared_length.isdigit() and int(declared_length) > limit:
         raise too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise too_large(limit)
         chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def parse_json(body: bytes) -> Any:

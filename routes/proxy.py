@@ -12,15 +12,16 @@ import time
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from core.config import Config
 from core.errors import GatewayError
 from core.providers.messages import anthropic_error_body
 from core.proxy import MeteredStream, parse_proxy_request
-from routes._http import authenticate, current_config, parse_json, read_body, unexpected_error
+from routes._http import authenticate, authenticate_headers, current_config, parse_json, receive_body, unexpected_error
 from routes._stream import ProxyStreamResponse
 
 log = logging.getLogger("tollgate.proxy")
@@ -34,18 +35,22 @@ class ProxyEndpoint:
         self.__name__ = endpoint.replace("/", "_")  # Starlette names routes after their endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
+        state = scope["app"].state
         try:
-            config = current_config(request)
-            key = authenticate(request, config)
-            body = parse_json(await read_body(request, config.preferences.max_request_body_bytes))
+            config: Config = state.store.current  # this request's config to the end, whatever reloads
+            headers = _request_headers(scope)
+            client = scope.get("client")
+            key = authenticate_headers(config, headers, client[0] if client else None, state.clock())
+            body = parse_json(await receive_body(receive, headers.get("content-length"), config.preferences.max_request_body_bytes))
             proxy_request = parse_proxy_request(self.endpoint, body)
-            result = await scope["app"].state.gateway.handle(config, key, proxy_request)
+            result = await state.gateway.handle(config, key, proxy_request)
         except GatewayError as exc:
             await self.error_response(exc)(scope, receive, send)
             return
+        except ClientDisconnect:
+            return  # gone before its request was even read: nothing to answer, nothing charged
         except Exception as exc:  # a bug: answered with a logged 500, not a dropped connection
-            await unexpected_error(request, exc)(scope, receive, send)
+            await unexpected_error(Request(scope), exc)(scope, receive, send)
             return
         headers = {"x-request-id": proxy_request.request_id, "x-tollgate-provider": result.route.provider.name, **result.headers}
         if isinstance(result, MeteredStream):
@@ -74,6 +79,20 @@ async def list_models(request: Request) -> Response:
         if allowed:
             data.append({"id": name, "object": "model", "created": created, "owned_by": allowed[0].provider.name})
     return JSONResponse({"object": "list", "data": data})
+
+
+# The request headers the proxy endpoints read, picked out of the ASGI scope in one pass.
+_READ_HEADERS = frozenset({b"authorization", b"x-api-key", b"content-length", b"user-agent", b"x-forwarded-for"})
+
+
+def _request_headers(scope: Scope) -> dict[str, str]:
+    """The headers of _READ_HEADERS (ASGI servers give names lowercased); the first of repeats,
+    as Starlette's Headers.get does."""
+    found: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        if name in _READ_HEADERS:
+            found.setdefault(name.decode(), value.decode("latin-1"))
+    return found
 
 
 PROXY_ENDPOINTS = {f"/v1/{endpoint}": ProxyEndpoint(endpoint) for endpoint in ("chat/completions", "completions", "embeddings", "messages")}

@@ -3,7 +3,6 @@ classification of non-200 answers into retryable or final, OpenAI-shaped failure
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -11,6 +10,7 @@ import aiohttp
 import orjson
 
 from core.config import ModelRoute
+from core.deadlines import Deadline
 from core.errors import GatewayError, bad_gateway
 from core.providers.base import UpstreamFailure
 
@@ -25,7 +25,7 @@ _ERROR_TYPES = {"INVALID_ARGUMENT": "invalid_request_error", "RESOURCE_EXHAUSTED
 async def post_json(http: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes, route: ModelRoute) -> tuple[bytes, Any]:
     """POST and return the body and parsed JSON of a 200 answer, or raise UpstreamFailure."""
     try:
-        async with asyncio.timeout(route.timeout):
+        with Deadline(route.timeout):
             async with http.post(url, data=payload, headers=headers) as response:
                 body = await response.read()
                 status = response.status
@@ -45,7 +45,7 @@ async def open_stream(http: aiohttp.ClientSession, url: str, headers: dict[str, 
     """POST and return a 200 response whose body is still to be read (a stream)."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.timeout, sock_read=route.timeout)
     try:
-        async with asyncio.timeout(route.timeout):
+        with Deadline(route.timeout):
             response = await http.post(url, data=payload, headers=headers, timeout=timeout)
             if response.status != 200:
                 try:
