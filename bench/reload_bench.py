@@ -1,6 +1,12 @@
 """Reload benchmark: time to reload a large api.yaml and the longest event-loop stall meanwhile.
 
-python bench/reload_bench.py [--keys 10000] [--models 500]
+    python bench/reload_bench.py [--keys 10000] [--models 500]
+    python bench/reload_bench.py --under-load [--duration 15]
+
+`--under-load` runs the real gateway on that config (plus the bench/run.py providers and
+keys, nginx upstream) under wrk at 32 connections: p99 latency steady, then p99 while the
+file is rewritten every second (each rewrite a real change, so each is a full reload), and
+how many reloads happened. Needs nginx and wrk, like bench/run.py.
 """
 
 from __future__ import annotations
@@ -60,12 +66,85 @@ async def measure(path: Path, rounds: int) -> None:
     print(f"longest event-loop stall during a reload: median {statistics.median(stalls) * 1000:.1f} ms, max {max(stalls) * 1000:.1f} ms")
 
 
+def under_load(keys: int, models: int, duration: int) -> None:
+    """Steady p99 against p99 while the config reloads every second, on the live gateway."""
+    import json
+    import shutil
+    import signal
+    import subprocess
+    import threading
+    import urllib.request
+
+    from bench import run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        nginx_port = run.free_port()
+        upstream = f"http://127.0.0.1:{nginx_port}"
+        nginx = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(run.nginx_config(work, nginx_port))])
+        time.sleep(0.5)
+        nginx_worker = int(subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split()[0])
+        config = work / "api.yaml"
+        base = run.gateway_config(work, upstream).read_text()
+        admin = "sk-bench-admin-000000000"
+        big = big_config(keys, models).split("api_keys:\n", 1)
+        providers = big[0].removeprefix("providers:\n")
+        text = base.replace("providers:\n", "providers:\n" + providers, 1).replace(
+            "api_keys:\n", f"api_keys:\n  - api: {admin}\n    name: admin\n    role: admin\n" + big[1], 1
+        )
+        config.write_text(text)
+        port = run.free_port()
+        server = run.start_server("gateway", work, upstream, port)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        script = run.wrk_script(work, False)
+
+        def reload_count() -> int:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/config/status", headers={"Authorization": f"Bearer {admin}"})
+            return int(json.load(urllib.request.urlopen(request, timeout=10))["reload_count"])
+
+        try:
+            run.run_wrk(url, script, 32, 3, server.pid, nginx_worker)
+            steady = run.run_wrk(url, script, 32, duration, server.pid, nginx_worker)
+            before = reload_count()
+            stop = threading.Event()
+
+            def rewrite() -> None:
+                edit = 0
+                while not stop.wait(1.0):
+                    edit += 1
+                    config.write_text(text.replace("name: user0\n", f"name: user0-edit{edit}\n", 1))
+
+            editor = threading.Thread(target=rewrite)
+            editor.start()
+            try:
+                reloading = run.run_wrk(url, script, 32, duration, server.pid, nginx_worker)
+            finally:
+                stop.set()
+                editor.join()
+            time.sleep(1.5)
+            reloads = reload_count() - before
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+            nginx.terminate()
+            nginx.wait(timeout=10)
+    print(f"keys={keys} models={models} 32 connections, {duration} s each, JSON chat completions")
+    print(f"steady:          {steady.rps:7.0f} req/s  p50 {steady.p50_ms:6.2f} ms  p99 {steady.p99_ms:6.2f} ms  errors {steady.errors}")
+    print(f"reloading (1/s): {reloading.rps:7.0f} req/s  p50 {reloading.p50_ms:6.2f} ms  p99 {reloading.p99_ms:6.2f} ms  errors {reloading.errors}")
+    print(f"reloads during the run: {reloads}; p99 during reloads / steady p99: {reloading.p99_ms / steady.p99_ms:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--keys", type=int, default=10000)
     parser.add_argument("--models", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--under-load", action="store_true", help="measure p99 latency of the live gateway while it reloads")
+    parser.add_argument("--duration", type=int, default=15)
     args = parser.parse_args()
+    if args.under_load:
+        under_load(args.keys, args.models, args.duration)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "api.yaml"
         path.write_text(big_config(args.keys, args.models))

@@ -61,8 +61,10 @@ class TokenPrice:
     # The five rates in nano-dollars per 1M tokens, fallbacks applied, computed once so the
     # request path prices in integers; None when a price has more than nine decimals.
     _rates: tuple[int, int, int, int, int] | None = field(init=False, repr=False, compare=False, default=None)
+    _unit_prices: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_unit_prices", _token_prices_json(self))
         rates = [
             _nanos_per_million(price)
             for price in (
@@ -113,13 +115,12 @@ class TokenPrice:
 
     def unit_prices(self) -> str:
         """The prices as recorded with each charge (history is never repriced), as JSON."""
-        return _token_prices_json(self)
+        return self._unit_prices
 
     def estimate(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
         return (prompt_tokens * self.input + completion_tokens * self.output) / PER_MILLION
 
 
-@functools.lru_cache(maxsize=4096)
 def _token_prices_json(price: TokenPrice) -> str:
     prices = {"input": str(price.input), "output": str(price.output)}
     for name in ("cache_read", "cache_write", "reasoning"):

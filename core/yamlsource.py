@@ -14,6 +14,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.resolver import VersionedResolver
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -44,6 +45,20 @@ def line_of(node: Any, key: Any = None) -> int | None:
         return None
 
 
+class _OneVersionResolver(VersionedResolver):
+    """ruamel's resolver, looking up the YAML version once per document instead of once per
+    scalar. With the C parser that lookup always ends at the default version, through two
+    caught AttributeErrors each time: a third of a 10,000-key parse (bench/reload_bench.py)."""
+
+    _resolvers: Any = None
+
+    @property
+    def versioned_resolver(self) -> Any:
+        if self._resolvers is None:
+            self._resolvers = VersionedResolver.versioned_resolver.fget(self)  # type: ignore[attr-defined]
+        return self._resolvers
+
+
 def parse_yaml(text: str, file: str, *, located: bool = True) -> Any:
     """Parse YAML text, turning parser errors into a located ConfigError.
 
@@ -51,7 +66,11 @@ def parse_yaml(text: str, file: str, *, located: bool = True) -> Any:
     a 10,000-key file, so reloads use it first and re-parse with positions only to explain
     an error.
     """
-    yaml = YAML(typ="rt") if located else YAML(typ="safe", pure=False)
+    if located:
+        yaml = YAML(typ="rt")
+    else:
+        yaml = YAML(typ="safe", pure=False)
+        yaml.Resolver = _OneVersionResolver
     try:
         return yaml.load(text)
     except MarkedYAMLError as exc:
