@@ -3,6 +3,8 @@ pass-through, both in front of the same nginx fake upstream, one worker each.
 
     python bench/run.py [--duration 15] [--repeats 3]
 
+Exits non-zero if any request failed (CI runs a short smoke version: test/test_bench.py).
+
 Needs nginx and wrk (apt-get install nginx-light wrk). Prints a table (requests/s, p50,
 p99, errors, CPU of each process, gateway / bare ratio) and the median over the repeats.
 """
@@ -244,7 +246,7 @@ def main() -> None:
                                 run_wrk(url, scripts[stream], args.connections, args.duration, server.pid, nginx_worker)
                             )
                             results.setdefault((kind, f"{mode} x1"), []).append(
-                                run_wrk(url, scripts[stream], 1, max(5, args.duration // 2), server.pid, nginx_worker)
+                                run_wrk(url, scripts[stream], 1, max(min(5, args.duration), args.duration // 2), server.pid, nginx_worker)
                             )
                     finally:
                         server.send_signal(signal.SIGTERM)
@@ -253,6 +255,9 @@ def main() -> None:
             nginx.terminate()
             nginx.wait(timeout=10)
         report(results, args)
+    errors = sum(r.errors for runs in results.values() for r in runs)
+    if errors:
+        sys.exit(f"{errors} requests failed")
 
 
 def report(results: dict[tuple[str, str], list[Result]], args: argparse.Namespace) -> None:

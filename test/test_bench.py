@@ -1,0 +1,29 @@
+"""A short smoke run of the benchmark, so that it cannot rot: zero errors and a table."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _installed(tool: str) -> bool:
+    return shutil.which(tool) is not None or Path(f"/usr/sbin/{tool}").exists()
+
+
+@pytest.mark.skipif(not os.environ.get("CI") and not (_installed("nginx") and _installed("wrk")), reason="needs nginx and wrk (CI installs them)")
+def test_benchmark_smoke_run_has_no_errors_and_prints_the_table():
+    result = subprocess.run(
+        [sys.executable, "bench/run.py", "--duration", "1", "--warmup", "1", "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("json", "stream"))]
+    assert len(rows) == 8, result.stdout  # (json, stream) x (32 connections, 1) x (bare, gateway)
+    assert all(row[6] == "0" for row in rows), "errors column"
+    assert {row[2] for row in rows} == {"bare", "gateway"}
