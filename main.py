@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from core.alerts import Alerts
+from core.auth_throttle import AuthThrottle
 from core.billing import BillingMeter
 from core.config import load_config
 from core.errors import GatewayError
@@ -31,7 +32,7 @@ from core.routing import Scheduler
 from core.sqlite_ledger import SqliteLedger
 from core.upstream import create_http_session
 from core.yamlsource import ConfigError
-from routes import admin, billing_admin, proxy, self_service, web
+from routes import admin, audit, billing_admin, proxy, self_service, web
 from routes._http import error_response, http_error, on_unexpected_error
 from routes._session import SessionSigner
 from routes._web_auth import LoginRequired
@@ -53,6 +54,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         app.state.store = store
         app.state.ledger = ledger
         app.state.clock = clock
+        app.state.auth_throttle = AuthThrottle(clock)
         meter = BillingMeter(ledger, clock)
         app.state.gateway = Gateway(http, Scheduler(), meter)
         alerts = meter.alerts = app.state.alerts = Alerts(ledger, meter.limiter, clock, lambda: http)
@@ -77,7 +79,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             await ledger.close()  # flushes every queued ledger row
 
     return GatewayApp(
-        routes=[*proxy.routes, *admin.routes, *billing_admin.routes, *self_service.routes, *web.routes],
+        routes=[*proxy.routes, *admin.routes, *billing_admin.routes, *self_service.routes, *audit.routes, *web.routes],
         lifespan=lifespan,
         exception_handlers={GatewayError: on_error, HTTPException: on_error, LoginRequired: to_login, Exception: on_unexpected_error},
     )

@@ -5,14 +5,17 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 
 from core.alerts import Alerts
-from core.config import ApiKey
+from core.audit import ADD_COUNT_CREDITS, ADD_CREDITS, REPORT_USAGE, SET_BILLING_MODE, Actor, AuditEntry, balance
+from core.billing import BillingMeter
+from core.config import ApiKey, Config
 from core.config_billing import BILLING_MODES
 from core.config_writer import ConfigWriteError, set_key_preference
 from core.errors import GatewayError, bad_request
 from core.ledger import COUNT_CREDITS, CREDITS, Grant
-from core.pricing import to_nanos
+from core.pricing import format_usd, to_nanos
 from core.reload import ConfigStore
 from core.sqlite_ledger import SqliteLedger
+from core.usage import Usage
 
 MAX_AMOUNT = Decimal(10) ** 9
 MAX_IDEMPOTENCY_KEY = 200
@@ -35,10 +38,18 @@ def parse_amount(raw: str, kind: str) -> Decimal:
 
 
 async def add_credit(
-    ledger: SqliteLedger, key: ApiKey, kind: str, raw_amount: str, reason: str | None, idempotency_key: str | None, now: float, alerts: Alerts | None = None
+    ledger: SqliteLedger,
+    key: ApiKey,
+    kind: str,
+    raw_amount: str,
+    reason: str | None,
+    idempotency_key: str | None,
+    now: float,
+    actor: Actor,
+    alerts: Alerts | None = None,
 ) -> bool:
     """Grant USD credits or count credits; False when the idempotency key was used before.
-    A top-up that lifts the key back under an alert threshold re-arms that alert."""
+    A top-up that lifts the key back under an alert threshold re-arms that alert. Audited."""
     if kind not in (CREDITS, COUNT_CREDITS):
         raise bad_request(f"Unknown credit kind '{kind}'.", "invalid_kind")
     amount = parse_amount(raw_amount, kind)
@@ -46,14 +57,19 @@ async def add_credit(
         raise bad_request(f"The Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} characters.", "invalid_idempotency_key")
     units = to_nanos(amount) if kind == CREDITS else int(amount)
     grant = Grant(key.id, kind, units, (reason or "admin top-up")[:MAX_REASON], idempotency_key, now)
+    account = await ledger.account(key.id, key.billing)
+    before = balance(key, account)
     applied = await ledger.grant(grant, key.billing)
     if alerts is not None:
-        alerts.check(key, await ledger.account(key.id, key.billing))
+        alerts.check(key, account)
+    detail = {"amount": str(amount), "reason": grant.reason, "idempotency_key": idempotency_key, "applied": applied}
+    action = ADD_CREDITS if kind == CREDITS else ADD_COUNT_CREDITS
+    await ledger.append_audit(AuditEntry(now, actor, action, key, before, balance(key, account), detail))
     return applied
 
 
-async def set_billing_mode(store: ConfigStore, key: ApiKey, mode: str) -> ApiKey:
-    """Write the mode into api.yaml (round trip, atomic) and apply it; the updated key."""
+async def set_billing_mode(store: ConfigStore, ledger: SqliteLedger, key: ApiKey, mode: str, now: float, actor: Actor) -> ApiKey:
+    """Write the mode into api.yaml (round trip, atomic) and apply it; the updated key. Audited."""
     if mode not in BILLING_MODES:
         raise bad_request(f"The 'billing_mode' parameter must be one of {', '.join(BILLING_MODES)}, got '{mode}'.", "invalid_billing_mode")
     try:
@@ -66,4 +82,18 @@ async def set_billing_mode(store: ConfigStore, key: ApiKey, mode: str) -> ApiKey
     updated = store.current.key_index.find(key.secret)
     if updated is None:
         raise GatewayError(409, "conflict_error", "key_removed", "The key is no longer in the config.")
+    entry = AuditEntry(now, actor, SET_BILLING_MODE, updated, {"billing_mode": key.billing.mode}, {"billing_mode": updated.billing.mode})
+    await ledger.append_audit(entry)
     return updated
+
+
+async def report_usage(meter: BillingMeter, config: Config, key: ApiKey, model: str, usage: Usage, provider: str, now: float, actor: Actor) -> int:
+    """Charge usage that happened outside the gateway (billed by the same rules); its cost. Audited."""
+    ledger = meter.ledger
+    account = await ledger.account(key.id, key.billing)
+    before = balance(key, account)
+    cost_nanos = await meter.record_external(config, key, model, usage, provider)
+    detail = {"model": model, "provider": provider, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+              "cached_tokens": usage.cached_tokens, "cost": format_usd(cost_nanos)}  # fmt: skip
+    await ledger.append_audit(AuditEntry(now, actor, REPORT_USAGE, key, before, balance(key, account), detail))
+    return cost_nanos

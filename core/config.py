@@ -34,9 +34,11 @@ KEY_KEYS = ("api", "name", "role", "model", "preferences")
 KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at", *LIMIT_KEYS)
 PREFERENCE_KEYS = (
     "SCHEDULING_ALGORITHM", "AUTO_RETRY", "cooldown_period", "model_timeout", "max_request_body_bytes", "model_price", "count_billing",
-    "reserve_completion_tokens", "timezone", "trusted_proxies", "alerts",
+    "reserve_completion_tokens", "timezone", "trusted_proxies", "alerts", "max_response_body_bytes", "auth_failure_limit",
 )  # fmt: skip
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
+DEFAULT_MAX_RESPONSE_BODY = 100 * 1024 * 1024  # an upstream answer (or stream) past this is cut off: 502
+DEFAULT_AUTH_FAILURE_LIMIT = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,8 @@ class Preferences:
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
     trusted_proxies: tuple[IPNetwork, ...] = ()
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    max_response_body_bytes: int = DEFAULT_MAX_RESPONSE_BODY
+    auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT  # per client address per minute; 0: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +191,8 @@ def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]
         reserve_completion_tokens=section.integer("reserve_completion_tokens", DEFAULT_RESERVE_COMPLETION_TOKENS),
         timezone=read_timezone(section, "timezone"),
         trusted_proxies=read_networks(section, "trusted_proxies"),
+        max_response_body_bytes=section.integer("max_response_body_bytes", DEFAULT_MAX_RESPONSE_BODY, minimum=1),
+        auth_failure_limit=section.integer("auth_failure_limit", DEFAULT_AUTH_FAILURE_LIMIT, minimum=0),
         alerts=read_alerts(section, "alerts"),
     )
     return prefs, _read_timeouts(section)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 import aiosqlite
 
@@ -139,12 +140,44 @@ MIGRATIONS: dict[int, str] = {
     6: """
     DROP INDEX IF EXISTS usage_by_time;
     """,
+    # Every admin action: who (the admin key's name), what, when, from where, before/after.
+    # Append-only: the triggers refuse to change or remove a row once written.
+    7: """
+    CREATE TABLE audit_log (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        actor TEXT NOT NULL,
+        actor_key_id TEXT NOT NULL,
+        address TEXT,
+        action TEXT NOT NULL,
+        target_key_id TEXT,
+        target_name TEXT,
+        before TEXT NOT NULL,
+        after TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_log_by_target ON audit_log (target_key_id, id);
+    CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
 class SchemaError(Exception):
     pass
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into statements, keeping a trigger's `BEGIN ...; END` in one piece."""
+    statements, pending = [], ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending.strip())
+            pending = ""
+    return statements
 
 
 async def migrate(db: aiosqlite.Connection) -> int:
@@ -158,9 +191,8 @@ async def migrate(db: aiosqlite.Connection) -> int:
         log.info("migrating the ledger to schema version %d (a large ledger takes a while, once)", target)
         await db.execute("BEGIN IMMEDIATE")
         try:
-            for statement in MIGRATIONS[target].split(";"):
-                if statement.strip():
-                    await db.execute(statement)
+            for statement in _statements(MIGRATIONS[target]):
+                await db.execute(statement)
             await db.execute(f"PRAGMA user_version = {target}")
             await db.execute("COMMIT")
         except BaseException:

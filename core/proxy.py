@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
 from core.config import ApiKey, Config, ModelRoute
 from core.errors import bad_gateway, bad_request
@@ -18,6 +19,7 @@ from core.metering import CLIENT_DISCONNECTED, ERROR, OK, Meter, Outcome, Ticket
 from core.providers import adapter_for, messages_adapter_for
 from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamStream
 from core.routing import Scheduler, routes_for
+from core.sse import encode_event
 from core.usage import Usage, estimate_prompt_tokens, estimate_text_tokens, message_text, tokens_for_bytes
 
 log = logging.getLogger("tollgate.proxy")
@@ -88,7 +90,7 @@ class Gateway:
             ticket.release()
             raise
         if isinstance(answer, UpstreamStream):
-            return MeteredStream(answer, route, request, ticket, ticket.start_headers())
+            return MeteredStream(answer, route, request, ticket, ticket.start_headers(), config.preferences.max_response_body_bytes)
         usage = answer.usage or _estimate(request, answer.body)
         headers = ticket.settle(Outcome(route.provider.name, route.upstream_name, usage, OK))
         return CompletedCall(answer, route, headers)
@@ -101,7 +103,9 @@ class Gateway:
             ordered = ordered[:1]
         failure: UpstreamFailure | None = None
         for route in ordered:
-            call = UpstreamCall(request.endpoint, request.body, request.stream, route, self.scheduler.next_upstream_key(route.provider))
+            call = UpstreamCall(
+                request.endpoint, request.body, request.stream, route, self.scheduler.next_upstream_key(route.provider), prefs.max_response_body_bytes
+            )
             try:
                 adapter = messages_adapter_for(route.provider.engine) if request.endpoint == "messages" else adapter_for(route.provider.engine)
                 answer = await adapter.send(call, self.http)
@@ -130,19 +134,37 @@ def _estimate(request: ProxyRequest, body: bytes) -> Usage:
 class MeteredStream:
     """An upstream stream that settles its ticket exactly once, however it ends."""
 
-    def __init__(self, upstream: UpstreamStream, route: ModelRoute, request: ProxyRequest, ticket: Ticket, headers: dict[str, str]):
+    def __init__(self, upstream: UpstreamStream, route: ModelRoute, request: ProxyRequest, ticket: Ticket, headers: dict[str, str], max_bytes: int):
         self.upstream = upstream
         self.route = route
         self.request = request
         self.headers = headers  # sent with the stream's start: limits and quota as admitted
+        self.max_bytes = max_bytes
         self._ticket: Ticket | None = ticket
 
     @property
     def content_type(self) -> str:
         return self.upstream.content_type
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self.upstream.__aiter__()
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        """The upstream's chunks, cut off with an error event past `max_bytes` (counted as
+        they pass, never buffered)."""
+        sent = 0
+        chunks = self.upstream.__aiter__()
+        try:
+            async for chunk in chunks:
+                sent += len(chunk)
+                if sent > self.max_bytes:
+                    self.upstream.close()
+                    limit = self.max_bytes
+                    self.upstream.error = bad_gateway(
+                        f"Provider '{self.route.provider.name}' sent a stream over the gateway's limit of {limit} bytes.", "upstream_response_too_large"
+                    )
+                    yield encode_event(orjson.dumps(self.upstream.error.body()))
+                    return
+                yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
 
     def finish(self, disconnected: bool) -> None:
         """Close the upstream and settle. Synchronous: runs inside cancellation too."""

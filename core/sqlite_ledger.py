@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from core.audit import AuditEntry
 from core.config_billing import KeyBilling
 from core.ledger import COUNT_CREDITS, CREDITS, Account, Grant, InsufficientBalance, Reservation, UsageRecord
 from core.ledger_schema import migrate
@@ -32,6 +33,8 @@ GROUP_COMMIT_SECONDS = 0.01
 _INSERT_USAGE = """INSERT INTO usage (request_id, ts, key_id, key_name, model, provider, upstream_model, prompt_tokens,
     completion_tokens, cached_tokens, cost_type, unit_prices, cost_nanos, count_charged, status, cache_write_tokens, reasoning_tokens)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+_INSERT_AUDIT = """INSERT INTO audit_log (ts, actor, actor_key_id, address, action, target_key_id, target_name, before, after, detail)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 _INSERT_GRANT = "INSERT OR IGNORE INTO grants (key_id, kind, amount, reason, idempotency_key, ts) VALUES (?, ?, ?, ?, ?, ?)"
 
 
@@ -319,7 +322,24 @@ class SqliteLedger:
         if not item.done.done():
             item.done.set_result(None)
 
+    async def append_audit(self, entry: AuditEntry) -> None:
+        """Durable before it returns (its own transaction: admin actions are rare)."""
+        await self.db.execute(_INSERT_AUDIT, entry.row())
+
     # --- reading ------------------------------------------------------------------------
+
+    async def audit_entries(self, limit: int, before_id: int | None = None, key_id: str | None = None) -> list[dict[str, Any]]:
+        """Newest first, `limit` rows older than `before_id` (keyset paging), for one key or all."""
+        query = "SELECT id, ts, actor, actor_key_id, address, action, target_key_id, target_name, before, after, detail FROM audit_log WHERE id < ?"
+        params: list[Any] = [before_id if before_id is not None else 2**62]
+        if key_id is not None:
+            query += " AND target_key_id = ?"
+            params.append(key_id)
+        query += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        async with self.reader.execute(query, params) as cursor:
+            names = [column[0] for column in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
 
     async def grants_in(self, windows: list[Window]) -> dict[str, tuple[int, int]]:
         """(credits in nanos, count credits) granted per key within each window."""

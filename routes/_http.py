@@ -12,6 +12,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
+from core.auth_throttle import AuthThrottle
 from core.config import ApiKey, Config
 from core.errors import GatewayError, bad_request, forbidden, too_large, unauthorized
 from core.limits import check_access, client_ip
@@ -42,14 +43,20 @@ def caller_ip(request: Request, config: Config) -> str | None:
 
 def authenticate(request: Request, config: Config) -> ApiKey:
     """The key presented, if it exists and may be used from here, now, by this client."""
-    return authenticate_headers(config, request.headers, _peer(request), request.app.state.clock())
+    state = request.app.state
+    return authenticate_headers(config, request.headers, _peer(request), state.clock(), state.auth_throttle)
 
 
-def authenticate_headers(config: Config, headers: Mapping[str, str], peer: str | None, now: float) -> ApiKey:
-    """`authenticate` from the parts of a request (the proxy endpoints have no Request object)."""
+def authenticate_headers(config: Config, headers: Mapping[str, str], peer: str | None, now: float, throttle: AuthThrottle) -> ApiKey:
+    """`authenticate` from the parts of a request (the proxy endpoints have no Request object).
+    An address that keeps presenting bad keys is throttled (core/auth_throttle.py)."""
+    limit = config.preferences.auth_failure_limit
+    address = client_ip(peer, headers.get("x-forwarded-for"), config.preferences.trusted_proxies)
+    throttle.check(address, limit)
     secret = presented_key(headers)
     key = config.key_index.find(secret) if secret else None
     if key is None:
+        throttle.failed(address, limit)
         raise unauthorized("Invalid API key." if secret else "Missing API key: send 'Authorization: Bearer <key>'.")
     check_key_access(config, key, headers, peer, now)
     return key

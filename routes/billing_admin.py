@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from core import admin_actions
 from core.admin_actions import add_credit
+from core.audit import Actor
 from core.billing import BillingMeter
 from core.config import ApiKey, Config
 from core.errors import bad_request, forbidden, not_found
@@ -20,7 +21,12 @@ from core.ledger import COUNT_CREDITS, CREDITS
 from core.reload import ConfigStore
 from core.timeutil import to_unix
 from core.usage import Usage
-from routes._http import authenticate, current_config, read_json, require_admin
+from routes._http import authenticate, caller_ip, current_config, read_json, require_admin
+
+
+def _actor(request: Request, config: Config) -> Actor:
+    """The admin calling (403 for anyone else), as the audit log records them."""
+    return Actor.of(require_admin(request, config), caller_ip(request, config))
 
 
 def _paid_key(request: Request, config: Config) -> ApiKey:
@@ -43,13 +49,13 @@ async def api_keys_states(request: Request) -> Response:
 def _grant_endpoint(kind: str):  # type: ignore[no-untyped-def]
     async def handle(request: Request) -> Response:
         config = current_config(request)
-        require_admin(request, config)
+        actor = _actor(request, config)
         key = _paid_key(request, config)
         ledger = request.app.state.ledger
         amount = request.query_params.get("amount", "")
-        applied = await add_credit(
-            ledger, key, kind, amount, request.query_params.get("reason"), request.headers.get("idempotency-key") or None, request.app.state.clock()
-        )
+        state = request.app.state
+        idempotency_key = request.headers.get("idempotency-key") or None
+        applied = await add_credit(ledger, key, kind, amount, request.query_params.get("reason"), idempotency_key, state.clock(), actor, state.alerts)
         return JSONResponse({"applied": applied, "api_key_state": await key_state(config, ledger, key)})
 
     handle.__name__ = f"add_{kind}"
@@ -58,10 +64,11 @@ def _grant_endpoint(kind: str):  # type: ignore[no-untyped-def]
 
 async def set_billing_mode(request: Request) -> Response:
     config = current_config(request)
-    require_admin(request, config)
+    actor = _actor(request, config)
     key = _paid_key(request, config)
     store: ConfigStore = request.app.state.store
-    updated = await admin_actions.set_billing_mode(store, key, request.query_params.get("billing_mode", ""))
+    state = request.app.state
+    updated = await admin_actions.set_billing_mode(store, state.ledger, key, request.query_params.get("billing_mode", ""), state.clock(), actor)
     return JSONResponse({"api_key_state": await key_state(store.current, request.app.state.ledger, updated)})
 
 
@@ -126,7 +133,7 @@ async def token_usage(request: Request) -> Response:
 async def report_usage(request: Request) -> Response:
     """Record usage that happened outside the gateway, billed by the same rules."""
     config = current_config(request)
-    require_admin(request, config)
+    actor = _actor(request, config)
     body = await read_json(request, config.preferences.max_request_body_bytes)
     if not isinstance(body, dict):
         raise bad_request("The body must be a JSON object.", "invalid_body")
@@ -138,7 +145,8 @@ async def report_usage(request: Request) -> Response:
         raise bad_request("The 'model' field is required.", "missing_model")
     usage = Usage(_token_count(body, "prompt_tokens"), _token_count(body, "completion_tokens"), _token_count(body, "cached_tokens"))
     meter: BillingMeter = request.app.state.gateway.meter
-    cost_nanos = await meter.record_external(config, key, model, usage, str(body.get("provider") or "external"))
+    provider = str(body.get("provider") or "external")
+    cost_nanos = await admin_actions.report_usage(meter, config, key, model, usage, provider, request.app.state.clock(), actor)
     return JSONResponse({"cost": usd(cost_nanos), "api_key_state": await key_state(config, request.app.state.ledger, key)})
 
 

@@ -40,7 +40,7 @@ class ProxyEndpoint:
             config: Config = state.store.current  # this request's config to the end, whatever reloads
             headers = _request_headers(scope)
             client = scope.get("client")
-            key = authenticate_headers(config, headers, client[0] if client else None, state.clock())
+            key = authenticate_headers(config, headers, client[0] if client else None, state.clock(), state.auth_throttle)
             body = parse_json(await receive_body(receive, headers.get("content-length"), config.preferences.max_request_body_bytes))
             proxy_request = parse_proxy_request(self.endpoint, body)
             result = await state.gateway.handle(config, key, proxy_request)

@@ -16,6 +16,7 @@ from starlette.staticfiles import StaticFiles
 
 from core import admin_actions, reports, statements
 from core.alerts import recent_alerts
+from core.audit import LOGIN, Actor, AuditEntry
 from core.config import ApiKey, Config
 from core.errors import GatewayError, forbidden, not_found
 from core.ledger import COUNT_CREDITS, CREDITS
@@ -23,7 +24,7 @@ from core.ledger_sums import Window
 from core.reload import ConfigStore
 from core.sqlite_ledger import SqliteLedger
 from routes import web_export
-from routes._http import check_request_access, current_config
+from routes._http import caller_ip, check_request_access, current_config
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
 from routes._web_auth import admin_visitor, signer, visitor
 from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, money, when
@@ -35,12 +36,21 @@ WRONG_KEY_DELAY = 0.5
 MAX_FORM_BYTES = 16 * 1024
 
 templates = Environment(loader=FileSystemLoader(WEB / "templates"), autoescape=True)
+# Pages load only our own stylesheet: no scripts, no inline styles, no framing, forms post
+# only back to us; a stolen page cannot be embedded, sniffed into another type or cached.
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
     # `nonce` makes each rendered top-up form a one-time idempotency key: a double submit applies once.
     html = templates.get_template(name).render(request=request, nonce=secrets.token_urlsafe(12), **context)
-    return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY"})
+    return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
 
 
 def render_error(request: Request, error: GatewayError) -> HTMLResponse:
@@ -85,14 +95,22 @@ async def login(request: Request) -> Response:
     if not csrf_matches(request.cookies.get(LOGIN_CSRF_COOKIE), form.get("csrf_token")):
         return await login_page(request, MESSAGES["bad_csrf"], status=403)
     config = current_config(request)
+    throttle, limit, address = request.app.state.auth_throttle, config.preferences.auth_failure_limit, caller_ip(request, config)
+    try:
+        throttle.check(address, limit)
+    except GatewayError as exc:
+        return await login_page(request, exc.message, status=exc.status)
     key = config.key_index.find(form.get("api_key", "").strip())
     if key is None:
+        throttle.failed(address, limit)
         await asyncio.sleep(WRONG_KEY_DELAY)  # slows down guessing without blocking anyone else
         return await login_page(request, "That key is not valid. Check it and try again.", status=401)
     try:
         check_request_access(request, config, key)
     except GatewayError as exc:
         return await login_page(request, exc.message, status=exc.status)
+    if key.is_admin:
+        await request.app.state.ledger.append_audit(AuditEntry(request.app.state.clock(), Actor.of(key, address), LOGIN))
     response = redirect("/admin" if key.is_admin else "/usage")
     set_cookie(request, response, SESSION_COOKIE, signer(request).dump(new_session(key.id)), SESSION_SECONDS)
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
@@ -254,7 +272,8 @@ def _float(raw: str | None) -> float | None:
 def _action(kind: str):  # type: ignore[no-untyped-def]
     async def handle(request: Request) -> Response:
         config = current_config(request)
-        _, session = admin_visitor(request, config)
+        admin, session = admin_visitor(request, config)
+        actor, state = Actor.of(admin, caller_ip(request, config)), request.app.state
         key = config.keys_by_id.get(request.path_params["key_id"])
         if key is None:
             raise not_found("No such key.", "key_not_found")
@@ -265,19 +284,20 @@ def _action(kind: str):  # type: ignore[no-untyped-def]
         separator = "&" if "?" in back else "?"
         try:
             if kind == "billing_mode":
-                await admin_actions.set_billing_mode(request.app.state.store, key, form.get("billing_mode", ""))
+                await admin_actions.set_billing_mode(state.store, state.ledger, key, form.get("billing_mode", ""), state.clock(), actor)
                 done = "mode_set"
             else:
                 # The form's one-time token makes a double submit apply once, like the API's Idempotency-Key.
                 applied = await admin_actions.add_credit(
-                    request.app.state.ledger,
+                    state.ledger,
                     key,
                     kind,
                     form.get("amount", ""),
                     form.get("reason") or "web top-up",
                     form.get("idempotency_key") or None,
-                    request.app.state.clock(),
-                    request.app.state.alerts,
+                    state.clock(),
+                    actor,
+                    state.alerts,
                 )
                 done = ("credits_added" if kind == CREDITS else "count_credits_added") if applied else "already_applied"
         except GatewayError as exc:

@@ -54,7 +54,7 @@ def date_range(request: Request) -> tuple[float, float, str]:
     return since, until, f"{start.isoformat()}_{end.isoformat()}"
 
 
-async def _csv(header: Iterable[str], rows: AsyncIterator[Iterable[Any]]) -> AsyncIterator[str]:
+async def csv_stream(header: Iterable[str], rows: AsyncIterator[Iterable[Any]]) -> AsyncIterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
@@ -69,7 +69,7 @@ async def _csv(header: Iterable[str], rows: AsyncIterator[Iterable[Any]]) -> Asy
     yield buffer.getvalue()
 
 
-def _download(body: AsyncIterator[str], filename: str) -> StreamingResponse:
+def download(body: AsyncIterator[str], filename: str) -> StreamingResponse:
     return StreamingResponse(
         body, media_type="text/csv; charset=utf-8", headers={"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "no-store"}
     )
@@ -107,7 +107,7 @@ async def admin_requests_csv(request: Request) -> StreamingResponse:
         raise not_found("No such key.", "key_not_found")
     since, until, label = date_range(request)
     name = f"requests_{key_id[:8] if key_id else 'all'}_{label}.csv"
-    return _download(_csv(REQUEST_HEADER, _request_rows(request.app.state.ledger, key_id, since, until)), name)
+    return download(csv_stream(REQUEST_HEADER, _request_rows(request.app.state.ledger, key_id, since, until)), name)
 
 
 async def own_requests_csv(request: Request) -> StreamingResponse:
@@ -116,7 +116,7 @@ async def own_requests_csv(request: Request) -> StreamingResponse:
     if request.query_params.get("key") not in (None, "", me.id):
         raise forbidden("You may only export your own key.", "not_your_key")
     since, until, label = date_range(request)
-    return _download(_csv(REQUEST_HEADER, _request_rows(request.app.state.ledger, me.id, since, until)), f"requests_{label}.csv")
+    return download(csv_stream(REQUEST_HEADER, _request_rows(request.app.state.ledger, me.id, since, until)), f"requests_{label}.csv")
 
 
 async def keys_csv(request: Request) -> StreamingResponse:
@@ -135,7 +135,7 @@ async def keys_csv(request: Request) -> StreamingResponse:
                 yield (key.id, key.name, key.masked, effective_mode(config, key), t.requests, t.prompt_tokens, t.completion_tokens, t.cached_tokens,
                        format(from_nanos(t.cost_nanos), "f"), t.count_charged, t.errors)  # fmt: skip
 
-    return _download(_csv(SUMMARY_HEADER, rows()), f"keys_{label}.csv")
+    return download(csv_stream(SUMMARY_HEADER, rows()), f"keys_{label}.csv")
 
 
 routes = [

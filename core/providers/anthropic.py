@@ -47,7 +47,7 @@ class AnthropicAdapter:
         url = f"{route.provider.base_url}/messages"
         if call.stream:
             return AnthropicStream(await open_stream(http, url, headers, payload, route), call)
-        _, data = await post_json(http, url, headers, payload, route)
+        _, data = await post_json(http, url, headers, payload, route, call.max_response_bytes)
         message, finish_reason, usage = from_anthropic(data)
         return Reply(200, completion(call, message, finish_reason, usage, data.get("id") if isinstance(data, dict) else None), usage)
 

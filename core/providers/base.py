@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from core.config import ModelRoute
+from core.config import DEFAULT_MAX_RESPONSE_BODY, ModelRoute
 from core.errors import GatewayError, bad_gateway, gateway_timeout
 from core.usage import Usage
 
@@ -29,6 +29,7 @@ class UpstreamCall:
     stream: bool
     route: ModelRoute
     upstream_key: str
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BODY  # preferences.max_response_body_bytes
 
     @property
     def client_wants_usage(self) -> bool:

@@ -22,13 +22,20 @@ RETRYABLE_STATUSES = frozenset({401, 403, 404, 408, 409, 429, 529})
 _ERROR_TYPES = {"INVALID_ARGUMENT": "invalid_request_error", "RESOURCE_EXHAUSTED": "rate_limit_error", "overloaded_error": "api_error"}
 
 
-async def post_json(http: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes, route: ModelRoute) -> tuple[bytes, Any]:
-    """POST and return the body and parsed JSON of a 200 answer, or raise UpstreamFailure."""
+async def post_json(http: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes, route: ModelRoute, limit: int) -> tuple[bytes, Any]:
+    """POST and return the body and parsed JSON of a 200 answer, or raise UpstreamFailure.
+    An answer over `limit` bytes is refused as soon as it is known to be, not after reading it."""
     try:
         with Deadline(route.timeout):
             async with http.post(url, data=payload, headers=headers) as response:
-                body = await response.read()
                 status = response.status
+                if (response.content_length or 0) > limit:
+                    raise too_large_answer(route, limit)
+                body = await response.content.read(limit + 1)
+                while len(body) <= limit and not response.content.at_eof():
+                    body += await response.content.read(limit + 1 - len(body))
+                if len(body) > limit:
+                    raise too_large_answer(route, limit)
     except TimeoutError:
         raise UpstreamFailure.timeout(route) from None
     except aiohttp.ClientError as exc:
@@ -58,6 +65,11 @@ async def open_stream(http: aiohttp.ClientSession, url: str, headers: dict[str, 
     except aiohttp.ClientError as exc:
         raise UpstreamFailure.unreachable(route, exc) from None
     return response
+
+
+def too_large_answer(route: ModelRoute, limit: int) -> UpstreamFailure:
+    error = bad_gateway(f"Provider '{route.provider.name}' sent an answer over the gateway's limit of {limit} bytes.", "upstream_response_too_large")
+    return UpstreamFailure(error, retryable=False)
 
 
 def failure_from_status(route: ModelRoute, status: int, body: bytes) -> UpstreamFailure:

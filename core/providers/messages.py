@@ -141,7 +141,7 @@ class MessagesAdapter:
     async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
         if self.native:
             return await self._native(call, http)
-        chat = UpstreamCall("chat/completions", to_openai(call.body), call.stream, call.route, call.upstream_key)
+        chat = UpstreamCall("chat/completions", to_openai(call.body), call.stream, call.route, call.upstream_key, call.max_response_bytes)
         answer = await self.inner.send(chat, http)
         if isinstance(answer, UpstreamStream):
             return EventsFromChunks(answer, call.route.public_name)
@@ -161,7 +161,7 @@ class MessagesAdapter:
         url = f"{route.provider.base_url}/messages"
         if call.stream:
             return NativeEvents(await open_stream(http, url, headers, payload, route), route.provider.name)
-        body, data = await post_json(http, url, headers, payload, route)
+        body, data = await post_json(http, url, headers, payload, route, call.max_response_bytes)
         return Reply(200, body, usage_from_anthropic(data.get("usage")) if isinstance(data, dict) else None)
 
 

@@ -40,7 +40,7 @@ class OpenAIAdapter:
         payload = orjson.dumps(upstream_body(call))
         if call.stream:
             return OpenAIStream(await open_stream(http, url, headers, payload, call.route), call.route, call.client_wants_usage)
-        body, data = await post_json(http, url, headers, payload, call.route)
+        body, data = await post_json(http, url, headers, payload, call.route, call.max_response_bytes)
         return Reply(200, body, usage_from_openai(data))
 
 

@@ -1,0 +1,81 @@
+"""The audit log: a web page, a CSV export, and the admin API's JSON."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from core.config import Config
+from core.errors import bad_request
+from core.sqlite_ledger import SqliteLedger
+from routes._http import current_config, require_admin
+from routes._web_auth import admin_visitor
+from routes.web import render
+from routes.web_export import csv_stream, download
+from routes.web_views import when
+
+PAGE_SIZE = 100
+MAX_API_LIMIT = 1000
+COLUMNS = ("id", "ts", "actor", "actor_key_id", "address", "action", "target_key_id", "target_name", "before", "after", "detail")
+
+
+def _paging(request: Request, default_limit: int) -> tuple[int, int | None, str | None]:
+    params = request.query_params
+    raw_limit, raw_before = params.get("limit", str(default_limit)), params.get("before")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_API_LIMIT:
+        raise bad_request(f"The 'limit' parameter must be a whole number from 1 to {MAX_API_LIMIT}.", "invalid_limit")
+    if raw_before is not None and not raw_before.isdigit():
+        raise bad_request("The 'before' parameter must be an entry id.", "invalid_before")
+    return int(raw_limit), int(raw_before) if raw_before else None, params.get("key") or None
+
+
+async def audit_page(request: Request) -> Response:
+    config = current_config(request)
+    me, session = admin_visitor(request, config)
+    _, before, key_id = _paging(request, PAGE_SIZE)
+    entries = await request.app.state.ledger.audit_entries(PAGE_SIZE + 1, before, key_id)
+    rows = [_view(config, entry) for entry in entries[:PAGE_SIZE]]
+    next_before = entries[PAGE_SIZE - 1]["id"] if len(entries) > PAGE_SIZE else None
+    return render(request, "audit.html", me=me, csrf=session.csrf, entries=rows, next_before=next_before, key_id=key_id)
+
+
+async def audit_csv(request: Request) -> Response:
+    config = current_config(request)
+    admin_visitor(request, config)
+    key_id = request.query_params.get("key") or None
+    return download(csv_stream(COLUMNS, _all_rows(request.app.state.ledger, key_id)), "audit_log.csv")
+
+
+async def audit_api(request: Request) -> Response:
+    """GET /v1/audit_log?limit=&before=&key=: newest first; page with `before` = the last id."""
+    config = current_config(request)
+    require_admin(request, config)
+    limit, before, key_id = _paging(request, PAGE_SIZE)
+    entries = await request.app.state.ledger.audit_entries(limit, before, key_id)
+    return JSONResponse({"entries": entries, "next_before": entries[-1]["id"] if len(entries) == limit else None})
+
+
+async def _all_rows(ledger: SqliteLedger, key_id: str | None) -> AsyncIterator[tuple[Any, ...]]:
+    before = None
+    while True:
+        entries = await ledger.audit_entries(500, before, key_id)
+        for entry in entries:
+            yield tuple(entry[column] for column in COLUMNS)
+        if len(entries) < 500:
+            return
+        before = entries[-1]["id"]
+
+
+def _view(config: Config, entry: dict[str, Any]) -> dict[str, Any]:
+    return {**entry, "when": when(entry["ts"]), "target_known": entry["target_key_id"] in config.keys_by_id}
+
+
+routes = [
+    Route("/admin/audit", audit_page, methods=["GET"]),
+    Route("/admin/audit.csv", audit_csv, methods=["GET"]),
+    Route("/v1/audit_log", audit_api, methods=["GET"]),
+]
