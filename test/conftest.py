@@ -52,7 +52,8 @@ class RunningGateway:
         headers = kwargs.pop("headers", {})
         if key is not None:
             headers["Authorization"] = f"Bearer {key}"
-        return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=10, **kwargs)
+        kwargs.setdefault("timeout", 10)
+        return httpx.request(method, f"{self.url}{path}", headers=headers, **kwargs)
 
     def status(self) -> dict[str, Any]:
         return self.http("GET", "/v1/config/status", key=ADMIN_KEY).json()

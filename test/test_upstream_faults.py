@@ -1,0 +1,190 @@
+"""Upstream faults: whatever the vendor does, the client gets an OpenAI-shaped error, every
+reservation and concurrency slot is released, and the ledger charges exactly what it should
+(nothing for a failed call, the streamed part for a cut stream)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sqlite3
+import struct
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from test.conftest import ADMIN_KEY, USER_KEY
+from test.servers import completion_body, fail, hang, stream_chunks
+
+MESSAGES = [{"role": "user", "content": "hello there"}]
+CONFIG = f"""
+providers:
+  - provider: p1
+    base_url: {{fake:p1}}
+    api: k
+    model: [gpt-4o]
+  - provider: reset
+    base_url: RESET_URL
+    api: k
+    model: [reset-model]
+api_keys:
+  - api: {ADMIN_KEY}
+    role: admin
+  - api: {USER_KEY}
+    name: alice
+    preferences: {{billing_mode: token, credits: 10, concurrency_limit: 1}}
+preferences:
+  AUTO_RETRY: false
+  model_timeout: {{default: 0.5}}
+  max_response_body_bytes: 4096
+  model_price: {{default: '1000,2000'}}
+"""
+
+
+@pytest.fixture
+def resetting_server() -> Iterator[str]:
+    """A TCP server that reads the request and resets the connection (RST, not a clean close)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.recv(65536)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+def _streaming(chunks: list[bytes], pause: float = 0.0, media_type: str = "text/event-stream") -> Response:
+    async def gen():  # type: ignore[no-untyped-def]
+        for chunk in chunks:
+            yield chunk
+            if pause:
+                await asyncio.sleep(pause)
+
+    return StreamingResponse(gen(), media_type=media_type)
+
+
+async def html_page(body: dict[str, Any], request: Request) -> Response:
+    return Response("<html><body>502 Bad Gateway</body></html>", media_type="text/html")
+
+
+async def trickled_json(body: dict[str, Any], request: Request) -> Response:
+    text = JSONResponse(completion_body(body)).body
+    return _streaming([text[i : i + 8] for i in range(0, len(text), 8)], pause=0.2, media_type="application/json")
+
+
+async def huge_json(body: dict[str, Any], request: Request) -> Response:
+    return JSONResponse(completion_body(body, "x" * 10_000))
+
+
+async def malformed_sse(body: dict[str, Any], request: Request) -> Response:
+    return _streaming([b"data: {not json at all\n\n", b"event: ???\ndata: [\n\n"])
+
+
+async def cut_stream(body: dict[str, Any], request: Request) -> Response:
+    return _streaming(stream_chunks(body, ["abcd", "efgh", "ijkl"])[:3])  # three words; then the connection ends, no [DONE]
+
+
+async def stalled_stream(body: dict[str, Any], request: Request) -> Response:
+    chunks = stream_chunks(body, ["abcd", "efgh"])
+    return _streaming([chunks[0], chunks[1]], pause=2.0)  # then silence for longer than the timeout
+
+
+async def endless_stream(body: dict[str, Any], request: Request) -> Response:
+    chunk = stream_chunks(body, ["abcdefgh" * 16])[0]
+    return _streaming([chunk] * 200)
+
+
+# (name, upstream handler, model, stream, expected status, expected code, charged?)
+FAULTS = [
+    ("hang", hang(5), "gpt-4o", False, 504, "upstream_timeout", False),
+    ("reset", None, "reset-model", False, 502, "upstream_unreachable", False),
+    ("5xx", fail(503), "gpt-4o", False, 502, None, False),
+    ("html", html_page, "gpt-4o", False, 502, "upstream_error", False),
+    ("trickle", trickled_json, "gpt-4o", False, 504, "upstream_timeout", False),
+    ("too large", huge_json, "gpt-4o", False, 502, "upstream_response_too_large", False),
+    ("hang before stream", hang(5), "gpt-4o", True, 504, "upstream_timeout", False),
+    ("malformed sse", malformed_sse, "gpt-4o", True, 200, "upstream_stream_broken", False),
+    ("cut stream", cut_stream, "gpt-4o", True, 200, "upstream_stream_broken", True),
+    ("stalled stream", stalled_stream, "gpt-4o", True, 200, "upstream_timeout", True),
+    ("endless stream", endless_stream, "gpt-4o", True, 200, "upstream_response_too_large", True),
+]
+
+
+def _ledger(gateway: Any) -> list[tuple[str, int]]:
+    with sqlite3.connect(gateway.config_path.parent / "data" / "tollgate.db") as db:
+        return db.execute("SELECT status, cost_nanos FROM usage ORDER BY id").fetchall()
+
+
+def _remaining(gateway: Any) -> float:
+    states = gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY).json()["api_keys_states"]
+    return float(states[USER_KEY]["remaining_credits"])
+
+
+@pytest.mark.parametrize(("name", "handler", "model", "stream", "status", "code", "charged"), FAULTS, ids=[f[0] for f in FAULTS])
+def test_upstream_fault_is_an_openai_error_releases_everything_and_bills_exactly(
+    start_gateway, upstream, resetting_server, name, handler, model, stream, status, code, charged
+):
+    if handler is not None:
+        upstream.script("p1", handler)
+    gateway = start_gateway(CONFIG.replace("RESET_URL", resetting_server), upstream)
+    body = {"model": model, "messages": MESSAGES, "stream": stream}
+    response = gateway.http("POST", "/v1/chat/completions", key=USER_KEY, json=body, timeout=30)
+
+    assert response.status_code == status, response.text
+    if status == 200:  # the stream had started: the error is its last event
+        error = json.loads(response.text.strip().split("data: ")[-1])["error"]
+    else:
+        error = response.json()["error"]
+    assert set(error) >= {"message", "type", "code"}
+    if code is not None:
+        assert error["code"] == code, error
+    assert "Traceback" not in response.text
+
+    remaining = _remaining(gateway)  # (reading the states also commits every queued ledger row)
+    rows = _ledger(gateway)
+    assert [status_ for status_, _ in rows] == ["error"], rows  # one row per request, failed or not
+    charges = rows[0][1]
+    assert (charges > 0) is charged, rows
+    # Reservation released: the balance is the credits minus exactly what the ledger charged.
+    assert remaining == pytest.approx(10 - charges / 1e9, abs=1e-9)
+    # Concurrency slot released (the key may run one request at a time): the next call works.
+    upstream.script("p1", lambda body, request: _ok(body))
+    again = gateway.client(USER_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert again.choices[0].message.content == "Hello from upstream"
+
+
+async def _ok(body: dict[str, Any]) -> Response:
+    return JSONResponse(completion_body(body))
+
+
+def test_cut_stream_bills_the_streamed_words_as_an_estimate(start_gateway, upstream, resetting_server):
+    upstream.script("p1", cut_stream)
+    gateway = start_gateway(CONFIG.replace("RESET_URL", resetting_server), upstream)
+    body = {"model": "gpt-4o", "messages": MESSAGES, "stream": True}
+    response = gateway.http("POST", "/v1/chat/completions", key=USER_KEY, json=body, timeout=30)
+    assert "abcd" in response.text and "efgh" in response.text
+    _remaining(gateway)  # commits the queued row
+    with sqlite3.connect(gateway.config_path.parent / "data" / "tollgate.db") as db:
+        rows = db.execute("SELECT status, prompt_tokens, completion_tokens, cost_nanos FROM usage").fetchall()
+    # 12 streamed bytes = 3 completion tokens; the prompt is estimated from the messages.
+    prompt = rows[0][1]
+    assert rows == [("error", prompt, 3, (prompt * 1000 + 3 * 2000) * 1000)]
