@@ -1,0 +1,198 @@
+"""Hostile input, fuzzed with Hypothesis against the running gateway: whatever arrives, the
+answer is a 4xx with an OpenAI-shaped error (or a normal answer), never a 500, and the
+ledger only ever changes for requests that were actually served."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from test.conftest import ADMIN_KEY, USER_KEY
+
+CONFIG = f"""
+providers:
+  - provider: echo
+    engine: echo
+    model: [echo-1]
+api_keys:
+  - api: {ADMIN_KEY}
+    role: admin
+  - api: {USER_KEY}
+    name: alice
+    preferences: {{billing_mode: token, credits: 5}}
+preferences:
+  auth_failure_limit: 0   # the fuzzer presents many bad keys on purpose
+  max_request_body_bytes: 65536
+  model_price: {{default: '1,2'}}
+"""
+FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+json_scalars = (
+    st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30)
+)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=20)
+chat_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": st.sampled_from(["echo-1", "", "nope", "echo/echo-1"]) | json_values,
+        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "tool"]) | json_values, "content": json_values}), max_size=3)
+        | json_values,
+        "stream": st.booleans() | json_values,
+        "max_tokens": st.integers(min_value=-(10**20), max_value=10**20) | json_values,
+        "stream_options": json_values,
+    },
+)
+
+
+def _assert_well_formed(response: httpx.Response) -> None:
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert isinstance(error["message"], str) and error["type"] and error["code"]
+
+
+def _usage_rows(gateway: Any) -> int:
+    gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY)  # commits queued ledger rows
+    with sqlite3.connect(gateway.config_path.parent / "data" / "tollgate.db") as db:
+        return int(db.execute("SELECT COUNT(*) FROM usage").fetchone()[0])
+
+
+def test_fuzzed_chat_requests_get_4xx_never_500_and_only_served_ones_are_billed(start_gateway):
+    gateway = start_gateway(CONFIG)
+    client = httpx.Client(base_url=gateway.url, timeout=10)
+    served = 0
+
+    @FUZZ
+    @given(body=chat_fields.map(lambda d: json.dumps(d).encode()) | st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+    def check(body: bytes) -> None:
+        nonlocal served
+        response = client.post("/v1/chat/completions", content=body, headers={"Authorization": f"Bearer {USER_KEY}", "Content-Type": "application/json"})
+        _assert_well_formed(response)
+        served += response.status_code == 200
+
+    check()
+    assert _usage_rows(gateway) == served
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,  # deeply nested (and over the size limit)
+        b'{"a":' * 2000 + b"1" + b"}" * 2000,  # deeply nested, within the size limit
+        b'{"model": "echo-1", "messages": [{"role": "user", "content": "\xff\xfe invalid utf-8"}]}',
+        b'{"model": "echo-1", "messages": [], "max_tokens": 1e999}',
+        b'{"model": "echo-1", "messages": [], "max_tokens": NaN}',
+        b"\x00" * 1000,
+        b"",
+    ],
+    ids=["nested-huge", "nested", "invalid-utf8", "inf", "nan", "nul-bytes", "empty"],
+)
+def test_pathological_bodies_get_a_clear_4xx(start_gateway, body):
+    gateway = start_gateway(CONFIG)
+    response = gateway.http("POST", "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    _assert_well_formed(response)
+    assert 400 <= response.status_code < 500
+    assert _usage_rows(gateway) == 0
+
+
+def test_a_huge_max_tokens_is_refused_for_lack_of_credit_not_by_a_crash(start_gateway):
+    gateway = start_gateway(CONFIG)
+    body = {"model": "echo-1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**18}
+    response = gateway.http("POST", "/v1/chat/completions", json=body)
+    _assert_well_formed(response)
+    assert response.status_code == 402 and _usage_rows(gateway) == 0
+
+
+def test_fuzzed_admin_amounts_and_keys_never_500_and_balances_stay_exact(start_gateway):
+    gateway = start_gateway(CONFIG)
+    client = httpx.Client(base_url=gateway.url, timeout=10, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    amounts = st.text(max_size=20) | st.sampled_from(
+        ["NaN", "-1", "0", "1e999", "Infinity", "1e-12", "0.000000001", "1" * 40, "１", " 2 ", "1e9", "1000000001"]
+    )
+
+    @FUZZ
+    @given(
+        amount=amounts,
+        paid_key=st.sampled_from([USER_KEY, "", "sk-nope", USER_KEY + "x"]) | st.text(max_size=20),
+        path=st.sampled_from(["/v1/add_credits", "/v1/add_count_credits"]),
+    )
+    def check(amount: str, paid_key: str, path: str) -> None:
+        response = client.post(path, params={"paid_key": paid_key, "amount": amount})
+        _assert_well_formed(response)
+        assert response.status_code in (200, 400, 404)
+
+    check()
+    state = gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY).json()["api_keys_states"][USER_KEY]
+    with sqlite3.connect(gateway.config_path.parent / "data" / "tollgate.db") as db:
+        granted = db.execute("SELECT COALESCE(SUM(amount), 0) FROM grants WHERE kind = 'credits'").fetchone()[0]
+        count_granted = db.execute("SELECT COALESCE(SUM(amount), 0) FROM grants WHERE kind = 'count_credits'").fetchone()[0]
+    assert state["remaining_credits"] == pytest.approx(5 + granted / 1e9)
+    assert state["count_credits"] == count_granted  # the key starts with none
+
+
+def test_fuzzed_usage_reports_never_500(start_gateway):
+    gateway = start_gateway(CONFIG)
+    client = httpx.Client(base_url=gateway.url, timeout=10, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+
+    @FUZZ
+    @given(
+        body=st.fixed_dictionaries(
+            {},
+            optional={
+                "api_key": st.sampled_from([USER_KEY]) | json_values,
+                "model": json_values,
+                "prompt_tokens": json_values,
+                "completion_tokens": json_values,
+                "cached_tokens": json_values,
+            },
+        )
+    )
+    def check(body: dict[str, Any]) -> None:
+        _assert_well_formed(client.post("/v1/usage/report", json=body))
+
+    check()
+
+
+def test_fuzzed_credentials_and_headers_get_401_never_500(start_gateway):
+    gateway = start_gateway(CONFIG)
+    client = httpx.Client(base_url=gateway.url, timeout=10)
+    header_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=200).map(str.strip)  # (h11 refuses edge spaces)
+
+    @FUZZ
+    @given(authorization=header_text, api_key=header_text, forwarded=header_text)
+    def check(authorization: str, api_key: str, forwarded: str) -> None:
+        headers = {"Authorization": authorization, "X-Api-Key": api_key, "X-Forwarded-For": forwarded}
+        response = client.post("/v1/chat/completions", json={"model": "echo-1", "messages": []}, headers=headers)
+        _assert_well_formed(response)
+        assert response.status_code in (400, 401)
+
+    check()
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/../v1/api_keys_states", "/v1/chat/completions/../../v1/api_keys_states", "/%2e%2e/v1/api_keys_states", "//v1/api_keys_states",
+     "/v1/api_keys_states%00", "/admin/keys/..%2f..%2fv1%2fapi_keys_states", "/static/../main.py", "/static/..%2f..%2fapi.yaml"],
+)  # fmt: skip
+def test_path_tricks_reach_nothing_they_should_not(start_gateway, path):
+    gateway = start_gateway(CONFIG)
+    response = gateway.http("GET", path, key=USER_KEY)
+    assert response.status_code in (401, 403, 404, 405), (path, response.status_code)
+    assert ADMIN_KEY not in response.text and "providers:" not in response.text and "import" not in response.text
+
+
+def test_huge_headers_are_refused_and_the_gateway_keeps_serving(start_gateway):
+    gateway = start_gateway(CONFIG)
+    try:
+        response = gateway.http("POST", "/v1/chat/completions", json={"model": "echo-1", "messages": []}, headers={"X-Junk": "x" * 200_000})
+        assert response.status_code < 500
+    except httpx.HTTPError:
+        pass  # the server may drop a connection whose headers are too large: also fine
+    ok = gateway.client(USER_KEY).chat.completions.create(model="echo-1", messages=[{"role": "user", "content": "hi"}])
+    assert ok.choices[0].message.content

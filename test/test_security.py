@@ -1,0 +1,177 @@
+"""Security: who may call what, what never leaves the gateway, and how guessing is slowed."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Iterator
+
+import pytest
+
+from test.conftest import ADMIN_KEY, USER_KEY
+from test.test_limits import FakeClock
+from test.test_web import Browser
+
+OTHER_KEY = "sk-other-user-0003"
+VENDOR_KEY = "vendor-secret-0123456789abcdef"
+CONFIG = f"""
+providers:
+  - provider: p1
+    base_url: {{fake:p1}}
+    api: {VENDOR_KEY}
+    model: [gpt-4o]
+api_keys:
+  - api: {ADMIN_KEY}
+    role: admin
+    name: ops
+  - api: {USER_KEY}
+    name: alice
+    preferences: {{billing_mode: token, credits: 10}}
+  - api: {OTHER_KEY}
+    name: bob
+    preferences: {{billing_mode: count, count_credits: 5}}
+preferences:
+  trusted_proxies: [127.0.0.1/32]
+  auth_failure_limit: 5
+  model_price: {{default: '1,2'}}
+"""
+MESSAGES = [{"role": "user", "content": "hi"}]
+# Every admin endpoint with a request that would be valid for an admin.
+ADMIN_ROUTES = [
+    ("GET", "/v1/api_keys_states", {}),
+    ("POST", "/v1/add_credits", {"params": {"paid_key": USER_KEY, "amount": "1"}}),
+    ("POST", "/v1/add_count_credits", {"params": {"paid_key": OTHER_KEY, "amount": "1"}}),
+    ("POST", "/v1/set_billing_mode", {"params": {"paid_key": USER_KEY, "billing_mode": "count"}}),
+    ("POST", "/v1/usage/report", {"json": {"api_key": USER_KEY, "model": "gpt-4o", "prompt_tokens": 1}}),
+    ("GET", "/v1/config/status", {}),
+    ("GET", "/v1/audit_log", {}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs"), ADMIN_ROUTES, ids=[r[1] for r in ADMIN_ROUTES])
+def test_every_admin_route_refuses_user_keys_and_anonymous_callers(start_gateway, upstream, method, path, kwargs):
+    gateway = start_gateway(CONFIG, upstream)
+    forbidden = gateway.http(method, path, key=USER_KEY, **kwargs)
+    assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "admin_required"
+    assert gateway.http(method, path, key=None, **kwargs).status_code == 401
+    assert gateway.http(method, path, key=ADMIN_KEY, **kwargs).status_code == 200  # and the admin may
+
+
+def test_a_key_holder_never_sees_another_keys_data(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    gateway.client(OTHER_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    other = gateway.http("GET", "/v1/token_usage", key=USER_KEY, params={"api_key_param": OTHER_KEY})
+    assert other.status_code == 403
+    for path in ("/v1/token_usage", "/v1/usage", "/v1/usage/models", "/v1/dashboard/billing/subscription", "/v1/dashboard/billing/usage"):
+        response = gateway.http("GET", path, key=USER_KEY)
+        assert response.status_code == 200, path
+        assert "bob" not in response.text and OTHER_KEY not in response.text, path
+
+
+def test_vendor_keys_and_full_client_keys_never_leave_the_gateway(start_gateway, upstream, caplog):
+    caplog.set_level(logging.DEBUG)
+    gateway = start_gateway(CONFIG, upstream)
+    gateway.client(USER_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    gateway.http("POST", "/v1/chat/completions", key="sk-wrong-" + USER_KEY, json={"model": "gpt-4o", "messages": MESSAGES})
+    gateway.http("POST", "/v1/add_credits", key=ADMIN_KEY, params={"paid_key": USER_KEY, "amount": "2"})
+    upstream.script("p1", _vendor_error)
+    gateway.http("POST", "/v1/chat/completions", json={"model": "gpt-4o", "messages": MESSAGES})
+    bodies = [
+        gateway.http("GET", path, key=ADMIN_KEY).text for path in ("/v1/config/status", "/v1/api_keys_states", "/v1/models", "/v1/token_usage", "/v1/audit_log")
+    ]
+    with gateway_session(gateway, ADMIN_KEY) as web:
+        key_id = web.get("/admin/keys").text.split("/admin/keys/")[1].split('"')[0]
+        for page in (
+            "/admin",
+            "/admin/keys",
+            f"/admin/keys/{key_id}",
+            "/admin/audit",
+            "/admin/audit.csv",
+            "/admin/export/requests.csv",
+            "/admin/export/keys.csv",
+        ):
+            response = web.get(page)
+            assert response.status_code == 200, page
+            bodies.append(response.text)
+    for body in bodies:
+        assert VENDOR_KEY not in body
+    # The gateway's own logs (the test's HTTP clients log their URLs, keys included: not ours).
+    logs = "\n".join(f"{r.name} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records if not r.name.startswith(("httpx", "httpcore", "openai")))
+    assert "tollgate" in logs  # the failed call above was logged
+    assert VENDOR_KEY not in logs
+    for secret in (USER_KEY, ADMIN_KEY, OTHER_KEY):
+        assert secret not in logs
+        # (api_keys_states is keyed by the full key on purpose: it is the admin's own tool.)
+        assert all(secret not in body for body in bodies[2:]), secret
+
+
+async def _vendor_error(body, request):  # type: ignore[no-untyped-def]
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": f"Incorrect API key provided: {VENDOR_KEY}", "type": "invalid_request_error"}}, status_code=401)
+
+
+@contextlib.contextmanager
+def gateway_session(gateway, key: str) -> Iterator[Browser]:  # type: ignore[no-untyped-def]
+    browser = Browser(gateway.url)
+    assert browser.login(key).status_code == 303
+    try:
+        yield browser
+    finally:
+        browser.http.close()
+
+
+def test_pages_send_security_headers(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    for path in ("/login", "/admin"):
+        response = gateway.http("GET", path, key=None, follow_redirects=True)
+        csp = response.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp and "script-src" not in csp.replace("default-src 'none'", "")
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+
+
+def test_repeated_bad_keys_from_one_address_are_throttled_without_affecting_others(start_gateway, upstream):
+    clock = FakeClock(1_800_000_000.0)  # 30 s into a minute: the whole test stays in one window
+    gateway = start_gateway(CONFIG, upstream, clock=clock)
+    attacker, bystander = {"X-Forwarded-For": "203.0.113.7"}, {"X-Forwarded-For": "198.51.100.9"}
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+    for attempt in range(5):
+        response = gateway.http("POST", "/v1/chat/completions", key=f"sk-guess-{attempt}", json=body, headers=dict(attacker))
+        assert response.status_code == 401
+    blocked = gateway.http("POST", "/v1/chat/completions", key=USER_KEY, json=body, headers=dict(attacker))
+    assert blocked.status_code == 429 and blocked.json()["error"]["code"] == "too_many_auth_failures"
+    assert 1 <= int(blocked.headers["retry-after"]) <= 60
+    assert gateway.http("POST", "/v1/chat/completions", key=USER_KEY, json=body, headers=dict(bystander)).status_code == 200
+    clock.advance(60)  # the next minute: the attacker's address may try again
+    assert gateway.http("POST", "/v1/chat/completions", key=USER_KEY, json=body, headers=dict(attacker)).status_code == 200
+
+
+def test_every_admin_action_is_in_the_append_only_audit_log(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    headers = {"X-Forwarded-For": "192.0.2.44"}
+    assert gateway.http("POST", "/v1/add_credits", key=ADMIN_KEY, params={"paid_key": USER_KEY, "amount": "2.5"}, headers=dict(headers)).status_code == 200
+    assert gateway.http("POST", "/v1/add_count_credits", key=ADMIN_KEY, params={"paid_key": OTHER_KEY, "amount": "3"}).status_code == 200
+    assert gateway.http("POST", "/v1/set_billing_mode", key=ADMIN_KEY, params={"paid_key": USER_KEY, "billing_mode": "hybrid"}).status_code == 200
+    report = {"api_key": USER_KEY, "model": "gpt-4o", "prompt_tokens": 1_000_000}
+    assert gateway.http("POST", "/v1/usage/report", key=ADMIN_KEY, json=report).status_code == 200
+    with gateway_session(gateway, ADMIN_KEY) as web:
+        page = web.get("/admin/audit")
+        csv_text = web.get("/admin/audit.csv").text
+    entries = gateway.http("GET", "/v1/audit_log", key=ADMIN_KEY).json()["entries"]
+    actions = [entry["action"] for entry in reversed(entries)]
+    assert actions == ["add_credits", "add_count_credits", "set_billing_mode", "report_usage", "login"]
+    top_up = entries[-1]
+    assert top_up["actor"] == "ops" and top_up["address"] == "192.0.2.44" and top_up["target_name"] == "alice"
+    assert '"remaining_credits":"10"' in top_up["before"] and '"remaining_credits":"12.5"' in top_up["after"]
+    assert '"amount":"2.5"' in top_up["detail"]
+    mode = next(entry for entry in entries if entry["action"] == "set_billing_mode")
+    assert mode["before"] == '{"billing_mode":"token"}' and mode["after"] == '{"billing_mode":"hybrid"}'
+    assert page.status_code == 200 and "add_count_credits" in page.text and "192.0.2.44" in page.text
+    assert csv_text.count("\n") == 6 and "report_usage" in csv_text  # header + 5 rows
+    assert ADMIN_KEY not in csv_text and USER_KEY not in csv_text
+    with sqlite3.connect(gateway.config_path.parent / "data" / "tollgate.db") as db:
+        for statement in ("UPDATE audit_log SET actor = 'someone else'", "DELETE FROM audit_log"):
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                db.execute(statement)
