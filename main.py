@@ -29,7 +29,7 @@ from core.providers.messages import anthropic_error_body
 from core.proxy import Gateway
 from core.reload import ConfigStore
 from core.routing import Scheduler
-from core.sqlite_ledger import SqliteLedger
+from core.sqlite_ledger import LedgerUnavailable, SqliteLedger, check_ledger_file
 from core.upstream import create_http_session
 from core.yamlsource import ConfigError
 from routes import admin, audit, billing_admin, proxy, self_service, web
@@ -141,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(config_path, args.db)
     except ConfigError as exc:
         print(f"tollgate: invalid config: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_ledger_file(args.db)
+    except LedgerUnavailable as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
         return 2
     import uvicorn
 

@@ -19,8 +19,9 @@ import aiosqlite
 
 from core.audit import AuditEntry
 from core.config_billing import KeyBilling
+from core.errors import GatewayError
 from core.ledger import COUNT_CREDITS, CREDITS, Account, Grant, InsufficientBalance, Reservation, UsageRecord
-from core.ledger_schema import migrate
+from core.ledger_schema import SCHEMA_VERSION, migrate
 from core.ledger_sums import Totals, Window, grant_totals, window_totals
 from core.rollups import ROLLUP_STATEMENTS
 
@@ -38,8 +39,40 @@ _INSERT_AUDIT = """INSERT INTO audit_log (ts, actor, actor_key_id, address, acti
 _INSERT_GRANT = "INSERT OR IGNORE INTO grants (key_id, kind, amount, reason, idempotency_key, ts) VALUES (?, ?, ?, ?, ?, ?)"
 
 
+MAX_RETRY_DELAY = 5.0  # seconds between attempts while the database refuses writes (disk full)
+WRITE_CHECK_SECONDS = 0.25  # how often a reader waiting for the writer looks for a write error
+CLOSE_WAIT_SECONDS = 60.0
+
+
 class LedgerUnavailable(Exception):
     pass
+
+
+def check_ledger_file(path: str | Path, lock_timeout: float = 5.0) -> None:
+    """Refuse, with a clear reason, a ledger file that is not a SQLite database, is damaged
+    where we can cheaply tell, is newer than this Tollgate, or is locked by another process:
+    starting on it would either crash later or, worse, look like an empty ledger."""
+    path = Path(path)
+    if not path.exists():
+        return  # a first start: the ledger is created
+    try:
+        db = sqlite3.connect(path, timeout=lock_timeout, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise LedgerUnavailable(f"cannot open the ledger database {path}: {exc}") from exc
+    try:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise LedgerUnavailable(f"the ledger database {path} has schema version {version}, newer than this Tollgate ({SCHEMA_VERSION})")
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version > 0 and "usage" in tables:
+            db.execute("SELECT MAX(id), COUNT(*) FROM (SELECT id FROM usage ORDER BY id DESC LIMIT 1000)").fetchone()
+        db.execute("BEGIN IMMEDIATE")  # waits up to lock_timeout for another writer, then fails
+        db.execute("ROLLBACK")
+    except sqlite3.DatabaseError as exc:
+        reason = "it is locked by another process" if "locked" in str(exc) else str(exc)
+        raise LedgerUnavailable(f"cannot use the ledger database {path}: {reason}") from exc
+    finally:
+        db.close()
 
 
 @dataclass(slots=True)
@@ -78,6 +111,8 @@ class SqliteLedger:
         self._queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._seq = 0  # position in the write queue of the last item queued
+        self.write_error: str | None = None  # the last failed write while it is being retried
+        self._retrying = 0  # rows held in memory by a write being retried
 
     @classmethod
     async def open(cls, path: str | Path) -> SqliteLedger:
@@ -190,11 +225,13 @@ class SqliteLedger:
             reservation.account.reserved_count -= reservation.count
 
     async def grant(self, grant: Grant, terms: KeyBilling) -> bool:
-        """Durable before it returns; the balance grows when the grant commits."""
+        """Durable before it returns; the balance grows when the grant commits. While the
+        database refuses writes, a 503 says the grant is queued rather than hanging."""
         account = await self.account(grant.key_id, terms)
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._enqueue(_GrantItem(grant, account, done))
-        return await done
+        await self._written(done, "The top-up is queued and applies once the ledger writes again; retrying with the same Idempotency-Key is safe.")
+        return done.result()
 
     async def setting(self, name: str, make: Callable[[], str]) -> str:
         """A persistent setting (such as the session signing secret), created on first use."""
@@ -207,15 +244,29 @@ class SqliteLedger:
     # --- writing ------------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is committed."""
+        """Wait until everything queued so far is committed (what exact reads need first).
+        While the database refuses writes that would be forever: a 503 instead."""
         if self._writer is None or self._writer.done():
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._enqueue(done)
-        await done
+        await self._written(done, "Figures read now would leave out charges still waiting to be written.")
+
+    async def _written(self, done: asyncio.Future[Any], consequence: str) -> None:
+        while not done.done():
+            if self.write_error is not None:
+                raise GatewayError(503, "api_error", "ledger_not_writing", f"The ledger cannot write ({self.write_error}). {consequence}")
+            await asyncio.wait([done], timeout=WRITE_CHECK_SECONDS)
 
     async def close(self) -> None:
-        await self.flush()
+        """Write everything queued, then close (a shutdown waits out a full disk for a while)."""
+        if self._writer is not None and not self._writer.done():
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._enqueue(done)
+            try:
+                await asyncio.wait_for(done, CLOSE_WAIT_SECONDS)
+            except TimeoutError:
+                log.error("shutting down with %d ledger rows unwritten: %s", self.health()["unwritten_rows"], self.write_error)
         if self._writer is not None:
             self._writer.cancel()
             try:
@@ -261,11 +312,16 @@ class SqliteLedger:
         while True:
             try:
                 applied = await self._commit(items)
+                if self.write_error is not None:
+                    log.warning("ledger writes work again; %d held rows written", len(items))
+                self.write_error, self._retrying = None, 0
                 break
-            except sqlite3.OperationalError:
-                log.exception("ledger write of %d rows failed; retrying in %.2fs", len(items), delay)
+            except sqlite3.OperationalError as exc:
+                if self.write_error != str(exc):
+                    log.exception("ledger write of %d rows failed; retrying (every %.0fs at most) until it works", len(items), MAX_RETRY_DELAY)
+                self.write_error, self._retrying = str(exc), len(items)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
             except Exception:
                 if len(items) == 1:
                     log.exception("the ledger refused a row; it is dropped: %r", items[0])
@@ -322,6 +378,10 @@ class SqliteLedger:
         if not item.done.done():
             item.done.set_result(None)
 
+    def health(self) -> dict[str, Any]:
+        """For /health: whether writes work, and how many charges wait in memory to be written."""
+        return {"writing": self.write_error is None, "last_write_error": self.write_error, "unwritten_rows": self._queue.qsize() + self._retrying}
+
     async def append_audit(self, entry: AuditEntry) -> None:
         """Durable before it returns (its own transaction: admin actions are rare)."""
         await self.db.execute(_INSERT_AUDIT, entry.row())
@@ -372,6 +432,7 @@ def _commit_sync(db: sqlite3.Connection, items: list[UsageRecord | _GrantItem]) 
                 applied.append(cursor.rowcount == 1)
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:  # SQLite has already rolled back after some errors (disk full)
+            db.execute("ROLLBACK")
         raise
     return applied

@@ -32,7 +32,10 @@ async def config_status(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    """Liveness plus the ledger's state: "degraded" while writes fail (disk full, say), when
+    answers still go out and their charges wait in memory, retried until they are written."""
+    ledger = request.app.state.ledger.health()
+    return JSONResponse({"status": "ok" if ledger["writing"] else "degraded", "ledger": ledger})
 
 
 routes = [

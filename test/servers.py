@@ -36,7 +36,15 @@ class ServerThread:
         return f"http://127.0.0.1:{self.port}"
 
     def _run(self) -> None:
-        asyncio.run(self.server.serve(sockets=[self.sock]))
+        async def serve() -> None:
+            self.loop = asyncio.get_running_loop()
+            await self.server.serve(sockets=[self.sock])
+
+        asyncio.run(serve())
+
+    def call(self, coroutine: Any) -> Any:
+        """Run a coroutine on the server's event loop (fault injection into the running app)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=10)
 
     def start(self) -> ServerThread:
         self.thread.start()

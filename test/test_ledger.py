@@ -177,3 +177,44 @@ def test_migrating_a_version_1_database_backfills_the_rollup(tmp_path):
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] >= 2
         assert db.execute("SELECT SUM(requests), SUM(cost_nanos) FROM usage_daily").fetchone() == (5, 10_000_000)
+
+
+@pytest.mark.parametrize("version", range(1, 7))
+def test_every_earlier_schema_version_migrates_and_keeps_its_money(tmp_path, version):
+    """A ledger left at each earlier schema version, with charges and a top-up, opens at the
+    current version with the same balance, rollups that match the rows, and an audit log."""
+    from core.ledger_schema import MIGRATIONS, SCHEMA_VERSION, _statements
+
+    path = tmp_path / f"v{version}.db"
+    with sqlite3.connect(path, isolation_level=None) as db:
+        for step in range(1, version + 1):
+            for statement in _statements(MIGRATIONS[step]):
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {version}")
+        rows = [("r", 1_700_000_000.0 + i * 40_000, "k", "n", "m", "p", "m", 10, 5, 0, "token", "{}", 3_000_000, 0, "ok") for i in range(6)]
+        db.executemany(
+            "INSERT INTO usage (request_id, ts, key_id, key_name, model, provider, upstream_model, prompt_tokens, completion_tokens,"
+            " cached_tokens, cost_type, unit_prices, cost_nanos, count_charged, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        if version >= 2:  # the rollups existed: keep them in step, as that version's gateway did
+            db.execute("DELETE FROM usage_daily")
+            db.execute(
+                "INSERT INTO usage_daily SELECT key_id, strftime('%Y-%m-%d', ts, 'unixepoch'), model, cost_type, COUNT(*), SUM(prompt_tokens),"
+                " SUM(completion_tokens), SUM(cached_tokens), SUM(cost_nanos), SUM(count_charged), SUM(status = 'error') FROM usage GROUP BY 1, 2, 3, 4"
+            )
+        if version >= 3:
+            for table in ("usage_key_day", "usage_key_month", "usage_key_model", "usage_day_model"):
+                db.execute(f"DELETE FROM {table}")
+            for statement in _statements(MIGRATIONS[3]):
+                if statement.startswith("INSERT"):
+                    db.execute(statement)
+        db.execute("INSERT INTO grants (key_id, kind, amount, reason, idempotency_key, ts) VALUES ('k', 'credits', 5000000, 'top-up', NULL, 1700000000)")
+    terms = KeyBilling(mode="token", credits_nanos=100_000_000)
+    account = asyncio.run(rebuilt(path, "k", terms))
+    assert account.spent_nanos == 18_000_000 and account.granted_nanos == 5_000_000 and account.request_count == 6
+    assert account.remaining_nanos(terms) == 100_000_000 + 5_000_000 - 18_000_000
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("SELECT SUM(requests), SUM(cost_nanos) FROM usage_key_model").fetchone() == (6, 18_000_000)
+        assert db.execute("SELECT COUNT(*) FROM audit_log").fetchone() == (0,)

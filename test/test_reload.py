@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
+import time
 
 import openai
 import pytest
 
-from test.conftest import ADMIN_KEY, keys_yaml
+from test.conftest import ADMIN_KEY, USER_KEY, keys_yaml
 from test.servers import held_stream, streamed_text
 
 ECHO = "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml()
@@ -102,3 +104,92 @@ def test_streams_in_flight_finish_across_a_reload(start_gateway, upstream):
     rests = [streamed_text(stream) for stream in streams]
     assert firsts == ["one"] * 5
     assert rests == [" two"] * 5
+
+
+BILLED = f"""
+providers:
+  - provider: echo
+    engine: echo
+    model: [echo-1]
+api_keys:
+  - api: {ADMIN_KEY}
+    role: admin
+  - api: {USER_KEY}
+    name: NAME
+    preferences: {{billing_mode: token, credits: 10}}
+preferences:
+  model_price: {{default: '1000,2000'}}
+"""
+
+
+def _broken_variants(valid: str) -> list[tuple[str, str | None]]:
+    """(kind, file text or None for 'deleted'): every way a reload can fail."""
+    return [
+        ("syntax", valid + "  - [unclosed\n"),
+        ("schema", valid.replace("billing_mode: token", "billing_mode: tokens")),
+        ("unset variable", BILLED.replace("NAME", "${TOLLGATE_TEST_UNSET_VARIABLE}")),
+        ("half-written", valid[: valid.index("billing_mode") + 8]),  # cut off inside a mapping
+        ("deleted", None),
+    ]
+
+
+def test_two_hundred_reloads_under_load_fail_no_request(start_gateway):
+    """Good and broken configs alternate 200 times while clients call without pause: every
+    request is answered, every broken file keeps the last good config serving."""
+    gateway = start_gateway(BILLED.replace("NAME", "alice-start"), watch=False)
+    store = gateway.server.app.state.store
+    stop, statuses = threading.Event(), []
+
+    def client() -> None:
+        with gateway.client(USER_KEY) as api:
+            while not stop.is_set():
+                try:
+                    api.chat.completions.create(model="echo-1", messages=MESSAGES)
+                    statuses.append(200)
+                except openai.APIStatusError as exc:
+                    statuses.append(exc.status_code)
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    failed_reloads = 0
+    try:
+        for round_ in range(200):
+            valid = BILLED.replace("NAME", f"alice-{round_}")
+            kind, text = _broken_variants(valid)[round_ % 5] if round_ % 4 == 3 else ("good", valid)
+            if text is None:
+                gateway.config_path.unlink()
+            else:
+                tmp = gateway.config_path.with_suffix(".tmp")
+                tmp.write_text(text)
+                os.replace(tmp, gateway.config_path)
+            swapped = gateway.server.call(store.reload())
+            time.sleep(0.01)  # let requests run on each config
+            if kind == "good":
+                assert swapped and store.last_error is None, store.last_error
+            else:
+                failed_reloads += 1
+                assert not swapped and store.last_error is not None, kind
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    assert len(statuses) > 200 and set(statuses) == {200}
+    assert store.reload_count >= 150 and failed_reloads == 50
+
+
+def test_a_key_removed_from_the_config_keeps_its_history_and_gets_its_balance_back(start_gateway):
+    gateway = start_gateway(BILLED.replace("NAME", "alice"))
+    gateway.client(USER_KEY).chat.completions.create(model="echo-1", messages=MESSAGES)
+    before = gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY).json()["api_keys_states"][USER_KEY]
+    assert before["remaining_credits"] < 10
+
+    without = BILLED.split(f"  - api: {USER_KEY}")[0] + "preferences:\n  model_price: {default: '1000,2000'}\n"
+    gateway.rewrite_config(without)
+    assert gateway.http("GET", "/v1/models", key=USER_KEY).status_code == 401
+    with sqlite3.connect(gateway.config_path.parent / "data" / "tollgate.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM usage WHERE key_name = 'alice'").fetchone() == (1,)  # history kept
+
+    gateway.rewrite_config(BILLED.replace("NAME", "alice"))
+    after = gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY).json()["api_keys_states"][USER_KEY]
+    assert after["remaining_credits"] == before["remaining_credits"] and after["request_count"] == 1
