@@ -7,6 +7,7 @@ import logging
 import sqlite3
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from test.conftest import ADMIN_KEY, USER_KEY
@@ -175,3 +176,32 @@ def test_every_admin_action_is_in_the_append_only_audit_log(start_gateway, upstr
         for statement in ("UPDATE audit_log SET actor = 'someone else'", "DELETE FROM audit_log"):
             with pytest.raises(sqlite3.IntegrityError, match="append-only"):
                 db.execute(statement)
+
+
+def test_a_chunked_upload_over_the_limit_is_refused_while_it_streams(start_gateway, upstream):
+    """No Content-Length to go by: the gateway counts as the body arrives and stops at the limit."""
+    gateway = start_gateway(CONFIG.replace("auth_failure_limit: 5", "auth_failure_limit: 5\n  max_request_body_bytes: 10000"), upstream)
+
+    def body():  # type: ignore[no-untyped-def]
+        yield b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "'
+        for _ in range(1000):  # 1 MB in 1 KB chunks
+            yield b"x" * 1024
+        yield b'"}]}'
+
+    try:
+        response = gateway.http("POST", "/v1/chat/completions", content=body(), headers={"Content-Type": "application/json"})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    except httpx.HTTPError:
+        pass  # the server may also close the connection right after its 413
+    assert upstream.seen == []
+
+
+def test_admin_forms_never_redirect_off_the_admin_pages(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    with gateway_session(gateway, ADMIN_KEY) as web:
+        key_page = "/admin/keys/" + web.get("/admin/keys").text.split("/admin/keys/")[1].split('"')[0]
+        for back in ("https://evil.example/phish", "//evil.example", "/\\evil.example", "javascript:alert(1)", "/usage"):
+            response = web.submit(key_page, key_page + "/add_credits", amount="1", back=back)
+            assert response.status_code == 303
+            location = response.headers["location"]
+            assert location.startswith("/admin") and "evil" not in location, (back, location)
