@@ -233,22 +233,24 @@ def main() -> None:
         results: dict[tuple[str, str], list[Result]] = {}
         try:
             for _ in range(args.repeats):
-                for kind in ("bare", "gateway"):
-                    port = free_port()
-                    server = start_server(kind, work, upstream, port)
-                    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                    try:
-                        for stream in (False, True):
-                            mode = "stream" if stream else "json"
-                            # The bare pass-through takes the provider path from the model name.
-                            run_wrk(url, scripts[stream], args.connections, args.warmup, server.pid, nginx_worker)
-                            results.setdefault((kind, f"{mode} x{args.connections}"), []).append(
-                                run_wrk(url, scripts[stream], args.connections, args.duration, server.pid, nginx_worker)
-                            )
-                            results.setdefault((kind, f"{mode} x1"), []).append(
-                                run_wrk(url, scripts[stream], 1, max(min(5, args.duration), args.duration // 2), server.pid, nginx_worker)
-                            )
-                    finally:
+                # Both servers run at once (the idle one costs nothing) and each load runs on the
+                # bare pass-through and then the gateway straight away: this VM's speed drifts
+                # over minutes, and the ratio should compare like with like.
+                ports = {kind: free_port() for kind in ("bare", "gateway")}
+                servers = {kind: start_server(kind, work, upstream, port) for kind, port in ports.items()}
+                urls = {kind: f"http://127.0.0.1:{port}/v1/chat/completions" for kind, port in ports.items()}
+                try:
+                    for stream in (False, True):
+                        mode = "stream" if stream else "json"
+                        for connections, seconds in ((args.connections, args.duration), (1, max(min(5, args.duration), args.duration // 2))):
+                            for kind, server in servers.items():
+                                if connections == args.connections:
+                                    run_wrk(urls[kind], scripts[stream], connections, args.warmup, server.pid, nginx_worker)
+                                results.setdefault((kind, f"{mode} x{connections}"), []).append(
+                                    run_wrk(urls[kind], scripts[stream], connections, seconds, server.pid, nginx_worker)
+                                )
+                finally:
+                    for server in servers.values():
                         server.send_signal(signal.SIGTERM)
                         server.wait(timeout=60)
         finally:
