@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 from core.config_billing import DEFAULT_RESERVE_COMPLETION_TOKENS, KeyBilling, read_key_billing, read_price_book
 from core.config_limits import LIMIT_KEYS, AlertSettings, IPNetwork, KeyLimits, read_alerts, read_key_limits, read_networks, read_timezone
 from core.config_reader import Section, items_of
+from core.cooperate import cooperate
 from core.keys import KeyIndex, mask_key
 from core.lookup import PrefixTable
 from core.pricing import PriceBook, build_price_book
@@ -339,6 +340,7 @@ def _read_keys(top: Section, providers: dict[str, Provider], routes: dict[str, t
     keys: list[ApiKey] = []
     seen: set[str] = set()
     for index, node in items_of(top, "api_keys"):
+        cooperate()
         section = Section(node, top.file, f"api_keys[{index}]", top.node["api_keys"], index)
         section.reject_unknown(KEY_KEYS)
         secret = section.string("api")

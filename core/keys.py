@@ -42,6 +42,10 @@ class KeyIndex(Generic[K]):
     def __len__(self) -> int:
         return len(self._by_digest)
 
+    def clear(self) -> None:
+        """Forget every key (a retired config being taken apart)."""
+        self._by_digest.clear()
+
     def find(self, presented: str) -> K | None:
         key = self._by_digest.get(_digest(presented))
         if key is None or not hmac.compare_digest(key.secret.encode(), presented.encode("utf-8", "surrogatepass")):

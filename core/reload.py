@@ -21,6 +21,7 @@ from pathlib import Path
 from watchfiles import awatch
 
 from core.config import Config, load_config
+from core.cooperate import LoopPulse, cooperating
 from core.yamlsource import ConfigError
 
 log = logging.getLogger("tollgate.config")
@@ -28,6 +29,8 @@ log = logging.getLogger("tollgate.config")
 # inotify events can be missed (a change before the watcher is up, some bind mounts), so the
 # watcher also compares the file's stat signature this often.
 POLL_MS = 1000
+RETIRE_POLL = 0.1  # seconds between checks that a replaced config is no longer in use
+RETIRE_MAX_WAIT = 600.0  # then a long stream still holds it: it is freed when that ends
 RELOAD_SWITCH_INTERVAL = 0.0005  # seconds; Python's default is 0.005
 
 
@@ -51,6 +54,7 @@ class ConfigStore:
         self.reload_count = 0
         self._signature = _signature(self.path)
         self._lock = asyncio.Lock()
+        self._retiring: asyncio.Task[None] | None = None  # the previous config being freed
 
     async def reload(self) -> bool:
         """Load the file again if its content changed; True when a new config was swapped in.
@@ -69,14 +73,20 @@ class ConfigStore:
             digest = await asyncio.to_thread(_file_hash, self.path)
             if digest == self.current.source_hash and self.last_error is None:
                 return False
-            with _gc_paused(), _short_gil_turns():
-                config = await asyncio.to_thread(_load_and_freeze, self.path)
+            pulse = LoopPulse(asyncio.get_running_loop())
+            pulse.start()
+            try:
+                with _gc_paused(), _short_gil_turns():
+                    config = await asyncio.to_thread(_load_and_freeze, self.path, pulse)
+            finally:
+                pulse.stop()
         except ConfigError as exc:
             if self.last_error is None or self.last_error.message != str(exc):
                 log.error("config reload failed, still serving the previous config: %s", exc)
             self.last_error = ReloadError(str(exc), exc.file, exc.line, exc.reason, time.time())
             return False
-        self.current = config
+        retired, self.current = [self.current], config
+        self._retiring = asyncio.create_task(_retire(retired))
         self.last_error = None
         self.reload_count += 1
         log.info("config reloaded from %s (%d providers, %d keys)", self.path, len(config.providers), len(config.keys))
@@ -127,6 +137,33 @@ def _short_gil_turns() -> Iterator[None]:
         sys.setswitchinterval(previous)
 
 
+async def _retire(box: list[Config]) -> None:
+    """Free a replaced config off the event loop, once no request uses it any more.
+
+    Dropping the last reference to a 10,000-key config frees its objects in one C-level
+    cascade: ~26 ms during which nothing else runs, on whichever thread drops it (usually
+    the loop, at the end of the last request that started on it). Taken apart in a worker
+    thread, it is freed a key at a time, and the GIL can change hands in between.
+    """
+    waited = 0.0
+    while sys.getrefcount(box[0]) > 2 and waited < RETIRE_MAX_WAIT:  # 2: the box and the call's argument
+        await asyncio.sleep(RETIRE_POLL)
+        waited += RETIRE_POLL
+    if waited < RETIRE_MAX_WAIT:
+        await asyncio.to_thread(_free_in_steps, box)
+
+
+def _free_in_steps(box: list[Config]) -> None:
+    config = box.pop()
+    keys = list(config.keys)
+    config.keys_by_id.clear()
+    config.key_index.clear()
+    object.__setattr__(config, "keys", ())  # a frozen dataclass no one else can see any more
+    del config
+    while keys:
+        keys.pop()
+
+
 def _signature(path: Path) -> tuple[int, int, int] | None:
     try:
         stat = os.stat(path)
@@ -135,11 +172,12 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
-def _load_and_freeze(path: Path) -> Config:
+def _load_and_freeze(path: Path, pulse: LoopPulse) -> Config:
     """Load, then move everything just allocated out of the collector's reach: otherwise the
     first collection after the load scans the whole new config on the event loop's thread,
     and later full collections scan it again (pauses that grow with the number of keys)."""
-    config = load_config(path)
+    with cooperating(pulse):
+        config = load_config(path)
     gc.freeze()
     return config
 

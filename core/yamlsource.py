@@ -16,6 +16,8 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.resolver import VersionedResolver
 
+from core.cooperate import cooperate
+
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -54,6 +56,7 @@ class _OneVersionResolver(VersionedResolver):
 
     @property
     def versioned_resolver(self) -> Any:
+        cooperate()  # called for every scalar: where a reload in its thread gives way to the loop
         if self._resolvers is None:
             self._resolvers = VersionedResolver.versioned_resolver.fget(self)  # type: ignore[attr-defined]
         return self._resolvers
