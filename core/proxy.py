@@ -146,25 +146,16 @@ class MeteredStream:
     def content_type(self) -> str:
         return self.upstream.content_type
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        """The upstream's chunks, cut off with an error event past `max_bytes` (counted as
-        they pass, never buffered)."""
-        sent = 0
-        chunks = self.upstream.__aiter__()
-        try:
-            async for chunk in chunks:
-                sent += len(chunk)
-                if sent > self.max_bytes:
-                    self.upstream.close()
-                    limit = self.max_bytes
-                    self.upstream.error = bad_gateway(
-                        f"Provider '{self.route.provider.name}' sent a stream over the gateway's limit of {limit} bytes.", "upstream_response_too_large"
-                    )
-                    yield encode_event(orjson.dumps(self.upstream.error.body()))
-                    return
-                yield chunk
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.upstream.__aiter__()
+
+    def cut_off(self) -> bytes:
+        """End a stream that passed `max_bytes` (the relay counts; nothing is buffered): the
+        upstream is closed and the client's last event is the error."""
+        self.upstream.close()
+        message = f"Provider '{self.route.provider.name}' sent a stream over the gateway's limit of {self.max_bytes} bytes."
+        self.upstream.error = bad_gateway(message, "upstream_response_too_large")
+        return encode_event(orjson.dumps(self.upstream.error.body()))
 
     def finish(self, disconnected: bool) -> None:
         """Close the upstream and settle. Synchronous: runs inside cancellation too."""

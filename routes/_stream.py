@@ -35,7 +35,12 @@ class ProxyStreamResponse:
         watcher = asyncio.ensure_future(self._watch_disconnect(receive))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            sent, limit = 0, self.stream.max_bytes
             async for chunk in chunks:
+                sent += len(chunk)
+                if sent > limit:
+                    await send({"type": "http.response.body", "body": self.stream.cut_off(), "more_body": True})
+                    break
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             delivered = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
