@@ -27,7 +27,7 @@ from routes import web_export
 from routes._http import caller_ip, check_request_access, current_config
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
 from routes._web_auth import admin_visitor, signer, visitor
-from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, money, when
+from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, money, sort_value, when
 
 WEB = Path(__file__).resolve().parent.parent / "web"
 PAGE_SIZE = 50
@@ -174,16 +174,16 @@ async def billing_tab(request: Request) -> Response:
     accounts = await ledger.accounts([(k.id, k.billing) for k in keys])
     month = await reports.by_key_in_month(ledger, reports.this_month())
     today = await reports.by_key_on_day(ledger, reports.today())
-    rows = [key_row(config, k, accounts[k.id], month.get(k.id, (0, 0)), today.get(k.id, (0, 0))) for k in keys]
-    rows.sort(key=lambda row: row.sort[sort], reverse=descending)
-    page, pages = _page(params.get("page"), len(rows))
+    entries = [(k, accounts[k.id], month.get(k.id, (0, 0)), today.get(k.id, (0, 0))) for k in keys]
+    entries.sort(key=lambda entry: sort_value(sort, config, *entry), reverse=descending)
+    page, pages = _page(params.get("page"), len(entries))
     return render(
         request,
         "keys.html",
         me=me,
         csrf=session.csrf,
-        rows=rows[(page - 1) * PAGE_SIZE : page * PAGE_SIZE],
-        total=len(rows),
+        rows=[key_row(config, *entry) for entry in entries[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]],
+        total=len(entries),
         query=params.get("q", ""),
         sort=sort,
         descending=descending,

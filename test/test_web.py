@@ -267,6 +267,12 @@ def test_billing_tab_searches_sorts_and_pages(start_gateway):
     assert found.count("<tr data-key") == 10
     names = re.findall(r'<td data-label="Name"><a [^>]+>([^<]+)</a>', browser.get("/admin/keys?sort=name&dir=desc").text)
     assert names[0] == "user-0119" and names == sorted(names, reverse=True)
+    chat(gateway, USER_KEY, 3)
+    chat(gateway, COUNT_KEY, 1)
+    states(gateway)  # charges committed
+    for sort, first in (("spend", "alice"), ("today", "alice"), ("count", "bob")):
+        names = re.findall(r'<td data-label="Name"><a [^>]+>([^<]+)</a>', browser.get(f"/admin/keys?sort={sort}&dir=desc").text)
+        assert names[0] == first, (sort, names[:3])
 
 
 def test_overview_shows_totals_and_a_reload_error_banner(web):
