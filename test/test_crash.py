@@ -141,7 +141,7 @@ def test_kill_9_under_load_loses_at_most_the_last_commit_window_and_leaves_a_con
 
 def test_sigterm_under_load_lets_requests_in_flight_finish_and_writes_every_charge(tmp_path, gateways):
     upstream = FakeUpstream()
-    upstream.script("p1", hang(1.0))  # every upstream call takes a second: they are in flight at SIGTERM
+    upstream.script("p1", hang(2.0))  # every upstream call takes two seconds: they are in flight at SIGTERM
     upstream.server = ServerThread(upstream.app()).start()
     try:
         gateway = Gateway(tmp_path, config_text(upstream.base_url("p1"))).start()
@@ -156,7 +156,10 @@ def test_sigterm_under_load_lets_requests_in_flight_finish_and_writes_every_char
         threads = [threading.Thread(target=call) for _ in range(10)]
         for thread in threads:
             thread.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        while len(upstream.seen) < 10:  # all ten are in flight: the upstream holds each for a second
+            assert time.monotonic() < deadline, len(upstream.seen)
+            time.sleep(0.01)
         assert gateway.process is not None
         gateway.process.send_signal(signal.SIGTERM)
         for thread in threads:

@@ -19,7 +19,7 @@ def test_a_call_past_its_deadline_raises_timeout_error_soon_after():
         return time.monotonic() - started
 
     elapsed = asyncio.run(scenario())
-    assert 0.2 <= elapsed < 0.2 + TICK_SECONDS + 0.2
+    assert 0.2 <= elapsed < 0.2 + TICK_SECONDS + 1.0  # (slack for a busy CI machine)
 
 
 def test_a_call_within_its_deadline_is_untouched_and_not_cancelled_later():
