@@ -18,6 +18,7 @@ from core.errors import bad_gateway, bad_request
 from core.metering import CLIENT_DISCONNECTED, ERROR, OK, Meter, Outcome, Ticket
 from core.providers import adapter_for, messages_adapter_for
 from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamStream
+from core.providers.messages import anthropic_error_body, anthropic_event
 from core.routing import Scheduler, routes_for
 from core.sse import encode_event
 from core.usage import Usage, estimate_prompt_tokens, estimate_text_tokens, message_text, tokens_for_bytes
@@ -154,8 +155,10 @@ class MeteredStream:
         upstream is closed and the client's last event is the error."""
         self.upstream.close()
         message = f"Provider '{self.route.provider.name}' sent a stream over the gateway's limit of {self.max_bytes} bytes."
-        self.upstream.error = bad_gateway(message, "upstream_response_too_large")
-        return encode_event(orjson.dumps(self.upstream.error.body()))
+        error = self.upstream.error = bad_gateway(message, "upstream_response_too_large")
+        if self.request.endpoint == "messages":  # Anthropic's clients expect its error event
+            return anthropic_event("error", anthropic_error_body(error))
+        return encode_event(orjson.dumps(error.body()))
 
     def finish(self, disconnected: bool) -> None:
         """Close the upstream and settle. Synchronous: runs inside cancellation too."""

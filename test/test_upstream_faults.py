@@ -188,3 +188,15 @@ def test_cut_stream_bills_the_streamed_words_as_an_estimate(start_gateway, upstr
     # 12 streamed bytes = 3 completion tokens; the prompt is estimated from the messages.
     prompt = rows[0][1]
     assert rows == [("error", prompt, 3, (prompt * 1000 + 3 * 2000) * 1000)]
+
+
+def test_an_oversized_stream_on_v1_messages_ends_with_anthropics_error_event(start_gateway, upstream, resetting_server):
+    upstream.script("p1", endless_stream)
+    gateway = start_gateway(CONFIG.replace("RESET_URL", resetting_server), upstream)
+    body = {"model": "gpt-4o", "max_tokens": 100, "messages": MESSAGES, "stream": True}
+    response = gateway.http("POST", "/v1/messages", key=USER_KEY, json=body, timeout=30)
+    assert response.status_code == 200
+    last = response.text.strip().split("\n\n")[-1]
+    assert last.startswith("event: error\ndata: ")
+    error = json.loads(last.split("data: ", 1)[1])
+    assert error["type"] == "error" and "limit of 4096 bytes" in error["error"]["message"]

@@ -127,7 +127,7 @@ def to_anthropic_message(data: Any, model: str, usage: Usage) -> dict[str, Any]:
     }
 
 
-def _event(kind: str, data: dict[str, Any]) -> bytes:
+def anthropic_event(kind: str, data: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
@@ -194,7 +194,7 @@ class NativeEvents(UpstreamStream):
                 self.usage = Usage(
                     self._input.prompt_tokens, self._output, self._input.cached_tokens, estimated=True, cache_write_tokens=self._input.cache_write_tokens
                 )
-            yield _event("error", anthropic_error_body(self.error))
+            yield anthropic_event("error", anthropic_error_body(self.error))
 
     def _observe(self, event: bytes) -> None:
         raw = event_data(event)
@@ -237,7 +237,7 @@ class EventsFromChunks(UpstreamStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         start: dict[str, Any] = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": self._model, "content": [],
                  "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}  # fmt: skip
-        yield _event("message_start", {"type": "message_start", "message": start})
+        yield anthropic_event("message_start", {"type": "message_start", "message": start})
         splitter = SseSplitter()
         try:
             async for chunk in self._inner:
@@ -247,12 +247,14 @@ class EventsFromChunks(UpstreamStream):
         finally:
             self._sync()
         if self.error is not None:
-            yield _event("error", anthropic_error_body(self.error))
+            yield anthropic_event("error", anthropic_error_body(self.error))
             return
         tail = self._close_block()
         usage = anthropic_usage(self.usage or Usage())
-        tail.append(_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": self._stop_reason, "stop_sequence": None}, "usage": usage}))
-        tail.append(_event("message_stop", {"type": "message_stop"}))
+        tail.append(
+            anthropic_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": self._stop_reason, "stop_sequence": None}, "usage": usage})
+        )
+        tail.append(anthropic_event("message_stop", {"type": "message_stop"}))
         yield b"".join(tail)
 
     def _sync(self) -> None:
@@ -280,7 +282,7 @@ class EventsFromChunks(UpstreamStream):
                     out += self._close_block()
                     out += self._start_block({"type": "text", "text": ""}, "text")
                 out.append(
-                    _event(
+                    anthropic_event(
                         "content_block_delta", {"type": "content_block_delta", "index": self._block, "delta": {"type": "text_delta", "text": delta["content"]}}
                     )
                 )
@@ -295,7 +297,7 @@ class EventsFromChunks(UpstreamStream):
                 arguments = (call.get("function") or {}).get("arguments")
                 if arguments:
                     out.append(
-                        _event(
+                        anthropic_event(
                             "content_block_delta",
                             {"type": "content_block_delta", "index": self._block, "delta": {"type": "input_json_delta", "partial_json": arguments}},
                         )
@@ -307,13 +309,13 @@ class EventsFromChunks(UpstreamStream):
     def _start_block(self, block: dict[str, Any], key: str) -> list[bytes]:
         self._block += 1
         self._open = key
-        return [_event("content_block_start", {"type": "content_block_start", "index": self._block, "content_block": block})]
+        return [anthropic_event("content_block_start", {"type": "content_block_start", "index": self._block, "content_block": block})]
 
     def _close_block(self) -> list[bytes]:
         if self._open is None:
             return []
         self._open = None
-        return [_event("content_block_stop", {"type": "content_block_stop", "index": self._block})]
+        return [anthropic_event("content_block_stop", {"type": "content_block_stop", "index": self._block})]
 
     def close(self) -> None:
         self._inner.close()
