@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from decimal import Decimal
 
 from core.alerts import Alerts
 from core.config import ApiKey, Config
@@ -19,7 +18,7 @@ from core.errors import GatewayError
 from core.ledger import COUNT_CREDITS, Account, InsufficientBalance, Reservation, UsageRecord
 from core.limits import Holds, Limiter
 from core.metering import ERROR, OK, Outcome
-from core.pricing import COUNT, PriceBook, count_price_json, format_usd, to_nanos
+from core.pricing import COUNT, PriceBook, count_price_json, format_usd
 from core.proxy import ProxyRequest, new_request_id
 from core.sqlite_ledger import SqliteLedger
 from core.usage import Usage, estimate_prompt_tokens
@@ -78,8 +77,7 @@ class BillingMeter:
         request = ProxyRequest("chat/completions", {}, model, False, new_request_id())
         cost_type = config.preferences.prices.cost_type(key.billing.mode, model)
         ticket = BillingTicket(self, key, key.billing, config.preferences.prices, request, cost_type, Reservation(account, 0, 0), None)
-        headers = ticket.settle(Outcome(provider, model, usage, OK))
-        return to_nanos(Decimal(headers["x-tollgate-cost"]))
+        return ticket.charge(Outcome(provider, model, usage, OK))
 
     @staticmethod
     def _token_estimate(config: Config, request: ProxyRequest) -> tuple[int, int]:
@@ -116,6 +114,11 @@ class BillingTicket:
         self.holds = holds
 
     def settle(self, outcome: Outcome) -> dict[str, str]:
+        """Charge the outcome; the x-tollgate-* and limit headers for the response."""
+        return {**self.headers(self.charge(outcome)), **self.start_headers()}
+
+    def charge(self, outcome: Outcome) -> int:
+        """Write the charge to the ledger and free every hold; its cost in nano-dollars."""
         model = self.request.model
         if self.cost_type == COUNT:
             cost_nanos, count = self.prices.count_price_nanos(model), 1
@@ -129,9 +132,11 @@ class BillingTicket:
         seq = self.meter.ledger.settle(self.reservation, record)
         if self.holds is not None:
             self.meter.limiter.release(self.holds, cost_nanos, outcome.usage.total_tokens, record.ts, seq)
+        else:  # usage reported from elsewhere: nothing was held, but budgets still count it
+            self.meter.limiter.count_spend(self.key, cost_nanos, record.ts, seq)
         if self.meter.alerts is not None:
             self.meter.alerts.check(self.key, self.reservation.account)
-        return {**self.headers(cost_nanos), **self.start_headers()}
+        return cost_nanos
 
     def release(self) -> None:
         record = self._record("", "", Usage(), "{}", 0, 0, ERROR)

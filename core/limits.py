@@ -250,6 +250,14 @@ class Limiter:
             spend = state.periods.get(name)
             if spend is not None and spend.start == start:
                 spend.reserved_nanos -= holds.nanos
+        self.count_spend(key, cost_nanos, at, seq)
+
+    def count_spend(self, key: ApiKey, cost_nanos: int, at: float, seq: int) -> None:
+        """Add a charge to the budget periods already loaded (a charge queued before a period's
+        load marker is in its ledger sum already)."""
+        state = self._state.get(key.id)
+        if state is None:
+            return
         for spend in state.periods.values():
             if seq > spend.marker and spend.start <= at < spend.end:
                 spend.live_nanos += cost_nanos

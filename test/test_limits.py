@@ -260,3 +260,12 @@ def test_limit_settings_are_validated(prefs, reason):
     with pytest.raises(ConfigError) as caught:
         build_config(config(prefs), "api.yaml")
     assert reason in caught.value.reason and caught.value.line == 10, str(caught.value)
+
+
+def test_usage_reported_from_elsewhere_counts_toward_the_daily_budget(start_gateway):
+    gateway, _ = start(start_gateway, "daily_cost_limit: 0.05")
+    call(gateway)  # loads today's spend; a few cents below the limit
+    report = {"api_key": KEY, "model": "echo-1", "prompt_tokens": 50_000}  # 50,000 x $1000/1M = $50
+    assert gateway.http("POST", "/v1/usage/report", key=ADMIN_KEY, json=report).status_code == 200
+    error = error_of(gateway)
+    assert error.status_code == 402 and error.body["code"] == "daily_cost_limit_exceeded"
