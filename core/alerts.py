@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import aiosqlite
@@ -206,7 +207,8 @@ class Alerts:
             if attempts < DELIVERY_ATTEMPTS:
                 await asyncio.sleep(delay)
                 delay *= 2
-        log.warning("alert %d to %s failed after %d attempts: %s", event_id, url, attempts, error)
+        # The host only: webhook URLs often carry a secret token in their path or query.
+        log.warning("alert %d to %s failed after %d attempts: %s", event_id, urlsplit(url).hostname, attempts, error)
         await self._set_status(event_id, "failed", attempts, error)
 
     async def _set_status(self, event_id: int, status: str, attempts: int, error: str | None) -> None:

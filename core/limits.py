@@ -136,6 +136,10 @@ class Holds:
     open: bool = True
 
 
+def _period_unavailable() -> GatewayError:
+    return GatewayError(503, "api_error", "budget_period_loading", "This key's budget spend is being loaded; retry in a moment.", {"Retry-After": "1"})
+
+
 class Limiter:
     def __init__(self, ledger: SqliteLedger, clock: Callable[[], float]):
         self.ledger = ledger
@@ -160,8 +164,8 @@ class Limiter:
                 await self._load(key, limit.name, spend)  # concurrent requests wait on spend.ready meanwhile
             if spend.ready is not None and not spend.ready.done():
                 await asyncio.shield(spend.ready)
-            if spend.ready is not None:
-                spend.ready.result()
+            if spend.ready is not None and spend.ready.exception() is not None:
+                raise _period_unavailable() from spend.ready.exception()
 
     async def _load(self, key: ApiKey, name: str, spend: PeriodSpend) -> None:
         assert spend.ready is not None
@@ -209,7 +213,11 @@ class Limiter:
                     402, "insufficient_quota", QUOTA_CODE, f"This API key has used its quota ({self._quota_text(key, used)}).", self.quota_headers(key, account)
                 )
         for limit in limits.period_limits:
-            spend = state.periods[limit.name]
+            spend = state.periods.get(limit.name)
+            if spend is None or spend.ready is None or not spend.ready.done() or spend.ready.exception() is not None:
+                # Another request started a new period (or its load failed) after this one was
+                # prepared: its spend is not known yet, and guessing could overspend the budget.
+                raise _period_unavailable()
             if spend.spent + spend.reserved_nanos >= limit.limit_nanos:
                 reset = datetime.fromtimestamp(spend.end, limits.timezone).isoformat()
                 raise GatewayError(

@@ -383,8 +383,13 @@ class SqliteLedger:
         return {"writing": self.write_error is None, "last_write_error": self.write_error, "unwritten_rows": self._queue.qsize() + self._retrying}
 
     async def append_audit(self, entry: AuditEntry) -> None:
-        """Durable before it returns (its own transaction: admin actions are rare)."""
-        await self.db.execute(_INSERT_AUDIT, entry.row())
+        """Durable before it returns (its own transaction: admin actions are rare). The action
+        has happened by now, so a failed write (disk full) must not turn it into an error: the
+        entry goes to the log in full instead (it holds names and ids, never a key)."""
+        try:
+            await self.db.execute(_INSERT_AUDIT, entry.row())
+        except sqlite3.Error:
+            log.exception("audit entry not written to the ledger, recorded here instead: %r", entry.row())
 
     # --- reading ------------------------------------------------------------------------
 

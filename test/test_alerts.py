@@ -120,3 +120,16 @@ def test_alerts_show_on_the_key_page(start_gateway, receiver):
     browser.login(ADMIN_KEY)
     page = browser.get(f"/admin/keys/{key_id(KEY)}").text
     assert "Alerts" in page and "credits crossed 50%" in page
+
+
+def test_a_failed_delivery_is_logged_without_the_webhooks_secret_path(start_gateway, receiver, caplog):
+    receiver.fail_first = 100  # never accepts
+    secret_url = f"{receiver.url}/hooks/T0000/B0000/s3cr3t-token"
+    gateway = start_gateway(config(secret_url), clock=FakeClock(T0))
+    gateway.server.app.state.alerts.retry_seconds = 0.01
+    chat(gateway, 3)
+    deadline = time.monotonic() + 10
+    while not any("failed after" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    failure = next(r.getMessage() for r in caplog.records if "failed after" in r.getMessage())
+    assert "127.0.0.1" in failure and "s3cr3t-token" not in failure

@@ -269,3 +269,33 @@ def test_usage_reported_from_elsewhere_counts_toward_the_daily_budget(start_gate
     assert gateway.http("POST", "/v1/usage/report", key=ADMIN_KEY, json=report).status_code == 200
     error = error_of(gateway)
     assert error.status_code == 402 and error.body["code"] == "daily_cost_limit_exceeded"
+
+
+def test_a_budget_period_started_by_another_request_is_not_guessed(tmp_path):
+    """Request A prepared today's spend; before it acquires, request B (a moment later, past
+    midnight) starts loading the next period. A must not admit against an unknown spend."""
+    from core.config import build_config
+    from core.errors import GatewayError
+    from core.limits import Limiter, PeriodSpend
+    from core.sqlite_ledger import SqliteLedger
+
+    key = next(k for k in build_config(config("daily_cost_limit: 0.05"), "api.yaml").keys if k.secret == KEY)
+
+    async def scenario() -> GatewayError:
+        ledger = await SqliteLedger.open(tmp_path / "l.db")
+        try:
+            limiter = Limiter(ledger, lambda: T0)
+            account = await ledger.account(key.id, key.billing)
+            await limiter.prepare(key, T0)
+            today = limiter.state(key).periods["daily_cost_limit"]
+            loading = asyncio.get_running_loop().create_future()
+            limiter.state(key).periods["daily_cost_limit"] = PeriodSpend(today.end, today.end + 86400, ready=loading)
+            with pytest.raises(GatewayError) as caught:
+                limiter.acquire(key, account, 1000, 10, T0)
+            loading.cancel()
+            return caught.value
+        finally:
+            await ledger.close()
+
+    error = asyncio.run(scenario())
+    assert error.status == 503 and error.code == "budget_period_loading" and error.headers["Retry-After"] == "1"
