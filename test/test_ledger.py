@@ -43,6 +43,28 @@ def test_ten_thousand_tiny_charges_sum_exactly(tmp_path):
         assert db.execute("SELECT SUM(cost_nanos), COUNT(*) FROM usage").fetchone() == (1_200_000, 10_000)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 5, 37, 293])
+def test_every_row_of_a_batch_is_written_exactly_as_recorded(tmp_path, rows):
+    """Batches are written as multi-row inserts in chunks: every size must land row by row,
+    column by column, in order."""
+    terms = KeyBilling(credits_nanos=10**12)
+    records = [
+        UsageRecord(f"req-{i}", 1_700_000_000 + i, "k", f"name-{i}", f"m{i}", "p", f"up{i}", i, 2 * i, 3 * i, "token", "{}", 7 * i, i % 2, "ok", 4 * i, 5 * i)
+        for i in range(rows)
+    ]
+
+    async def scenario():
+        ledger = await SqliteLedger.open(tmp_path / "l.db")
+        for row in records:  # all within one group-commit window: one batch
+            ledger.settle(await ledger.reserve("k", terms, 0, 0), row)
+        await ledger.close()
+
+    asyncio.run(scenario())
+    columns = ", ".join(UsageRecord._fields)
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        assert [UsageRecord(*row) for row in db.execute(f"SELECT {columns} FROM usage ORDER BY id")] == records
+
+
 def test_count_reservations_are_exact_under_concurrency(tmp_path):
     terms = KeyBilling(mode="count", count_credits=7)
 
