@@ -150,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     # proxy_headers off: X-Forwarded-For is honoured only from `preferences.trusted_proxies`, by us.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30, proxy_headers=False)
+    # No `server: uvicorn` header: it tells a scanner what to look for, and costs a header per response.
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30, proxy_headers=False, server_header=False
+    )
     return 0
 
 

@@ -198,7 +198,9 @@ def start_server(kind: str, work: Path, upstream: str, port: int) -> subprocess.
             "--config",
             str(work / "api.yaml"),
             "--db",
-            str(work / "ledger.db"),
+            # The default layout (./api.yaml, ./data/tollgate.db): with the ledger beside api.yaml,
+            # the config watcher would also wake on every ledger write.
+            str(work / "data" / "ledger.db"),
             "--host",
             "127.0.0.1",
             "--port",

@@ -20,4 +20,7 @@ def create_http_session() -> aiohttp.ClientSession:
         headers={"User-Agent": USER_AGENT},
         timeout=aiohttp.ClientTimeout(total=None),
         auto_decompress=True,
+        # One session serves every client: cookies a vendor sets for one request (Cloudflare's
+        # __cf_bm, say) must not ride along on another key's requests.
+        cookie_jar=aiohttp.DummyCookieJar(),
     )

@@ -82,7 +82,9 @@ def test_sigterm_flushes_every_ledger_row(tmp_path):
         body = {"model": "echo-1", "messages": [{"role": "user", "content": "hi"}]}
         headers = {"Authorization": "Bearer sk-count-cli-0001"}
         for _ in range(25):
-            assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=headers, timeout=5).status_code == 200
+            response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=headers, timeout=5)
+            assert response.status_code == 200
+            assert "server" not in response.headers  # no advertised server software
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
     finally:
