@@ -43,7 +43,7 @@ class Rollup:
         updates = ", ".join(f"{v} = {v} + excluded.{v}" for v in self.values)
         groups = ", ".join(str(i) for i in range(1, len(self.keys) + 1))
         return (
-            f"INSERT INTO {self.table} ({columns}) SELECT {selected} FROM usage WHERE id > ? GROUP BY {groups} "
+            f"INSERT INTO {self.table} ({columns}) SELECT {selected} FROM usage NOT INDEXED WHERE id > ? GROUP BY {groups} "
             f"ON CONFLICT ({', '.join(self.keys)}) DO UPDATE SET {updates}"
         )
 
