@@ -23,14 +23,18 @@ class Deadline:
     TimeoutError; a cancellation from anyone else passes through unchanged.
     """
 
-    __slots__ = ("_cancelling", "_task", "_watch", "expired", "expires")
+    __slots__ = ("_cancelling", "_loop", "_task", "_watch", "expired", "expires")
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, loop: asyncio.AbstractEventLoop | None = None):
         self.expires = time.monotonic() + seconds
         self.expired = False
+        self._loop = loop
 
     def __enter__(self) -> Deadline:
-        task = asyncio.current_task()
+        # Given the loop, asyncio need not look for the running one: in Python 3.11 that
+        # lookup is a getpid() syscall, which on this VM cost 3.6% of the gateway's time
+        # (py-spy --gil, bench/run.py JSON).
+        task = asyncio.current_task(self._loop)
         if task is None:
             raise RuntimeError("Deadline() must be used inside a task")
         self._task = task

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -78,7 +79,9 @@ class Gateway:
     """Runs one proxied request against the routes of the config it started with."""
 
     def __init__(self, http: aiohttp.ClientSession, scheduler: Scheduler, meter: Meter):
+        """Created on the loop it serves (the HTTP session is bound to it anyway)."""
         self.http = http
+        self.loop = asyncio.get_running_loop()
         self.scheduler = scheduler
         self.meter = meter
 
@@ -105,7 +108,13 @@ class Gateway:
         failure: UpstreamFailure | None = None
         for route in ordered:
             call = UpstreamCall(
-                request.endpoint, request.body, request.stream, route, self.scheduler.next_upstream_key(route.provider), prefs.max_response_body_bytes
+                request.endpoint,
+                request.body,
+                request.stream,
+                route,
+                self.scheduler.next_upstream_key(route.provider),
+                prefs.max_response_body_bytes,
+                self.loop,
             )
             try:
                 adapter = messages_adapter_for(route.provider.engine) if request.endpoint == "messages" else adapter_for(route.provider.engine)

@@ -10,11 +10,12 @@ import pytest
 from core.deadlines import TICK_SECONDS, Deadline
 
 
-def test_a_call_past_its_deadline_raises_timeout_error_soon_after():
+@pytest.mark.parametrize("loop_given", [False, True], ids=["loop looked up", "loop given"])
+def test_a_call_past_its_deadline_raises_timeout_error_soon_after(loop_given):
     async def scenario() -> float:
         started = time.monotonic()
         with pytest.raises(TimeoutError):
-            with Deadline(0.2):
+            with Deadline(0.2, asyncio.get_running_loop() if loop_given else None):
                 await asyncio.sleep(10)
         return time.monotonic() - started
 

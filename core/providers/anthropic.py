@@ -46,8 +46,8 @@ class AnthropicAdapter:
         payload = json.dumps(to_anthropic(call), ensure_ascii=False).encode()
         url = f"{route.provider.base_url}/messages"
         if call.stream:
-            return AnthropicStream(await open_stream(http, url, headers, payload, route), call)
-        _, data = await post_json(http, url, headers, payload, route, call.max_response_bytes)
+            return AnthropicStream(await open_stream(http, url, headers, payload, call), call)
+        _, data = await post_json(http, url, headers, payload, call)
         message, finish_reason, usage = from_anthropic(data)
         return Reply(200, completion(call, message, finish_reason, usage, data.get("id") if isinstance(data, dict) else None), usage)
 

@@ -7,6 +7,7 @@ Billing never looks inside vendor formats: it reads `Usage` from these objects.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ class UpstreamCall:
     route: ModelRoute
     upstream_key: str
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BODY  # preferences.max_response_body_bytes
+    # The event loop the call runs on, when the caller knows it: finding it again costs a
+    # getpid() syscall per lookup in Python 3.11 (see core.deadlines.Deadline).
+    loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def client_wants_usage(self) -> bool:

@@ -46,8 +46,8 @@ class GeminiAdapter:
         payload = json.dumps(to_gemini(call), ensure_ascii=False).encode()
         if call.stream:
             url = f"{route.provider.base_url}/models/{model}:streamGenerateContent?alt=sse"
-            return GeminiStream(await open_stream(http, url, headers, payload, route), call)
-        _, data = await post_json(http, f"{route.provider.base_url}/models/{model}:generateContent", headers, payload, route, call.max_response_bytes)
+            return GeminiStream(await open_stream(http, url, headers, payload, call), call)
+        _, data = await post_json(http, f"{route.provider.base_url}/models/{model}:generateContent", headers, payload, call)
         message, finish_reason, usage = from_gemini(data)
         return Reply(200, completion(call, message, finish_reason, usage, data.get("responseId") if isinstance(data, dict) else None), usage)
 

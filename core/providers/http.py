@@ -12,7 +12,7 @@ import orjson
 from core.config import ModelRoute
 from core.deadlines import Deadline
 from core.errors import GatewayError, bad_gateway
-from core.providers.base import UpstreamFailure
+from core.providers.base import UpstreamCall, UpstreamFailure
 
 MAX_ERROR_BODY = 64 * 1024
 # Upstream statuses that say nothing about the client's request: the provider is overloaded,
@@ -22,11 +22,12 @@ RETRYABLE_STATUSES = frozenset({401, 403, 404, 408, 409, 429, 529})
 _ERROR_TYPES = {"INVALID_ARGUMENT": "invalid_request_error", "RESOURCE_EXHAUSTED": "rate_limit_error", "overloaded_error": "api_error"}
 
 
-async def post_json(http: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes, route: ModelRoute, limit: int) -> tuple[bytes, Any]:
+async def post_json(http: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes, call: UpstreamCall) -> tuple[bytes, Any]:
     """POST and return the body and parsed JSON of a 200 answer, or raise UpstreamFailure.
-    An answer over `limit` bytes is refused as soon as it is known to be, not after reading it."""
+    An answer over `call.max_response_bytes` is refused as soon as it is known to be, not after reading it."""
+    route, limit = call.route, call.max_response_bytes
     try:
-        with Deadline(route.timeout):
+        with Deadline(route.timeout, call.loop):
             async with http.post(url, data=payload, headers=headers) as response:
                 status = response.status
                 if (response.content_length or 0) > limit:
@@ -48,11 +49,12 @@ async def post_json(http: aiohttp.ClientSession, url: str, headers: dict[str, st
         raise UpstreamFailure(bad_gateway(f"Provider '{route.provider.name}' returned a response that is not JSON."), retryable=True) from None
 
 
-async def open_stream(http: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes, route: ModelRoute) -> aiohttp.ClientResponse:
+async def open_stream(http: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes, call: UpstreamCall) -> aiohttp.ClientResponse:
     """POST and return a 200 response whose body is still to be read (a stream)."""
+    route = call.route
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.timeout, sock_read=route.timeout)
     try:
-        with Deadline(route.timeout):
+        with Deadline(route.timeout, call.loop):
             response = await http.post(url, data=payload, headers=headers, timeout=timeout)
             if response.status != 200:
                 try:

@@ -7,6 +7,7 @@ answer (or stream) is translated back into Anthropic's message (or events).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -141,7 +142,7 @@ class MessagesAdapter:
     async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
         if self.native:
             return await self._native(call, http)
-        chat = UpstreamCall("chat/completions", to_openai(call.body), call.stream, call.route, call.upstream_key, call.max_response_bytes)
+        chat = dataclasses.replace(call, endpoint="chat/completions", body=to_openai(call.body))
         answer = await self.inner.send(chat, http)
         if isinstance(answer, UpstreamStream):
             return EventsFromChunks(answer, call.route.public_name)
@@ -160,8 +161,8 @@ class MessagesAdapter:
         payload = json.dumps({**call.body, "model": route.upstream_name}, ensure_ascii=False).encode()
         url = f"{route.provider.base_url}/messages"
         if call.stream:
-            return NativeEvents(await open_stream(http, url, headers, payload, route), route.provider.name)
-        body, data = await post_json(http, url, headers, payload, route, call.max_response_bytes)
+            return NativeEvents(await open_stream(http, url, headers, payload, call), route.provider.name)
+        body, data = await post_json(http, url, headers, payload, call)
         return Reply(200, body, usage_from_anthropic(data.get("usage")) if isinstance(data, dict) else None)
 
 

@@ -39,8 +39,8 @@ class OpenAIAdapter:
         url, headers = self.target(call)
         payload = orjson.dumps(upstream_body(call))
         if call.stream:
-            return OpenAIStream(await open_stream(http, url, headers, payload, call.route), call.route, call.client_wants_usage)
-        body, data = await post_json(http, url, headers, payload, call.route, call.max_response_bytes)
+            return OpenAIStream(await open_stream(http, url, headers, payload, call), call.route, call.client_wants_usage)
+        body, data = await post_json(http, url, headers, payload, call)
         return Reply(200, body, usage_from_openai(data))
 
 
