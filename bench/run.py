@@ -234,11 +234,12 @@ def main() -> None:
         scripts = {False: wrk_script(work, False), True: wrk_script(work, True)}
         results: dict[tuple[str, str], list[Result]] = {}
         try:
-            for _ in range(args.repeats):
-                # Both servers run at once (the idle one costs nothing) and each load runs on the
-                # bare pass-through and then the gateway straight away: this VM's speed drifts
-                # over minutes, and the ratio should compare like with like.
-                ports = {kind: free_port() for kind in ("bare", "gateway")}
+            for repeat in range(args.repeats):
+                # Both servers run at once (the idle one costs nothing) and each load runs on one
+                # and then the other straight away, which goes first alternating between repeats:
+                # this VM's speed drifts over minutes, and the ratio should compare like with like.
+                order = ("bare", "gateway") if repeat % 2 == 0 else ("gateway", "bare")
+                ports = {kind: free_port() for kind in order}
                 servers = {kind: start_server(kind, work, upstream, port) for kind, port in ports.items()}
                 urls = {kind: f"http://127.0.0.1:{port}/v1/chat/completions" for kind, port in ports.items()}
                 try:
@@ -269,12 +270,16 @@ def report(results: dict[tuple[str, str], list[Result]], args: argparse.Namespac
     print(f"{'load':12} {'server':8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'cpu %':>6} {'nginx cpu %':>12} {'vs bare':>8}")
     loads = sorted({load for _, load in results}, key=lambda load: (load.split()[0], -int(load.split("x")[1])))
     for load in loads:
-        bare = statistics.median(r.rps for r in results[("bare", load)])
+        # The ratio is the median of each repeat's gateway / bare, the two measured back to back.
+        ratios = [g.rps / b.rps for g, b in zip(results[("gateway", load)], results[("bare", load)], strict=True)]
         for kind in ("bare", "gateway"):
             runs = results[(kind, load)]
             rps = statistics.median(r.rps for r in runs)
+            ratio = statistics.median(ratios) if kind == "gateway" else 1.0
             print(f"{load:12} {kind:8} {rps:8.0f} {statistics.median(r.p50_ms for r in runs):8.2f} {statistics.median(r.p99_ms for r in runs):8.2f} "
-                  f"{sum(r.errors for r in runs):7d} {statistics.median(r.cpu_pct for r in runs):6.0f} {statistics.median(r.upstream_cpu_pct for r in runs):12.0f} {rps / bare:8.0%}")  # fmt: skip
+                  f"{sum(r.errors for r in runs):7d} {statistics.median(r.cpu_pct for r in runs):6.0f} {statistics.median(r.upstream_cpu_pct for r in runs):12.0f} {ratio:8.0%}")  # fmt: skip
+        if len(ratios) > 1:
+            print(f"{'':12} {'':8} gateway / bare per repeat: {', '.join(f'{r:.0%}' for r in ratios)}")
 
 
 if __name__ == "__main__":
