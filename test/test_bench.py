@@ -27,3 +27,16 @@ def test_benchmark_smoke_run_has_no_errors_and_prints_the_table():
     assert len(rows) == 8, result.stdout  # (json, stream) x (32 connections, 1) x (bare, gateway)
     assert all(row[6] == "0" for row in rows), "errors column"
     assert {row[2] for row in rows} == {"bare", "gateway"}
+
+
+def test_the_running_gateway_collects_garbage_in_larger_steps(start_gateway, upstream):
+    """Python's default GC thresholds cost the gateway ~11% of its throughput (see main.py)."""
+    import gc
+
+    from main import GC_THRESHOLDS
+    from test.conftest import keys_yaml
+
+    gc.set_threshold(700, 10, 10)
+    gateway = start_gateway(f"providers:\n  - provider: p1\n    base_url: {{fake:p1}}\n    api: k\n    model: [gpt-4o]\n{keys_yaml()}", upstream)
+    assert gateway.http("GET", "/v1/models").status_code == 200
+    assert gc.get_threshold() == GC_THRESHOLDS
