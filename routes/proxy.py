@@ -54,7 +54,7 @@ class ProxyEndpoint:
             return
         headers = {"x-request-id": proxy_request.request_id, "x-tollgate-provider": result.route.provider.name, **result.headers}
         if isinstance(result, MeteredStream):
-            await ProxyStreamResponse(result, headers)(scope, receive, send)
+            await ProxyStreamResponse(result, headers, state.gateway.loop)(scope, receive, send)
             return
         reply = result.reply
         raw_headers = [(b"content-type", reply.content_type.encode()), (b"content-length", str(len(reply.body)).encode())]

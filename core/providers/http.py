@@ -3,6 +3,7 @@ classification of non-200 answers into retryable or final, OpenAI-shaped failure
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -52,7 +53,7 @@ async def post_json(http: aiohttp.ClientSession, url: str, headers: dict[str, st
 async def open_stream(http: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes, call: UpstreamCall) -> aiohttp.ClientResponse:
     """POST and return a 200 response whose body is still to be read (a stream)."""
     route = call.route
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.timeout, sock_read=route.timeout)
+    timeout = _stream_timeout(route.timeout)
     try:
         with Deadline(route.timeout, call.loop):
             response = await http.post(url, data=payload, headers=headers, timeout=timeout)
@@ -67,6 +68,12 @@ async def open_stream(http: aiohttp.ClientSession, url: str, headers: dict[str, 
     except aiohttp.ClientError as exc:
         raise UpstreamFailure.unreachable(route, exc) from None
     return response
+
+
+@functools.lru_cache(maxsize=64)
+def _stream_timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """A stream has no total deadline, only one on connecting and on each read (few distinct values)."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)
 
 
 def too_large_answer(route: ModelRoute, limit: int) -> UpstreamFailure:
