@@ -21,7 +21,7 @@ from pathlib import Path
 from watchfiles import awatch
 
 from core.config import Config, load_config
-from core.cooperate import LoopPulse, cooperating
+from core.cooperate import LoopLoad, cooperate, cooperating
 from core.yamlsource import ConfigError
 
 log = logging.getLogger("tollgate.config")
@@ -73,13 +73,8 @@ class ConfigStore:
             digest = await asyncio.to_thread(_file_hash, self.path)
             if digest == self.current.source_hash and self.last_error is None:
                 return False
-            pulse = LoopPulse(asyncio.get_running_loop())
-            pulse.start()
-            try:
-                with _gc_paused(), _short_gil_turns():
-                    config = await asyncio.to_thread(_load_and_freeze, self.path, pulse)
-            finally:
-                pulse.stop()
+            with _gc_paused(), _short_gil_turns():
+                config = await asyncio.to_thread(_load_and_freeze, self.path, LoopLoad())
         except ConfigError as exc:
             if self.last_error is None or self.last_error.message != str(exc):
                 log.error("config reload failed, still serving the previous config: %s", exc)
@@ -129,12 +124,21 @@ def _short_gil_turns() -> Iterator[None]:
     by 75% and multiplied p99 latency by 7; with 0.5 ms turns, by 2 to 2.7 (bench/reload_bench.py
     --under-load). Loading in a worker process instead was worse on two cores.
     """
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(RELOAD_SWITCH_INTERVAL)
+    global _short_turns_users, _switch_interval_before
+    if _short_turns_users == 0:  # a load and the freeing of the config before it may overlap
+        _switch_interval_before = sys.getswitchinterval()
+        sys.setswitchinterval(RELOAD_SWITCH_INTERVAL)
+    _short_turns_users += 1
     try:
         yield
     finally:
-        sys.setswitchinterval(previous)
+        _short_turns_users -= 1
+        if _short_turns_users == 0:
+            sys.setswitchinterval(_switch_interval_before)
+
+
+_short_turns_users = 0
+_switch_interval_before = sys.getswitchinterval()
 
 
 async def _retire(box: list[Config]) -> None:
@@ -150,18 +154,21 @@ async def _retire(box: list[Config]) -> None:
         await asyncio.sleep(RETIRE_POLL)
         waited += RETIRE_POLL
     if waited < RETIRE_MAX_WAIT:
-        await asyncio.to_thread(_free_in_steps, box)
+        with _short_gil_turns():
+            await asyncio.to_thread(_free_in_steps, box, LoopLoad())
 
 
-def _free_in_steps(box: list[Config]) -> None:
-    config = box.pop()
-    keys = list(config.keys)
-    config.keys_by_id.clear()
-    config.key_index.clear()
-    object.__setattr__(config, "keys", ())  # a frozen dataclass no one else can see any more
-    del config
-    while keys:
-        keys.pop()
+def _free_in_steps(box: list[Config], load: LoopLoad) -> None:
+    with cooperating(load):
+        config = box.pop()
+        keys = list(config.keys)
+        config.keys_by_id.clear()
+        config.key_index.clear()
+        object.__setattr__(config, "keys", ())  # a frozen dataclass no one else can see any more
+        del config
+        while keys:
+            keys.pop()
+            cooperate()
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
@@ -172,11 +179,11 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
-def _load_and_freeze(path: Path, pulse: LoopPulse) -> Config:
+def _load_and_freeze(path: Path, load: LoopLoad) -> Config:
     """Load, then move everything just allocated out of the collector's reach: otherwise the
     first collection after the load scans the whole new config on the event loop's thread,
     and later full collections scan it again (pauses that grow with the number of keys)."""
-    with cooperating(pulse):
+    with cooperating(load):
         config = load_config(path)
     gc.freeze()
     return config
