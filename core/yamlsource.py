@@ -69,13 +69,10 @@ def parse_yaml(text: str, file: str, *, located: bool = True) -> Any:
     a 10,000-key file, so reloads use it first and re-parse with positions only to explain
     an error.
     """
-    if located:
-        yaml = YAML(typ="rt")
-    else:
-        yaml = YAML(typ="safe", pure=False)
-        yaml.Resolver = _OneVersionResolver
     try:
-        return yaml.load(text)
+        if located:
+            return YAML(typ="rt").load(text)
+        return _load_fast(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -83,6 +80,43 @@ def parse_yaml(text: str, file: str, *, located: bool = True) -> Any:
         raise ConfigError(file, line, f"YAML syntax error: {reason}") from None
     except YAMLError as exc:
         raise ConfigError(file, None, f"YAML error: {exc}") from None
+
+
+def _load_fast(text: str) -> Any:
+    """`YAML(typ="safe", pure=False).load(text)`, done in its two steps so that the node tree
+    in between is freed a node at a time. Left to `load`, the last reference to the tree of
+    a 10,000-key file went in one C-level cascade: a 15 ms stretch in which the reload's
+    thread kept the GIL and the event loop could not run (bench/reload_bench.py)."""
+    yaml = YAML(typ="safe", pure=False)
+    yaml.Resolver = _OneVersionResolver
+    constructor, parser = yaml.get_constructor_parser(text)
+    try:
+        node = parser.get_single_node()
+        data = None if node is None else constructor.construct_document(node)
+    finally:
+        parser.dispose()
+    if node is not None:
+        _free_in_steps(node)
+    return data
+
+
+def _free_in_steps(root: Any) -> None:
+    """Take a composed node tree apart from the leaves up, giving the event loop its turns."""
+    stack = [root]
+    root = None
+    while stack:
+        node = stack.pop()
+        children = node.value
+        if isinstance(children, list):
+            node.value = None
+            for child in children:
+                if isinstance(child, tuple):  # a mapping's (key, value) pair
+                    stack.extend(child)
+                else:
+                    stack.append(child)
+            del children
+        del node
+        cooperate()
 
 
 def expand_env(node: Any, file: str, environ: Mapping[str, str] | None = None) -> Any:
