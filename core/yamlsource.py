@@ -13,6 +13,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import SafeConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.resolver import VersionedResolver
 
@@ -89,6 +90,7 @@ def _load_fast(text: str) -> Any:
     thread kept the GIL and the event loop could not run (bench/reload_bench.py)."""
     yaml = YAML(typ="safe", pure=False)
     yaml.Resolver = _OneVersionResolver
+    yaml.Constructor = _CooperativeConstructor
     constructor, parser = yaml.get_constructor_parser(text)
     try:
         node = parser.get_single_node()
@@ -100,23 +102,36 @@ def _load_fast(text: str) -> Any:
     return data
 
 
+class _CooperativeConstructor(SafeConstructor):
+    """The safe constructor, with a point per node where a reload gives way to the loop
+    (construction is a quarter of a parse, and the resolver's point covers only composing)."""
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        cooperate()
+        return super().construct_object(node, deep)
+
+
 def _free_in_steps(root: Any) -> None:
-    """Take a composed node tree apart from the leaves up, giving the event loop its turns."""
+    """Take a composed node tree apart in pieces of FREE_CHUNK subtrees (a 10,000-key list
+    goes 64 keys at a time), giving the event loop its turns in between."""
     stack = [root]
-    root = None
+    del root
     while stack:
         node = stack.pop()
         children = node.value
-        if isinstance(children, list):
-            node.value = None
-            for child in children:
-                if isinstance(child, tuple):  # a mapping's (key, value) pair
-                    stack.extend(child)
-                else:
-                    stack.append(child)
-            del children
-        del node
-        cooperate()
+        if not isinstance(children, list):
+            continue
+        for child in children:  # long lists further down are taken apart the same way
+            for sub in child if isinstance(child, tuple) else (child,):
+                if isinstance(sub.value, list) and len(sub.value) > FREE_CHUNK:
+                    stack.append(sub)
+        node.value = None
+        while children:
+            del children[-FREE_CHUNK:]
+            cooperate()
+
+
+FREE_CHUNK = 64
 
 
 def expand_env(node: Any, file: str, environ: Mapping[str, str] | None = None) -> Any:
