@@ -96,7 +96,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 async def receive_body(receive: Receive, declared_length: str | None, limit: int) -> bytes:
     """`read_body` on a raw ASGI receive channel; ClientDisconnect if the client leaves."""
-    if declared_length and declared_length.isdigit() and int(declared_length) > limit:
+    if declared_length and declared_length.isascii() and declared_length.isdigit() and int(declared_length) > limit:
         raise too_large(limit)
     chunks: list[bytes] = []
     size = 0
@@ -111,6 +111,17 @@ async def receive_body(receive: Receive, declared_length: str | None, limit: int
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+MAX_DIGITS = 18  # below 2**63: what SQLite stores, and far beyond any page, id or count
+
+
+def whole_number(raw: str | None) -> int | None:
+    """`raw` as a non-negative int if it is 1-18 ASCII digits, else None. (str.isdigit()
+    also accepts digits such as '²' that int() refuses, and an int past 2**63 fails in SQLite.)"""
+    if raw and len(raw) <= MAX_DIGITS and raw.isascii() and raw.isdigit():
+        return int(raw)
+    return None
 
 
 def parse_json(body: bytes) -> Any:

@@ -12,7 +12,7 @@ from starlette.routing import Route
 from core.config import Config
 from core.errors import bad_request
 from core.sqlite_ledger import SqliteLedger
-from routes._http import current_config, require_admin
+from routes._http import current_config, require_admin, whole_number
 from routes._web_auth import admin_visitor
 from routes.web import render
 from routes.web_export import csv_stream, download
@@ -25,12 +25,13 @@ COLUMNS = ("id", "ts", "actor", "actor_key_id", "address", "action", "target_key
 
 def _paging(request: Request, default_limit: int) -> tuple[int, int | None, str | None]:
     params = request.query_params
-    raw_limit, raw_before = params.get("limit", str(default_limit)), params.get("before")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_API_LIMIT:
+    limit, raw_before = whole_number(params.get("limit", str(default_limit))), params.get("before")
+    if limit is None or not 1 <= limit <= MAX_API_LIMIT:
         raise bad_request(f"The 'limit' parameter must be a whole number from 1 to {MAX_API_LIMIT}.", "invalid_limit")
-    if raw_before is not None and not raw_before.isdigit():
+    before = whole_number(raw_before)
+    if raw_before and before is None:
         raise bad_request("The 'before' parameter must be an entry id.", "invalid_before")
-    return int(raw_limit), int(raw_before) if raw_before else None, params.get("key") or None
+    return limit, before, params.get("key") or None
 
 
 async def audit_page(request: Request) -> Response:

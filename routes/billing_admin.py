@@ -21,7 +21,7 @@ from core.ledger import COUNT_CREDITS, CREDITS
 from core.reload import ConfigStore
 from core.timeutil import to_unix
 from core.usage import Usage
-from routes._http import authenticate, caller_ip, current_config, read_json, require_admin
+from routes._http import authenticate, caller_ip, current_config, read_json, require_admin, whole_number
 
 
 def _actor(request: Request, config: Config) -> Actor:
@@ -72,15 +72,19 @@ async def set_billing_mode(request: Request) -> Response:
     return JSONResponse({"api_key_state": await key_state(store.current, request.app.state.ledger, updated)})
 
 
+MAX_DAYS = 36_500  # a century: timedelta itself stops at 999,999,999 days
+
+
 def _time_range(request: Request) -> tuple[float | None, float | None]:
     params = request.query_params
     start = _datetime_param(params.get("start_datetime"), "start_datetime")
     end = _datetime_param(params.get("end_datetime"), "end_datetime")
     last = params.get("last_n_days")
     if last is not None:
-        if not last.isdigit() or int(last) <= 0:
-            raise bad_request(f"The 'last_n_days' parameter must be a positive whole number, got '{last}'.", "invalid_last_n_days")
-        start = time.time() - timedelta(days=int(last)).total_seconds()
+        days = whole_number(last)
+        if days is None or not 0 < days <= MAX_DAYS:
+            raise bad_request(f"The 'last_n_days' parameter must be a whole number from 1 to {MAX_DAYS}, got '{last}'.", "invalid_last_n_days")
+        start = time.time() - timedelta(days=days).total_seconds()
     return start, end
 
 

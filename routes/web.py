@@ -24,7 +24,7 @@ from core.ledger_sums import Window
 from core.reload import ConfigStore
 from core.sqlite_ledger import SqliteLedger
 from routes import web_export
-from routes._http import caller_ip, check_request_access, current_config
+from routes._http import caller_ip, check_request_access, current_config, whole_number
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
 from routes._web_auth import admin_visitor, signer, visitor
 from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, money, sort_value, when
@@ -208,7 +208,7 @@ async def billing_tab(request: Request) -> Response:
 
 def _page(raw: str | None, count: int) -> tuple[int, int]:
     pages = max(1, -(-count // PAGE_SIZE))
-    page = int(raw) if raw and raw.isdigit() else 1
+    page = whole_number(raw) or 1
     return min(max(page, 1), pages), pages
 
 

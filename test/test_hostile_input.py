@@ -196,3 +196,33 @@ def test_huge_headers_are_refused_and_the_gateway_keeps_serving(start_gateway):
         pass  # the server may drop a connection whose headers are too large: also fine
     ok = gateway.client(USER_KEY).chat.completions.create(model="echo-1", messages=[{"role": "user", "content": "hi"}])
     assert ok.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/v1/audit_log", {"limit": "²"}),
+        ("/v1/audit_log", {"before": "²"}),
+        ("/v1/audit_log", {"before": "9" * 30}),
+        ("/v1/token_usage", {"last_n_days": "²"}),
+        ("/v1/token_usage", {"last_n_days": "9" * 30}),
+    ],
+)
+def test_odd_numbers_in_query_parameters_get_a_400(start_gateway, path, params):
+    """Unicode digits pass str.isdigit() but not int(); 30-digit numbers pass int() but not
+    SQLite or timedelta. Both are the caller's mistake: a 400, never a 500."""
+    gateway = start_gateway(CONFIG)
+    response = gateway.http("GET", path, key=ADMIN_KEY, params=params)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_odd_page_number_on_the_admin_pages_shows_the_first_page(start_gateway):
+    from test.test_web import Browser
+
+    gateway = start_gateway(CONFIG)
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    for page in ("²", "9" * 30):
+        response = browser.get("/admin/keys", params={"page": page})
+        assert response.status_code == 200, response.text
