@@ -32,14 +32,14 @@ T = TypeVar("T")
 MAX_BATCH = 5000
 GROUP_COMMIT_SECONDS = 0.01
 
-_USAGE_COLUMNS = """request_id, ts, key_id, key_name, model, provider, upstream_model, prompt_tokens,
-    completion_tokens, cached_tokens, cost_type, unit_prices, cost_nanos, count_charged, status, cache_write_tokens, reasoning_tokens"""
-# Usage rows go in as multi-row INSERTs of these sizes (a batch of 300 is 256 + 32 + 8 + 4).
+_USAGE_COLUMNS = ", ".join(UsageRecord._fields)  # the record is a tuple in column order
+# Usage rows go in as multi-row INSERTs of these sizes (a batch of 300 is 256 + 32 + 3 x 4).
+# (256 rows x 17 columns stay far under SQLite's 32,766 bound parameters per statement.)
 # executemany releases and retakes the GIL around every row: under load that is one contended
 # hand-over between the database thread and the event loop per request (strace: ~1,400 futex
 # calls/s at 2,400 requests/s). One statement per chunk makes it a handful per batch.
 _USAGE_CHUNKS = (256, 32, 4, 1)
-_USAGE_ROW = "(" + ", ".join("?" * 17) + ")"
+_USAGE_ROW = "(" + ", ".join("?" * len(UsageRecord._fields)) + ")"
 _INSERT_USAGE = {n: f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES " + ", ".join([_USAGE_ROW] * n) for n in _USAGE_CHUNKS}
 _INSERT_AUDIT = """INSERT INTO audit_log (ts, actor, actor_key_id, address, action, target_key_id, target_name, before, after, detail)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
