@@ -58,19 +58,18 @@ def authenticate_headers(config: Config, headers: Mapping[str, str], peer: str |
     if key is None:
         throttle.failed(address, limit)
         raise unauthorized("Invalid API key." if secret else "Missing API key: send 'Authorization: Bearer <key>'.")
-    check_key_access(config, key, headers, peer, now)
+    check_key_access(key, headers, address, now)
     return key
 
 
 def check_request_access(request: Request, config: Config, key: ApiKey) -> None:
     """The key's access rules (enabled, expiry, addresses, clients) for this request."""
-    check_key_access(config, key, request.headers, _peer(request), request.app.state.clock())
+    check_key_access(key, request.headers, caller_ip(request, config), request.app.state.clock())
 
 
-def check_key_access(config: Config, key: ApiKey, headers: Mapping[str, str], peer: str | None, now: float) -> None:
-    limits = key.limits
-    ip = client_ip(peer, headers.get("x-forwarded-for"), config.preferences.trusted_proxies) if limits.allowed_ips else None  # most keys: no address rules
-    check_access(key, now, ip, headers.get("user-agent") if limits.allowed_clients else None)
+def check_key_access(key: ApiKey, headers: Mapping[str, str], address: str | None, now: float) -> None:
+    """`address` is the client's, as `client_ip` resolves it (computed once per request)."""
+    check_access(key, now, address, headers.get("user-agent") if key.limits.allowed_clients else None)
 
 
 def _peer(request: Request) -> str | None:
