@@ -32,11 +32,11 @@ _worker = threading.local()
 class LoopLoad:
     """How busy the event loop's thread is, as seen from a worker thread.
 
-    Create it on the loop's thread; `busy()` is then called from the worker."""
+    Create it on the loop's thread; the worker then calls `give_way()` (through cooperate())."""
 
     def __init__(self) -> None:
         self._cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
-        self.next_look = 0.0
+        self._next_look = 0.0
         self._at = time.monotonic()
         self._cpu = time.clock_gettime(self._cpu_clock)
 
@@ -46,6 +46,17 @@ class LoopLoad:
         share = (cpu - self._cpu) / max(now - self._at, 1e-6)
         self._at, self._cpu = now, cpu
         return share > BUSY_SHARE
+
+    def give_way(self) -> None:
+        """Rest REST_SECONDS if the loop was busy; looks at most once per SLICE_SECONDS."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return
+        if self.busy(now):
+            time.sleep(REST_SECONDS)
+            now = time.monotonic()
+            self.busy(now)  # the next look measures the loop from here, not across the rest
+        self._next_look = now + SLICE_SECONDS
 
 
 @contextlib.contextmanager
@@ -61,13 +72,5 @@ def cooperating(load: LoopLoad) -> Iterator[None]:
 def cooperate() -> None:
     """A point where a worker may pause for the loop (a no-op outside `cooperating`)."""
     load: LoopLoad | None = getattr(_worker, "load", None)
-    if load is None:
-        return
-    now = time.monotonic()
-    if now < load.next_look:
-        return
-    if load.busy(now):
-        time.sleep(REST_SECONDS)
-        now = time.monotonic()
-        load.busy(now)  # the next look measures the loop from here, not across the rest
-    load.next_look = now + SLICE_SECONDS
+    if load is not None:
+        load.give_way()
