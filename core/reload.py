@@ -54,7 +54,9 @@ class ConfigStore:
         self.reload_count = 0
         self._signature = _signature(self.path)
         self._lock = asyncio.Lock()
-        self._retiring: asyncio.Task[None] | None = None  # the previous config being freed
+        # Replaced configs being freed. Held here because the loop keeps only weak references to
+        # tasks: a second reload used to overwrite the first one's task, which could then vanish.
+        self._retiring: set[asyncio.Task[None]] = set()
 
     async def reload(self) -> bool:
         """Load the file again if its content changed; True when a new config was swapped in.
@@ -81,7 +83,9 @@ class ConfigStore:
             self.last_error = ReloadError(str(exc), exc.file, exc.line, exc.reason, time.time())
             return False
         retired, self.current = [self.current], config
-        self._retiring = asyncio.create_task(_retire(retired))
+        retiring = asyncio.create_task(_retire(retired))
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
         self.last_error = None
         self.reload_count += 1
         log.info("config reloaded from %s (%d providers, %d keys)", self.path, len(config.providers), len(config.keys))

@@ -98,7 +98,7 @@ def _load_fast(text: str) -> Any:
     finally:
         parser.dispose()
     if node is not None:
-        _free_in_steps(node)
+        _free_tree_in_pieces(node)
     return data
 
 
@@ -111,7 +111,7 @@ class _CooperativeConstructor(SafeConstructor):
         return super().construct_object(node, deep)
 
 
-def _free_in_steps(root: Any) -> None:
+def _free_tree_in_pieces(root: Any) -> None:
     """Take a composed node tree apart in pieces of FREE_CHUNK subtrees (a 10,000-key list
     goes 64 keys at a time), giving the event loop its turns in between."""
     stack = [root]
