@@ -72,7 +72,11 @@ class BillingMeter:
         return BillingTicket(self, key, terms, prices, request, cost_type, reservation, holds)
 
     async def record_external(self, config: Config, key: ApiKey, model: str, usage: Usage, provider: str) -> int:
-        """Charge usage that happened elsewhere; it already happened, so no balance check."""
+        """Charge usage that happened elsewhere; it already happened, so no balance check.
+        A `provider/model` name is billed as its public model, as on the proxy."""
+        routes = config.routes.get(model)
+        if routes:
+            model = routes[0].public_name
         account = await self.ledger.account(key.id, key.billing)
         request = ProxyRequest("chat/completions", {}, model, False, new_request_id())
         cost_type = config.preferences.prices.cost_type(key.billing.mode, model)

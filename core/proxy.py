@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -32,6 +33,9 @@ _REQUIRED_FIELD = {"chat/completions": "messages", "completions": "prompt", "emb
 
 @dataclass(frozen=True, slots=True)
 class ProxyRequest:
+    """One proxied call. `model` is what the client asked for until routing resolves it to
+    the public model name (`up/gpt-4o` is gpt-4o), which is what billing prices and logs."""
+
     endpoint: str
     body: dict[str, Any]
     model: str
@@ -87,6 +91,7 @@ class Gateway:
 
     async def handle(self, config: Config, key: ApiKey, request: ProxyRequest) -> CompletedCall | MeteredStream:
         routes = routes_for(config, request.model, key)
+        request = _as_public_model(request, routes)
         ticket = await self.meter.admit(config, key, request)
         try:
             answer, route = await self._first_answer(config, request, routes)
@@ -129,6 +134,13 @@ class Gateway:
             self.scheduler.recovered(route)
             return answer, route
         raise failure.error if failure else bad_gateway("No provider could serve the request.")
+
+
+def _as_public_model(request: ProxyRequest, routes: tuple[ModelRoute, ...]) -> ProxyRequest:
+    """`provider/model` picks one route of a public model; it is priced, limited and logged as
+    that model, never as the literal string (which no price entry names)."""
+    public = routes[0].public_name
+    return request if public == request.model else dataclasses.replace(request, model=public)
 
 
 def _estimate(request: ProxyRequest, body: bytes) -> Usage:
