@@ -95,7 +95,9 @@ class BillingMeter:
 
 
 class BillingTicket:
-    __slots__ = ("cost_type", "holds", "key", "meter", "prices", "request", "reservation", "terms")
+    """One admitted request's holds; it ends once, by `settle` (or `charge`) or `release`."""
+
+    __slots__ = ("cost_type", "ended", "holds", "key", "meter", "prices", "request", "reservation", "terms")
 
     def __init__(
         self,
@@ -116,13 +118,17 @@ class BillingTicket:
         self.cost_type = cost_type
         self.reservation = reservation
         self.holds = holds
+        self.ended = False
 
     def settle(self, outcome: Outcome) -> dict[str, str]:
         """Charge the outcome; the x-tollgate-* and limit headers for the response."""
         return {**self.headers(self.charge(outcome)), **self.start_headers()}
 
     def charge(self, outcome: Outcome) -> int:
-        """Write the charge to the ledger and free every hold; its cost in nano-dollars."""
+        """Write the charge to the ledger and free every hold; its cost in nano-dollars
+        (0, and nothing written, if the ticket has already ended)."""
+        if self.ended:
+            return 0
         model = self.request.model
         if self.cost_type == COUNT:
             cost_nanos, count = self.prices.count_price_nanos(model), 1
@@ -133,6 +139,7 @@ class BillingTicket:
             unit_prices = token_price.unit_prices()
         status = ESTIMATED if outcome.status == OK and outcome.usage.estimated else outcome.status
         record = self._record(outcome.provider, outcome.upstream_model, outcome.usage, unit_prices, cost_nanos, count, status)
+        self.ended = True  # only now: should pricing above raise, a later release() still frees the holds
         seq = self.meter.ledger.settle(self.reservation, record)
         if self.holds is not None:
             self.meter.limiter.release(self.holds, cost_nanos, outcome.usage.total_tokens, record.ts, seq)
@@ -143,6 +150,9 @@ class BillingTicket:
         return cost_nanos
 
     def release(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
         record = self._record("", "", Usage(), "{}", 0, 0, ERROR)
         seq = self.meter.ledger.release(self.reservation, record)
         if self.holds is not None:
