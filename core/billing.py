@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from core.alerts import Alerts
 from core.config import ApiKey, Config
@@ -24,6 +25,7 @@ from core.sqlite_ledger import SqliteLedger
 from core.usage import Usage, estimate_prompt_tokens
 
 ESTIMATED = "estimated"
+WINDOW_NOT_STARTED = "billing_window_not_started"
 
 
 def exhausted(kind: str) -> GatewayError:
@@ -32,6 +34,17 @@ def exhausted(kind: str) -> GatewayError:
             402, "insufficient_quota", "count_credits_exhausted", "This API key has no count credits left. Ask the operator to add count credits."
         )
     return GatewayError(402, "insufficient_quota", "credit_balance_exhausted", "This API key's credit balance is exhausted. Ask the operator to add credits.")
+
+
+def check_window_open(terms: KeyBilling, now: float, status: int = 403) -> None:
+    """Nothing timed before a key's billing window counts (Account.in_window), so nothing is
+    served (403), granted or reported (409) for the key before its `created_at`."""
+    if now >= terms.created_at:
+        return
+    opens = datetime.fromtimestamp(terms.created_at, UTC).isoformat()
+    if status == 403:
+        raise GatewayError(403, "permission_error", WINDOW_NOT_STARTED, f"This API key's billing starts at {opens}; it cannot be used before then.")
+    raise GatewayError(409, "conflict_error", WINDOW_NOT_STARTED, f"The key's billing window starts at {opens}: nothing before then would count.")
 
 
 class BillingMeter:
@@ -47,6 +60,7 @@ class BillingMeter:
         now = self.clock()
         prices = config.preferences.prices
         terms, limits = key.billing, key.limits
+        check_window_open(terms, now)
         cost_type = prices.cost_type(terms.mode, request.model)
         account = await self.ledger.account(key.id, terms)
         if limits.period_limits:
@@ -74,6 +88,7 @@ class BillingMeter:
     async def record_external(self, config: Config, key: ApiKey, model: str, usage: Usage, provider: str) -> int:
         """Charge usage that happened elsewhere; it already happened, so no balance check.
         A `provider/model` name is billed as its public model, as on the proxy."""
+        check_window_open(key.billing, self.clock(), 409)
         routes = config.routes.get(model)
         if routes:
             model = routes[0].public_name

@@ -496,3 +496,32 @@ def test_provider_qualified_model_reserves_at_the_public_models_price(start_gate
             gateway.client(TOKEN_KEY).chat.completions.create(model=model, messages=MESSAGES)
         assert caught.value.status_code == 402, model
     assert upstream.seen == []
+
+
+def test_a_future_created_at_opens_the_key_at_that_time_and_a_restart_agrees(start_gateway, upstream):
+    """Nothing before a key's billing window counts, so nothing is served or granted before it
+    opens; from then on the balance in memory, in answers and after a restart is one figure."""
+    import datetime
+
+    now = [1_900_000_000.0]
+    opens = now[0] + 3600
+    created_at = datetime.datetime.fromtimestamp(opens, datetime.UTC).isoformat()
+    config = CONFIG.replace("token, credits: 10}", f"token, credits: 10, created_at: '{created_at}'}}")
+    gateway = start_gateway(config, upstream, clock=lambda: now[0])
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.body["code"] == "billing_window_not_started" and created_at[:19] in caught.value.body["message"]
+    top_up = gateway.http("POST", "/v1/add_credits", key=ADMIN_KEY, params={"paid_key": TOKEN_KEY, "amount": "1.5"})
+    assert top_up.status_code == 409 and top_up.json()["error"]["code"] == "billing_window_not_started"
+    report = {"api_key": TOKEN_KEY, "model": "gpt-4o", "prompt_tokens": 11, "completion_tokens": 7}
+    assert gateway.http("POST", "/v1/usage/report", key=ADMIN_KEY, json=report).status_code == 409
+    assert states(gateway)[TOKEN_KEY]["remaining_credits"] == 10 and upstream.seen == [] and ledger_rows(gateway) == []
+
+    now[0] = opens
+    gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    top_up = gateway.http("POST", "/v1/add_credits", key=ADMIN_KEY, params={"paid_key": TOKEN_KEY, "amount": "1.5"}).json()
+    assert top_up["applied"] is True and top_up["api_key_state"]["remaining_credits"] == pytest.approx(11.475)
+    before = states(gateway)[TOKEN_KEY]
+    gateway.server.stop()
+    after = states(start_gateway(gateway.config_path.read_text(), upstream, clock=lambda: now[0]))[TOKEN_KEY]
+    assert after == before and after["remaining_credits"] == pytest.approx(11.475)
