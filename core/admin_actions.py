@@ -6,7 +6,7 @@ from decimal import Decimal, InvalidOperation
 
 from core.alerts import Alerts
 from core.audit import ADD_COUNT_CREDITS, ADD_CREDITS, REPORT_USAGE, SET_BILLING_MODE, Actor, AuditEntry, balance
-from core.billing import BillingMeter
+from core.billing import BillingMeter, check_window_open
 from core.config import ApiKey, Config
 from core.config_billing import BILLING_MODES
 from core.config_writer import ConfigWriteError, set_key_preference
@@ -55,6 +55,7 @@ async def add_credit(
     amount = parse_amount(raw_amount, kind)
     if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
         raise bad_request(f"The Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} characters.", "invalid_idempotency_key")
+    check_window_open(key.billing, now, 409)  # a grant before it would be written yet never count
     units = to_nanos(amount) if kind == CREDITS else int(amount)
     grant = Grant(key.id, kind, units, (reason or "admin top-up")[:MAX_REASON], idempotency_key, now)
     account = await ledger.account(key.id, key.billing)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from core.alerts import Alerts
 from core.config import ApiKey, Config
@@ -24,6 +25,7 @@ from core.sqlite_ledger import SqliteLedger
 from core.usage import Usage, estimate_prompt_tokens
 
 ESTIMATED = "estimated"
+WINDOW_NOT_STARTED = "billing_window_not_started"
 
 
 def exhausted(kind: str) -> GatewayError:
@@ -32,6 +34,17 @@ def exhausted(kind: str) -> GatewayError:
             402, "insufficient_quota", "count_credits_exhausted", "This API key has no count credits left. Ask the operator to add count credits."
         )
     return GatewayError(402, "insufficient_quota", "credit_balance_exhausted", "This API key's credit balance is exhausted. Ask the operator to add credits.")
+
+
+def check_window_open(terms: KeyBilling, now: float, status: int = 403) -> None:
+    """Nothing timed before a key's billing window counts (Account.in_window), so nothing is
+    served (403), granted or reported (409) for the key before its `created_at`."""
+    if now >= terms.created_at:
+        return
+    opens = datetime.fromtimestamp(terms.created_at, UTC).isoformat()
+    if status == 403:
+        raise GatewayError(403, "permission_error", WINDOW_NOT_STARTED, f"This API key's billing starts at {opens}; it cannot be used before then.")
+    raise GatewayError(409, "conflict_error", WINDOW_NOT_STARTED, f"The key's billing window starts at {opens}: nothing before then would count.")
 
 
 class BillingMeter:
@@ -47,6 +60,7 @@ class BillingMeter:
         now = self.clock()
         prices = config.preferences.prices
         terms, limits = key.billing, key.limits
+        check_window_open(terms, now)
         cost_type = prices.cost_type(terms.mode, request.model)
         account = await self.ledger.account(key.id, terms)
         if limits.period_limits:
@@ -72,7 +86,12 @@ class BillingMeter:
         return BillingTicket(self, key, terms, prices, request, cost_type, reservation, holds)
 
     async def record_external(self, config: Config, key: ApiKey, model: str, usage: Usage, provider: str) -> int:
-        """Charge usage that happened elsewhere; it already happened, so no balance check."""
+        """Charge usage that happened elsewhere; it already happened, so no balance check.
+        A `provider/model` name is billed as its public model, as on the proxy."""
+        check_window_open(key.billing, self.clock(), 409)
+        routes = config.routes.get(model)
+        if routes:
+            model = routes[0].public_name
         account = await self.ledger.account(key.id, key.billing)
         request = ProxyRequest("chat/completions", {}, model, False, new_request_id())
         cost_type = config.preferences.prices.cost_type(key.billing.mode, model)
@@ -91,7 +110,9 @@ class BillingMeter:
 
 
 class BillingTicket:
-    __slots__ = ("cost_type", "holds", "key", "meter", "prices", "request", "reservation", "terms")
+    """One admitted request's holds; it ends once, by `settle` (or `charge`) or `release`."""
+
+    __slots__ = ("cost_type", "ended", "holds", "key", "meter", "prices", "request", "reservation", "terms")
 
     def __init__(
         self,
@@ -112,13 +133,17 @@ class BillingTicket:
         self.cost_type = cost_type
         self.reservation = reservation
         self.holds = holds
+        self.ended = False
 
     def settle(self, outcome: Outcome) -> dict[str, str]:
         """Charge the outcome; the x-tollgate-* and limit headers for the response."""
         return {**self.headers(self.charge(outcome)), **self.start_headers()}
 
     def charge(self, outcome: Outcome) -> int:
-        """Write the charge to the ledger and free every hold; its cost in nano-dollars."""
+        """Write the charge to the ledger and free every hold; its cost in nano-dollars
+        (0, and nothing written, if the ticket has already ended)."""
+        if self.ended:
+            return 0
         model = self.request.model
         if self.cost_type == COUNT:
             cost_nanos, count = self.prices.count_price_nanos(model), 1
@@ -129,6 +154,7 @@ class BillingTicket:
             unit_prices = token_price.unit_prices()
         status = ESTIMATED if outcome.status == OK and outcome.usage.estimated else outcome.status
         record = self._record(outcome.provider, outcome.upstream_model, outcome.usage, unit_prices, cost_nanos, count, status)
+        self.ended = True  # only now: should pricing above raise, a later release() still frees the holds
         seq = self.meter.ledger.settle(self.reservation, record)
         if self.holds is not None:
             self.meter.limiter.release(self.holds, cost_nanos, outcome.usage.total_tokens, record.ts, seq)
@@ -139,6 +165,9 @@ class BillingTicket:
         return cost_nanos
 
     def release(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
         record = self._record("", "", Usage(), "{}", 0, 0, ERROR)
         seq = self.meter.ledger.release(self.reservation, record)
         if self.holds is not None:

@@ -48,6 +48,11 @@ class Account:
     def set_charges(self, values: tuple[int, int, int, int, int]) -> None:
         self.spent_nanos, self.count_used, self.total_cost_nanos, self.request_count, self.tokens_used = values
 
+    def in_window(self, ts: float) -> bool:
+        """The one rule for what a balance counts: charges, releases and grants timed from
+        the window's start (`created_at`) on, in memory exactly as at rebuild."""
+        return ts >= self.window_start
+
     def remaining_nanos(self, terms: KeyBilling) -> int | None:
         if terms.credits_nanos is None:
             return None

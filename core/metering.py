@@ -1,8 +1,10 @@
 """The seam billing plugs into: admit a request before the upstream call, settle it after.
 
-`admit` may refuse (raise GatewayError) and returns a `Ticket`. Exactly one of the ticket's
-`settle` or `release` is called, once, when the outcome is known: after the upstream
-answer, at the end of a stream, on client disconnect, or when every provider failed.
+`admit` may refuse (raise GatewayError) and returns a `Ticket`. The ticket ends once, by
+`settle` or `release`, when the outcome is known: after the upstream answer, at the end of
+a stream, on client disconnect, or when every provider failed. The first of the two ends
+it and any later call does nothing, so a caller can `release()` in a `finally` after
+settling and every admitted request still ends exactly once, whatever raised on the way.
 Both are synchronous so they can run while a cancelled stream unwinds.
 """
 
@@ -34,11 +36,13 @@ class Outcome:
 
 class Ticket(Protocol):
     def settle(self, outcome: Outcome) -> dict[str, str]:
-        """Charge the outcome; return response headers describing the charge."""
+        """Charge the outcome; return response headers describing the charge. Does nothing
+        once the ticket has ended."""
         ...
 
     def release(self) -> None:
-        """Nothing was delivered: charge nothing and free the reservation."""
+        """Nothing was delivered: charge nothing and free the reservation. Does nothing once
+        the ticket has ended (so it is safe in a `finally` after `settle`)."""
         ...
 
     def start_headers(self) -> dict[str, str]:

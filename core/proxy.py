@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -15,10 +16,10 @@ import aiohttp
 import orjson
 
 from core.config import ApiKey, Config, ModelRoute
-from core.errors import bad_gateway, bad_request
+from core.errors import GatewayError, bad_gateway, bad_request
 from core.metering import CLIENT_DISCONNECTED, ERROR, OK, Meter, Outcome, Ticket
 from core.providers import adapter_for, messages_adapter_for
-from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamStream
+from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamStream, invalid_answer
 from core.providers.messages import anthropic_error_body, anthropic_event
 from core.routing import Scheduler, routes_for
 from core.sse import encode_event
@@ -32,6 +33,9 @@ _REQUIRED_FIELD = {"chat/completions": "messages", "completions": "prompt", "emb
 
 @dataclass(frozen=True, slots=True)
 class ProxyRequest:
+    """One proxied call. `model` is what the client asked for until routing resolves it to
+    the public model name (`up/gpt-4o` is gpt-4o), which is what billing prices and logs."""
+
     endpoint: str
     body: dict[str, Any]
     model: str
@@ -87,17 +91,20 @@ class Gateway:
 
     async def handle(self, config: Config, key: ApiKey, request: ProxyRequest) -> CompletedCall | MeteredStream:
         routes = routes_for(config, request.model, key)
+        request = _as_public_model(request, routes)
         ticket = await self.meter.admit(config, key, request)
+        streaming = False
         try:
             answer, route = await self._first_answer(config, request, routes)
-        except BaseException:
-            ticket.release()
-            raise
-        if isinstance(answer, UpstreamStream):
-            return MeteredStream(answer, route, request, ticket, ticket.start_headers(), config.preferences.max_response_body_bytes)
-        usage = answer.usage or _estimate(request, answer.body)
-        headers = ticket.settle(Outcome(route.provider.name, route.upstream_name, usage, OK))
-        return CompletedCall(answer, route, headers)
+            if isinstance(answer, UpstreamStream):
+                stream = MeteredStream(answer, route, request, ticket, ticket.start_headers(), config.preferences.max_response_body_bytes)
+                streaming = True  # the stream ends the ticket when it finishes
+                return stream
+            usage = answer.usage or _estimate(request, answer.body)
+            return CompletedCall(answer, route, ticket.settle(Outcome(route.provider.name, route.upstream_name, usage, OK)))
+        finally:
+            if not streaming:
+                ticket.release()  # a no-op once settled; frees every hold if anything above raised
 
     async def _first_answer(self, config: Config, request: ProxyRequest, routes: tuple[ModelRoute, ...]) -> tuple[Reply | UpstreamStream, ModelRoute]:
         """Try routes in scheduling order until one answers; failover only on retryable failures."""
@@ -117,8 +124,7 @@ class Gateway:
                 self.loop,
             )
             try:
-                adapter = messages_adapter_for(route.provider.engine) if request.endpoint == "messages" else adapter_for(route.provider.engine)
-                answer = await adapter.send(call, self.http)
+                answer = await _send(request, call, self.http)
             except UpstreamFailure as exc:
                 log.warning("%s: %s failed: %s", request.request_id, route.label, exc.error.message)
                 if not exc.retryable:
@@ -131,14 +137,54 @@ class Gateway:
         raise failure.error if failure else bad_gateway("No provider could serve the request.")
 
 
-def _estimate(request: ProxyRequest, body: bytes) -> Usage:
-    """Usage for an answer that reported none: estimated from the prompt and the reply text."""
+async def _send(request: ProxyRequest, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
+    """The adapter's answer. An adapter that chokes on an answer of a shape it did not expect
+    (a 200 whose JSON it cannot translate) fails like any unusable answer: a 502 the next
+    provider may do better on, never a 500."""
+    route = call.route
+    adapter = messages_adapter_for(route.provider.engine) if request.endpoint == "messages" else adapter_for(route.provider.engine)
     try:
-        choices = json.loads(body).get("choices") or []
-    except (ValueError, AttributeError):
-        choices = []
-    text = "".join(message_text((c.get("message") or {}).get("content")) or str(c.get("text") or "") for c in choices if isinstance(c, dict))
+        return await adapter.send(call, http)
+    except (UpstreamFailure, GatewayError):
+        raise
+    except Exception:
+        log.exception("%s: %s sent an answer its adapter could not read", request.request_id, route.label)
+        raise UpstreamFailure.invalid(route) from None
+
+
+def _as_public_model(request: ProxyRequest, routes: tuple[ModelRoute, ...]) -> ProxyRequest:
+    """`provider/model` picks one route of a public model; it is priced, limited and logged as
+    that model, never as the literal string (which no price entry names)."""
+    public = routes[0].public_name
+    return request if public == request.model else dataclasses.replace(request, model=public)
+
+
+def _estimate(request: ProxyRequest, body: bytes) -> Usage:
+    """Usage for an answer that reported none: estimated from the prompt and the reply text,
+    read leniently (a vendor's odd shape is billed for the text found, never an error)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    text = "".join(_choice_text(choice) for choice in choices) if isinstance(choices, list) else ""
     return Usage(prompt_tokens=estimate_prompt_tokens(request.body), completion_tokens=estimate_text_tokens(text), estimated=True)
+
+
+def _choice_text(choice: Any) -> str:
+    """The text and tool-call arguments of one choice, whatever types its fields have."""
+    if not isinstance(choice, dict):
+        return ""
+    message = choice.get("message")
+    if isinstance(message, str):
+        return message
+    if not isinstance(message, dict):
+        text = choice.get("text")  # legacy completions
+        return text if isinstance(text, str) else ""
+    tool_calls = message.get("tool_calls")
+    functions = [call.get("function") for call in tool_calls if isinstance(call, dict)] if isinstance(tool_calls, list) else []
+    arguments = [f["arguments"] for f in functions if isinstance(f, dict) and isinstance(f.get("arguments"), str)]
+    return message_text(message.get("content")) + "".join(arguments)
 
 
 class MeteredStream:
@@ -162,29 +208,46 @@ class MeteredStream:
     def cut_off(self) -> bytes:
         """End a stream that passed `max_bytes` (the relay counts; nothing is buffered): the
         upstream is closed and the client's last event is the error."""
-        self.upstream.close()
         message = f"Provider '{self.route.provider.name}' sent a stream over the gateway's limit of {self.max_bytes} bytes."
-        error = self.upstream.error = bad_gateway(message, "upstream_response_too_large")
+        return self._end_with(bad_gateway(message, "upstream_response_too_large"))
+
+    def unreadable(self) -> bytes:
+        """End a stream whose reading raised (an event of a shape its adapter did not expect):
+        the client's last event is the error; what was relayed is billed as for a cut stream."""
+        log.exception("%s: %s sent a stream its adapter could not read", self.request.request_id, self.route.label)
+        return self._end_with(invalid_answer(self.route))
+
+    def _end_with(self, error: GatewayError) -> bytes:
+        self.upstream.close()
+        self.upstream.error = error
         if self.request.endpoint == "messages":  # Anthropic's clients expect its error event
             return anthropic_event("error", anthropic_error_body(error))
         return encode_event(orjson.dumps(error.body()))
 
     def finish(self, disconnected: bool) -> None:
-        """Close the upstream and settle. Synchronous: runs inside cancellation too."""
+        """Close the upstream and settle. Synchronous: runs inside cancellation too. Should
+        reading the outcome raise, the stream is billed for its prompt alone; the ticket ends
+        exactly once either way."""
         ticket, self._ticket = self._ticket, None
         if ticket is None:
             return
-        self.upstream.close()
+        try:
+            self.upstream.close()
+            self._settle(ticket, disconnected)
+        except Exception:
+            log.exception("%s: settling the stream from %s failed; billing the prompt estimate", self.request.request_id, self.route.label)
+            ticket.settle(Outcome(self.route.provider.name, self.route.upstream_name, self._estimate(0), ERROR))
+        finally:
+            ticket.release()  # a no-op once settled
+
+    def _settle(self, ticket: Ticket, disconnected: bool) -> None:
         upstream = self.upstream
         status = CLIENT_DISCONNECTED if disconnected else ERROR if upstream.error else OK
-        usage = upstream.usage
-        if usage is None:
-            usage = Usage(
-                prompt_tokens=estimate_prompt_tokens(self.request.body),
-                completion_tokens=tokens_for_bytes(upstream.completion_text_bytes),
-                estimated=True,
-            )
+        usage = upstream.usage or self._estimate(upstream.completion_text_bytes)
         if upstream.error is not None and usage.estimated and upstream.completion_text_bytes == 0:
             ticket.release()  # failed before any output: nothing to charge
             return
         ticket.settle(Outcome(self.route.provider.name, self.route.upstream_name, usage, status))
+
+    def _estimate(self, completion_text_bytes: int) -> Usage:
+        return Usage(estimate_prompt_tokens(self.request.body), tokens_for_bytes(completion_text_bytes), estimated=True)

@@ -209,19 +209,21 @@ class SqliteLedger:
     def settle(self, reservation: Reservation, record: UsageRecord) -> int:
         self._unhold(reservation)
         account = reservation.account
-        if record.cost_type == "token":
-            account.spent_nanos += record.cost_nanos
-        account.count_used += record.count_charged
-        account.total_cost_nanos += record.cost_nanos
-        account.request_count += 1
-        account.tokens_used += record.prompt_tokens + record.completion_tokens
+        if account.in_window(record.ts):  # (a reload may have moved the window past this request)
+            if record.cost_type == "token":
+                account.spent_nanos += record.cost_nanos
+            account.count_used += record.count_charged
+            account.total_cost_nanos += record.cost_nanos
+            account.request_count += 1
+            account.tokens_used += record.prompt_tokens + record.completion_tokens
         return self._enqueue(record)
 
     def release(self, reservation: Reservation, record: UsageRecord | None = None) -> int:
         self._unhold(reservation)
         if record is None:
             return self._seq
-        reservation.account.request_count += 1
+        if reservation.account.in_window(record.ts):
+            reservation.account.request_count += 1
         return self._enqueue(record)
 
     @staticmethod
@@ -339,7 +341,7 @@ class SqliteLedger:
                 return
         for item, was_applied in zip((i for i in items if isinstance(i, _GrantItem)), applied, strict=True):
             grant, account = item.grant, item.account
-            if was_applied and grant.ts >= account.window_start:
+            if was_applied and account.in_window(grant.ts):
                 if grant.kind == CREDITS:
                     account.granted_nanos += grant.amount
                 else:

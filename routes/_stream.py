@@ -53,6 +53,9 @@ class ProxyStreamResponse:
             self._uncancel()
         except OSError:
             self.disconnected = True
+        except Exception:  # reading the upstream raised: the client's last event says so
+            self._relaying = None  # a disconnect now shows as a failed send, not a cancellation
+            await self._end_with(send, self.stream.unreadable())
         finally:
             self._relaying = None  # from here on a disconnect cancels nothing
             watcher.cancel()
@@ -60,6 +63,14 @@ class ProxyStreamResponse:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await asyncio.shield(aclose())
+
+    async def _end_with(self, send: Send, event: bytes) -> None:
+        """Send the stream's last event and end the body (the client may be gone by now)."""
+        try:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            self.disconnected = True
 
     async def _watch_disconnect(self, receive: Receive) -> None:
         message: Message = {"type": ""}

@@ -28,6 +28,7 @@ MESSAGES = {
     "config_not_writable": "api.yaml could not be written: the billing mode is unchanged.",
     "config_invalid": "api.yaml does not load after the change; see the config status.",
     "bad_csrf": "The form expired; please try again.",
+    "billing_window_not_started": "The key's billing window (created_at) has not started: a top-up now would never count.",
 }
 
 

@@ -445,3 +445,83 @@ def test_openai_stream_cut_midway_bills_what_was_streamed(start_gateway, upstrea
     states(gateway)
     (row,) = ledger_rows(gateway, "SELECT status, prompt_tokens, completion_tokens, cost_nanos FROM usage")
     assert row == ("error", 10, 4, (10 * 1000 + 4 * 2000) * 1000)  # 16 streamed bytes: 4 tokens, prompt estimated
+
+
+QUALIFIED_CONFIG = f"""
+providers:
+  - provider: up
+    base_url: {{fake:p1}}
+    api: k
+    model: [gpt-4o]
+api_keys:
+  - api: {ADMIN_KEY}
+    role: admin
+  - api: {TOKEN_KEY}
+    preferences: {{billing_mode: token, credits: 10}}
+  - api: {COUNT_KEY}
+    preferences: {{billing_mode: count, count_credits: 10}}
+  - api: {HYBRID_KEY}
+    preferences: {{billing_mode: hybrid, credits: 5, count_credits: 3}}
+preferences:
+  count_billing: {{enabled: true, default_count_price: 0.002}}
+  model_price:
+    gpt-4o: {{token_price: "5,20", count_price: 0.01}}
+"""
+
+
+@pytest.mark.parametrize("with_default", [False, True])
+def test_provider_qualified_model_is_priced_as_the_public_model(start_gateway, upstream, with_default):
+    """`up/gpt-4o` is gpt-4o served by `up`: its price, hybrid choice and ledger name are gpt-4o's."""
+    config = QUALIFIED_CONFIG + ('    default: "100,100"\n' if with_default else "")
+    gateway = start_gateway(config.replace("{fake:p1}", upstream.base_url("p1")))
+    token = gateway.client(TOKEN_KEY).chat.completions.with_raw_response.create(model="up/gpt-4o", messages=MESSAGES)
+    assert token.headers["x-tollgate-cost"] == "0.000195"  # 11 x 5 + 7 x 20 per 1M tokens
+    count = gateway.client(COUNT_KEY).chat.completions.with_raw_response.create(model="up/gpt-4o", messages=MESSAGES)
+    assert count.headers["x-tollgate-cost"] == "0.01"
+    hybrid = gateway.client(HYBRID_KEY).chat.completions.with_raw_response.create(model="up/gpt-4o", messages=MESSAGES)
+    assert hybrid.headers["x-tollgate-cost"] == "0.01" and hybrid.headers["x-tollgate-count-credits-remaining"] == "2"
+    keys = states(gateway)
+    assert keys[HYBRID_KEY]["remaining_count_credits"] == 2 and keys[HYBRID_KEY]["remaining_credits"] == 5
+    rows = ledger_rows(gateway, "SELECT model, provider, cost_type, cost_nanos FROM usage ORDER BY id")
+    assert rows == [("gpt-4o", "up", "token", 195_000), ("gpt-4o", "up", "count", 10_000_000), ("gpt-4o", "up", "count", 10_000_000)]
+    report = {"api_key": TOKEN_KEY, "model": "up/gpt-4o", "prompt_tokens": 11, "completion_tokens": 7}
+    assert gateway.http("POST", "/v1/usage/report", key=ADMIN_KEY, json=report).json()["cost"] == 0.000195
+
+
+def test_provider_qualified_model_reserves_at_the_public_models_price(start_gateway, upstream):
+    config = QUALIFIED_CONFIG.replace("token, credits: 10", "token, credits: 0.001")
+    gateway = start_gateway(config.replace("{fake:p1}", upstream.base_url("p1")))
+    for model in ("gpt-4o", "up/gpt-4o"):  # 10 prompt + 1024 completion tokens at 5,20 USD per 1M: 0.02053
+        with pytest.raises(openai.APIStatusError) as caught:
+            gateway.client(TOKEN_KEY).chat.completions.create(model=model, messages=MESSAGES)
+        assert caught.value.status_code == 402, model
+    assert upstream.seen == []
+
+
+def test_a_future_created_at_opens_the_key_at_that_time_and_a_restart_agrees(start_gateway, upstream):
+    """Nothing before a key's billing window counts, so nothing is served or granted before it
+    opens; from then on the balance in memory, in answers and after a restart is one figure."""
+    import datetime
+
+    now = [1_900_000_000.0]
+    opens = now[0] + 3600
+    created_at = datetime.datetime.fromtimestamp(opens, datetime.UTC).isoformat()
+    config = CONFIG.replace("token, credits: 10}", f"token, credits: 10, created_at: '{created_at}'}}")
+    gateway = start_gateway(config, upstream, clock=lambda: now[0])
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.body["code"] == "billing_window_not_started" and created_at[:19] in caught.value.body["message"]
+    top_up = gateway.http("POST", "/v1/add_credits", key=ADMIN_KEY, params={"paid_key": TOKEN_KEY, "amount": "1.5"})
+    assert top_up.status_code == 409 and top_up.json()["error"]["code"] == "billing_window_not_started"
+    report = {"api_key": TOKEN_KEY, "model": "gpt-4o", "prompt_tokens": 11, "completion_tokens": 7}
+    assert gateway.http("POST", "/v1/usage/report", key=ADMIN_KEY, json=report).status_code == 409
+    assert states(gateway)[TOKEN_KEY]["remaining_credits"] == 10 and upstream.seen == [] and ledger_rows(gateway) == []
+
+    now[0] = opens
+    gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    top_up = gateway.http("POST", "/v1/add_credits", key=ADMIN_KEY, params={"paid_key": TOKEN_KEY, "amount": "1.5"}).json()
+    assert top_up["applied"] is True and top_up["api_key_state"]["remaining_credits"] == pytest.approx(11.475)
+    before = states(gateway)[TOKEN_KEY]
+    gateway.server.stop()
+    after = states(start_gateway(gateway.config_path.read_text(), upstream, clock=lambda: now[0]))[TOKEN_KEY]
+    assert after == before and after["remaining_credits"] == pytest.approx(11.475)

@@ -138,6 +138,26 @@ def test_a_changed_billing_window_recounts_exactly_with_requests_in_flight(tmp_p
     assert live_remaining == rebuilt_remaining == 10_000 + 500 - 70 - 40
 
 
+def test_what_is_timed_before_the_window_counts_neither_live_nor_after_a_restart(tmp_path):
+    """One rule in memory, at rebuild and for grants: a charge, a release or a grant counts
+    only from `created_at` on (a reload can move the window past requests in flight)."""
+    terms = KeyBilling(credits_nanos=10_000, created_at=time.time() + 3600)
+
+    async def scenario():
+        ledger = await SqliteLedger.open(tmp_path / "l.db")
+        ledger.settle(await ledger.reserve("k", terms, 100, 0), record("k", 100))
+        ledger.release(await ledger.reserve("k", terms, 100, 0), record("k", 0))
+        await ledger.grant(Grant("k", CREDITS, 500, "top-up", None, time.time()), terms)
+        account = await ledger.account("k", terms)
+        live = account.remaining_nanos(terms), account.request_count, account.reserved_nanos
+        await ledger.close()
+        again = await rebuilt(tmp_path / "l.db", "k", terms)
+        return live, (again.remaining_nanos(terms), again.request_count, again.reserved_nanos)
+
+    live, after_restart = asyncio.run(scenario())
+    assert live == after_restart == (10_000, 0, 0)
+
+
 def test_grants_are_idempotent_per_key(tmp_path):
     terms = KeyBilling(mode="count", count_credits=0)
 

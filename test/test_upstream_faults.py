@@ -31,6 +31,11 @@ providers:
     base_url: RESET_URL
     api: k
     model: [reset-model]
+  - provider: g
+    base_url: {{fake:p2}}
+    engine: gemini
+    api: k
+    model: [gemini-model]
 api_keys:
   - api: {ADMIN_KEY}
     role: admin
@@ -113,6 +118,15 @@ async def endless_stream(body: dict[str, Any], request: Request) -> Response:
     return _streaming([chunk] * 200)
 
 
+def odd_json(payload: Any) -> Any:
+    """A 200 whose JSON is not an answer of the shape the endpoint promises."""
+
+    async def handler(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse(payload)
+
+    return handler
+
+
 # (name, upstream handler, model, stream, expected status, expected code, charged?)
 FAULTS = [
     ("hang", hang(5), "gpt-4o", False, 504, "upstream_timeout", False),
@@ -126,6 +140,11 @@ FAULTS = [
     ("cut stream", cut_stream, "gpt-4o", True, 200, "upstream_stream_broken", True),
     ("stalled stream", stalled_stream, "gpt-4o", True, 200, "upstream_timeout", True),
     ("endless stream", endless_stream, "gpt-4o", True, 200, "upstream_response_too_large", True),
+    ("json without choices", odd_json({"id": "x", "usage": None}), "gpt-4o", False, 502, "upstream_invalid_response", False),
+    ("json list", odd_json([{"choices": []}]), "gpt-4o", False, 502, "upstream_invalid_response", False),
+    ("json error at 200", odd_json({"error": {"message": "busy"}}), "gpt-4o", False, 502, "upstream_invalid_response", False),
+    ("choices not a list", odd_json({"choices": "hello"}), "gpt-4o", False, 502, "upstream_invalid_response", False),
+    ("gemini odd shape", odd_json({"candidates": [{"content": "hello"}]}), "gemini-model", False, 502, "upstream_invalid_response", False),
 ]
 
 
@@ -144,7 +163,7 @@ def test_upstream_fault_is_an_openai_error_releases_everything_and_bills_exactly
     start_gateway, upstream, resetting_server, name, handler, model, stream, status, code, charged
 ):
     if handler is not None:
-        upstream.script("p1", handler)
+        upstream.script("p2" if model.startswith("gemini") else "p1", handler)
     gateway = start_gateway(CONFIG.replace("RESET_URL", resetting_server), upstream)
     body = {"model": model, "messages": MESSAGES, "stream": stream}
     response = gateway.http("POST", "/v1/chat/completions", key=USER_KEY, json=body, timeout=30)
@@ -200,3 +219,63 @@ def test_an_oversized_stream_on_v1_messages_ends_with_anthropics_error_event(sta
     assert last.startswith("event: error\ndata: ")
     error = json.loads(last.split("data: ", 1)[1])
     assert error["type"] == "error" and "limit of 4096 bytes" in error["error"]["message"]
+
+
+def _balance_equals_ledger_and_slot_is_free(gateway: Any, upstream: Any) -> list[tuple[str, int]]:
+    """What every odd answer must leave behind: one ledger row, the balance equal to the
+    credits minus that row, and the key's single concurrency slot free again."""
+    remaining = _remaining(gateway)  # (also commits every queued ledger row)
+    rows = _ledger(gateway)
+    assert len(rows) == 1, rows
+    assert remaining == pytest.approx(10 - rows[0][1] / 1e9, abs=1e-9)
+    upstream.script("p1", lambda body, request: _ok(body))
+    again = gateway.client(USER_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert again.choices[0].message.content == "Hello from upstream"
+    return rows
+
+
+def test_an_answer_of_odd_shape_is_relayed_and_billed_by_estimate(start_gateway, upstream, resetting_server):
+    answer = {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": "hello"}, 7, {"message": {"content": 5}}]}
+    upstream.script("p1", odd_json(answer))
+    gateway = start_gateway(CONFIG.replace("RESET_URL", resetting_server), upstream)
+    response = gateway.http("POST", "/v1/chat/completions", key=USER_KEY, json={"model": "gpt-4o", "messages": MESSAGES})
+    assert response.status_code == 200 and response.json() == answer
+    rows = _balance_equals_ledger_and_slot_is_free(gateway, upstream)
+    # 10 prompt tokens estimated from the messages, 2 for "hello": (10 x 1000 + 2 x 2000) per 1M USD.
+    assert rows == [("estimated", 14_000_000)]
+
+
+def test_a_stream_with_odd_deltas_is_billed_by_estimate(start_gateway, upstream, resetting_server):
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o"}
+    events = [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "abcd"}}]},
+        {**base, "choices": [{"index": 0, "delta": {"tool_calls": 5}}]},
+        {**base, "choices": [{"index": 0, "delta": {"tool_calls": [{"function": {"arguments": 5}}, "x"], "content": ["y"]}}]},
+        {**base, "choices": [{"index": 0, "delta": {"content": "efgh"}, "finish_reason": "stop"}]},
+    ]
+    chunks = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+    upstream.script("p1", lambda body, request: _async(_streaming(chunks)))
+    gateway = start_gateway(CONFIG.replace("RESET_URL", resetting_server), upstream)
+    response = gateway.http("POST", "/v1/chat/completions", key=USER_KEY, json={"model": "gpt-4o", "messages": MESSAGES, "stream": True})
+    assert response.status_code == 200 and response.text == b"".join(chunks).decode()
+    rows = _balance_equals_ledger_and_slot_is_free(gateway, upstream)
+    # 10 prompt tokens estimated, 8 streamed bytes = 2 completion tokens.
+    assert rows == [("estimated", 14_000_000)]
+
+
+def test_a_stream_that_cannot_be_read_ends_with_an_error_event_and_is_billed(start_gateway, upstream, resetting_server):
+    good = {"candidates": [{"content": {"parts": [{"text": "abcdefgh"}], "role": "model"}}]}
+    odd = {"candidates": [{"content": "hello"}]}
+    chunks = [b"data: " + json.dumps(e).encode() + b"\r\n\r\n" for e in (good, odd)]
+    upstream.script("p2", lambda body, request: _async(_streaming(chunks)))
+    gateway = start_gateway(CONFIG.replace("RESET_URL", resetting_server), upstream)
+    response = gateway.http("POST", "/v1/chat/completions", key=USER_KEY, json={"model": "gemini-model", "messages": MESSAGES, "stream": True})
+    assert response.status_code == 200 and "abcdefgh" in response.text
+    error = json.loads(response.text.strip().split("data: ")[-1])["error"]
+    assert error["code"] == "upstream_invalid_response" and error["type"] == "api_error"
+    rows = _balance_equals_ledger_and_slot_is_free(gateway, upstream)
+    assert rows == [("error", 14_000_000)]  # 10 prompt tokens estimated, 8 streamed bytes = 2 completion tokens
+
+
+async def _async(value: Any) -> Any:
+    return value

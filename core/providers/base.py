@@ -65,8 +65,17 @@ class UpstreamFailure(Exception):
         return cls(gateway_timeout(f"Provider '{route.provider.name}' did not answer within {route.timeout:g}s."), retryable=True)
 
     @classmethod
+    def invalid(cls, route: ModelRoute) -> UpstreamFailure:
+        """A 200 that is no answer (not the shape its endpoint promises): another provider may do better."""
+        return cls(invalid_answer(route), retryable=True)
+
+    @classmethod
     def unreachable(cls, route: ModelRoute, exc: BaseException) -> UpstreamFailure:
         return cls(bad_gateway(f"Provider '{route.provider.name}' could not be reached: {type(exc).__name__}.", "upstream_unreachable"), retryable=True)
+
+
+def invalid_answer(route: ModelRoute) -> GatewayError:
+    return bad_gateway(f"Provider '{route.provider.name}' sent an answer the gateway cannot read.", "upstream_invalid_response")
 
 
 class UpstreamStream(ABC):

@@ -16,7 +16,7 @@ import orjson
 
 from core.config import ModelRoute
 from core.errors import GatewayError, bad_gateway
-from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream
+from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamFailure, UpstreamStream
 from core.providers.http import open_stream, post_json
 from core.sse import DONE, SseSplitter, encode_event, event_data
 from core.usage import usage_from_openai
@@ -41,6 +41,8 @@ class OpenAIAdapter:
         if call.stream:
             return OpenAIStream(await open_stream(http, url, headers, payload, call), call.route, call.client_wants_usage)
         body, data = await post_json(http, url, headers, payload, call)
+        if not is_answer(call.endpoint, data):
+            raise UpstreamFailure.invalid(call.route)
         return Reply(200, body, usage_from_openai(data))
 
 
@@ -51,6 +53,17 @@ class AzureAdapter(OpenAIAdapter):
         route = call.route
         url = f"{route.provider.base_url}/openai/deployments/{quote(route.upstream_name, safe='')}/{call.endpoint}?api-version={quote(route.provider.api_version or AZURE_API_VERSION)}"
         return url, {"api-key": call.upstream_key, "Content-Type": JSON_CONTENT_TYPE, **route.provider.headers}
+
+
+# The list every answer of an endpoint has: without it no OpenAI client can use the answer.
+_ANSWER_LISTS = {"chat/completions": "choices", "completions": "choices", "embeddings": "data"}
+
+
+def is_answer(endpoint: str, data: Any) -> bool:
+    """A 200's JSON is relayed when it is an object with its endpoint's list (`choices`,
+    `data`), whatever is inside: odd items are the client's to judge and billing estimates
+    them. Anything else (an error object, a bare list) is no answer."""
+    return isinstance(data, dict) and isinstance(data.get(_ANSWER_LISTS.get(endpoint, "choices")), list)
 
 
 def upstream_body(call: UpstreamCall) -> dict[str, Any]:
@@ -177,9 +190,10 @@ def _choice_text_bytes(choice: Any) -> int:
     if not isinstance(choice, dict):
         return 0
     delta = choice.get("delta")
-    if isinstance(delta, dict):
-        size = len((delta.get("content") or "").encode()) if isinstance(delta.get("content"), str) else 0
-        for tool_call in delta.get("tool_calls") or ():
+    if isinstance(delta, dict):  # every field checked for its type: a vendor's odd one counts 0, never raises
+        content, tool_calls = delta.get("content"), delta.get("tool_calls")
+        size = len(content.encode()) if isinstance(content, str) else 0
+        for tool_call in tool_calls if isinstance(tool_calls, list) else ():
             function = tool_call.get("function") if isinstance(tool_call, dict) else None
             if isinstance(function, dict) and isinstance(function.get("arguments"), str):
                 size += len(function["arguments"].encode())
