@@ -365,24 +365,34 @@ def test_unknown_model_gets_404(start_gateway, upstream):
 
 
 @pytest.mark.parametrize(
-    ("body", "code"),
+    ("body", "code", "param"),
     [
-        (b"{not json", "invalid_json"),
-        (b"[1, 2]", "invalid_body"),
-        (json.dumps({"messages": MESSAGES}).encode(), "missing_model"),
-        (json.dumps({"model": "gpt-4o"}).encode(), "missing_messages"),
-        (json.dumps({"model": "gpt-4o", "messages": "hi"}).encode(), "invalid_messages"),
-        (json.dumps({"model": "gpt-4o", "messages": MESSAGES, "stream": "yes"}).encode(), "invalid_stream"),
-        (b"\xff\xfe\x00garbage", "invalid_json"),
-        (b"[" * 100000, "invalid_json"),
+        (b"{not json", "invalid_json", None),
+        (b"[1, 2]", "invalid_body", None),
+        (json.dumps({"messages": MESSAGES}).encode(), "missing_model", "model"),
+        (json.dumps({"model": "gpt-4o"}).encode(), "missing_messages", "messages"),
+        (json.dumps({"model": "gpt-4o", "messages": "hi"}).encode(), "invalid_messages", "messages"),
+        (json.dumps({"model": "gpt-4o", "messages": MESSAGES, "stream": "yes"}).encode(), "invalid_stream", "stream"),
+        (b"\xff\xfe\x00garbage", "invalid_json", None),
+        (b"[" * 100000, "invalid_json", None),
     ],
 )
-def test_malformed_requests_get_400(start_gateway, upstream, body, code):
+def test_malformed_requests_get_400_naming_the_parameter(start_gateway, upstream, body, code, param):
     gateway = start_gateway(TWO_PROVIDERS, upstream)
     response = gateway.http("POST", "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400
-    assert response.json()["error"] == {"message": response.json()["error"]["message"], "type": "invalid_request_error", "code": code, "param": None}
+    assert response.json()["error"] == {"message": response.json()["error"]["message"], "type": "invalid_request_error", "code": code, "param": param}
     assert upstream.seen == []
+
+
+def test_parameter_errors_reach_the_sdk_with_their_param(start_gateway, upstream):
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    with pytest.raises(openai.BadRequestError) as caught:
+        gateway.client().embeddings.create(model="gpt-4o", input="x", extra_body={"stream": True})
+    assert (caught.value.code, caught.value.param) == ("invalid_stream", "stream")
+    with pytest.raises(openai.BadRequestError) as caught:
+        gateway.client().completions.create(model="gpt-4o", prompt=None)  # type: ignore[arg-type]
+    assert (caught.value.code, caught.value.param) == ("missing_prompt", "prompt")
 
 
 def test_body_over_the_limit_gets_413(start_gateway, upstream):
