@@ -58,6 +58,16 @@ def test_echo_embeddings_and_completions(start_gateway):
     assert completion.choices[0].text == "Echo: say hi"
 
 
+def test_echo_ids_are_shaped_like_openai_ids(start_gateway):
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml())
+    client = gateway.client()
+    first, second = (client.chat.completions.create(model="echo-1", messages=MESSAGES) for _ in range(2))
+    assert first.id.startswith("chatcmpl-") and first.id != second.id
+    chunks = list(client.chat.completions.create(model="echo-1", messages=MESSAGES, stream=True))
+    assert {chunk.id for chunk in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
+    assert client.completions.create(model="echo-1", prompt="say hi").id.startswith("cmpl-")
+
+
 def test_openai_upstream_gets_upstream_model_name_key_and_headers(start_gateway, upstream):
     config = """
 providers:
