@@ -37,8 +37,8 @@ def forbidden(message: str, code: str) -> GatewayError:
     return GatewayError(403, "permission_error", code, message)
 
 
-def not_found(message: str, code: str) -> GatewayError:
-    return GatewayError(404, "invalid_request_error", code, message)
+def not_found(message: str, code: str, param: str | None = None) -> GatewayError:
+    return GatewayError(404, "invalid_request_error", code, message, param=param)
 
 
 def too_large(limit: int) -> GatewayError:

@@ -17,8 +17,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from core.config import Config
-from core.errors import GatewayError
+from core.config import ApiKey, Config
+from core.errors import GatewayError, not_found
 from core.providers.messages import anthropic_error_body
 from core.proxy import MeteredStream, parse_proxy_request
 from routes._http import authenticate, authenticate_headers, current_config, parse_json, receive_body, unexpected_error
@@ -72,13 +72,28 @@ async def list_models(request: Request) -> Response:
     """The models this key may use, in OpenAI's list shape."""
     config = current_config(request)
     key = authenticate(request, config)
-    created = int(config.loaded_at or time.time())
-    data = []
-    for name in config.public_models:
-        allowed = [route for route in config.routes[name] if key.access.allows(route)]
-        if allowed:
-            data.append({"id": name, "object": "model", "created": created, "owned_by": allowed[0].provider.name})
-    return JSONResponse({"object": "list", "data": data})
+    models = (_model_object(config, key, name) for name in config.public_models)
+    return JSONResponse({"object": "list", "data": [model for model in models if model is not None]})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """One model (a public name or `provider/model`) as OpenAI's model object; 404 for one the
+    key may not use, as OpenAI answers, so a key learns nothing of models beyond its reach."""
+    config = current_config(request)
+    key = authenticate(request, config)
+    name = request.path_params["model_id"]
+    model = _model_object(config, key, name)
+    if model is None:
+        raise not_found(f"The model '{name}' does not exist or this API key may not use it.", "model_not_found", "model")
+    return JSONResponse(model)
+
+
+def _model_object(config: Config, key: ApiKey, name: str) -> dict[str, Any] | None:
+    """OpenAI's model object for `name`, owned by the first provider the key may use it through."""
+    allowed = [route for route in config.routes.get(name, ()) if key.access.allows(route)]
+    if not allowed:
+        return None
+    return {"id": name, "object": "model", "created": int(config.loaded_at or time.time()), "owned_by": allowed[0].provider.name}
 
 
 # The request headers the proxy endpoints read, picked out of the ASGI scope in one pass.
@@ -100,4 +115,5 @@ PROXY_ENDPOINTS = {f"/v1/{endpoint}": ProxyEndpoint(endpoint) for endpoint in ("
 routes = [
     *(Route(path, endpoint, methods=["POST"]) for path, endpoint in PROXY_ENDPOINTS.items()),
     Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
 ]

@@ -358,6 +358,28 @@ providers:
     assert sorted(m.id for m in admin_models) == ["gpt-4o", "gpt-4o-mini", "o1"]
 
 
+def test_retrieve_model_answers_for_models_the_key_may_use(start_gateway, upstream):
+    config = """
+providers:
+  - provider: p1
+    base_url: {fake:p1}
+    api: k
+    model: [gpt-4o, gpt-4o-mini]
+  - provider: p2
+    base_url: {fake:p2}
+    api: k
+    model: [gpt-4o, o1]
+""" + keys_yaml('[gpt-4o-mini, "p2/*"]')
+    client = start_gateway(config, upstream).client()
+    model = client.models.retrieve("gpt-4o")
+    assert (model.id, model.object, model.owned_by) == ("gpt-4o", "model", "p2")
+    assert client.models.retrieve("p2/o1").id == "p2/o1", "a provider/model id (its slash sent as %2F) is one model"
+    for hidden in ("p1/gpt-4o", "nope"):
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.models.retrieve(hidden)
+        assert (caught.value.code, caught.value.param) == ("model_not_found", "model")
+
+
 def test_model_not_allowed_gets_403(start_gateway, upstream):
     config = TWO_PROVIDERS.replace("api: up-key-2\n    model: [gpt-4o]", "api: up-key-2\n    model: [gpt-4o, o1]") + "    model: [gpt-4o]\n"
     gateway = start_gateway(config, upstream)
