@@ -121,7 +121,7 @@ async def on_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         exc = http_error(exc)
     assert isinstance(exc, GatewayError)
-    if request.url.path == "/v1/messages":  # Anthropic's clients expect Anthropic's error shape
+    if request.url.path in proxy.ANTHROPIC_PATHS:  # Anthropic's clients expect Anthropic's error shape
         return JSONResponse(anthropic_error_body(exc), status_code=exc.status, headers=exc.headers)
     return web.render_error(request, exc) if _is_page(request) else error_response(exc)
 

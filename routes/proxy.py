@@ -1,4 +1,5 @@
-"""/v1 proxy endpoints: chat completions, completions, embeddings, messages, models.
+"""/v1 proxy endpoints: chat completions, completions, embeddings, messages, models; and the
+free Anthropic token count.
 
 The four proxy endpoints are plain ASGI apps rather than Starlette request handlers: they
 are the hot path, and building Starlette's Request/Response objects and passing its
@@ -18,10 +19,12 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from core.config import ApiKey, Config
-from core.errors import GatewayError, not_found
+from core.errors import GatewayError, bad_request, not_found
 from core.providers.messages import anthropic_error_body
 from core.proxy import MeteredStream, parse_proxy_request
-from routes._http import authenticate, authenticate_headers, current_config, parse_json, receive_body, unexpected_error
+from core.routing import routes_for
+from core.usage import estimate_prompt_tokens
+from routes._http import authenticate, authenticate_headers, current_config, parse_json, read_json, receive_body, unexpected_error
 from routes._stream import ProxyStreamResponse
 
 log = logging.getLogger("tollgate.proxy")
@@ -88,6 +91,29 @@ async def retrieve_model(request: Request) -> Response:
     return JSONResponse(model)
 
 
+async def count_tokens(request: Request) -> Response:
+    """Anthropic's `POST /v1/messages/count_tokens` (Claude Code calls it before requests):
+    the gateway's prompt estimate, free: no reservation, no ledger row, no limit used. The
+    key must be one /v1/messages would accept for this model (404 / 403 as it answers)."""
+    config = current_config(request)
+    key = authenticate(request, config)
+    body = await read_json(request, config.preferences.max_request_body_bytes)
+    routes_for(config, _counted_model(body), key)
+    return JSONResponse({"input_tokens": estimate_prompt_tokens(body)})
+
+
+def _counted_model(body: Any) -> str:
+    """The model of a count_tokens body, once the body has the fields the estimate reads."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", "invalid_body")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("The 'model' field is required and must be a string.", "missing_model", "model")
+    if not isinstance(body.get("messages"), list):
+        raise bad_request("The 'messages' field is required and must be a list of messages.", "invalid_messages", "messages")
+    return model
+
+
 def _model_object(config: Config, key: ApiKey, name: str) -> dict[str, Any] | None:
     """OpenAI's model object for `name`, owned by the first provider the key may use it through."""
     allowed = [route for route in config.routes.get(name, ()) if key.access.allows(route)]
@@ -110,10 +136,14 @@ def _request_headers(scope: Scope) -> dict[str, str]:
     return found
 
 
+# Paths whose clients expect Anthropic's error shape (main.py renders Starlette-raised errors).
+ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+
 PROXY_ENDPOINTS = {f"/v1/{endpoint}": ProxyEndpoint(endpoint) for endpoint in ("chat/completions", "completions", "embeddings", "messages")}
 
 routes = [
     *(Route(path, endpoint, methods=["POST"]) for path, endpoint in PROXY_ENDPOINTS.items()),
+    Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
 ]
