@@ -112,8 +112,11 @@ class GatewayApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+_API_PATHS = ("/v1/", "/health", "/dashboard/", *proxy.UNPREFIXED_API_PATHS)
+
+
 def _is_page(request: Request) -> bool:
-    return not request.url.path.startswith(("/v1/", "/health", "/dashboard/"))
+    return not request.url.path.startswith(_API_PATHS)
 
 
 async def on_error(request: Request, exc: Exception) -> Response:

@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from core.config import ApiKey, Config
 from core.errors import GatewayError, bad_request, not_found
 from core.providers.messages import anthropic_error_body
-from core.proxy import MeteredStream, parse_proxy_request
+from core.proxy import ENDPOINTS, MeteredStream, parse_proxy_request
 from core.routing import routes_for
 from core.usage import estimate_prompt_tokens
 from routes._http import authenticate, authenticate_headers, current_config, parse_json, read_json, receive_body, unexpected_error
@@ -136,14 +136,19 @@ def _request_headers(scope: Scope) -> dict[str, str]:
     return found
 
 
-# Paths whose clients expect Anthropic's error shape (main.py renders Starlette-raised errors).
-ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+# Many clients are configured with a base URL lacking /v1: every proxy path is served both ways.
+API_PREFIXES = ("/v1", "")
+UNPREFIXED_API_PATHS = ("/chat/completions", "/completions", "/embeddings", "/messages", "/models")
 
-PROXY_ENDPOINTS = {f"/v1/{endpoint}": ProxyEndpoint(endpoint) for endpoint in ("chat/completions", "completions", "embeddings", "messages")}
+# Paths whose clients expect Anthropic's error shape (main.py renders Starlette-raised errors).
+ANTHROPIC_PATHS = frozenset(f"{prefix}{path}" for prefix in API_PREFIXES for path in ("/messages", "/messages/count_tokens"))
+
+_ENDPOINTS = {name: ProxyEndpoint(name) for name in ENDPOINTS}
+PROXY_ENDPOINTS = {f"{prefix}/{name}": endpoint for name, endpoint in _ENDPOINTS.items() for prefix in API_PREFIXES}
 
 routes = [
     *(Route(path, endpoint, methods=["POST"]) for path, endpoint in PROXY_ENDPOINTS.items()),
-    Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
-    Route("/v1/models", list_models, methods=["GET"]),
-    Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
+    *(Route(f"{prefix}/messages/count_tokens", count_tokens, methods=["POST"]) for prefix in API_PREFIXES),
+    *(Route(f"{prefix}/models", list_models, methods=["GET"]) for prefix in API_PREFIXES),
+    *(Route(f"{prefix}/models/{{model_id:path}}", retrieve_model, methods=["GET"]) for prefix in API_PREFIXES),
 ]

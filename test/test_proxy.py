@@ -68,6 +68,23 @@ def test_echo_ids_are_shaped_like_openai_ids(start_gateway):
     assert client.completions.create(model="echo-1", prompt="say hi").id.startswith("cmpl-")
 
 
+def test_endpoints_answer_without_the_v1_prefix(start_gateway):
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml())
+    client = openai.OpenAI(base_url=gateway.url, api_key=USER_KEY, max_retries=0)  # a base URL without /v1
+    assert client.chat.completions.create(model="echo-1", messages=MESSAGES).choices[0].message.content == "Echo: hello there"
+    assert client.completions.create(model="echo-1", prompt="say hi").choices[0].text == "Echo: say hi"
+    assert len(client.embeddings.create(model="echo-1", input="a").data) == 1
+    assert [m.id for m in client.models.list()] == ["echo-1"] and client.models.retrieve("echo-1").id == "echo-1"
+    with pytest.raises(openai.AuthenticationError) as caught:
+        openai.OpenAI(base_url=gateway.url, api_key="sk-wrong", max_retries=0).models.list()
+    assert caught.value.code == "invalid_api_key", "answered as API JSON, not as a page"
+    message = {"model": "echo-1", "max_tokens": 10, "messages": MESSAGES}
+    assert gateway.http("POST", "/messages", json=message).json()["content"][0]["text"] == "Echo: hello there"
+    assert gateway.http("POST", "/messages/count_tokens", json=message).json()["input_tokens"] > 0
+    refused = gateway.http("POST", "/messages", key="sk-wrong", json=message)
+    assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+
+
 def test_openai_upstream_gets_upstream_model_name_key_and_headers(start_gateway, upstream):
     config = """
 providers:
