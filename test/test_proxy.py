@@ -225,11 +225,12 @@ def test_streams_fail_over_before_the_first_byte(start_gateway, upstream):
 
 
 def test_no_failover_on_a_client_error_and_the_openai_error_passes_through(start_gateway, upstream):
-    upstream.script("p1", fail(400, {"error": {"message": "messages: too long", "type": "invalid_request_error", "code": "context_length_exceeded"}}))
+    vendor = {"message": "messages: too long", "type": "invalid_request_error", "code": "context_length_exceeded", "param": "messages"}
+    upstream.script("p1", fail(400, {"error": vendor}))
     gateway = start_gateway(TWO_PROVIDERS, upstream)
     with pytest.raises(openai.BadRequestError) as caught:
         gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
-    assert caught.value.body["code"] == "context_length_exceeded"
+    assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "messages")
     assert upstream.providers_seen() == ["p1"]
 
 
