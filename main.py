@@ -112,8 +112,11 @@ class GatewayApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+_API_PATHS = ("/v1/", "/health", "/dashboard/", *proxy.UNPREFIXED_API_PATHS)
+
+
 def _is_page(request: Request) -> bool:
-    return not request.url.path.startswith(("/v1/", "/health", "/dashboard/"))
+    return not request.url.path.startswith(_API_PATHS)
 
 
 async def on_error(request: Request, exc: Exception) -> Response:
@@ -121,7 +124,7 @@ async def on_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         exc = http_error(exc)
     assert isinstance(exc, GatewayError)
-    if request.url.path == "/v1/messages":  # Anthropic's clients expect Anthropic's error shape
+    if request.url.path in proxy.ANTHROPIC_PATHS:  # Anthropic's clients expect Anthropic's error shape
         return JSONResponse(anthropic_error_body(exc), status_code=exc.status, headers=exc.headers)
     return web.render_error(request, exc) if _is_page(request) else error_response(exc)
 

@@ -31,9 +31,9 @@ def parse_amount(raw: str, kind: str) -> Decimal:
         amount = Decimal("NaN")
     if not amount.is_finite() or amount <= 0 or amount > MAX_AMOUNT or (whole and amount != amount.to_integral_value()):
         what = "a positive whole number" if whole else "a positive number"
-        raise bad_request(f"The 'amount' parameter must be {what} (at most 1e9), got '{raw}'.", "invalid_amount")
+        raise bad_request(f"The 'amount' parameter must be {what} (at most 1e9), got '{raw}'.", "invalid_amount", "amount")
     if not whole and to_nanos(amount) <= 0:
-        raise bad_request(f"The 'amount' parameter is below the smallest unit (1e-9 USD), got '{raw}'.", "invalid_amount")
+        raise bad_request(f"The 'amount' parameter is below the smallest unit (1e-9 USD), got '{raw}'.", "invalid_amount", "amount")
     return amount
 
 
@@ -72,7 +72,7 @@ async def add_credit(
 async def set_billing_mode(store: ConfigStore, ledger: SqliteLedger, key: ApiKey, mode: str, now: float, actor: Actor) -> ApiKey:
     """Write the mode into api.yaml (round trip, atomic) and apply it; the updated key. Audited."""
     if mode not in BILLING_MODES:
-        raise bad_request(f"The 'billing_mode' parameter must be one of {', '.join(BILLING_MODES)}, got '{mode}'.", "invalid_billing_mode")
+        raise bad_request(f"The 'billing_mode' parameter must be one of {', '.join(BILLING_MODES)}, got '{mode}'.", "invalid_billing_mode", "billing_mode")
     try:
         set_key_preference(store.path, key.secret, "billing_mode", mode)
     except ConfigWriteError as exc:

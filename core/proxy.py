@@ -49,17 +49,17 @@ def parse_proxy_request(endpoint: str, body: Any) -> ProxyRequest:
         raise bad_request("The request body must be a JSON object.", "invalid_body")
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise bad_request("The 'model' field is required and must be a string.", "missing_model")
+        raise bad_request("The 'model' field is required and must be a string.", "missing_model", "model")
     required = _REQUIRED_FIELD[endpoint]
     if body.get(required) is None:
-        raise bad_request(f"The '{required}' field is required.", f"missing_{required}")
+        raise bad_request(f"The '{required}' field is required.", f"missing_{required}", required)
     if endpoint in ("chat/completions", "messages") and not isinstance(body["messages"], list):
-        raise bad_request("The 'messages' field must be a list of messages.", "invalid_messages")
+        raise bad_request("The 'messages' field must be a list of messages.", "invalid_messages", "messages")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise bad_request("The 'stream' field must be true or false.", "invalid_stream")
+        raise bad_request("The 'stream' field must be true or false.", "invalid_stream", "stream")
     if stream and endpoint == "embeddings":
-        raise bad_request("Embeddings cannot be streamed.", "invalid_stream")
+        raise bad_request("Embeddings cannot be streamed.", "invalid_stream", "stream")
     return ProxyRequest(endpoint, body, model, stream, new_request_id())
 
 

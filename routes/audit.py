@@ -27,10 +27,10 @@ def _paging(request: Request, default_limit: int) -> tuple[int, int | None, str 
     params = request.query_params
     limit, raw_before = whole_number(params.get("limit", str(default_limit))), params.get("before")
     if limit is None or not 1 <= limit <= MAX_API_LIMIT:
-        raise bad_request(f"The 'limit' parameter must be a whole number from 1 to {MAX_API_LIMIT}.", "invalid_limit")
+        raise bad_request(f"The 'limit' parameter must be a whole number from 1 to {MAX_API_LIMIT}.", "invalid_limit", "limit")
     before = whole_number(raw_before)
     if raw_before and before is None:
-        raise bad_request("The 'before' parameter must be an entry id.", "invalid_before")
+        raise bad_request("The 'before' parameter must be an entry id.", "invalid_before", "before")
     return limit, before, params.get("key") or None
 
 

@@ -32,10 +32,10 @@ def _actor(request: Request, config: Config) -> Actor:
 def _paid_key(request: Request, config: Config) -> ApiKey:
     secret = request.query_params.get("paid_key")
     if not secret:
-        raise bad_request("The 'paid_key' parameter is required.", "missing_paid_key")
+        raise bad_request("The 'paid_key' parameter is required.", "missing_paid_key", "paid_key")
     key = config.key_index.find(secret)
     if key is None:
-        raise not_found("No API key matches 'paid_key'.", "key_not_found")
+        raise not_found("No API key matches 'paid_key'.", "key_not_found", "paid_key")
     return key
 
 
@@ -83,7 +83,7 @@ def _time_range(request: Request) -> tuple[float | None, float | None]:
     if last is not None:
         days = whole_number(last)
         if days is None or not 0 < days <= MAX_DAYS:
-            raise bad_request(f"The 'last_n_days' parameter must be a whole number from 1 to {MAX_DAYS}, got '{last}'.", "invalid_last_n_days")
+            raise bad_request(f"The 'last_n_days' parameter must be a whole number from 1 to {MAX_DAYS}, got '{last}'.", "invalid_last_n_days", "last_n_days")
         start = time.time() - timedelta(days=days).total_seconds()
     return start, end
 
@@ -94,7 +94,7 @@ def _datetime_param(raw: str | None, name: str) -> float | None:
     try:
         return to_unix(raw)
     except ValueError:
-        raise bad_request(f"The '{name}' parameter must be an ISO 8601 time, got '{raw}'.", f"invalid_{name}") from None
+        raise bad_request(f"The '{name}' parameter must be an ISO 8601 time, got '{raw}'.", f"invalid_{name}", name) from None
 
 
 async def token_usage(request: Request) -> Response:
@@ -107,7 +107,7 @@ async def token_usage(request: Request) -> Response:
         if target is None or (target is not caller and not caller.is_admin):
             if not caller.is_admin:
                 raise forbidden("A non-admin key may only read its own usage.", "not_your_key")
-            raise not_found("No API key matches 'api_key_param'.", "key_not_found")
+            raise not_found("No API key matches 'api_key_param'.", "key_not_found", "api_key_param")
         keys = [target]
     else:
         keys = list(config.keys) if caller.is_admin else [caller]
@@ -143,10 +143,10 @@ async def report_usage(request: Request) -> Response:
         raise bad_request("The body must be a JSON object.", "invalid_body")
     key = config.key_index.find(str(body.get("api_key") or ""))
     if key is None:
-        raise not_found("No API key matches 'api_key'.", "key_not_found")
+        raise not_found("No API key matches 'api_key'.", "key_not_found", "api_key")
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise bad_request("The 'model' field is required.", "missing_model")
+        raise bad_request("The 'model' field is required.", "missing_model", "model")
     usage = Usage(_token_count(body, "prompt_tokens"), _token_count(body, "completion_tokens"), _token_count(body, "cached_tokens"))
     meter: BillingMeter = request.app.state.gateway.meter
     provider = str(body.get("provider") or "external")
@@ -157,7 +157,7 @@ async def report_usage(request: Request) -> Response:
 def _token_count(body: dict[str, Any], name: str) -> int:
     value = body.get(name, 0)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > 10**12:
-        raise bad_request(f"The '{name}' field must be a non-negative whole number.", f"invalid_{name}")
+        raise bad_request(f"The '{name}' field must be a non-negative whole number.", f"invalid_{name}", name)
     return value
 
 

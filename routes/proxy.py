@@ -1,4 +1,5 @@
-"""/v1 proxy endpoints: chat completions, completions, embeddings, messages, models.
+"""/v1 proxy endpoints: chat completions, completions, embeddings, messages, models; and the
+free Anthropic token count.
 
 The four proxy endpoints are plain ASGI apps rather than Starlette request handlers: they
 are the hot path, and building Starlette's Request/Response objects and passing its
@@ -17,11 +18,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from core.config import Config
-from core.errors import GatewayError
+from core.config import ApiKey, Config
+from core.errors import GatewayError, bad_request, not_found
 from core.providers.messages import anthropic_error_body
-from core.proxy import MeteredStream, parse_proxy_request
-from routes._http import authenticate, authenticate_headers, current_config, parse_json, receive_body, unexpected_error
+from core.proxy import ENDPOINTS, MeteredStream, parse_proxy_request
+from core.routing import routes_for
+from core.usage import estimate_prompt_tokens
+from routes._http import authenticate, authenticate_headers, current_config, parse_json, read_json, receive_body, unexpected_error
 from routes._stream import ProxyStreamResponse
 
 log = logging.getLogger("tollgate.proxy")
@@ -72,13 +75,51 @@ async def list_models(request: Request) -> Response:
     """The models this key may use, in OpenAI's list shape."""
     config = current_config(request)
     key = authenticate(request, config)
-    created = int(config.loaded_at or time.time())
-    data = []
-    for name in config.public_models:
-        allowed = [route for route in config.routes[name] if key.access.allows(route)]
-        if allowed:
-            data.append({"id": name, "object": "model", "created": created, "owned_by": allowed[0].provider.name})
-    return JSONResponse({"object": "list", "data": data})
+    models = (_model_object(config, key, name) for name in config.public_models)
+    return JSONResponse({"object": "list", "data": [model for model in models if model is not None]})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """One model (a public name or `provider/model`) as OpenAI's model object; 404 for one the
+    key may not use, as OpenAI answers, so a key learns nothing of models beyond its reach."""
+    config = current_config(request)
+    key = authenticate(request, config)
+    name = request.path_params["model_id"]
+    model = _model_object(config, key, name)
+    if model is None:
+        raise not_found(f"The model '{name}' does not exist or this API key may not use it.", "model_not_found", "model")
+    return JSONResponse(model)
+
+
+async def count_tokens(request: Request) -> Response:
+    """Anthropic's `POST /v1/messages/count_tokens` (Claude Code calls it before requests):
+    the gateway's prompt estimate, free: no reservation, no ledger row, no limit used. The
+    key must be one /v1/messages would accept for this model (404 / 403 as it answers)."""
+    config = current_config(request)
+    key = authenticate(request, config)
+    body = await read_json(request, config.preferences.max_request_body_bytes)
+    routes_for(config, _counted_model(body), key)
+    return JSONResponse({"input_tokens": estimate_prompt_tokens(body)})
+
+
+def _counted_model(body: Any) -> str:
+    """The model of a count_tokens body, once the body has the fields the estimate reads."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", "invalid_body")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("The 'model' field is required and must be a string.", "missing_model", "model")
+    if not isinstance(body.get("messages"), list):
+        raise bad_request("The 'messages' field is required and must be a list of messages.", "invalid_messages", "messages")
+    return model
+
+
+def _model_object(config: Config, key: ApiKey, name: str) -> dict[str, Any] | None:
+    """OpenAI's model object for `name`, owned by the first provider the key may use it through."""
+    allowed = [route for route in config.routes.get(name, ()) if key.access.allows(route)]
+    if not allowed:
+        return None
+    return {"id": name, "object": "model", "created": int(config.loaded_at or time.time()), "owned_by": allowed[0].provider.name}
 
 
 # The request headers the proxy endpoints read, picked out of the ASGI scope in one pass.
@@ -95,9 +136,19 @@ def _request_headers(scope: Scope) -> dict[str, str]:
     return found
 
 
-PROXY_ENDPOINTS = {f"/v1/{endpoint}": ProxyEndpoint(endpoint) for endpoint in ("chat/completions", "completions", "embeddings", "messages")}
+# Many clients are configured with a base URL lacking /v1: every proxy path is served both ways.
+API_PREFIXES = ("/v1", "")
+UNPREFIXED_API_PATHS = ("/chat/completions", "/completions", "/embeddings", "/messages", "/models")
+
+# Paths whose clients expect Anthropic's error shape (main.py renders Starlette-raised errors).
+ANTHROPIC_PATHS = frozenset(f"{prefix}{path}" for prefix in API_PREFIXES for path in ("/messages", "/messages/count_tokens"))
+
+_ENDPOINTS = {name: ProxyEndpoint(name) for name in ENDPOINTS}
+PROXY_ENDPOINTS = {f"{prefix}/{name}": endpoint for name, endpoint in _ENDPOINTS.items() for prefix in API_PREFIXES}
 
 routes = [
     *(Route(path, endpoint, methods=["POST"]) for path, endpoint in PROXY_ENDPOINTS.items()),
-    Route("/v1/models", list_models, methods=["GET"]),
+    *(Route(f"{prefix}/messages/count_tokens", count_tokens, methods=["POST"]) for prefix in API_PREFIXES),
+    *(Route(f"{prefix}/models", list_models, methods=["GET"]) for prefix in API_PREFIXES),
+    *(Route(f"{prefix}/models/{{model_id:path}}", retrieve_model, methods=["GET"]) for prefix in API_PREFIXES),
 ]

@@ -28,7 +28,7 @@ def _subject(request: Request, config: Config) -> ApiKey:
         raise forbidden("Only admin keys may ask about another key.", "not_your_key")
     key = config.key_index.find(asked)
     if key is None:
-        raise not_found("No API key matches 'paid_key'.", "key_not_found")
+        raise not_found("No API key matches 'paid_key'.", "key_not_found", "paid_key")
     return key
 
 
@@ -49,7 +49,7 @@ async def usage_models(request: Request) -> Response:
     key = _subject(request, config)
     period = request.query_params.get("period", "all")
     if period not in PERIODS:
-        raise bad_request(f"The 'period' parameter must be one of {', '.join(PERIODS)}, got '{period}'.", "invalid_period")
+        raise bad_request(f"The 'period' parameter must be one of {', '.join(PERIODS)}, got '{period}'.", "invalid_period", "period")
     return JSONResponse(await statements.usage_by_model(request.app.state.ledger, key, period, _now(request)))
 
 

@@ -525,3 +525,27 @@ def test_a_future_created_at_opens_the_key_at_that_time_and_a_restart_agrees(sta
     gateway.server.stop()
     after = states(start_gateway(gateway.config_path.read_text(), upstream, clock=lambda: now[0]))[TOKEN_KEY]
     assert after == before and after["remaining_credits"] == pytest.approx(11.475)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "code", "param"),
+    [
+        ("POST", "/v1/add_credits?amount=1", None, "missing_paid_key", "paid_key"),
+        ("POST", "/v1/add_credits?paid_key=sk-nobody&amount=1", None, "key_not_found", "paid_key"),
+        ("POST", f"/v1/add_credits?paid_key={TOKEN_KEY}&amount=-1", None, "invalid_amount", "amount"),
+        ("POST", f"/v1/set_billing_mode?paid_key={TOKEN_KEY}&billing_mode=free", None, "invalid_billing_mode", "billing_mode"),
+        ("GET", "/v1/token_usage?last_n_days=0", None, "invalid_last_n_days", "last_n_days"),
+        ("GET", "/v1/token_usage?start_datetime=yesterday", None, "invalid_start_datetime", "start_datetime"),
+        ("POST", "/v1/usage/report", {"api_key": TOKEN_KEY}, "missing_model", "model"),
+        ("POST", "/v1/usage/report", {"api_key": TOKEN_KEY, "model": "gpt-4o", "prompt_tokens": -1}, "invalid_prompt_tokens", "prompt_tokens"),
+        ("GET", "/v1/usage/models?period=weekly", None, "invalid_period", "period"),
+        ("GET", "/v1/usage?paid_key=sk-nobody", None, "key_not_found", "paid_key"),
+        ("GET", "/v1/token_usage?api_key_param=sk-nobody", None, "key_not_found", "api_key_param"),
+        ("POST", "/v1/usage/report", {"api_key": "sk-nobody"}, "key_not_found", "api_key"),
+        ("GET", "/v1/audit_log?limit=0", None, "invalid_limit", "limit"),
+    ],
+)
+def test_admin_and_usage_parameter_errors_name_the_parameter(start_gateway, upstream, method, path, body, code, param):
+    gateway = start_gateway(CONFIG, upstream)
+    response = gateway.http(method, path, key=ADMIN_KEY, json=body)
+    assert response.json()["error"]["code"] == code and response.json()["error"]["param"] == param

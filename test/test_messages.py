@@ -111,12 +111,39 @@ def test_errors_on_messages_are_anthropic_shaped(start_gateway):
         sdk(gateway).messages.create(model="nope", max_tokens=10, messages=[{"role": "user", "content": "x"}])
     assert caught.value.body == {
         "type": "error",
-        "error": {"type": "invalid_request_error", "message": "The model 'nope' does not exist or is not served by this gateway."},
+        "error": {"type": "not_found_error", "message": "The model 'nope' does not exist or is not served by this gateway."},
     }
-    with pytest.raises(anthropic.AuthenticationError):
+
+
+def test_a_bad_key_on_messages_is_an_anthropic_authentication_error(start_gateway):
+    gateway = start_gateway(ECHO)
+    with pytest.raises(anthropic.AuthenticationError) as caught:
         anthropic.Anthropic(base_url=gateway.url, api_key="sk-wrong", max_retries=0).messages.create(
             model="echo-1", max_tokens=10, messages=[{"role": "user", "content": "x"}]
         )
+    assert caught.value.body["error"]["type"] == "authentication_error"
+
+
+def test_a_forbidden_model_on_messages_is_an_anthropic_permission_error(start_gateway):
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1, echo-2]\n" + keys_yaml("echo-2"))
+    with pytest.raises(anthropic.PermissionDeniedError) as caught:
+        sdk(gateway).messages.create(model="echo-1", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    assert caught.value.body["error"]["type"] == "permission_error"
+
+
+def test_a_rate_limited_key_on_messages_gets_an_anthropic_rate_limit_error(start_gateway):
+    gateway = start_gateway(ECHO.replace("{credits: 10}", "{credits: 10, rate_limit: '1/min'}"))
+    sdk(gateway).messages.create(model="echo-1", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        sdk(gateway).messages.create(model="echo-1", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    assert caught.value.body["error"]["type"] == "rate_limit_error"
+
+
+def test_a_key_out_of_credit_on_messages_gets_an_anthropic_billing_error(start_gateway):
+    gateway = start_gateway(ECHO.replace("{credits: 10}", "{credits: 0.000001}"))  # less than one request costs
+    with pytest.raises(anthropic.PaymentRequiredError) as caught:
+        sdk(gateway).messages.create(model="echo-1", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    assert caught.value.body["error"]["type"] == "billing_error"
 
 
 def test_optional_fields_are_not_sent_as_nulls_when_translated(start_gateway, upstream):
@@ -126,3 +153,29 @@ def test_optional_fields_are_not_sent_as_nulls_when_translated(start_gateway, up
     assert response.status_code == 200 and response.json()["content"][0]["text"] == "Hello from upstream"
     sent = upstream.seen[-1].body
     assert "max_tokens" not in sent and "temperature" not in sent
+
+
+def test_count_tokens_answers_the_estimate_free_of_charge(start_gateway):
+    gateway = start_gateway(ECHO)
+    counted = sdk(gateway).messages.count_tokens(model="echo-1", system="Be brief.", messages=[{"role": "user", "content": "hello there"}])
+    assert counted.input_tokens > 0
+    assert ledger_rows(gateway) == [], "counting is not a billed request"
+    sdk(gateway).messages.create(model="echo-1", max_tokens=10, messages=[{"role": "user", "content": "hello there"}])
+    assert len(ledger_rows(gateway)) == 1
+
+
+def test_count_tokens_refuses_like_messages_does(start_gateway):
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1, echo-2]\n" + keys_yaml("echo-2"))
+    hello = [{"role": "user", "content": "hello"}]
+    with pytest.raises(anthropic.NotFoundError) as not_found:
+        sdk(gateway).messages.count_tokens(model="nope", messages=hello)
+    with pytest.raises(anthropic.PermissionDeniedError) as forbidden:
+        sdk(gateway).messages.count_tokens(model="echo-1", messages=hello)
+    with pytest.raises(anthropic.AuthenticationError) as unauthenticated:
+        anthropic.Anthropic(base_url=gateway.url, api_key="sk-wrong", max_retries=0).messages.count_tokens(model="echo-2", messages=hello)
+    with pytest.raises(anthropic.BadRequestError) as malformed:
+        sdk(gateway).messages.count_tokens(model="echo-2", messages="hello")  # type: ignore[arg-type]
+    types = [caught.value.body["error"]["type"] for caught in (not_found, forbidden, unauthenticated, malformed)]
+    assert types == ["not_found_error", "permission_error", "authentication_error", "invalid_request_error"]
+    bearer = gateway.http("POST", "/v1/messages/count_tokens", key=USER_KEY, json={"model": "echo-2", "messages": hello})
+    assert bearer.status_code == 200 and bearer.json()["input_tokens"] > 0

@@ -58,6 +58,33 @@ def test_echo_embeddings_and_completions(start_gateway):
     assert completion.choices[0].text == "Echo: say hi"
 
 
+def test_echo_ids_are_shaped_like_openai_ids(start_gateway):
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml())
+    client = gateway.client()
+    first, second = (client.chat.completions.create(model="echo-1", messages=MESSAGES) for _ in range(2))
+    assert first.id.startswith("chatcmpl-") and first.id != second.id
+    chunks = list(client.chat.completions.create(model="echo-1", messages=MESSAGES, stream=True))
+    assert {chunk.id for chunk in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
+    assert client.completions.create(model="echo-1", prompt="say hi").id.startswith("cmpl-")
+
+
+def test_endpoints_answer_without_the_v1_prefix(start_gateway):
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml())
+    client = openai.OpenAI(base_url=gateway.url, api_key=USER_KEY, max_retries=0)  # a base URL without /v1
+    assert client.chat.completions.create(model="echo-1", messages=MESSAGES).choices[0].message.content == "Echo: hello there"
+    assert client.completions.create(model="echo-1", prompt="say hi").choices[0].text == "Echo: say hi"
+    assert len(client.embeddings.create(model="echo-1", input="a").data) == 1
+    assert [m.id for m in client.models.list()] == ["echo-1"] and client.models.retrieve("echo-1").id == "echo-1"
+    with pytest.raises(openai.AuthenticationError) as caught:
+        openai.OpenAI(base_url=gateway.url, api_key="sk-wrong", max_retries=0).models.list()
+    assert caught.value.code == "invalid_api_key", "answered as API JSON, not as a page"
+    message = {"model": "echo-1", "max_tokens": 10, "messages": MESSAGES}
+    assert gateway.http("POST", "/messages", json=message).json()["content"][0]["text"] == "Echo: hello there"
+    assert gateway.http("POST", "/messages/count_tokens", json=message).json()["input_tokens"] > 0
+    refused = gateway.http("POST", "/messages", key="sk-wrong", json=message)
+    assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+
+
 def test_openai_upstream_gets_upstream_model_name_key_and_headers(start_gateway, upstream):
     config = """
 providers:
@@ -198,11 +225,12 @@ def test_streams_fail_over_before_the_first_byte(start_gateway, upstream):
 
 
 def test_no_failover_on_a_client_error_and_the_openai_error_passes_through(start_gateway, upstream):
-    upstream.script("p1", fail(400, {"error": {"message": "messages: too long", "type": "invalid_request_error", "code": "context_length_exceeded"}}))
+    vendor = {"message": "messages: too long", "type": "invalid_request_error", "code": "context_length_exceeded", "param": "messages"}
+    upstream.script("p1", fail(400, {"error": vendor}))
     gateway = start_gateway(TWO_PROVIDERS, upstream)
     with pytest.raises(openai.BadRequestError) as caught:
         gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
-    assert caught.value.body["code"] == "context_length_exceeded"
+    assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "messages")
     assert upstream.providers_seen() == ["p1"]
 
 
@@ -348,6 +376,28 @@ providers:
     assert sorted(m.id for m in admin_models) == ["gpt-4o", "gpt-4o-mini", "o1"]
 
 
+def test_retrieve_model_answers_for_models_the_key_may_use(start_gateway, upstream):
+    config = """
+providers:
+  - provider: p1
+    base_url: {fake:p1}
+    api: k
+    model: [gpt-4o, gpt-4o-mini]
+  - provider: p2
+    base_url: {fake:p2}
+    api: k
+    model: [gpt-4o, o1]
+""" + keys_yaml('[gpt-4o-mini, "p2/*"]')
+    client = start_gateway(config, upstream).client()
+    model = client.models.retrieve("gpt-4o")
+    assert (model.id, model.object, model.owned_by) == ("gpt-4o", "model", "p2")
+    assert client.models.retrieve("p2/o1").id == "p2/o1", "a provider/model id (its slash sent as %2F) is one model"
+    for hidden in ("p1/gpt-4o", "nope"):
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.models.retrieve(hidden)
+        assert (caught.value.code, caught.value.param) == ("model_not_found", "model")
+
+
 def test_model_not_allowed_gets_403(start_gateway, upstream):
     config = TWO_PROVIDERS.replace("api: up-key-2\n    model: [gpt-4o]", "api: up-key-2\n    model: [gpt-4o, o1]") + "    model: [gpt-4o]\n"
     gateway = start_gateway(config, upstream)
@@ -365,24 +415,34 @@ def test_unknown_model_gets_404(start_gateway, upstream):
 
 
 @pytest.mark.parametrize(
-    ("body", "code"),
+    ("body", "code", "param"),
     [
-        (b"{not json", "invalid_json"),
-        (b"[1, 2]", "invalid_body"),
-        (json.dumps({"messages": MESSAGES}).encode(), "missing_model"),
-        (json.dumps({"model": "gpt-4o"}).encode(), "missing_messages"),
-        (json.dumps({"model": "gpt-4o", "messages": "hi"}).encode(), "invalid_messages"),
-        (json.dumps({"model": "gpt-4o", "messages": MESSAGES, "stream": "yes"}).encode(), "invalid_stream"),
-        (b"\xff\xfe\x00garbage", "invalid_json"),
-        (b"[" * 100000, "invalid_json"),
+        (b"{not json", "invalid_json", None),
+        (b"[1, 2]", "invalid_body", None),
+        (json.dumps({"messages": MESSAGES}).encode(), "missing_model", "model"),
+        (json.dumps({"model": "gpt-4o"}).encode(), "missing_messages", "messages"),
+        (json.dumps({"model": "gpt-4o", "messages": "hi"}).encode(), "invalid_messages", "messages"),
+        (json.dumps({"model": "gpt-4o", "messages": MESSAGES, "stream": "yes"}).encode(), "invalid_stream", "stream"),
+        (b"\xff\xfe\x00garbage", "invalid_json", None),
+        (b"[" * 100000, "invalid_json", None),
     ],
 )
-def test_malformed_requests_get_400(start_gateway, upstream, body, code):
+def test_malformed_requests_get_400_naming_the_parameter(start_gateway, upstream, body, code, param):
     gateway = start_gateway(TWO_PROVIDERS, upstream)
     response = gateway.http("POST", "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400
-    assert response.json()["error"] == {"message": response.json()["error"]["message"], "type": "invalid_request_error", "code": code, "param": None}
+    assert response.json()["error"] == {"message": response.json()["error"]["message"], "type": "invalid_request_error", "code": code, "param": param}
     assert upstream.seen == []
+
+
+def test_parameter_errors_reach_the_sdk_with_their_param(start_gateway, upstream):
+    gateway = start_gateway(TWO_PROVIDERS, upstream)
+    with pytest.raises(openai.BadRequestError) as caught:
+        gateway.client().embeddings.create(model="gpt-4o", input="x", extra_body={"stream": True})
+    assert (caught.value.code, caught.value.param) == ("invalid_stream", "stream")
+    with pytest.raises(openai.BadRequestError) as caught:
+        gateway.client().completions.create(model="gpt-4o", prompt=None)  # type: ignore[arg-type]
+    assert (caught.value.code, caught.value.param) == ("missing_prompt", "prompt")
 
 
 def test_body_over_the_limit_gets_413(start_gateway, upstream):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,7 +22,13 @@ from core.sse import encode_event
 from core.usage import BYTES_PER_TOKEN, Usage, estimate_prompt_tokens, estimate_text_tokens, message_text
 
 EMBEDDING_DIMENSIONS = 16
+_ID_PREFIX = secrets.token_hex(6)  # unique across processes and restarts, as new_request_id's
 _ids = itertools.count(1)
+
+
+def completion_id(endpoint: str) -> str:
+    """An id shaped like OpenAI's (`chatcmpl-…`, `cmpl-…`): some clients check the prefix."""
+    return f"{'chatcmpl' if endpoint == 'chat/completions' else 'cmpl'}-{_ID_PREFIX}{next(_ids):x}"
 
 
 class EchoAdapter:
@@ -53,7 +60,7 @@ def reply_text(call: UpstreamCall) -> str:
 
 def _completion(call: UpstreamCall, text: str, usage: Usage) -> dict[str, Any]:
     created = int(time.time())
-    base = {"id": f"echo-{next(_ids)}", "created": created, "model": call.route.public_name, "usage": _usage_json(usage)}
+    base = {"id": completion_id(call.endpoint), "created": created, "model": call.route.public_name, "usage": _usage_json(usage)}
     if call.endpoint == "chat/completions":
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": None}
         return {**base, "object": "chat.completion", "choices": [choice]}
@@ -98,7 +105,7 @@ class EchoStream(UpstreamStream):
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         chat = self._call.endpoint == "chat/completions"
-        base = {"id": f"echo-{next(_ids)}", "created": int(time.time()), "model": self._call.route.public_name}
+        base = {"id": completion_id(self._call.endpoint), "created": int(time.time()), "model": self._call.route.public_name}
         obj = "chat.completion.chunk" if chat else "text_completion"
         words = self._text.split(" ")
         for index, word in enumerate(words):

@@ -95,9 +95,9 @@ def failure_from_status(route: ModelRoute, status: int, body: bytes) -> Upstream
     retryable = status in RETRYABLE_STATUSES or status >= 500
     passed = vendor_error(body)
     if passed is not None:
-        message, type_, code = passed
+        message, type_, code, param = passed
         client_status = status if status == 429 or not retryable else 502
-        return UpstreamFailure(GatewayError(client_status, type_, code, message), retryable=retryable, upstream_status=status)
+        return UpstreamFailure(GatewayError(client_status, type_, code, message, param=param), retryable=retryable, upstream_status=status)
     if retryable:
         client_status = 429 if status == 429 else 502
         error = GatewayError(client_status, "api_error", "upstream_error", f"Provider '{name}' answered HTTP {status}.")
@@ -109,8 +109,8 @@ def failure_from_status(route: ModelRoute, status: int, body: bytes) -> Upstream
     )
 
 
-def vendor_error(body: bytes) -> tuple[str, str, str] | None:
-    """(message, type, code) from OpenAI's, Anthropic's or Google's error bodies."""
+def vendor_error(body: bytes) -> tuple[str, str, str, str | None] | None:
+    """(message, type, code, param) from OpenAI's, Anthropic's or Google's error bodies."""
     try:
         data = json.loads(body)
     except ValueError:
@@ -121,5 +121,10 @@ def vendor_error(body: bytes) -> tuple[str, str, str] | None:
     if not isinstance(error, dict) or not isinstance(error.get("message"), str):
         return None
     vendor_type = str(error.get("type") or error.get("status") or "api_error")
-    code = error.get("code")
-    return error["message"], _ERROR_TYPES.get(vendor_type, vendor_type), str(code if isinstance(code, str) else vendor_type.lower())
+    code, param = error.get("code"), error.get("param")
+    return (
+        error["message"],
+        _ERROR_TYPES.get(vendor_type, vendor_type),
+        str(code if isinstance(code, str) else vendor_type.lower()),
+        param if isinstance(param, str) else None,
+    )

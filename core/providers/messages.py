@@ -25,8 +25,29 @@ from core.usage import Usage, count, usage_from_openai
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use", "content_filter": "refusal"}
 
 
+# Anthropic's error type for each HTTP status (docs.claude.com/en/api/errors, and the types
+# its SDK knows: 402 billing_error, 504 timeout_error). OpenAI's types differ: a bad key is
+# its `invalid_request_error`, an empty balance its `insufficient_quota`.
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
 def anthropic_error_body(error: GatewayError) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": error.type, "message": error.message}}
+    """Anthropic's error shape, its type chosen by status (other 4xx invalid_request_error, as
+    Anthropic does; other 5xx, such as a failed provider's 502, api_error)."""
+    type_ = ANTHROPIC_ERROR_TYPES.get(error.status) or ("api_error" if error.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": type_, "message": error.message}}
 
 
 def to_openai(body: dict[str, Any]) -> dict[str, Any]:
