@@ -66,14 +66,19 @@ class _OneVersionResolver(VersionedResolver):
 def parse_yaml(text: str, file: str, *, located: bool = True) -> Any:
     """Parse YAML text, turning parser errors into a located ConfigError.
 
-    `located=False` uses the fast C loader (plain dicts, no line numbers): about 5x faster on
-    a 10,000-key file, so reloads use it first and re-parse with positions only to explain
-    an error.
+    `located=False` tries the fast C loader first (plain dicts, no line numbers): about 5x
+    faster on a 10,000-key file, so loads use it and re-parse with positions only to explain
+    an error. libyaml is stricter than ruamel in places (it refuses the ':' of a timezone in
+    `{created_at: 2024-01-01T00:00:00+08:00}`), so whatever it refuses goes to ruamel, whose
+    answer is the one that counts: a tree, or the error to show.
     """
+    if not located:
+        try:
+            return _load_fast(text)
+        except YAMLError:
+            pass
     try:
-        if located:
-            return YAML(typ="rt").load(text)
-        return _load_fast(text)
+        return YAML(typ="rt").load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None

@@ -6,6 +6,7 @@ import textwrap
 from decimal import Decimal
 
 import pytest
+from ruamel.yaml import YAML
 
 from core.config import build_config
 from core.routing import Scheduler, routes_for
@@ -156,6 +157,20 @@ def test_validation_errors_name_the_line_and_reason(text, line, reason):
     assert error.file == "api.yaml"
     assert error.line == line, str(error)
     assert reason in error.reason, str(error)
+
+
+def test_yaml_the_fast_parser_refuses_but_ruamel_accepts_still_loads():
+    """libyaml stops at the ':' of a timezone inside a flow mapping; ruamel reads it."""
+    config = load(BASE + "    preferences: {billing_mode: token, credits: 10.0, created_at: 2024-01-01T00:00:00+08:00}\n")
+    billing = config.key_index.find("sk-one").billing
+    assert (billing.mode, billing.credits_nanos, billing.created_at) == ("token", 10_000_000_000, 1704038400.0)
+
+
+def test_a_syntax_error_is_reported_in_ruamels_words_not_the_fast_parsers():
+    text = BASE + "    preferences: {credits: [1\n"
+    with pytest.raises(Exception) as ruamel:
+        YAML(typ="rt").load(text)
+    assert str(ruamel.value.problem) in error_of(text).reason  # libyaml says "did not find expected ',' or ']'"
 
 
 def test_numbers_are_exact_decimals():

@@ -55,6 +55,16 @@ def test_unset_variable_on_reload_keeps_the_old_config(start_gateway, monkeypatc
     assert gateway.http("GET", "/v1/models").status_code == 200
 
 
+def test_yaml_only_ruamel_reads_loads_at_start_and_on_reload(start_gateway):
+    """The fast C parser refuses the ':' of a timezone in a flow mapping; the file still loads."""
+    flow = "    preferences: {billing_mode: token, credits: 10.0, created_at: 2024-01-01T00:00:00+08:00}\n"
+    gateway = start_gateway(ECHO + flow)
+    assert gateway.http("GET", "/v1/usage").json()["balance"]["credits"] == 10
+    gateway.rewrite_config(ECHO_TWO_MODELS + flow)
+    status = gateway.status()
+    assert status["last_error"] is None and status["models"] == 2
+
+
 def test_deleted_file_keeps_serving(start_gateway):
     gateway = start_gateway(ECHO)
     gateway.config_path.unlink()
