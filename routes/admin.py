@@ -26,7 +26,7 @@ async def config_status(request: Request) -> Response:
             "providers": len(config.providers),
             "api_keys": len(config.keys),
             "models": len(config.public_models),
-            "last_error": None if error is None else {"message": error.message, "file": error.file, "line": error.line, "reason": error.reason, "at": error.at},
+            "last_error": None if error is None else {"message": error.message, "file": error.file, "line": error.line, "column": error.column, "reason": error.reason, "at": error.at},
         }
     )
 

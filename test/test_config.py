@@ -118,9 +118,9 @@ def test_unset_env_var_is_an_error_with_its_line(monkeypatch):
             model: [m]
         """
     )
-    assert error.line == 4
+    assert (error.line, error.column) == (4, 5)
     assert "NOT_SET_ANYWHERE is not set" in error.reason
-    assert str(error).startswith("api.yaml:4: ")
+    assert str(error).startswith("api.yaml:4:5: ")
 
 
 def test_expand_env_leaves_plain_text_alone():
@@ -148,8 +148,8 @@ def test_expand_env_leaves_plain_text_alone():
         ("providers:\n  - provider: x\n    base_url: ftp://x\n    api: k\n    model: [m]\n", 3, "must start with http:// or https://"),
         ("providers:\n  - provider: x\n    base_url: https://x\n    model: [m]\n", 2, "providers[0].api is required"),
         ("providers: []\n", 1, "at least one provider"),
-        ("providers:\n  - provider: x\n    engine: echo\n    model: [m\n", 5, "YAML syntax error"),
-        ("providers:\n  - provider: [x\n", 3, "YAML syntax error"),
+        ("providers:\n  - provider: x\n    engine: echo\n    model: [m\n", 4, "YAML syntax error"),  # the unclosed '['
+        ("providers:\n  - provider: [x\n", 2, "YAML syntax error"),
     ],
 )
 def test_validation_errors_name_the_line_and_reason(text, line, reason):
@@ -171,6 +171,18 @@ def test_a_syntax_error_is_reported_in_ruamels_words_not_the_fast_parsers():
     with pytest.raises(Exception) as ruamel:
         YAML(typ="rt").load(text)
     assert str(ruamel.value.problem) in error_of(text).reason  # libyaml says "did not find expected ',' or ']'"
+
+
+def test_a_key_without_its_colon_is_reported_at_its_own_line_and_column():
+    text = BASE + "    role: user\n" + "    name alice\n" + "    preferences: {credits: 1}\n"
+    error = error_of(text)
+    assert (error.line, error.column) == (8, 5), str(error)
+    assert str(error).startswith("api.yaml:8:5: YAML syntax error: could not find expected ':'")
+
+
+def test_validation_errors_carry_the_column_too():
+    error = error_of(BASE + "preferences:\n  cooldown_period: soon\n")
+    assert str(error).startswith("api.yaml:8:3: preferences.cooldown_period must be a number")
 
 
 def test_numbers_are_exact_decimals():

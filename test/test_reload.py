@@ -39,6 +39,7 @@ def test_broken_file_keeps_the_old_config_and_reports_the_line(start_gateway):
     gateway.rewrite_config(ECHO + "preferences:\n  cooldown_period: -1\n")
     status = gateway.status()
     assert status["last_error"]["line"] == len(ECHO.splitlines()) + 2  # the cooldown_period line
+    assert status["last_error"]["column"] == 3
     assert "cooldown_period must be >= 0" in status["last_error"]["reason"]
     assert status["last_error"]["file"] == str(gateway.config_path)
     assert gateway.client().chat.completions.create(model="echo-1", messages=MESSAGES).choices[0].message.content == "Echo: hi"
