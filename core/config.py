@@ -152,11 +152,14 @@ def build_config(text: str, file: str, source_hash: str | None = None) -> Config
     """Build from the fast, position-less parse; on an error, build again from a parse
     that knows line numbers, so the message can say where."""
     try:
-        return _build(parse_yaml(text, file, located=False), text, file, source_hash)
-    except ConfigError as fast_error:
-        if fast_error.line is not None:
-            raise
-    return _build(parse_yaml(text, file), text, file, source_hash)
+        try:
+            return _build(parse_yaml(text, file, located=False), text, file, source_hash)
+        except ConfigError as fast_error:
+            if fast_error.line is not None:
+                raise
+        return _build(parse_yaml(text, file), text, file, source_hash)
+    except RecursionError:  # lists or mappings nested thousands deep: refused, not a crash of the reloader
+        raise ConfigError(file, None, "YAML error: nested too deeply") from None
 
 
 def _build(tree: Any, text: str, file: str, source_hash: str | None) -> Config:

@@ -91,7 +91,7 @@ def parse_yaml(text: str, file: str, *, located: bool = True) -> Any:
     if not located:
         try:
             return _load_fast(text)
-        except YAMLError:
+        except (YAMLError, ValueError, TypeError, RecursionError):
             pass
     try:
         return YAML(typ="rt").load(text)

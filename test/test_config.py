@@ -185,6 +185,12 @@ def test_validation_errors_carry_the_column_too():
     assert str(error).startswith("api.yaml:8:3: preferences.cooldown_period must be a number")
 
 
+@pytest.mark.parametrize("value", ["!!int soon", "!!float soon", "[" * 2000 + "]" * 2000])
+def test_yaml_that_fails_inside_the_parser_is_a_config_error_not_a_crash(value):
+    error = error_of(BASE + f"preferences:\n  cooldown_period: {value}\n")
+    assert error.reason.startswith("YAML error: "), str(error)
+
+
 def test_numbers_are_exact_decimals():
     config = load(BASE + "preferences:\n  cooldown_period: 0.1\n")
     assert config.preferences.cooldown_period == float(Decimal("0.1"))
