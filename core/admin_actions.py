@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal, InvalidOperation
 
 from core.alerts import Alerts
@@ -16,6 +17,7 @@ from core.pricing import format_usd, to_nanos
 from core.reload import ConfigStore
 from core.sqlite_ledger import SqliteLedger
 from core.usage import Usage
+from core.yamlsource import ConfigError
 
 MAX_AMOUNT = Decimal(10) ** 9
 MAX_IDEMPOTENCY_KEY = 200
@@ -69,12 +71,12 @@ async def add_credit(
 
 
 async def set_billing_mode(store: ConfigStore, ledger: SqliteLedger, key: ApiKey, mode: str, now: float, actor: Actor) -> ApiKey:
-    """Write the mode into api.yaml (round trip, atomic) and apply it; the updated key. Audited."""
+    """Write the mode into api.yaml (that one value, atomically) and apply it; the updated key. Audited."""
     if mode not in BILLING_MODES:
         raise bad_request(f"The 'billing_mode' parameter must be one of {', '.join(BILLING_MODES)}, got '{mode}'.", "invalid_billing_mode")
-    try:
-        set_key_preference(store.path, key.secret, "billing_mode", mode)
-    except ConfigWriteError as exc:
+    try:  # parsing a large file takes a while: not on the event loop
+        await asyncio.to_thread(set_key_preference, store.path, key.secret, "billing_mode", mode)
+    except (ConfigError, ConfigWriteError) as exc:
         raise GatewayError(409, "conflict_error", "config_not_writable", f"Could not update the config file: {exc}") from None
     await store.reload()
     if store.last_error is not None:
