@@ -201,7 +201,7 @@ async def billing_tab(request: Request) -> Response:
         link=lambda **changes: (
             "/admin/keys?" + urlencode({**{"q": params.get("q", ""), "sort": sort, "dir": "desc" if descending else "asc", "page": page}, **changes})
         ),
-        message=MESSAGES.get(params.get("done") or params.get("error") or ""),
+        message=_flash(request),
         is_error="error" in params,
     )
 
@@ -263,9 +263,20 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
         alerts=alert_rows(await recent_alerts(ledger, key.id)),
         base_url=f"/admin/keys/{key.id}" if me.is_admin else "/usage",
         export_url=f"/admin/export/requests.csv?key={key.id}" if me.is_admin else "/usage/export/requests.csv",
-        message=MESSAGES.get(params.get("done") or params.get("error") or ""),
+        message=_flash(request),
         is_error="error" in params,
     )
+
+
+def _flash(request: Request) -> str | None:
+    """The message for `?done=` or `?error=`; a config that does not load is told in full
+    (where it is wrong), read from the store rather than from the URL."""
+    params = request.query_params
+    code = params.get("done") or params.get("error") or ""
+    error = request.app.state.store.last_error
+    if code == "config_invalid" and error is not None:
+        return admin_actions.config_error_message(error)
+    return MESSAGES.get(code)
 
 
 def _float(raw: str | None) -> float | None:

@@ -124,3 +124,35 @@ def test_preferences_shared_through_an_alias_are_not_edited(tmp_path, secret):
     with pytest.raises(ConfigWriteError, match="by hand"):
         set_key_preference(path, secret, "billing_mode", "count")
     assert path.read_text() == text
+
+
+def broken(config: str, line: int) -> str:
+    """`config` with a key missing its ':' on `line` (1-based)."""
+    lines = config.splitlines(keepends=True)
+    lines.insert(line - 1, "  name alice\n")
+    return "".join(lines)
+
+
+def test_set_billing_mode_on_a_file_with_a_syntax_error_names_it(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream, watch=False)  # the action looks at the file itself
+    mistake_line = CONFIG.splitlines().index("- api: sk-bare-0005") + 2
+    gateway.config_path.write_text(broken(gateway.config_path.read_text(), mistake_line))
+    before = gateway.config_path.read_text()
+    response = gateway.http("POST", "/v1/set_billing_mode", key=ADMIN_KEY, params={"paid_key": "sk-block-0001", "billing_mode": "count"})
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert error["code"] == "config_invalid"
+    assert error["message"] == (
+        f"api.yaml has an error at line {mistake_line}, column 3: YAML syntax error: could not find expected ':' (while scanning a simple key); fix it first"
+    )
+    assert gateway.config_path.read_text() == before
+
+
+def test_set_billing_mode_on_a_file_that_does_not_validate_leaves_it_alone(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream, watch=False)
+    gateway.config_path.write_text(gateway.config_path.read_text().replace("role: admin", "role: root"))
+    before = gateway.config_path.read_text()
+    response = gateway.http("POST", "/v1/set_billing_mode", key=ADMIN_KEY, params={"paid_key": "sk-block-0001", "billing_mode": "count"})
+    assert response.status_code == 409 and response.json()["error"]["code"] == "config_invalid"
+    assert response.json()["error"]["message"].startswith("api.yaml has an error at line 11, column 3: api_keys[0].role must be one of user, admin")
+    assert gateway.config_path.read_text() == before

@@ -207,6 +207,20 @@ def test_add_count_credits_and_set_mode_forms(web):
     assert "billing_mode: hybrid" in gateway.config_path.read_text() and "# web test config" in gateway.config_path.read_text()
 
 
+def test_set_mode_form_on_a_broken_config_says_where_it_is_wrong(web):
+    gateway, browser = web
+    browser.login(ADMIN_KEY)
+    text = gateway.config_path.read_text().replace("    name: bob\n", "    name bob\n")
+    gateway.config_path.write_text(text)
+    line = text.splitlines().index("    name bob") + 1
+    path = f"/admin/keys/{key_id(COUNT_KEY)}"
+    response = browser.submit(path, f"{path}/billing_mode", billing_mode="hybrid")
+    assert response.headers["location"] == f"{path}?error=config_invalid"
+    shown = browser.get(response.headers["location"]).text
+    assert f"api.yaml has an error at line {line}, column 5: YAML syntax error: could not find expected" in shown and "; fix it first" in shown
+    assert gateway.config_path.read_text() == text
+
+
 def test_forms_without_csrf_change_nothing(web):
     gateway, browser = web
     browser.login(ADMIN_KEY)
