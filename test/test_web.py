@@ -322,3 +322,15 @@ def test_a_key_disabled_after_login_loses_its_pages(web):
     page = browser.get("/usage")
     assert page.status_code == 403 and "disabled" in page.text
     assert Browser(gateway.url).login(USER_KEY).status_code == 403
+
+
+def test_allowed_clients_limits_api_calls_not_the_holders_own_pages(start_gateway):
+    """allowed_clients names the programs that may call the API; a browser is not one of them,
+    and logging in to read one's own usage is not an API call."""
+    gateway = start_gateway(CONFIG.replace("credits: 10}", "credits: 10, allowed_clients: ['my-app/*']}"))
+    browser = Browser(gateway.url)
+    assert browser.login(USER_KEY).headers["location"] == "/usage"
+    assert browser.get("/usage").status_code == 200
+    refused = gateway.http("GET", "/v1/models", key=USER_KEY, headers={"User-Agent": "Mozilla/5.0"})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "client_not_allowed"
+    assert gateway.http("GET", "/v1/models", key=USER_KEY, headers={"User-Agent": "my-app/1.0"}).status_code == 200
