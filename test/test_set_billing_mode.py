@@ -99,7 +99,7 @@ def test_set_billing_mode_keeps_windows_line_ends(start_gateway, upstream):
         ("  preferences: ~   # none yet\n", "  preferences: {billing_mode: count} # none yet\n"),
         ("  preferences: {}\n", "  preferences: {billing_mode: count}\n"),
         ("  preferences:\n    billing_mode:\n", "  preferences:\n    billing_mode: count\n"),
-        ("  preferences: {billing_mode: \"token\", credits: 1}\n", "  preferences: {billing_mode: \"count\", credits: 1}\n"),
+        ('  preferences: {billing_mode: "token", credits: 1}\n', '  preferences: {billing_mode: "count", credits: 1}\n'),
     ],
 )
 def test_empty_and_quoted_values_are_filled_in_place(tmp_path, entry, edited):
