@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 from core.alerts import Alerts
 from core.audit import ADD_COUNT_CREDITS, ADD_CREDITS, REPORT_USAGE, SET_BILLING_MODE, Actor, AuditEntry, balance
@@ -13,9 +15,10 @@ from core.config_writer import ConfigWriteError, set_key_preference
 from core.errors import GatewayError, bad_request
 from core.ledger import COUNT_CREDITS, CREDITS, Grant
 from core.pricing import format_usd, to_nanos
-from core.reload import ConfigStore
+from core.reload import ConfigStore, ReloadError
 from core.sqlite_ledger import SqliteLedger
 from core.usage import Usage
+from core.yamlsource import ConfigError
 
 MAX_AMOUNT = Decimal(10) ** 9
 MAX_IDEMPOTENCY_KEY = 200
@@ -70,22 +73,41 @@ async def add_credit(
 
 
 async def set_billing_mode(store: ConfigStore, ledger: SqliteLedger, key: ApiKey, mode: str, now: float, actor: Actor) -> ApiKey:
-    """Write the mode into api.yaml (round trip, atomic) and apply it; the updated key. Audited."""
+    """Write the mode into api.yaml (that one value, atomically) and apply it; the updated key.
+    A file that does not load is not touched: 409 `config_invalid` says where it is wrong. Audited."""
     if mode not in BILLING_MODES:
         raise bad_request(f"The 'billing_mode' parameter must be one of {', '.join(BILLING_MODES)}, got '{mode}'.", "invalid_billing_mode", "billing_mode")
-    try:
-        set_key_preference(store.path, key.secret, "billing_mode", mode)
+    await store.reload()  # a file edited since the last reload is looked at now, not after the write
+    if store.last_error is not None:
+        raise config_invalid(store.last_error)
+    try:  # parsing a large file takes a while: not on the event loop
+        await asyncio.to_thread(set_key_preference, store.path, key.secret, "billing_mode", mode)
+    except ConfigError as exc:  # broken between the reload and the write
+        raise config_invalid(exc) from None
     except ConfigWriteError as exc:
         raise GatewayError(409, "conflict_error", "config_not_writable", f"Could not update the config file: {exc}") from None
     await store.reload()
     if store.last_error is not None:
-        raise GatewayError(409, "conflict_error", "config_invalid", f"The config file does not load: {store.last_error.message}")
+        raise config_invalid(store.last_error)
     updated = store.current.key_index.find(key.secret)
     if updated is None:
         raise GatewayError(409, "conflict_error", "key_removed", "The key is no longer in the config.")
     entry = AuditEntry(now, actor, SET_BILLING_MODE, updated, {"billing_mode": key.billing.mode}, {"billing_mode": updated.billing.mode})
     await ledger.append_audit(entry)
     return updated
+
+
+def config_invalid(error: ConfigError | ReloadError) -> GatewayError:
+    """409 `config_invalid`: "api.yaml has an error at line L, column C: reason; fix it first"."""
+    return GatewayError(409, "conflict_error", "config_invalid", config_error_message(error))
+
+
+def config_error_message(error: ConfigError | ReloadError) -> str:
+    """Where the config file is wrong, in a sentence for an admin (API answer and page)."""
+    where = f" at line {error.line}" if error.line else ""
+    if where and error.column:
+        where += f", column {error.column}"
+    return f"{Path(error.file).name} has an error{where}: {error.reason}; fix it first"
 
 
 async def report_usage(meter: BillingMeter, config: Config, key: ApiKey, model: str, usage: Usage, provider: str, now: float, actor: Actor) -> int:

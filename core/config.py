@@ -21,7 +21,7 @@ from core.cooperate import cooperate
 from core.keys import KeyIndex, mask_key
 from core.lookup import PrefixTable
 from core.pricing import PriceBook, build_price_book
-from core.yamlsource import ConfigError, expand_env, line_of, parse_yaml
+from core.yamlsource import ConfigError, error_at, expand_env, line_of, parse_yaml
 
 ENGINES = ("openai", "azure", "anthropic", "gemini", "echo")
 SCHEDULING_ALGORITHMS = ("fixed_priority", "round_robin", "weighted_round_robin", "random")
@@ -152,11 +152,14 @@ def build_config(text: str, file: str, source_hash: str | None = None) -> Config
     """Build from the fast, position-less parse; on an error, build again from a parse
     that knows line numbers, so the message can say where."""
     try:
-        return _build(parse_yaml(text, file, located=False), text, file, source_hash)
-    except ConfigError as fast_error:
-        if fast_error.line is not None:
-            raise
-    return _build(parse_yaml(text, file), text, file, source_hash)
+        try:
+            return _build(parse_yaml(text, file, located=False), text, file, source_hash)
+        except ConfigError as fast_error:
+            if fast_error.line is not None:
+                raise
+        return _build(parse_yaml(text, file), text, file, source_hash)
+    except RecursionError:  # lists or mappings nested thousands deep: refused, not a crash of the reloader
+        raise ConfigError(file, None, "YAML error: nested too deeply") from None
 
 
 def _build(tree: Any, text: str, file: str, source_hash: str | None) -> Config:
@@ -287,9 +290,8 @@ def _read_upstream_keys(section: Section, engine: str) -> tuple[str, ...]:
     keys = []
     for index, value in enumerate(values):
         if not isinstance(value, str) or not value.strip():
-            raise ConfigError(
-                section.file, line_of(raw, index) if isinstance(raw, list) else section.line("api"), f"{section.where('api')} entries must be non-empty strings"
-            )
+            holder, at = (raw, index) if isinstance(raw, list) else (section.node, "api")
+            raise error_at(section.file, holder, at, f"{section.where('api')} entries must be non-empty strings")
         keys.append(value.strip())
     return tuple(keys)
 
@@ -312,12 +314,12 @@ def _read_models(section: Section, provider: Provider, timeouts: PrefixTable[Dec
         elif isinstance(entry, str):
             upstream = public = entry
         else:
-            raise ConfigError(section.file, line_of(models_node, index), f"{section.where('model')}[{index}] must be a model name or 'upstream-name: alias'")
+            raise error_at(section.file, models_node, index, f"{section.where('model')}[{index}] must be a model name or 'upstream-name: alias'")
         upstream, public = str(upstream).strip(), str(public).strip()
         if not upstream or not public:
-            raise ConfigError(section.file, line_of(models_node, index), f"{section.where('model')}[{index}] has an empty model name")
+            raise error_at(section.file, models_node, index, f"{section.where('model')}[{index}] has an empty model name")
         if public in seen:
-            raise ConfigError(section.file, line_of(models_node, index), f"model '{public}' is listed twice for provider '{provider.name}'")
+            raise error_at(section.file, models_node, index, f"model '{public}' is listed twice for provider '{provider.name}'")
         seen.add(public)
         timeout = timeouts.get(public) or timeouts.get(upstream) or DEFAULT_TIMEOUT
         routes.append(ModelRoute(provider, public, upstream, float(timeout)))

@@ -1,4 +1,4 @@
-"""Typed, located reads from YAML mappings: every wrong value becomes `file:line: reason`."""
+"""Typed, located reads from YAML mappings: every wrong value becomes `file:line:column: reason`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from datetime import date
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from core.yamlsource import ConfigError, line_of
+from core.yamlsource import ConfigError, error_at, line_of, position_of
 
 _MISSING = object()
 
@@ -22,11 +22,12 @@ class Section:
         if node is None:
             node = {}
         if not isinstance(node, dict):
-            raise ConfigError(file, line_of(parent, key) or line_of(node), f"{path} must be a mapping, got {_kind(node)}")
+            holder, at = (parent, key) if position_of(parent, key) else (node, None)
+            raise error_at(file, holder, at, f"{path} must be a mapping, got {_kind(node)}")
         self.node = node
 
     def error(self, key: Any, reason: str) -> ConfigError:
-        return ConfigError(self.file, line_of(self.node, key), reason)
+        return error_at(self.file, self.node, key, reason)
 
     def where(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
@@ -93,7 +94,7 @@ class Section:
         value = self.node.get(key)
         if value is None:
             if default is _MISSING:
-                raise ConfigError(self.file, line_of(self.node), f"{self.where(key)} is required")
+                raise error_at(self.file, self.node, None, f"{self.where(key)} is required")
             return default
         return value
 

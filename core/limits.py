@@ -49,7 +49,10 @@ def _in(address: str, networks: tuple[IPNetwork, ...]) -> bool:
     return any(ip in network for network in networks)
 
 
-def check_access(key: ApiKey, now: float, ip: str | None, user_agent: str | None) -> None:
+def check_key_usable(key: ApiKey, now: float, ip: str | None) -> None:
+    """Enabled, not expired, from an allowed address: what holds for the key anywhere, its
+    holder's pages included. (`allowed_clients` names the programs that may call the API;
+    a browser opening the usage page is not an API call.)"""
     limits = key.limits
     if not limits.enabled:
         raise forbidden("This API key is disabled.", "key_disabled")
@@ -57,6 +60,12 @@ def check_access(key: ApiKey, now: float, ip: str | None, user_agent: str | None
         raise forbidden("This API key has expired.", "key_expired")
     if limits.allowed_ips and (ip is None or not _in(ip, limits.allowed_ips)):
         raise forbidden("Requests from this address are not allowed for this API key.", "ip_not_allowed")
+
+
+def check_access(key: ApiKey, now: float, ip: str | None, user_agent: str | None) -> None:
+    """The key's access rules for an API call: `check_key_usable`, and the calling program."""
+    check_key_usable(key, now, ip)
+    limits = key.limits
     if limits.allowed_clients and not any(fnmatch.fnmatchcase((user_agent or "").lower(), p.lower()) for p in limits.allowed_clients):
         raise forbidden("This client is not allowed for this API key.", "client_not_allowed")
 

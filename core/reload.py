@@ -41,6 +41,7 @@ class ReloadError:
     line: int | None
     reason: str
     at: float
+    column: int | None = None
 
 
 class ConfigStore:
@@ -80,7 +81,7 @@ class ConfigStore:
         except ConfigError as exc:
             if self.last_error is None or self.last_error.message != str(exc):
                 log.error("config reload failed, still serving the previous config: %s", exc)
-            self.last_error = ReloadError(str(exc), exc.file, exc.line, exc.reason, time.time())
+            self.last_error = ReloadError(str(exc), exc.file, exc.line, exc.reason, time.time(), exc.column)
             return False
         retired, self.current = [self.current], config
         retiring = asyncio.create_task(_retire(retired))

@@ -23,27 +23,43 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class ConfigError(Exception):
-    """A config problem located in the source file: `file:line: reason`."""
+    """A config problem located in the source file: `file:line:column: reason` (1-based; the
+    parts not known are left out)."""
 
-    def __init__(self, file: str, line: int | None, reason: str):
+    def __init__(self, file: str, line: int | None, reason: str, column: int | None = None):
         self.file = file
         self.line = line
+        self.column = column if line else None
         self.reason = reason
-        where = f"{file}:{line}" if line else file
+        where = ":".join(str(part) for part in (file, line or None, self.column) if part is not None)
         super().__init__(f"{where}: {reason}")
+
+
+def error_at(file: str, node: Any, key: Any, reason: str) -> ConfigError:
+    """A ConfigError at `node[key]` (or at `node`), with whatever position the parser recorded."""
+    line, column = position_of(node, key) or (None, None)
+    return ConfigError(file, line, reason, column)
 
 
 def line_of(node: Any, key: Any = None) -> int | None:
     """1-based line of `node[key]` (or of `node` itself) when the YAML parser recorded it."""
+    position = position_of(node, key)
+    return position[0] if position else None
+
+
+def position_of(node: Any, key: Any = None) -> tuple[int, int] | None:
+    """1-based (line, column) of `node[key]`'s key or item (or of `node`), when recorded."""
     lc = getattr(node, "lc", None)
     if lc is None:
         return None
     try:
         if isinstance(node, CommentedMap) and key is not None and key in node:
-            return int(lc.key(key)[0]) + 1
-        if isinstance(node, CommentedSeq) and isinstance(key, int) and 0 <= key < len(node):
-            return int(lc.item(key)[0]) + 1
-        return int(lc.line) + 1
+            line, column = lc.key(key)
+        elif isinstance(node, CommentedSeq) and isinstance(key, int) and 0 <= key < len(node):
+            line, column = lc.item(key)
+        else:
+            line, column = lc.line, lc.col
+        return int(line) + 1, int(column) + 1
     except (KeyError, TypeError, AttributeError):
         return None
 
@@ -66,21 +82,42 @@ class _OneVersionResolver(VersionedResolver):
 def parse_yaml(text: str, file: str, *, located: bool = True) -> Any:
     """Parse YAML text, turning parser errors into a located ConfigError.
 
-    `located=False` uses the fast C loader (plain dicts, no line numbers): about 5x faster on
-    a 10,000-key file, so reloads use it first and re-parse with positions only to explain
-    an error.
+    `located=False` tries the fast C loader first (plain dicts, no line numbers): about 5x
+    faster on a 10,000-key file, so loads use it and re-parse with positions only to explain
+    an error. libyaml is stricter than ruamel in places (it refuses the ':' of a timezone in
+    `{created_at: 2024-01-01T00:00:00+08:00}`), so whatever it refuses goes to ruamel, whose
+    answer is the one that counts: a tree, or the error to show.
     """
+    if not located:
+        try:
+            return _load_fast(text)
+        except (YAMLError, ValueError, TypeError, RecursionError):
+            pass
     try:
-        if located:
-            return YAML(typ="rt").load(text)
-        return _load_fast(text)
+        return YAML(typ="rt").load(text)
     except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else None
-        reason = " ".join(part for part in (exc.context, exc.problem) if part) or "invalid YAML"
-        raise ConfigError(file, line, f"YAML syntax error: {reason}") from None
+        raise _syntax_error(exc, file) from None
     except YAMLError as exc:
         raise ConfigError(file, None, f"YAML error: {exc}") from None
+    except (ValueError, TypeError, RecursionError) as exc:  # `!!int x`; nesting thousands deep
+        raise ConfigError(file, None, f"YAML error: {exc or type(exc).__name__}") from None
+
+
+def _syntax_error(exc: MarkedYAMLError, file: str) -> ConfigError:
+    """Located where the mistake is. The parser often notices one on a later line than the
+    one it is on (a key without its ':', an unclosed quote or bracket); it then names where
+    the broken thing starts as its context, and that is the place to point at."""
+    context, problem = exc.context_mark, exc.problem_mark
+    starts_earlier = context is not None and problem is not None and problem.line > context.line
+    at_start = starts_earlier and str(exc.context or "").startswith(("while scanning a", "while parsing a flow"))
+    mark = context if at_start else (problem or context)
+    reason = f"YAML syntax error: {exc.problem or exc.context or 'invalid YAML'}"
+    if exc.problem and exc.context:
+        since = f" that starts at line {context.line + 1}, column {context.column + 1}" if context is not None and mark is not context else ""
+        reason += f" ({exc.context}{since})"
+    if mark is None:
+        return ConfigError(file, None, reason)
+    return ConfigError(file, mark.line + 1, reason, mark.column + 1)
 
 
 def _load_fast(text: str) -> Any:
@@ -149,7 +186,7 @@ def expand_env(node: Any, file: str, environ: Mapping[str, str] | None = None) -
                 return env[name]
             if default is not None:
                 return default
-            raise ConfigError(file, line_of(parent, key), f"environment variable {name} is not set (use ${{{name}:-default}} for a default)")
+            raise error_at(file, parent, key, f"environment variable {name} is not set (use ${{{name}:-default}} for a default)")
 
         return _ENV_REF.sub(substitute, value)
 

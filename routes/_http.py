@@ -62,11 +62,6 @@ def authenticate_headers(config: Config, headers: Mapping[str, str], peer: str |
     return key
 
 
-def check_request_access(request: Request, config: Config, key: ApiKey) -> None:
-    """The key's access rules (enabled, expiry, addresses, clients) for this request."""
-    check_key_access(key, request.headers, caller_ip(request, config), request.app.state.clock())
-
-
 def check_key_access(key: ApiKey, headers: Mapping[str, str], address: str | None, now: float) -> None:
     """`address` is the client's, as `client_ip` resolves it (computed once per request)."""
     check_access(key, now, address, headers.get("user-agent") if key.limits.allowed_clients else None)

@@ -6,7 +6,8 @@ from starlette.requests import Request
 
 from core.config import ApiKey, Config
 from core.errors import forbidden
-from routes._http import check_request_access
+from core.limits import check_key_usable
+from routes._http import caller_ip
 from routes._session import SESSION_COOKIE, Session, SessionSigner
 
 
@@ -26,8 +27,14 @@ def visitor(request: Request, config: Config) -> tuple[ApiKey, Session]:
     if session is None or key is None:
         raise LoginRequired()
     # A key disabled, expired or out of its allowed addresses after login loses its pages too.
-    check_request_access(request, config, key)
+    check_page_access(request, config, key)
     return key, session
+
+
+def check_page_access(request: Request, config: Config, key: ApiKey) -> None:
+    """The key's access rules that apply to its pages: enabled, expiry, addresses. Not
+    `allowed_clients`, which is about API callers: it locked holders out of their usage page."""
+    check_key_usable(key, request.app.state.clock(), caller_ip(request, config))
 
 
 def admin_visitor(request: Request, config: Config) -> tuple[ApiKey, Session]:

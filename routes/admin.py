@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from core.reload import ConfigStore
+from core.reload import ConfigStore, ReloadError
 from routes._http import current_config, require_admin
 
 
@@ -26,9 +26,13 @@ async def config_status(request: Request) -> Response:
             "providers": len(config.providers),
             "api_keys": len(config.keys),
             "models": len(config.public_models),
-            "last_error": None if error is None else {"message": error.message, "file": error.file, "line": error.line, "reason": error.reason, "at": error.at},
+            "last_error": None if error is None else _error_json(error),
         }
     )
+
+
+def _error_json(error: ReloadError) -> dict[str, object]:
+    return {"message": error.message, "file": error.file, "line": error.line, "column": error.column, "reason": error.reason, "at": error.at}
 
 
 async def health(request: Request) -> Response:

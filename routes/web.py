@@ -24,9 +24,9 @@ from core.ledger_sums import Window
 from core.reload import ConfigStore
 from core.sqlite_ledger import SqliteLedger
 from routes import web_export
-from routes._http import caller_ip, check_request_access, current_config, whole_number
+from routes._http import caller_ip, current_config, whole_number
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
-from routes._web_auth import admin_visitor, signer, visitor
+from routes._web_auth import admin_visitor, check_page_access, signer, visitor
 from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, money, sort_value, when
 
 WEB = Path(__file__).resolve().parent.parent / "web"
@@ -115,7 +115,7 @@ async def login(request: Request) -> Response:
         await asyncio.sleep(WRONG_KEY_DELAY)  # slows down guessing without blocking anyone else
         return await login_page(request, "That key is not valid. Check it and try again.", status=401)
     try:
-        check_request_access(request, config, key)
+        check_page_access(request, config, key)
     except GatewayError as exc:
         return await login_page(request, exc.message, status=exc.status)
     if key.is_admin:
@@ -201,7 +201,7 @@ async def billing_tab(request: Request) -> Response:
         link=lambda **changes: (
             "/admin/keys?" + urlencode({**{"q": params.get("q", ""), "sort": sort, "dir": "desc" if descending else "asc", "page": page}, **changes})
         ),
-        message=MESSAGES.get(params.get("done") or params.get("error") or ""),
+        message=_flash(request),
         is_error="error" in params,
     )
 
@@ -263,9 +263,20 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
         alerts=alert_rows(await recent_alerts(ledger, key.id)),
         base_url=f"/admin/keys/{key.id}" if me.is_admin else "/usage",
         export_url=f"/admin/export/requests.csv?key={key.id}" if me.is_admin else "/usage/export/requests.csv",
-        message=MESSAGES.get(params.get("done") or params.get("error") or ""),
+        message=_flash(request),
         is_error="error" in params,
     )
+
+
+def _flash(request: Request) -> str | None:
+    """The message for `?done=` or `?error=`; a config that does not load is told in full
+    (where it is wrong), read from the store rather than from the URL."""
+    params = request.query_params
+    code = params.get("done") or params.get("error") or ""
+    error = request.app.state.store.last_error
+    if code == "config_invalid" and error is not None:
+        return admin_actions.config_error_message(error)
+    return MESSAGES.get(code)
 
 
 def _float(raw: str | None) -> float | None:

@@ -30,12 +30,12 @@ def test_config_path_from_environment(tmp_path):
     assert result.returncode == 2 and str(missing) in result.stderr
 
 
-def test_invalid_config_exits_2_naming_file_and_line(tmp_path):
+def test_invalid_config_exits_2_naming_file_line_and_column(tmp_path):
     config = tmp_path / "api.yaml"
     config.write_text("providers:\n  - provider: x\n    engine: echo\n    model: [m]\nbogus: 1\n")
     result = run_main("--config", str(config))
     assert result.returncode == 2
-    assert f"{config}:5: unknown key 'bogus'" in result.stderr
+    assert f"{config}:5:1: unknown key 'bogus'" in result.stderr
 
 
 def test_example_config_is_valid():

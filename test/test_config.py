@@ -6,6 +6,7 @@ import textwrap
 from decimal import Decimal
 
 import pytest
+from ruamel.yaml import YAML
 
 from core.config import build_config
 from core.routing import Scheduler, routes_for
@@ -117,9 +118,9 @@ def test_unset_env_var_is_an_error_with_its_line(monkeypatch):
             model: [m]
         """
     )
-    assert error.line == 4
+    assert (error.line, error.column) == (4, 5)
     assert "NOT_SET_ANYWHERE is not set" in error.reason
-    assert str(error).startswith("api.yaml:4: ")
+    assert str(error).startswith("api.yaml:4:5: ")
 
 
 def test_expand_env_leaves_plain_text_alone():
@@ -147,8 +148,8 @@ def test_expand_env_leaves_plain_text_alone():
         ("providers:\n  - provider: x\n    base_url: ftp://x\n    api: k\n    model: [m]\n", 3, "must start with http:// or https://"),
         ("providers:\n  - provider: x\n    base_url: https://x\n    model: [m]\n", 2, "providers[0].api is required"),
         ("providers: []\n", 1, "at least one provider"),
-        ("providers:\n  - provider: x\n    engine: echo\n    model: [m\n", 5, "YAML syntax error"),
-        ("providers:\n  - provider: [x\n", 3, "YAML syntax error"),
+        ("providers:\n  - provider: x\n    engine: echo\n    model: [m\n", 4, "YAML syntax error"),  # the unclosed '['
+        ("providers:\n  - provider: [x\n", 2, "YAML syntax error"),
     ],
 )
 def test_validation_errors_name_the_line_and_reason(text, line, reason):
@@ -156,6 +157,38 @@ def test_validation_errors_name_the_line_and_reason(text, line, reason):
     assert error.file == "api.yaml"
     assert error.line == line, str(error)
     assert reason in error.reason, str(error)
+
+
+def test_yaml_the_fast_parser_refuses_but_ruamel_accepts_still_loads():
+    """libyaml stops at the ':' of a timezone inside a flow mapping; ruamel reads it."""
+    config = load(BASE + "    preferences: {billing_mode: token, credits: 10.0, created_at: 2024-01-01T00:00:00+08:00}\n")
+    billing = config.key_index.find("sk-one").billing
+    assert (billing.mode, billing.credits_nanos, billing.created_at) == ("token", 10_000_000_000, 1704038400.0)
+
+
+def test_a_syntax_error_is_reported_in_ruamels_words_not_the_fast_parsers():
+    text = BASE + "    preferences: {credits: [1\n"
+    with pytest.raises(Exception) as ruamel:
+        YAML(typ="rt").load(text)
+    assert str(ruamel.value.problem) in error_of(text).reason  # libyaml says "did not find expected ',' or ']'"
+
+
+def test_a_key_without_its_colon_is_reported_at_its_own_line_and_column():
+    text = BASE + "    role: user\n" + "    name alice\n" + "    preferences: {credits: 1}\n"
+    error = error_of(text)
+    assert (error.line, error.column) == (8, 5), str(error)
+    assert str(error).startswith("api.yaml:8:5: YAML syntax error: could not find expected ':'")
+
+
+def test_validation_errors_carry_the_column_too():
+    error = error_of(BASE + "preferences:\n  cooldown_period: soon\n")
+    assert str(error).startswith("api.yaml:8:3: preferences.cooldown_period must be a number")
+
+
+@pytest.mark.parametrize("value", ["!!int soon", "!!float soon", "[" * 2000 + "]" * 2000])
+def test_yaml_that_fails_inside_the_parser_is_a_config_error_not_a_crash(value):
+    error = error_of(BASE + f"preferences:\n  cooldown_period: {value}\n")
+    assert error.reason.startswith("YAML error: "), str(error)
 
 
 def test_numbers_are_exact_decimals():

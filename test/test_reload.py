@@ -39,6 +39,7 @@ def test_broken_file_keeps_the_old_config_and_reports_the_line(start_gateway):
     gateway.rewrite_config(ECHO + "preferences:\n  cooldown_period: -1\n")
     status = gateway.status()
     assert status["last_error"]["line"] == len(ECHO.splitlines()) + 2  # the cooldown_period line
+    assert status["last_error"]["column"] == 3
     assert "cooldown_period must be >= 0" in status["last_error"]["reason"]
     assert status["last_error"]["file"] == str(gateway.config_path)
     assert gateway.client().chat.completions.create(model="echo-1", messages=MESSAGES).choices[0].message.content == "Echo: hi"
@@ -53,6 +54,16 @@ def test_unset_variable_on_reload_keeps_the_old_config(start_gateway, monkeypatc
     gateway.rewrite_config(ECHO.replace("name: ops", "name: ${TOLLGATE_TEST_UNSET}"))
     assert "TOLLGATE_TEST_UNSET is not set" in gateway.status()["last_error"]["reason"]
     assert gateway.http("GET", "/v1/models").status_code == 200
+
+
+def test_yaml_only_ruamel_reads_loads_at_start_and_on_reload(start_gateway):
+    """The fast C parser refuses the ':' of a timezone in a flow mapping; the file still loads."""
+    flow = "    preferences: {billing_mode: token, credits: 10.0, created_at: 2024-01-01T00:00:00+08:00}\n"
+    gateway = start_gateway(ECHO + flow)
+    assert gateway.http("GET", "/v1/usage").json()["balance"]["credits"] == 10
+    gateway.rewrite_config(ECHO_TWO_MODELS + flow)
+    status = gateway.status()
+    assert status["last_error"] is None and status["models"] == 2
 
 
 def test_deleted_file_keeps_serving(start_gateway):

@@ -207,6 +207,20 @@ def test_add_count_credits_and_set_mode_forms(web):
     assert "billing_mode: hybrid" in gateway.config_path.read_text() and "# web test config" in gateway.config_path.read_text()
 
 
+def test_set_mode_form_on_a_broken_config_says_where_it_is_wrong(web):
+    gateway, browser = web
+    browser.login(ADMIN_KEY)
+    text = gateway.config_path.read_text().replace("    name: bob\n", "    name bob\n")
+    gateway.config_path.write_text(text)
+    line = text.splitlines().index("    name bob") + 1
+    path = f"/admin/keys/{key_id(COUNT_KEY)}"
+    response = browser.submit(path, f"{path}/billing_mode", billing_mode="hybrid")
+    assert response.headers["location"] == f"{path}?error=config_invalid"
+    shown = browser.get(response.headers["location"]).text
+    assert f"api.yaml has an error at line {line}, column 5: YAML syntax error: could not find expected" in shown and "; fix it first" in shown
+    assert gateway.config_path.read_text() == text
+
+
 def test_forms_without_csrf_change_nothing(web):
     gateway, browser = web
     browser.login(ADMIN_KEY)
@@ -308,3 +322,15 @@ def test_a_key_disabled_after_login_loses_its_pages(web):
     page = browser.get("/usage")
     assert page.status_code == 403 and "disabled" in page.text
     assert Browser(gateway.url).login(USER_KEY).status_code == 403
+
+
+def test_allowed_clients_limits_api_calls_not_the_holders_own_pages(start_gateway):
+    """allowed_clients names the programs that may call the API; a browser is not one of them,
+    and logging in to read one's own usage is not an API call."""
+    gateway = start_gateway(CONFIG.replace("credits: 10}", "credits: 10, allowed_clients: ['my-app/*']}"))
+    browser = Browser(gateway.url)
+    assert browser.login(USER_KEY).headers["location"] == "/usage"
+    assert browser.get("/usage").status_code == 200
+    refused = gateway.http("GET", "/v1/models", key=USER_KEY, headers={"User-Agent": "Mozilla/5.0"})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "client_not_allowed"
+    assert gateway.http("GET", "/v1/models", key=USER_KEY, headers={"User-Agent": "my-app/1.0"}).status_code == 200
