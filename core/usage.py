@@ -39,9 +39,16 @@ def estimate_text_tokens(text: str) -> int:
 
 
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """Prompt size of a chat, completion or embedding request body."""
+    """Prompt size of a chat (OpenAI or Anthropic format), completion or embedding request
+    body. Everything the vendor reads counts: a system prompt or tool definitions can be
+    most of a request, and admission reserves (and rate limits hold) on this number."""
     if "messages" in body:
-        return estimate_messages_tokens(body.get("messages"))
+        system = body.get("system")  # Anthropic's; OpenAI's is one of the messages
+        total = estimate_messages_tokens(body.get("messages")) + (TOKENS_PER_MESSAGE + _content_tokens(system) if system else 0)
+        for name in ("tools", "functions", "response_format"):
+            if body.get(name):
+                total += estimate_text_tokens(str(body[name]))
+        return total
     prompt = body.get("prompt", body.get("input"))
     if isinstance(prompt, list):
         return sum(estimate_text_tokens(p) if isinstance(p, str) else len(p) if isinstance(p, list) else 0 for p in prompt)
@@ -72,10 +79,30 @@ def message_text(content: Any) -> str:
 
 
 def _content_tokens(content: Any) -> int:
-    if isinstance(content, list):
-        images = sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image_url")
-        return estimate_text_tokens(message_text(content)) + images * TOKENS_PER_IMAGE
-    return estimate_text_tokens(message_text(content))
+    """A message's content (or Anthropic's system) in either format: a string or a list of parts."""
+    if isinstance(content, str):
+        return estimate_text_tokens(content)
+    if not isinstance(content, list):
+        return 0
+    text = message_text(content)
+    return (estimate_text_tokens(text) if text else 0) + sum(_part_tokens(part) for part in content if isinstance(part, dict))
+
+
+def _part_tokens(part: dict[str, Any]) -> int:
+    """What a non-text part adds: images at a flat rate, Anthropic's tool calls and results
+    (in the history sent back) by their size. Text parts are counted by the caller."""
+    kind = part.get("type")
+    if kind in ("image_url", "image"):
+        return TOKENS_PER_IMAGE
+    if kind == "tool_use":
+        return estimate_text_tokens(str(part.get("name") or "")) + estimate_text_tokens(str(part.get("input") or ""))
+    if kind == "tool_result":
+        return _content_tokens(part.get("content"))
+    if kind == "document":
+        source = part.get("source")
+        if isinstance(source, dict):
+            return _content_tokens(source.get("data") if source.get("type") == "text" else source.get("content"))
+    return 0
 
 
 def usage_from_openai(data: Any) -> Usage | None:

@@ -126,3 +126,31 @@ def test_optional_fields_are_not_sent_as_nulls_when_translated(start_gateway, up
     assert response.status_code == 200 and response.json()["content"][0]["text"] == "Hello from upstream"
     sent = upstream.seen[-1].body
     assert "max_tokens" not in sent and "temperature" not in sent
+
+
+BIG = "x" * 40_000  # 10,000 tokens: $10 at the ECHO config's $1,000 per million, more than the key's credits
+LARGE_PARTS = {
+    "system": {"system": BIG},
+    "system blocks": {"system": [{"type": "text", "text": BIG}]},
+    "tools": {"tools": [{**WEATHER_TOOL, "description": BIG}]},
+    "tool result": {"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": BIG}]}]}]},
+    "tool use": {"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {"q": BIG}}]}]},
+}
+
+
+@pytest.mark.parametrize("part", LARGE_PARTS.values(), ids=LARGE_PARTS.keys())
+def test_every_part_of_a_messages_request_counts_toward_the_reservation(start_gateway, part):
+    gateway = start_gateway(ECHO)
+    small = {"model": "echo-1", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+    response = gateway.http("POST", "/v1/messages", json={**small, **part})
+    assert response.status_code == 402 and response.json()["error"]["type"] == "insufficient_quota"
+    assert gateway.http("POST", "/v1/messages", json=small).status_code == 200
+
+
+def test_tool_definitions_count_toward_a_chat_completion_reservation(start_gateway):
+    gateway = start_gateway(ECHO)
+    tools = [{"type": "function", "function": {"name": "f", "description": BIG, "parameters": {"type": "object"}}}]
+    response = gateway.http(
+        "POST", "/v1/chat/completions", json={"model": "echo-1", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}], "tools": tools}
+    )
+    assert response.status_code == 402 and response.json()["error"]["code"] == "credit_balance_exhausted"
