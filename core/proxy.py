@@ -22,7 +22,7 @@ from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamSt
 from core.providers.messages import anthropic_error_body, anthropic_event
 from core.routing import Scheduler, routes_for
 from core.sse import encode_event
-from core.usage import Usage, estimate_prompt_tokens, estimate_text_tokens, message_text, tokens_for_bytes
+from core.usage import Usage, estimate_prompt_tokens, estimate_usage, tokens_for_bytes
 
 log = logging.getLogger("tollgate.proxy")
 
@@ -134,11 +134,10 @@ class Gateway:
 def _estimate(request: ProxyRequest, body: bytes) -> Usage:
     """Usage for an answer that reported none: estimated from the prompt and the reply text."""
     try:
-        choices = json.loads(body).get("choices") or []
-    except (ValueError, AttributeError):
-        choices = []
-    text = "".join(message_text((c.get("message") or {}).get("content")) or str(c.get("text") or "") for c in choices if isinstance(c, dict))
-    return Usage(prompt_tokens=estimate_prompt_tokens(request.body), completion_tokens=estimate_text_tokens(text), estimated=True)
+        reply = json.loads(body)
+    except ValueError:
+        reply = None
+    return estimate_usage(request.body, reply)
 
 
 class MeteredStream:

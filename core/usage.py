@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,37 @@ def _part_tokens(part: dict[str, Any]) -> int:
         if isinstance(source, dict):
             return _content_tokens(source.get("data") if source.get("type") == "text" else source.get("content"))
     return 0
+
+
+def reply_text(reply: Any) -> str:
+    """The text a chat reply generated, tool call arguments included: OpenAI's `choices`
+    (chat or completions) or Anthropic's `content` blocks. For estimates only."""
+    if not isinstance(reply, dict):
+        return ""
+    choices, blocks = reply.get("choices"), reply.get("content")
+    texts = [_choice_text(c) for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
+    texts += [_block_text(b) for b in blocks if isinstance(b, dict)] if isinstance(blocks, list) else []
+    return "".join(texts)
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        return str(choice.get("text") or "")
+    calls = message.get("tool_calls")
+    functions = [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+    return message_text(message.get("content")) + "".join(str(f.get("arguments") or "") for f in functions if isinstance(f, dict))
+
+
+def _block_text(block: dict[str, Any]) -> str:
+    if block.get("type") == "text":
+        return str(block.get("text") or "")
+    return json.dumps(block.get("input") or {}) if block.get("type") == "tool_use" else ""
+
+
+def estimate_usage(request_body: dict[str, Any], reply: Any) -> Usage:
+    """Usage for an answer whose vendor reported none: from the prompt and the reply text."""
+    return Usage(prompt_tokens=estimate_prompt_tokens(request_body), completion_tokens=estimate_text_tokens(reply_text(reply)), estimated=True)
 
 
 def usage_from_openai(data: Any) -> Usage | None:

@@ -10,7 +10,9 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from core.usage import estimate_prompt_tokens
 from test.conftest import USER_KEY, keys_yaml
+from test.servers import completion_body
 from test.test_anthropic import CONFIG as ANTHROPIC_CONFIG
 from test.test_anthropic import EXPECTED_COST_NANOS, MESSAGE, STREAM, ledger_rows
 
@@ -126,6 +128,35 @@ def test_optional_fields_are_not_sent_as_nulls_when_translated(start_gateway, up
     assert response.status_code == 200 and response.json()["content"][0]["text"] == "Hello from upstream"
     sent = upstream.seen[-1].body
     assert "max_tokens" not in sent and "temperature" not in sent
+
+
+# --- what /v1/messages bills when the vendor's usage is missing or partial ----------------------
+
+OPENAI_FORMAT = "providers:\n  - provider: p1\n    base_url: {fake:p1}\n    api: k\n    model: [gpt-4o]\n" + keys_yaml()
+HUNDRED_TOKENS = "word " * 80  # 400 bytes of text: 100 estimated tokens
+
+
+def test_an_openai_format_answer_without_usage_is_estimated_from_its_text(start_gateway, upstream):
+    async def no_usage(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse({k: v for k, v in completion_body(body, HUNDRED_TOKENS).items() if k != "usage"})
+
+    upstream.script("p1", no_usage)
+    gateway = start_gateway(OPENAI_FORMAT, upstream)
+    request = {"model": "gpt-4o", "max_tokens": 200, "system": "Be brief.", "messages": [{"role": "user", "content": "Talk."}]}
+    message = sdk(gateway).messages.create(**request)
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (estimate_prompt_tokens(request), 100)
+    assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)
+
+
+def test_a_native_answer_without_usage_is_estimated_from_its_text(start_gateway, upstream):
+    async def no_usage(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse({**MESSAGE, "content": [{"type": "text", "text": HUNDRED_TOKENS}], "usage": None})
+
+    upstream.script("p1", no_usage)
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    request = {"model": "claude-sonnet", "max_tokens": 200, "messages": [{"role": "user", "content": "Talk."}]}
+    gateway.http("POST", "/v1/messages", json=request).raise_for_status()
+    assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)
 
 
 BIG = "x" * 40_000  # 10,000 tokens: $10 at the ECHO config's $1,000 per million, more than the key's credits

@@ -20,7 +20,7 @@ from core.providers.anthropic import ANTHROPIC_VERSION, usage_from_anthropic
 from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamStream
 from core.providers.http import open_stream, post_json
 from core.sse import DONE, SseSplitter, event_data
-from core.usage import Usage, count, usage_from_openai
+from core.usage import Usage, count, estimate_usage, usage_from_openai
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use", "content_filter": "refusal"}
 
@@ -146,9 +146,10 @@ class MessagesAdapter:
         answer = await self.inner.send(chat, http)
         if isinstance(answer, UpstreamStream):
             return EventsFromChunks(answer, call.route.public_name)
-        usage = answer.usage or Usage(estimated=True)
         data = json.loads(answer.body)
-        return Reply(200, json.dumps(to_anthropic_message(data, call.route.public_name, usage)).encode(), answer.usage)
+        # Estimated here, where the OpenAI reply is still at hand, and shown to the client too.
+        usage = answer.usage or estimate_usage(call.body, data)
+        return Reply(200, json.dumps(to_anthropic_message(data, call.route.public_name, usage)).encode(), usage)
 
     async def _native(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
         route = call.route
@@ -163,7 +164,8 @@ class MessagesAdapter:
         if call.stream:
             return NativeEvents(await open_stream(http, url, headers, payload, call), route.provider.name)
         body, data = await post_json(http, url, headers, payload, call)
-        return Reply(200, body, usage_from_anthropic(data.get("usage")) if isinstance(data, dict) else None)
+        reported = data.get("usage") if isinstance(data, dict) else None
+        return Reply(200, body, usage_from_anthropic(reported) if isinstance(reported, dict) else None)  # None: billing estimates it
 
 
 class NativeEvents(UpstreamStream):
