@@ -22,7 +22,7 @@ from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamSt
 from core.providers.messages import anthropic_error_body, anthropic_event
 from core.routing import Scheduler, routes_for
 from core.sse import encode_event
-from core.usage import Usage, estimate_prompt_tokens, estimate_usage, tokens_for_bytes
+from core.usage import Usage, estimate_usage, usage_so_far
 
 log = logging.getLogger("tollgate.proxy")
 
@@ -176,13 +176,7 @@ class MeteredStream:
         self.upstream.close()
         upstream = self.upstream
         status = CLIENT_DISCONNECTED if disconnected else ERROR if upstream.error else OK
-        usage = upstream.usage
-        if usage is None:
-            usage = Usage(
-                prompt_tokens=estimate_prompt_tokens(self.request.body),
-                completion_tokens=tokens_for_bytes(upstream.completion_text_bytes),
-                estimated=True,
-            )
+        usage = upstream.usage or usage_so_far(upstream.partial_usage, self.request.body, upstream.completion_text_bytes)
         if upstream.error is not None and usage.estimated and upstream.completion_text_bytes == 0:
             ticket.release()  # failed before any output: nothing to charge
             return

@@ -137,6 +137,23 @@ def estimate_usage(request_body: dict[str, Any], reply: Any) -> Usage:
     return Usage(prompt_tokens=estimate_prompt_tokens(request_body), completion_tokens=estimate_text_tokens(reply_text(reply)), estimated=True)
 
 
+def usage_so_far(reported: Usage | None, request_body: dict[str, Any], completion_text_bytes: int) -> Usage:
+    """Usage of a stream that ended without its final report (cut off, abandoned): what the
+    vendor reported so far is kept (Anthropic's prompt counts from `message_start`); only
+    what it did not say is estimated, the prompt from the request, the output from the text
+    relayed."""
+    base = reported or Usage()
+    prompt = base if base.prompt_tokens else Usage(prompt_tokens=estimate_prompt_tokens(request_body))
+    return Usage(
+        prompt.prompt_tokens,
+        max(base.completion_tokens, tokens_for_bytes(completion_text_bytes)),
+        prompt.cached_tokens,
+        estimated=True,
+        cache_write_tokens=prompt.cache_write_tokens,
+        reasoning_tokens=base.reasoning_tokens,
+    )
+
+
 def usage_from_openai(data: Any) -> Usage | None:
     """Read OpenAI's `usage` object (chat, completions, embeddings); None when absent."""
     if not isinstance(data, dict):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
 
 import anthropic
+import httpx
 import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -134,6 +137,70 @@ def test_optional_fields_are_not_sent_as_nulls_when_translated(start_gateway, up
 
 OPENAI_FORMAT = "providers:\n  - provider: p1\n    base_url: {fake:p1}\n    api: k\n    model: [gpt-4o]\n" + keys_yaml()
 HUNDRED_TOKENS = "word " * 80  # 400 bytes of text: 100 estimated tokens
+
+
+def anthropic_event_bytes(data: dict[str, Any]) -> bytes:
+    return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def message_start(input_tokens: int) -> bytes:
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "claude-3-5-sonnet-20241022",
+               "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 1}}  # fmt: skip
+    return anthropic_event_bytes({"type": "message_start", "message": message}) + anthropic_event_bytes(
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    )
+
+
+def text_delta(text: str) -> bytes:
+    return anthropic_event_bytes({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}})
+
+
+def anthropic_stream(*parts: bytes, then_hang: bool = False) -> Any:
+    """A fake Anthropic upstream streaming `parts`, then ending (cut off) or hanging until dropped."""
+
+    async def handler(body: dict[str, Any], request: Request) -> Response:
+        async def gen():  # type: ignore[no-untyped-def]
+            for part in parts:
+                yield part
+            while then_hang:
+                await asyncio.sleep(0.02)
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    return handler
+
+
+def wait_for_ledger_rows(gateway) -> list[tuple]:
+    deadline = time.monotonic() + 10
+    while not (rows := ledger_rows(gateway)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return rows
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions"])
+def test_a_native_stream_cut_off_bills_the_text_it_relayed(start_gateway, upstream, path):
+    upstream.script("p1", anthropic_stream(message_start(25), *(text_delta(HUNDRED_TOKENS) for _ in range(5))))  # 500 tokens, no message_stop
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    body = {"model": "claude-sonnet", "max_tokens": 1000, "stream": True, "messages": [{"role": "user", "content": "Talk."}]}
+    response = gateway.http("POST", path, json=body)
+    assert "before message_stop" in response.text
+    ((status, prompt, completion, *_),) = ledger_rows(gateway)
+    assert (status, prompt, completion) == ("error", 25, 500)
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions"])
+def test_an_abandoned_stream_bills_the_prompt_size_the_vendor_reported(start_gateway, upstream, path):
+    upstream.script("p1", anthropic_stream(message_start(1000), text_delta("Hello"), then_hang=True))
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    body = {"model": "claude-sonnet", "max_tokens": 1000, "stream": True, "messages": [{"role": "user", "content": "Talk."}]}
+    with httpx.stream("POST", f"{gateway.url}{path}", json=body, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=10) as response:
+        received = b""
+        for chunk in response.iter_bytes():
+            received += chunk
+            if b"Hello" in received:
+                break
+    ((status, prompt, completion, *_),) = wait_for_ledger_rows(gateway)
+    assert (status, prompt, completion) == ("client_disconnected", 1000, 2)  # "Hello": 5 bytes of text
 
 
 def test_an_openai_format_answer_without_usage_is_estimated_from_its_text(start_gateway, upstream):

@@ -16,11 +16,11 @@ from typing import Any
 import aiohttp
 
 from core.errors import GatewayError, bad_gateway
-from core.providers.anthropic import ANTHROPIC_VERSION, usage_from_anthropic
+from core.providers.anthropic import ANTHROPIC_VERSION, StreamUsage, usage_from_anthropic
 from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamStream
 from core.providers.http import open_stream, post_json
 from core.sse import DONE, SseSplitter, event_data
-from core.usage import Usage, count, estimate_usage, usage_from_openai
+from core.usage import Usage, estimate_usage, usage_from_openai
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use", "content_filter": "refusal"}
 
@@ -175,8 +175,7 @@ class NativeEvents(UpstreamStream):
         super().__init__()
         self._response = response
         self._provider = provider
-        self._input = Usage()
-        self._output = 0
+        self._usage = StreamUsage()
         self._stopped = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -193,10 +192,6 @@ class NativeEvents(UpstreamStream):
         if not self._stopped and self.error is None:
             self.error = bad_gateway(f"Provider '{self._provider}' ended the stream before message_stop.", "upstream_stream_broken")
         if self.error is not None:
-            if self._input.prompt_tokens:
-                self.usage = Usage(
-                    self._input.prompt_tokens, self._output, self._input.cached_tokens, estimated=True, cache_write_tokens=self._input.cache_write_tokens
-                )
             yield anthropic_event("error", anthropic_error_body(self.error))
 
     def _observe(self, event: bytes) -> None:
@@ -208,16 +203,17 @@ class NativeEvents(UpstreamStream):
         if not isinstance(data, dict):
             return
         if data.get("type") == "message_start":
-            self._input = usage_from_anthropic((data.get("message") or {}).get("usage"))
-            self._output = self._input.completion_tokens
+            self.partial_usage = self._usage.start(data.get("message"))
         elif data.get("type") == "content_block_delta":
             delta = data.get("delta") or {}
             self.completion_text_bytes += len(str(delta.get("text") or delta.get("partial_json") or "").encode())
         elif data.get("type") == "message_delta":
-            self._output = count((data.get("usage") or {}).get("output_tokens")) or self._output
+            self.partial_usage = self._usage.delta(data.get("usage"))
+            if self._usage.final:
+                self.usage = self.partial_usage
         elif data.get("type") == "message_stop":
             self._stopped = True
-            self.usage = Usage(self._input.prompt_tokens, self._output, self._input.cached_tokens, cache_write_tokens=self._input.cache_write_tokens)
+            self.usage = self.partial_usage  # None without a message_start: billing estimates it
 
     def close(self) -> None:
         if self._stopped:
@@ -262,6 +258,7 @@ class EventsFromChunks(UpstreamStream):
 
     def _sync(self) -> None:
         self.usage = self._inner.usage
+        self.partial_usage = self._inner.partial_usage
         self.completion_text_bytes = self._inner.completion_text_bytes
         self.error = self._inner.error
 
