@@ -15,9 +15,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from core.usage import estimate_prompt_tokens
 from test.conftest import USER_KEY, keys_yaml
-from test.servers import completion_body
+from test.servers import completion_body, stream_chunks
 from test.test_anthropic import CONFIG as ANTHROPIC_CONFIG
 from test.test_anthropic import EXPECTED_COST_NANOS, MESSAGE, STREAM, ledger_rows
+from test.test_gemini import CONFIG as GEMINI_CONFIG
+from test.test_gemini import STREAM as GEMINI_STREAM
 
 ECHO = (
     "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n"
@@ -224,6 +226,32 @@ def test_a_native_answer_without_usage_is_estimated_from_its_text(start_gateway,
     request = {"model": "claude-sonnet", "max_tokens": 200, "messages": [{"role": "user", "content": "Talk."}]}
     gateway.http("POST", "/v1/messages", json=request).raise_for_status()
     assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)
+
+
+def test_a_translated_stream_announces_the_prompt_size_and_bills_what_it_announced(start_gateway, upstream):
+    async def stream_without_usage(body: dict[str, Any], request: Request) -> Response:
+        chunks = stream_chunks({**body, "stream_options": None}, [HUNDRED_TOKENS])
+        return StreamingResponse(iter(chunks), media_type="text/event-stream")
+
+    upstream.script("p1", stream_without_usage)
+    gateway = start_gateway(OPENAI_FORMAT, upstream)
+    request = {"model": "gpt-4o", "max_tokens": 200, "system": "Be brief.", "messages": [{"role": "user", "content": "Talk."}]}
+    events = list(sdk(gateway).messages.create(**request, stream=True))
+    start, end = events[0], next(e for e in events if e.type == "message_delta")
+    assert start.type == "message_start" and start.message.usage.input_tokens == estimate_prompt_tokens(request) > 10
+    assert (end.usage.input_tokens, end.usage.output_tokens) == (estimate_prompt_tokens(request), 100)
+    assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)
+
+
+def test_a_translated_stream_announces_the_prompt_size_the_vendor_reported_early(start_gateway, upstream):
+    async def gemini(body: dict[str, Any], request: Request) -> Response:
+        return StreamingResponse(iter([part + b"\n\n" for part in GEMINI_STREAM.split(b"\n\n") if part.strip()]), media_type="text/event-stream")
+
+    upstream.script("p1", gemini)
+    gateway = start_gateway(GEMINI_CONFIG, upstream)
+    events = list(sdk(gateway).messages.create(model="flash", max_tokens=200, messages=[{"role": "user", "content": "Weather?"}], stream=True))
+    assert events[0].type == "message_start"  # Gemini's first chunk: 1,200 prompt tokens, 1,000 of them cached
+    assert (events[0].message.usage.input_tokens, events[0].message.usage.cache_read_input_tokens) == (200, 1000)
 
 
 BIG = "x" * 40_000  # 10,000 tokens: $10 at the ECHO config's $1,000 per million, more than the key's credits

@@ -20,7 +20,7 @@ from core.providers.anthropic import ANTHROPIC_VERSION, StreamUsage, usage_from_
 from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamStream
 from core.providers.http import open_stream, post_json
 from core.sse import DONE, SseSplitter, event_data
-from core.usage import Usage, estimate_usage, usage_from_openai
+from core.usage import Usage, estimate_prompt_tokens, estimate_usage, usage_from_openai, usage_so_far
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use", "content_filter": "refusal"}
 
@@ -145,7 +145,7 @@ class MessagesAdapter:
         chat = dataclasses.replace(call, endpoint="chat/completions", body=to_openai(call.body))
         answer = await self.inner.send(chat, http)
         if isinstance(answer, UpstreamStream):
-            return EventsFromChunks(answer, call.route.public_name)
+            return EventsFromChunks(answer, call.route.public_name, call.body)
         data = json.loads(answer.body)
         # Estimated here, where the OpenAI reply is still at hand, and shown to the client too.
         usage = answer.usage or estimate_usage(call.body, data)
@@ -225,40 +225,52 @@ class NativeEvents(UpstreamStream):
 class EventsFromChunks(UpstreamStream):
     """Any provider's OpenAI-format stream re-encoded as Anthropic's stream events."""
 
-    def __init__(self, inner: UpstreamStream, model: str):
+    def __init__(self, inner: UpstreamStream, model: str, body: dict[str, Any]):
         super().__init__()
         self._inner = inner
         self._model = model
+        self._body = body
+        # The prompt size message_start announces when the vendor has not reported one by then
+        # (OpenAI's comes at the end), and billed if it never does: client and ledger agree.
+        self._announced = Usage(prompt_tokens=estimate_prompt_tokens(body), estimated=True)
         self._block = -1
         self._open: str | None = None  # "text" or a tool call's index
         self._stop_reason = "end_turn"
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        start: dict[str, Any] = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": self._model, "content": [],
-                 "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}  # fmt: skip
-        yield anthropic_event("message_start", {"type": "message_start", "message": start})
         splitter = SseSplitter()
+        started = False
         try:
             async for chunk in self._inner:
                 out = [piece for event in splitter.feed(chunk) for piece in self._translate(event)]
+                if not started:  # sent with the first chunk: a vendor that reports usage early (Gemini) has by then
+                    started = True
+                    out.insert(0, self._message_start())
                 if out:
                     yield b"".join(out)
         finally:
             self._sync()
+        tail = [] if started else [self._message_start()]
         if self.error is not None:
-            yield anthropic_event("error", anthropic_error_body(self.error))
+            yield b"".join([*tail, anthropic_event("error", anthropic_error_body(self.error))])
             return
-        tail = self._close_block()
-        usage = anthropic_usage(self.usage or Usage())
+        tail += self._close_block()
+        usage = anthropic_usage(self.usage or usage_so_far(self.partial_usage, self._body, self.completion_text_bytes))
         tail.append(
             anthropic_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": self._stop_reason, "stop_sequence": None}, "usage": usage})
         )
         tail.append(anthropic_event("message_stop", {"type": "message_stop"}))
         yield b"".join(tail)
 
+    def _message_start(self) -> bytes:
+        usage = anthropic_usage(self._inner.partial_usage or self._announced)
+        start: dict[str, Any] = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": self._model, "content": [],
+                 "stop_reason": None, "stop_sequence": None, "usage": usage}  # fmt: skip
+        return anthropic_event("message_start", {"type": "message_start", "message": start})
+
     def _sync(self) -> None:
         self.usage = self._inner.usage
-        self.partial_usage = self._inner.partial_usage
+        self.partial_usage = self._inner.partial_usage or self._announced
         self.completion_text_bytes = self._inner.completion_text_bytes
         self.error = self._inner.error
 
