@@ -193,3 +193,15 @@ def test_a_cut_stream_without_usage_metadata_still_bills_the_prompt(start_gatewa
         list(gateway.client().chat.completions.create(model="flash", messages=messages, stream=True))
     ((status, prompt, completion, *_),) = ledger_rows(gateway)
     assert (status, prompt, completion) == ("error", estimate_prompt_tokens({"messages": messages}), 2)
+
+
+def test_an_answer_without_usage_metadata_is_estimated_from_its_text(start_gateway, upstream):
+    async def gemini(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse({"candidates": [{"content": {"parts": [{"text": "word " * 80}], "role": "model"}, "finishReason": "STOP"}]})
+
+    upstream.script("p1", gemini)
+    gateway = start_gateway(CONFIG, upstream)
+    request = {"model": "flash", "messages": [{"role": "user", "content": "Talk."}]}
+    reply = gateway.client().chat.completions.create(**request)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (estimate_prompt_tokens(request), 100)
+    assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)

@@ -19,7 +19,7 @@ from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, Upstream
 from core.providers.http import open_stream, post_json, vendor_error
 from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
 from core.sse import SseSplitter, encode_event
-from core.usage import Usage, count
+from core.usage import Usage, count, estimate_usage
 
 ANTHROPIC_VERSION = "2023-06-01"
 FINISH_REASONS = {
@@ -48,7 +48,8 @@ class AnthropicAdapter:
         if call.stream:
             return AnthropicStream(await open_stream(http, url, headers, payload, call), call)
         _, data = await post_json(http, url, headers, payload, call)
-        message, finish_reason, usage = from_anthropic(data)
+        message, finish_reason, reported = from_anthropic(data)
+        usage = reported or estimate_usage(call.body, {"choices": [{"message": message}]})
         return Reply(200, completion(call, message, finish_reason, usage, data.get("id") if isinstance(data, dict) else None), usage)
 
 
@@ -177,8 +178,9 @@ class StreamUsage:
         return usage_from_anthropic(self.counts)
 
 
-def from_anthropic(data: Any) -> tuple[dict[str, Any], str, Usage]:
-    """(OpenAI message, finish_reason, usage) of an Anthropic Messages response."""
+def from_anthropic(data: Any) -> tuple[dict[str, Any], str, Usage | None]:
+    """(OpenAI message, finish_reason, usage) of an Anthropic Messages response; usage is
+    None when the response reports none (it is then estimated, not billed as zero)."""
     if not isinstance(data, dict):
         data = {}
     text, tool_calls = [], []
@@ -194,7 +196,8 @@ def from_anthropic(data: Any) -> tuple[dict[str, Any], str, Usage]:
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not tool_calls else None}
     if tool_calls:
         message["tool_calls"] = tool_calls
-    return message, FINISH_REASONS.get(str(data.get("stop_reason")), "stop"), usage_from_anthropic(data.get("usage"))
+    usage = usage_from_anthropic(data["usage"]) if isinstance(data.get("usage"), dict) else None
+    return message, FINISH_REASONS.get(str(data.get("stop_reason")), "stop"), usage
 
 
 class AnthropicStream(UpstreamStream):

@@ -22,7 +22,7 @@ from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, Upstream
 from core.providers.http import open_stream, post_json
 from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
 from core.sse import SseSplitter, encode_event, event_data
-from core.usage import Usage, count
+from core.usage import Usage, count, estimate_usage
 
 FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
 _GENERATION = {
@@ -48,7 +48,8 @@ class GeminiAdapter:
             url = f"{route.provider.base_url}/models/{model}:streamGenerateContent?alt=sse"
             return GeminiStream(await open_stream(http, url, headers, payload, call), call)
         _, data = await post_json(http, f"{route.provider.base_url}/models/{model}:generateContent", headers, payload, call)
-        message, finish_reason, usage = from_gemini(data)
+        message, finish_reason, reported = from_gemini(data)
+        usage = reported or estimate_usage(call.body, {"choices": [{"message": message}]})
         return Reply(200, completion(call, message, finish_reason, usage, data.get("responseId") if isinstance(data, dict) else None), usage)
 
 
@@ -197,14 +198,16 @@ def _tool_calls(calls: list[dict[str, Any]], start: int = 0) -> list[dict[str, A
     ]
 
 
-def from_gemini(data: Any) -> tuple[dict[str, Any], str, Usage]:
+def from_gemini(data: Any) -> tuple[dict[str, Any], str, Usage | None]:
+    """(OpenAI message, finish_reason, usage) of a Gemini response; usage is None when the
+    response reports none (it is then estimated, not billed as zero)."""
     if not isinstance(data, dict):
         data = {}
     texts, calls, reason = _candidate_parts(data)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
     if calls:
         message["tool_calls"] = [{k: v for k, v in call.items() if k != "index"} for call in _tool_calls(calls)]
-    return message, _finish(reason, bool(calls)), usage_from_gemini(data.get("usageMetadata")) or Usage(estimated=True)
+    return message, _finish(reason, bool(calls)), usage_from_gemini(data.get("usageMetadata"))
 
 
 class GeminiStream(UpstreamStream):
