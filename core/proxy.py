@@ -23,7 +23,7 @@ from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamSt
 from core.providers.messages import anthropic_error_body, anthropic_event
 from core.routing import Scheduler, routes_for
 from core.sse import encode_event
-from core.usage import Usage, estimate_prompt_tokens, estimate_text_tokens, message_text, tokens_for_bytes
+from core.usage import Usage, estimate_usage, usage_so_far
 
 log = logging.getLogger("tollgate.proxy")
 
@@ -163,28 +163,10 @@ def _estimate(request: ProxyRequest, body: bytes) -> Usage:
     """Usage for an answer that reported none: estimated from the prompt and the reply text,
     read leniently (a vendor's odd shape is billed for the text found, never an error)."""
     try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    choices = data.get("choices") if isinstance(data, dict) else None
-    text = "".join(_choice_text(choice) for choice in choices) if isinstance(choices, list) else ""
-    return Usage(prompt_tokens=estimate_prompt_tokens(request.body), completion_tokens=estimate_text_tokens(text), estimated=True)
-
-
-def _choice_text(choice: Any) -> str:
-    """The text and tool-call arguments of one choice, whatever types its fields have."""
-    if not isinstance(choice, dict):
-        return ""
-    message = choice.get("message")
-    if isinstance(message, str):
-        return message
-    if not isinstance(message, dict):
-        text = choice.get("text")  # legacy completions
-        return text if isinstance(text, str) else ""
-    tool_calls = message.get("tool_calls")
-    functions = [call.get("function") for call in tool_calls if isinstance(call, dict)] if isinstance(tool_calls, list) else []
-    arguments = [f["arguments"] for f in functions if isinstance(f, dict) and isinstance(f.get("arguments"), str)]
-    return message_text(message.get("content")) + "".join(arguments)
+        reply = json.loads(body)
+    except (ValueError, RecursionError):
+        reply = None
+    return estimate_usage(request.body, reply)
 
 
 class MeteredStream:
@@ -236,18 +218,15 @@ class MeteredStream:
             self._settle(ticket, disconnected)
         except Exception:
             log.exception("%s: settling the stream from %s failed; billing the prompt estimate", self.request.request_id, self.route.label)
-            ticket.settle(Outcome(self.route.provider.name, self.route.upstream_name, self._estimate(0), ERROR))
+            ticket.settle(Outcome(self.route.provider.name, self.route.upstream_name, usage_so_far(None, self.request.body, 0), ERROR))
         finally:
             ticket.release()  # a no-op once settled
 
     def _settle(self, ticket: Ticket, disconnected: bool) -> None:
         upstream = self.upstream
         status = CLIENT_DISCONNECTED if disconnected else ERROR if upstream.error else OK
-        usage = upstream.usage or self._estimate(upstream.completion_text_bytes)
+        usage = upstream.usage or usage_so_far(upstream.partial_usage, self.request.body, upstream.completion_text_bytes)
         if upstream.error is not None and usage.estimated and upstream.completion_text_bytes == 0:
             ticket.release()  # failed before any output: nothing to charge
             return
         ticket.settle(Outcome(self.route.provider.name, self.route.upstream_name, usage, status))
-
-    def _estimate(self, completion_text_bytes: int) -> Usage:
-        return Usage(estimate_prompt_tokens(self.request.body), tokens_for_bytes(completion_text_bytes), estimated=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +40,16 @@ def estimate_text_tokens(text: str) -> int:
 
 
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """Prompt size of a chat, completion or embedding request body."""
+    """Prompt size of a chat (OpenAI or Anthropic format), completion or embedding request
+    body. Everything the vendor reads counts: a system prompt or tool definitions can be
+    most of a request, and admission reserves (and rate limits hold) on this number."""
     if "messages" in body:
-        return estimate_messages_tokens(body.get("messages"))
+        system = body.get("system")  # Anthropic's; OpenAI's is one of the messages
+        total = estimate_messages_tokens(body.get("messages")) + (TOKENS_PER_MESSAGE + _content_tokens(system) if system else 0)
+        for name in ("tools", "functions", "response_format"):
+            if body.get(name):
+                total += estimate_text_tokens(str(body[name]))
+        return total
     prompt = body.get("prompt", body.get("input"))
     if isinstance(prompt, list):
         return sum(estimate_text_tokens(p) if isinstance(p, str) else len(p) if isinstance(p, list) else 0 for p in prompt)
@@ -72,10 +80,89 @@ def message_text(content: Any) -> str:
 
 
 def _content_tokens(content: Any) -> int:
-    if isinstance(content, list):
-        images = sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image_url")
-        return estimate_text_tokens(message_text(content)) + images * TOKENS_PER_IMAGE
-    return estimate_text_tokens(message_text(content))
+    """A message's content (or Anthropic's system) in either format: a string or a list of parts."""
+    if isinstance(content, str):
+        return estimate_text_tokens(content)
+    if not isinstance(content, list):
+        return 0
+    text = message_text(content)
+    return (estimate_text_tokens(text) if text else 0) + sum(_part_tokens(part) for part in content if isinstance(part, dict))
+
+
+def _part_tokens(part: dict[str, Any]) -> int:
+    """What a non-text part adds: images at a flat rate, Anthropic's tool calls and results
+    (in the history sent back) by their size. Text parts are counted by the caller."""
+    kind = part.get("type")
+    if kind in ("image_url", "image"):
+        return TOKENS_PER_IMAGE
+    if kind == "tool_use":
+        return estimate_text_tokens(str(part.get("name") or "")) + estimate_text_tokens(str(part.get("input") or ""))
+    if kind == "tool_result":
+        return _content_tokens(part.get("content"))
+    if kind == "document":
+        source = part.get("source")
+        if isinstance(source, dict):
+            return _content_tokens(source.get("data") if source.get("type") == "text" else source.get("content"))
+    return 0
+
+
+def reply_text(reply: Any) -> str:
+    """The text a chat reply generated, tool call arguments included: OpenAI's `choices`
+    (chat or completions) or Anthropic's `content` blocks. For estimates only."""
+    if not isinstance(reply, dict):
+        return ""
+    choices, blocks = reply.get("choices"), reply.get("content")
+    texts = [_choice_text(c) for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
+    texts += [_block_text(b) for b in blocks if isinstance(b, dict)] if isinstance(blocks, list) else []
+    return "".join(texts)
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    """The text and tool-call arguments of one choice, whatever types its fields have."""
+    message = choice.get("message")
+    if isinstance(message, str):
+        return message
+    if not isinstance(message, dict):
+        text = choice.get("text")  # legacy completions
+        return text if isinstance(text, str) else ""
+    calls = message.get("tool_calls")
+    functions = [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+    return message_text(message.get("content")) + "".join(f["arguments"] for f in functions if isinstance(f, dict) and isinstance(f.get("arguments"), str))
+
+
+def _block_text(block: dict[str, Any]) -> str:
+    """The text of an Anthropic content block (a tool call's input as JSON), whatever its types."""
+    if block.get("type") == "text":
+        text = block.get("text")
+        return text if isinstance(text, str) else ""
+    if block.get("type") != "tool_use":
+        return ""
+    try:
+        return json.dumps(block.get("input") or {})
+    except (TypeError, ValueError, RecursionError):
+        return ""
+
+
+def estimate_usage(request_body: dict[str, Any], reply: Any) -> Usage:
+    """Usage for an answer whose vendor reported none: from the prompt and the reply text."""
+    return Usage(prompt_tokens=estimate_prompt_tokens(request_body), completion_tokens=estimate_text_tokens(reply_text(reply)), estimated=True)
+
+
+def usage_so_far(reported: Usage | None, request_body: dict[str, Any], completion_text_bytes: int) -> Usage:
+    """Usage of a stream that ended without its final report (cut off, abandoned): what the
+    vendor reported so far is kept (Anthropic's prompt counts from `message_start`); only
+    what it did not say is estimated, the prompt from the request, the output from the text
+    relayed."""
+    base = reported or Usage()
+    prompt = base if base.prompt_tokens else Usage(prompt_tokens=estimate_prompt_tokens(request_body))
+    return Usage(
+        prompt.prompt_tokens,
+        max(base.completion_tokens, tokens_for_bytes(completion_text_bytes)),
+        prompt.cached_tokens,
+        estimated=True,
+        cache_write_tokens=prompt.cache_write_tokens,
+        reasoning_tokens=base.reasoning_tokens,
+    )
 
 
 def usage_from_openai(data: Any) -> Usage | None:

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from core.config import build_config
 from core.providers.anthropic import from_anthropic, to_anthropic
 from core.providers.base import UpstreamCall
+from core.usage import estimate_prompt_tokens
 from test.conftest import ADMIN_KEY, USER_KEY, keys_yaml
 from test.servers import streamed_text
 
@@ -195,3 +196,15 @@ def test_embeddings_are_not_sent_to_anthropic(start_gateway, upstream):
     response = gateway.http("POST", "/v1/embeddings", key=USER_KEY, json={"model": "claude-sonnet", "input": "x"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "endpoint_not_supported"
     assert upstream.seen == []
+
+
+def test_an_answer_without_usage_is_estimated_from_its_text(start_gateway, upstream):
+    async def anthropic(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse({**MESSAGE, "content": [{"type": "text", "text": "word " * 80}], "usage": None})  # 400 bytes: 100 tokens
+
+    upstream.script("p1", anthropic)
+    gateway = start_gateway(CONFIG, upstream)
+    request = {"model": "claude-sonnet", "messages": [{"role": "user", "content": "Talk."}]}
+    reply = gateway.client().chat.completions.create(**request)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (estimate_prompt_tokens(request), 100)
+    assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)

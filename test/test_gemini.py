@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from core.config import build_config
 from core.providers.base import UpstreamCall
 from core.providers.gemini import from_gemini, to_gemini
+from core.usage import estimate_prompt_tokens
 from test.conftest import keys_yaml
 from test.servers import streamed_text
 from test.test_anthropic import TOOLS, ledger_rows
@@ -152,3 +155,53 @@ def test_gemini_errors_come_back_openai_shaped(start_gateway, upstream):
     with pytest.raises(openai.BadRequestError) as caught:
         gateway.client().chat.completions.create(model="flash", messages=[{"role": "user", "content": "hi"}])
     assert caught.value.body["message"] == "Invalid JSON payload received." and caught.value.body["type"] == "invalid_request_error"
+
+
+def test_an_abandoned_stream_bills_the_prompt_size_gemini_reported(start_gateway, upstream):
+    first = STREAM.split(b"\n\n")[0] + b"\n\n"  # usageMetadata: 1,200 prompt tokens, 1,000 of them cached
+
+    async def gemini(body: dict[str, Any], request: Request) -> Response:
+        async def gen():  # type: ignore[no-untyped-def]
+            yield first
+            while True:
+                await asyncio.sleep(0.02)
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    upstream.script("p1", gemini)
+    gateway = start_gateway(CONFIG, upstream)
+    stream = gateway.client().chat.completions.create(model="flash", messages=[{"role": "user", "content": "Weather?"}], stream=True)
+    assert next(c for c in stream if c.choices and c.choices[0].delta.content).choices[0].delta.content == "Looking"
+    stream.close()
+    deadline = time.monotonic() + 10
+    while not (rows := ledger_rows(gateway)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ((status, prompt, completion, cached, _, _),) = rows
+    assert (status, prompt, cached, completion) == ("client_disconnected", 1200, 1000, 2)
+
+
+def test_a_cut_stream_without_usage_metadata_still_bills_the_prompt(start_gateway, upstream):
+    text_only = b'data: {"candidates": [{"content": {"parts": [{"text": "Looking"}], "role": "model"}, "index": 0}]}\n\n'
+
+    async def gemini(body: dict[str, Any], request: Request) -> Response:
+        return StreamingResponse(iter([text_only]), media_type="text/event-stream")
+
+    upstream.script("p1", gemini)
+    gateway = start_gateway(CONFIG, upstream)
+    messages = [{"role": "user", "content": "Weather?"}]
+    with pytest.raises(openai.APIError):
+        list(gateway.client().chat.completions.create(model="flash", messages=messages, stream=True))
+    ((status, prompt, completion, *_),) = ledger_rows(gateway)
+    assert (status, prompt, completion) == ("error", estimate_prompt_tokens({"messages": messages}), 2)
+
+
+def test_an_answer_without_usage_metadata_is_estimated_from_its_text(start_gateway, upstream):
+    async def gemini(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse({"candidates": [{"content": {"parts": [{"text": "word " * 80}], "role": "model"}, "finishReason": "STOP"}]})
+
+    upstream.script("p1", gemini)
+    gateway = start_gateway(CONFIG, upstream)
+    request = {"model": "flash", "messages": [{"role": "user", "content": "Talk."}]}
+    reply = gateway.client().chat.completions.create(**request)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (estimate_prompt_tokens(request), 100)
+    assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)

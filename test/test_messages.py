@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
 
 import anthropic
+import httpx
 import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from core.usage import estimate_prompt_tokens
 from test.conftest import USER_KEY, keys_yaml
+from test.servers import completion_body, stream_chunks
 from test.test_anthropic import CONFIG as ANTHROPIC_CONFIG
 from test.test_anthropic import EXPECTED_COST_NANOS, MESSAGE, STREAM, ledger_rows
+from test.test_gemini import CONFIG as GEMINI_CONFIG
+from test.test_gemini import STREAM as GEMINI_STREAM
 
 ECHO = (
     "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n"
@@ -179,3 +186,150 @@ def test_count_tokens_refuses_like_messages_does(start_gateway):
     assert types == ["not_found_error", "permission_error", "authentication_error", "invalid_request_error"]
     bearer = gateway.http("POST", "/v1/messages/count_tokens", key=USER_KEY, json={"model": "echo-2", "messages": hello})
     assert bearer.status_code == 200 and bearer.json()["input_tokens"] > 0
+
+
+# --- what /v1/messages bills when the vendor's usage is missing or partial ----------------------
+
+OPENAI_FORMAT = "providers:\n  - provider: p1\n    base_url: {fake:p1}\n    api: k\n    model: [gpt-4o]\n" + keys_yaml()
+HUNDRED_TOKENS = "word " * 80  # 400 bytes of text: 100 estimated tokens
+
+
+def anthropic_event_bytes(data: dict[str, Any]) -> bytes:
+    return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def message_start(input_tokens: int) -> bytes:
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "claude-3-5-sonnet-20241022",
+               "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 1}}  # fmt: skip
+    return anthropic_event_bytes({"type": "message_start", "message": message}) + anthropic_event_bytes(
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    )
+
+
+def text_delta(text: str) -> bytes:
+    return anthropic_event_bytes({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}})
+
+
+def anthropic_stream(*parts: bytes, then_hang: bool = False) -> Any:
+    """A fake Anthropic upstream streaming `parts`, then ending (cut off) or hanging until dropped."""
+
+    async def handler(body: dict[str, Any], request: Request) -> Response:
+        async def gen():  # type: ignore[no-untyped-def]
+            for part in parts:
+                yield part
+            while then_hang:
+                await asyncio.sleep(0.02)
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    return handler
+
+
+def wait_for_ledger_rows(gateway) -> list[tuple]:
+    deadline = time.monotonic() + 10
+    while not (rows := ledger_rows(gateway)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return rows
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions"])
+def test_a_native_stream_cut_off_bills_the_text_it_relayed(start_gateway, upstream, path):
+    upstream.script("p1", anthropic_stream(message_start(25), *(text_delta(HUNDRED_TOKENS) for _ in range(5))))  # 500 tokens, no message_stop
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    body = {"model": "claude-sonnet", "max_tokens": 1000, "stream": True, "messages": [{"role": "user", "content": "Talk."}]}
+    response = gateway.http("POST", path, json=body)
+    assert "before message_stop" in response.text
+    ((status, prompt, completion, *_),) = ledger_rows(gateway)
+    assert (status, prompt, completion) == ("error", 25, 500)
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions"])
+def test_an_abandoned_stream_bills_the_prompt_size_the_vendor_reported(start_gateway, upstream, path):
+    upstream.script("p1", anthropic_stream(message_start(1000), text_delta("Hello"), then_hang=True))
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    body = {"model": "claude-sonnet", "max_tokens": 1000, "stream": True, "messages": [{"role": "user", "content": "Talk."}]}
+    with httpx.stream("POST", f"{gateway.url}{path}", json=body, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=10) as response:
+        received = b""
+        for chunk in response.iter_bytes():
+            received += chunk
+            if b"Hello" in received:
+                break
+    ((status, prompt, completion, *_),) = wait_for_ledger_rows(gateway)
+    assert (status, prompt, completion) == ("client_disconnected", 1000, 2)  # "Hello": 5 bytes of text
+
+
+def test_an_openai_format_answer_without_usage_is_estimated_from_its_text(start_gateway, upstream):
+    async def no_usage(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse({k: v for k, v in completion_body(body, HUNDRED_TOKENS).items() if k != "usage"})
+
+    upstream.script("p1", no_usage)
+    gateway = start_gateway(OPENAI_FORMAT, upstream)
+    request = {"model": "gpt-4o", "max_tokens": 200, "system": "Be brief.", "messages": [{"role": "user", "content": "Talk."}]}
+    message = sdk(gateway).messages.create(**request)
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (estimate_prompt_tokens(request), 100)
+    assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)
+
+
+def test_a_native_answer_without_usage_is_estimated_from_its_text(start_gateway, upstream):
+    async def no_usage(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse({**MESSAGE, "content": [{"type": "text", "text": HUNDRED_TOKENS}], "usage": None})
+
+    upstream.script("p1", no_usage)
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    request = {"model": "claude-sonnet", "max_tokens": 200, "messages": [{"role": "user", "content": "Talk."}]}
+    gateway.http("POST", "/v1/messages", json=request).raise_for_status()
+    assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)
+
+
+def test_a_translated_stream_announces_the_prompt_size_and_bills_what_it_announced(start_gateway, upstream):
+    async def stream_without_usage(body: dict[str, Any], request: Request) -> Response:
+        chunks = stream_chunks({**body, "stream_options": None}, [HUNDRED_TOKENS])
+        return StreamingResponse(iter(chunks), media_type="text/event-stream")
+
+    upstream.script("p1", stream_without_usage)
+    gateway = start_gateway(OPENAI_FORMAT, upstream)
+    request = {"model": "gpt-4o", "max_tokens": 200, "system": "Be brief.", "messages": [{"role": "user", "content": "Talk."}]}
+    events = list(sdk(gateway).messages.create(**request, stream=True))
+    start, end = events[0], next(e for e in events if e.type == "message_delta")
+    assert start.type == "message_start" and start.message.usage.input_tokens == estimate_prompt_tokens(request) > 10
+    assert (end.usage.input_tokens, end.usage.output_tokens) == (estimate_prompt_tokens(request), 100)
+    assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)
+
+
+def test_a_translated_stream_announces_the_prompt_size_the_vendor_reported_early(start_gateway, upstream):
+    async def gemini(body: dict[str, Any], request: Request) -> Response:
+        return StreamingResponse(iter([part + b"\n\n" for part in GEMINI_STREAM.split(b"\n\n") if part.strip()]), media_type="text/event-stream")
+
+    upstream.script("p1", gemini)
+    gateway = start_gateway(GEMINI_CONFIG, upstream)
+    events = list(sdk(gateway).messages.create(model="flash", max_tokens=200, messages=[{"role": "user", "content": "Weather?"}], stream=True))
+    assert events[0].type == "message_start"  # Gemini's first chunk: 1,200 prompt tokens, 1,000 of them cached
+    assert (events[0].message.usage.input_tokens, events[0].message.usage.cache_read_input_tokens) == (200, 1000)
+
+
+BIG = "x" * 40_000  # 10,000 tokens: $10 at the ECHO config's $1,000 per million, more than the key's credits
+LARGE_PARTS = {
+    "system": {"system": BIG},
+    "system blocks": {"system": [{"type": "text", "text": BIG}]},
+    "tools": {"tools": [{**WEATHER_TOOL, "description": BIG}]},
+    "tool result": {"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": BIG}]}]}]},
+    "tool use": {"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {"q": BIG}}]}]},
+}
+
+
+@pytest.mark.parametrize("part", LARGE_PARTS.values(), ids=LARGE_PARTS.keys())
+def test_every_part_of_a_messages_request_counts_toward_the_reservation(start_gateway, part):
+    gateway = start_gateway(ECHO)
+    small = {"model": "echo-1", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+    response = gateway.http("POST", "/v1/messages", json={**small, **part})
+    assert response.status_code == 402 and response.json()["error"]["type"] == "insufficient_quota"
+    assert gateway.http("POST", "/v1/messages", json=small).status_code == 200
+
+
+def test_tool_definitions_count_toward_a_chat_completion_reservation(start_gateway):
+    gateway = start_gateway(ECHO)
+    tools = [{"type": "function", "function": {"name": "f", "description": BIG, "parameters": {"type": "object"}}}]
+    response = gateway.http(
+        "POST", "/v1/chat/completions", json={"model": "echo-1", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}], "tools": tools}
+    )
+    assert response.status_code == 402 and response.json()["error"]["code"] == "credit_balance_exhausted"

@@ -19,7 +19,7 @@ from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, Upstream
 from core.providers.http import open_stream, post_json, vendor_error
 from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
 from core.sse import SseSplitter, encode_event
-from core.usage import Usage, count, tokens_for_bytes
+from core.usage import Usage, count, estimate_usage
 
 ANTHROPIC_VERSION = "2023-06-01"
 FINISH_REASONS = {
@@ -48,7 +48,8 @@ class AnthropicAdapter:
         if call.stream:
             return AnthropicStream(await open_stream(http, url, headers, payload, call), call)
         _, data = await post_json(http, url, headers, payload, call)
-        message, finish_reason, usage = from_anthropic(data)
+        message, finish_reason, reported = from_anthropic(data)
+        usage = reported or estimate_usage(call.body, {"choices": [{"message": message}]})
         return Reply(200, completion(call, message, finish_reason, usage, data.get("id") if isinstance(data, dict) else None), usage)
 
 
@@ -155,8 +156,31 @@ def usage_from_anthropic(raw: Any) -> Usage:
     )
 
 
-def from_anthropic(data: Any) -> tuple[dict[str, Any], str, Usage]:
-    """(OpenAI message, finish_reason, usage) of an Anthropic Messages response."""
+class StreamUsage:
+    """Anthropic's usage as a stream reports it: `message_start` gives the prompt counts (and
+    a first output count), `message_delta` the final cumulative counts, overriding the start's."""
+
+    __slots__ = ("counts", "final")
+
+    def __init__(self) -> None:
+        self.counts: dict[str, Any] = {}
+        self.final = False  # the vendor has given its final output count
+
+    def start(self, message: Any) -> Usage:
+        raw = message.get("usage") if isinstance(message, dict) else None
+        self.counts = dict(raw) if isinstance(raw, dict) else {}
+        return usage_from_anthropic(self.counts)
+
+    def delta(self, raw: Any) -> Usage:
+        if isinstance(raw, dict):
+            self.counts.update((name, value) for name, value in raw.items() if value is not None)
+            self.final = self.final or raw.get("output_tokens") is not None
+        return usage_from_anthropic(self.counts)
+
+
+def from_anthropic(data: Any) -> tuple[dict[str, Any], str, Usage | None]:
+    """(OpenAI message, finish_reason, usage) of an Anthropic Messages response; usage is
+    None when the response reports none (it is then estimated, not billed as zero)."""
     if not isinstance(data, dict):
         data = {}
     text, tool_calls = [], []
@@ -172,7 +196,8 @@ def from_anthropic(data: Any) -> tuple[dict[str, Any], str, Usage]:
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not tool_calls else None}
     if tool_calls:
         message["tool_calls"] = tool_calls
-    return message, FINISH_REASONS.get(str(data.get("stop_reason")), "stop"), usage_from_anthropic(data.get("usage"))
+    usage = usage_from_anthropic(data["usage"]) if isinstance(data.get("usage"), dict) else None
+    return message, FINISH_REASONS.get(str(data.get("stop_reason")), "stop"), usage
 
 
 class AnthropicStream(UpstreamStream):
@@ -184,8 +209,7 @@ class AnthropicStream(UpstreamStream):
         self._call = call
         self._route: ModelRoute = call.route
         self._writer = ChunkWriter(call)
-        self._input: Usage | None = None
-        self._output_tokens = 0
+        self._usage = StreamUsage()
         self._tool_index: dict[int, int] = {}
         self._finished = False
 
@@ -211,7 +235,6 @@ class AnthropicStream(UpstreamStream):
         if self.error is None and not stopped:
             self.error = bad_gateway(f"Provider '{self._route.provider.name}' ended the stream before message_stop.", "upstream_stream_broken")
         if self.error is not None:
-            self._partial_usage()
             yield encode_event(json.dumps(self.error.body()).encode())
         else:
             yield b"data: [DONE]\n\n"
@@ -221,9 +244,7 @@ class AnthropicStream(UpstreamStream):
         if data is None:
             return []
         if kind == "message_start":
-            message = data.get("message") or {}
-            self._input = usage_from_anthropic(message.get("usage"))
-            self._output_tokens = self._input.completion_tokens
+            self.partial_usage = self._usage.start(data.get("message"))
             return [self._writer.chunk({"role": "assistant", "content": ""})]
         if kind == "content_block_start":
             block = data.get("content_block") or {}
@@ -245,25 +266,20 @@ class AnthropicStream(UpstreamStream):
                 return [self._writer.chunk({"tool_calls": [{"index": index, "function": {"arguments": partial}}]})]
             return []
         if kind == "message_delta":
-            self._output_tokens = count((data.get("usage") or {}).get("output_tokens")) or self._output_tokens
+            self.partial_usage = self._usage.delta(data.get("usage"))
+            if self._usage.final:
+                self.usage = self.partial_usage
             reason = FINISH_REASONS.get(str((data.get("delta") or {}).get("stop_reason")), "stop")
             return [self._writer.chunk({}, reason)]
         if kind == "message_stop":
             self._finished = True
-            base = self._input or Usage()
-            self.usage = Usage(base.prompt_tokens, self._output_tokens, base.cached_tokens, cache_write_tokens=base.cache_write_tokens)
-            return [self._writer.chunk(None, usage=self.usage)] if self._call.client_wants_usage else []
+            self.usage = self.partial_usage  # None without a message_start: billing estimates it
+            return [self._writer.chunk(None, usage=self.usage)] if self._call.client_wants_usage and self.usage else []
         if kind == "error":
             passed = vendor_error(json.dumps(data).encode())
             self.error = bad_gateway(passed[0] if passed else "The provider reported an error mid-stream.", "upstream_stream_error")
             self._finished = True
         return []
-
-    def _partial_usage(self) -> None:
-        """A cut stream: the prompt as the provider counted it, the output from what we relayed."""
-        if self._input is not None and self.usage is None:
-            output = max(self._output_tokens, tokens_for_bytes(self.completion_text_bytes))
-            self.usage = Usage(self._input.prompt_tokens, output, self._input.cached_tokens, estimated=True, cache_write_tokens=self._input.cache_write_tokens)
 
     def close(self) -> None:
         if self._finished:

@@ -83,14 +83,17 @@ class UpstreamStream(ABC):
 
     When iteration ends, `usage` holds what the upstream reported (None if it did not),
     `completion_text_bytes` how much text was streamed (for estimates), and `error` any
-    failure that cut the stream short. `close()` is synchronous so it can run during
-    cancellation, when awaiting is no longer possible.
+    failure that cut the stream short. `partial_usage` holds what the upstream reported on
+    the way (Anthropic's prompt counts in `message_start`), kept up to date during iteration
+    so a stream cut off or abandoned before its final report still bills the vendor's figures.
+    `close()` is synchronous so it can run during cancellation, when awaiting is no longer possible.
     """
 
     content_type = SSE_CONTENT_TYPE
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
+        self.partial_usage: Usage | None = None
         self.completion_text_bytes = 0
         self.error: GatewayError | None = None
 

@@ -22,7 +22,7 @@ from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, Upstream
 from core.providers.http import open_stream, post_json
 from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
 from core.sse import SseSplitter, encode_event, event_data
-from core.usage import Usage, count, tokens_for_bytes
+from core.usage import Usage, count, estimate_usage
 
 FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
 _GENERATION = {
@@ -48,7 +48,8 @@ class GeminiAdapter:
             url = f"{route.provider.base_url}/models/{model}:streamGenerateContent?alt=sse"
             return GeminiStream(await open_stream(http, url, headers, payload, call), call)
         _, data = await post_json(http, f"{route.provider.base_url}/models/{model}:generateContent", headers, payload, call)
-        message, finish_reason, usage = from_gemini(data)
+        message, finish_reason, reported = from_gemini(data)
+        usage = reported or estimate_usage(call.body, {"choices": [{"message": message}]})
         return Reply(200, completion(call, message, finish_reason, usage, data.get("responseId") if isinstance(data, dict) else None), usage)
 
 
@@ -197,14 +198,16 @@ def _tool_calls(calls: list[dict[str, Any]], start: int = 0) -> list[dict[str, A
     ]
 
 
-def from_gemini(data: Any) -> tuple[dict[str, Any], str, Usage]:
+def from_gemini(data: Any) -> tuple[dict[str, Any], str, Usage | None]:
+    """(OpenAI message, finish_reason, usage) of a Gemini response; usage is None when the
+    response reports none (it is then estimated, not billed as zero)."""
     if not isinstance(data, dict):
         data = {}
     texts, calls, reason = _candidate_parts(data)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
     if calls:
         message["tool_calls"] = [{k: v for k, v in call.items() if k != "index"} for call in _tool_calls(calls)]
-    return message, _finish(reason, bool(calls)), usage_from_gemini(data.get("usageMetadata")) or Usage(estimated=True)
+    return message, _finish(reason, bool(calls)), usage_from_gemini(data.get("usageMetadata"))
 
 
 class GeminiStream(UpstreamStream):
@@ -216,7 +219,6 @@ class GeminiStream(UpstreamStream):
         self._response = response
         self._call = call
         self._writer = ChunkWriter(call)
-        self._last_usage: Usage | None = None
         self._finish: str | None = None
         self._calls = 0
         self._started = False
@@ -240,14 +242,9 @@ class GeminiStream(UpstreamStream):
         if self.error is None and self._finish is None:
             self.error = bad_gateway(f"Provider '{name}' ended the stream without a finish reason.", "upstream_stream_broken")
         if self.error is not None:
-            if self._last_usage is not None or self.completion_text_bytes:
-                base = self._last_usage or Usage()
-                self.usage = Usage(
-                    base.prompt_tokens, max(base.completion_tokens, tokens_for_bytes(self.completion_text_bytes)), base.cached_tokens, estimated=True
-                )
             yield encode_event(json.dumps(self.error.body()).encode())
             return
-        self.usage = self._last_usage
+        self.usage = self.partial_usage
         tail = [self._writer.chunk({}, self._finish)]
         if self._call.client_wants_usage and self.usage is not None:
             tail.append(self._writer.chunk(None, usage=self.usage))
@@ -265,7 +262,7 @@ class GeminiStream(UpstreamStream):
             return []
         usage = usage_from_gemini(data.get("usageMetadata"))
         if usage is not None:
-            self._last_usage = usage
+            self.partial_usage = usage  # each chunk reports the counts so far
         texts, calls, reason = _candidate_parts(data)
         out = []
         if not self._started:

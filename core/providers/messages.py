@@ -16,11 +16,11 @@ from typing import Any
 import aiohttp
 
 from core.errors import GatewayError, bad_gateway
-from core.providers.anthropic import ANTHROPIC_VERSION, usage_from_anthropic
+from core.providers.anthropic import ANTHROPIC_VERSION, StreamUsage, usage_from_anthropic
 from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamStream
 from core.providers.http import open_stream, post_json
 from core.sse import DONE, SseSplitter, event_data
-from core.usage import Usage, count, usage_from_openai
+from core.usage import Usage, estimate_prompt_tokens, estimate_usage, usage_from_openai, usage_so_far
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use", "content_filter": "refusal"}
 
@@ -166,10 +166,11 @@ class MessagesAdapter:
         chat = dataclasses.replace(call, endpoint="chat/completions", body=to_openai(call.body))
         answer = await self.inner.send(chat, http)
         if isinstance(answer, UpstreamStream):
-            return EventsFromChunks(answer, call.route.public_name)
-        usage = answer.usage or Usage(estimated=True)
+            return EventsFromChunks(answer, call.route.public_name, call.body)
         data = json.loads(answer.body)
-        return Reply(200, json.dumps(to_anthropic_message(data, call.route.public_name, usage)).encode(), answer.usage)
+        # Estimated here, where the OpenAI reply is still at hand, and shown to the client too.
+        usage = answer.usage or estimate_usage(call.body, data)
+        return Reply(200, json.dumps(to_anthropic_message(data, call.route.public_name, usage)).encode(), usage)
 
     async def _native(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
         route = call.route
@@ -184,7 +185,8 @@ class MessagesAdapter:
         if call.stream:
             return NativeEvents(await open_stream(http, url, headers, payload, call), route.provider.name)
         body, data = await post_json(http, url, headers, payload, call)
-        return Reply(200, body, usage_from_anthropic(data.get("usage")) if isinstance(data, dict) else None)
+        reported = data.get("usage") if isinstance(data, dict) else None
+        return Reply(200, body, usage_from_anthropic(reported) if isinstance(reported, dict) else None)  # None: billing estimates it
 
 
 class NativeEvents(UpstreamStream):
@@ -194,8 +196,7 @@ class NativeEvents(UpstreamStream):
         super().__init__()
         self._response = response
         self._provider = provider
-        self._input = Usage()
-        self._output = 0
+        self._usage = StreamUsage()
         self._stopped = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -212,10 +213,6 @@ class NativeEvents(UpstreamStream):
         if not self._stopped and self.error is None:
             self.error = bad_gateway(f"Provider '{self._provider}' ended the stream before message_stop.", "upstream_stream_broken")
         if self.error is not None:
-            if self._input.prompt_tokens:
-                self.usage = Usage(
-                    self._input.prompt_tokens, self._output, self._input.cached_tokens, estimated=True, cache_write_tokens=self._input.cache_write_tokens
-                )
             yield anthropic_event("error", anthropic_error_body(self.error))
 
     def _observe(self, event: bytes) -> None:
@@ -227,16 +224,17 @@ class NativeEvents(UpstreamStream):
         if not isinstance(data, dict):
             return
         if data.get("type") == "message_start":
-            self._input = usage_from_anthropic((data.get("message") or {}).get("usage"))
-            self._output = self._input.completion_tokens
+            self.partial_usage = self._usage.start(data.get("message"))
         elif data.get("type") == "content_block_delta":
             delta = data.get("delta") or {}
             self.completion_text_bytes += len(str(delta.get("text") or delta.get("partial_json") or "").encode())
         elif data.get("type") == "message_delta":
-            self._output = count((data.get("usage") or {}).get("output_tokens")) or self._output
+            self.partial_usage = self._usage.delta(data.get("usage"))
+            if self._usage.final:
+                self.usage = self.partial_usage
         elif data.get("type") == "message_stop":
             self._stopped = True
-            self.usage = Usage(self._input.prompt_tokens, self._output, self._input.cached_tokens, cache_write_tokens=self._input.cache_write_tokens)
+            self.usage = self.partial_usage  # None without a message_start: billing estimates it
 
     def close(self) -> None:
         if self._stopped:
@@ -248,39 +246,52 @@ class NativeEvents(UpstreamStream):
 class EventsFromChunks(UpstreamStream):
     """Any provider's OpenAI-format stream re-encoded as Anthropic's stream events."""
 
-    def __init__(self, inner: UpstreamStream, model: str):
+    def __init__(self, inner: UpstreamStream, model: str, body: dict[str, Any]):
         super().__init__()
         self._inner = inner
         self._model = model
+        self._body = body
+        # The prompt size message_start announces when the vendor has not reported one by then
+        # (OpenAI's comes at the end), and billed if it never does: client and ledger agree.
+        self._announced = Usage(prompt_tokens=estimate_prompt_tokens(body), estimated=True)
         self._block = -1
         self._open: str | None = None  # "text" or a tool call's index
         self._stop_reason = "end_turn"
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        start: dict[str, Any] = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": self._model, "content": [],
-                 "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}  # fmt: skip
-        yield anthropic_event("message_start", {"type": "message_start", "message": start})
         splitter = SseSplitter()
+        started = False
         try:
             async for chunk in self._inner:
                 out = [piece for event in splitter.feed(chunk) for piece in self._translate(event)]
+                if not started:  # sent with the first chunk: a vendor that reports usage early (Gemini) has by then
+                    started = True
+                    out.insert(0, self._message_start())
                 if out:
                     yield b"".join(out)
         finally:
             self._sync()
+        tail = [] if started else [self._message_start()]
         if self.error is not None:
-            yield anthropic_event("error", anthropic_error_body(self.error))
+            yield b"".join([*tail, anthropic_event("error", anthropic_error_body(self.error))])
             return
-        tail = self._close_block()
-        usage = anthropic_usage(self.usage or Usage())
+        tail += self._close_block()
+        usage = anthropic_usage(self.usage or usage_so_far(self.partial_usage, self._body, self.completion_text_bytes))
         tail.append(
             anthropic_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": self._stop_reason, "stop_sequence": None}, "usage": usage})
         )
         tail.append(anthropic_event("message_stop", {"type": "message_stop"}))
         yield b"".join(tail)
 
+    def _message_start(self) -> bytes:
+        usage = anthropic_usage(self._inner.partial_usage or self._announced)
+        start: dict[str, Any] = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": self._model, "content": [],
+                 "stop_reason": None, "stop_sequence": None, "usage": usage}  # fmt: skip
+        return anthropic_event("message_start", {"type": "message_start", "message": start})
+
     def _sync(self) -> None:
         self.usage = self._inner.usage
+        self.partial_usage = self._inner.partial_usage or self._announced
         self.completion_text_bytes = self._inner.completion_text_bytes
         self.error = self._inner.error
 
