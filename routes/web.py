@@ -21,13 +21,14 @@ from core.config import ApiKey, Config
 from core.errors import GatewayError, forbidden, not_found
 from core.ledger import COUNT_CREDITS, CREDITS
 from core.ledger_sums import Window
+from core.money_format import count_text, usd_text
 from core.reload import ConfigStore
 from core.sqlite_ledger import SqliteLedger
 from routes import web_export
 from routes._http import caller_ip, check_request_access, current_config, whole_number
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
 from routes._web_auth import admin_visitor, signer, visitor
-from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, money, sort_value, when
+from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, sort_value, when
 
 WEB = Path(__file__).resolve().parent.parent / "web"
 PAGE_SIZE = 50
@@ -37,6 +38,9 @@ MAX_FORM_BYTES = 16 * 1024
 
 # auto_reload off: the templates ship with the code, so no stat() of the file per page.
 templates = Environment(loader=FileSystemLoader(WEB / "templates"), autoescape=True, auto_reload=False)
+# Every page formats money and counts the same way (core/money_format.py): `{{ nanos|money }}`.
+templates.filters["money"] = usd_text
+templates.filters["number"] = count_text
 
 
 def compile_templates() -> None:
@@ -156,19 +160,19 @@ async def overview(request: Request) -> Response:
         today=_pair(await reports.totals_since(ledger, today)),
         month=_pair(await reports.totals_since(ledger, month)),
         top_keys=[
-            {"id": kid, "name": names.get(kid, kid[:8] + " (removed)"), "requests": r, "cost": money(c), "known": kid in names}
+            {"id": kid, "name": names.get(kid, kid[:8] + " (removed)"), "requests": r, "cost": c, "known": kid in names}
             for kid, r, c in await reports.top_keys_in_month(ledger, reports.this_month())
         ],
-        top_models=[{"model": m, "requests": r, "cost": money(c)} for m, r, c in await reports.top_models(ledger, month)],
+        top_models=[{"model": m, "requests": r, "cost": c} for m, r, c in await reports.top_models(ledger, month)],
         trend=chart(await reports.daily_series(ledger, None)),
-        alerts=alert_rows(await recent_alerts(ledger, None, limit=10)),
+        alerts=alert_rows(await recent_alerts(ledger, None, limit=10), config),
         config={"loaded_at": when(config.loaded_at), "hash": config.source_hash[:12], "key_count": len(config.keys), "provider_count": len(config.providers)},
         reload_error=None if error is None else {"message": error.message, "at": when(error.at)},
     )
 
 
 def _pair(totals: tuple[int, int]) -> dict[str, Any]:
-    return {"requests": totals[0], "cost": money(totals[1])}
+    return {"requests": totals[0], "cost": totals[1]}
 
 
 async def billing_tab(request: Request) -> Response:
@@ -250,7 +254,7 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
         row=key_row(config, key, account, month, today),
         totals={
             "requests": account.request_count,
-            "cost": money(account.total_cost_nanos),
+            "cost": account.total_cost_nanos,
             "window": when(key.billing.created_at) if key.billing.created_at else None,
         },
         month=_pair(month),
@@ -259,8 +263,8 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
         log=log_rows(log),
         next_before=log[-1]["ts"] if len(log) == reports.LOG_PAGE else None,
         grants=grant_rows(await reports.grant_history(ledger, key.id)),
-        limits=limit_rows(statements.limits_status(key, account, limiter, now), statements.quota_status(key, account)),
-        alerts=alert_rows(await recent_alerts(ledger, key.id)),
+        limits=limit_rows([use for use in [statements.quota_use(key, account)] if use] + statements.limit_uses(key, limiter, now)),
+        alerts=alert_rows(await recent_alerts(ledger, key.id), config),
         base_url=f"/admin/keys/{key.id}" if me.is_admin else "/usage",
         export_url=f"/admin/export/requests.csv?key={key.id}" if me.is_admin else "/usage/export/requests.csv",
         message=MESSAGES.get(params.get("done") or params.get("error") or ""),

@@ -120,6 +120,7 @@ def test_alerts_show_on_the_key_page(start_gateway, receiver):
     browser.login(ADMIN_KEY)
     page = browser.get(f"/admin/keys/{key_id(KEY)}").text
     assert "Alerts" in page and "credits crossed 50%" in page
+    assert "($0.06 of $0.10)" in page  # the page's money format, not the ledger's "0.06 of 0.1"
 
 
 def test_a_failed_delivery_is_logged_without_the_webhooks_secret_path(start_gateway, receiver, caplog):

@@ -12,6 +12,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
+from core.money_format import usd_text
 from test.conftest import ADMIN_KEY
 
 USER_KEY = "sk-web-user-0001"
@@ -171,10 +172,10 @@ def test_page_numbers_agree_with_the_api(web):
     page = browser.get("/admin/keys").text
     remaining = Decimal(str(states(gateway)[USER_KEY]["remaining_credits"]))
     row = page[page.index(f'data-key="{key_id(USER_KEY)}"') :].split("</tr>")[0]
-    assert f"${remaining:,.4f}" in row
+    assert usd_text(int(remaining * 10**9)) in row
     detail = browser.get(f"/admin/keys/{key_id(USER_KEY)}").text
     total = Decimal(str(states(gateway)[USER_KEY]["total_cost"]))
-    assert f"3 · ${total:,.4f}" in detail
+    assert f"3 · {usd_text(int(total * 10**9))}" in detail
 
 
 def test_add_credits_form_changes_the_ledger_once(web):
@@ -192,7 +193,7 @@ def test_add_credits_form_changes_the_ledger_once(web):
     assert again.headers["location"] == f"{page_path}?done=already_applied"
     assert states(gateway)[USER_KEY]["remaining_credits"] == 12.5
     shown = browser.get(first.headers["location"]).text
-    assert "Credits added." in shown and "$12.5000" in shown and "web top-up" in shown
+    assert "Credits added." in shown and "$12.50" in shown and "web top-up" in shown
 
 
 def test_add_count_credits_and_set_mode_forms(web):
@@ -308,3 +309,47 @@ def test_a_key_disabled_after_login_loses_its_pages(web):
     page = browser.get("/usage")
     assert page.status_code == 403 and "disabled" in page.text
     assert Browser(gateway.url).login(USER_KEY).status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("nanos", "shown"),
+    [
+        (None, "unlimited"),
+        (0, "$0.00"),
+        (5_000_000_000, "$5.00"),
+        (12_500_000_000, "$12.50"),
+        (4_003_108_500, "$4.0031"),
+        (14_999_944_500, "$14.9999"),
+        (14_999_950_000, "$15.00"),
+        (1_234_567_890_000, "$1,234.5679"),
+        (10_000_000, "$0.01"),
+        (2_000_000, "$0.002"),
+        (200_000, "$0.0002"),
+        (36_500, "$0.0000365"),
+        (17, "<$0.0000001"),
+        (-2_000_000_000, "-$2.00"),
+        (-1_500_000_000_000, "-$1,500.00"),
+    ],
+)
+def test_money_filter_formats_usd_one_way(nanos, shown):
+    from routes.web import templates
+
+    assert templates.filters["money"](nanos) == shown
+
+
+def test_number_filter_separates_thousands():
+    from routes.web import templates
+
+    assert [templates.filters["number"](n) for n in (0, 999, 1000, 2_000_000)] == ["0", "999", "1,000", "2,000,000"]
+
+
+def test_pages_show_money_and_counts_in_one_format(start_gateway):
+    config = CONFIG.replace("count_credits: 10}", "count_credits: 10, quota: 2000000, daily_cost_limit: 5}")
+    gateway = start_gateway(config)
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    row = browser.get("/admin/keys").text.split(f'data-key="{key_id(USER_KEY)}"')[1].split("</tr>")[0]
+    assert "$10.00" in row and "$10.0000" not in row
+    detail = browser.get(f"/admin/keys/{key_id(COUNT_KEY)}").text
+    limits = detail.split("<h2>Limits</h2>")[1].split("</table>")[0]
+    assert "2,000,000" in limits and "$5.00" in limits and "$5.0<" not in limits and "$0.00<" in limits
