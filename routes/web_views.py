@@ -235,7 +235,7 @@ def alert_rows(rows: list[dict[str, Any]], config: Config) -> list[dict[str, Any
     return out
 
 
-ALERT_STATUS_CLASSES = {"sent": "ok", "failed": "error", "pending": "estimated", "recorded": "estimated"}
+ALERT_STATUS_CLASSES = {"sent": "ok", "failed": "error", "pending": "estimated"}
 
 
 def _is_money(metric: str, key: ApiKey | None) -> bool:
@@ -251,5 +251,7 @@ def _units(recorded: str, shown: Any) -> int:
 
 
 def _delivery(row: dict[str, Any]) -> str:
+    if row["status"] == "recorded":  # no webhook: nothing was to be delivered, nothing failed
+        return "(no webhook configured)"
     attempts = row["attempts"]
     return f"{attempts} attempt{'s' if attempts != 1 else ''}" + (f", last error {row['last_error']}" if row["last_error"] else "")
