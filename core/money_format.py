@@ -1,4 +1,4 @@
-"""Money and counts as people read them: one format, everywhere.
+"""Money and counts as people and JSON clients read them: one format, everywhere.
 
 For people (pages, alerts, the audit log), from the exact nano-dollar amount:
 
@@ -7,9 +7,14 @@ For people (pages, alerts, the audit log), from the exact nano-dollar amount:
 - a cent or more: rounded half up to 4 decimals, a hundredth of a cent (`$14.9999`);
 - under a cent (per-request and per-token costs): up to 7 decimals (`$0.0000365`),
   and `<$0.0000001` for a non-zero amount smaller than that.
+
+For JSON APIs: plain decimal numbers from the exact value (`0.0000555`, `15.0`), never
+exponent notation such as `5.55e-05`, written as orjson fragments so they stay numbers.
 """
 
 from __future__ import annotations
+
+import orjson
 
 from core.pricing import NANOS_PER_USD
 
@@ -38,3 +43,21 @@ def usd_text(nanos: int | None) -> str:
 def count_text(value: int) -> str:
     """`1,234,567`: requests, tokens, count credits."""
     return f"{value:,}"
+
+
+def plain_decimal(units: int, places: int) -> str:
+    """`units / 10**places` in plain notation with at least one decimal: `15.0`, `0.000017`."""
+    sign, size = ("-" if units < 0 else ""), abs(units)
+    whole, fraction = divmod(size, 10**places)
+    decimals = f"{fraction:0{places}d}".rstrip("0") if places else ""
+    return f"{sign}{whole}.{decimals or '0'}"
+
+
+def usd_json(nanos: int) -> orjson.Fragment:
+    """A JSON number of USD, exact to the nano-dollar (orjson writes the fragment verbatim)."""
+    return orjson.Fragment(plain_decimal(nanos, NANO_DIGITS).encode())
+
+
+def cents_json(nanos: int) -> orjson.Fragment:
+    """A JSON number of US cents (OpenAI's legacy usage API counts in cents)."""
+    return orjson.Fragment(plain_decimal(nanos, NANO_DIGITS - 2).encode())

@@ -10,10 +10,11 @@ from typing import Any
 
 from core import reports
 from core.config import ApiKey, Config
-from core.key_states import UNLIMITED, effective_mode, usd
+from core.key_states import UNLIMITED, effective_mode
 from core.ledger import Account
 from core.ledger_sums import Totals, Window
 from core.limits import Limiter, period_bounds
+from core.money_format import usd_json
 from core.sqlite_ledger import SqliteLedger
 
 
@@ -28,7 +29,7 @@ def totals_json(t: Totals) -> dict[str, Any]:
         "completion_tokens": t.completion_tokens,
         "cached_tokens": t.cached_tokens,
         "total_tokens": t.prompt_tokens + t.completion_tokens,
-        "cost": usd(t.cost_nanos),
+        "cost": usd_json(t.cost_nanos),
     }
 
 
@@ -106,7 +107,7 @@ def quota_status(key: ApiKey, account: Account) -> dict[str, Any] | None:
 
 def _amounts(use: LimitUse) -> dict[str, Any]:
     if use.usd:
-        return {"limit": usd(use.limit), "used": usd(use.used), "remaining": usd(use.remaining)}
+        return {"limit": usd_json(use.limit), "used": usd_json(use.used), "remaining": usd_json(use.remaining)}
     return {"limit": use.limit, "used": use.used, "remaining": use.remaining}
 
 
@@ -127,8 +128,8 @@ async def key_usage(config: Config, ledger: SqliteLedger, limiter: Limiter, key:
         "expires_at": _iso(key.limits.expires_at, key) if key.limits.expires_at else None,
         "timezone": str(key.limits.timezone),
         "balance": {
-            "credits": UNLIMITED if terms.credits_nanos is None else usd(terms.credits_nanos + account.granted_nanos),
-            "remaining_credits": UNLIMITED if remaining is None else usd(remaining),
+            "credits": UNLIMITED if terms.credits_nanos is None else usd_json(terms.credits_nanos + account.granted_nanos),
+            "remaining_credits": UNLIMITED if remaining is None else usd_json(remaining),
             "count_credits": terms.count_credits + account.count_granted,
             "remaining_count_credits": account.remaining_count(terms),
         },
@@ -184,7 +185,7 @@ async def monthly_bill(ledger: SqliteLedger, key: ApiKey, year: int, month: int,
         **usage,
         "object": "monthly_bill",
         "grants": [
-            {"time": _iso(g["ts"], key), "kind": g["kind"], "amount": usd(g["amount"]) if g["kind"] == "credits" else g["amount"], "reason": g["reason"]}
+            {"time": _iso(g["ts"], key), "kind": g["kind"], "amount": usd_json(g["amount"]) if g["kind"] == "credits" else g["amount"], "reason": g["reason"]}
             for g in reversed(grants)
         ],
         "opening_balance": opening,
@@ -198,6 +199,6 @@ async def _balance(ledger: SqliteLedger, key: ApiKey, since: float, until: float
     charges = (await ledger.totals([Window(key.id, since, until)])).get((key.id,), Totals()) if until > since else Totals()
     credits, count = (await ledger.grants_in([Window(key.id, since, until)])).get(key.id, (0, 0)) if until > since else (0, 0)
     return {
-        "credits": UNLIMITED if terms.credits_nanos is None else usd(terms.credits_nanos + credits - charges.token_cost_nanos),
+        "credits": UNLIMITED if terms.credits_nanos is None else usd_json(terms.credits_nanos + credits - charges.token_cost_nanos),
         "count_credits": terms.count_credits + count - charges.count_charged,
     }
