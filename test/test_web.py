@@ -353,3 +353,25 @@ def test_pages_show_money_and_counts_in_one_format(start_gateway):
     detail = browser.get(f"/admin/keys/{key_id(COUNT_KEY)}").text
     limits = detail.split("<h2>Limits</h2>")[1].split("</table>")[0]
     assert "2,000,000" in limits and "$5.00" in limits and "$5.0<" not in limits and "$0.00<" in limits
+
+
+def page_text(html: str) -> str:
+    """The text a reader sees: tags dropped, whitespace collapsed."""
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+
+def test_audit_log_shows_each_change_in_words(web):
+    gateway, browser = web
+    chat(gateway, USER_KEY, 1)
+    remaining = Decimal(str(states(gateway)[USER_KEY]["remaining_credits"]))
+    assert gateway.http("POST", "/v1/add_credits", key=ADMIN_KEY, params={"paid_key": USER_KEY, "amount": "5", "reason": "invoice 7"}).status_code == 200
+    assert gateway.http("POST", "/v1/add_count_credits", key=ADMIN_KEY, params={"paid_key": COUNT_KEY, "amount": "1500"}).status_code == 200
+    assert gateway.http("POST", "/v1/set_billing_mode", key=ADMIN_KEY, params={"paid_key": COUNT_KEY, "billing_mode": "hybrid"}).status_code == 200
+    browser.login(ADMIN_KEY)
+    rows = [page_text(row) for row in browser.get("/admin/audit").text.split("<tbody>")[1].split("</tr>")[:-1]]
+    login, mode, count, credits = rows
+    nanos = int(remaining * 10**9)
+    assert f"credits {usd_text(nanos)} → {usd_text(nanos + 5 * 10**9)}" in credits and "+$5.00" in credits and "invoice 7" in credits
+    assert "count credits 10 → 1,510" in count and "+1,500" in count
+    assert "billing mode count → hybrid" in mode
+    assert "login" in login and "{" not in " ".join(rows) and "&#34;" not in " ".join(rows)
