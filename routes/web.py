@@ -183,7 +183,7 @@ async def billing_tab(request: Request) -> Response:
     query = params.get("q", "").strip().lower()
     sort = params.get("sort", "name") if params.get("sort") in SORTS else "name"
     descending = params.get("dir") == "desc"
-    keys = [k for k in config.keys if not query or query in k.name.lower() or query in k.masked.lower() or k.id.startswith(query)]
+    keys = [k for k in config.keys if not query or query in k.name.lower() or query in k.masked.lower() or k.id.startswith(query.lstrip("#"))]
     accounts = await ledger.accounts([(k.id, k.billing) for k in keys])
     month = await reports.by_key_in_month(ledger, reports.this_month())
     today = await reports.by_key_on_day(ledger, reports.today())

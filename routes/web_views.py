@@ -19,6 +19,7 @@ from core.pricing import COUNT, TOKEN, to_nanos
 from core.reports import DayPoint
 from core.statements import LimitUse
 
+SHORT_ID = 8
 MESSAGES = {
     "credits_added": "Credits added.",
     "count_credits_added": "Count credits added.",
@@ -47,6 +48,7 @@ class KeyRow:
     id: str
     name: str
     masked: str
+    short_id: str  # tells apart keys whose masks look alike (short secrets show little)
     mode: str
     credits_text: str
     credits_pct: int | None
@@ -80,6 +82,7 @@ def key_row(config: Config, key: ApiKey, account: Account, month: tuple[int, int
         id=key.id,
         name=key.name,
         masked=key.masked,
+        short_id=key.id[:SHORT_ID],
         mode=mode,
         credits_text=usd_text(remaining),
         credits_pct=None if remaining is None or given is None else percent(remaining, given),

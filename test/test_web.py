@@ -12,6 +12,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
+from core.keys import mask_key
 from core.money_format import usd_text
 from test.conftest import ADMIN_KEY
 
@@ -375,3 +376,21 @@ def test_audit_log_shows_each_change_in_words(web):
     assert "count credits 10 → 1,510" in count and "+1,500" in count
     assert "billing mode count → hybrid" in mode
     assert "login" in login and "{" not in " ".join(rows) and "&#34;" not in " ".join(rows)
+
+
+def test_pages_tell_apart_keys_whose_secrets_look_alike(start_gateway):
+    twins = ("sk-team-one-change-me", "sk-team-two-change-me")
+    extra = "".join(f"  - api: {secret}\n    name: team\n" for secret in twins)
+    gateway = start_gateway(CONFIG.replace("preferences:\n  model_price", extra + "preferences:\n  model_price", 1))
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    page = browser.get("/admin/keys?q=team").text
+    cells = [page_text(cell) for cell in re.findall(r'<td data-label="Key">(.*?)</td>', page, re.S)]
+    assert len(cells) == 2 and cells[0] != cells[1], cells
+    for secret in twins:
+        detail = page_text(browser.get(f"/admin/keys/{key_id(secret)}").text)
+        assert key_id(secret)[:8] in detail
+    for secret in (*twins, "sk-us-0123456789abcdef0123456789abcdef"):
+        shown = mask_key(secret).replace("…", "")
+        assert secret.startswith(shown[: len(shown) // 2]) and len(shown) <= len(secret) // 3, (secret, shown)
+    assert mask_key("sk-us-0123456789abcdef0123456789abcdef") == "sk-us…cdef"
