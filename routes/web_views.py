@@ -43,6 +43,18 @@ def percent(part: int, whole: int) -> int:
     return max(0, min(100, round(part * 100 / whole)))
 
 
+WARN_USED_PCT = 75
+BAD_USED_PCT = 90
+
+
+def use_level(used_pct: int | None) -> str:
+    """A bar's colour from how much of the limit is used: ok below 75%, warn below 90%, then bad.
+    (Credit bars show what is left, limit bars what is used; both are coloured by use.)"""
+    if used_pct is None or used_pct < WARN_USED_PCT:
+        return "ok"
+    return "warn" if used_pct < BAD_USED_PCT else "bad"
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRow:
     id: str
@@ -52,8 +64,10 @@ class KeyRow:
     mode: str
     credits_text: str
     credits_pct: int | None
+    credits_level: str
     count_text: str
     count_pct: int | None
+    count_level: str
     spend_month: int  # nanos: the template formats it
     requests_today: int
     status: str
@@ -78,6 +92,8 @@ def key_row(config: Config, key: ApiKey, account: Account, month: tuple[int, int
     given = None if terms.credits_nanos is None else terms.credits_nanos + account.granted_nanos
     given_count = terms.count_credits + account.count_granted
     status = status_of(mode, remaining, remaining_count, key)
+    credits_pct = None if remaining is None or given is None else percent(remaining, given)
+    count_pct = percent(remaining_count, given_count) if given_count > 0 else None
     return KeyRow(
         id=key.id,
         name=key.name,
@@ -85,9 +101,11 @@ def key_row(config: Config, key: ApiKey, account: Account, month: tuple[int, int
         short_id=key.id[:SHORT_ID],
         mode=mode,
         credits_text=usd_text(remaining),
-        credits_pct=None if remaining is None or given is None else percent(remaining, given),
+        credits_pct=credits_pct,
+        credits_level=use_level(None if credits_pct is None else 100 - credits_pct),
         count_text=count_text(remaining_count),
-        count_pct=percent(remaining_count, given_count) if given_count > 0 else None,
+        count_pct=count_pct,
+        count_level=use_level(None if count_pct is None else 100 - count_pct),
         spend_month=month[1],
         requests_today=today[0],
         status=status,
@@ -192,9 +210,9 @@ def limit_rows(uses: list[LimitUse]) -> list[dict[str, Any]]:
     """The key's limits for the page: what, how much is used, and when it resets."""
     rows = []
     for use in uses:
-        shown = usd_text if use.usd else count_text
+        shown, pct = (usd_text if use.usd else count_text), percent(use.used, use.limit)
         rows.append(
-            {"name": _limit_label(use), "used": shown(use.used), "limit": shown(use.limit), "pct": percent(use.used, use.limit), "resets": _resets(use)}
+            {"name": _limit_label(use), "used": shown(use.used), "limit": shown(use.limit), "pct": pct, "level": use_level(pct), "resets": _resets(use)}
         )
     return rows
 

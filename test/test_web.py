@@ -394,3 +394,26 @@ def test_pages_tell_apart_keys_whose_secrets_look_alike(start_gateway):
         shown = mask_key(secret).replace("…", "")
         assert secret.startswith(shown[: len(shown) // 2]) and len(shown) <= len(secret) // 3, (secret, shown)
     assert mask_key("sk-us-0123456789abcdef0123456789abcdef") == "sk-us…cdef"
+
+
+def bar_class(html: str) -> str:
+    return re.search(r'<rect class="fill ([a-z]*)', html).group(1)
+
+
+def test_bars_turn_amber_then_red_as_use_nears_the_limit(start_gateway):
+    # one request costs $0.02 at these prices and is one of 50 a minute (2%)
+    config = CONFIG.replace("credits: 3}", "credits: 0.021}").replace("count_credits: 10}", "count_credits: 10, rate_limit: 50/min}")
+    gateway = start_gateway(config + "  reserve_completion_tokens: 5\n")
+    chat(gateway, OTHER_KEY, 1)  # 95% of its credits used
+    chat(gateway, COUNT_KEY, 2)  # 20% of its count credits, 4% of its rate limit
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    tab = browser.get("/admin/keys").text
+    row = lambda secret: tab.split(f'data-key="{key_id(secret)}"')[1].split("</tr>")[0]  # noqa: E731
+    assert bar_class(row(USER_KEY).split('class="credits"')[1]) == "ok"
+    assert bar_class(row(OTHER_KEY).split('class="credits"')[1]) == "bad"
+    assert bar_class(row(COUNT_KEY).split('class="count"')[1]) == "ok"
+    limits = browser.get(f"/admin/keys/{key_id(COUNT_KEY)}").text.split("<h2>Limits</h2>")[1].split("</table>")[0]
+    assert "4%" in limits and bar_class(limits) == "ok"
+    chat(gateway, COUNT_KEY, 6)  # 80% of its count credits
+    assert bar_class(browser.get("/admin/keys").text.split(f'data-key="{key_id(COUNT_KEY)}"')[1].split('class="count"')[1]) == "warn"
