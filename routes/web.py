@@ -62,8 +62,16 @@ PAGE_HEADERS = {
 
 def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
     # `nonce` makes each rendered top-up form a one-time idempotency key: a double submit applies once.
-    html = templates.get_template(name).render(request=request, nonce=secrets.token_urlsafe(12), **context)
+    banner = _config_error(request, context.get("me"))
+    html = templates.get_template(name).render(request=request, nonce=secrets.token_urlsafe(12), config_error=banner, **context)
     return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
+
+
+def _config_error(request: Request, me: ApiKey | None) -> dict[str, str] | None:
+    """The last failed reload, for the banner every admin page shows (key holders don't see it)."""
+    store: ConfigStore = request.app.state.store
+    error = store.last_error if me is not None and me.is_admin else None
+    return None if error is None else {"message": error.message, "at": when(error.at)}
 
 
 def render_error(request: Request, error: GatewayError) -> HTMLResponse:
@@ -148,10 +156,8 @@ async def overview(request: Request) -> Response:
     config = current_config(request)
     key, session = admin_visitor(request, config)
     ledger: SqliteLedger = request.app.state.ledger
-    store: ConfigStore = request.app.state.store
     today, month = reports.today(), reports.month_start()
     names = {k.id: k.name for k in config.keys}
-    error = store.last_error
     return render(
         request,
         "overview.html",
@@ -167,7 +173,6 @@ async def overview(request: Request) -> Response:
         trend=chart(await reports.daily_series(ledger, None)),
         alerts=alert_rows(await recent_alerts(ledger, None, limit=10), config),
         config={"loaded_at": when(config.loaded_at), "hash": config.source_hash[:12], "key_count": len(config.keys), "provider_count": len(config.providers)},
-        reload_error=None if error is None else {"message": error.message, "at": when(error.at)},
     )
 
 

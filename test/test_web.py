@@ -417,3 +417,16 @@ def test_bars_turn_amber_then_red_as_use_nears_the_limit(start_gateway):
     assert "4%" in limits and bar_class(limits) == "ok"
     chat(gateway, COUNT_KEY, 6)  # 80% of its count credits
     assert bar_class(browser.get("/admin/keys").text.split(f'data-key="{key_id(COUNT_KEY)}"')[1].split('class="count"')[1]) == "warn"
+
+
+def test_every_admin_page_shows_the_config_error_banner(web):
+    gateway, browser = web
+    browser.login(ADMIN_KEY)
+    pages = ["/admin", "/admin/keys", f"/admin/keys/{key_id(USER_KEY)}", "/admin/audit"]
+    assert not any("failed to reload" in browser.get(path).text for path in pages)
+    gateway.rewrite_config(CONFIG + "bogus: 1\n")
+    for path in pages:
+        assert "api.yaml failed to reload" in browser.get(path).text, path
+    user = Browser(gateway.url)
+    user.login(USER_KEY)
+    assert "failed to reload" not in user.get("/usage").text  # the config is the operator's business
