@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from core.sqlite_ledger import SqliteLedger
 from routes import web_export
 from routes._http import caller_ip, check_request_access, current_config, whole_number
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
-from routes._web_auth import admin_visitor, signer, visitor
+from routes._web_auth import LoginRequired, admin_visitor, signer, visitor
 from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, sort_value, when
 
 WEB = Path(__file__).resolve().parent.parent / "web"
@@ -75,7 +76,12 @@ def _config_error(request: Request, me: ApiKey | None) -> dict[str, str] | None:
 
 
 def render_error(request: Request, error: GatewayError) -> HTMLResponse:
-    return render(request, "error.html", status=error.status, error=error)
+    """An error page with the visitor's navigation (and the way to log in for strangers)."""
+    me, csrf = None, None
+    with contextlib.suppress(LoginRequired, GatewayError):  # an error page never fails for want of a session
+        me, session = visitor(request, current_config(request))
+        csrf = session.csrf
+    return render(request, "error.html", status=error.status, error=error, me=me, csrf=csrf)
 
 
 async def read_form(request: Request) -> dict[str, str]:

@@ -430,3 +430,18 @@ def test_every_admin_page_shows_the_config_error_banner(web):
     user = Browser(gateway.url)
     user.login(USER_KEY)
     assert "failed to reload" not in user.get("/usage").text  # the config is the operator's business
+
+
+def test_not_found_page_offers_a_way_back(web):
+    gateway, browser = web
+    anonymous = Browser(gateway.url).get("/no-such-page")
+    assert anonymous.status_code == 404 and 'href="/login"' in anonymous.text
+    browser.login(ADMIN_KEY)
+    for path in ("/no-such-page", "/admin/keys/0000"):
+        page = browser.get(path)
+        assert page.status_code == 404, path
+        for link in ("/admin", "/admin/keys", "/admin/audit"):
+            assert f'href="{link}"' in page.text, (path, link)
+    user = Browser(gateway.url)
+    user.login(USER_KEY)
+    assert 'href="/usage"' in user.get("/no-such-page").text
