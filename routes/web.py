@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 from jinja2 import Environment, FileSystemLoader
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -92,6 +92,11 @@ async def read_form(request: Request) -> dict[str, str]:
         if len(body) > MAX_FORM_BYTES:
             raise GatewayError(413, "invalid_request_error", "request_too_large", "Form too large.")
     return {name: values[0] for name, values in parse_qs(body.decode("utf-8", "replace")).items()}
+
+
+async def favicon(request: Request) -> Response:
+    """Browsers ask for /favicon.ico on their own (JSON and CSV views too): the pages' icon."""
+    return FileResponse(WEB / "static" / "favicon.svg", media_type="image/svg+xml", headers={"Cache-Control": "public, max-age=86400"})
 
 
 def redirect(url: str) -> RedirectResponse:
@@ -353,6 +358,7 @@ routes = [
     Route("/admin/keys/{key_id}/add_count_credits", _action(COUNT_CREDITS), methods=["POST"]),
     Route("/admin/keys/{key_id}/billing_mode", _action("billing_mode"), methods=["POST"]),
     Route("/usage", usage_page, methods=["GET"]),
+    Route("/favicon.ico", favicon, methods=["GET"]),
     *web_export.routes,
     Mount("/static", StaticFiles(directory=WEB / "static"), name="static"),
 ]

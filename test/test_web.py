@@ -445,3 +445,13 @@ def test_not_found_page_offers_a_way_back(web):
     user = Browser(gateway.url)
     user.login(USER_KEY)
     assert 'href="/usage"' in user.get("/no-such-page").text
+
+
+def test_pages_have_a_local_favicon(web):
+    _, browser = web
+    page = browser.get("/login").text
+    href = re.search(r'<link rel="icon" href="([^"]+)"', page).group(1)
+    assert href.startswith("/static/")
+    for path in (href, "/favicon.ico"):  # browsers also ask for /favicon.ico on their own
+        icon = browser.get(path)
+        assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml") and "<svg" in icon.text, path
