@@ -109,3 +109,33 @@ def test_audit_log_fits_its_card_at_laptop_width(start_gateway, browser):
         "document.querySelector('table.audit').getBoundingClientRect().right <= document.querySelector('table.audit').closest('.card').getBoundingClientRect().right"
     )
     assert lines(page, "table.audit td.time") == 1
+
+
+def test_key_page_fits_a_phone_screen(start_gateway, browser):
+    limits = (
+        "count_credits: 10, quota: 2000000, rate_limit: '60/min,1000/day', token_rate_limit: 100000/min, concurrency_limit: 5, daily_cost_limit: 5, budget: 100"
+    )
+    gateway = start_gateway(CONFIG.replace("count_credits: 10", limits))
+    gateway.client(COUNT_KEY).chat.completions.create(model="echo-1", messages=[{"role": "user", "content": "hi"}])
+    page = logged_in(browser, gateway.url, 390)
+    page.goto(f"{gateway.url}/admin/keys/{key_id(COUNT_KEY)}")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "key-detail-390.png"), full_page=True)
+    assert overflow(page, "html") == 0
+    limits_table = page.locator("section.card", has=page.locator("h2", has_text="Limits")).locator("table")
+    box, card = limits_table.bounding_box(), page.locator("section.card", has=page.locator("h2", has_text="Limits")).bounding_box()
+    assert box["x"] >= card["x"] and box["x"] + box["width"] <= card["x"] + card["width"], (box, card)
+    assert limits_table.evaluate("t => t.scrollWidth <= t.clientWidth")
+    assert page.locator("text=$100.00").first.is_visible()
+
+
+def test_opening_manage_leaves_the_billing_columns_in_place(start_gateway, browser):
+    gateway = start_gateway(CONFIG)
+    page = logged_in(browser, gateway.url, 1366)
+    page.goto(f"{gateway.url}/admin/keys")
+    widths = "[...document.querySelectorAll('table.keys th, table.keys td')].map(cell => Math.round(cell.getBoundingClientRect().width))"
+    closed = page.evaluate(widths)
+    page.locator(f'tr[data-key="{key_id(COUNT_KEY)}"] summary').click()
+    assert page.locator(f'tr[data-key="{key_id(COUNT_KEY)}"] input[aria-label="Count credits to add"]').is_visible()
+    assert page.evaluate(widths) == closed
+    assert overflow(page, "html") == 0
