@@ -221,7 +221,7 @@ class Alerts:
 
 async def recent_alerts(ledger: SqliteLedger, key_id: str | None, limit: int = 20) -> list[dict[str, Any]]:
     await ledger.flush()
-    sql = "SELECT ts, key_name, metric, threshold, used, limit_value, status, attempts, last_error FROM alert_events"
+    sql = "SELECT ts, key_id, key_name, metric, threshold, used, limit_value, status, attempts, last_error FROM alert_events"
     params: list[Any] = []
     if key_id is not None:
         sql += " WHERE key_id = ?"

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from core.config import ApiKey
 from core.ledger import Account
-from core.pricing import format_usd
+from core.money_format import count_text, usd_text
+from core.pricing import format_usd, to_nanos
 
 LOGIN = "login"
 ADD_CREDITS = "add_credits"
@@ -72,3 +74,41 @@ def balance(key: ApiKey, account: Account) -> dict[str, Any]:
 
 def _json(value: dict[str, Any]) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+# What a recorded field is called for a reader, and whether it holds USD.
+FIELDS = {"remaining_credits": ("credits", True), "remaining_count_credits": ("count credits", False), "billing_mode": ("billing mode", False)}
+
+
+def describe(row: dict[str, Any]) -> tuple[str, str]:
+    """A stored entry in words for the audit page: (what changed, note), e.g.
+    ("credits $4.9969 → $9.9969", "+$5.00 · invoice 7"). Reads the JSON columns `row` holds."""
+    before, after, detail = (json.loads(row[column] or "{}") for column in ("before", "after", "detail"))
+    changes = []
+    for name, (label, is_usd) in FIELDS.items():
+        if name in before and name in after and before[name] != after[name]:
+            changes.append(f"{label} {_shown(before[name], is_usd)} → {_shown(after[name], is_usd)}")
+    if before and after and not changes:
+        changes.append("no change")
+    return "; ".join(changes), _note(row["action"], detail)
+
+
+def _note(action: str, detail: dict[str, Any]) -> str:
+    if action in (ADD_CREDITS, ADD_COUNT_CREDITS):
+        amount = _shown(detail.get("amount", "0"), action == ADD_CREDITS)
+        parts = [f"+{amount}", str(detail.get("reason") or "")]
+        if detail.get("applied") is False:
+            parts.append("already applied (same idempotency key)")
+        return " · ".join(part for part in parts if part)
+    if action == REPORT_USAGE:
+        tokens = f"{count_text(detail.get('prompt_tokens', 0))} + {count_text(detail.get('completion_tokens', 0))} tokens"
+        return f"{detail.get('model')} via {detail.get('provider')}: {tokens}, {_shown(detail.get('cost', '0'), True)}"
+    return ""
+
+
+def _shown(value: Any, is_usd: bool) -> str:
+    """A recorded value (exact decimal strings for USD, `unlimited`, ints, modes) for a reader."""
+    if isinstance(value, str) and value != "unlimited" and (is_usd or value.isdigit()):
+        number = Decimal(value)
+        return usd_text(to_nanos(number)) if is_usd else count_text(int(number))
+    return count_text(value) if isinstance(value, int) else str(value)

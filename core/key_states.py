@@ -1,4 +1,6 @@
-"""A key's billing state as the admin API and the pages show it, from config + ledger."""
+"""A key's billing state as the admin API and the pages show it, from config + ledger.
+
+Money goes out as `usd_json` fragments: exact plain decimals, for an orjson response."""
 
 from __future__ import annotations
 
@@ -8,15 +10,11 @@ from typing import Any
 from core.config import ApiKey, Config
 from core.ledger import Account
 from core.ledger_sums import Totals, Window
-from core.pricing import COUNT, TOKEN, from_nanos
+from core.money_format import usd_json
+from core.pricing import COUNT, TOKEN
 from core.sqlite_ledger import SqliteLedger
 
 UNLIMITED = -1
-
-
-def usd(nanos: int) -> float:
-    """JSON number for a nano-dollar amount (exact up to 15 significant digits)."""
-    return float(from_nanos(nanos))
 
 
 def effective_mode(config: Config, key: ApiKey) -> str:
@@ -43,11 +41,11 @@ def _state(config: Config, key: ApiKey, account: Account, details: list[dict[str
     return {
         "name": key.name,
         "billing_mode": effective_mode(config, key),
-        "credits": UNLIMITED if terms.credits_nanos is None else usd(terms.credits_nanos + account.granted_nanos),
+        "credits": UNLIMITED if terms.credits_nanos is None else usd_json(terms.credits_nanos + account.granted_nanos),
         "count_credits": terms.count_credits + account.count_granted,
-        "remaining_credits": UNLIMITED if remaining is None else usd(remaining),
+        "remaining_credits": UNLIMITED if remaining is None else usd_json(remaining),
         "remaining_count_credits": account.remaining_count(terms),
-        "total_cost": usd(account.total_cost_nanos),
+        "total_cost": usd_json(account.total_cost_nanos),
         "request_count": account.request_count,
         "enabled": True,
         "created_at": datetime.fromtimestamp(terms.created_at, UTC).isoformat() if terms.created_at else None,
@@ -58,7 +56,7 @@ def _state(config: Config, key: ApiKey, account: Account, details: list[dict[str
 def model_row(model: str, cost_type: str, totals: Totals) -> dict[str, Any]:
     return {
         "model": model,
-        "cost": usd(totals.cost_nanos),
+        "cost": usd_json(totals.cost_nanos),
         "cost_type": cost_type,
         "request_count": totals.requests,
         "prompt_tokens": totals.prompt_tokens,

@@ -16,10 +16,18 @@ class HasSecret(Protocol):
 K = TypeVar("K", bound=HasSecret)
 
 
+MASK_SHOWN = 9  # characters of a long secret shown: enough to tell keys apart, far too few to use one
+MASK_TAIL = 4
+
+
 def mask_key(secret: str) -> str:
-    """`sk-…abcd`: enough to recognise a key in a log or a page, never enough to use it."""
-    prefix = secret.split("-", 1)[0] + "-" if "-" in secret[:8] else ""
-    return f"{prefix}…{secret[-4:]}" if len(secret) > 8 else "…"
+    """`sk-us…2f9a`: the secret's ends, to recognise a key in a log or a page. Never more than
+    a third of the secret, so a short one shows less (`sk-…me`); pages add the key's id."""
+    shown = min(len(secret) // 3, MASK_SHOWN)
+    if shown < 2:
+        return "…"
+    tail = min(MASK_TAIL, shown // 2)
+    return f"{secret[: shown - tail]}…{secret[-tail:]}"
 
 
 def _digest(secret: str) -> bytes:

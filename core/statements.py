@@ -4,15 +4,17 @@ usage per model, and monthly statements with opening and closing balances."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from core import reports
 from core.config import ApiKey, Config
-from core.key_states import UNLIMITED, effective_mode, usd
+from core.key_states import UNLIMITED, effective_mode
 from core.ledger import Account
 from core.ledger_sums import Totals, Window
 from core.limits import Limiter, period_bounds
+from core.money_format import usd_json
 from core.sqlite_ledger import SqliteLedger
 
 
@@ -27,49 +29,86 @@ def totals_json(t: Totals) -> dict[str, Any]:
         "completion_tokens": t.completion_tokens,
         "cached_tokens": t.cached_tokens,
         "total_tokens": t.prompt_tokens + t.completion_tokens,
-        "cost": usd(t.cost_nanos),
+        "cost": usd_json(t.cost_nanos),
     }
 
 
-def limits_status(key: ApiKey, account: Account, limiter: Limiter, now: float) -> list[dict[str, Any]]:
+@dataclass(frozen=True, slots=True)
+class LimitUse:
+    """One limit of a key and its use now, in whole units: nano-dollars when `usd`, else
+    requests or tokens. The JSON API and the pages each format it their own way."""
+
+    name: str
+    limit: int
+    used: int
+    usd: bool = False
+    rule: str | None = None  # rate limits: "60/min"
+    period: str | None = None  # budgets: "daily", "weekly", "monthly"
+    window: tuple[float, float] | None = None  # fixed windows and periods: start, end
+    reset_seconds: float | None = None
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.used)
+
+
+def limit_uses(key: ApiKey, limiter: Limiter, now: float) -> list[LimitUse]:
     """Each configured limit with its current use, window and seconds to reset."""
     limits = key.limits
     state = limiter.state(key)
-    out: list[dict[str, Any]] = []
+    out: list[LimitUse] = []
     for kind, rules in (("requests", limits.rate_limits), ("tokens", limits.token_rate_limits)):
         for rule in rules:
             start = math.floor(now / rule.seconds) * rule.seconds
             window = state.windows.get((kind, rule.seconds))
             used = window.used + window.reserved if window is not None and window.start == start else 0
-            out.append({"name": "rate_limit" if kind == "requests" else "token_rate_limit", "rule": rule.text, "limit": rule.limit, "used": used,
-                        "remaining": max(0, rule.limit - used), "window_start": _iso(start, key), "window_end": _iso(start + rule.seconds, key),
-                        "reset_seconds": round(start + rule.seconds - now, 3)})  # fmt: skip
+            name = "rate_limit" if kind == "requests" else "token_rate_limit"
+            out.append(
+                LimitUse(name, rule.limit, used, rule=rule.text, window=(start, start + rule.seconds), reset_seconds=round(start + rule.seconds - now, 3))
+            )
     if limits.concurrency_limit is not None:
-        out.append(
-            {
-                "name": "concurrency_limit",
-                "limit": limits.concurrency_limit,
-                "used": state.in_flight,
-                "remaining": max(0, limits.concurrency_limit - state.in_flight),
-            }
-        )
+        out.append(LimitUse("concurrency_limit", limits.concurrency_limit, state.in_flight))
     for limit in limits.period_limits:
         period_start, period_end = period_bounds(limit.period, limits.timezone, now)
         spend = state.periods.get(limit.name)
         spent = spend.spent if spend is not None and spend.start == period_start else 0
-        out.append({"name": limit.name, "period": limit.period, "limit": usd(limit.limit_nanos), "used": usd(spent), "remaining": usd(max(0, limit.limit_nanos - spent)),
-                    "window_start": _iso(period_start, key), "window_end": _iso(period_end, key), "reset_seconds": round(period_end - now, 3)})  # fmt: skip
+        out.append(LimitUse(limit.name, limit.limit_nanos, spent, usd=True, period=limit.period, window=(period_start, period_end),
+                            reset_seconds=round(period_end - now, 3)))  # fmt: skip
+    return out
+
+
+def quota_use(key: ApiKey, account: Account) -> LimitUse | None:
+    limits = key.limits
+    if limits.quota is None:
+        return None
+    return LimitUse("quota", limits.quota, Limiter.quota_used(key, account), usd=limits.quota_type == "usd")
+
+
+def limits_status(key: ApiKey, limiter: Limiter, now: float) -> list[dict[str, Any]]:
+    """`limit_uses` for the JSON API: money as exact USD numbers, windows as local times."""
+    out = []
+    for use in limit_uses(key, limiter, now):
+        row: dict[str, Any] = {"name": use.name}
+        if use.rule is not None:
+            row["rule"] = use.rule
+        if use.period is not None:
+            row["period"] = use.period
+        row.update(_amounts(use))
+        if use.window is not None:
+            row.update(window_start=_iso(use.window[0], key), window_end=_iso(use.window[1], key), reset_seconds=use.reset_seconds)
+        out.append(row)
     return out
 
 
 def quota_status(key: ApiKey, account: Account) -> dict[str, Any] | None:
-    limits = key.limits
-    if limits.quota is None:
-        return None
-    used = Limiter.quota_used(key, account)
-    if limits.quota_type == "usd":
-        return {"type": "usd", "limit": usd(limits.quota), "used": usd(used), "remaining": usd(max(0, limits.quota - used))}
-    return {"type": "tokens", "limit": limits.quota, "used": used, "remaining": max(0, limits.quota - used)}
+    use = quota_use(key, account)
+    return None if use is None else {"type": "usd" if use.usd else "tokens", **_amounts(use)}
+
+
+def _amounts(use: LimitUse) -> dict[str, Any]:
+    if use.usd:
+        return {"limit": usd_json(use.limit), "used": usd_json(use.used), "remaining": usd_json(use.remaining)}
+    return {"limit": use.limit, "used": use.used, "remaining": use.remaining}
 
 
 async def key_usage(config: Config, ledger: SqliteLedger, limiter: Limiter, key: ApiKey, now: float) -> dict[str, Any]:
@@ -89,13 +128,13 @@ async def key_usage(config: Config, ledger: SqliteLedger, limiter: Limiter, key:
         "expires_at": _iso(key.limits.expires_at, key) if key.limits.expires_at else None,
         "timezone": str(key.limits.timezone),
         "balance": {
-            "credits": UNLIMITED if terms.credits_nanos is None else usd(terms.credits_nanos + account.granted_nanos),
-            "remaining_credits": UNLIMITED if remaining is None else usd(remaining),
+            "credits": UNLIMITED if terms.credits_nanos is None else usd_json(terms.credits_nanos + account.granted_nanos),
+            "remaining_credits": UNLIMITED if remaining is None else usd_json(remaining),
             "count_credits": terms.count_credits + account.count_granted,
             "remaining_count_credits": account.remaining_count(terms),
         },
         "quota": quota_status(key, account),
-        "limits": limits_status(key, account, limiter, now),
+        "limits": limits_status(key, limiter, now),
         "totals": totals_json(totals),
     }
 
@@ -146,7 +185,7 @@ async def monthly_bill(ledger: SqliteLedger, key: ApiKey, year: int, month: int,
         **usage,
         "object": "monthly_bill",
         "grants": [
-            {"time": _iso(g["ts"], key), "kind": g["kind"], "amount": usd(g["amount"]) if g["kind"] == "credits" else g["amount"], "reason": g["reason"]}
+            {"time": _iso(g["ts"], key), "kind": g["kind"], "amount": usd_json(g["amount"]) if g["kind"] == "credits" else g["amount"], "reason": g["reason"]}
             for g in reversed(grants)
         ],
         "opening_balance": opening,
@@ -160,6 +199,6 @@ async def _balance(ledger: SqliteLedger, key: ApiKey, since: float, until: float
     charges = (await ledger.totals([Window(key.id, since, until)])).get((key.id,), Totals()) if until > since else Totals()
     credits, count = (await ledger.grants_in([Window(key.id, since, until)])).get(key.id, (0, 0)) if until > since else (0, 0)
     return {
-        "credits": UNLIMITED if terms.credits_nanos is None else usd(terms.credits_nanos + credits - charges.token_cost_nanos),
+        "credits": UNLIMITED if terms.credits_nanos is None else usd_json(terms.credits_nanos + credits - charges.token_cost_nanos),
         "count_credits": terms.count_credits + count - charges.count_charged,
     }

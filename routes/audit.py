@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from core.audit import describe
 from core.config import Config
 from core.errors import bad_request
 from core.sqlite_ledger import SqliteLedger
@@ -72,7 +73,8 @@ async def _all_rows(ledger: SqliteLedger, key_id: str | None) -> AsyncIterator[t
 
 
 def _view(config: Config, entry: dict[str, Any]) -> dict[str, Any]:
-    return {**entry, "when": when(entry["ts"]), "target_known": entry["target_key_id"] in config.keys_by_id}
+    change, note = describe(entry)
+    return {**entry, "when": when(entry["ts"]), "target_known": entry["target_key_id"] in config.keys_by_id, "change": change, "note": note}
 
 
 routes = [

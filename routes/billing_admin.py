@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from core import admin_actions
@@ -16,12 +16,14 @@ from core.audit import Actor
 from core.billing import BillingMeter
 from core.config import ApiKey, Config
 from core.errors import bad_request, forbidden, not_found
-from core.key_states import key_state, key_states, usage_rows, usd
+from core.key_states import key_state, key_states, usage_rows
 from core.ledger import COUNT_CREDITS, CREDITS
+from core.money_format import usd_json
 from core.reload import ConfigStore
 from core.timeutil import to_unix
 from core.usage import Usage
 from routes._http import authenticate, caller_ip, current_config, read_json, require_admin, whole_number
+from routes._json import ExactJSONResponse
 
 
 def _actor(request: Request, config: Config) -> Actor:
@@ -43,7 +45,7 @@ async def api_keys_states(request: Request) -> Response:
     config = current_config(request)
     require_admin(request, config)
     states = await key_states(config, request.app.state.ledger, list(config.keys))
-    return JSONResponse({"api_keys_states": {key.secret: states[key.id] for key in config.keys}})
+    return ExactJSONResponse({"api_keys_states": {key.secret: states[key.id] for key in config.keys}})
 
 
 def _grant_endpoint(kind: str):  # type: ignore[no-untyped-def]
@@ -56,7 +58,7 @@ def _grant_endpoint(kind: str):  # type: ignore[no-untyped-def]
         state = request.app.state
         idempotency_key = request.headers.get("idempotency-key") or None
         applied = await add_credit(ledger, key, kind, amount, request.query_params.get("reason"), idempotency_key, state.clock(), actor, state.alerts)
-        return JSONResponse({"applied": applied, "api_key_state": await key_state(config, ledger, key)})
+        return ExactJSONResponse({"applied": applied, "api_key_state": await key_state(config, ledger, key)})
 
     handle.__name__ = f"add_{kind}"
     return handle
@@ -69,7 +71,7 @@ async def set_billing_mode(request: Request) -> Response:
     store: ConfigStore = request.app.state.store
     state = request.app.state
     updated = await admin_actions.set_billing_mode(store, state.ledger, key, request.query_params.get("billing_mode", ""), state.clock(), actor)
-    return JSONResponse({"api_key_state": await key_state(store.current, request.app.state.ledger, updated)})
+    return ExactJSONResponse({"api_key_state": await key_state(store.current, request.app.state.ledger, updated)})
 
 
 MAX_DAYS = 36_500  # a century: timedelta itself stops at 999,999,999 days
@@ -131,7 +133,7 @@ async def token_usage(request: Request) -> Response:
                 "usage": await usage_rows(ledger, key, since, end, model),
             }
         )
-    return JSONResponse({"stats": stats})
+    return ExactJSONResponse({"stats": stats})
 
 
 async def report_usage(request: Request) -> Response:
@@ -151,7 +153,7 @@ async def report_usage(request: Request) -> Response:
     meter: BillingMeter = request.app.state.gateway.meter
     provider = str(body.get("provider") or "external")
     cost_nanos = await admin_actions.report_usage(meter, config, key, model, usage, provider, request.app.state.clock(), actor)
-    return JSONResponse({"cost": usd(cost_nanos), "api_key_state": await key_state(config, request.app.state.ledger, key)})
+    return ExactJSONResponse({"cost": usd_json(cost_nanos), "api_key_state": await key_state(config, request.app.state.ledger, key)})
 
 
 def _token_count(body: dict[str, Any], name: str) -> int:

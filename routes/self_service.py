@@ -5,15 +5,17 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from core import reports, statements
 from core.config import ApiKey, Config
 from core.errors import bad_request, forbidden, not_found
-from core.key_states import UNLIMITED, usd
+from core.key_states import UNLIMITED
+from core.money_format import cents_json, usd_json
 from core.sqlite_ledger import SqliteLedger
 from routes._http import authenticate, current_config
+from routes._json import ExactJSONResponse
 
 PERIODS = ("daily", "monthly", "all")
 
@@ -41,7 +43,7 @@ async def usage(request: Request) -> Response:
     config = current_config(request)
     key = _subject(request, config)
     meter = request.app.state.gateway.meter
-    return JSONResponse(await statements.key_usage(config, request.app.state.ledger, meter.limiter, key, _now(request)))
+    return ExactJSONResponse(await statements.key_usage(config, request.app.state.ledger, meter.limiter, key, _now(request)))
 
 
 async def usage_models(request: Request) -> Response:
@@ -50,7 +52,7 @@ async def usage_models(request: Request) -> Response:
     period = request.query_params.get("period", "all")
     if period not in PERIODS:
         raise bad_request(f"The 'period' parameter must be one of {', '.join(PERIODS)}, got '{period}'.", "invalid_period", "period")
-    return JSONResponse(await statements.usage_by_model(request.app.state.ledger, key, period, _now(request)))
+    return ExactJSONResponse(await statements.usage_by_model(request.app.state.ledger, key, period, _now(request)))
 
 
 def _year_month(request: Request) -> tuple[int, int]:
@@ -65,13 +67,13 @@ def _year_month(request: Request) -> tuple[int, int]:
 async def monthly_usage(request: Request) -> Response:
     config = current_config(request)
     key = _subject(request, config)
-    return JSONResponse(await statements.monthly_usage(request.app.state.ledger, key, *_year_month(request)))
+    return ExactJSONResponse(await statements.monthly_usage(request.app.state.ledger, key, *_year_month(request)))
 
 
 async def monthly_bill(request: Request) -> Response:
     config = current_config(request)
     key = _subject(request, config)
-    return JSONResponse(await statements.monthly_bill(request.app.state.ledger, key, *_year_month(request), _now(request)))
+    return ExactJSONResponse(await statements.monthly_bill(request.app.state.ledger, key, *_year_month(request), _now(request)))
 
 
 async def legacy_subscription(request: Request) -> Response:
@@ -81,9 +83,9 @@ async def legacy_subscription(request: Request) -> Response:
     ledger: SqliteLedger = request.app.state.ledger
     account = await ledger.account(key.id, key.billing)
     credits = key.billing.credits_nanos
-    limit = 100_000_000.0 if credits is None else usd(credits + account.granted_nanos)
+    limit = 100_000_000.0 if credits is None else usd_json(credits + account.granted_nanos)
     expires = key.limits.expires_at or 0
-    return JSONResponse(
+    return ExactJSONResponse(
         {
             "object": "billing_subscription",
             "has_payment_method": True,
@@ -92,7 +94,7 @@ async def legacy_subscription(request: Request) -> Response:
             "system_hard_limit_usd": limit,
             "access_until": int(expires),
             "plan": {"title": key.billing.mode, "id": key.billing.mode},
-            "tollgate_remaining_credits": UNLIMITED if credits is None else usd(account.remaining_nanos(key.billing) or 0),
+            "tollgate_remaining_credits": UNLIMITED if credits is None else usd_json(account.remaining_nanos(key.billing) or 0),
         }
     )
 
@@ -111,11 +113,11 @@ async def legacy_usage(request: Request) -> Response:
     daily: list[dict[str, object]] = []
     day = start
     while day < end and len(daily) < 1000:
-        items = [{"name": model, "cost": usd(nanos) * 100} for model, nanos in costs.get(day.isoformat(), [])]
+        items = [{"name": model, "cost": cents_json(nanos)} for model, nanos in costs.get(day.isoformat(), [])]
         daily.append({"timestamp": datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp(), "line_items": items})
         day += timedelta(days=1)
     total = sum(nanos for rows in costs.values() for _, nanos in rows)
-    return JSONResponse({"object": "list", "daily_costs": daily, "total_usage": usd(total) * 100})
+    return ExactJSONResponse({"object": "list", "daily_costs": daily, "total_usage": cents_json(total)})
 
 
 routes = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 from jinja2 import Environment, FileSystemLoader
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -21,13 +22,14 @@ from core.config import ApiKey, Config
 from core.errors import GatewayError, forbidden, not_found
 from core.ledger import COUNT_CREDITS, CREDITS
 from core.ledger_sums import Window
+from core.money_format import count_text, usd_text
 from core.reload import ConfigStore
 from core.sqlite_ledger import SqliteLedger
 from routes import web_export
 from routes._http import caller_ip, current_config, whole_number
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
-from routes._web_auth import admin_visitor, check_page_access, signer, visitor
-from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, money, sort_value, when
+from routes._web_auth import LoginRequired, admin_visitor, check_page_access, signer, visitor
+from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, sort_value, when
 
 WEB = Path(__file__).resolve().parent.parent / "web"
 PAGE_SIZE = 50
@@ -37,6 +39,9 @@ MAX_FORM_BYTES = 16 * 1024
 
 # auto_reload off: the templates ship with the code, so no stat() of the file per page.
 templates = Environment(loader=FileSystemLoader(WEB / "templates"), autoescape=True, auto_reload=False)
+# Every page formats money and counts the same way (core/money_format.py): `{{ nanos|money }}`.
+templates.filters["money"] = usd_text
+templates.filters["number"] = count_text
 
 
 def compile_templates() -> None:
@@ -58,12 +63,25 @@ PAGE_HEADERS = {
 
 def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
     # `nonce` makes each rendered top-up form a one-time idempotency key: a double submit applies once.
-    html = templates.get_template(name).render(request=request, nonce=secrets.token_urlsafe(12), **context)
+    banner = _config_error(request, context.get("me"))
+    html = templates.get_template(name).render(request=request, nonce=secrets.token_urlsafe(12), config_error=banner, **context)
     return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
 
 
+def _config_error(request: Request, me: ApiKey | None) -> dict[str, str] | None:
+    """The last failed reload, for the banner every admin page shows (key holders don't see it)."""
+    store: ConfigStore = request.app.state.store
+    error = store.last_error if me is not None and me.is_admin else None
+    return None if error is None else {"message": error.message, "at": when(error.at)}
+
+
 def render_error(request: Request, error: GatewayError) -> HTMLResponse:
-    return render(request, "error.html", status=error.status, error=error)
+    """An error page with the visitor's navigation (and the way to log in for strangers)."""
+    me, csrf = None, None
+    with contextlib.suppress(LoginRequired, GatewayError):  # an error page never fails for want of a session
+        me, session = visitor(request, current_config(request))
+        csrf = session.csrf
+    return render(request, "error.html", status=error.status, error=error, me=me, csrf=csrf)
 
 
 async def read_form(request: Request) -> dict[str, str]:
@@ -74,6 +92,11 @@ async def read_form(request: Request) -> dict[str, str]:
         if len(body) > MAX_FORM_BYTES:
             raise GatewayError(413, "invalid_request_error", "request_too_large", "Form too large.")
     return {name: values[0] for name, values in parse_qs(body.decode("utf-8", "replace")).items()}
+
+
+async def favicon(request: Request) -> Response:
+    """Browsers ask for /favicon.ico on their own (JSON and CSV views too): the pages' icon."""
+    return FileResponse(WEB / "static" / "favicon.svg", media_type="image/svg+xml", headers={"Cache-Control": "public, max-age=86400"})
 
 
 def redirect(url: str) -> RedirectResponse:
@@ -144,10 +167,8 @@ async def overview(request: Request) -> Response:
     config = current_config(request)
     key, session = admin_visitor(request, config)
     ledger: SqliteLedger = request.app.state.ledger
-    store: ConfigStore = request.app.state.store
     today, month = reports.today(), reports.month_start()
     names = {k.id: k.name for k in config.keys}
-    error = store.last_error
     return render(
         request,
         "overview.html",
@@ -156,19 +177,18 @@ async def overview(request: Request) -> Response:
         today=_pair(await reports.totals_since(ledger, today)),
         month=_pair(await reports.totals_since(ledger, month)),
         top_keys=[
-            {"id": kid, "name": names.get(kid, kid[:8] + " (removed)"), "requests": r, "cost": money(c), "known": kid in names}
+            {"id": kid, "name": names.get(kid, kid[:8] + " (removed)"), "requests": r, "cost": c, "known": kid in names}
             for kid, r, c in await reports.top_keys_in_month(ledger, reports.this_month())
         ],
-        top_models=[{"model": m, "requests": r, "cost": money(c)} for m, r, c in await reports.top_models(ledger, month)],
+        top_models=[{"model": m, "requests": r, "cost": c} for m, r, c in await reports.top_models(ledger, month)],
         trend=chart(await reports.daily_series(ledger, None)),
-        alerts=alert_rows(await recent_alerts(ledger, None, limit=10)),
+        alerts=alert_rows(await recent_alerts(ledger, None, limit=10), config),
         config={"loaded_at": when(config.loaded_at), "hash": config.source_hash[:12], "key_count": len(config.keys), "provider_count": len(config.providers)},
-        reload_error=None if error is None else {"message": error.message, "at": when(error.at)},
     )
 
 
 def _pair(totals: tuple[int, int]) -> dict[str, Any]:
-    return {"requests": totals[0], "cost": money(totals[1])}
+    return {"requests": totals[0], "cost": totals[1]}
 
 
 async def billing_tab(request: Request) -> Response:
@@ -179,7 +199,7 @@ async def billing_tab(request: Request) -> Response:
     query = params.get("q", "").strip().lower()
     sort = params.get("sort", "name") if params.get("sort") in SORTS else "name"
     descending = params.get("dir") == "desc"
-    keys = [k for k in config.keys if not query or query in k.name.lower() or query in k.masked.lower() or k.id.startswith(query)]
+    keys = [k for k in config.keys if not query or query in k.name.lower() or query in k.masked.lower() or k.id.startswith(query.lstrip("#"))]
     accounts = await ledger.accounts([(k.id, k.billing) for k in keys])
     month = await reports.by_key_in_month(ledger, reports.this_month())
     today = await reports.by_key_on_day(ledger, reports.today())
@@ -250,7 +270,7 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
         row=key_row(config, key, account, month, today),
         totals={
             "requests": account.request_count,
-            "cost": money(account.total_cost_nanos),
+            "cost": account.total_cost_nanos,
             "window": when(key.billing.created_at) if key.billing.created_at else None,
         },
         month=_pair(month),
@@ -259,8 +279,8 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
         log=log_rows(log),
         next_before=log[-1]["ts"] if len(log) == reports.LOG_PAGE else None,
         grants=grant_rows(await reports.grant_history(ledger, key.id)),
-        limits=limit_rows(statements.limits_status(key, account, limiter, now), statements.quota_status(key, account)),
-        alerts=alert_rows(await recent_alerts(ledger, key.id)),
+        limits=limit_rows([use for use in [statements.quota_use(key, account)] if use] + statements.limit_uses(key, limiter, now)),
+        alerts=alert_rows(await recent_alerts(ledger, key.id), config),
         base_url=f"/admin/keys/{key.id}" if me.is_admin else "/usage",
         export_url=f"/admin/export/requests.csv?key={key.id}" if me.is_admin else "/usage/export/requests.csv",
         message=_flash(request),
@@ -349,6 +369,7 @@ routes = [
     Route("/admin/keys/{key_id}/add_count_credits", _action(COUNT_CREDITS), methods=["POST"]),
     Route("/admin/keys/{key_id}/billing_mode", _action("billing_mode"), methods=["POST"]),
     Route("/usage", usage_page, methods=["GET"]),
+    Route("/favicon.ico", favicon, methods=["GET"]),
     *web_export.routes,
     Mount("/static", StaticFiles(directory=WEB / "static"), name="static"),
 ]

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from typing import Any
 
 from core.config import ApiKey, Config
 from core.key_states import effective_mode
 from core.ledger import Account
 from core.ledger_sums import Totals
-from core.pricing import COUNT, TOKEN, from_nanos
+from core.money_format import count_text, usd_text
+from core.pricing import COUNT, TOKEN, to_nanos
 from core.reports import DayPoint
+from core.statements import LimitUse
 
-CENT_PLACES = Decimal("0.0001")
+SHORT_ID = 8
 MESSAGES = {
     "credits_added": "Credits added.",
     "count_credits_added": "Count credits added.",
@@ -32,17 +34,6 @@ MESSAGES = {
 }
 
 
-def money(nanos: int | None) -> str:
-    """`$1,234.5678`: four decimals, so the page agrees with the API to the cent and beyond."""
-    if nanos is None:
-        return "unlimited"
-    exact = from_nanos(nanos)
-    sign = "-" if exact < 0 else ""
-    if 0 < abs(exact) < CENT_PLACES:  # tiny token costs: show them whole rather than as $0.0000
-        return f"{sign}${format(abs(exact).normalize(), 'f')}"
-    return f"{sign}${abs(exact.quantize(CENT_PLACES, rounding=ROUND_HALF_UP)):,.4f}"
-
-
 def when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
 
@@ -53,17 +44,32 @@ def percent(part: int, whole: int) -> int:
     return max(0, min(100, round(part * 100 / whole)))
 
 
+WARN_USED_PCT = 75
+BAD_USED_PCT = 90
+
+
+def use_level(used_pct: int | None) -> str:
+    """A bar's colour from how much of the limit is used: ok below 75%, warn below 90%, then bad.
+    (Credit bars show what is left, limit bars what is used; both are coloured by use.)"""
+    if used_pct is None or used_pct < WARN_USED_PCT:
+        return "ok"
+    return "warn" if used_pct < BAD_USED_PCT else "bad"
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRow:
     id: str
     name: str
     masked: str
+    short_id: str  # tells apart keys whose masks look alike (short secrets show little)
     mode: str
     credits_text: str
     credits_pct: int | None
+    credits_level: str
     count_text: str
     count_pct: int | None
-    spend_month: str
+    count_level: str
+    spend_month: int  # nanos: the template formats it
     requests_today: int
     status: str
 
@@ -87,16 +93,21 @@ def key_row(config: Config, key: ApiKey, account: Account, month: tuple[int, int
     given = None if terms.credits_nanos is None else terms.credits_nanos + account.granted_nanos
     given_count = terms.count_credits + account.count_granted
     status = status_of(mode, remaining, remaining_count, key)
+    credits_pct = None if remaining is None or given is None else percent(remaining, given)
+    count_pct = percent(remaining_count, given_count) if given_count > 0 else None
     return KeyRow(
         id=key.id,
         name=key.name,
         masked=key.masked,
+        short_id=key.id[:SHORT_ID],
         mode=mode,
-        credits_text=money(remaining),
-        credits_pct=None if remaining is None or given is None else percent(remaining, given),
-        count_text=str(remaining_count),
-        count_pct=percent(remaining_count, given_count) if given_count > 0 else None,
-        spend_month=money(month[1]),
+        credits_text=usd_text(remaining),
+        credits_pct=credits_pct,
+        credits_level=use_level(None if credits_pct is None else 100 - credits_pct),
+        count_text=count_text(remaining_count),
+        count_pct=count_pct,
+        count_level=use_level(None if count_pct is None else 100 - count_pct),
+        spend_month=month[1],
         requests_today=today[0],
         status=status,
     )
@@ -137,7 +148,7 @@ def chart(points: list[DayPoint], width: int = 720, height: int = 160) -> dict[s
                 "y": height - bar_height,
                 "w": max(step - 2, 1),
                 "h": bar_height,
-                "label": f"{point.day}: {money(point.cost_nanos)}, {point.requests} requests",
+                "label": f"{point.day}: {usd_text(point.cost_nanos)}, {count_text(point.requests)} requests",
             }
         )
         line.append(f"{x + step / 2:.1f},{height - point.requests / top_requests * (height - 10):.1f}")
@@ -148,7 +159,7 @@ def chart(points: list[DayPoint], width: int = 720, height: int = 160) -> dict[s
         "line": " ".join(line),
         "first": points[0].day if points else "",
         "last": points[-1].day if points else "",
-        "max_cost": money(top_cost if any(p.cost_nanos for p in points) else 0),
+        "max_cost": usd_text(top_cost if any(p.cost_nanos for p in points) else 0),
         "max_requests": max((p.requests for p in points), default=0),
     }
 
@@ -163,7 +174,7 @@ def breakdown_rows(totals: dict[tuple[str, ...], Totals]) -> list[dict[str, Any]
             "prompt_tokens": t.prompt_tokens,
             "completion_tokens": t.completion_tokens,
             "cached_tokens": t.cached_tokens,
-            "cost": money(t.cost_nanos),
+            "cost": t.cost_nanos,
             "count_credits": t.count_charged,
         }
         for (_, model, cost_type), t in sorted(totals.items())
@@ -176,8 +187,9 @@ def log_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "time": when(row["ts"]),
             "model": row["model"],
             "provider": row["provider"] or "—",
-            "tokens": f"{row['prompt_tokens']} / {row['completion_tokens']}" + (f" ({row['cached_tokens']} cached)" if row["cached_tokens"] else ""),
-            "cost": money(row["cost_nanos"]) + (" · 1 credit" if row["count_charged"] else ""),
+            "tokens": f"{count_text(row['prompt_tokens'])} / {count_text(row['completion_tokens'])}"
+            + (f" ({count_text(row['cached_tokens'])} cached)" if row["cached_tokens"] else ""),
+            "cost": usd_text(row["cost_nanos"]) + (" · 1 credit" if row["count_charged"] else ""),
             "status": row["status"],
         }
         for row in rows
@@ -188,44 +200,36 @@ def grant_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
             "time": when(row["ts"]),
-            "amount": money(row["amount"]) if row["kind"] == "credits" else f"{row['amount']} count credits",
+            "amount": usd_text(row["amount"]) if row["kind"] == "credits" else f"{count_text(row['amount'])} count credits",
             "reason": row["reason"],
         }
         for row in rows
     ]
 
 
-def limit_rows(status: list[dict[str, Any]], quota: dict[str, Any] | None) -> list[dict[str, Any]]:
+def limit_rows(uses: list[LimitUse]) -> list[dict[str, Any]]:
     """The key's limits for the page: what, how much is used, and when it resets."""
     rows = []
-    if quota is not None:
-        unit = "$" if quota["type"] == "usd" else ""
+    for use in uses:
+        shown, pct = (usd_text if use.usd else count_text), percent(use.used, use.limit)
         rows.append(
-            {
-                "name": f"quota ({quota['type']})",
-                "used": f"{unit}{quota['used']}",
-                "limit": f"{unit}{quota['limit']}",
-                "pct": _pct(quota["used"], quota["limit"]),
-                "resets": "never",
-            }
-        )
-    for limit in status:
-        money_limit = limit["name"].endswith("cost_limit") or limit["name"] == "budget"
-        unit = "$" if money_limit else ""
-        label = {"rate_limit": f"requests {limit.get('rule', '')}", "token_rate_limit": f"tokens {limit.get('rule', '')}"}.get(
-            limit["name"], limit["name"].replace("_", " ")
-        )
-        if limit["name"] == "budget":
-            label = f"{limit['period']} budget"
-        resets = f"in {_duration(limit['reset_seconds'])}" if "reset_seconds" in limit else "when requests finish"
-        rows.append(
-            {"name": label, "used": f"{unit}{limit['used']}", "limit": f"{unit}{limit['limit']}", "pct": _pct(limit["used"], limit["limit"]), "resets": resets}
+            {"name": _limit_label(use), "used": shown(use.used), "limit": shown(use.limit), "pct": pct, "level": use_level(pct), "resets": _resets(use)}
         )
     return rows
 
 
-def _pct(used: float, limit: float) -> int:
-    return 0 if not limit else max(0, min(100, round(used * 100 / limit)))
+def _limit_label(use: LimitUse) -> str:
+    if use.name == "quota":
+        return f"quota ({'usd' if use.usd else 'tokens'})"
+    if use.name == "budget":
+        return f"{use.period} budget"
+    return {"rate_limit": f"requests {use.rule}", "token_rate_limit": f"tokens {use.rule}"}.get(use.name, use.name.replace("_", " "))
+
+
+def _resets(use: LimitUse) -> str:
+    if use.reset_seconds is not None:
+        return f"in {_duration(use.reset_seconds)}"
+    return "never" if use.name == "quota" else "when requests finish"
 
 
 def _duration(seconds: float) -> str:
@@ -240,14 +244,36 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m {secs}s" if minutes else f"{secs}s"
 
 
-def alert_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        {
-            "time": when(row["ts"]),
-            "key_name": row["key_name"],
-            "text": f"{row['metric']} crossed {round(row['threshold'] * 100)}% ({row['used']} of {row['limit_value']})",
-            "status": row["status"],
-            "delivery": f"{row['attempts']} attempt{'s' if row['attempts'] != 1 else ''}" + (f", last error {row['last_error']}" if row["last_error"] else ""),
-        }
-        for row in rows
-    ]
+def alert_rows(rows: list[dict[str, Any]], config: Config) -> list[dict[str, Any]]:
+    """Alerts for the page: amounts in the page's money format, delivery in plain words."""
+    out = []
+    for row in rows:
+        metric, _, period = row["metric"].partition(":")
+        shown = usd_text if _is_money(metric, config.keys_by_id.get(row["key_id"])) else count_text
+        amounts = f"{shown(_units(row['used'], shown))} of {shown(_units(row['limit_value'], shown))}"
+        what = metric.replace("_", " ") + (f" ({period})" if period else "")
+        out.append({"time": when(row["ts"]), "key_name": row["key_name"], "text": f"{what} crossed {round(row['threshold'] * 100)}% ({amounts})",
+                    "status": row["status"], "status_class": ALERT_STATUS_CLASSES.get(row["status"], ""), "delivery": _delivery(row)})  # fmt: skip
+    return out
+
+
+ALERT_STATUS_CLASSES = {"sent": "ok", "failed": "error", "pending": "estimated"}
+
+
+def _is_money(metric: str, key: ApiKey | None) -> bool:
+    """Credits and period budgets are USD; a quota is USD when the key's quota_type says so."""
+    if metric == "quota":
+        return key is not None and key.limits.quota_type == "usd"
+    return metric != "count_credits"
+
+
+def _units(recorded: str, shown: Any) -> int:
+    """An alert's amount as recorded (an exact decimal string) in the unit `shown` formats."""
+    return to_nanos(Decimal(recorded)) if shown is usd_text else int(Decimal(recorded))
+
+
+def _delivery(row: dict[str, Any]) -> str:
+    if row["status"] == "recorded":  # no webhook: nothing was to be delivered, nothing failed
+        return "(no webhook configured)"
+    attempts = row["attempts"]
+    return f"{attempts} attempt{'s' if attempts != 1 else ''}" + (f", last error {row['last_error']}" if row["last_error"] else "")

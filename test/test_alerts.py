@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 
@@ -120,6 +121,20 @@ def test_alerts_show_on_the_key_page(start_gateway, receiver):
     browser.login(ADMIN_KEY)
     page = browser.get(f"/admin/keys/{key_id(KEY)}").text
     assert "Alerts" in page and "credits crossed 50%" in page
+    assert "($0.06 of $0.10)" in page  # the page's money format, not the ledger's "0.06 of 0.1"
+
+
+def test_an_alert_without_webhook_reads_as_recorded(start_gateway):
+    from test.test_web import Browser
+
+    gateway = start_gateway(config("").replace(", webhook_url: ''", ""), clock=FakeClock(T0))
+    chat(gateway, 3)
+    assert events(gateway)[0][4] == "recorded"
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    alerts = browser.get("/admin").text.split("<h2>Alerts</h2>")[1].split("</table>")[0]
+    alerts = " ".join(re.sub(r"<[^>]+>", " ", alerts).split())  # the text a reader sees
+    assert "recorded (no webhook configured)" in alerts and "attempt" not in alerts
 
 
 def test_a_failed_delivery_is_logged_without_the_webhooks_secret_path(start_gateway, receiver, caplog):

@@ -33,13 +33,38 @@ def chromium_path() -> str:
 
 
 @pytest.fixture
-def browser_page():
+def browser():
     playwright = pytest.importorskip("playwright.sync_api")
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        yield page
-        browser.close()
+        chromium = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def browser_page(browser):
+    return browser.new_page(viewport={"width": 1280, "height": 900})
+
+
+def logged_in(browser, url: str, width: int, key: str = ADMIN_KEY):
+    """A page of `width` CSS pixels, logged in with `key` through the form."""
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    page.goto(f"{url}/login")
+    page.fill("#api_key", key)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/admin" if key == ADMIN_KEY else "**/usage")
+    return page
+
+
+def overflow(page, selector: str) -> int:
+    """How many pixels the element's content is wider than the element (0: it fits)."""
+    return page.evaluate(f"(() => {{ const e = document.querySelector({selector!r}); return e.scrollWidth - e.clientWidth; }})()")
+
+
+def lines(page, selector: str) -> int:
+    """How many lines of text the element takes."""
+    script = "const r = document.createRange(); r.selectNodeContents(document.querySelector(%r)); return new Set([...r.getClientRects()].map(x => Math.round(x.top))).size;"
+    return page.evaluate(f"(() => {{ {script % selector} }})()")
 
 
 def test_admin_adds_count_credits_in_the_browser(start_gateway, browser_page):
@@ -70,3 +95,47 @@ def test_admin_adds_count_credits_in_the_browser(start_gateway, browser_page):
     assert "5 count credits" in page.locator("text=Credit grants").locator("..").inner_text()
     page.screenshot(path=str(SCREENSHOTS / "key-detail.png"), full_page=True)
     assert (SCREENSHOTS / "billing-tab.png").stat().st_size > 10_000
+
+
+def test_audit_log_fits_its_card_at_laptop_width(start_gateway, browser):
+    gateway = start_gateway(CONFIG)
+    gateway.http("POST", "/v1/add_credits", key=ADMIN_KEY, params={"paid_key": COUNT_KEY, "amount": "4.99", "reason": "a long reason " * 3})
+    page = logged_in(browser, gateway.url, 1366)
+    page.goto(f"{gateway.url}/admin/audit")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "audit-1366.png"), full_page=True)
+    assert overflow(page, "html") == 0
+    assert page.evaluate(
+        "document.querySelector('table.audit').getBoundingClientRect().right <= document.querySelector('table.audit').closest('.card').getBoundingClientRect().right"
+    )
+    assert lines(page, "table.audit td.time") == 1
+
+
+def test_key_page_fits_a_phone_screen(start_gateway, browser):
+    limits = (
+        "count_credits: 10, quota: 2000000, rate_limit: '60/min,1000/day', token_rate_limit: 100000/min, concurrency_limit: 5, daily_cost_limit: 5, budget: 100"
+    )
+    gateway = start_gateway(CONFIG.replace("count_credits: 10", limits))
+    gateway.client(COUNT_KEY).chat.completions.create(model="echo-1", messages=[{"role": "user", "content": "hi"}])
+    page = logged_in(browser, gateway.url, 390)
+    page.goto(f"{gateway.url}/admin/keys/{key_id(COUNT_KEY)}")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "key-detail-390.png"), full_page=True)
+    assert overflow(page, "html") == 0
+    limits_table = page.locator("section.card", has=page.locator("h2", has_text="Limits")).locator("table")
+    box, card = limits_table.bounding_box(), page.locator("section.card", has=page.locator("h2", has_text="Limits")).bounding_box()
+    assert box["x"] >= card["x"] and box["x"] + box["width"] <= card["x"] + card["width"], (box, card)
+    assert limits_table.evaluate("t => t.scrollWidth <= t.clientWidth")
+    assert page.locator("text=$100.00").first.is_visible()
+
+
+def test_opening_manage_leaves_the_billing_columns_in_place(start_gateway, browser):
+    gateway = start_gateway(CONFIG)
+    page = logged_in(browser, gateway.url, 1366)
+    page.goto(f"{gateway.url}/admin/keys")
+    widths = "[...document.querySelectorAll('table.keys th, table.keys td')].map(cell => Math.round(cell.getBoundingClientRect().width))"
+    closed = page.evaluate(widths)
+    page.locator(f'tr[data-key="{key_id(COUNT_KEY)}"] summary').click()
+    assert page.locator(f'tr[data-key="{key_id(COUNT_KEY)}"] input[aria-label="Count credits to add"]').is_visible()
+    assert page.evaluate(widths) == closed
+    assert overflow(page, "html") == 0

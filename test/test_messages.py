@@ -322,7 +322,7 @@ def test_every_part_of_a_messages_request_counts_toward_the_reservation(start_ga
     gateway = start_gateway(ECHO)
     small = {"model": "echo-1", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
     response = gateway.http("POST", "/v1/messages", json={**small, **part})
-    assert response.status_code == 402 and response.json()["error"]["type"] == "insufficient_quota"
+    assert response.status_code == 402 and response.json()["error"]["type"] == "billing_error"
     assert gateway.http("POST", "/v1/messages", json=small).status_code == 200
 
 

@@ -12,6 +12,8 @@ from decimal import Decimal
 import httpx
 import pytest
 
+from core.keys import mask_key
+from core.money_format import usd_text
 from test.conftest import ADMIN_KEY
 
 USER_KEY = "sk-web-user-0001"
@@ -171,10 +173,10 @@ def test_page_numbers_agree_with_the_api(web):
     page = browser.get("/admin/keys").text
     remaining = Decimal(str(states(gateway)[USER_KEY]["remaining_credits"]))
     row = page[page.index(f'data-key="{key_id(USER_KEY)}"') :].split("</tr>")[0]
-    assert f"${remaining:,.4f}" in row
+    assert usd_text(int(remaining * 10**9)) in row
     detail = browser.get(f"/admin/keys/{key_id(USER_KEY)}").text
     total = Decimal(str(states(gateway)[USER_KEY]["total_cost"]))
-    assert f"3 · ${total:,.4f}" in detail
+    assert f"3 · {usd_text(int(total * 10**9))}" in detail
 
 
 def test_add_credits_form_changes_the_ledger_once(web):
@@ -192,7 +194,7 @@ def test_add_credits_form_changes_the_ledger_once(web):
     assert again.headers["location"] == f"{page_path}?done=already_applied"
     assert states(gateway)[USER_KEY]["remaining_credits"] == 12.5
     shown = browser.get(first.headers["location"]).text
-    assert "Credits added." in shown and "$12.5000" in shown and "web top-up" in shown
+    assert "Credits added." in shown and "$12.50" in shown and "web top-up" in shown
 
 
 def test_add_count_credits_and_set_mode_forms(web):
@@ -334,3 +336,148 @@ def test_allowed_clients_limits_api_calls_not_the_holders_own_pages(start_gatewa
     refused = gateway.http("GET", "/v1/models", key=USER_KEY, headers={"User-Agent": "Mozilla/5.0"})
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "client_not_allowed"
     assert gateway.http("GET", "/v1/models", key=USER_KEY, headers={"User-Agent": "my-app/1.0"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("nanos", "shown"),
+    [
+        (None, "unlimited"),
+        (0, "$0.00"),
+        (5_000_000_000, "$5.00"),
+        (12_500_000_000, "$12.50"),
+        (4_003_108_500, "$4.0031"),
+        (14_999_944_500, "$14.9999"),
+        (14_999_950_000, "$15.00"),
+        (1_234_567_890_000, "$1,234.5679"),
+        (10_000_000, "$0.01"),
+        (2_000_000, "$0.002"),
+        (200_000, "$0.0002"),
+        (36_500, "$0.0000365"),
+        (17, "<$0.0000001"),
+        (-2_000_000_000, "-$2.00"),
+        (-1_500_000_000_000, "-$1,500.00"),
+    ],
+)
+def test_money_filter_formats_usd_one_way(nanos, shown):
+    from routes.web import templates
+
+    assert templates.filters["money"](nanos) == shown
+
+
+def test_number_filter_separates_thousands():
+    from routes.web import templates
+
+    assert [templates.filters["number"](n) for n in (0, 999, 1000, 2_000_000)] == ["0", "999", "1,000", "2,000,000"]
+
+
+def test_pages_show_money_and_counts_in_one_format(start_gateway):
+    config = CONFIG.replace("count_credits: 10}", "count_credits: 10, quota: 2000000, daily_cost_limit: 5}")
+    gateway = start_gateway(config)
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    row = browser.get("/admin/keys").text.split(f'data-key="{key_id(USER_KEY)}"')[1].split("</tr>")[0]
+    assert "$10.00" in row and "$10.0000" not in row
+    detail = browser.get(f"/admin/keys/{key_id(COUNT_KEY)}").text
+    limits = detail.split("<h2>Limits</h2>")[1].split("</table>")[0]
+    assert "2,000,000" in limits and "$5.00" in limits and "$5.0<" not in limits and "$0.00<" in limits
+
+
+def page_text(html: str) -> str:
+    """The text a reader sees: tags dropped, whitespace collapsed."""
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+
+def test_audit_log_shows_each_change_in_words(web):
+    gateway, browser = web
+    chat(gateway, USER_KEY, 1)
+    remaining = Decimal(str(states(gateway)[USER_KEY]["remaining_credits"]))
+    assert gateway.http("POST", "/v1/add_credits", key=ADMIN_KEY, params={"paid_key": USER_KEY, "amount": "5", "reason": "invoice 7"}).status_code == 200
+    assert gateway.http("POST", "/v1/add_count_credits", key=ADMIN_KEY, params={"paid_key": COUNT_KEY, "amount": "1500"}).status_code == 200
+    assert gateway.http("POST", "/v1/set_billing_mode", key=ADMIN_KEY, params={"paid_key": COUNT_KEY, "billing_mode": "hybrid"}).status_code == 200
+    browser.login(ADMIN_KEY)
+    rows = [page_text(row) for row in browser.get("/admin/audit").text.split("<tbody>")[1].split("</tr>")[:-1]]
+    login, mode, count, credits = rows
+    nanos = int(remaining * 10**9)
+    assert f"credits {usd_text(nanos)} → {usd_text(nanos + 5 * 10**9)}" in credits and "+$5.00" in credits and "invoice 7" in credits
+    assert "count credits 10 → 1,510" in count and "+1,500" in count
+    assert "billing mode count → hybrid" in mode
+    assert "login" in login and "{" not in " ".join(rows) and "&#34;" not in " ".join(rows)
+
+
+def test_pages_tell_apart_keys_whose_secrets_look_alike(start_gateway):
+    twins = ("sk-team-one-change-me", "sk-team-two-change-me")
+    extra = "".join(f"  - api: {secret}\n    name: team\n" for secret in twins)
+    gateway = start_gateway(CONFIG.replace("preferences:\n  model_price", extra + "preferences:\n  model_price", 1))
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    page = browser.get("/admin/keys?q=team").text
+    cells = [page_text(cell) for cell in re.findall(r'<td data-label="Key">(.*?)</td>', page, re.S)]
+    assert len(cells) == 2 and cells[0] != cells[1], cells
+    for secret in twins:
+        detail = page_text(browser.get(f"/admin/keys/{key_id(secret)}").text)
+        assert key_id(secret)[:8] in detail
+    for secret in (*twins, "sk-us-0123456789abcdef0123456789abcdef"):
+        shown = mask_key(secret).replace("…", "")
+        assert secret.startswith(shown[: len(shown) // 2]) and len(shown) <= len(secret) // 3, (secret, shown)
+    assert mask_key("sk-us-0123456789abcdef0123456789abcdef") == "sk-us…cdef"
+
+
+def bar_class(html: str) -> str:
+    return re.search(r'<rect class="fill ([a-z]*)', html).group(1)
+
+
+def test_bars_turn_amber_then_red_as_use_nears_the_limit(start_gateway):
+    # one request costs $0.02 at these prices and is one of 50 a minute (2%)
+    config = CONFIG.replace("credits: 3}", "credits: 0.021}").replace("count_credits: 10}", "count_credits: 10, rate_limit: 50/min}")
+    gateway = start_gateway(config + "  reserve_completion_tokens: 5\n")
+    chat(gateway, OTHER_KEY, 1)  # 95% of its credits used
+    chat(gateway, COUNT_KEY, 2)  # 20% of its count credits, 4% of its rate limit
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    tab = browser.get("/admin/keys").text
+    row = lambda secret: tab.split(f'data-key="{key_id(secret)}"')[1].split("</tr>")[0]  # noqa: E731
+    assert bar_class(row(USER_KEY).split('class="credits"')[1]) == "ok"
+    assert bar_class(row(OTHER_KEY).split('class="credits"')[1]) == "bad"
+    assert bar_class(row(COUNT_KEY).split('class="count"')[1]) == "ok"
+    limits = browser.get(f"/admin/keys/{key_id(COUNT_KEY)}").text.split("<h2>Limits</h2>")[1].split("</table>")[0]
+    assert "4%" in limits and bar_class(limits) == "ok"
+    chat(gateway, COUNT_KEY, 6)  # 80% of its count credits
+    assert bar_class(browser.get("/admin/keys").text.split(f'data-key="{key_id(COUNT_KEY)}"')[1].split('class="count"')[1]) == "warn"
+
+
+def test_every_admin_page_shows_the_config_error_banner(web):
+    gateway, browser = web
+    browser.login(ADMIN_KEY)
+    pages = ["/admin", "/admin/keys", f"/admin/keys/{key_id(USER_KEY)}", "/admin/audit"]
+    assert not any("failed to reload" in browser.get(path).text for path in pages)
+    gateway.rewrite_config(CONFIG + "bogus: 1\n")
+    for path in pages:
+        assert "api.yaml failed to reload" in browser.get(path).text, path
+    user = Browser(gateway.url)
+    user.login(USER_KEY)
+    assert "failed to reload" not in user.get("/usage").text  # the config is the operator's business
+
+
+def test_not_found_page_offers_a_way_back(web):
+    gateway, browser = web
+    anonymous = Browser(gateway.url).get("/no-such-page")
+    assert anonymous.status_code == 404 and 'href="/login"' in anonymous.text
+    browser.login(ADMIN_KEY)
+    for path in ("/no-such-page", "/admin/keys/0000"):
+        page = browser.get(path)
+        assert page.status_code == 404, path
+        for link in ("/admin", "/admin/keys", "/admin/audit"):
+            assert f'href="{link}"' in page.text, (path, link)
+    user = Browser(gateway.url)
+    user.login(USER_KEY)
+    assert 'href="/usage"' in user.get("/no-such-page").text
+
+
+def test_pages_have_a_local_favicon(web):
+    _, browser = web
+    page = browser.get("/login").text
+    href = re.search(r'<link rel="icon" href="([^"]+)"', page).group(1)
+    assert href.startswith("/static/")
+    for path in (href, "/favicon.ico"):  # browsers also ask for /favicon.ico on their own
+        icon = browser.get(path)
+        assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml") and "<svg" in icon.text, path
