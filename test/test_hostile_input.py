@@ -226,3 +226,34 @@ def test_an_odd_page_number_on_the_admin_pages_shows_the_first_page(start_gatewa
     for page in ("²", "9" * 30):
         response = browser.get("/admin/keys", params={"page": page})
         assert response.status_code == 200, response.text
+
+
+# --- A session cookie or CSRF token we never issued is not logged in, whatever its characters -------
+
+
+@pytest.mark.parametrize("cookie", ["abc.é", "é.é"])
+def test_a_non_ascii_session_cookie_is_not_logged_in(start_gateway, cookie):
+    gateway = start_gateway(CONFIG)
+    response = httpx.get(f"{gateway.url}/admin", headers={"Cookie": f"tollgate_session={cookie}".encode()}, follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/login"
+
+
+def test_a_non_ascii_login_csrf_token_is_refused_with_403(start_gateway):
+    gateway = start_gateway(CONFIG)
+    response = httpx.post(
+        f"{gateway.url}/login", data={"csrf_token": "é", "api_key": ADMIN_KEY}, headers={"Cookie": "tollgate_login_csrf=abc"}, follow_redirects=False
+    )
+    assert response.status_code == 403
+    response = httpx.post(
+        f"{gateway.url}/login", data={"csrf_token": "abc", "api_key": ADMIN_KEY}, headers={"Cookie": "tollgate_login_csrf=é".encode()}, follow_redirects=False
+    )
+    assert response.status_code == 403
+
+
+def test_a_non_ascii_csrf_token_on_a_logged_in_form_is_refused_with_403(start_gateway):
+    from test.test_web import Browser
+
+    gateway = start_gateway(CONFIG)
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    assert browser.http.post("/logout", data={"csrf_token": "é"}).status_code == 403
