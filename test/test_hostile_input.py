@@ -257,3 +257,36 @@ def test_a_non_ascii_csrf_token_on_a_logged_in_form_is_refused_with_403(start_ga
     browser = Browser(gateway.url)
     browser.login(ADMIN_KEY)
     assert browser.http.post("/logout", data={"csrf_token": "é"}).status_code == 403
+
+
+# --- Top-up amounts are plain ASCII decimals, on the API and the page form alike --------------------
+
+
+@pytest.mark.parametrize("amount", ["1_000", "５", "٥", "1e3", "+5", "5 5", "0x10", "1,000"])
+@pytest.mark.parametrize("path", ["/v1/add_credits", "/v1/add_count_credits"])
+def test_top_up_amounts_must_be_plain_ascii_decimals(start_gateway, amount, path):
+    gateway = start_gateway(CONFIG)
+    response = gateway.http("POST", path, key=ADMIN_KEY, params={"paid_key": USER_KEY, "amount": amount})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_amount"
+    with sqlite3.connect(gateway.config_path.parent / "data" / "tollgate.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM grants").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(("amount", "usd"), [("5", 10), (" 2.5 ", 7.5), ("0.5", 5.5), (".5", 5.5), ("3.", 8)])
+def test_plain_decimal_top_ups_still_work(start_gateway, amount, usd):
+    gateway = start_gateway(CONFIG)
+    response = gateway.http("POST", "/v1/add_credits", key=ADMIN_KEY, params={"paid_key": USER_KEY, "amount": amount})
+    assert response.status_code == 200, response.text
+    assert response.json()["api_key_state"]["remaining_credits"] == usd
+
+
+def test_the_top_up_form_refuses_unicode_digits_too(start_gateway):
+    from test.test_web import Browser, key_id
+
+    gateway = start_gateway(CONFIG)
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    page = f"/admin/keys/{key_id(USER_KEY)}"
+    response = browser.submit(page, f"/admin/keys/{key_id(USER_KEY)}/add_credits", amount="٥", idempotency_key="once")
+    assert response.status_code == 303 and "error=invalid_amount" in response.headers["location"]
