@@ -290,3 +290,48 @@ def test_the_top_up_form_refuses_unicode_digits_too(start_gateway):
     page = f"/admin/keys/{key_id(USER_KEY)}"
     response = browser.submit(page, f"/admin/keys/{key_id(USER_KEY)}/add_credits", amount="٥", idempotency_key="once")
     assert response.status_code == 303 and "error=invalid_amount" in response.headers["location"]
+
+
+# --- Calendar edges: a month or day range the code cannot represent is a 400 or an empty answer -----
+
+
+TOKYO = CONFIG.replace("credits: 5}", "credits: 5, timezone: Asia/Tokyo}")
+
+
+@pytest.mark.parametrize("path", ["/v1/billing/usage/9999/12", "/v1/billing/bill/9999/12", "/v1/billing/usage/1/1", "/v1/billing/bill/1/1",
+                                  "/v1/billing/usage/1969/12", "/v1/billing/usage/2025/١٢", "/v1/billing/bill/٢٠٢٥/12"])  # fmt: skip
+def test_calendar_months_outside_the_supported_years_get_a_400(start_gateway, path):
+    """December 9999 ends past datetime's range, and January of year 1 east of UTC starts
+    before it: years 1970-9998 (no usage predates the epoch), in ASCII digits."""
+    gateway = start_gateway(TOKYO)
+    response = gateway.http("GET", path)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_month"
+
+
+@pytest.mark.parametrize("path", ["/v1/billing/usage/1970/01", "/v1/billing/bill/1970/1", "/v1/billing/usage/9998/12", "/v1/billing/bill/9998/12"])
+def test_calendar_months_at_the_ends_of_the_supported_years_are_served(start_gateway, path):
+    gateway = start_gateway(TOKYO)
+    response = gateway.http("GET", path)
+    assert response.status_code == 200, response.text
+    assert response.json()["line_items"] == []
+
+
+@pytest.mark.parametrize("params", [{"end_date": "0001-01-01"}, {"end_date": "0001-03-01"}, {"start_date": "9999-12-30", "end_date": "9999-12-31"}])
+def test_legacy_usage_at_the_calendar_edges_is_empty_not_an_overflow(start_gateway, params):
+    gateway = start_gateway(CONFIG)
+    response = gateway.http("GET", "/dashboard/billing/usage", params=params)
+    assert response.status_code == 200, response.text
+    assert response.json()["total_usage"] == 0
+
+
+@pytest.mark.parametrize("params", [{"end": "0001-01-01"}, {"end": "0001-01-05", "start": "0001-01-01"}, {"end": "9999-12-31"}])
+def test_csv_export_at_the_calendar_edges_is_empty_not_an_overflow(start_gateway, params):
+    from test.test_web import Browser
+
+    gateway = start_gateway(CONFIG)
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    response = browser.get("/admin/export/requests.csv", params=params)
+    assert response.status_code == 200, response.text
+    assert response.text.splitlines()[1:] == []
