@@ -12,6 +12,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from starlette.responses import JSONResponse
 
 from test.conftest import ADMIN_KEY, USER_KEY
 
@@ -335,3 +336,107 @@ def test_csv_export_at_the_calendar_edges_is_empty_not_an_overflow(start_gateway
     response = browser.get("/admin/export/requests.csv", params=params)
     assert response.status_code == 200, response.text
     assert response.text.splitlines()[1:] == []
+
+
+# --- JSON nested deeper than the serialisers take, in the body or inside its strings ----------------
+
+
+PROVIDERS = f"""
+providers:
+  - provider: echo
+    engine: echo
+    model: [echo-1]
+  - provider: p1
+    base_url: {{fake:p1}}
+    engine: openai
+    api: k1
+    model: [gpt-x]
+  - provider: p2
+    base_url: {{fake:p2}}
+    engine: anthropic
+    api: k2
+    model: [claude-x]
+  - provider: p3
+    base_url: {{fake:p3}}
+    engine: gemini
+    api: k3
+    model: [gemini-x]
+api_keys:
+  - api: {ADMIN_KEY}
+    role: admin
+  - api: {USER_KEY}
+    name: alice
+    preferences: {{billing_mode: token, credits: 5}}
+preferences:
+  model_price: {{default: '1,2'}}
+"""
+HI = [{"role": "user", "content": "hi"}]
+
+
+async def anthropic_reply(body: dict[str, Any], request: Any) -> Any:
+    from test.test_anthropic import MESSAGE
+
+    return JSONResponse(MESSAGE)
+
+
+async def gemini_reply(body: dict[str, Any], request: Any) -> Any:
+    from test.test_gemini import RESPONSE
+
+    return JSONResponse(RESPONSE)
+
+
+def _deep(levels: int) -> Any:
+    value: Any = "bottom"
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+@pytest.mark.parametrize("model", ["echo-1", "claude-x", "gemini-x", "gpt-x"])
+def test_json_deeper_than_the_serialisers_take_gets_a_400(start_gateway, upstream, path, model):
+    """orjson reads 1,024 levels but writes 254, and str() of deep values overflows: the body
+    is capped once, at parse."""
+    gateway = start_gateway(PROVIDERS, upstream)
+    body = {"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": "hi", "name": _deep(300)}], "metadata": _deep(300)}
+    response = gateway.http("POST", path, json=body)
+    assert response.status_code == 400, response.text
+    if path == "/v1/chat/completions":
+        assert response.json()["error"]["code"] == "too_deeply_nested"
+    assert upstream.seen == [] and _usage_rows(gateway) == 0
+
+
+def test_json_nested_within_the_cap_is_served(start_gateway, upstream):
+    gateway = start_gateway(PROVIDERS, upstream)
+    body = {"model": "gpt-x", "messages": HI, "metadata": _deep(100)}
+    assert gateway.http("POST", "/v1/chat/completions", json=body).status_code == 200
+
+
+@pytest.mark.parametrize("levels", [500, 2000])
+@pytest.mark.parametrize("model", ["claude-x", "gemini-x"])
+def test_tool_call_arguments_nested_too_deep_are_not_json_the_gateway_carries(start_gateway, upstream, model, levels):
+    """The arguments are JSON inside a string, out of the body's nesting cap: past it they
+    are treated like arguments that are not JSON at all (an empty object), not a crash."""
+    gateway = start_gateway(PROVIDERS, upstream)
+    upstream.script("p2", anthropic_reply)
+    upstream.script("p3", gemini_reply)
+    arguments = "[" * levels + "]" * levels
+    message = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}]}
+    response = gateway.http("POST", "/v1/chat/completions", json={"model": model, "messages": [*HI, message]})
+    assert response.status_code == 200, response.text
+    sent = upstream.seen[0].body
+    if model == "claude-x":
+        assert sent["messages"][1]["content"][0]["input"] == {}
+    else:
+        assert sent["contents"][1]["parts"][0]["functionCall"]["args"] == {}
+
+
+def test_a_gemini_tool_result_nested_too_deep_is_sent_as_text(start_gateway, upstream):
+    gateway = start_gateway(PROVIDERS, upstream)
+    upstream.script("p3", gemini_reply)
+    call = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    text = '{"a": ' + "[" * 2000 + "]" * 2000 + "}"
+    result = {"role": "tool", "tool_call_id": "c1", "content": text}
+    response = gateway.http("POST", "/v1/chat/completions", json={"model": "gemini-x", "messages": [*HI, call, result]})
+    assert response.status_code == 200, response.text
+    assert upstream.seen[0].body["contents"][2]["parts"][0]["functionResponse"]["response"] == {"content": text}
