@@ -8,23 +8,25 @@ from typing import Any
 class GatewayError(Exception):
     """An error a client should see: HTTP status plus OpenAI's `{"error": {...}}` body.
 
-    `code` is a stable string clients can match on; `message` is for humans.
+    `code` is a stable string clients can match on; `message` is for humans; `param` names
+    the request parameter at fault, when there is one (as OpenAI's errors do).
     """
 
-    def __init__(self, status: int, type_: str, code: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, type_: str, code: str, message: str, headers: dict[str, str] | None = None, param: str | None = None):
         super().__init__(message)
         self.status = status
         self.type = type_
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.param = param
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": None}}
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
 
 
-def bad_request(message: str, code: str = "invalid_request") -> GatewayError:
-    return GatewayError(400, "invalid_request_error", code, message)
+def bad_request(message: str, code: str = "invalid_request", param: str | None = None) -> GatewayError:
+    return GatewayError(400, "invalid_request_error", code, message, param=param)
 
 
 def unauthorized(message: str = "Invalid or missing API key.") -> GatewayError:

@@ -104,7 +104,7 @@ def test_pathological_bodies_get_a_clear_4xx(start_gateway, body):
 
 def test_a_huge_max_tokens_is_refused_for_lack_of_credit_not_by_a_crash(start_gateway):
     gateway = start_gateway(CONFIG)
-    body = {"model": "echo-1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**18}
+    body = {"model": "echo-1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2**31 - 1}  # the largest accepted
     response = gateway.http("POST", "/v1/chat/completions", json=body)
     _assert_well_formed(response)
     assert response.status_code == 402 and _usage_rows(gateway) == 0
@@ -440,3 +440,52 @@ def test_a_gemini_tool_result_nested_too_deep_is_sent_as_text(start_gateway, ups
     response = gateway.http("POST", "/v1/chat/completions", json={"model": "gemini-x", "messages": [*HI, call, result]})
     assert response.status_code == 200, response.text
     assert upstream.seen[0].body["contents"][2]["parts"][0]["functionResponse"]["response"] == {"content": text}
+
+
+# --- max_tokens: a positive 32-bit whole number, as OpenAI requires ---------------------------------
+
+
+def _refused(gateway: Any, upstream: Any, path: str, body: dict[str, Any], code: str) -> dict[str, Any]:
+    """POST `body` (OpenAI's format); assert a 400 with `code`, nothing sent upstream, nothing billed."""
+    response = gateway.http("POST", path, json=body)
+    assert response.status_code == 400, response.text
+    error: dict[str, Any] = response.json()["error"]
+    assert error["code"] == code and error["type"] == "invalid_request_error"
+    assert upstream.seen == [] and _usage_rows(gateway) == 0
+    return error
+
+
+BAD_MAX_TOKENS = [1.5, -1, 0, "5", True, 1e308, 10**30, 2**31]
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize("value", BAD_MAX_TOKENS, ids=[repr(v)[:12] for v in BAD_MAX_TOKENS])
+def test_a_max_tokens_that_is_not_a_positive_32_bit_integer_gets_a_400(start_gateway, upstream, field, value):
+    gateway = start_gateway(PROVIDERS, upstream)
+    error = _refused(gateway, upstream, "/v1/chat/completions", {"model": "gpt-x", "messages": HI, field: value}, "invalid_max_tokens")
+    assert error["param"] == field
+
+
+@pytest.mark.parametrize("value", BAD_MAX_TOKENS, ids=[repr(v)[:12] for v in BAD_MAX_TOKENS])
+def test_a_bad_max_tokens_on_messages_gets_anthropics_400(start_gateway, upstream, value):
+    gateway = start_gateway(PROVIDERS, upstream)
+    response = gateway.http("POST", "/v1/messages", json={"model": "claude-x", "max_tokens": value, "messages": HI})
+    assert response.status_code == 400, response.text
+    assert response.json()["type"] == "error" and response.json()["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in response.json()["error"]["message"]
+    assert upstream.seen == [] and _usage_rows(gateway) == 0
+
+
+def test_a_31_digit_max_tokens_on_completions_gets_a_400(start_gateway, upstream):
+    gateway = start_gateway(PROVIDERS, upstream)
+    response = gateway.http("POST", "/v1/completions", content=b'{"model": "echo-1", "prompt": "hi", "max_tokens": ' + b"9" * 31 + b"}")
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_max_tokens"
+
+
+def test_the_largest_max_tokens_is_accepted(start_gateway, upstream):
+    gateway = start_gateway(PROVIDERS, upstream)
+    gateway.http("POST", "/v1/add_credits", key=ADMIN_KEY, params={"paid_key": USER_KEY, "amount": "10000"})
+    response = gateway.http("POST", "/v1/chat/completions", json={"model": "gpt-x", "messages": HI, "max_tokens": 2**31 - 1})
+    assert response.status_code == 200, response.text
+    assert upstream.seen[0].body["max_tokens"] == 2**31 - 1
