@@ -489,3 +489,159 @@ def test_the_largest_max_tokens_is_accepted(start_gateway, upstream):
     response = gateway.http("POST", "/v1/chat/completions", json={"model": "gpt-x", "messages": HI, "max_tokens": 2**31 - 1})
     assert response.status_code == 200, response.text
     assert upstream.seen[0].body["max_tokens"] == 2**31 - 1
+
+
+# --- The parts of a request the translators read have the shape they expect -------------------------
+
+
+@pytest.mark.parametrize("options", ["yes", True, [{"include_usage": True}], 1])
+def test_stream_options_that_is_not_an_object_gets_a_400(start_gateway, upstream, options):
+    gateway = start_gateway(PROVIDERS, upstream)
+    body = {"model": "gpt-x", "messages": HI, "stream": True, "stream_options": options}
+    error = _refused(gateway, upstream, "/v1/chat/completions", body, "invalid_stream_options")
+    assert error["param"] == "stream_options"
+
+
+@pytest.mark.parametrize("prompt", [5, True, {"text": "hi"}])
+def test_a_completion_prompt_that_is_not_text_or_a_list_gets_a_400(start_gateway, upstream, prompt):
+    gateway = start_gateway(PROVIDERS, upstream)
+    error = _refused(gateway, upstream, "/v1/completions", {"model": "echo-1", "prompt": prompt}, "invalid_prompt")
+    assert error["param"] == "prompt"
+
+
+@pytest.mark.parametrize("model", ["claude-x", "gemini-x"])
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ({"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": "get_weather"}]}, "messages[0].tool_calls[0].function"),
+        ({"role": "assistant", "content": None, "tool_calls": 7}, "messages[0].tool_calls"),
+        ({"role": "user", "content": [{"type": "image_url", "image_url": "https://example.com/a.png"}]}, "messages[0].content[0].image_url"),
+        ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}, "messages[0].content[0].image_url.url"),
+        ({"role": "system", "content": [{"type": "text", "text": 5}]}, "messages[0].content[0].text"),
+    ],
+    ids=["function-string", "tool-calls-number", "image-url-string", "image-url-number", "text-number"],
+)  # fmt: skip
+def test_chat_parts_the_translators_read_are_checked(start_gateway, upstream, model, message, param):
+    gateway = start_gateway(PROVIDERS, upstream)
+    error = _refused(gateway, upstream, "/v1/chat/completions", {"model": model, "messages": [message]}, "invalid_content")
+    assert error["param"] == param
+
+
+@pytest.mark.parametrize("model", ["claude-x", "gemini-x"])
+def test_chat_tools_that_are_not_a_list_get_a_400(start_gateway, upstream, model):
+    gateway = start_gateway(PROVIDERS, upstream)
+    error = _refused(gateway, upstream, "/v1/chat/completions", {"model": model, "messages": HI, "tools": 3}, "invalid_tools")
+    assert error["param"] == "tools"
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"type": "image", "source": "https://example.com/a.png"},
+        {"type": "image", "source": {"type": "url", "url": 5}},
+        {"type": "tool_result", "tool_use_id": "t1", "content": 5},
+        {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": 5}]},
+        {"type": "text", "text": 5},
+    ],
+    ids=["source-string", "source-url-number", "tool-result-number", "tool-result-text-number", "text-number"],
+)
+def test_messages_blocks_the_translator_reads_are_checked(start_gateway, upstream, block):
+    gateway = start_gateway(PROVIDERS, upstream)
+    body = {"model": "echo-1", "max_tokens": 10, "messages": [{"role": "user", "content": [block]}]}
+    response = gateway.http("POST", "/v1/messages", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json() == {"type": "error", "error": {"type": "invalid_request_error", "message": response.json()["error"]["message"]}}
+    assert _usage_rows(gateway) == 0
+
+
+@pytest.mark.parametrize("field", [{"system": [{"type": "text", "text": 5}]}, {"tools": 5}], ids=["system-text-number", "tools-number"])
+def test_messages_system_and_tools_are_checked(start_gateway, upstream, field):
+    gateway = start_gateway(PROVIDERS, upstream)
+    body = {"model": "echo-1", "max_tokens": 10, "messages": HI, **field}
+    response = gateway.http("POST", "/v1/messages", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def _scripted_vendors(upstream: Any) -> None:
+    upstream.script("p2", anthropic_reply)
+    upstream.script("p3", gemini_reply)
+
+
+text_parts = st.lists(st.fixed_dictionaries({"type": st.just("text")}, optional={"text": json_values}), max_size=2)
+chat_parts = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image_url"]) | json_values},
+    optional={"text": json_values, "image_url": st.fixed_dictionaries({}, optional={"url": st.sampled_from(["data:image/png;base64,QUJD", "https://x/a.png"]) | json_values}) | json_values},
+)  # fmt: skip
+tool_calls = st.lists(
+    st.fixed_dictionaries({"id": json_values, "type": st.just("function")},
+                          optional={"function": st.fixed_dictionaries({}, optional={"name": json_values, "arguments": st.sampled_from(["{}", '{"a": 1}', "[", '"\\ud800"']) | json_values}) | json_values}),
+    max_size=2,
+) | json_values  # fmt: skip
+chat_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool"]) | json_values},
+    optional={"content": st.lists(chat_parts, max_size=3) | json_values, "tool_calls": tool_calls, "tool_call_id": json_values, "name": json_values},
+)
+translated_chat = st.fixed_dictionaries(
+    {"model": st.sampled_from(["claude-x", "gemini-x", "gpt-x", "echo-1"]), "messages": st.lists(chat_message, max_size=3)},
+    optional={"stream": st.booleans(), "stream_options": json_values, "max_tokens": json_values, "max_completion_tokens": json_values,
+              "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.just("f")}, optional={"parameters": json_values})}), max_size=2) | json_values,
+              "tool_choice": json_values, "stop": json_values},
+)  # fmt: skip
+blocks = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image", "tool_use", "tool_result"]) | json_values},
+    optional={"text": json_values, "input": json_values, "tool_use_id": json_values, "name": json_values, "id": json_values,
+              "source": st.fixed_dictionaries({"type": st.sampled_from(["base64", "url"])}, optional={"url": json_values, "data": json_values, "media_type": json_values}) | json_values,
+              "content": text_parts | json_values},
+)  # fmt: skip
+messages_request = st.fixed_dictionaries(
+    {"model": st.sampled_from(["claude-x", "gemini-x", "gpt-x", "echo-1"]),
+     "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]) | json_values}, optional={"content": st.lists(blocks, max_size=3) | json_values}), max_size=3)},
+    optional={"max_tokens": st.integers(min_value=1, max_value=100) | json_values, "system": text_parts | json_values, "stream": st.booleans(),
+              "tools": st.lists(st.fixed_dictionaries({"name": st.just("f")}, optional={"input_schema": json_values}), max_size=2) | json_values,
+              "tool_choice": json_values, "stop_sequences": json_values},
+)  # fmt: skip
+
+
+def test_fuzzed_chat_requests_for_translating_vendors_never_500(start_gateway, upstream):
+    gateway = start_gateway(PROVIDERS, upstream)
+    _scripted_vendors(upstream)
+    client = httpx.Client(base_url=gateway.url, timeout=10, headers={"Authorization": f"Bearer {USER_KEY}"})
+
+    @FUZZ
+    @given(body=translated_chat)
+    def check(body: dict[str, Any]) -> None:
+        _assert_well_formed(client.post("/v1/chat/completions", json=body))
+
+    check()
+
+
+def test_fuzzed_completions_and_embeddings_never_500(start_gateway, upstream):
+    gateway = start_gateway(PROVIDERS, upstream)
+    client = httpx.Client(base_url=gateway.url, timeout=10, headers={"Authorization": f"Bearer {USER_KEY}"})
+    fields = {"stream": st.booleans() | json_values, "stream_options": json_values, "max_tokens": json_values}
+    odd = st.sampled_from([5, True, 1.5, {"a": 1}, ["hi", 5]]) | json_values
+    required = {"model": st.sampled_from(["echo-1", "gpt-x", "claude-x"]), "prompt": odd, "input": odd}
+
+    @FUZZ
+    @given(path=st.sampled_from(["/v1/completions", "/v1/embeddings"]), body=st.fixed_dictionaries(required, optional=fields))
+    def check(path: str, body: dict[str, Any]) -> None:
+        _assert_well_formed(client.post(path, json=body))
+
+    check()
+
+
+def test_fuzzed_messages_requests_never_500(start_gateway, upstream):
+    gateway = start_gateway(PROVIDERS, upstream)
+    _scripted_vendors(upstream)
+    client = httpx.Client(base_url=gateway.url, timeout=10, headers={"Authorization": f"Bearer {USER_KEY}"})
+
+    @FUZZ
+    @given(body=messages_request)
+    def check(body: dict[str, Any]) -> None:
+        response = client.post("/v1/messages", json=body)
+        assert response.status_code < 500, response.text
+        if response.status_code >= 400:
+            assert response.json()["type"] == "error" and response.json()["error"]["type"]
+
+    check()
