@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from decimal import Decimal, InvalidOperation
+import re
+from decimal import Decimal
 from pathlib import Path
 
 from core.alerts import Alerts
@@ -25,13 +26,16 @@ MAX_IDEMPOTENCY_KEY = 200
 MAX_REASON = 500
 
 
+# Plain ASCII decimals only: Decimal() also reads '1_000', exponents and any script's digits.
+_PLAIN_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+
+
 def parse_amount(raw: str, kind: str) -> Decimal:
-    """A top-up amount: a positive number of USD, or a positive whole number of count credits."""
+    """A top-up amount: a positive number of USD, or a positive whole number of count credits,
+    written as plain ASCII digits with an optional decimal point (the API and the page form)."""
     whole = kind == COUNT_CREDITS
-    try:
-        amount = Decimal(raw.strip())
-    except (InvalidOperation, AttributeError):
-        amount = Decimal("NaN")
+    text = raw.strip() if isinstance(raw, str) else ""
+    amount = Decimal(text) if _PLAIN_DECIMAL.fullmatch(text) else Decimal("NaN")
     if not amount.is_finite() or amount <= 0 or amount > MAX_AMOUNT or (whole and amount != amount.to_integral_value()):
         what = "a positive whole number" if whole else "a positive number"
         raise bad_request(f"The 'amount' parameter must be {what} (at most 1e9), got '{raw}'.", "invalid_amount", "amount")

@@ -21,6 +21,7 @@ from core.metering import CLIENT_DISCONNECTED, ERROR, OK, Meter, Outcome, Ticket
 from core.providers import adapter_for, messages_adapter_for
 from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamStream, invalid_answer
 from core.providers.messages import anthropic_error_body, anthropic_event
+from core.request_checks import check_request
 from core.routing import Scheduler, routes_for
 from core.sse import encode_event
 from core.usage import Usage, estimate_usage, usage_so_far
@@ -44,7 +45,7 @@ class ProxyRequest:
 
 
 def parse_proxy_request(endpoint: str, body: Any) -> ProxyRequest:
-    """Check the few fields the gateway itself relies on; the upstream validates the rest."""
+    """Check the fields the gateway itself relies on (core/request_checks.py); the upstream validates the rest."""
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", "invalid_body")
     model = body.get("model")
@@ -60,6 +61,7 @@ def parse_proxy_request(endpoint: str, body: Any) -> ProxyRequest:
         raise bad_request("The 'stream' field must be true or false.", "invalid_stream", "stream")
     if stream and endpoint == "embeddings":
         raise bad_request("Embeddings cannot be streamed.", "invalid_stream", "stream")
+    check_request(endpoint, body)
     return ProxyRequest(endpoint, body, model, stream, new_request_id())
 
 

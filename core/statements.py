@@ -151,6 +151,11 @@ async def usage_by_model(ledger: SqliteLedger, key: ApiKey, period: str, now: fl
     return {"object": "list", "period": period, "since": _iso(since, key) if since else None, "data": data}
 
 
+# Statements cover whole months the ledger can hold: none before the Unix epoch, and none
+# whose end (the next month's first moment, in the key's zone) is past datetime's year 9999.
+FIRST_YEAR, LAST_YEAR = 1970, 9998
+
+
 def month_bounds(key: ApiKey, year: int, month: int) -> tuple[float, float]:
     zone = key.limits.timezone
     start = datetime(year, month, 1, tzinfo=zone)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 
 def to_unix(value: object) -> float:
@@ -16,3 +16,9 @@ def to_unix(value: object) -> float:
     else:
         raise ValueError(f"not a timestamp: {value!r}")
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def days_before(day: date, days: int) -> date:
+    """`day` minus `days` days, stopping at the first day of the calendar (not an OverflowError):
+    a range that would start before year 1 starts at year 1."""
+    return day - timedelta(days=min(days, (day - date.min).days))

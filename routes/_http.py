@@ -16,6 +16,7 @@ from core.auth_throttle import AuthThrottle
 from core.config import ApiKey, Config
 from core.errors import GatewayError, bad_request, forbidden, too_large, unauthorized
 from core.limits import check_access, client_ip
+from core.request_checks import check_nesting
 
 log = logging.getLogger("tollgate.http")
 
@@ -119,10 +120,13 @@ def whole_number(raw: str | None) -> int | None:
 
 
 def parse_json(body: bytes) -> Any:
+    """The body as JSON, nested no deeper than what every later reader and writer of it takes."""
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except (ValueError, RecursionError):
         raise bad_request("The request body is not valid JSON.", "invalid_json") from None
+    check_nesting(value, body)
+    return value
 
 
 def error_response(error: GatewayError) -> Response:

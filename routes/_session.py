@@ -49,7 +49,9 @@ class SessionSigner:
         return f"{payload}.{self._sign(payload)}"
 
     def load(self, cookie: str | None) -> Session | None:
-        if not cookie or "." not in cookie:
+        """The session in a cookie we signed; None for anything else (what we sign is ASCII,
+        and compare_digest refuses non-ASCII text with a TypeError)."""
+        if not cookie or "." not in cookie or not cookie.isascii():
             return None
         payload, _, signature = cookie.partition(".")
         if not hmac.compare_digest(signature, self._sign(payload)):
@@ -73,4 +75,7 @@ def set_cookie(request: Request, response: Response, name: str, value: str, max_
 
 
 def csrf_matches(expected: str | None, presented: str | None) -> bool:
-    return bool(expected) and bool(presented) and hmac.compare_digest(str(expected), str(presented))
+    """Our tokens are ASCII: a non-ASCII one cannot match (and compare_digest would raise on it)."""
+    if not expected or not presented or not expected.isascii() or not presented.isascii():
+        return False
+    return hmac.compare_digest(expected, presented)

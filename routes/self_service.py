@@ -14,7 +14,8 @@ from core.errors import bad_request, forbidden, not_found
 from core.key_states import UNLIMITED
 from core.money_format import cents_json, usd_json
 from core.sqlite_ledger import SqliteLedger
-from routes._http import authenticate, current_config
+from core.timeutil import days_before
+from routes._http import authenticate, current_config, whole_number
 from routes._json import ExactJSONResponse
 
 PERIODS = ("daily", "monthly", "all")
@@ -56,11 +57,11 @@ async def usage_models(request: Request) -> Response:
 
 
 def _year_month(request: Request) -> tuple[int, int]:
-    try:
-        year, month = int(request.path_params["year"]), int(request.path_params["month"])
-        date(year, month, 1)
-    except ValueError:
-        raise bad_request("Use /YYYY/MM with a real month, like /2025/01.", "invalid_month") from None
+    """The month asked for: ASCII digits, a real month, in a year statements can cover."""
+    year, month = whole_number(request.path_params["year"]), whole_number(request.path_params["month"])
+    if year is None or month is None or not 1 <= month <= 12 or not statements.FIRST_YEAR <= year <= statements.LAST_YEAR:
+        message = f"Use /YYYY/MM with a real month of a year from {statements.FIRST_YEAR} to {statements.LAST_YEAR}, like /2025/01."
+        raise bad_request(message, "invalid_month")
     return year, month
 
 
@@ -106,7 +107,7 @@ async def legacy_usage(request: Request) -> Response:
     params = request.query_params
     try:
         end = date.fromisoformat(params["end_date"]) if params.get("end_date") else datetime.fromtimestamp(_now(request), UTC).date() + timedelta(days=1)
-        start = date.fromisoformat(params["start_date"]) if params.get("start_date") else end - timedelta(days=100)
+        start = date.fromisoformat(params["start_date"]) if params.get("start_date") else days_before(end, 100)
     except ValueError:
         raise bad_request("start_date and end_date must look like 2024-01-31.", "invalid_date") from None
     costs = await reports.daily_model_costs(request.app.state.ledger, key.id, start.isoformat(), end.isoformat(), since=key.billing.created_at)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import AsyncIterator, Iterable
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -18,6 +18,7 @@ from core.key_states import effective_mode
 from core.ledger_sums import Window
 from core.pricing import from_nanos
 from core.sqlite_ledger import SqliteLedger
+from core.timeutil import days_before
 from routes._http import current_config
 from routes._web_auth import admin_visitor, visitor
 
@@ -44,7 +45,7 @@ def date_range(request: Request) -> tuple[float, float, str]:
     params = request.query_params
     try:
         end = date.fromisoformat(params["end"]) if params.get("end") else datetime.now(UTC).date()
-        start = date.fromisoformat(params["start"]) if params.get("start") else end - timedelta(days=DEFAULT_DAYS - 1)
+        start = date.fromisoformat(params["start"]) if params.get("start") else days_before(end, DEFAULT_DAYS - 1)
     except ValueError:
         raise bad_request("Dates must look like 2024-01-31.", "invalid_date") from None
     if start > end:

@@ -21,6 +21,7 @@ from core.errors import bad_gateway
 from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream
 from core.providers.http import open_stream, post_json
 from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
+from core.request_checks import json_in_text
 from core.sse import SseSplitter, encode_event, event_data
 from core.usage import Usage, count, estimate_usage
 
@@ -125,10 +126,7 @@ def _text(content: Any) -> str:
 
 def _tool_response(content: Any) -> dict[str, Any]:
     text = _text(content)
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = None
+    parsed = json_in_text(text)
     return parsed if isinstance(parsed, dict) else {"content": text}
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from core.errors import GatewayError
 from core.providers.base import UpstreamCall, UpstreamFailure
+from core.request_checks import json_in_text
 from core.sse import encode_event
 from core.usage import Usage
 
@@ -28,10 +29,10 @@ def stop_list(value: Any) -> list[str]:
 def arguments_of(tool_call: dict[str, Any]) -> Any:
     """The parsed arguments of an OpenAI tool call (vendors want objects, OpenAI sends JSON text)."""
     raw = (tool_call.get("function") or {}).get("arguments") or "{}"
-    try:
-        return json.loads(raw) if isinstance(raw, str) else raw
-    except ValueError:
-        return {}
+    if not isinstance(raw, str):
+        return raw
+    parsed = json_in_text(raw)
+    return {} if parsed is None else parsed
 
 
 def split_data_url(url: str) -> tuple[str, str] | None:

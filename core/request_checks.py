@@ -1,0 +1,198 @@
+"""Checks of the client JSON the gateway reads itself, before anything reads it.
+
+The upstream judges what a request means; but the gateway reads parts of it on the way:
+`max_tokens` for the reservation, `stream_options` to ask for usage, and, for vendors with
+another format, the messages the translators rewrite. Each such part is checked here for
+the shape its reader expects, so a malformed value is a 400 naming the parameter instead
+of a crash in a translator. Whatever the gateway does not read passes untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from core.errors import GatewayError, bad_request
+
+# orjson writes at most 254 levels, the translators add a few, and str() or json.dumps of a
+# value overflow the stack near 1,000: a cap well below all of them, far above real requests.
+MAX_JSON_DEPTH = 128
+MAX_OUTPUT_TOKENS = 2**31 - 1  # OpenAI's bound for max_tokens: a signed 32-bit integer
+_LIMIT_FIELDS = {"chat/completions": ("max_tokens", "max_completion_tokens"), "completions": ("max_tokens",), "messages": ("max_tokens",)}
+
+
+def check_nesting(value: Any, raw: bytes) -> None:
+    """400 for a JSON document nested deeper than MAX_JSON_DEPTH. A document with fewer
+    opening brackets than that cannot be (nearly every request): it is not walked."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and too_deep(value):
+        raise too_deeply_nested()
+
+
+def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether lists and objects in `value` nest more than `limit` levels (no recursion:
+    the value may be as deep as the parser allows)."""
+    if not isinstance(value, (dict, list)):
+        return False
+    pending = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= limit:
+                    return True
+                pending.append((child, depth + 1))
+    return False
+
+
+def too_deeply_nested() -> GatewayError:
+    return bad_request(f"The request nests lists and objects more than {MAX_JSON_DEPTH} levels deep.", "too_deeply_nested")
+
+
+def json_in_text(text: str) -> Any:
+    """A JSON value a client sent inside a string (tool call arguments, tool results), for a
+    vendor that wants it parsed; None if it is not JSON the gateway can carry: read as the
+    body is (no lone surrogates) and nested no deeper than the body may be."""
+    try:
+        value = orjson.loads(text)
+    except ValueError:
+        return None
+    return None if too_deep(value) else value
+
+
+def check_request(endpoint: str, body: dict[str, Any]) -> None:
+    """The parts of a proxied request body the gateway reads, checked for their shape."""
+    for name in _LIMIT_FIELDS.get(endpoint, ()):
+        check_max_tokens(body, name)
+    if endpoint in ("chat/completions", "completions"):
+        check_stream_options(body)
+    if endpoint == "chat/completions":
+        check_chat(body)
+    elif endpoint == "completions":
+        check_prompt(body)
+    elif endpoint == "messages":
+        check_messages(body)
+
+
+def check_max_tokens(body: dict[str, Any], name: str) -> None:
+    """A positive whole number that fits in 32 bits, as OpenAI requires (a bool is not one)."""
+    value = body.get(name)
+    if value is not None and (type(value) is not int or not 1 <= value <= MAX_OUTPUT_TOKENS):
+        message = f"Invalid '{name}': expected a whole number from 1 to {MAX_OUTPUT_TOKENS}, got {_shown(value)}."
+        raise bad_request(message, "invalid_max_tokens", name)
+
+
+def check_stream_options(body: dict[str, Any]) -> None:
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request(f"Invalid 'stream_options': expected an object, got {_shown(options)}.", "invalid_stream_options", "stream_options")
+
+
+def check_prompt(body: dict[str, Any]) -> None:
+    """A completion's prompt is text or a list (of texts or tokens), as the echo engine reads it."""
+    prompt = body["prompt"]
+    if not isinstance(prompt, (str, list)):
+        raise bad_request(f"Invalid 'prompt': expected a string or a list, got {_shown(prompt)}.", "invalid_prompt", "prompt")
+
+
+def check_chat(body: dict[str, Any]) -> None:
+    """What the Anthropic and Gemini translators read of an OpenAI chat request."""
+    _check_list(body, "tools", "tools", "invalid_tools")
+    for i, message in enumerate(body["messages"]):
+        if isinstance(message, dict):
+            _check_chat_message(message, f"messages[{i}]")
+
+
+def _check_chat_message(message: dict[str, Any], where: str) -> None:
+    content = message.get("content")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if isinstance(part, dict):
+                _check_chat_part(part, f"{where}.content[{j}]")
+    tool_calls = _check_list(message, "tool_calls", f"{where}.tool_calls")
+    for j, call in enumerate(tool_calls):
+        if isinstance(call, dict) and call.get("function") is not None and not isinstance(call["function"], dict):
+            raise invalid_content(f"{where}.tool_calls[{j}].function", "an object", call["function"])
+
+
+def _check_chat_part(part: dict[str, Any], where: str) -> None:
+    if part.get("type") == "text":
+        _check_text(part, where)
+    elif part.get("type") == "image_url":
+        image = part.get("image_url")
+        if image is not None and not isinstance(image, dict):
+            raise invalid_content(f"{where}.image_url", "an object", image)
+        if image is not None and not isinstance(image.get("url", ""), str):
+            raise invalid_content(f"{where}.image_url.url", "a string", image["url"])
+
+
+def check_messages(body: dict[str, Any]) -> None:
+    """What the translator to the OpenAI chat format reads of an Anthropic Messages request."""
+    system = body.get("system")
+    if isinstance(system, list):
+        _check_text_blocks(system, "system")
+    elif system is not None and not isinstance(system, str):
+        raise invalid_content("system", "a string or a list of text blocks", system)
+    _check_list(body, "tools", "tools", "invalid_tools")
+    for i, message in enumerate(body["messages"]):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for j, block in enumerate(content):
+                if isinstance(block, dict):
+                    _check_block(block, f"messages[{i}].content[{j}]")
+
+
+def _check_block(block: dict[str, Any], where: str) -> None:
+    kind = block.get("type")
+    if kind == "text":
+        _check_text(block, where)
+    elif kind == "image":
+        source = block.get("source")
+        if source is not None and not isinstance(source, dict):
+            raise invalid_content(f"{where}.source", "an object", source)
+        for name in ("url", "data", "media_type"):
+            if source is not None and not isinstance(source.get(name, ""), str):
+                raise invalid_content(f"{where}.source.{name}", "a string", source[name])
+    elif kind == "tool_result":
+        inner = block.get("content")
+        if isinstance(inner, list):
+            _check_text_blocks(inner, f"{where}.content")
+        elif inner is not None and not isinstance(inner, str):
+            raise invalid_content(f"{where}.content", "a string or a list of blocks", inner)
+
+
+def _check_text_blocks(blocks: list[Any], where: str) -> None:
+    for i, block in enumerate(blocks):
+        if isinstance(block, dict):
+            _check_text(block, f"{where}[{i}]")
+
+
+def _check_text(part: dict[str, Any], where: str) -> None:
+    if not isinstance(part.get("text", ""), str):
+        raise invalid_content(f"{where}.text", "a string", part["text"])
+
+
+def _check_list(body: dict[str, Any], name: str, where: str, code: str = "invalid_content") -> list[Any]:
+    """`body[name]` if it is a list; [] if absent or null; a 400 otherwise."""
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise bad_request(f"Invalid '{where}': expected a list, got {_shown(value)}.", code, where)
+    return value
+
+
+def invalid_content(where: str, expected: str, value: Any) -> GatewayError:
+    return bad_request(f"Invalid '{where}': expected {expected}, got {_shown(value)}.", "invalid_content", where)
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message: numbers as they are, anything else by its JSON type."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object" if isinstance(value, dict) else "null"
