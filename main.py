@@ -25,6 +25,7 @@ from core.auth_throttle import AuthThrottle
 from core.billing import BillingMeter
 from core.config import load_config
 from core.errors import GatewayError
+from core.ledger_lock import LedgerLock, LedgerLockError
 from core.providers.messages import anthropic_error_body
 from core.proxy import Gateway
 from core.reload import ConfigStore
@@ -153,17 +154,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tollgate: invalid config: {exc}", file=sys.stderr)
         return 2
     try:
+        lock = LedgerLock.acquire(args.db)  # held until the process ends: balances live in its memory
+    except LedgerLockError as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 2
+    try:
         check_ledger_file(args.db)
     except LedgerUnavailable as exc:
+        lock.release()
         print(f"tollgate: {exc}", file=sys.stderr)
         return 2
     import uvicorn
 
     # proxy_headers off: X-Forwarded-For is honoured only from `preferences.trusted_proxies`, by us.
     # No `server: uvicorn` header: it tells a scanner what to look for, and costs a header per response.
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30, proxy_headers=False, server_header=False
-    )
+    try:
+        uvicorn.run(
+            app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30, proxy_headers=False, server_header=False
+        )
+    finally:
+        lock.release()
     return 0
 
 
