@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
 import secrets
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -141,40 +144,94 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class StartRefused(Exception):
+    """A reason not to start, told in one line on stderr with exit code 2."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with contextlib.ExitStack() as held:  # the ledger's lock and the socket, until the server ends
+        try:
+            app, listener = _prepare(args, held)
+        except (StartRefused, LedgerLockError, LedgerUnavailable) as exc:
+            print(f"tollgate: {exc}", file=sys.stderr)
+            code = 2
+        else:
+            code = _serve(app, listener, args)
+    return code
+
+
+def _prepare(args: argparse.Namespace, held: contextlib.ExitStack) -> tuple[Starlette, socket.socket]:
+    """Everything that can refuse the start, done before the ledger is opened and migrated (in
+    the lifespan), so that a mistake is told at once rather than after a long migration."""
     config_path = Path(args.config)
     if not config_path.exists():
-        print(f"tollgate: config file {config_path} not found; start from the example: cp api.yaml.example {config_path}", file=sys.stderr)
-        return 2
+        raise StartRefused(f"config file {config_path} not found; start from the example: cp api.yaml.example {config_path}")
     try:
         app = create_app(config_path, args.db)
     except ConfigError as exc:
-        print(f"tollgate: invalid config: {exc}", file=sys.stderr)
-        return 2
-    try:
-        lock = LedgerLock.acquire(args.db)  # held until the process ends: balances live in its memory
-    except LedgerLockError as exc:
-        print(f"tollgate: {exc}", file=sys.stderr)
-        return 2
-    try:
-        check_ledger_file(args.db)
-    except LedgerUnavailable as exc:
-        lock.release()
-        print(f"tollgate: {exc}", file=sys.stderr)
-        return 2
-    import uvicorn
+        raise StartRefused(f"invalid config: {exc}") from exc
+    held.enter_context(LedgerLock.acquire(args.db))  # until the process ends: balances live in its memory
+    check_ledger_file(args.db)
+    listener = held.enter_context(_listen(args.host, args.port))
+    return app, listener
 
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound here; uvicorn only starts listening on it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait out TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = "; is Tollgate or another server already running there? Stop it or choose another --port" if exc.errno == errno.EADDRINUSE else ""
+        raise StartRefused(f"cannot listen on {_address(host, port)}: {exc.strerror}{hint}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _pages_url(host: str, port: int) -> str:
+    """Where a browser on this machine finds the pages (listening everywhere includes here)."""
+    shown = "localhost" if host in ("0.0.0.0", "::") else host
+    return f"http://{_address(shown, port)}/"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying where the pages are once it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, pages_url: str):
+        super().__init__(config)
+        self.pages_url = pages_url
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        log.info("Tollgate pages: %s (listening on %s; CTRL+C to stop)", self.pages_url, _address(self.config.host, self.config.port))
+
+
+def _serve(app: Starlette, listener: socket.socket, args: argparse.Namespace) -> int:
+    """Run until stopped: 0, or 3 when the app failed to start (uvicorn has logged why)."""
     # proxy_headers off: X-Forwarded-For is honoured only from `preferences.trusted_proxies`, by us.
     # No `server: uvicorn` header: it tells a scanner what to look for, and costs a header per response.
-    try:
-        uvicorn.run(
-            app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30, proxy_headers=False, server_header=False
-        )
-    finally:
-        lock.release()
-    return 0
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=listener.getsockname()[1],
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+        proxy_headers=False,
+        server_header=False,
+    )
+    server = _Server(config, _pages_url(args.host, listener.getsockname()[1]))
+    with contextlib.suppress(KeyboardInterrupt):  # SIGINT, re-raised by uvicorn after a clean shutdown
+        server.run(sockets=[listener])
+    return 0 if server.started else 3
 
 
 if __name__ == "__main__":

@@ -41,12 +41,16 @@ class LedgerLock:
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            raise LedgerLockError(
-                f"ledger {ledger} is in use by another Tollgate process ({holder}); stop it first, or give this one its own --db"
-            ) from None
+            raise LedgerLockError(f"ledger {ledger} is in use by another Tollgate process ({holder}); stop it first, or give this one its own --db") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(path, fd)
+
+    def __enter__(self) -> LedgerLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
     def release(self) -> None:
         """Let the ledger go. The file stays: removing it would race a process opening it."""
