@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import errno
 import gc
+import ipaddress
 import logging
 import os
 import secrets
@@ -26,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 from core.alerts import Alerts
 from core.auth_throttle import AuthThrottle
 from core.billing import BillingMeter
-from core.config import load_config
+from core.config import Config, load_config
 from core.errors import GatewayError
 from core.ledger_lock import LedgerLock, LedgerLockError
 from core.providers.messages import anthropic_error_body
@@ -43,6 +44,8 @@ from routes._web_auth import LoginRequired
 
 log = logging.getLogger("tollgate")
 
+EXAMPLE_ADMIN_KEY = "sk-admin-change-me"  # api.yaml.example's: public, so never a real admin key
+
 
 GC_THRESHOLDS = (20_000, 50, 50)
 
@@ -58,7 +61,6 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         ledger = await SqliteLedger.open(db_path)
         app.state.session_signer = SessionSigner(await ledger.setting("session_secret", lambda: secrets.token_hex(32)))
         http = create_http_session()
-        app.state.store = store
         app.state.ledger = ledger
         app.state.clock = clock
         app.state.auth_throttle = AuthThrottle(clock)
@@ -92,11 +94,13 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             await http.close()
             await ledger.close()  # flushes every queued ledger row
 
-    return GatewayApp(
+    app = GatewayApp(
         routes=[*proxy.routes, *admin.routes, *billing_admin.routes, *self_service.routes, *audit.routes, *web.routes],
         lifespan=lifespan,
         exception_handlers={GatewayError: on_error, HTTPException: on_error, LoginRequired: to_login, Exception: on_unexpected_error},
     )
+    app.state.store = store  # loaded now: the entry point checks it before starting
+    return app
 
 
 class GatewayApp(Starlette):
@@ -175,6 +179,7 @@ def _prepare(args: argparse.Namespace, held: contextlib.ExitStack) -> tuple[Star
     held.enter_context(LedgerLock.acquire(args.db))  # until the process ends: balances live in its memory
     check_ledger_file(args.db)
     listener = held.enter_context(_listen(args.host, args.port))
+    _warn_about_example_admin_keys(app.state.store.current, args.host, args.port, config_path)
     return app, listener
 
 
@@ -194,6 +199,34 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_loopback(host: str) -> bool:
+    """Only this machine can connect (a host name other than localhost may resolve to anything)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _warn_about_example_admin_keys(config: Config, host: str, port: int, config_path: Path) -> None:
+    """The example's admin key is public: beyond loopback, anyone who can reach the port could
+    top up any key and read every key's usage."""
+    if _is_loopback(host):
+        return
+    for key in config.keys:
+        if key.is_admin and key.secret == EXAMPLE_ADMIN_KEY:
+            log.warning(
+                "SECURITY: admin key %r is still the example's %s and Tollgate listens on %s: anyone who can reach port %d can use it."
+                " Set TOLLGATE_ADMIN_KEY (the example config reads it) or change the key in %s",
+                key.name,
+                EXAMPLE_ADMIN_KEY,
+                host,
+                port,
+                config_path,
+            )
 
 
 def _pages_url(host: str, port: int) -> str:

@@ -145,3 +145,12 @@ def test_start_up_logs_the_pages_url_and_one_line_for_a_new_ledger(tmp_path):
     log, port = start_and_stop(tmp_path, "127.0.0.1")
     assert f"Tollgate pages: http://127.0.0.1:{port}/" in log
     assert "migrating" not in log and log.count("creating a new ledger") == 1, log
+    assert "sk-admin-change-me" not in log  # the example admin key, on loopback only: no warning
+
+
+def test_the_example_admin_key_on_a_public_address_is_warned_about(tmp_path):
+    log, port = start_and_stop(tmp_path, "0.0.0.0")
+    warnings = [line for line in log.splitlines() if "WARNING" in line and "sk-admin-change-me" in line]
+    assert len(warnings) == 1, log
+    assert "'ops'" in warnings[0] and "0.0.0.0" in warnings[0]
+    assert f"Tollgate pages: http://localhost:{port}/" in log
