@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
+import ipaddress
 import logging
 import os
 import secrets
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -23,8 +27,9 @@ from starlette.types import Receive, Scope, Send
 from core.alerts import Alerts
 from core.auth_throttle import AuthThrottle
 from core.billing import BillingMeter
-from core.config import load_config
+from core.config import Config, load_config
 from core.errors import GatewayError
+from core.ledger_lock import LedgerLock, LedgerLockError
 from core.providers.messages import anthropic_error_body
 from core.proxy import Gateway
 from core.reload import ConfigStore
@@ -38,6 +43,8 @@ from routes._session import SessionSigner
 from routes._web_auth import LoginRequired
 
 log = logging.getLogger("tollgate")
+
+EXAMPLE_ADMIN_KEY = "sk-admin-change-me"  # api.yaml.example's: public, so never a real admin key
 
 
 GC_THRESHOLDS = (20_000, 50, 50)
@@ -54,7 +61,6 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         ledger = await SqliteLedger.open(db_path)
         app.state.session_signer = SessionSigner(await ledger.setting("session_secret", lambda: secrets.token_hex(32)))
         http = create_http_session()
-        app.state.store = store
         app.state.ledger = ledger
         app.state.clock = clock
         app.state.auth_throttle = AuthThrottle(clock)
@@ -88,11 +94,13 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             await http.close()
             await ledger.close()  # flushes every queued ledger row
 
-    return GatewayApp(
+    app = GatewayApp(
         routes=[*proxy.routes, *admin.routes, *billing_admin.routes, *self_service.routes, *audit.routes, *web.routes],
         lifespan=lifespan,
         exception_handlers={GatewayError: on_error, HTTPException: on_error, LoginRequired: to_login, Exception: on_unexpected_error},
     )
+    app.state.store = store  # loaded now: the entry point checks it before starting
+    return app
 
 
 class GatewayApp(Starlette):
@@ -143,31 +151,123 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class StartRefused(Exception):
+    """A reason not to start, told in one line on stderr with exit code 2."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with contextlib.ExitStack() as held:  # the ledger's lock and the socket, until the server ends
+        try:
+            app, listener = _prepare(args, held)
+        except (StartRefused, LedgerLockError, LedgerUnavailable) as exc:
+            print(f"tollgate: {exc}", file=sys.stderr)
+            code = 2
+        else:
+            code = _serve(app, listener, args)
+    return code
+
+
+def _prepare(args: argparse.Namespace, held: contextlib.ExitStack) -> tuple[Starlette, socket.socket]:
+    """Everything that can refuse the start, done before the ledger is opened and migrated (in
+    the lifespan), so that a mistake is told at once rather than after a long migration."""
     config_path = Path(args.config)
     if not config_path.exists():
-        print(f"tollgate: config file {config_path} not found; start from the example: cp api.yaml.example {config_path}", file=sys.stderr)
-        return 2
+        raise StartRefused(f"config file {config_path} not found; start from the example: cp api.yaml.example {config_path}")
     try:
         app = create_app(config_path, args.db)
     except ConfigError as exc:
-        print(f"tollgate: invalid config: {exc}", file=sys.stderr)
-        return 2
-    try:
-        check_ledger_file(args.db)
-    except LedgerUnavailable as exc:
-        print(f"tollgate: {exc}", file=sys.stderr)
-        return 2
-    import uvicorn
+        raise StartRefused(f"invalid config: {exc}") from exc
+    held.enter_context(LedgerLock.acquire(args.db))  # until the process ends: balances live in its memory
+    check_ledger_file(args.db)
+    listener = held.enter_context(_listen(args.host, args.port))
+    _warn_about_example_admin_keys(app.state.store.current, args.host, args.port, config_path)
+    return app, listener
 
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound here; uvicorn only starts listening on it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait out TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = "; is Tollgate or another server already running there? Stop it or choose another --port" if exc.errno == errno.EADDRINUSE else ""
+        raise StartRefused(f"cannot listen on {_address(host, port)}: {exc.strerror}{hint}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_loopback(host: str) -> bool:
+    """Only this machine can connect (a host name other than localhost may resolve to anything)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _warn_about_example_admin_keys(config: Config, host: str, port: int, config_path: Path) -> None:
+    """The example's admin key is public: beyond loopback, anyone who can reach the port could
+    top up any key and read every key's usage."""
+    if _is_loopback(host):
+        return
+    for key in config.keys:
+        if key.is_admin and key.secret == EXAMPLE_ADMIN_KEY:
+            log.warning(
+                "SECURITY: admin key %r is still the example's %s and Tollgate listens on %s: anyone who can reach port %d can use it."
+                " Set TOLLGATE_ADMIN_KEY (the example config reads it) or change the key in %s",
+                key.name,
+                EXAMPLE_ADMIN_KEY,
+                host,
+                port,
+                config_path,
+            )
+
+
+def _pages_url(host: str, port: int) -> str:
+    """Where a browser on this machine finds the pages (listening everywhere includes here)."""
+    shown = "localhost" if host in ("0.0.0.0", "::") else host
+    return f"http://{_address(shown, port)}/"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying where the pages are once it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, pages_url: str):
+        super().__init__(config)
+        self.pages_url = pages_url
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        log.info("Tollgate pages: %s (listening on %s; CTRL+C to stop)", self.pages_url, _address(self.config.host, self.config.port))
+
+
+def _serve(app: Starlette, listener: socket.socket, args: argparse.Namespace) -> int:
+    """Run until stopped: 0, or 3 when the app failed to start (uvicorn has logged why)."""
     # proxy_headers off: X-Forwarded-For is honoured only from `preferences.trusted_proxies`, by us.
     # No `server: uvicorn` header: it tells a scanner what to look for, and costs a header per response.
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30, proxy_headers=False, server_header=False
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=listener.getsockname()[1],
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+        proxy_headers=False,
+        server_header=False,
     )
-    return 0
+    server = _Server(config, _pages_url(args.host, listener.getsockname()[1]))
+    with contextlib.suppress(KeyboardInterrupt):  # SIGINT, re-raised by uvicorn after a clean shutdown
+        server.run(sockets=[listener])
+    return 0 if server.started else 3
 
 
 if __name__ == "__main__":

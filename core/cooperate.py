@@ -6,9 +6,13 @@ and p99 latency tripled (bench/reload_bench.py --under-load).
 
 The worker calls `cooperate()` often (every YAML scalar, every key). At most once per
 SLICE_SECONDS it looks at how much CPU the event loop's thread used since the last look: a
-loop that used more than BUSY_SHARE of the time has requests to serve, and the worker then
-sleeps REST_SECONDS, which leaves the loop most of the CPU until the load passes. An idle
-loop uses almost none, so a reload alone runs at full speed.
+loop that took more than BUSY_SHARE of the CPU time it and the worker got has requests to
+serve, and the worker then sleeps REST_SECONDS, which leaves the loop most of the CPU until
+the load passes. An idle loop uses almost none, so a reload alone runs at full speed.
+
+(The share used to be of the wall clock. On a machine whose cores other processes want too,
+a loop with work waiting is on a core only part of the time: it used 15-25% of the clock and
+looked idle, and the reload stopped giving way just when CPU was scarcest.)
 
 (An earlier version measured how late a timer on the loop fired. With the GIL changing hands
 every 0.5 ms during a reload, a busy loop's timer was rarely late enough to tell, and a
@@ -23,7 +27,8 @@ import time
 from collections.abc import Iterator
 
 SLICE_SECONDS = 0.001  # how often the worker looks
-BUSY_SHARE = 0.3  # of one CPU, used by the loop's thread: it has work waiting
+BUSY_SHARE = 0.3  # of the CPU time the loop's thread and the worker got: the loop has work waiting
+MIN_CPU_OF_WALL = 0.1  # a worker that mostly waits still measures the loop against this much of the clock
 REST_SECONDS = 0.005  # the worker's pause while the loop is busy
 
 _worker = threading.local()
@@ -35,16 +40,23 @@ class LoopLoad:
     Create it on the loop's thread; the worker then calls `give_way()` (through cooperate())."""
 
     def __init__(self) -> None:
-        self._cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
+        self._loop_clock = time.pthread_getcpuclockid(threading.get_ident())
         self._next_look = 0.0
         self._at = time.monotonic()
-        self._cpu = time.clock_gettime(self._cpu_clock)
+        self._loop_cpu = time.clock_gettime(self._loop_clock)
+        self._worker: int | None = None  # the thread that looked last, and its CPU time then
+        self._worker_cpu = 0.0
 
     def busy(self, now: float) -> bool:
-        """Whether the loop used more than BUSY_SHARE of a CPU since the previous call."""
-        cpu = time.clock_gettime(self._cpu_clock)
-        share = (cpu - self._cpu) / max(now - self._at, 1e-6)
-        self._at, self._cpu = now, cpu
+        """Whether the loop took more than BUSY_SHARE of the CPU time that it and the calling
+        thread got since the previous call (the first call from a thread counts the loop's alone)."""
+        loop_cpu, worker_cpu, worker = time.clock_gettime(self._loop_clock), time.thread_time(), threading.get_ident()
+        used = loop_cpu - self._loop_cpu
+        ran = used + (worker_cpu - self._worker_cpu if worker == self._worker else 0.0)
+        # A worker that sleeps between looks gets next to no CPU: an idle loop's stray
+        # microseconds must not count as a large share of that.
+        share = used / max(ran, MIN_CPU_OF_WALL * (now - self._at), 1e-9)
+        self._at, self._loop_cpu, self._worker, self._worker_cpu = now, loop_cpu, worker, worker_cpu
         return share > BUSY_SHARE
 
     def give_way(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Iterable
 
 import aiosqlite
 
@@ -181,21 +182,33 @@ def _statements(script: str) -> list[str]:
 
 
 async def migrate(db: aiosqlite.Connection) -> int:
-    """Bring the database to SCHEMA_VERSION, one transaction per step; returns the old version."""
+    """Bring the database to SCHEMA_VERSION; returns the old version. A new ledger is made in
+    one transaction; an existing one moves one logged transaction per step (a large one takes
+    a while: version 2 builds the rollups from every row)."""
     async with db.execute("PRAGMA user_version") as cursor:
         row = await cursor.fetchone()
     version = int(row[0]) if row else 0
     if version > SCHEMA_VERSION:
         raise SchemaError(f"database schema version {version} is newer than this Tollgate ({SCHEMA_VERSION})")
+    if version == 0:
+        log.info("creating a new ledger at schema version %d", SCHEMA_VERSION)
+        await _apply(db, range(1, SCHEMA_VERSION + 1))
+        return version
     for target in range(version + 1, SCHEMA_VERSION + 1):
         log.info("migrating the ledger to schema version %d (a large ledger takes a while, once)", target)
-        await db.execute("BEGIN IMMEDIATE")
-        try:
+        await _apply(db, [target])
+    return version
+
+
+async def _apply(db: aiosqlite.Connection, targets: Iterable[int]) -> None:
+    """Run these migrations in one transaction, ending at the last one's version."""
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        for target in targets:
             for statement in _statements(MIGRATIONS[target]):
                 await db.execute(statement)
             await db.execute(f"PRAGMA user_version = {target}")
-            await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
-    return version
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise

@@ -92,3 +92,65 @@ def test_sigterm_flushes_every_ledger_row(tmp_path):
             process.kill()
     with sqlite3.connect(db) as ledger:
         assert ledger.execute("SELECT COUNT(*), SUM(count_charged), SUM(cost_nanos) FROM usage").fetchone() == (25, 25, 25 * 2_000_000)
+
+
+ECHO_CONFIG = "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\napi_keys:\n  - api: sk-admin-change-me\n    role: admin\n    name: ops\n"
+
+
+def test_a_port_in_use_exits_2_with_one_line_before_the_ledger_is_made(tmp_path):
+    import socket
+
+    config, db = tmp_path / "api.yaml", tmp_path / "ledger.db"
+    config.write_text(ECHO_CONFIG)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_main("--config", str(config), "--db", str(db), "--host", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"cannot listen on 127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
+    assert not db.exists()  # refused before the ledger was created (or, an old one, migrated)
+
+
+def start_and_stop(tmp_path: Path, host: str) -> tuple[str, int]:
+    """Start `python main.py` on ECHO_CONFIG and a new ledger, wait until it answers, stop it; its log and port."""
+    import signal
+    import time
+
+    import httpx
+
+    config, port = tmp_path / "api.yaml", _free_port()
+    config.write_text(ECHO_CONFIG)
+    command = [sys.executable, "main.py", "--config", str(config), "--db", str(tmp_path / f"{host}.db"), "--host", host, "--port", str(port)]
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None, "gateway did not start"
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, log = process.communicate(timeout=30)
+    return log, port
+
+
+def test_start_up_logs_the_pages_url_and_one_line_for_a_new_ledger(tmp_path):
+    log, port = start_and_stop(tmp_path, "127.0.0.1")
+    assert f"Tollgate pages: http://127.0.0.1:{port}/" in log
+    assert "migrating" not in log and log.count("creating a new ledger") == 1, log
+    assert "sk-admin-change-me" not in log  # the example admin key, on loopback only: no warning
+
+
+def test_the_example_admin_key_on_a_public_address_is_warned_about(tmp_path):
+    log, port = start_and_stop(tmp_path, "0.0.0.0")
+    warnings = [line for line in log.splitlines() if "WARNING" in line and "sk-admin-change-me" in line]
+    assert len(warnings) == 1, log
+    assert "'ops'" in warnings[0] and "0.0.0.0" in warnings[0]
+    assert f"Tollgate pages: http://localhost:{port}/" in log

@@ -213,6 +213,29 @@ def test_a_locked_ledger_file_stops_the_start_with_a_clear_error(tmp_path):
     assert "locked by another process" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_second_gateway_on_the_same_ledger_exits_2_naming_the_file_and_the_process_holding_it(tmp_path, gateways):
+    """Balances live in each process's memory: two processes on one ledger would each spend a
+    key's whole balance, and neither would see the other's top-ups."""
+    first = Gateway(tmp_path, config_text()).start()
+    gateways.append(first)
+    assert first.process is not None
+    result = run_main("--config", str(first.config), "--db", str(first.db), "--host", "127.0.0.1", "--port", str(_free_port()))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"ledger {first.db} is in use by another Tollgate process (pid {first.process.pid})" in lines[0]
+    with httpx.Client(base_url=first.url, headers={"Authorization": f"Bearer {COUNT_KEY}"}) as http:
+        assert http.post("/v1/chat/completions", json=BODY).status_code == 200  # the first one serves on
+
+
+def test_the_ledger_is_free_again_once_its_gateway_has_stopped(tmp_path, gateways):
+    first = Gateway(tmp_path, config_text()).start()
+    assert first.process is not None
+    first.process.send_signal(signal.SIGTERM)
+    first.process.wait(timeout=30)
+    gateways.append(Gateway(tmp_path, config_text()).start())  # (after kill -9 too: see the crash test above)
+
+
 def test_a_ledger_from_a_newer_tollgate_stops_the_start(tmp_path):
     config, db = tmp_path / "api.yaml", tmp_path / "ledger.db"
     config.write_text(config_text())

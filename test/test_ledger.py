@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -226,8 +227,25 @@ def test_window_totals_from_the_daily_rollup_equal_the_raw_rows(tmp_path):
         assert totals == _raw_totals(tmp_path / "l.db", "k", since, until), (since, until)
 
 
-def test_migrating_a_version_1_database_backfills_the_rollup(tmp_path):
-    from core.ledger_schema import MIGRATIONS
+def test_a_new_ledger_is_made_at_the_current_version_in_one_logged_step(tmp_path, caplog):
+    from core.ledger_schema import SCHEMA_VERSION
+
+    caplog.set_level(logging.INFO, logger="tollgate.ledger")
+
+    async def scenario() -> None:
+        ledger = await SqliteLedger.open(tmp_path / "new.db")
+        await ledger.close()
+
+    asyncio.run(scenario())
+    assert [r.getMessage() for r in caplog.records if r.name == "tollgate.ledger"] == [f"creating a new ledger at schema version {SCHEMA_VERSION}"]
+    with sqlite3.connect(tmp_path / "new.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_migrating_a_version_1_database_backfills_the_rollup(tmp_path, caplog):
+    from core.ledger_schema import MIGRATIONS, SCHEMA_VERSION
+
+    caplog.set_level(logging.INFO, logger="tollgate.ledger")
 
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:
@@ -245,6 +263,8 @@ def test_migrating_a_version_1_database_backfills_the_rollup(tmp_path):
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] >= 2
         assert db.execute("SELECT SUM(requests), SUM(cost_nanos) FROM usage_daily").fetchone() == (5, 10_000_000)
+    migrating = [r.getMessage() for r in caplog.records if r.getMessage().startswith("migrating the ledger")]
+    assert len(migrating) == SCHEMA_VERSION - 1  # an existing ledger says what each step is doing
 
 
 @pytest.mark.parametrize("version", range(1, 7))
