@@ -144,7 +144,15 @@ async def openai_like(body: dict[str, Any], request: Request) -> Response:
                 yield chunk
 
         return StreamingResponse(gen(), media_type="text/event-stream")
+    if request.url.path.endswith("/embeddings"):
+        return JSONResponse(embedding_body(body))
     return JSONResponse(completion_body(body))
+
+
+def embedding_body(body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's embeddings answer: a `data` list (an answer without one is not an answer)."""
+    vector = {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}
+    return {"object": "list", "data": [vector], "model": body.get("model"), "usage": {"prompt_tokens": 5, "total_tokens": 5}}
 
 
 def fail(status: int, body: Any = None) -> Handler:
