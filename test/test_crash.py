@@ -213,17 +213,25 @@ def test_a_locked_ledger_file_stops_the_start_with_a_clear_error(tmp_path):
     assert "locked by another process" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_second_gateway_on_the_same_ledger_exits_2_naming_the_file_and_the_process_holding_it(tmp_path, gateways):
+@pytest.mark.parametrize("spelling", ["same path", "symlink", "dotted path"])
+def test_a_second_gateway_on_the_same_ledger_exits_2_naming_the_file_and_the_process_holding_it(tmp_path, gateways, spelling):
     """Balances live in each process's memory: two processes on one ledger would each spend a
-    key's whole balance, and neither would see the other's top-ups."""
+    key's whole balance, and neither would see the other's top-ups. Another name for the same
+    file (a symlink, `dir/../dir/file`) is the same ledger."""
     first = Gateway(tmp_path, config_text()).start()
     gateways.append(first)
     assert first.process is not None
-    result = run_main("--config", str(first.config), "--db", str(first.db), "--host", "127.0.0.1", "--port", str(_free_port()))
-    assert result.returncode == 2
+    db = first.db
+    if spelling == "symlink":
+        db = tmp_path / "other-name.db"
+        db.symlink_to(first.db)
+    elif spelling == "dotted path":
+        db = first.db.parent / ".." / first.db.parent.name / first.db.name
+    result = run_main("--config", str(first.config), "--db", str(db), "--host", "127.0.0.1", "--port", str(_free_port()))
+    assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines
-    assert f"ledger {first.db} is in use by another Tollgate process (pid {first.process.pid})" in lines[0]
+    assert f"ledger {db} is in use by another Tollgate process (pid {first.process.pid})" in lines[0]
     with httpx.Client(base_url=first.url, headers={"Authorization": f"Bearer {COUNT_KEY}"}) as http:
         assert http.post("/v1/chat/completions", json=BODY).status_code == 200  # the first one serves on
 
