@@ -30,6 +30,10 @@ class ConfigWriteError(Exception):
     """The file could not be changed (it can still be read: a broken one raises ConfigError)."""
 
 
+class ConfigChangedError(ConfigWriteError):
+    """Someone else (an editor, say) saved the file while this edit was being made."""
+
+
 def set_key_preference(path: Path, secret: str, name: str, value: str) -> None:
     """Set `api_keys[<the key>].preferences.<name>` to the plain word `value` in the file at
     `path`. Raises ConfigError (located) if the file does not parse, ConfigWriteError else."""
@@ -38,7 +42,7 @@ def set_key_preference(path: Path, secret: str, name: str, value: str) -> None:
     index, entry = _find_key(_compose(text, file), secret, file)
     edited = _with_preference(text, entry, name, value)
     _check_only_that_changed(text, edited, index, name, value, file)
-    _atomic_write(path, edited)
+    replace_text(path, text, edited)
 
 
 def _read(path: Path) -> str:
@@ -181,17 +185,22 @@ def _unshared(node: Any) -> Any:
     return node
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def replace_text(path: Path, before: str, after: str) -> None:
+    """Replace the file's text `before` with `after` atomically (the watcher never sees half a
+    file). Raises ConfigChangedError, writing nothing, if the file no longer holds `before`:
+    an operator who saved it meanwhile would otherwise lose their change without a word."""
     target = path.resolve()
     try:
         fd, tmp = tempfile.mkstemp(prefix=".api.yaml.", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(text.encode("utf-8"))
+                handle.write(after.encode("utf-8"))
                 handle.flush()
                 os.fsync(handle.fileno())
             mode = target.stat().st_mode & 0o777
             os.chmod(tmp, mode)
+            if _read(path) != before:  # as late as can be: only a save in the last instant slips by
+                raise ConfigChangedError(f"{path.name} changed while it was being edited; try again")
             os.replace(tmp, target)
         except BaseException:
             if os.path.exists(tmp):
