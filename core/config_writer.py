@@ -23,6 +23,7 @@ from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from core.yamlsource import ConfigError, expand_env, parse_yaml
 
 NULL_TAG = "tag:yaml.org,2002:null"
+BOM = "\ufeff"
 _SPACES_BEFORE_COMMENT = re.compile(r"( +)#")
 
 
@@ -38,11 +39,14 @@ def set_key_preference(path: Path, secret: str, name: str, value: str) -> None:
     """Set `api_keys[<the key>].preferences.<name>` to the plain word `value` in the file at
     `path`. Raises ConfigError (located) if the file does not parse, ConfigWriteError else."""
     file = str(path)
-    text = _read(path)
+    original = _read(path)
+    # libyaml's offsets do not count a leading byte order mark: edit the text after it.
+    bom = BOM if original.startswith(BOM) else ""
+    text = original[len(bom) :]
     index, entry = _find_key(_compose(text, file), secret, file)
     edited = _with_preference(text, entry, name, value)
     _check_only_that_changed(text, edited, index, name, value, file)
-    replace_text(path, text, edited)
+    replace_text(path, original, bom + edited)
 
 
 def _read(path: Path) -> str:

@@ -111,6 +111,15 @@ def test_empty_and_quoted_values_are_filled_in_place(tmp_path, entry, edited):
     assert path.read_text() == "api_keys:\n- api: sk-x\n" + edited + "- api: sk-y\n"
 
 
+def test_a_file_that_starts_with_a_byte_order_mark_is_edited_and_keeps_it(tmp_path):
+    path = tmp_path / "api.yaml"
+    before = "\ufeffapi_keys:\n- api: sk-x\n  preferences:\n    billing_mode: token\n- api: sk-y\n"
+    path.write_bytes(before.encode())
+    set_key_preference(path, "sk-x", "billing_mode", "count")
+    after = path.read_bytes().decode()
+    assert after.startswith("\ufeff") and changed_lines(before, after) == ["-     billing_mode: token", "+     billing_mode: count"]
+
+
 def test_a_file_without_a_last_newline_gets_the_line_appended(tmp_path):
     path = tmp_path / "api.yaml"
     path.write_text("api_keys:\n- api: sk-x")
