@@ -28,7 +28,9 @@ class Section:
             node = {}
         if not isinstance(node, dict):
             holder, at = (parent, key) if position_of(parent, key) else (node, None)
-            raise error_at(file, holder, at, f"{path} must be a mapping, got {_kind(node)}")
+            # A string list entry (`- sk-live-…` under api_keys) is likely a key: never quoted.
+            got = "a string (not shown: it may be a key)" if isinstance(node, str) and path.endswith("]") else _kind(node)
+            raise error_at(file, holder, at, f"{path} must be a mapping, got {got}")
         self.node = node
 
     def error(self, key: Any, reason: str) -> ConfigError:

@@ -271,3 +271,9 @@ def test_numbers_past_the_documented_maximum_are_located_errors(preferences, whe
 def test_the_largest_allowed_numbers_load():
     config = load(BASE + "    preferences: {count_credits: 1000000000000000, credits: 1000000000000000, quota: 1000000000000000}\n")
     assert config.key_index.find("sk-one").billing.count_credits == 10**15
+
+
+def test_a_key_written_without_its_api_label_is_not_quoted_in_the_error():
+    error = error_of(BASE + "  - sk-live-SECRET-7f3a9c\n")
+    assert error.line == 7 and "api_keys[1] must be a mapping, got a string" in error.reason
+    assert "SECRET" not in str(error)
