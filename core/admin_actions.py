@@ -70,7 +70,8 @@ async def add_credit(
     applied = await ledger.grant(grant, key.billing)
     if alerts is not None:
         alerts.check(key, account)
-    detail = {"amount": str(amount), "reason": grant.reason, "idempotency_key": idempotency_key, "applied": applied}
+    shown = format_usd(units) if kind == CREDITS else str(units)  # what was granted, in plain digits (str(Decimal) wrote 1E-7)
+    detail = {"amount": shown, "reason": grant.reason, "idempotency_key": idempotency_key, "applied": applied}
     action = ADD_CREDITS if kind == CREDITS else ADD_COUNT_CREDITS
     await ledger.append_audit(AuditEntry(now, actor, action, key, before, balance(key, account), detail))
     return applied

@@ -8,6 +8,7 @@ from decimal import Decimal
 
 from routes._json import ExactJSONResponse
 from test.conftest import ADMIN_KEY
+from test.test_security import gateway_session
 
 KEY = "sk-tiny-spender-0001"
 COUNTED = "sk-tiny-counted-0002"
@@ -102,3 +103,15 @@ api_keys:
 
 def test_an_integer_past_64_bits_is_written_not_a_500():
     assert ExactJSONResponse({"count": 10**20, "list": [-(2**70), True, 1]}).body == b'{"count":100000000000000000000,"list":[-1180591620717411303424,true,1]}'
+
+
+def test_audit_log_amounts_are_plain_decimals(start_gateway):
+    gateway = start_gateway(CONFIG)
+    assert gateway.http("POST", "/v1/add_credits", key=ADMIN_KEY, params={"paid_key": KEY, "amount": "0.0000001"}).status_code == 200
+    assert gateway.http("POST", "/v1/add_count_credits", key=ADMIN_KEY, params={"paid_key": COUNTED, "amount": "1.0"}).status_code == 200
+    entries = gateway.http("GET", "/v1/audit_log", key=ADMIN_KEY).json()["entries"]
+    amounts = [json.loads(entry["detail"])["amount"] for entry in reversed(entries)]
+    assert amounts == ["0.0000001", "1"]
+    with gateway_session(gateway, ADMIN_KEY) as web:
+        page = web.get("/admin/audit").text
+    assert "+1 · admin top-up" in page and "+1.0" not in page
