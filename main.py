@@ -209,10 +209,17 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except (OSError, ValueError) as exc:  # ValueError: a host name the IDNA codec refuses
         sock.close()
-        hint = "; is Tollgate or another server already running there? Stop it or choose another --port" if getattr(exc, "errno", None) == errno.EADDRINUSE else ""
-        raise StartRefused(f"cannot listen on {_address(host, port)}: {getattr(exc, 'strerror', None) or exc}{hint}") from exc
+        raise StartRefused(f"cannot listen on {_address(host, port)}: {_bind_failure(exc)}") from exc
     sock.set_inheritable(True)
     return sock
+
+
+def _bind_failure(exc: OSError | ValueError) -> str:
+    if not isinstance(exc, OSError) or not exc.strerror:
+        return str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        return f"{exc.strerror}; is Tollgate or another server already running there? Stop it or choose another --port"
+    return exc.strerror
 
 
 def _address(host: str, port: int) -> str:
