@@ -161,7 +161,7 @@ def _insert_pair(text: str, mapping: MappingNode, name: str, value: str) -> str:
     if not isinstance(last_value, ScalarNode):
         raise ConfigWriteError("cannot tell where to add a line to this key's entry")
     line_end = text.find("\n", last_value.end_mark.index)
-    if line_end < 0:
+    if line_end < 0:  # the last line, without its newline: it gets one (a line diff shows it as changed too)
         return text + newline + " " * first_key.start_mark.column + pair + newline
     return text[: line_end + 1] + " " * first_key.start_mark.column + pair + newline + text[line_end + 1 :]
 
