@@ -145,7 +145,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tollgate", description="Metering and billing gateway for LLM APIs.")
     parser.add_argument("--config", default=os.environ.get("TOLLGATE_CONFIG", "./api.yaml"), help="config file (env TOLLGATE_CONFIG, default ./api.yaml)")
     parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"), help="listen address (env HOST, default 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")), help="listen port (env PORT, default 8000)")
+    parser.add_argument("--port", default=os.environ.get("PORT", "8000"), help="listen port (env PORT, default 8000)")  # checked by _port_number
     parser.add_argument("--db", default=os.environ.get("TOLLGATE_DB", "./data/tollgate.db"), help="SQLite ledger (env TOLLGATE_DB, default ./data/tollgate.db)")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 def _prepare(args: argparse.Namespace, held: contextlib.ExitStack) -> tuple[Starlette, socket.socket]:
     """Everything that can refuse the start, done before the ledger is opened and migrated (in
     the lifespan), so that a mistake is told at once rather than after a long migration."""
+    args.port = _port_number(args.port)
     config_path = Path(args.config)
     if not config_path.exists():
         raise StartRefused(f"config file {config_path} not found; start from the example: cp api.yaml.example {config_path}")
@@ -186,18 +187,39 @@ def _prepare(args: argparse.Namespace, held: contextlib.ExitStack) -> tuple[Star
     return app, listener
 
 
+def _port_number(raw: str) -> int:
+    """--port or PORT as a port number (0: any free port); a one-line refusal otherwise."""
+    text = str(raw).strip()
+    if not (text.isascii() and text.isdigit() and int(text) <= MAX_PORT):
+        raise StartRefused(f"--port (or PORT) must be a whole number from 0 to {MAX_PORT}, got '{raw}'")
+    return int(text)
+
+
+MAX_PORT = 65535
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound here; uvicorn only starts listening on it."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:  # an IPv6 address on a machine without IPv6
+        raise StartRefused(f"cannot listen on {_address(host, port)}: {exc.strerror or exc}; is IPv6 available? Try --host 0.0.0.0") from exc
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait out TIME_WAIT
     try:
         sock.bind((host, port))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a host name the IDNA codec refuses
         sock.close()
-        hint = "; is Tollgate or another server already running there? Stop it or choose another --port" if exc.errno == errno.EADDRINUSE else ""
-        raise StartRefused(f"cannot listen on {_address(host, port)}: {exc.strerror}{hint}") from exc
+        raise StartRefused(f"cannot listen on {_address(host, port)}: {_bind_failure(exc)}") from exc
     sock.set_inheritable(True)
     return sock
+
+
+def _bind_failure(exc: OSError | ValueError) -> str:
+    if not isinstance(exc, OSError) or not exc.strerror:
+        return str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        return f"{exc.strerror}; is Tollgate or another server already running there? Stop it or choose another --port"
+    return exc.strerror
 
 
 def _address(host: str, port: int) -> str:

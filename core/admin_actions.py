@@ -12,7 +12,7 @@ from core.audit import ADD_COUNT_CREDITS, ADD_CREDITS, REPORT_USAGE, SET_BILLING
 from core.billing import BillingMeter, check_window_open
 from core.config import ApiKey, Config
 from core.config_billing import BILLING_MODES
-from core.config_writer import ConfigWriteError, set_key_preference
+from core.config_writer import ConfigChangedError, ConfigWriteError, set_key_preference
 from core.errors import GatewayError, bad_request
 from core.ledger import COUNT_CREDITS, CREDITS, Grant
 from core.pricing import format_usd, to_nanos
@@ -70,7 +70,8 @@ async def add_credit(
     applied = await ledger.grant(grant, key.billing)
     if alerts is not None:
         alerts.check(key, account)
-    detail = {"amount": str(amount), "reason": grant.reason, "idempotency_key": idempotency_key, "applied": applied}
+    shown = format_usd(units) if kind == CREDITS else str(units)  # what was granted, in plain digits (str(Decimal) wrote 1E-7)
+    detail = {"amount": shown, "reason": grant.reason, "idempotency_key": idempotency_key, "applied": applied}
     action = ADD_CREDITS if kind == CREDITS else ADD_COUNT_CREDITS
     await ledger.append_audit(AuditEntry(now, actor, action, key, before, balance(key, account), detail))
     return applied
@@ -78,27 +79,35 @@ async def add_credit(
 
 async def set_billing_mode(store: ConfigStore, ledger: SqliteLedger, key: ApiKey, mode: str, now: float, actor: Actor) -> ApiKey:
     """Write the mode into api.yaml (that one value, atomically) and apply it; the updated key.
-    A file that does not load is not touched: 409 `config_invalid` says where it is wrong. Audited."""
+    A file that does not load is not touched: 409 `config_invalid` says where it is wrong;
+    one saved by someone else during the edit neither: 409 `config_changed`. Audited."""
     if mode not in BILLING_MODES:
         raise bad_request(f"The 'billing_mode' parameter must be one of {', '.join(BILLING_MODES)}, got '{mode}'.", "invalid_billing_mode", "billing_mode")
-    await store.reload()  # a file edited since the last reload is looked at now, not after the write
-    if store.last_error is not None:
-        raise config_invalid(store.last_error)
-    try:  # parsing a large file takes a while: not on the event loop
-        await asyncio.to_thread(set_key_preference, store.path, key.secret, "billing_mode", mode)
-    except ConfigError as exc:  # broken between the reload and the write
-        raise config_invalid(exc) from None
-    except ConfigWriteError as exc:
-        raise GatewayError(409, "conflict_error", "config_not_writable", f"Could not update the config file: {exc}") from None
+    async with store.edit_lock:  # one edit at a time: each rewrites the file from the text it read
+        before = await _reloaded_key(store, key)
+        try:  # parsing a large file takes a while: not on the event loop
+            await asyncio.to_thread(set_key_preference, store.path, key.secret, "billing_mode", mode)
+        except ConfigError as exc:  # broken between the reload and the write
+            raise config_invalid(exc) from None
+        except ConfigChangedError as exc:
+            raise GatewayError(409, "conflict_error", "config_changed", str(exc)) from None
+        except ConfigWriteError as exc:
+            raise GatewayError(409, "conflict_error", "config_not_writable", f"Could not update the config file: {exc}") from None
+        updated = await _reloaded_key(store, key)
+    entry = AuditEntry(now, actor, SET_BILLING_MODE, updated, {"billing_mode": before.billing.mode}, {"billing_mode": updated.billing.mode})
+    await ledger.append_audit(entry)
+    return updated
+
+
+async def _reloaded_key(store: ConfigStore, key: ApiKey) -> ApiKey:
+    """`key` as the file says now (an edit made since the last reload is looked at, not lost)."""
     await store.reload()
     if store.last_error is not None:
         raise config_invalid(store.last_error)
-    updated = store.current.key_index.find(key.secret)
-    if updated is None:
+    found = store.current.key_index.find(key.secret)
+    if found is None:
         raise GatewayError(409, "conflict_error", "key_removed", "The key is no longer in the config.")
-    entry = AuditEntry(now, actor, SET_BILLING_MODE, updated, {"billing_mode": key.billing.mode}, {"billing_mode": updated.billing.mode})
-    await ledger.append_audit(entry)
-    return updated
+    return found
 
 
 def config_invalid(error: ConfigError | ReloadError) -> GatewayError:

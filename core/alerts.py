@@ -25,6 +25,7 @@ import aiosqlite
 from core.config import ApiKey
 from core.ledger import Account
 from core.limits import Limiter
+from core.money_format import count_text, usd_text
 from core.pricing import format_usd
 from core.sqlite_ledger import SqliteLedger
 
@@ -45,7 +46,12 @@ class Reading:
     unit: str  # "usd" (nanos) or "count"/"tokens"
 
     def shown(self, value: int) -> str:
+        """As stored and sent to webhooks: a plain decimal (`0.06`) or a whole number."""
         return format_usd(value) if self.unit == "usd" else str(value)
+
+    def text(self, value: int) -> str:
+        """As people read it (the log): `$0.06`, `1,000`."""
+        return usd_text(value) if self.unit == "usd" else count_text(value)
 
 
 def readings(key: ApiKey, account: Account, limiter: Limiter) -> list[Reading]:
@@ -139,7 +145,7 @@ class Alerts:
             return int(cursor.lastrowid or 0)
 
         log.info(
-            "alert: key %s %s crossed %.0f%% (%s of %s)", key.masked, reading.metric, threshold * 100, reading.shown(reading.used), reading.shown(reading.limit)
+            "alert: key %s %s crossed %.0f%% (%s of %s)", key.masked, reading.metric, threshold * 100, reading.text(reading.used), reading.text(reading.limit)
         )
         _, done = self.ledger.query_in_order(write)
         if url:

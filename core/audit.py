@@ -108,7 +108,7 @@ def _note(action: str, detail: dict[str, Any]) -> str:
 
 def _shown(value: Any, is_usd: bool) -> str:
     """A recorded value (exact decimal strings for USD, `unlimited`, ints, modes) for a reader."""
-    if isinstance(value, str) and value != "unlimited" and (is_usd or value.isdigit()):
+    if isinstance(value, str) and value != "unlimited" and (is_usd or value.replace(".", "", 1).isdigit()):  # older rows: "1.0"
         number = Decimal(value)
         return usd_text(to_nanos(number)) if is_usd else count_text(int(number))
     return count_text(value) if isinstance(value, int) else str(value)

@@ -10,7 +10,7 @@ from core.pricing import COUNT, TOKEN, ModelPrice, PriceBook, TokenPrice, build_
 from core.timeutil import to_unix
 
 BILLING_MODES = (TOKEN, COUNT, "hybrid")
-UNLIMITED = -1
+UNLIMITED = -1  # credits: -1 in api.yaml, and in the JSON the admin API answers
 DEFAULT_RESERVE_COMPLETION_TOKENS = 1024
 COUNT_BILLING_KEYS = ("enabled", "default_count_price", "model_count_prices")
 MODEL_PRICE_KEYS = ("token_price", "count_price", "cache_read_price", "cache_write_price", "reasoning_price")

@@ -8,13 +8,13 @@ import re
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from core.config_reader import Section
+from core.config_reader import MAX_NUMBER, MAX_NUMBER_TEXT, Section
 from core.pricing import to_nanos
 from core.timeutil import to_unix
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 UNIT_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+?)s?\s*$")
+_RATE = re.compile(r"^\s*([0-9]+)\s*/\s*([0-9]*)\s*([a-z]+?)s?\s*$")
 PERIODS = ("daily", "weekly", "monthly")
 ALERT_KEYS = ("thresholds", "webhook_url")
 QUOTA_TYPES = ("tokens", "usd")
@@ -128,6 +128,8 @@ def _rates(section: Section, key: str) -> tuple[RateRule, ...]:
     for part in str(section.raw(key)).split(","):
         match = _RATE.match(part.lower())
         unit = UNIT_SECONDS.get(match.group(3)) if match else None
+        if match is not None and any(len(digits) > len(str(MAX_NUMBER)) or int(digits) > MAX_NUMBER for digits in match.group(1, 2) if digits):
+            raise section.error(key, f"{section.where(key)} numbers must be at most {MAX_NUMBER_TEXT}; got '{part.strip()}'")
         if match is None or unit is None or int(match.group(1)) <= 0:
             raise section.error(key, f"{section.where(key)} must look like '60/min,1000/day' (units s, min, hour, day); got '{part.strip()}'")
         rules.append(RateRule(int(match.group(1)), unit * int(match.group(2) or 1), part.strip()))

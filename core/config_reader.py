@@ -11,6 +11,11 @@ from typing import Any
 from core.yamlsource import ConfigError, error_at, line_of, position_of
 
 _MISSING = object()
+# Every number in the config is at most this: counts, tokens, USD, seconds. Past 2**64 JSON
+# encoders refuse an integer (every admin endpoint answered 500); past 2**53, JavaScript
+# clients read a neighbour. 10^15 tokens or dollars is far beyond any real budget.
+MAX_NUMBER = 10**15
+MAX_NUMBER_TEXT = f"{MAX_NUMBER} (10^15)"
 
 
 class Section:
@@ -23,7 +28,9 @@ class Section:
             node = {}
         if not isinstance(node, dict):
             holder, at = (parent, key) if position_of(parent, key) else (node, None)
-            raise error_at(file, holder, at, f"{path} must be a mapping, got {_kind(node)}")
+            # A string list entry (`- sk-live-…` under api_keys) is likely a key: never quoted.
+            got = "a string (not shown: it may be a key)" if isinstance(node, str) and path.endswith("]") else _kind(node)
+            raise error_at(file, holder, at, f"{path} must be a mapping, got {got}")
         self.node = node
 
     def error(self, key: Any, reason: str) -> ConfigError:
@@ -112,6 +119,8 @@ def to_decimal(value: Any, section: Section, key: Any, *, minimum: Decimal | int
     if minimum is not None and (number < minimum or (number == minimum and not allow_equal)):
         bound = f">= {minimum}" if allow_equal else f"> {minimum}"
         raise section.error(key, f"{where} must be {bound}, got {number}")
+    if abs(number) > MAX_NUMBER:
+        raise section.error(key, f"{where} must be at most {MAX_NUMBER_TEXT}, got {number}")
     return number
 
 

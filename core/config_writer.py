@@ -23,6 +23,7 @@ from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from core.yamlsource import ConfigError, expand_env, parse_yaml
 
 NULL_TAG = "tag:yaml.org,2002:null"
+BOM = "\ufeff"
 _SPACES_BEFORE_COMMENT = re.compile(r"( +)#")
 
 
@@ -30,15 +31,22 @@ class ConfigWriteError(Exception):
     """The file could not be changed (it can still be read: a broken one raises ConfigError)."""
 
 
+class ConfigChangedError(ConfigWriteError):
+    """Someone else (an editor, say) saved the file while this edit was being made."""
+
+
 def set_key_preference(path: Path, secret: str, name: str, value: str) -> None:
     """Set `api_keys[<the key>].preferences.<name>` to the plain word `value` in the file at
     `path`. Raises ConfigError (located) if the file does not parse, ConfigWriteError else."""
     file = str(path)
-    text = _read(path)
+    original = _read(path)
+    # libyaml's offsets do not count a leading byte order mark: edit the text after it.
+    bom = BOM if original.startswith(BOM) else ""
+    text = original[len(bom) :]
     index, entry = _find_key(_compose(text, file), secret, file)
     edited = _with_preference(text, entry, name, value)
     _check_only_that_changed(text, edited, index, name, value, file)
-    _atomic_write(path, edited)
+    replace_text(path, original, bom + edited)
 
 
 def _read(path: Path) -> str:
@@ -153,7 +161,7 @@ def _insert_pair(text: str, mapping: MappingNode, name: str, value: str) -> str:
     if not isinstance(last_value, ScalarNode):
         raise ConfigWriteError("cannot tell where to add a line to this key's entry")
     line_end = text.find("\n", last_value.end_mark.index)
-    if line_end < 0:
+    if line_end < 0:  # the last line, without its newline: it gets one (a line diff shows it as changed too)
         return text + newline + " " * first_key.start_mark.column + pair + newline
     return text[: line_end + 1] + " " * first_key.start_mark.column + pair + newline + text[line_end + 1 :]
 
@@ -181,17 +189,22 @@ def _unshared(node: Any) -> Any:
     return node
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def replace_text(path: Path, before: str, after: str) -> None:
+    """Replace the file's text `before` with `after` atomically (the watcher never sees half a
+    file). Raises ConfigChangedError, writing nothing, if the file no longer holds `before`:
+    an operator who saved it meanwhile would otherwise lose their change without a word."""
     target = path.resolve()
     try:
         fd, tmp = tempfile.mkstemp(prefix=".api.yaml.", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(text.encode("utf-8"))
+                handle.write(after.encode("utf-8"))
                 handle.flush()
                 os.fsync(handle.fileno())
             mode = target.stat().st_mode & 0o777
             os.chmod(tmp, mode)
+            if _read(path) != before:  # as late as can be: only a save in the last instant slips by
+                raise ConfigChangedError(f"{path.name} changed while it was being edited; try again")
             os.replace(tmp, target)
         except BaseException:
             if os.path.exists(tmp):

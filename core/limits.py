@@ -24,6 +24,7 @@ from core.config_limits import IPNetwork, RateRule
 from core.errors import GatewayError, forbidden
 from core.ledger import Account
 from core.ledger_sums import Window, window_totals
+from core.money_format import count_text, usd_text
 from core.pricing import format_usd
 from core.sqlite_ledger import SqliteLedger
 
@@ -233,7 +234,7 @@ class Limiter:
                     402,
                     "insufficient_quota",
                     limit.code,
-                    f"This API key reached its {limit.period} limit of ${format_usd(limit.limit_nanos)}; it resets at {reset}.",
+                    f"This API key reached its {limit.period} limit of {usd_text(limit.limit_nanos)}; it resets at {reset}.",
                 )
         holds = Holds(key, tokens, nanos)
         state.in_flight += 1
@@ -294,8 +295,8 @@ class Limiter:
         limits = key.limits
         assert limits.quota is not None
         if limits.quota_type == "tokens":
-            return f"{used} of {limits.quota} tokens"
-        return f"${format_usd(used)} of ${format_usd(limits.quota)}"
+            return f"{count_text(used)} of {count_text(limits.quota)} tokens"
+        return f"{usd_text(used)} of {usd_text(limits.quota)}"
 
     def quota_headers(self, key: ApiKey, account: Account) -> dict[str, str]:
         limits = key.limits

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import orjson
 
-from core.pricing import NANOS_PER_USD
+from core.pricing import NANO_DIGITS, NANOS_PER_USD, plain_decimal
 
 MIN_PLACES = 2
 PLACES = 4  # amounts of a cent or more
 SMALL_PLACES = 7  # amounts under a cent
 CENT_NANOS = NANOS_PER_USD // 100
-NANO_DIGITS = 9
 
 
 def usd_text(nanos: int | None) -> str:
@@ -45,19 +44,11 @@ def count_text(value: int) -> str:
     return f"{value:,}"
 
 
-def plain_decimal(units: int, places: int) -> str:
-    """`units / 10**places` in plain notation with at least one decimal: `15.0`, `0.000017`."""
-    sign, size = ("-" if units < 0 else ""), abs(units)
-    whole, fraction = divmod(size, 10**places)
-    decimals = f"{fraction:0{places}d}".rstrip("0") if places else ""
-    return f"{sign}{whole}.{decimals or '0'}"
-
-
 def usd_json(nanos: int) -> orjson.Fragment:
     """A JSON number of USD, exact to the nano-dollar (orjson writes the fragment verbatim)."""
-    return orjson.Fragment(plain_decimal(nanos, NANO_DIGITS).encode())
+    return orjson.Fragment(plain_decimal(nanos, NANO_DIGITS, point=True).encode())
 
 
 def cents_json(nanos: int) -> orjson.Fragment:
     """A JSON number of US cents (OpenAI's legacy usage API counts in cents)."""
-    return orjson.Fragment(plain_decimal(nanos, NANO_DIGITS - 2).encode())
+    return orjson.Fragment(plain_decimal(nanos, NANO_DIGITS - 2, point=True).encode())

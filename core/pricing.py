@@ -16,6 +16,7 @@ from core.lookup import DEFAULT, PrefixTable
 from core.usage import Usage
 
 NANOS_PER_USD = 1_000_000_000
+NANO_DIGITS = 9
 PER_MILLION = Decimal(1_000_000)
 TOKEN = "token"
 COUNT = "count"
@@ -30,10 +31,19 @@ def from_nanos(nanos: int) -> Decimal:
 
 
 def format_usd(nanos: int) -> str:
-    """Nano-dollars as a plain decimal string (`1.5`, `0.000000001`), without a Decimal."""
-    whole, fraction = divmod(abs(nanos), NANOS_PER_USD)
-    sign = "-" if nanos < 0 else ""
-    return f"{sign}{whole}.{fraction:09d}".rstrip("0") if fraction else f"{sign}{whole}"
+    """Nano-dollars as a plain decimal string (`1.5`, `0.000000001`, `2`), without a Decimal."""
+    return plain_decimal(nanos, NANO_DIGITS)
+
+
+def plain_decimal(units: int, places: int, *, point: bool = False) -> str:
+    """`units / 10**places` in plain notation, never an exponent, no trailing zeros; `point`
+    keeps a decimal point on whole numbers (`15.0`). The one writer of plain decimals."""
+    sign, size = ("-" if units < 0 else ""), abs(units)
+    whole, fraction = divmod(size, 10**places)
+    decimals = f"{fraction:0{places}d}".rstrip("0") if places else ""
+    if point and not decimals:
+        decimals = "0"
+    return f"{sign}{whole}.{decimals}" if decimals else f"{sign}{whole}"
 
 
 def _nanos_per_million(price: Decimal) -> int | None:

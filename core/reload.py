@@ -55,6 +55,9 @@ class ConfigStore:
         self.reload_count = 0
         self._signature = _signature(self.path)
         self._lock = asyncio.Lock()
+        # Held by an edit of the file across reload, write, reload: the writer rewrites the whole
+        # file from the text it read, so two edits at once would each drop the other's change.
+        self.edit_lock = asyncio.Lock()
         # Replaced configs being freed. Held here because the loop keeps only weak references to
         # tasks: a second reload used to overwrite the first one's task, which could then vanish.
         self._retiring: set[asyncio.Task[None]] = set()

@@ -10,7 +10,8 @@ from typing import Any
 
 from core import reports
 from core.config import ApiKey, Config
-from core.key_states import UNLIMITED, effective_mode
+from core.config_billing import UNLIMITED
+from core.key_states import effective_mode
 from core.ledger import Account
 from core.ledger_sums import Totals, Window
 from core.limits import Limiter, period_bounds

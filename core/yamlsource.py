@@ -111,13 +111,25 @@ def _syntax_error(exc: MarkedYAMLError, file: str) -> ConfigError:
     starts_earlier = context is not None and problem is not None and problem.line > context.line
     at_start = starts_earlier and str(exc.context or "").startswith(("while scanning a", "while parsing a flow"))
     mark = context if at_start else (problem or context)
-    reason = f"YAML syntax error: {exc.problem or exc.context or 'invalid YAML'}"
+    reason = f"YAML syntax error: {_without_values(exc.problem) or exc.context or 'invalid YAML'}"
     if exc.problem and exc.context:
         since = f" that starts at line {context.line + 1}, column {context.column + 1}" if context is not None and mark is not context else ""
         reason += f" ({exc.context}{since})"
     if mark is None:
         return ConfigError(file, None, reason)
     return ConfigError(file, mark.line + 1, reason, mark.column + 1)
+
+
+def _without_values(problem: str | None) -> str | None:
+    """The parser's words without the values it quotes: a duplicate `api:` line would put
+    both keys in the log, the config status, 409 answers and every admin page's banner.
+    `found duplicate key "api" with value "sk-…" (original value: "sk-…")` keeps its first part."""
+    if problem and problem.startswith(_DUPLICATE_KEY):
+        return problem.split(_DUPLICATE_VALUE, 1)[0] + '"'
+    return problem
+
+
+_DUPLICATE_KEY, _DUPLICATE_VALUE = "found duplicate key ", '" with value "'
 
 
 def _load_fast(text: str) -> Any:

@@ -16,7 +16,7 @@ from core import reports
 from core.errors import bad_request, forbidden, not_found
 from core.key_states import effective_mode
 from core.ledger_sums import Window
-from core.pricing import from_nanos
+from core.pricing import format_usd
 from core.sqlite_ledger import SqliteLedger
 from core.timeutil import days_before
 from routes._http import current_config
@@ -92,7 +92,7 @@ async def _request_rows(ledger: SqliteLedger, key_id: str | None, since: float, 
             record["cached_tokens"],
             record["cost_type"],
             record["unit_prices"],
-            format(from_nanos(record["cost_nanos"]), "f"),
+            format_usd(record["cost_nanos"]),
             record["count_charged"],
             record["status"],
             record["cache_write_tokens"],
@@ -134,7 +134,7 @@ async def keys_csv(request: Request) -> StreamingResponse:
                 yield (key.id, key.name, key.masked, effective_mode(config, key), 0, 0, 0, 0, "0", 0, 0)
             else:
                 yield (key.id, key.name, key.masked, effective_mode(config, key), t.requests, t.prompt_tokens, t.completion_tokens, t.cached_tokens,
-                       format(from_nanos(t.cost_nanos), "f"), t.count_charged, t.errors)  # fmt: skip
+                       format_usd(t.cost_nanos), t.count_charged, t.errors)  # fmt: skip
 
     return download(csv_stream(SUMMARY_HEADER, rows()), f"keys_{label}.csv")
 

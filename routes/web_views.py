@@ -28,6 +28,7 @@ MESSAGES = {
     "invalid_amount": "The amount must be a positive number (count credits: a whole number).",
     "invalid_billing_mode": "Unknown billing mode.",
     "config_not_writable": "api.yaml could not be written: the billing mode is unchanged.",
+    "config_changed": "api.yaml changed while it was being edited: the billing mode is unchanged; try again.",
     "config_invalid": "api.yaml has an error; fix it first (the config status says where).",
     "bad_csrf": "The form expired; please try again.",
     "billing_window_not_started": "The key's billing window (created_at) has not started: a top-up now would never count.",

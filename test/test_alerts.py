@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
 import time
@@ -111,12 +112,14 @@ def test_quota_count_credits_and_budget_thresholds(start_gateway, receiver):
     assert metrics == ["count_credits", "daily_cost_limit:2026-03-04", "quota"]
 
 
-def test_alerts_show_on_the_key_page(start_gateway, receiver):
+def test_alerts_show_on_the_key_page(start_gateway, receiver, caplog):
     from test.test_web import Browser, key_id
 
+    caplog.set_level(logging.INFO, logger="tollgate.alerts")
     gateway = start_gateway(config(receiver.url), clock=FakeClock(T0))
     chat(gateway, 3)
     receiver.wait_for(1)
+    assert any(r.getMessage().endswith("credits crossed 50% ($0.06 of $0.10)") for r in caplog.records if r.name == "tollgate.alerts"), caplog.text
     browser = Browser(gateway.url)
     browser.login(ADMIN_KEY)
     page = browser.get(f"/admin/keys/{key_id(KEY)}").text

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -154,3 +156,45 @@ def test_the_example_admin_key_on_a_public_address_is_warned_about(tmp_path):
     assert len(warnings) == 1, log
     assert "'ops'" in warnings[0] and "0.0.0.0" in warnings[0]
     assert f"Tollgate pages: http://localhost:{port}/" in log
+
+
+def one_line_refusal(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(("args", "port_env", "shown"), [((), "abc", "abc"), (("--port", "70000"), None, "70000"), (("--port", "-1"), None, "-1")])
+def test_a_bad_port_exits_2_with_one_line(tmp_path, args, port_env, shown):
+    import os
+
+    config, db = tmp_path / "api.yaml", tmp_path / "ledger.db"
+    config.write_text(ECHO_CONFIG)
+    env = {key: value for key, value in os.environ.items() if key != "PORT"} | ({"PORT": port_env} if port_env else {})
+    line = one_line_refusal(run_main("--config", str(config), "--db", str(db), *args, env=env))
+    assert line == f"tollgate: --port (or PORT) must be a whole number from 0 to 65535, got '{shown}'"
+    assert not db.exists()
+
+
+# main.py on a machine without IPv6: the kernel refuses AF_INET6 sockets.
+WITHOUT_IPV6 = """
+import errno, os, runpy, socket, sys
+class NoIPv6(socket.socket):
+    def __init__(self, family=-1, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        super().__init__(family, *args, **kwargs)
+socket.socket = NoIPv6
+sys.argv = ["main.py", *sys.argv[1:]]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def test_an_ipv6_host_without_ipv6_exits_2_with_one_line(tmp_path):
+    config, db = tmp_path / "api.yaml", tmp_path / "ledger.db"
+    config.write_text(ECHO_CONFIG)
+    command = [sys.executable, "-c", WITHOUT_IPV6, "--config", str(config), "--db", str(db), "--host", "::1", "--port", "0"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
+    line = one_line_refusal(result)
+    assert line.startswith("tollgate: cannot listen on [::1]:0: Address family not supported") and "--host 0.0.0.0" in line

@@ -250,3 +250,30 @@ def test_every_setting_is_documented_in_the_example():
     missing = [name for name in settings if not re.search(rf"(^|[\s{{,]){re.escape(name)}:", example, re.MULTILINE)]
     weekly = "weekly_cost_limit" in example and "monthly_cost_limit" in example
     assert missing == [] and weekly, f"api.yaml.example does not document: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("preferences", "where"),
+    [
+        ("count_credits: 100000000000000000000", "api_keys[0].preferences.count_credits"),
+        ("credits: 10000000000000000", "api_keys[0].preferences.credits"),
+        ("quota: 1e20", "api_keys[0].preferences.quota"),
+        ("concurrency_limit: 18446744073709551616", "api_keys[0].preferences.concurrency_limit"),
+        ("rate_limit: 100000000000000000000/min", "api_keys[0].preferences.rate_limit"),
+        ("rate_limit: " + "9" * 5000 + "/min", "api_keys[0].preferences.rate_limit"),  # past int()'s digit limit
+    ],
+)
+def test_numbers_past_the_documented_maximum_are_located_errors(preferences, where):
+    error = error_of(BASE + f"    preferences: {{{preferences}}}\n")
+    assert error.line == 7 and "at most 1000000000000000 (10^15)" in error.reason and where in error.reason
+
+
+def test_the_largest_allowed_numbers_load():
+    config = load(BASE + "    preferences: {count_credits: 1000000000000000, credits: 1000000000000000, quota: 1000000000000000}\n")
+    assert config.key_index.find("sk-one").billing.count_credits == 10**15
+
+
+def test_a_key_written_without_its_api_label_is_not_quoted_in_the_error():
+    error = error_of(BASE + "  - sk-live-SECRET-7f3a9c\n")
+    assert error.line == 7 and "api_keys[1] must be a mapping, got a string" in error.reason
+    assert "SECRET" not in str(error)

@@ -140,6 +140,7 @@ def test_token_quota_stops_the_key_and_reports_use(start_gateway):
     assert error.status_code == 402
     assert error.body["type"] == "insufficient_quota" and error.body["code"] == "API_KEY_QUOTA_EXHAUSTED"
     assert error.response.headers["x-quota-used"] == "30"
+    assert error.body["message"] == "This API key has used its quota (30 of 30 tokens)."
 
 
 def test_raising_the_quota_on_reload_unblocks_the_key_and_lowering_blocks_it(start_gateway):
@@ -157,7 +158,9 @@ def test_usd_quota(start_gateway):
     gateway, _ = start(start_gateway, "quota: 0.03, quota_type: usd")
     assert call(gateway).headers["x-quota-used"] == "0.02"
     call(gateway)
-    assert error_of(gateway).body["code"] == "API_KEY_QUOTA_EXHAUSTED"
+    error = error_of(gateway)
+    assert error.body["code"] == "API_KEY_QUOTA_EXHAUSTED"
+    assert error.body["message"] == "This API key has used its quota ($0.04 of $0.03)."  # the pages' money format
 
 
 def test_concurrent_requests_against_a_quota_are_bounded(start_gateway):
@@ -175,9 +178,20 @@ def test_daily_cost_limit_resets_at_local_midnight(start_gateway):
     call(gateway)  # 0.04 spent >= 0.03
     error = error_of(gateway)
     assert error.status_code == 402 and error.body["code"] == "daily_cost_limit_exceeded"
-    assert "2026-03-04T00:00:00+08:00" in error.body["message"]
+    assert error.body["message"] == "This API key reached its daily limit of $0.03; it resets at 2026-03-04T00:00:00+08:00."
     clock.advance(11 * 60)  # 00:01 local: a new day, though still the same UTC day
     assert call(gateway).status_code == 200
+
+
+def test_limit_messages_show_money_as_the_pages_do(start_gateway):
+    gateway, _ = start(start_gateway, "budget: 0.1, budget_period: monthly, quota: 0.05, quota_type: usd")
+    for _ in range(3):
+        call(gateway)
+    assert error_of(gateway).body["message"] == "This API key has used its quota ($0.06 of $0.05)."
+    gateway.rewrite_config(config("budget: 0.1, budget_period: monthly"))
+    call(gateway)
+    call(gateway)
+    assert error_of(gateway).body["message"].startswith("This API key reached its monthly limit of $0.10; it resets at ")
 
 
 def test_monthly_budget_and_weekly_limit(start_gateway):

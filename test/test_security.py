@@ -226,3 +226,30 @@ def test_admin_forms_never_redirect_off_the_admin_pages(start_gateway, upstream)
             assert response.status_code == 303
             location = response.headers["location"]
             assert location.startswith("/admin") and "evil" not in location, (back, location)
+
+
+LIVE_SECRET = "sk-live-SECRET-7f3a9c"
+
+
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        ("    name: alice\n", f"    name: alice\n    api: {LIVE_SECRET}\n"),  # a second `api:` line
+        (f"  - api: {OTHER_KEY}\n", f"  - api: {OTHER_KEY}\n    preferences: {{api: {LIVE_SECRET}}}\n    preferences: {{}}\n"),
+    ],
+)
+def test_a_config_error_never_quotes_a_key(start_gateway, upstream, caplog, mistake):
+    gateway = start_gateway(CONFIG, upstream)
+    broken = gateway.config_path.read_text().replace(*mistake)
+    gateway.config_path.write_text(broken)
+    status = gateway.wait_for(lambda s: s["last_error"] is not None)
+    assert "duplicate key" in status["last_error"]["reason"] and status["last_error"]["line"] is not None
+    answer = gateway.http("POST", "/v1/set_billing_mode", key=ADMIN_KEY, params={"paid_key": OTHER_KEY, "billing_mode": "token"})
+    assert answer.status_code == 409 and answer.json()["error"]["code"] == "config_invalid"
+    with gateway_session(gateway, ADMIN_KEY) as web:
+        page = web.get("/admin").text
+    logs = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("tollgate"))
+    assert "config reload failed" in logs
+    for text in (str(status), answer.text, page, logs):
+        for secret in (LIVE_SECRET, USER_KEY, OTHER_KEY):
+            assert secret not in text, secret

@@ -3,13 +3,15 @@ entry) changes, every other byte of the file stays as its author wrote it."""
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import os
 import stat
 
+import httpx
 import pytest
 
-from core.config_writer import ConfigWriteError, set_key_preference
+from core.config_writer import ConfigChangedError, ConfigWriteError, replace_text, set_key_preference
 from test.conftest import ADMIN_KEY
 
 LONG_FLOW = "{billing_mode: token, credits: 10, created_at: 2024-01-01T00:00:00+08:00, daily_cost_limit: 5, monthly_cost_limit: 50, count_credits: 0}"
@@ -109,6 +111,15 @@ def test_empty_and_quoted_values_are_filled_in_place(tmp_path, entry, edited):
     assert path.read_text() == "api_keys:\n- api: sk-x\n" + edited + "- api: sk-y\n"
 
 
+def test_a_file_that_starts_with_a_byte_order_mark_is_edited_and_keeps_it(tmp_path):
+    path = tmp_path / "api.yaml"
+    before = "\ufeffapi_keys:\n- api: sk-x\n  preferences:\n    billing_mode: token\n- api: sk-y\n"
+    path.write_bytes(before.encode())
+    set_key_preference(path, "sk-x", "billing_mode", "count")
+    after = path.read_bytes().decode()
+    assert after.startswith("\ufeff") and changed_lines(before, after) == ["-     billing_mode: token", "+     billing_mode: count"]
+
+
 def test_a_file_without_a_last_newline_gets_the_line_appended(tmp_path):
     path = tmp_path / "api.yaml"
     path.write_text("api_keys:\n- api: sk-x")
@@ -156,3 +167,44 @@ def test_set_billing_mode_on_a_file_that_does_not_validate_leaves_it_alone(start
     assert response.status_code == 409 and response.json()["error"]["code"] == "config_invalid"
     assert response.json()["error"]["message"].startswith("api.yaml has an error at line 11, column 3: api_keys[0].role must be one of user, admin")
     assert gateway.config_path.read_text() == before
+
+
+PARALLEL_KEYS = [f"sk-parallel-{n:04d}" for n in range(6)]
+PARALLEL_CONFIG = f"""\
+providers:
+- provider: p1
+  base_url: {{fake:p1}}
+  api: k
+  model: [gpt-4o]
+api_keys:
+- api: {ADMIN_KEY}
+  role: admin
+""" + "".join(f"- api: {key}\n  name: parallel{n}\n" for n, key in enumerate(PARALLEL_KEYS))
+
+
+def test_concurrent_set_billing_mode_calls_all_land(start_gateway, upstream):
+    gateway = start_gateway(PARALLEL_CONFIG, upstream)
+
+    async def all_at_once() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as client:
+            calls = (client.post("/v1/set_billing_mode", params={"paid_key": key, "billing_mode": "count"}) for key in PARALLEL_KEYS)
+            return list(await asyncio.gather(*calls))
+
+    responses = asyncio.run(all_at_once())
+    assert [response.status_code for response in responses] == [200] * len(PARALLEL_KEYS), [r.text for r in responses]
+    text = gateway.config_path.read_text()
+    assert text.count("preferences: {billing_mode: count}") == len(PARALLEL_KEYS)
+    states = gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY).json()["api_keys_states"]
+    assert sorted(state["name"] for state in states.values() if state["billing_mode"] == "count") == [f"parallel{n}" for n in range(6)]
+    entries = gateway.http("GET", "/v1/audit_log", key=ADMIN_KEY).json()["entries"]
+    assert sorted(entry["target_name"] for entry in entries if entry["action"] == "set_billing_mode") == [f"parallel{n}" for n in range(6)]
+    assert all(entry["after"] == '{"billing_mode":"count"}' for entry in entries)
+
+
+def test_a_file_saved_by_someone_else_during_the_edit_is_not_overwritten(tmp_path):
+    path = tmp_path / "api.yaml"
+    path.write_text("api_keys:\n- api: sk-x\n  name: saved by the operator\n")
+    with pytest.raises(ConfigChangedError, match=r"api\.yaml changed while it was being edited; try again"):
+        replace_text(path, "api_keys:\n- api: sk-x\n", "api_keys:\n- api: sk-x\n  preferences: {billing_mode: count}\n")
+    assert path.read_text() == "api_keys:\n- api: sk-x\n  name: saved by the operator\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["api.yaml"]  # no temporary file left behind
