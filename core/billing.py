@@ -1,7 +1,7 @@
 """Billing: decides what a request costs, reserves before the upstream call, charges after.
 
-Token-billed requests reserve an estimate (prompt estimate + `max_tokens`, or the
-configured default, at the model's prices); count-billed requests reserve one count
+Token-billed requests reserve an estimate (prompt estimate + the request's output-token
+limit, `output_token_limit`, or the configured default, at the model's prices); count-billed requests reserve one count
 credit. The key's limits (core/limits.py) are checked and held in the same synchronous
 step. Settlement charges what the upstream reported and frees every hold.
 """
@@ -21,6 +21,7 @@ from core.limits import Holds, Limiter
 from core.metering import ERROR, OK, Outcome
 from core.pricing import COUNT, PriceBook, count_price_json, format_usd
 from core.proxy import ProxyRequest, new_request_id
+from core.request_checks import output_token_limit
 from core.sqlite_ledger import SqliteLedger
 from core.usage import Usage, estimate_prompt_tokens
 
@@ -104,8 +105,7 @@ class BillingMeter:
         body = request.body
         completion = 0
         if request.endpoint != "embeddings":
-            limit = body.get("max_completion_tokens") or body.get("max_tokens")
-            completion = limit if isinstance(limit, int) and limit > 0 else config.preferences.reserve_completion_tokens
+            completion = output_token_limit(request.endpoint, body) or config.preferences.reserve_completion_tokens
         return estimate_prompt_tokens(body), completion
 
 

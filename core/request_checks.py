@@ -1,7 +1,7 @@
 """Checks of the client JSON the gateway reads itself, before anything reads it.
 
 The upstream judges what a request means; but the gateway reads parts of it on the way:
-`max_tokens` for the reservation, `stream_options` to ask for usage, and, for vendors with
+the output-token limit for the reservation, `stream_options` to ask for usage, and, for vendors with
 another format, the messages the translators rewrite. Each such part is checked here for
 the shape its reader expects, so a malformed value is a 400 naming the parameter instead
 of a crash in a translator. Whatever the gateway does not read passes untouched.
@@ -73,6 +73,19 @@ def check_request(endpoint: str, body: dict[str, Any]) -> None:
         check_prompt(body)
     elif endpoint == "messages":
         check_messages(body)
+
+
+def output_token_limit(endpoint: str, body: dict[str, Any]) -> int | None:
+    """The most output tokens a request lets the model write; None if it sets no limit. One
+    answer for the reservation and for the translators that send the limit on, so what is
+    sent is what was reserved for: messages and completions read `max_tokens` alone (their
+    vendors know no other), chat the larger of `max_tokens` and `max_completion_tokens`."""
+    limit = None
+    for name in _LIMIT_FIELDS.get(endpoint, ()):
+        value = body.get(name)
+        if type(value) is int and value > 0 and (limit is None or value > limit):
+            limit = value
+    return limit
 
 
 def check_max_tokens(body: dict[str, Any], name: str) -> None:

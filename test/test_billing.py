@@ -549,3 +549,34 @@ def test_admin_and_usage_parameter_errors_name_the_parameter(start_gateway, upst
     gateway = start_gateway(CONFIG, upstream)
     response = gateway.http(method, path, key=ADMIN_KEY, json=body)
     assert response.json()["error"]["code"] == code and response.json()["error"]["param"] == param
+
+
+# --- the output-token limit the reservation covers is the one the vendor gets --------------------
+
+ECHO_CENT = (
+    "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n"
+    + f"api_keys:\n  - api: {TOKEN_KEY}\n    preferences: {{credits: 0.01}}\n"
+    + "preferences:\n  model_price: {default: '1,1'}\n"
+)
+LIMIT_BODIES = {
+    "messages": ("/v1/messages", {"messages": MESSAGES}),
+    "completions": ("/v1/completions", {"prompt": "hello there"}),
+    "chat": ("/v1/chat/completions", {"messages": MESSAGES}),
+}
+
+
+@pytest.mark.parametrize("path, body", LIMIT_BODIES.values(), ids=LIMIT_BODIES.keys())
+def test_a_small_max_completion_tokens_does_not_shrink_the_reservation(start_gateway, path, body):
+    # 100,000 output tokens at $1 per million is $0.10: more than the key's $0.01. Messages and
+    # completions send max_tokens on and ignore max_completion_tokens; chat reserves the larger.
+    gateway = start_gateway(ECHO_CENT)
+    request = {"model": "echo-1", "max_tokens": 100_000, **body}
+    assert gateway.http("POST", path, key=TOKEN_KEY, json=request).status_code == 402
+    response = gateway.http("POST", path, key=TOKEN_KEY, json={**request, "max_completion_tokens": 1})
+    assert response.status_code == 402, response.text
+
+
+def test_echo_cuts_a_chat_reply_to_the_larger_of_both_limits(start_gateway):
+    gateway = start_gateway(ECHO_CENT)
+    reply = gateway.client(TOKEN_KEY).chat.completions.create(model="echo-1", messages=MESSAGES, max_tokens=1, max_completion_tokens=50)
+    assert reply.choices[0].message.content == "Echo: hello there"

@@ -205,3 +205,8 @@ def test_an_answer_without_usage_metadata_is_estimated_from_its_text(start_gatew
     reply = gateway.client().chat.completions.create(**request)
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (estimate_prompt_tokens(request), 100)
     assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)
+
+
+def test_the_larger_of_both_output_limits_is_sent_as_billing_reserves_it():
+    body = {"model": "gem", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "max_completion_tokens": 200}
+    assert to_gemini(route_call(body))["generationConfig"] == {"maxOutputTokens": 300}

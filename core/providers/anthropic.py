@@ -18,6 +18,7 @@ from core.errors import bad_gateway
 from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream
 from core.providers.http import open_stream, post_json, vendor_error
 from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
+from core.request_checks import output_token_limit
 from core.sse import SseSplitter, encode_event
 from core.usage import Usage, count, estimate_usage
 
@@ -78,8 +79,7 @@ def to_anthropic(call: UpstreamCall) -> dict[str, Any]:
                     )
         _append(messages, "assistant" if role == "assistant" else "user", blocks)
     out: dict[str, Any] = {"model": call.route.upstream_name, "messages": messages}
-    limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    out["max_tokens"] = limit if isinstance(limit, int) and limit > 0 else call.route.provider.default_max_tokens
+    out["max_tokens"] = output_token_limit(call.endpoint, body) or call.route.provider.default_max_tokens
     if system:
         out["system"] = "\n\n".join(part for part in system if part)
     for name in ("temperature", "top_p", "top_k"):
