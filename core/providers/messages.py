@@ -290,10 +290,12 @@ class EventsFromChunks(UpstreamStream):
         return anthropic_event("message_start", {"type": "message_start", "message": start})
 
     def _sync(self) -> None:
+        """Take the inner stream's figures. An error already set stays: the gateway sets one
+        when it cuts the stream off (MeteredStream._end_with) and closes it only then."""
         self.usage = self._inner.usage
         self.partial_usage = self._inner.partial_usage or self._announced
         self.completion_text_bytes = self._inner.completion_text_bytes
-        self.error = self._inner.error
+        self.error = self.error or self._inner.error
 
     def _translate(self, event: bytes) -> list[bytes]:
         raw = event_data(event)
@@ -305,38 +307,49 @@ class EventsFromChunks(UpstreamStream):
             return []
         if not isinstance(data, dict) or data.get("error"):
             return []
+        usage = usage_from_openai(data)
+        if usage is not None:
+            self.usage = usage
+        choices = data.get("choices")
         out: list[bytes] = []
-        if usage_from_openai(data) is not None:
-            self.usage = usage_from_openai(data)
-        for choice in data.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                if self._open != "text":
-                    out += self._close_block()
-                    out += self._start_block({"type": "text", "text": ""}, "text")
-                out.append(
-                    anthropic_event(
-                        "content_block_delta", {"type": "content_block_delta", "index": self._block, "delta": {"type": "text_delta", "text": delta["content"]}}
-                    )
-                )
-            for call in delta.get("tool_calls") or []:
-                key = f"tool{call.get('index', 0)}"
-                if self._open != key:
-                    out += self._close_block()
-                    function = call.get("function") or {}
-                    out += self._start_block(
-                        {"type": "tool_use", "id": call.get("id") or f"toolu_{uuid.uuid4().hex[:20]}", "name": function.get("name"), "input": {}}, key
-                    )
-                arguments = (call.get("function") or {}).get("arguments")
-                if arguments:
-                    out.append(
-                        anthropic_event(
-                            "content_block_delta",
-                            {"type": "content_block_delta", "index": self._block, "delta": {"type": "input_json_delta", "partial_json": arguments}},
-                        )
-                    )
-            if choice.get("finish_reason"):
-                self._stop_reason = STOP_REASONS.get(choice["finish_reason"], "end_turn")
+        for choice in choices if isinstance(choices, list) else ():
+            if isinstance(choice, dict):
+                out += self._translate_choice(choice)
+        return out
+
+    def _translate_choice(self, choice: dict[str, Any]) -> list[bytes]:
+        """One choice's delta as content block events. Every field is checked for its type, as
+        OpenAIStream counts them: a vendor's odd field is skipped, never raises."""
+        delta = choice.get("delta")
+        content, tool_calls = (delta.get("content"), delta.get("tool_calls")) if isinstance(delta, dict) else (None, None)
+        out: list[bytes] = []
+        if isinstance(content, str) and content:
+            if self._open != "text":
+                out += self._close_block()
+                out += self._start_block({"type": "text", "text": ""}, "text")
+            text_delta = {"type": "content_block_delta", "index": self._block, "delta": {"type": "text_delta", "text": content}}
+            out.append(anthropic_event("content_block_delta", text_delta))
+        for call in tool_calls if isinstance(tool_calls, list) else ():
+            if isinstance(call, dict):
+                out += self._translate_tool_call(call)
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str) and reason:
+            self._stop_reason = STOP_REASONS.get(reason, "end_turn")
+        return out
+
+    def _translate_tool_call(self, call: dict[str, Any]) -> list[bytes]:
+        out: list[bytes] = []
+        function = call.get("function")
+        function = function if isinstance(function, dict) else {}
+        key = f"tool{call.get('index', 0)}"
+        if self._open != key:
+            out += self._close_block()
+            block_id = call.get("id") or f"toolu_{uuid.uuid4().hex[:20]}"
+            out += self._start_block({"type": "tool_use", "id": block_id, "name": function.get("name"), "input": {}}, key)
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            json_delta = {"type": "content_block_delta", "index": self._block, "delta": {"type": "input_json_delta", "partial_json": arguments}}
+            out.append(anthropic_event("content_block_delta", json_delta))
         return out
 
     def _start_block(self, block: dict[str, Any], key: str) -> list[bytes]:
