@@ -35,6 +35,11 @@ def tokens_for_bytes(size: int) -> int:
     return -(-size // BYTES_PER_TOKEN)
 
 
+def text_bytes(value: Any) -> int:
+    """UTF-8 size of a string a vendor generated; 0 for anything else (an odd value never raises)."""
+    return len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else 0
+
+
 def estimate_text_tokens(text: str) -> int:
     return tokens_for_bytes(len(text.encode("utf-8", "surrogatepass"))) if text else 0
 
@@ -125,15 +130,17 @@ def _choice_text(choice: dict[str, Any]) -> str:
     if not isinstance(message, dict):
         text = choice.get("text")  # legacy completions
         return text if isinstance(text, str) else ""
-    calls = message.get("tool_calls")
+    calls, reasoning = message.get("tool_calls"), message.get("reasoning_content")  # DeepSeek's reasoning
     functions = [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
-    return message_text(message.get("content")) + "".join(f["arguments"] for f in functions if isinstance(f, dict) and isinstance(f.get("arguments"), str))
+    arguments = "".join(f["arguments"] for f in functions if isinstance(f, dict) and isinstance(f.get("arguments"), str))
+    return message_text(message.get("content")) + (reasoning if isinstance(reasoning, str) else "") + arguments
 
 
 def _block_text(block: dict[str, Any]) -> str:
-    """The text of an Anthropic content block (a tool call's input as JSON), whatever its types."""
-    if block.get("type") == "text":
-        text = block.get("text")
+    """The text of an Anthropic content block (extended thinking included, a tool call's input
+    as JSON), whatever its types."""
+    if block.get("type") in ("text", "thinking"):
+        text = block.get(block["type"])
         return text if isinstance(text, str) else ""
     if block.get("type") != "tool_use":
         return ""

@@ -172,6 +172,19 @@ def test_missing_usage_is_estimated_and_marked(start_gateway, upstream):
     assert cost == (10 * 1000 + 1 * 2000) * 1000
 
 
+def test_missing_usage_is_estimated_from_the_reasoning_too(start_gateway, upstream):
+    async def no_usage(body: dict[str, Any], request: Request) -> Response:
+        answer = completion_body(body, "abcd")
+        answer["choices"][0]["message"]["reasoning_content"] = "abcdefgh" * 50  # DeepSeek's field: 100 tokens
+        return JSONResponse({k: v for k, v in answer.items() if k != "usage"})
+
+    upstream.script("p1", no_usage)
+    gateway = start_gateway(CONFIG, upstream)
+    gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    states(gateway)
+    assert ledger_rows(gateway, "SELECT status, prompt_tokens, completion_tokens FROM usage") == [("estimated", 10, 101)]
+
+
 def test_client_disconnect_mid_stream_charges_what_was_streamed(start_gateway, upstream):
     from test.test_proxy import test_client_disconnect_cancels_the_upstream_stream as disconnect_scenario
 
@@ -445,6 +458,25 @@ def test_openai_stream_cut_midway_bills_what_was_streamed(start_gateway, upstrea
     states(gateway)
     (row,) = ledger_rows(gateway, "SELECT status, prompt_tokens, completion_tokens, cost_nanos FROM usage")
     assert row == ("error", 10, 4, (10 * 1000 + 4 * 2000) * 1000)  # 16 streamed bytes: 4 tokens, prompt estimated
+
+
+def test_a_cut_stream_bills_the_reasoning_it_streamed(start_gateway, upstream):
+    from starlette.responses import StreamingResponse
+
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o"}
+    thinking = [{**base, "choices": [{"index": 0, "delta": {"reasoning_content": "abcdefgh" * 50}}]} for _ in range(10)]  # DeepSeek's field
+    events = [*thinking, {**base, "choices": [{"index": 0, "delta": {"content": "abcd"}}]}]  # then cut: no finish, no [DONE]
+
+    async def cut(body: dict[str, Any], request: Request) -> Response:
+        return StreamingResponse(iter([b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]), media_type="text/event-stream")
+
+    upstream.script("p1", cut)
+    gateway = start_gateway(CONFIG, upstream)
+    with pytest.raises(openai.APIError):
+        list(gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    states(gateway)
+    (row,) = ledger_rows(gateway, "SELECT status, prompt_tokens, completion_tokens FROM usage")
+    assert row == ("error", 10, 1001)  # 4,000 bytes of reasoning + 4 of text: 1,001 tokens
 
 
 QUALIFIED_CONFIG = f"""

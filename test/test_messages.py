@@ -243,6 +243,20 @@ def test_a_native_stream_cut_off_bills_the_text_it_relayed(start_gateway, upstre
     assert (status, prompt, completion) == ("error", 25, 500)
 
 
+def thinking_delta(thinking: str) -> bytes:
+    return anthropic_event_bytes({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": thinking}})
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions"])
+def test_a_native_stream_cut_off_bills_the_thinking_it_streamed(start_gateway, upstream, path):
+    upstream.script("p1", anthropic_stream(message_start(25), *(thinking_delta(HUNDRED_TOKENS) for _ in range(5)), text_delta("42")))
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    body = {"model": "claude-sonnet", "max_tokens": 1000, "stream": True, "messages": [{"role": "user", "content": "Think."}]}
+    assert "before message_stop" in gateway.http("POST", path, json=body).text
+    ((status, prompt, completion, *_),) = ledger_rows(gateway)
+    assert (status, prompt, completion) == ("error", 25, 501)  # 2,000 bytes of thinking + "42"
+
+
 @pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions"])
 def test_an_abandoned_stream_bills_the_prompt_size_the_vendor_reported(start_gateway, upstream, path):
     upstream.script("p1", anthropic_stream(message_start(1000), text_delta("Hello"), then_hang=True))
@@ -279,6 +293,18 @@ def test_a_native_answer_without_usage_is_estimated_from_its_text(start_gateway,
     request = {"model": "claude-sonnet", "max_tokens": 200, "messages": [{"role": "user", "content": "Talk."}]}
     gateway.http("POST", "/v1/messages", json=request).raise_for_status()
     assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)
+
+
+def test_a_native_answer_without_usage_bills_its_thinking_too(start_gateway, upstream):
+    async def no_usage(body: dict[str, Any], request: Request) -> Response:
+        content = [{"type": "thinking", "thinking": HUNDRED_TOKENS, "signature": "sig"}, {"type": "text", "text": HUNDRED_TOKENS}]
+        return JSONResponse({**MESSAGE, "content": content, "usage": None})
+
+    upstream.script("p1", no_usage)
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    request = {"model": "claude-sonnet", "max_tokens": 2000, "messages": [{"role": "user", "content": "Think."}]}
+    gateway.http("POST", "/v1/messages", json=request).raise_for_status()
+    assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 200)
 
 
 def test_a_translated_stream_announces_the_prompt_size_and_bills_what_it_announced(start_gateway, upstream):

@@ -20,7 +20,7 @@ from core.providers.http import open_stream, post_json, vendor_error
 from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
 from core.request_checks import output_token_limit
 from core.sse import SseSplitter, encode_event
-from core.usage import Usage, count, estimate_usage
+from core.usage import Usage, count, estimate_usage, text_bytes
 
 ANTHROPIC_VERSION = "2023-06-01"
 FINISH_REASONS = {
@@ -156,6 +156,24 @@ def usage_from_anthropic(raw: Any) -> Usage:
     )
 
 
+# The fields of a `content_block_delta` that carry generated output, billed as output tokens:
+# text, extended thinking, a tool call's input. (A citations_delta's cited_text quotes the
+# input and does not count as output; a signature_delta is no text either.)
+GENERATED_DELTA_FIELDS = ("text", "thinking", "partial_json")
+
+
+def delta_text_bytes(delta: Any) -> int:
+    """Bytes of output in one content_block_delta, for a stream cut off before its final usage."""
+    if not isinstance(delta, dict):
+        return 0
+    size = 0
+    for name in GENERATED_DELTA_FIELDS:
+        value = delta.get(name)
+        if value is not None:
+            size += text_bytes(value)
+    return size
+
+
 class StreamUsage:
     """Anthropic's usage as a stream reports it: `message_start` gives the prompt counts (and
     a first output count), `message_delta` the final cumulative counts, overriding the start's."""
@@ -255,13 +273,11 @@ class AnthropicStream(UpstreamStream):
             return []
         if kind == "content_block_delta":
             delta = data.get("delta") or {}
+            self.completion_text_bytes += delta_text_bytes(delta)  # thinking too: billed, though not relayed
             if delta.get("type") == "text_delta":
-                text = str(delta.get("text", ""))
-                self.completion_text_bytes += len(text.encode())
-                return [self._writer.chunk({"content": text})]
+                return [self._writer.chunk({"content": str(delta.get("text", ""))})]
             if delta.get("type") == "input_json_delta":
                 partial = str(delta.get("partial_json", ""))
-                self.completion_text_bytes += len(partial.encode())
                 index = self._tool_index.get(int(data.get("index", 0)), 0)
                 return [self._writer.chunk({"tool_calls": [{"index": index, "function": {"arguments": partial}}]})]
             return []

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from core.errors import GatewayError, bad_gateway
-from core.providers.anthropic import ANTHROPIC_VERSION, StreamUsage, usage_from_anthropic
+from core.providers.anthropic import ANTHROPIC_VERSION, StreamUsage, delta_text_bytes, usage_from_anthropic
 from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamStream
 from core.providers.http import open_stream, post_json
 from core.sse import DONE, SseSplitter, event_data
@@ -226,8 +226,7 @@ class NativeEvents(UpstreamStream):
         if data.get("type") == "message_start":
             self.partial_usage = self._usage.start(data.get("message"))
         elif data.get("type") == "content_block_delta":
-            delta = data.get("delta") or {}
-            self.completion_text_bytes += len(str(delta.get("text") or delta.get("partial_json") or "").encode())
+            self.completion_text_bytes += delta_text_bytes(data.get("delta"))
         elif data.get("type") == "message_delta":
             self.partial_usage = self._usage.delta(data.get("usage"))
             if self._usage.final:

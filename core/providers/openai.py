@@ -19,7 +19,7 @@ from core.errors import GatewayError, bad_gateway
 from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamFailure, UpstreamStream
 from core.providers.http import open_stream, post_json
 from core.sse import DONE, SseSplitter, encode_event, event_data
-from core.usage import usage_from_openai
+from core.usage import text_bytes, usage_from_openai
 
 AZURE_API_VERSION = "2024-10-21"
 
@@ -191,12 +191,12 @@ def _choice_text_bytes(choice: Any) -> int:
         return 0
     delta = choice.get("delta")
     if isinstance(delta, dict):  # every field checked for its type: a vendor's odd one counts 0, never raises
-        content, tool_calls = delta.get("content"), delta.get("tool_calls")
-        size = len(content.encode()) if isinstance(content, str) else 0
+        # The answer, the reasoning some vendors stream beside it (DeepSeek), tool call arguments.
+        tool_calls, reasoning = delta.get("tool_calls"), delta.get("reasoning_content")
+        size = text_bytes(delta.get("content")) + (text_bytes(reasoning) if reasoning is not None else 0)
         for tool_call in tool_calls if isinstance(tool_calls, list) else ():
             function = tool_call.get("function") if isinstance(tool_call, dict) else None
-            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                size += len(function["arguments"].encode())
+            if isinstance(function, dict):
+                size += text_bytes(function.get("arguments"))
         return size
-    text = choice.get("text")
-    return len(text.encode()) if isinstance(text, str) else 0
+    return text_bytes(choice.get("text"))
