@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,21 +174,48 @@ def usage_so_far(reported: Usage | None, request_body: dict[str, Any], completio
     )
 
 
-def usage_from_openai(data: Any) -> Usage | None:
-    """Read OpenAI's `usage` object (chat, completions, embeddings); None when absent."""
+def complete_usage(reported: Usage | None, estimate: Callable[[], Usage]) -> Usage:
+    """The usage to bill: the vendor's as it reported it; the estimate where it reported
+    none, or fills a count its report lacked (a usage marked estimated with that count 0)."""
+    if reported is not None and not (reported.estimated and not (reported.prompt_tokens and reported.completion_tokens)):
+        return reported
+    guess = estimate()
+    if reported is None:
+        return guess
+    return dataclasses.replace(
+        reported, prompt_tokens=reported.prompt_tokens or guess.prompt_tokens, completion_tokens=reported.completion_tokens or guess.completion_tokens
+    )
+
+
+def usage_from_openai(data: Any, generates: bool = True) -> Usage | None:
+    """Read OpenAI's `usage` object (chat, completions; embeddings, which generate nothing,
+    with `generates` False). None when absent or when it gives neither count; a count it
+    lacks is worked out from `total_tokens`, or else left 0 and marked estimated (see
+    complete_usage): a partial report is never billed as zero."""
     if not isinstance(data, dict):
         return None
     usage = data.get("usage")
     if not isinstance(usage, dict):
         return None
+    prompt, completion = reported_count(usage.get("prompt_tokens")), reported_count(usage.get("completion_tokens"))
+    if not generates and completion is None:
+        completion = 0
+    if prompt is None and completion is None:
+        return None
+    total = reported_count(usage.get("total_tokens"))
+    if total is not None and prompt is None:
+        prompt = max(total - (completion or 0), 0)
+    elif total is not None and completion is None:
+        completion = max(total - (prompt or 0), 0)
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else 0
     completion_details = usage.get("completion_tokens_details")
     reasoning = completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else 0
     return Usage(
-        prompt_tokens=count(usage.get("prompt_tokens")),
-        completion_tokens=count(usage.get("completion_tokens")),
+        prompt_tokens=prompt or 0,
+        completion_tokens=completion or 0,
         cached_tokens=count(cached),
+        estimated=prompt is None or completion is None,
         reasoning_tokens=count(reasoning),
     )
 
@@ -194,3 +223,8 @@ def usage_from_openai(data: Any) -> Usage | None:
 def count(value: Any) -> int:
     """A token count from vendor JSON: a non-negative int, anything else is 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def reported_count(value: Any) -> int | None:
+    """A token count the vendor reported (a non-negative int); None if it did not report one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

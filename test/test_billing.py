@@ -172,6 +172,39 @@ def test_missing_usage_is_estimated_and_marked(start_gateway, upstream):
     assert cost == (10 * 1000 + 1 * 2000) * 1000
 
 
+# What a usage object without both counts bills: the counts it gives (a missing one worked out
+# from total_tokens when it can be) and the estimate for the rest: 10 prompt tokens from the
+# messages, 1 completion token for "four".
+PARTIAL_USAGE = {
+    "total only": ({"total_tokens": 160}, "estimated", 10, 1),
+    "empty": ({}, "estimated", 10, 1),
+    "prompt only": ({"prompt_tokens": 11}, "estimated", 11, 1),
+    "completion only": ({"completion_tokens": 7}, "estimated", 10, 7),
+    "prompt and total": ({"prompt_tokens": 11, "total_tokens": 18}, "ok", 11, 7),
+    "completion and total": ({"completion_tokens": 7, "total_tokens": 18}, "ok", 11, 7),
+}
+
+
+@pytest.mark.parametrize("usage, status, prompt, completion", PARTIAL_USAGE.values(), ids=PARTIAL_USAGE.keys())
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_partial_usage_report_is_completed_by_estimate_never_billed_as_zero(start_gateway, upstream, usage, status, prompt, completion, stream):
+    from starlette.responses import StreamingResponse
+
+    async def partial(body: dict[str, Any], request: Request) -> Response:
+        if not stream:
+            return JSONResponse({**completion_body(body, "four"), "usage": usage})
+        base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o"}
+        events = [{**base, "choices": [{"index": 0, "delta": {"content": "four"}, "finish_reason": "stop"}]}, {**base, "choices": [], "usage": usage}]
+        chunks = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+        return StreamingResponse(iter(chunks), media_type="text/event-stream")
+
+    upstream.script("p1", partial)
+    gateway = start_gateway(CONFIG, upstream)
+    gateway.http("POST", "/v1/chat/completions", key=TOKEN_KEY, json={"model": "gpt-4o", "messages": MESSAGES, "stream": stream}).raise_for_status()
+    states(gateway)
+    assert ledger_rows(gateway, "SELECT status, prompt_tokens, completion_tokens FROM usage") == [(status, prompt, completion)]
+
+
 def test_missing_usage_is_estimated_from_the_reasoning_too(start_gateway, upstream):
     async def no_usage(body: dict[str, Any], request: Request) -> Response:
         answer = completion_body(body, "abcd")

@@ -295,6 +295,18 @@ def test_a_native_answer_without_usage_is_estimated_from_its_text(start_gateway,
     assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)
 
 
+@pytest.mark.parametrize(("usage", "completion"), [({}, 100), ({"output_tokens": 15}, 15)], ids=["empty", "output only"])
+def test_a_native_answer_with_partial_usage_is_completed_by_estimate(start_gateway, upstream, usage, completion):
+    async def partial(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse({**MESSAGE, "content": [{"type": "text", "text": HUNDRED_TOKENS}], "usage": usage})
+
+    upstream.script("p1", partial)
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    request = {"model": "claude-sonnet", "max_tokens": 200, "messages": [{"role": "user", "content": "Talk."}]}
+    gateway.http("POST", "/v1/messages", json=request).raise_for_status()
+    assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), completion)
+
+
 def test_a_native_answer_without_usage_bills_its_thinking_too(start_gateway, upstream):
     async def no_usage(body: dict[str, Any], request: Request) -> Response:
         content = [{"type": "thinking", "thinking": HUNDRED_TOKENS, "signature": "sig"}, {"type": "text", "text": HUNDRED_TOKENS}]

@@ -20,7 +20,7 @@ from core.providers.http import open_stream, post_json, vendor_error
 from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
 from core.request_checks import output_token_limit
 from core.sse import SseSplitter, encode_event
-from core.usage import Usage, count, estimate_usage, text_bytes
+from core.usage import Usage, complete_usage, count, estimate_usage, reported_count, text_bytes
 
 ANTHROPIC_VERSION = "2023-06-01"
 FINISH_REASONS = {
@@ -50,7 +50,7 @@ class AnthropicAdapter:
             return AnthropicStream(await open_stream(http, url, headers, payload, call), call)
         _, data = await post_json(http, url, headers, payload, call)
         message, finish_reason, reported = from_anthropic(data)
-        usage = reported or estimate_usage(call.body, {"choices": [{"message": message}]})
+        usage = complete_usage(reported, lambda: estimate_usage(call.body, {"choices": [{"message": message}]}))
         return Reply(200, completion(call, message, finish_reason, usage, data.get("id") if isinstance(data, dict) else None), usage)
 
 
@@ -145,13 +145,19 @@ def _blocks(content: Any) -> list[dict[str, Any]]:
     return blocks
 
 
-def usage_from_anthropic(raw: Any) -> Usage:
+def usage_from_anthropic(raw: Any) -> Usage | None:
+    """Anthropic's `usage` normalised; None when it gives neither `input_tokens` nor
+    `output_tokens`, and a count it lacks left 0 and marked estimated (see complete_usage)."""
     raw = raw if isinstance(raw, dict) else {}
     read, written = count(raw.get("cache_read_input_tokens")), count(raw.get("cache_creation_input_tokens"))
+    uncached, output = reported_count(raw.get("input_tokens")), reported_count(raw.get("output_tokens"))
+    if uncached is None and output is None:
+        return None
     return Usage(
-        prompt_tokens=count(raw.get("input_tokens")) + read + written,
-        completion_tokens=count(raw.get("output_tokens")),
+        prompt_tokens=(uncached or 0) + read + written,
+        completion_tokens=output or 0,
         cached_tokens=read,
+        estimated=uncached is None or output is None,
         cache_write_tokens=written,
     )
 
@@ -184,12 +190,12 @@ class StreamUsage:
         self.counts: dict[str, Any] = {}
         self.final = False  # the vendor has given its final output count
 
-    def start(self, message: Any) -> Usage:
+    def start(self, message: Any) -> Usage | None:
         raw = message.get("usage") if isinstance(message, dict) else None
         self.counts = dict(raw) if isinstance(raw, dict) else {}
         return usage_from_anthropic(self.counts)
 
-    def delta(self, raw: Any) -> Usage:
+    def delta(self, raw: Any) -> Usage | None:
         if isinstance(raw, dict):
             self.counts.update((name, value) for name, value in raw.items() if value is not None)
             self.final = self.final or raw.get("output_tokens") is not None

@@ -152,6 +152,8 @@ def _parts(content: Any) -> list[dict[str, Any]]:
 def usage_from_gemini(metadata: Any) -> Usage | None:
     if not isinstance(metadata, dict):
         return None
+    if all(metadata.get(name) is None for name in ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount")):
+        return None  # no count at all (`{}` or only a total): estimated, never billed as zero
     thoughts = count(metadata.get("thoughtsTokenCount"))
     return Usage(
         prompt_tokens=count(metadata.get("promptTokenCount")),

@@ -20,7 +20,7 @@ from core.providers.anthropic import ANTHROPIC_VERSION, StreamUsage, delta_text_
 from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamStream
 from core.providers.http import open_stream, post_json
 from core.sse import DONE, SseSplitter, event_data
-from core.usage import Usage, estimate_prompt_tokens, estimate_usage, usage_from_openai, usage_so_far
+from core.usage import Usage, complete_usage, estimate_prompt_tokens, estimate_usage, usage_from_openai, usage_so_far
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use", "content_filter": "refusal"}
 
@@ -169,7 +169,7 @@ class MessagesAdapter:
             return EventsFromChunks(answer, call.route.public_name, call.body)
         data = json.loads(answer.body)
         # Estimated here, where the OpenAI reply is still at hand, and shown to the client too.
-        usage = answer.usage or estimate_usage(call.body, data)
+        usage = complete_usage(answer.usage, lambda: estimate_usage(call.body, data))
         return Reply(200, json.dumps(to_anthropic_message(data, call.route.public_name, usage)).encode(), usage)
 
     async def _native(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
@@ -186,7 +186,7 @@ class MessagesAdapter:
             return NativeEvents(await open_stream(http, url, headers, payload, call), route.provider.name)
         body, data = await post_json(http, url, headers, payload, call)
         reported = data.get("usage") if isinstance(data, dict) else None
-        return Reply(200, body, usage_from_anthropic(reported) if isinstance(reported, dict) else None)  # None: billing estimates it
+        return Reply(200, body, usage_from_anthropic(reported))  # None, or partial: billing estimates (the rest of) it
 
 
 class NativeEvents(UpstreamStream):
@@ -275,7 +275,7 @@ class EventsFromChunks(UpstreamStream):
             yield b"".join([*tail, anthropic_event("error", anthropic_error_body(self.error))])
             return
         tail += self._close_block()
-        usage = anthropic_usage(self.usage or usage_so_far(self.partial_usage, self._body, self.completion_text_bytes))
+        usage = anthropic_usage(complete_usage(self.usage, lambda: usage_so_far(self.partial_usage, self._body, self.completion_text_bytes)))
         tail.append(
             anthropic_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": self._stop_reason, "stop_sequence": None}, "usage": usage})
         )

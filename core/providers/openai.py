@@ -43,7 +43,7 @@ class OpenAIAdapter:
         body, data = await post_json(http, url, headers, payload, call)
         if not is_answer(call.endpoint, data):
             raise UpstreamFailure.invalid(call.route)
-        return Reply(200, body, usage_from_openai(data))
+        return Reply(200, body, usage_from_openai(data, call.endpoint != "embeddings"))
 
 
 class AzureAdapter(OpenAIAdapter):
