@@ -155,11 +155,14 @@ class BillingTicket:
         status = ESTIMATED if outcome.status == OK and outcome.usage.estimated else outcome.status
         record = self._record(outcome.provider, outcome.upstream_model, outcome.usage, unit_prices, cost_nanos, count, status)
         self.ended = True  # only now: should pricing above raise, a later release() still frees the holds
-        seq = self.meter.ledger.settle(self.reservation, record)
-        if self.holds is not None:
-            self.meter.limiter.release(self.holds, cost_nanos, outcome.usage.total_tokens, record.ts, seq)
-        else:  # usage reported from elsewhere: nothing was held, but budgets still count it
-            self.meter.limiter.count_spend(self.key, cost_nanos, record.ts, seq)
+        try:
+            seq = self.meter.ledger.settle(self.reservation, record)
+            if self.holds is not None:
+                self.meter.limiter.release(self.holds, cost_nanos, outcome.usage.total_tokens, record.ts, seq)
+            else:  # usage reported from elsewhere: nothing was held, but budgets still count it
+                self.meter.limiter.count_spend(self.key, cost_nanos, record.ts, seq)
+        finally:
+            self._free_holds(record.ts)  # a no-op once settled; if settling raised, nothing stays held
         if self.meter.alerts is not None:
             self.meter.alerts.check(self.key, self.reservation.account)
         return cost_nanos
@@ -169,9 +172,17 @@ class BillingTicket:
             return
         self.ended = True
         record = self._record("", "", Usage(), "{}", 0, 0, ERROR)
-        seq = self.meter.ledger.release(self.reservation, record)
+        try:
+            self.meter.ledger.release(self.reservation, record)
+        finally:
+            self._free_holds(record.ts)
+
+    def _free_holds(self, at: float) -> None:
+        """Free the balance reservation and the limit holds, charging nothing. Each frees once
+        (its `open` flag), so this is a no-op after a settlement that went through."""
+        seq = self.meter.ledger.release(self.reservation)  # no record: only the hold
         if self.holds is not None:
-            self.meter.limiter.release(self.holds, 0, 0, record.ts, seq)
+            self.meter.limiter.release(self.holds, 0, 0, at, seq)
 
     def start_headers(self) -> dict[str, str]:
         if not self.key.limits.meters_anything:
