@@ -371,3 +371,26 @@ def test_tool_definitions_count_toward_a_chat_completion_reservation(start_gatew
         "POST", "/v1/chat/completions", json={"model": "echo-1", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}], "tools": tools}
     )
     assert response.status_code == 402 and response.json()["error"]["code"] == "credit_balance_exhausted"
+
+
+class BrokenStore:
+    """Fault injection: a config store whose every read raises, as a bug would."""
+
+    @property
+    def current(self) -> Any:
+        raise RuntimeError("injected fault")
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/messages", "/v1/messages/count_tokens", "/messages/count_tokens"])
+def test_an_internal_error_on_an_anthropic_path_is_anthropic_shaped(start_gateway, path):
+    gateway = start_gateway(ECHO)
+    app = gateway.server.app
+    store, app.state.store = app.state.store, BrokenStore()
+    try:
+        response = gateway.http("POST", path, json={"model": "echo-1", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]})
+        openai_path = gateway.http("POST", "/v1/chat/completions", json={"model": "echo-1", "messages": [{"role": "user", "content": "x"}]})
+    finally:
+        app.state.store = store
+    assert response.status_code == 500
+    assert response.json() == {"type": "error", "error": {"type": "api_error", "message": "The gateway hit an internal error; it has been logged."}}
+    assert openai_path.status_code == 500 and openai_path.json()["error"]["code"] == "internal_error"
