@@ -18,6 +18,7 @@ from core.config import ModelRoute
 from core.errors import GatewayError, bad_gateway
 from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamFailure, UpstreamStream
 from core.providers.http import open_stream, post_json
+from core.request_checks import too_deeply_nested
 from core.sse import DONE, SseSplitter, encode_event, event_data
 from core.usage import text_bytes, usage_from_openai
 
@@ -37,7 +38,10 @@ class OpenAIAdapter:
 
     async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
         url, headers = self.target(call)
-        payload = orjson.dumps(upstream_body(call))
+        try:
+            payload = orjson.dumps(upstream_body(call))
+        except orjson.JSONEncodeError:  # a /v1/messages body at the nesting cap, one level deeper once translated
+            raise too_deeply_nested() from None
         if call.stream:
             return OpenAIStream(await open_stream(http, url, headers, payload, call), call.route, call.client_wants_usage)
         body, data = await post_json(http, url, headers, payload, call)
