@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 # Rough but deterministic: ~4 bytes of UTF-8 per token for English text. Used for admission
 # estimates, for the echo engine, and for usage a vendor did not report (marked `estimated`).
 BYTES_PER_TOKEN = 4
@@ -42,6 +44,33 @@ def text_bytes(value: Any) -> int:
     return len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else 0
 
 
+def json_bytes(value: Any) -> int:
+    """Size of a JSON value (tool definitions, tool calls, a tool call's input) as compact
+    JSON: orjson writes it ten times faster than str() takes (a tool list: ~40 against
+    ~480 µs), and one measure for request and reply estimates a tool input alike both ways."""
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        return len(_json_text(value).encode("utf-8", "surrogatepass"))
+
+
+def json_text(value: Any) -> str:
+    """A JSON value as compact JSON text, as json_bytes measures it; "" if it is not JSON."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return _json_text(value)
+
+
+def _json_text(value: Any) -> str:
+    """What orjson does not write (nested deeper than it writes, a lone surrogate read by
+    the json module), written the same way by the json module."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):
+        return ""
+
+
 def estimate_text_tokens(text: str) -> int:
     return tokens_for_bytes(len(text.encode("utf-8", "surrogatepass"))) if text else 0
 
@@ -55,7 +84,7 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
         total = estimate_messages_tokens(body.get("messages")) + (TOKENS_PER_MESSAGE + _content_tokens(system) if system else 0)
         for name in ("tools", "functions", "response_format"):
             if body.get(name):
-                total += estimate_text_tokens(str(body[name]))
+                total += tokens_for_bytes(json_bytes(body[name]))
         return total
     prompt = body.get("prompt", body.get("input"))
     if isinstance(prompt, list):
@@ -73,7 +102,7 @@ def estimate_messages_tokens(messages: Any) -> int:
         total += TOKENS_PER_MESSAGE + estimate_text_tokens(str(message.get("name") or ""))
         total += _content_tokens(message.get("content"))
         if message.get("tool_calls"):
-            total += estimate_text_tokens(str(message["tool_calls"]))
+            total += tokens_for_bytes(json_bytes(message["tool_calls"]))
     return total
 
 
@@ -103,7 +132,7 @@ def _part_tokens(part: dict[str, Any]) -> int:
     if kind in ("image_url", "image"):
         return TOKENS_PER_IMAGE
     if kind == "tool_use":
-        return estimate_text_tokens(str(part.get("name") or "")) + estimate_text_tokens(str(part.get("input") or ""))
+        return estimate_text_tokens(str(part.get("name") or "")) + tokens_for_bytes(json_bytes(part.get("input") or {}))
     if kind == "tool_result":
         return _content_tokens(part.get("content"))
     if kind == "document":
@@ -146,10 +175,7 @@ def _block_text(block: dict[str, Any]) -> str:
         return text if isinstance(text, str) else ""
     if block.get("type") != "tool_use":
         return ""
-    try:
-        return json.dumps(block.get("input") or {})
-    except (TypeError, ValueError, RecursionError):
-        return ""
+    return json_text(block.get("input") or {})
 
 
 def estimate_usage(request_body: dict[str, Any], reply: Any) -> Usage:

@@ -13,7 +13,7 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from core.usage import estimate_prompt_tokens
+from core.usage import estimate_prompt_tokens, estimate_usage
 from test.conftest import USER_KEY, keys_yaml
 from test.servers import completion_body, stream_chunks
 from test.test_anthropic import CONFIG as ANTHROPIC_CONFIG
@@ -394,3 +394,13 @@ def test_an_internal_error_on_an_anthropic_path_is_anthropic_shaped(start_gatewa
     assert response.status_code == 500
     assert response.json() == {"type": "error", "error": {"type": "api_error", "message": "The gateway hit an internal error; it has been logged."}}
     assert openai_path.status_code == 500 and openai_path.json()["error"]["code"] == "internal_error"
+
+
+def test_a_tool_input_is_estimated_alike_in_the_request_and_the_reply():
+    tool_input = {"city": "東京", "days": [1, 2], "metric": True}
+    call = {"type": "tool_use", "id": "t1", "name": "", "input": tool_input}
+    in_request = estimate_prompt_tokens({"messages": [{"role": "assistant", "content": [call]}]}) - estimate_prompt_tokens(
+        {"messages": [{"role": "assistant", "content": []}]}
+    )
+    in_reply = estimate_usage({}, {"content": [call]}).completion_tokens
+    assert in_request == in_reply == 11  # '{"city":"東京","days":[1,2],"metric":true}': 44 bytes of UTF-8
