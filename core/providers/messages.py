@@ -252,7 +252,8 @@ class EventsFromChunks(UpstreamStream):
         self._body = body
         # The prompt size message_start announces when the vendor has not reported one by then
         # (OpenAI's comes at the end), and billed if it never does: client and ledger agree.
-        self._announced = Usage(prompt_tokens=estimate_prompt_tokens(body), estimated=True)
+        # Estimated only then: a vendor that reports early (Gemini) spares it.
+        self._announced: Usage | None = None
         self._block = -1
         self._open: str | None = None  # "text" or a tool call's index
         self._stop_reason = "end_turn"
@@ -283,16 +284,21 @@ class EventsFromChunks(UpstreamStream):
         yield b"".join(tail)
 
     def _message_start(self) -> bytes:
-        usage = anthropic_usage(self._inner.partial_usage or self._announced)
+        usage = anthropic_usage(self._inner.partial_usage or self._announce_prompt())
         start: dict[str, Any] = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": self._model, "content": [],
                  "stop_reason": None, "stop_sequence": None, "usage": usage}  # fmt: skip
         return anthropic_event("message_start", {"type": "message_start", "message": start})
+
+    def _announce_prompt(self) -> Usage:
+        if self._announced is None:
+            self._announced = Usage(prompt_tokens=estimate_prompt_tokens(self._body), estimated=True)
+        return self._announced
 
     def _sync(self) -> None:
         """Take the inner stream's figures. An error already set stays: the gateway sets one
         when it cuts the stream off (MeteredStream._end_with) and closes it only then."""
         self.usage = self._inner.usage
-        self.partial_usage = self._inner.partial_usage or self._announced
+        self.partial_usage = self._inner.partial_usage or self._announced  # None: billing estimates the same prompt
         self.completion_text_bytes = self._inner.completion_text_bytes
         self.error = self.error or self._inner.error
 
