@@ -105,7 +105,8 @@ def check_prompt(body: dict[str, Any]) -> None:
 
 
 def check_chat(body: dict[str, Any]) -> None:
-    """What the Anthropic and Gemini translators read of an OpenAI chat request."""
+    """What the Anthropic and Gemini translators read of an OpenAI chat request. Checked
+    whatever the provider: the same request may fail over to one that translates."""
     _check_list(body, "tools", "tools", "invalid_tools")
     for i, message in enumerate(body["messages"]):
         if isinstance(message, dict):
