@@ -38,7 +38,7 @@ from core.sqlite_ledger import LedgerUnavailable, SqliteLedger, check_ledger_fil
 from core.upstream import create_http_session
 from core.yamlsource import ConfigError
 from routes import admin, audit, billing_admin, proxy, self_service, web
-from routes._http import error_response, http_error, on_unexpected_error
+from routes._http import error_response, http_error, internal_error
 from routes._session import SessionSigner
 from routes._web_auth import LoginRequired
 
@@ -135,6 +135,15 @@ async def on_error(request: Request, exc: Exception) -> Response:
     if request.url.path in proxy.ANTHROPIC_PATHS:  # Anthropic's clients expect Anthropic's error shape
         return JSONResponse(anthropic_error_body(exc), status_code=exc.status, headers=exc.headers)
     return web.render_error(request, exc) if _is_page(request) else error_response(exc)
+
+
+async def on_unexpected_error(request: Request, exc: Exception) -> Response:
+    """A bug: a logged 500 as JSON, Anthropic-shaped on its paths (a page is not rendered:
+    rendering may be what failed)."""
+    error = internal_error(request, exc)
+    if request.url.path in proxy.ANTHROPIC_PATHS:
+        return JSONResponse(anthropic_error_body(error), status_code=error.status)
+    return error_response(error)
 
 
 async def to_login(request: Request, exc: Exception) -> Response:

@@ -1,7 +1,7 @@
 """Billing: decides what a request costs, reserves before the upstream call, charges after.
 
-Token-billed requests reserve an estimate (prompt estimate + `max_tokens`, or the
-configured default, at the model's prices); count-billed requests reserve one count
+Token-billed requests reserve an estimate (prompt estimate + the request's output-token
+limit, `output_token_limit`, or the configured default, at the model's prices); count-billed requests reserve one count
 credit. The key's limits (core/limits.py) are checked and held in the same synchronous
 step. Settlement charges what the upstream reported and frees every hold.
 """
@@ -21,6 +21,7 @@ from core.limits import Holds, Limiter
 from core.metering import ERROR, OK, Outcome
 from core.pricing import COUNT, PriceBook, count_price_json, format_usd
 from core.proxy import ProxyRequest, new_request_id
+from core.request_checks import output_token_limit
 from core.sqlite_ledger import SqliteLedger
 from core.usage import Usage, estimate_prompt_tokens
 
@@ -104,8 +105,7 @@ class BillingMeter:
         body = request.body
         completion = 0
         if request.endpoint != "embeddings":
-            limit = body.get("max_completion_tokens") or body.get("max_tokens")
-            completion = limit if isinstance(limit, int) and limit > 0 else config.preferences.reserve_completion_tokens
+            completion = output_token_limit(request.endpoint, body) or config.preferences.reserve_completion_tokens
         return estimate_prompt_tokens(body), completion
 
 
@@ -155,11 +155,14 @@ class BillingTicket:
         status = ESTIMATED if outcome.status == OK and outcome.usage.estimated else outcome.status
         record = self._record(outcome.provider, outcome.upstream_model, outcome.usage, unit_prices, cost_nanos, count, status)
         self.ended = True  # only now: should pricing above raise, a later release() still frees the holds
-        seq = self.meter.ledger.settle(self.reservation, record)
-        if self.holds is not None:
-            self.meter.limiter.release(self.holds, cost_nanos, outcome.usage.total_tokens, record.ts, seq)
-        else:  # usage reported from elsewhere: nothing was held, but budgets still count it
-            self.meter.limiter.count_spend(self.key, cost_nanos, record.ts, seq)
+        try:
+            seq = self.meter.ledger.settle(self.reservation, record)
+            if self.holds is not None:
+                self.meter.limiter.release(self.holds, cost_nanos, outcome.usage.total_tokens, record.ts, seq)
+            else:  # usage reported from elsewhere: nothing was held, but budgets still count it
+                self.meter.limiter.count_spend(self.key, cost_nanos, record.ts, seq)
+        finally:
+            self._free_holds(record.ts)  # a no-op once settled; if settling raised, nothing stays held
         if self.meter.alerts is not None:
             self.meter.alerts.check(self.key, self.reservation.account)
         return cost_nanos
@@ -169,9 +172,17 @@ class BillingTicket:
             return
         self.ended = True
         record = self._record("", "", Usage(), "{}", 0, 0, ERROR)
-        seq = self.meter.ledger.release(self.reservation, record)
+        try:
+            self.meter.ledger.release(self.reservation, record)
+        finally:
+            self._free_holds(record.ts)
+
+    def _free_holds(self, at: float) -> None:
+        """Free the balance reservation and the limit holds, charging nothing. Each frees once
+        (its `open` flag), so this is a no-op after a settlement that went through."""
+        seq = self.meter.ledger.release(self.reservation)  # no record: only the hold
         if self.holds is not None:
-            self.meter.limiter.release(self.holds, 0, 0, record.ts, seq)
+            self.meter.limiter.release(self.holds, 0, 0, at, seq)
 
     def start_headers(self) -> dict[str, str]:
         if not self.key.limits.meters_anything:

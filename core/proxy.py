@@ -24,7 +24,7 @@ from core.providers.messages import anthropic_error_body, anthropic_event
 from core.request_checks import check_request
 from core.routing import Scheduler, routes_for
 from core.sse import encode_event
-from core.usage import Usage, estimate_usage, usage_so_far
+from core.usage import Usage, complete_usage, estimate_usage, usage_so_far
 
 log = logging.getLogger("tollgate.proxy")
 
@@ -102,7 +102,7 @@ class Gateway:
                 stream = MeteredStream(answer, route, request, ticket, ticket.start_headers(), config.preferences.max_response_body_bytes)
                 streaming = True  # the stream ends the ticket when it finishes
                 return stream
-            usage = answer.usage or _estimate(request, answer.body)
+            usage = complete_usage(answer.usage, lambda: _estimate(request, answer.body))
             return CompletedCall(answer, route, ticket.settle(Outcome(route.provider.name, route.upstream_name, usage, OK)))
         finally:
             if not streaming:
@@ -227,7 +227,7 @@ class MeteredStream:
     def _settle(self, ticket: Ticket, disconnected: bool) -> None:
         upstream = self.upstream
         status = CLIENT_DISCONNECTED if disconnected else ERROR if upstream.error else OK
-        usage = upstream.usage or usage_so_far(upstream.partial_usage, self.request.body, upstream.completion_text_bytes)
+        usage = complete_usage(upstream.usage, lambda: usage_so_far(upstream.partial_usage, self.request.body, upstream.completion_text_bytes))
         if upstream.error is not None and usage.estimated and upstream.completion_text_bytes == 0:
             ticket.release()  # failed before any output: nothing to charge
             return

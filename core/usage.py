@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 # Rough but deterministic: ~4 bytes of UTF-8 per token for English text. Used for admission
 # estimates, for the echo engine, and for usage a vendor did not report (marked `estimated`).
@@ -35,6 +39,38 @@ def tokens_for_bytes(size: int) -> int:
     return -(-size // BYTES_PER_TOKEN)
 
 
+def text_bytes(value: Any) -> int:
+    """UTF-8 size of a string a vendor generated; 0 for anything else (an odd value never raises)."""
+    return len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else 0
+
+
+def json_bytes(value: Any) -> int:
+    """Size of a JSON value (tool definitions, tool calls, a tool call's input) as compact
+    JSON: orjson writes it ten times faster than str() takes (a tool list: ~40 against
+    ~480 µs), and one measure for request and reply estimates a tool input alike both ways."""
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        return len(_json_text(value).encode("utf-8", "surrogatepass"))
+
+
+def json_text(value: Any) -> str:
+    """A JSON value as compact JSON text, as json_bytes measures it; "" if it is not JSON."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return _json_text(value)
+
+
+def _json_text(value: Any) -> str:
+    """What orjson does not write (nested deeper than it writes, a lone surrogate read by
+    the json module), written the same way by the json module."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):
+        return ""
+
+
 def estimate_text_tokens(text: str) -> int:
     return tokens_for_bytes(len(text.encode("utf-8", "surrogatepass"))) if text else 0
 
@@ -48,7 +84,7 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
         total = estimate_messages_tokens(body.get("messages")) + (TOKENS_PER_MESSAGE + _content_tokens(system) if system else 0)
         for name in ("tools", "functions", "response_format"):
             if body.get(name):
-                total += estimate_text_tokens(str(body[name]))
+                total += tokens_for_bytes(json_bytes(body[name]))
         return total
     prompt = body.get("prompt", body.get("input"))
     if isinstance(prompt, list):
@@ -66,7 +102,7 @@ def estimate_messages_tokens(messages: Any) -> int:
         total += TOKENS_PER_MESSAGE + estimate_text_tokens(str(message.get("name") or ""))
         total += _content_tokens(message.get("content"))
         if message.get("tool_calls"):
-            total += estimate_text_tokens(str(message["tool_calls"]))
+            total += tokens_for_bytes(json_bytes(message["tool_calls"]))
     return total
 
 
@@ -96,7 +132,7 @@ def _part_tokens(part: dict[str, Any]) -> int:
     if kind in ("image_url", "image"):
         return TOKENS_PER_IMAGE
     if kind == "tool_use":
-        return estimate_text_tokens(str(part.get("name") or "")) + estimate_text_tokens(str(part.get("input") or ""))
+        return estimate_text_tokens(str(part.get("name") or "")) + tokens_for_bytes(json_bytes(part.get("input") or {}))
     if kind == "tool_result":
         return _content_tokens(part.get("content"))
     if kind == "document":
@@ -125,22 +161,21 @@ def _choice_text(choice: dict[str, Any]) -> str:
     if not isinstance(message, dict):
         text = choice.get("text")  # legacy completions
         return text if isinstance(text, str) else ""
-    calls = message.get("tool_calls")
+    calls, reasoning = message.get("tool_calls"), message.get("reasoning_content")  # DeepSeek's reasoning
     functions = [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
-    return message_text(message.get("content")) + "".join(f["arguments"] for f in functions if isinstance(f, dict) and isinstance(f.get("arguments"), str))
+    arguments = "".join(f["arguments"] for f in functions if isinstance(f, dict) and isinstance(f.get("arguments"), str))
+    return message_text(message.get("content")) + (reasoning if isinstance(reasoning, str) else "") + arguments
 
 
 def _block_text(block: dict[str, Any]) -> str:
-    """The text of an Anthropic content block (a tool call's input as JSON), whatever its types."""
-    if block.get("type") == "text":
-        text = block.get("text")
+    """The text of an Anthropic content block (extended thinking included, a tool call's input
+    as JSON), whatever its types."""
+    if block.get("type") in ("text", "thinking"):
+        text = block.get(block["type"])
         return text if isinstance(text, str) else ""
     if block.get("type") != "tool_use":
         return ""
-    try:
-        return json.dumps(block.get("input") or {})
-    except (TypeError, ValueError, RecursionError):
-        return ""
+    return json_text(block.get("input") or {})
 
 
 def estimate_usage(request_body: dict[str, Any], reply: Any) -> Usage:
@@ -165,21 +200,48 @@ def usage_so_far(reported: Usage | None, request_body: dict[str, Any], completio
     )
 
 
-def usage_from_openai(data: Any) -> Usage | None:
-    """Read OpenAI's `usage` object (chat, completions, embeddings); None when absent."""
+def complete_usage(reported: Usage | None, estimate: Callable[[], Usage]) -> Usage:
+    """The usage to bill: the vendor's as it reported it; the estimate where it reported
+    none, or fills a count its report lacked (a usage marked estimated with that count 0)."""
+    if reported is not None and not (reported.estimated and not (reported.prompt_tokens and reported.completion_tokens)):
+        return reported
+    guess = estimate()
+    if reported is None:
+        return guess
+    return dataclasses.replace(
+        reported, prompt_tokens=reported.prompt_tokens or guess.prompt_tokens, completion_tokens=reported.completion_tokens or guess.completion_tokens
+    )
+
+
+def usage_from_openai(data: Any, generates: bool = True) -> Usage | None:
+    """Read OpenAI's `usage` object (chat, completions; embeddings, which generate nothing,
+    with `generates` False). None when absent or when it gives neither count; a count it
+    lacks is worked out from `total_tokens`, or else left 0 and marked estimated (see
+    complete_usage): a partial report is never billed as zero."""
     if not isinstance(data, dict):
         return None
     usage = data.get("usage")
     if not isinstance(usage, dict):
         return None
+    prompt, completion = reported_count(usage.get("prompt_tokens")), reported_count(usage.get("completion_tokens"))
+    if not generates and completion is None:
+        completion = 0
+    if prompt is None and completion is None:
+        return None
+    total = reported_count(usage.get("total_tokens"))
+    if total is not None and prompt is None:
+        prompt = max(total - (completion or 0), 0)
+    elif total is not None and completion is None:
+        completion = max(total - (prompt or 0), 0)
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else 0
     completion_details = usage.get("completion_tokens_details")
     reasoning = completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else 0
     return Usage(
-        prompt_tokens=count(usage.get("prompt_tokens")),
-        completion_tokens=count(usage.get("completion_tokens")),
+        prompt_tokens=prompt or 0,
+        completion_tokens=completion or 0,
         cached_tokens=count(cached),
+        estimated=prompt is None or completion is None,
         reasoning_tokens=count(reasoning),
     )
 
@@ -187,3 +249,8 @@ def usage_from_openai(data: Any) -> Usage | None:
 def count(value: Any) -> int:
     """A token count from vendor JSON: a non-negative int, anything else is 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def reported_count(value: Any) -> int | None:
+    """A token count the vendor reported (a non-negative int); None if it did not report one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

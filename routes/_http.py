@@ -139,11 +139,8 @@ def http_error(exc: HTTPException) -> GatewayError:
     return GatewayError(exc.status_code, type_, code, str(exc.detail))
 
 
-def unexpected_error(request: Request, exc: Exception) -> Response:
-    """A bug: logged with its traceback, answered with a 500 that reveals nothing."""
+def internal_error(request: Request, exc: Exception) -> GatewayError:
+    """A bug: logged with its traceback; the 500 to answer reveals nothing of it. The caller
+    renders it in the shape the path's clients read (Anthropic's on /v1/messages)."""
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(GatewayError(500, "api_error", "internal_error", "The gateway hit an internal error; it has been logged."))
-
-
-async def on_unexpected_error(request: Request, exc: Exception) -> Response:
-    return unexpected_error(request, exc)
+    return GatewayError(500, "api_error", "internal_error", "The gateway hit an internal error; it has been logged.")

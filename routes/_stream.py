@@ -53,7 +53,7 @@ class ProxyStreamResponse:
             self._uncancel()
         except OSError:
             self.disconnected = True
-        except Exception:  # reading the upstream raised: the client's last event says so
+        except Exception:  # reading or translating the upstream raised: the client's last event says so, billed as a cut stream
             self._relaying = None  # a disconnect now shows as a failed send, not a cancellation
             await self._end_with(send, self.stream.unreadable())
         finally:

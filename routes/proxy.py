@@ -24,7 +24,7 @@ from core.providers.messages import anthropic_error_body
 from core.proxy import ENDPOINTS, MeteredStream, parse_proxy_request
 from core.routing import routes_for
 from core.usage import estimate_prompt_tokens
-from routes._http import authenticate, authenticate_headers, current_config, parse_json, read_json, receive_body, unexpected_error
+from routes._http import authenticate, authenticate_headers, current_config, internal_error, parse_json, read_json, receive_body
 from routes._stream import ProxyStreamResponse
 
 log = logging.getLogger("tollgate.proxy")
@@ -53,7 +53,7 @@ class ProxyEndpoint:
         except ClientDisconnect:
             return  # gone before its request was even read: nothing to answer, nothing charged
         except Exception as exc:  # a bug: answered with a logged 500, not a dropped connection
-            await unexpected_error(Request(scope), exc)(scope, receive, send)
+            await self.error_response(internal_error(Request(scope), exc))(scope, receive, send)
             return
         headers = {"x-request-id": proxy_request.request_id, "x-tollgate-provider": result.route.provider.name, **result.headers}
         if isinstance(result, MeteredStream):

@@ -208,3 +208,9 @@ def test_an_answer_without_usage_is_estimated_from_its_text(start_gateway, upstr
     reply = gateway.client().chat.completions.create(**request)
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (estimate_prompt_tokens(request), 100)
     assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)
+
+
+def test_the_larger_of_both_output_limits_is_sent_as_billing_reserves_it():
+    body = {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "max_completion_tokens": 200}
+    assert to_anthropic(route_call(body))["max_tokens"] == 300
+    assert to_anthropic(route_call({**body, "max_tokens": None}))["max_tokens"] == 200

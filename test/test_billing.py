@@ -172,6 +172,52 @@ def test_missing_usage_is_estimated_and_marked(start_gateway, upstream):
     assert cost == (10 * 1000 + 1 * 2000) * 1000
 
 
+# What a usage object without both counts bills: the counts it gives (a missing one worked out
+# from total_tokens when it can be) and the estimate for the rest: 10 prompt tokens from the
+# messages, 1 completion token for "four".
+PARTIAL_USAGE = {
+    "total only": ({"total_tokens": 160}, "estimated", 10, 1),
+    "empty": ({}, "estimated", 10, 1),
+    "prompt only": ({"prompt_tokens": 11}, "estimated", 11, 1),
+    "completion only": ({"completion_tokens": 7}, "estimated", 10, 7),
+    "prompt and total": ({"prompt_tokens": 11, "total_tokens": 18}, "ok", 11, 7),
+    "completion and total": ({"completion_tokens": 7, "total_tokens": 18}, "ok", 11, 7),
+}
+
+
+@pytest.mark.parametrize("usage, status, prompt, completion", PARTIAL_USAGE.values(), ids=PARTIAL_USAGE.keys())
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_partial_usage_report_is_completed_by_estimate_never_billed_as_zero(start_gateway, upstream, usage, status, prompt, completion, stream):
+    from starlette.responses import StreamingResponse
+
+    async def partial(body: dict[str, Any], request: Request) -> Response:
+        if not stream:
+            return JSONResponse({**completion_body(body, "four"), "usage": usage})
+        base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o"}
+        events = [{**base, "choices": [{"index": 0, "delta": {"content": "four"}, "finish_reason": "stop"}]}, {**base, "choices": [], "usage": usage}]
+        chunks = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+        return StreamingResponse(iter(chunks), media_type="text/event-stream")
+
+    upstream.script("p1", partial)
+    gateway = start_gateway(CONFIG, upstream)
+    gateway.http("POST", "/v1/chat/completions", key=TOKEN_KEY, json={"model": "gpt-4o", "messages": MESSAGES, "stream": stream}).raise_for_status()
+    states(gateway)
+    assert ledger_rows(gateway, "SELECT status, prompt_tokens, completion_tokens FROM usage") == [(status, prompt, completion)]
+
+
+def test_missing_usage_is_estimated_from_the_reasoning_too(start_gateway, upstream):
+    async def no_usage(body: dict[str, Any], request: Request) -> Response:
+        answer = completion_body(body, "abcd")
+        answer["choices"][0]["message"]["reasoning_content"] = "abcdefgh" * 50  # DeepSeek's field: 100 tokens
+        return JSONResponse({k: v for k, v in answer.items() if k != "usage"})
+
+    upstream.script("p1", no_usage)
+    gateway = start_gateway(CONFIG, upstream)
+    gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    states(gateway)
+    assert ledger_rows(gateway, "SELECT status, prompt_tokens, completion_tokens FROM usage") == [("estimated", 10, 101)]
+
+
 def test_client_disconnect_mid_stream_charges_what_was_streamed(start_gateway, upstream):
     from test.test_proxy import test_client_disconnect_cancels_the_upstream_stream as disconnect_scenario
 
@@ -447,6 +493,25 @@ def test_openai_stream_cut_midway_bills_what_was_streamed(start_gateway, upstrea
     assert row == ("error", 10, 4, (10 * 1000 + 4 * 2000) * 1000)  # 16 streamed bytes: 4 tokens, prompt estimated
 
 
+def test_a_cut_stream_bills_the_reasoning_it_streamed(start_gateway, upstream):
+    from starlette.responses import StreamingResponse
+
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o"}
+    thinking = [{**base, "choices": [{"index": 0, "delta": {"reasoning_content": "abcdefgh" * 50}}]} for _ in range(10)]  # DeepSeek's field
+    events = [*thinking, {**base, "choices": [{"index": 0, "delta": {"content": "abcd"}}]}]  # then cut: no finish, no [DONE]
+
+    async def cut(body: dict[str, Any], request: Request) -> Response:
+        return StreamingResponse(iter([b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]), media_type="text/event-stream")
+
+    upstream.script("p1", cut)
+    gateway = start_gateway(CONFIG, upstream)
+    with pytest.raises(openai.APIError):
+        list(gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    states(gateway)
+    (row,) = ledger_rows(gateway, "SELECT status, prompt_tokens, completion_tokens FROM usage")
+    assert row == ("error", 10, 1001)  # 4,000 bytes of reasoning + 4 of text: 1,001 tokens
+
+
 QUALIFIED_CONFIG = f"""
 providers:
   - provider: up
@@ -549,3 +614,34 @@ def test_admin_and_usage_parameter_errors_name_the_parameter(start_gateway, upst
     gateway = start_gateway(CONFIG, upstream)
     response = gateway.http(method, path, key=ADMIN_KEY, json=body)
     assert response.json()["error"]["code"] == code and response.json()["error"]["param"] == param
+
+
+# --- the output-token limit the reservation covers is the one the vendor gets --------------------
+
+ECHO_CENT = (
+    "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n"
+    + f"api_keys:\n  - api: {TOKEN_KEY}\n    preferences: {{credits: 0.01}}\n"
+    + "preferences:\n  model_price: {default: '1,1'}\n"
+)
+LIMIT_BODIES = {
+    "messages": ("/v1/messages", {"messages": MESSAGES}),
+    "completions": ("/v1/completions", {"prompt": "hello there"}),
+    "chat": ("/v1/chat/completions", {"messages": MESSAGES}),
+}
+
+
+@pytest.mark.parametrize("path, body", LIMIT_BODIES.values(), ids=LIMIT_BODIES.keys())
+def test_a_small_max_completion_tokens_does_not_shrink_the_reservation(start_gateway, path, body):
+    # 100,000 output tokens at $1 per million is $0.10: more than the key's $0.01. Messages and
+    # completions send max_tokens on and ignore max_completion_tokens; chat reserves the larger.
+    gateway = start_gateway(ECHO_CENT)
+    request = {"model": "echo-1", "max_tokens": 100_000, **body}
+    assert gateway.http("POST", path, key=TOKEN_KEY, json=request).status_code == 402
+    response = gateway.http("POST", path, key=TOKEN_KEY, json={**request, "max_completion_tokens": 1})
+    assert response.status_code == 402, response.text
+
+
+def test_echo_cuts_a_chat_reply_to_the_larger_of_both_limits(start_gateway):
+    gateway = start_gateway(ECHO_CENT)
+    reply = gateway.client(TOKEN_KEY).chat.completions.create(model="echo-1", messages=MESSAGES, max_tokens=1, max_completion_tokens=50)
+    assert reply.choices[0].message.content == "Echo: hello there"

@@ -195,9 +195,11 @@ def test_a_cut_stream_without_usage_metadata_still_bills_the_prompt(start_gatewa
     assert (status, prompt, completion) == ("error", estimate_prompt_tokens({"messages": messages}), 2)
 
 
-def test_an_answer_without_usage_metadata_is_estimated_from_its_text(start_gateway, upstream):
+@pytest.mark.parametrize("metadata", [None, {}, {"totalTokenCount": 160}], ids=["absent", "empty", "total only"])
+def test_an_answer_without_usage_metadata_is_estimated_from_its_text(start_gateway, upstream, metadata):
     async def gemini(body: dict[str, Any], request: Request) -> Response:
-        return JSONResponse({"candidates": [{"content": {"parts": [{"text": "word " * 80}], "role": "model"}, "finishReason": "STOP"}]})
+        answer = {"candidates": [{"content": {"parts": [{"text": "word " * 80}], "role": "model"}, "finishReason": "STOP"}]}
+        return JSONResponse(answer if metadata is None else {**answer, "usageMetadata": metadata})
 
     upstream.script("p1", gemini)
     gateway = start_gateway(CONFIG, upstream)
@@ -205,3 +207,8 @@ def test_an_answer_without_usage_metadata_is_estimated_from_its_text(start_gatew
     reply = gateway.client().chat.completions.create(**request)
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (estimate_prompt_tokens(request), 100)
     assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)
+
+
+def test_the_larger_of_both_output_limits_is_sent_as_billing_reserves_it():
+    body = {"model": "gem", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "max_completion_tokens": 200}
+    assert to_gemini(route_call(body))["generationConfig"] == {"maxOutputTokens": 300}

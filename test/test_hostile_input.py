@@ -406,10 +406,25 @@ def test_json_deeper_than_the_serialisers_take_gets_a_400(start_gateway, upstrea
     assert upstream.seen == [] and _usage_rows(gateway) == 0
 
 
-def test_json_nested_within_the_cap_is_served(start_gateway, upstream):
+@pytest.mark.parametrize("model", ["echo-1", "claude-x", "gemini-x", "gpt-x"])
+def test_json_nested_within_the_cap_is_served(start_gateway, upstream, model):
+    """The cap is what orjson writes: 254 levels (the body's object, then 253 lists)."""
     gateway = start_gateway(PROVIDERS, upstream)
-    body = {"model": "gpt-x", "messages": HI, "metadata": _deep(100)}
+    upstream.script("p2", anthropic_reply)
+    upstream.script("p3", gemini_reply)
+    body = {"model": model, "messages": HI, "metadata": _deep(253)}
     assert gateway.http("POST", "/v1/chat/completions", json=body).status_code == 200
+    assert gateway.http("POST", "/v1/chat/completions", json={**body, "metadata": [_deep(253)]}).json()["error"]["code"] == "too_deeply_nested"
+
+
+def test_a_messages_body_at_the_cap_that_translation_deepens_gets_a_400(start_gateway, upstream):
+    """Translated for an OpenAI-format provider, a tool's input_schema sits one level deeper
+    (tools[i].function.parameters): past the cap, that is the client's 400, not a failed provider."""
+    gateway = start_gateway(PROVIDERS, upstream)
+    tool = {"name": "f", "input_schema": {"type": "object", "x": _deep(250)}}  # 254 levels: body, tools, tool, schema, x
+    response = gateway.http("POST", "/v1/messages", json={"model": "gpt-x", "max_tokens": 10, "messages": HI, "tools": [tool]})
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error", response.text
+    assert upstream.seen == []
 
 
 @pytest.mark.parametrize("levels", [500, 2000])

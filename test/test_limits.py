@@ -111,6 +111,32 @@ def test_concurrency_limit_counts_requests_in_flight(start_gateway, upstream):
     assert call(gateway).status_code == 200
 
 
+def test_a_charge_that_fails_midway_still_frees_the_requests_holds(start_gateway):
+    # Fault injection into the running app: the ledger's write queue is full, so settling
+    # raises after the charge began. The request fails (500), but its concurrency slot and
+    # rate-limit reservations must not stay held for ever.
+    gateway, _ = start(start_gateway, "concurrency_limit: 1, token_rate_limit: '100/min'")
+    ledger = gateway.server.app.state.ledger
+
+    async def jam() -> asyncio.Queue[Any]:
+        full: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+        full.put_nowait(None)
+        queue, ledger._queue = ledger._queue, full
+        return queue
+
+    async def unjam(queue: asyncio.Queue[Any]) -> None:
+        ledger._queue = queue
+
+    queue = gateway.server.call(jam())
+    try:
+        assert error_of(gateway, max_tokens=5).status_code == 500
+    finally:
+        gateway.server.call(unjam(queue))
+    response = call(gateway, max_tokens=5)  # the slot is free again
+    assert response.status_code == 200
+    assert response.headers["x-ratelimit-remaining-tokens"] == "85", "nothing of the failed request still reserved"
+
+
 def test_fifty_concurrent_requests_against_a_limit_of_ten_admit_exactly_ten(start_gateway):
     gateway, _ = start(start_gateway, "rate_limit: '10/day'")
 

@@ -13,7 +13,7 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from core.usage import estimate_prompt_tokens
+from core.usage import estimate_prompt_tokens, estimate_usage
 from test.conftest import USER_KEY, keys_yaml
 from test.servers import completion_body, stream_chunks
 from test.test_anthropic import CONFIG as ANTHROPIC_CONFIG
@@ -243,6 +243,20 @@ def test_a_native_stream_cut_off_bills_the_text_it_relayed(start_gateway, upstre
     assert (status, prompt, completion) == ("error", 25, 500)
 
 
+def thinking_delta(thinking: str) -> bytes:
+    return anthropic_event_bytes({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": thinking}})
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions"])
+def test_a_native_stream_cut_off_bills_the_thinking_it_streamed(start_gateway, upstream, path):
+    upstream.script("p1", anthropic_stream(message_start(25), *(thinking_delta(HUNDRED_TOKENS) for _ in range(5)), text_delta("42")))
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    body = {"model": "claude-sonnet", "max_tokens": 1000, "stream": True, "messages": [{"role": "user", "content": "Think."}]}
+    assert "before message_stop" in gateway.http("POST", path, json=body).text
+    ((status, prompt, completion, *_),) = ledger_rows(gateway)
+    assert (status, prompt, completion) == ("error", 25, 501)  # 2,000 bytes of thinking + "42"
+
+
 @pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions"])
 def test_an_abandoned_stream_bills_the_prompt_size_the_vendor_reported(start_gateway, upstream, path):
     upstream.script("p1", anthropic_stream(message_start(1000), text_delta("Hello"), then_hang=True))
@@ -279,6 +293,30 @@ def test_a_native_answer_without_usage_is_estimated_from_its_text(start_gateway,
     request = {"model": "claude-sonnet", "max_tokens": 200, "messages": [{"role": "user", "content": "Talk."}]}
     gateway.http("POST", "/v1/messages", json=request).raise_for_status()
     assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 100)
+
+
+@pytest.mark.parametrize(("usage", "completion"), [({}, 100), ({"output_tokens": 15}, 15)], ids=["empty", "output only"])
+def test_a_native_answer_with_partial_usage_is_completed_by_estimate(start_gateway, upstream, usage, completion):
+    async def partial(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse({**MESSAGE, "content": [{"type": "text", "text": HUNDRED_TOKENS}], "usage": usage})
+
+    upstream.script("p1", partial)
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    request = {"model": "claude-sonnet", "max_tokens": 200, "messages": [{"role": "user", "content": "Talk."}]}
+    gateway.http("POST", "/v1/messages", json=request).raise_for_status()
+    assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), completion)
+
+
+def test_a_native_answer_without_usage_bills_its_thinking_too(start_gateway, upstream):
+    async def no_usage(body: dict[str, Any], request: Request) -> Response:
+        content = [{"type": "thinking", "thinking": HUNDRED_TOKENS, "signature": "sig"}, {"type": "text", "text": HUNDRED_TOKENS}]
+        return JSONResponse({**MESSAGE, "content": content, "usage": None})
+
+    upstream.script("p1", no_usage)
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    request = {"model": "claude-sonnet", "max_tokens": 2000, "messages": [{"role": "user", "content": "Think."}]}
+    gateway.http("POST", "/v1/messages", json=request).raise_for_status()
+    assert ledger_rows(gateway)[0][:3] == ("estimated", estimate_prompt_tokens(request), 200)
 
 
 def test_a_translated_stream_announces_the_prompt_size_and_bills_what_it_announced(start_gateway, upstream):
@@ -333,3 +371,36 @@ def test_tool_definitions_count_toward_a_chat_completion_reservation(start_gatew
         "POST", "/v1/chat/completions", json={"model": "echo-1", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}], "tools": tools}
     )
     assert response.status_code == 402 and response.json()["error"]["code"] == "credit_balance_exhausted"
+
+
+class BrokenStore:
+    """Fault injection: a config store whose every read raises, as a bug would."""
+
+    @property
+    def current(self) -> Any:
+        raise RuntimeError("injected fault")
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/messages", "/v1/messages/count_tokens", "/messages/count_tokens"])
+def test_an_internal_error_on_an_anthropic_path_is_anthropic_shaped(start_gateway, path):
+    gateway = start_gateway(ECHO)
+    app = gateway.server.app
+    store, app.state.store = app.state.store, BrokenStore()
+    try:
+        response = gateway.http("POST", path, json={"model": "echo-1", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]})
+        openai_path = gateway.http("POST", "/v1/chat/completions", json={"model": "echo-1", "messages": [{"role": "user", "content": "x"}]})
+    finally:
+        app.state.store = store
+    assert response.status_code == 500
+    assert response.json() == {"type": "error", "error": {"type": "api_error", "message": "The gateway hit an internal error; it has been logged."}}
+    assert openai_path.status_code == 500 and openai_path.json()["error"]["code"] == "internal_error"
+
+
+def test_a_tool_input_is_estimated_alike_in_the_request_and_the_reply():
+    tool_input = {"city": "東京", "days": [1, 2], "metric": True}
+    call = {"type": "tool_use", "id": "t1", "name": "", "input": tool_input}
+    in_request = estimate_prompt_tokens({"messages": [{"role": "assistant", "content": [call]}]}) - estimate_prompt_tokens(
+        {"messages": [{"role": "assistant", "content": []}]}
+    )
+    in_reply = estimate_usage({}, {"content": [call]}).completion_tokens
+    assert in_request == in_reply == 11  # '{"city":"東京","days":[1,2],"metric":true}': 44 bytes of UTF-8

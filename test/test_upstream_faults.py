@@ -219,6 +219,8 @@ def test_an_oversized_stream_on_v1_messages_ends_with_anthropics_error_event(sta
     assert last.startswith("event: error\ndata: ")
     error = json.loads(last.split("data: ", 1)[1])
     assert error["type"] == "error" and "limit of 4096 bytes" in error["error"]["message"]
+    rows = _balance_equals_ledger_and_slot_is_free(gateway, upstream)
+    assert rows[0][0] == "error" and rows[0][1] > 0, "billed as a cut stream: the error the gateway set survives the translation"
 
 
 def _balance_equals_ledger_and_slot_is_free(gateway: Any, upstream: Any) -> list[tuple[str, int]]:
@@ -245,7 +247,8 @@ def test_an_answer_of_odd_shape_is_relayed_and_billed_by_estimate(start_gateway,
     assert rows == [("estimated", 14_000_000)]
 
 
-def test_a_stream_with_odd_deltas_is_billed_by_estimate(start_gateway, upstream, resetting_server):
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_a_stream_with_odd_deltas_is_billed_by_estimate(start_gateway, upstream, resetting_server, path):
     base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o"}
     events = [
         {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "abcd"}}]},
@@ -256,8 +259,14 @@ def test_a_stream_with_odd_deltas_is_billed_by_estimate(start_gateway, upstream,
     chunks = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
     upstream.script("p1", lambda body, request: _async(_streaming(chunks)))
     gateway = start_gateway(CONFIG.replace("RESET_URL", resetting_server), upstream)
-    response = gateway.http("POST", "/v1/chat/completions", key=USER_KEY, json={"model": "gpt-4o", "messages": MESSAGES, "stream": True})
-    assert response.status_code == 200 and response.text == b"".join(chunks).decode()
+    response = gateway.http("POST", path, key=USER_KEY, json={"model": "gpt-4o", "max_tokens": 10, "messages": MESSAGES, "stream": True})
+    assert response.status_code == 200
+    if path == "/v1/messages":  # translated: the odd fields are skipped, the text goes through
+        deltas = [json.loads(e.split("data: ", 1)[1]).get("delta") for e in response.text.strip().split("\n\n")]
+        assert [d["text"] for d in deltas if d and d.get("type") == "text_delta"] == ["abcd", "efgh"]
+        assert response.text.strip().endswith('data: {"type": "message_stop"}')
+    else:
+        assert response.text == b"".join(chunks).decode()
     rows = _balance_equals_ledger_and_slot_is_free(gateway, upstream)
     # 10 prompt tokens estimated, 8 streamed bytes = 2 completion tokens.
     assert rows == [("estimated", 14_000_000)]

@@ -18,8 +18,9 @@ from core.errors import bad_gateway
 from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream
 from core.providers.http import open_stream, post_json, vendor_error
 from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
+from core.request_checks import output_token_limit
 from core.sse import SseSplitter, encode_event
-from core.usage import Usage, count, estimate_usage
+from core.usage import Usage, complete_usage, count, estimate_usage, reported_count, text_bytes
 
 ANTHROPIC_VERSION = "2023-06-01"
 FINISH_REASONS = {
@@ -49,7 +50,7 @@ class AnthropicAdapter:
             return AnthropicStream(await open_stream(http, url, headers, payload, call), call)
         _, data = await post_json(http, url, headers, payload, call)
         message, finish_reason, reported = from_anthropic(data)
-        usage = reported or estimate_usage(call.body, {"choices": [{"message": message}]})
+        usage = complete_usage(reported, lambda: estimate_usage(call.body, {"choices": [{"message": message}]}))
         return Reply(200, completion(call, message, finish_reason, usage, data.get("id") if isinstance(data, dict) else None), usage)
 
 
@@ -78,8 +79,7 @@ def to_anthropic(call: UpstreamCall) -> dict[str, Any]:
                     )
         _append(messages, "assistant" if role == "assistant" else "user", blocks)
     out: dict[str, Any] = {"model": call.route.upstream_name, "messages": messages}
-    limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    out["max_tokens"] = limit if isinstance(limit, int) and limit > 0 else call.route.provider.default_max_tokens
+    out["max_tokens"] = output_token_limit(call.endpoint, body) or call.route.provider.default_max_tokens
     if system:
         out["system"] = "\n\n".join(part for part in system if part)
     for name in ("temperature", "top_p", "top_k"):
@@ -145,15 +145,39 @@ def _blocks(content: Any) -> list[dict[str, Any]]:
     return blocks
 
 
-def usage_from_anthropic(raw: Any) -> Usage:
+def usage_from_anthropic(raw: Any) -> Usage | None:
+    """Anthropic's `usage` normalised; None when it gives neither `input_tokens` nor
+    `output_tokens`, and a count it lacks left 0 and marked estimated (see complete_usage)."""
     raw = raw if isinstance(raw, dict) else {}
     read, written = count(raw.get("cache_read_input_tokens")), count(raw.get("cache_creation_input_tokens"))
+    uncached, output = reported_count(raw.get("input_tokens")), reported_count(raw.get("output_tokens"))
+    if uncached is None and output is None:
+        return None
     return Usage(
-        prompt_tokens=count(raw.get("input_tokens")) + read + written,
-        completion_tokens=count(raw.get("output_tokens")),
+        prompt_tokens=(uncached or 0) + read + written,
+        completion_tokens=output or 0,
         cached_tokens=read,
+        estimated=uncached is None or output is None,
         cache_write_tokens=written,
     )
+
+
+# The fields of a `content_block_delta` that carry generated output, billed as output tokens:
+# text, extended thinking, a tool call's input. (A citations_delta's cited_text quotes the
+# input and does not count as output; a signature_delta is no text either.)
+GENERATED_DELTA_FIELDS = ("text", "thinking", "partial_json")
+
+
+def delta_text_bytes(delta: Any) -> int:
+    """Bytes of output in one content_block_delta, for a stream cut off before its final usage."""
+    if not isinstance(delta, dict):
+        return 0
+    size = 0
+    for name in GENERATED_DELTA_FIELDS:
+        value = delta.get(name)
+        if value is not None:
+            size += text_bytes(value)
+    return size
 
 
 class StreamUsage:
@@ -166,12 +190,12 @@ class StreamUsage:
         self.counts: dict[str, Any] = {}
         self.final = False  # the vendor has given its final output count
 
-    def start(self, message: Any) -> Usage:
+    def start(self, message: Any) -> Usage | None:
         raw = message.get("usage") if isinstance(message, dict) else None
         self.counts = dict(raw) if isinstance(raw, dict) else {}
         return usage_from_anthropic(self.counts)
 
-    def delta(self, raw: Any) -> Usage:
+    def delta(self, raw: Any) -> Usage | None:
         if isinstance(raw, dict):
             self.counts.update((name, value) for name, value in raw.items() if value is not None)
             self.final = self.final or raw.get("output_tokens") is not None
@@ -255,13 +279,11 @@ class AnthropicStream(UpstreamStream):
             return []
         if kind == "content_block_delta":
             delta = data.get("delta") or {}
+            self.completion_text_bytes += delta_text_bytes(delta)  # thinking too: billed, though not relayed
             if delta.get("type") == "text_delta":
-                text = str(delta.get("text", ""))
-                self.completion_text_bytes += len(text.encode())
-                return [self._writer.chunk({"content": text})]
+                return [self._writer.chunk({"content": str(delta.get("text", ""))})]
             if delta.get("type") == "input_json_delta":
                 partial = str(delta.get("partial_json", ""))
-                self.completion_text_bytes += len(partial.encode())
                 index = self._tool_index.get(int(data.get("index", 0)), 0)
                 return [self._writer.chunk({"tool_calls": [{"index": index, "function": {"arguments": partial}}]})]
             return []

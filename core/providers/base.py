@@ -25,7 +25,7 @@ JSON_CONTENT_TYPE = "application/json"
 
 @dataclass(frozen=True, slots=True)
 class UpstreamCall:
-    endpoint: str  # "chat/completions" | "completions" | "embeddings"
+    endpoint: str  # "chat/completions" | "completions" | "embeddings" | "messages" (to Anthropic natively)
     body: dict[str, Any]
     stream: bool
     route: ModelRoute
@@ -81,11 +81,13 @@ def invalid_answer(route: ModelRoute) -> GatewayError:
 class UpstreamStream(ABC):
     """A stream the upstream has started (status 200). Iterate it for the bytes to send.
 
-    When iteration ends, `usage` holds what the upstream reported (None if it did not),
+    When iteration ends, `usage` holds what the upstream reported (None if it did not;
+    marked estimated, a count 0, if it lacked one: see usage.complete_usage),
     `completion_text_bytes` how much text was streamed (for estimates), and `error` any
     failure that cut the stream short. `partial_usage` holds what the upstream reported on
-    the way (Anthropic's prompt counts in `message_start`), kept up to date during iteration
-    so a stream cut off or abandoned before its final report still bills the vendor's figures.
+    the way (Anthropic's prompt counts in `message_start`), so a stream cut off or abandoned
+    before its final report still bills the vendor's figures. All of these are final once
+    `close()` has run (a translating stream takes them from the stream it wraps only then).
     `close()` is synchronous so it can run during cancellation, when awaiting is no longer possible.
     """
 

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 
 from core.providers.base import Reply, UpstreamCall, UpstreamStream
+from core.request_checks import output_token_limit
 from core.sse import encode_event
 from core.usage import BYTES_PER_TOKEN, Usage, estimate_prompt_tokens, estimate_text_tokens, message_text
 
@@ -52,8 +53,8 @@ def reply_text(call: UpstreamCall) -> str:
         prompt = call.body.get("prompt")
         said = prompt if isinstance(prompt, str) else " ".join(p for p in prompt or [] if isinstance(p, str))
     text = f"Echo: {said}"
-    limit = call.body.get("max_tokens") or call.body.get("max_completion_tokens")
-    if isinstance(limit, int) and limit > 0:
+    limit = output_token_limit(call.endpoint, call.body)
+    if limit is not None:
         text = text.encode()[: limit * BYTES_PER_TOKEN].decode(errors="ignore")
     return text
 

@@ -21,7 +21,7 @@ from core.errors import bad_gateway
 from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream
 from core.providers.http import open_stream, post_json
 from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
-from core.request_checks import json_in_text
+from core.request_checks import json_in_text, output_token_limit
 from core.sse import SseSplitter, encode_event, event_data
 from core.usage import Usage, count, estimate_usage
 
@@ -83,8 +83,8 @@ def to_gemini(call: UpstreamCall) -> dict[str, Any]:
     if system:
         out["systemInstruction"] = {"parts": [{"text": "\n\n".join(s for s in system if s)}]}
     generation = {target: body[source] for source, target in _GENERATION.items() if body.get(source) is not None}
-    limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    if isinstance(limit, int) and limit > 0:
+    limit = output_token_limit(call.endpoint, body)
+    if limit is not None:
         generation["maxOutputTokens"] = limit
     if stop_list(body.get("stop")):
         generation["stopSequences"] = stop_list(body.get("stop"))
@@ -152,6 +152,8 @@ def _parts(content: Any) -> list[dict[str, Any]]:
 def usage_from_gemini(metadata: Any) -> Usage | None:
     if not isinstance(metadata, dict):
         return None
+    if all(metadata.get(name) is None for name in ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount")):
+        return None  # no count at all (`{}` or only a total): estimated, never billed as zero
     thoughts = count(metadata.get("thoughtsTokenCount"))
     return Usage(
         prompt_tokens=count(metadata.get("promptTokenCount")),

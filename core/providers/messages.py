@@ -16,11 +16,11 @@ from typing import Any
 import aiohttp
 
 from core.errors import GatewayError, bad_gateway
-from core.providers.anthropic import ANTHROPIC_VERSION, StreamUsage, usage_from_anthropic
+from core.providers.anthropic import ANTHROPIC_VERSION, StreamUsage, delta_text_bytes, usage_from_anthropic
 from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamStream
 from core.providers.http import open_stream, post_json
 from core.sse import DONE, SseSplitter, event_data
-from core.usage import Usage, estimate_prompt_tokens, estimate_usage, usage_from_openai, usage_so_far
+from core.usage import Usage, complete_usage, estimate_prompt_tokens, estimate_usage, usage_from_openai, usage_so_far
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use", "content_filter": "refusal"}
 
@@ -169,7 +169,7 @@ class MessagesAdapter:
             return EventsFromChunks(answer, call.route.public_name, call.body)
         data = json.loads(answer.body)
         # Estimated here, where the OpenAI reply is still at hand, and shown to the client too.
-        usage = answer.usage or estimate_usage(call.body, data)
+        usage = complete_usage(answer.usage, lambda: estimate_usage(call.body, data))
         return Reply(200, json.dumps(to_anthropic_message(data, call.route.public_name, usage)).encode(), usage)
 
     async def _native(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
@@ -186,7 +186,7 @@ class MessagesAdapter:
             return NativeEvents(await open_stream(http, url, headers, payload, call), route.provider.name)
         body, data = await post_json(http, url, headers, payload, call)
         reported = data.get("usage") if isinstance(data, dict) else None
-        return Reply(200, body, usage_from_anthropic(reported) if isinstance(reported, dict) else None)  # None: billing estimates it
+        return Reply(200, body, usage_from_anthropic(reported))  # None, or partial: billing estimates (the rest of) it
 
 
 class NativeEvents(UpstreamStream):
@@ -226,8 +226,7 @@ class NativeEvents(UpstreamStream):
         if data.get("type") == "message_start":
             self.partial_usage = self._usage.start(data.get("message"))
         elif data.get("type") == "content_block_delta":
-            delta = data.get("delta") or {}
-            self.completion_text_bytes += len(str(delta.get("text") or delta.get("partial_json") or "").encode())
+            self.completion_text_bytes += delta_text_bytes(data.get("delta"))
         elif data.get("type") == "message_delta":
             self.partial_usage = self._usage.delta(data.get("usage"))
             if self._usage.final:
@@ -253,7 +252,8 @@ class EventsFromChunks(UpstreamStream):
         self._body = body
         # The prompt size message_start announces when the vendor has not reported one by then
         # (OpenAI's comes at the end), and billed if it never does: client and ledger agree.
-        self._announced = Usage(prompt_tokens=estimate_prompt_tokens(body), estimated=True)
+        # Estimated only then: a vendor that reports early (Gemini) spares it.
+        self._announced: Usage | None = None
         self._block = -1
         self._open: str | None = None  # "text" or a tool call's index
         self._stop_reason = "end_turn"
@@ -276,7 +276,7 @@ class EventsFromChunks(UpstreamStream):
             yield b"".join([*tail, anthropic_event("error", anthropic_error_body(self.error))])
             return
         tail += self._close_block()
-        usage = anthropic_usage(self.usage or usage_so_far(self.partial_usage, self._body, self.completion_text_bytes))
+        usage = anthropic_usage(complete_usage(self.usage, lambda: usage_so_far(self.partial_usage, self._body, self.completion_text_bytes)))
         tail.append(
             anthropic_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": self._stop_reason, "stop_sequence": None}, "usage": usage})
         )
@@ -284,16 +284,23 @@ class EventsFromChunks(UpstreamStream):
         yield b"".join(tail)
 
     def _message_start(self) -> bytes:
-        usage = anthropic_usage(self._inner.partial_usage or self._announced)
+        usage = anthropic_usage(self._inner.partial_usage or self._announce_prompt())
         start: dict[str, Any] = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": self._model, "content": [],
                  "stop_reason": None, "stop_sequence": None, "usage": usage}  # fmt: skip
         return anthropic_event("message_start", {"type": "message_start", "message": start})
 
+    def _announce_prompt(self) -> Usage:
+        if self._announced is None:
+            self._announced = Usage(prompt_tokens=estimate_prompt_tokens(self._body), estimated=True)
+        return self._announced
+
     def _sync(self) -> None:
+        """Take the inner stream's figures. An error already set stays: the gateway sets one
+        when it cuts the stream off (MeteredStream._end_with) and closes it only then."""
         self.usage = self._inner.usage
-        self.partial_usage = self._inner.partial_usage or self._announced
+        self.partial_usage = self._inner.partial_usage or self._announced  # None: billing estimates the same prompt
         self.completion_text_bytes = self._inner.completion_text_bytes
-        self.error = self._inner.error
+        self.error = self.error or self._inner.error
 
     def _translate(self, event: bytes) -> list[bytes]:
         raw = event_data(event)
@@ -305,38 +312,49 @@ class EventsFromChunks(UpstreamStream):
             return []
         if not isinstance(data, dict) or data.get("error"):
             return []
+        usage = usage_from_openai(data)
+        if usage is not None:
+            self.usage = usage
+        choices = data.get("choices")
         out: list[bytes] = []
-        if usage_from_openai(data) is not None:
-            self.usage = usage_from_openai(data)
-        for choice in data.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                if self._open != "text":
-                    out += self._close_block()
-                    out += self._start_block({"type": "text", "text": ""}, "text")
-                out.append(
-                    anthropic_event(
-                        "content_block_delta", {"type": "content_block_delta", "index": self._block, "delta": {"type": "text_delta", "text": delta["content"]}}
-                    )
-                )
-            for call in delta.get("tool_calls") or []:
-                key = f"tool{call.get('index', 0)}"
-                if self._open != key:
-                    out += self._close_block()
-                    function = call.get("function") or {}
-                    out += self._start_block(
-                        {"type": "tool_use", "id": call.get("id") or f"toolu_{uuid.uuid4().hex[:20]}", "name": function.get("name"), "input": {}}, key
-                    )
-                arguments = (call.get("function") or {}).get("arguments")
-                if arguments:
-                    out.append(
-                        anthropic_event(
-                            "content_block_delta",
-                            {"type": "content_block_delta", "index": self._block, "delta": {"type": "input_json_delta", "partial_json": arguments}},
-                        )
-                    )
-            if choice.get("finish_reason"):
-                self._stop_reason = STOP_REASONS.get(choice["finish_reason"], "end_turn")
+        for choice in choices if isinstance(choices, list) else ():
+            if isinstance(choice, dict):
+                out += self._translate_choice(choice)
+        return out
+
+    def _translate_choice(self, choice: dict[str, Any]) -> list[bytes]:
+        """One choice's delta as content block events. Every field is checked for its type, as
+        OpenAIStream counts them: a vendor's odd field is skipped, never raises."""
+        delta = choice.get("delta")
+        content, tool_calls = (delta.get("content"), delta.get("tool_calls")) if isinstance(delta, dict) else (None, None)
+        out: list[bytes] = []
+        if isinstance(content, str) and content:
+            if self._open != "text":
+                out += self._close_block()
+                out += self._start_block({"type": "text", "text": ""}, "text")
+            text_delta = {"type": "content_block_delta", "index": self._block, "delta": {"type": "text_delta", "text": content}}
+            out.append(anthropic_event("content_block_delta", text_delta))
+        for call in tool_calls if isinstance(tool_calls, list) else ():
+            if isinstance(call, dict):
+                out += self._translate_tool_call(call)
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str) and reason:
+            self._stop_reason = STOP_REASONS.get(reason, "end_turn")
+        return out
+
+    def _translate_tool_call(self, call: dict[str, Any]) -> list[bytes]:
+        out: list[bytes] = []
+        function = call.get("function")
+        function = function if isinstance(function, dict) else {}
+        key = f"tool{call.get('index', 0)}"
+        if self._open != key:
+            out += self._close_block()
+            block_id = call.get("id") or f"toolu_{uuid.uuid4().hex[:20]}"
+            out += self._start_block({"type": "tool_use", "id": block_id, "name": function.get("name"), "input": {}}, key)
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            json_delta = {"type": "content_block_delta", "index": self._block, "delta": {"type": "input_json_delta", "partial_json": arguments}}
+            out.append(anthropic_event("content_block_delta", json_delta))
         return out
 
     def _start_block(self, block: dict[str, Any], key: str) -> list[bytes]:

@@ -18,8 +18,9 @@ from core.config import ModelRoute
 from core.errors import GatewayError, bad_gateway
 from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamFailure, UpstreamStream
 from core.providers.http import open_stream, post_json
+from core.request_checks import too_deeply_nested
 from core.sse import DONE, SseSplitter, encode_event, event_data
-from core.usage import usage_from_openai
+from core.usage import text_bytes, usage_from_openai
 
 AZURE_API_VERSION = "2024-10-21"
 
@@ -37,13 +38,16 @@ class OpenAIAdapter:
 
     async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
         url, headers = self.target(call)
-        payload = orjson.dumps(upstream_body(call))
+        try:
+            payload = orjson.dumps(upstream_body(call))
+        except orjson.JSONEncodeError:  # a /v1/messages body at the nesting cap, one level deeper once translated
+            raise too_deeply_nested() from None
         if call.stream:
             return OpenAIStream(await open_stream(http, url, headers, payload, call), call.route, call.client_wants_usage)
         body, data = await post_json(http, url, headers, payload, call)
         if not is_answer(call.endpoint, data):
             raise UpstreamFailure.invalid(call.route)
-        return Reply(200, body, usage_from_openai(data))
+        return Reply(200, body, usage_from_openai(data, call.endpoint != "embeddings"))
 
 
 class AzureAdapter(OpenAIAdapter):
@@ -191,12 +195,12 @@ def _choice_text_bytes(choice: Any) -> int:
         return 0
     delta = choice.get("delta")
     if isinstance(delta, dict):  # every field checked for its type: a vendor's odd one counts 0, never raises
-        content, tool_calls = delta.get("content"), delta.get("tool_calls")
-        size = len(content.encode()) if isinstance(content, str) else 0
+        # The answer, the reasoning some vendors stream beside it (DeepSeek), tool call arguments.
+        tool_calls, reasoning = delta.get("tool_calls"), delta.get("reasoning_content")
+        size = text_bytes(delta.get("content")) + (text_bytes(reasoning) if reasoning is not None else 0)
         for tool_call in tool_calls if isinstance(tool_calls, list) else ():
             function = tool_call.get("function") if isinstance(tool_call, dict) else None
-            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                size += len(function["arguments"].encode())
+            if isinstance(function, dict):
+                size += text_bytes(function.get("arguments"))
         return size
-    text = choice.get("text")
-    return len(text.encode()) if isinstance(text, str) else 0
+    return text_bytes(choice.get("text"))
