@@ -272,10 +272,15 @@ def test_a_stream_with_odd_deltas_is_billed_by_estimate(start_gateway, upstream,
     assert rows == [("estimated", 14_000_000)]
 
 
-def test_a_stream_that_cannot_be_read_ends_with_an_error_event_and_is_billed(start_gateway, upstream, resetting_server):
+@pytest.mark.parametrize("reads", ["one read per event", "both events in one read"])
+def test_a_stream_that_cannot_be_read_ends_with_an_error_event_and_is_billed(start_gateway, upstream, resetting_server, reads):
+    """What the events before the unreadable one said reaches the client (it is billed), also
+    when both arrive in one read."""
     good = {"candidates": [{"content": {"parts": [{"text": "abcdefgh"}], "role": "model"}}]}
     odd = {"candidates": [{"content": "hello"}]}
     chunks = [b"data: " + json.dumps(e).encode() + b"\r\n\r\n" for e in (good, odd)]
+    if reads == "both events in one read":
+        chunks = [b"".join(chunks)]
     upstream.script("p2", lambda body, request: _async(_streaming(chunks)))
     gateway = start_gateway(CONFIG.replace("RESET_URL", resetting_server), upstream)
     response = gateway.http("POST", "/v1/chat/completions", key=USER_KEY, json={"model": "gemini-model", "messages": MESSAGES, "stream": True})

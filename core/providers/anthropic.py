@@ -15,7 +15,7 @@ import aiohttp
 
 from core.config import ModelRoute
 from core.errors import bad_gateway
-from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream
+from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream, translate_batch
 from core.providers.http import open_stream, post_json, vendor_error
 from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
 from core.request_checks import output_token_limit
@@ -242,12 +242,12 @@ class AnthropicStream(UpstreamStream):
         stopped = False
         try:
             async for chunk in self._response.content.iter_any():
-                out = []
-                for event in splitter.feed(chunk):
-                    out.extend(self._translate(event))
-                    stopped = stopped or self._finished
+                out, unreadable = translate_batch(splitter.feed(chunk), self._translate)
+                stopped = self._finished  # set once, by message_stop or an error event
                 if out:
                     yield b"".join(out)
+                if unreadable is not None:
+                    raise unreadable
                 if stopped:
                     break
         except TimeoutError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -108,3 +108,16 @@ class UpstreamStream(ABC):
 
 class Adapter(Protocol):
     async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream: ...
+
+
+def translate_batch(events: list[bytes], translate: Callable[[bytes], Iterable[bytes]]) -> tuple[list[bytes], Exception | None]:
+    """Translate one read's events in order. An event its adapter cannot read stops the batch
+    and is handed back to raise, but what the events before it said is still relayed: it was
+    counted for billing as it was translated, so the client must get it too."""
+    out: list[bytes] = []
+    try:
+        for event in events:
+            out.extend(translate(event))
+    except Exception as exc:
+        return out, exc
+    return out, None

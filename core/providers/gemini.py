@@ -18,7 +18,7 @@ from urllib.parse import quote
 import aiohttp
 
 from core.errors import bad_gateway
-from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream
+from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream, translate_batch
 from core.providers.http import open_stream, post_json
 from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
 from core.request_checks import json_in_text, output_token_limit
@@ -229,9 +229,11 @@ class GeminiStream(UpstreamStream):
         name = self._call.route.provider.name
         try:
             async for chunk in self._response.content.iter_any():
-                out = [piece for event in splitter.feed(chunk) for piece in self._translate(event)]
+                out, unreadable = translate_batch(splitter.feed(chunk), self._translate)
                 if out:
                     yield b"".join(out)
+                if unreadable is not None:
+                    raise unreadable
             self._ended = True
         except TimeoutError:
             self.error = bad_gateway(f"Provider '{name}' stopped sending.", "upstream_timeout")

@@ -17,7 +17,7 @@ import aiohttp
 
 from core.errors import GatewayError, bad_gateway
 from core.providers.anthropic import ANTHROPIC_VERSION, StreamUsage, delta_text_bytes, usage_from_anthropic
-from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamStream
+from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamStream, translate_batch
 from core.providers.http import open_stream, post_json
 from core.sse import DONE, SseSplitter, event_data
 from core.usage import Usage, complete_usage, estimate_prompt_tokens, estimate_usage, usage_from_openai, usage_so_far
@@ -263,12 +263,14 @@ class EventsFromChunks(UpstreamStream):
         started = False
         try:
             async for chunk in self._inner:
-                out = [piece for event in splitter.feed(chunk) for piece in self._translate(event)]
+                out, unreadable = translate_batch(splitter.feed(chunk), self._translate)
                 if not started:  # sent with the first chunk: a vendor that reports usage early (Gemini) has by then
                     started = True
                     out.insert(0, self._message_start())
                 if out:
                     yield b"".join(out)
+                if unreadable is not None:
+                    raise unreadable
         finally:
             self._sync()
         tail = [] if started else [self._message_start()]
