@@ -29,8 +29,10 @@ class LedgerLock:
 
     @classmethod
     def acquire(cls, ledger: str | Path) -> LedgerLock:
-        """Lock `ledger` for this process, or raise LedgerLockError naming the holder's pid."""
-        path = Path(f"{ledger}.lock")
+        """Lock `ledger` for this process, or raise LedgerLockError naming the holder's pid.
+        The lock sits beside the real file, so a symlink or another spelling of the same path
+        (`./data/../data/t.db`) finds the same lock."""
+        path = Path(f"{os.path.realpath(ledger)}.lock")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -42,6 +44,9 @@ class LedgerLock:
             holder = _holder(fd)
             os.close(fd)
             raise LedgerLockError(f"ledger {ledger} is in use by another Tollgate process ({holder}); stop it first, or give this one its own --db") from None
+        except OSError as exc:  # a file system without flock (some NFS or FUSE mounts)
+            os.close(fd)
+            raise LedgerLockError(f"cannot lock the ledger's lock file {path}: {exc.strerror}") from exc
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(path, fd)
