@@ -19,7 +19,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from core.config import ApiKey, Config
-from core.errors import GatewayError, bad_request, not_found
+from core.errors import GatewayError, not_found
 from core.providers.messages import anthropic_error_body
 from core.proxy import ENDPOINTS, MeteredStream, parse_proxy_request
 from core.routing import routes_for
@@ -94,24 +94,13 @@ async def retrieve_model(request: Request) -> Response:
 async def count_tokens(request: Request) -> Response:
     """Anthropic's `POST /v1/messages/count_tokens` (Claude Code calls it before requests):
     the gateway's prompt estimate, free: no reservation, no ledger row, no limit used. The
-    key must be one /v1/messages would accept for this model (404 / 403 as it answers)."""
+    body is checked as /v1/messages checks it, and the key must be one /v1/messages would
+    accept for this model (404 / 403 as it answers)."""
     config = current_config(request)
     key = authenticate(request, config)
-    body = await read_json(request, config.preferences.max_request_body_bytes)
-    routes_for(config, _counted_model(body), key)
-    return JSONResponse({"input_tokens": estimate_prompt_tokens(body)})
-
-
-def _counted_model(body: Any) -> str:
-    """The model of a count_tokens body, once the body has the fields the estimate reads."""
-    if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object.", "invalid_body")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("The 'model' field is required and must be a string.", "missing_model", "model")
-    if not isinstance(body.get("messages"), list):
-        raise bad_request("The 'messages' field is required and must be a list of messages.", "invalid_messages", "messages")
-    return model
+    counted = parse_proxy_request("messages", await read_json(request, config.preferences.max_request_body_bytes))
+    routes_for(config, counted.model, key)
+    return JSONResponse({"input_tokens": estimate_prompt_tokens(counted.body)})
 
 
 def _model_object(config: Config, key: ApiKey, name: str) -> dict[str, Any] | None:
