@@ -161,8 +161,9 @@ class BillingTicket:
                 self.meter.limiter.release(self.holds, cost_nanos, outcome.usage.total_tokens, record.ts, seq)
             else:  # usage reported from elsewhere: nothing was held, but budgets still count it
                 self.meter.limiter.count_spend(self.key, cost_nanos, record.ts, seq)
-        finally:
-            self._free_holds(record.ts)  # a no-op once settled; if settling raised, nothing stays held
+        except BaseException:
+            self._free_holds(record.ts)  # settling raised half way: nothing may stay held
+            raise
         if self.meter.alerts is not None:
             self.meter.alerts.check(self.key, self.reservation.account)
         return cost_nanos
@@ -179,7 +180,7 @@ class BillingTicket:
 
     def _free_holds(self, at: float) -> None:
         """Free the balance reservation and the limit holds, charging nothing. Each frees once
-        (its `open` flag), so this is a no-op after a settlement that went through."""
+        (its `open` flag): whatever a failed settlement or release had already freed stays freed."""
         seq = self.meter.ledger.release(self.reservation)  # no record: only the hold
         if self.holds is not None:
             self.meter.limiter.release(self.holds, 0, 0, at, seq)
