@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -165,8 +164,8 @@ def _estimate(request: ProxyRequest, body: bytes) -> Usage:
     """Usage for an answer that reported none: estimated from the prompt and the reply text,
     read leniently (a vendor's odd shape is billed for the text found, never an error)."""
     try:
-        reply = json.loads(body)
-    except (ValueError, RecursionError):
+        reply = orjson.loads(body)  # as the adapter read it; a body nested too deep is a ValueError
+    except ValueError:
         reply = None
     return estimate_usage(request.body, reply)
 
