@@ -37,13 +37,19 @@ def format_usd(nanos: int) -> str:
 
 def plain_decimal(units: int, places: int, *, point: bool = False) -> str:
     """`units / 10**places` in plain notation, never an exponent, no trailing zeros; `point`
-    keeps a decimal point on whole numbers (`15.0`). The one writer of plain decimals."""
-    sign, size = ("-" if units < 0 else ""), abs(units)
-    whole, fraction = divmod(size, 10**places)
-    decimals = f"{fraction:0{places}d}".rstrip("0") if places else ""
+    keeps a decimal point on whole numbers (`15.0`). The one writer of plain decimals; it
+    writes the x-tollgate-* money headers of every request, hence the precomputed tables."""
+    size = -units if units < 0 else units
+    whole, fraction = divmod(size, _SCALES[places])
+    decimals = format(fraction, _DIGIT_FORMATS[places]).rstrip("0") if fraction else ""
     if point and not decimals:
         decimals = "0"
+    sign = "-" if units < 0 else ""
     return f"{sign}{whole}.{decimals}" if decimals else f"{sign}{whole}"
+
+
+_SCALES = tuple(10**places for places in range(NANO_DIGITS + 1))
+_DIGIT_FORMATS = tuple(f"0{places}d" for places in range(NANO_DIGITS + 1))
 
 
 def _nanos_per_million(price: Decimal) -> int | None:
