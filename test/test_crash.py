@@ -213,11 +213,12 @@ def test_a_locked_ledger_file_stops_the_start_with_a_clear_error(tmp_path):
     assert "locked by another process" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("spelling", ["same path", "symlink", "dotted path"])
+@pytest.mark.parametrize("spelling", ["same path", "symlink"])
 def test_a_second_gateway_on_the_same_ledger_exits_2_naming_the_file_and_the_process_holding_it(tmp_path, gateways, spelling):
     """Balances live in each process's memory: two processes on one ledger would each spend a
-    key's whole balance, and neither would see the other's top-ups. Another name for the same
-    file (a symlink, `dir/../dir/file`) is the same ledger."""
+    key's whole balance, and neither would see the other's top-ups. A symlink to the file is
+    the same ledger. (A second process that does start serves until the timeout: a failure
+    shows as TimeoutExpired.)"""
     first = Gateway(tmp_path, config_text()).start()
     gateways.append(first)
     assert first.process is not None
@@ -225,9 +226,7 @@ def test_a_second_gateway_on_the_same_ledger_exits_2_naming_the_file_and_the_pro
     if spelling == "symlink":
         db = tmp_path / "other-name.db"
         db.symlink_to(first.db)
-    elif spelling == "dotted path":
-        db = first.db.parent / ".." / first.db.parent.name / first.db.name
-    result = run_main("--config", str(first.config), "--db", str(db), "--host", "127.0.0.1", "--port", str(_free_port()))
+    result = run_main("--config", str(first.config), "--db", str(db), "--host", "127.0.0.1", "--port", str(_free_port()), timeout=15)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines
@@ -236,7 +235,7 @@ def test_a_second_gateway_on_the_same_ledger_exits_2_naming_the_file_and_the_pro
         assert http.post("/v1/chat/completions", json=BODY).status_code == 200  # the first one serves on
 
 
-def test_the_ledger_is_free_again_once_its_gateway_has_stopped(tmp_path, gateways):
+def test_a_gateway_starts_again_on_its_ledger_after_a_clean_stop(tmp_path, gateways):
     first = Gateway(tmp_path, config_text()).start()
     assert first.process is not None
     first.process.send_signal(signal.SIGTERM)
