@@ -643,5 +643,9 @@ def test_a_small_max_completion_tokens_does_not_shrink_the_reservation(start_gat
 
 def test_echo_cuts_a_chat_reply_to_the_larger_of_both_limits(start_gateway):
     gateway = start_gateway(ECHO_CENT)
-    reply = gateway.client(TOKEN_KEY).chat.completions.create(model="echo-1", messages=MESSAGES, max_tokens=1, max_completion_tokens=50)
+    client = gateway.client(TOKEN_KEY)
+    reply = client.chat.completions.create(model="echo-1", messages=MESSAGES, max_tokens=1, max_completion_tokens=50)
     assert reply.choices[0].message.content == "Echo: hello there"
+    for smaller, larger in (("max_tokens", "max_completion_tokens"), ("max_completion_tokens", "max_tokens")):
+        reply = client.chat.completions.create(model="echo-1", messages=MESSAGES, **{smaller: 1, larger: 2})
+        assert reply.choices[0].message.content == "Echo: he", "cut at 2 tokens of 4 bytes, whichever field holds the larger"

@@ -12,6 +12,7 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from core.usage import estimate_prompt_tokens
 from test.conftest import ADMIN_KEY, USER_KEY, keys_yaml
 from test.servers import fail, hang, held_stream, openai_like, stream_chunks, streamed_text
 
@@ -80,7 +81,7 @@ def test_endpoints_answer_without_the_v1_prefix(start_gateway):
     assert caught.value.code == "invalid_api_key", "answered as API JSON, not as a page"
     message = {"model": "echo-1", "max_tokens": 10, "messages": MESSAGES}
     assert gateway.http("POST", "/messages", json=message).json()["content"][0]["text"] == "Echo: hello there"
-    assert gateway.http("POST", "/messages/count_tokens", json=message).json()["input_tokens"] > 0
+    assert gateway.http("POST", "/messages/count_tokens", json=message).json()["input_tokens"] == estimate_prompt_tokens(message)
     refused = gateway.http("POST", "/messages", key="sk-wrong", json=message)
     assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
 
