@@ -36,6 +36,11 @@ providers:
     engine: gemini
     api: k
     model: [gemini-model]
+  - provider: a
+    base_url: {{fake:p3}}
+    engine: anthropic
+    api: k
+    model: [claude-model]
 api_keys:
   - api: {ADMIN_KEY}
     role: admin
@@ -272,23 +277,38 @@ def test_a_stream_with_odd_deltas_is_billed_by_estimate(start_gateway, upstream,
     assert rows == [("estimated", 14_000_000)]
 
 
-@pytest.mark.parametrize("reads", ["one read per event", "both events in one read"])
-def test_a_stream_that_cannot_be_read_ends_with_an_error_event_and_is_billed(start_gateway, upstream, resetting_server, reads):
+def _anthropic_events(*events: dict[str, Any]) -> bytes:
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
+# Text, then an event its adapter cannot read, all in ONE read: the text must still reach the client.
+UNREADABLE_AFTER_TEXT = {
+    "gemini-model": ("p2", b"".join(b"data: " + json.dumps(e).encode() + b"\r\n\r\n" for e in (
+        {"candidates": [{"content": {"parts": [{"text": "abcdefgh"}], "role": "model"}}]},
+        {"candidates": [{"content": "hello"}]},
+    ))),
+    "claude-model": ("p3", _anthropic_events(
+        {"type": "message_start", "message": {"usage": {"input_tokens": 10, "output_tokens": 1}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "abcdefgh"}},
+        {"type": "content_block_start", "index": "a", "content_block": {"type": "tool_use", "id": "t", "name": "f"}},
+    )),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", UNREADABLE_AFTER_TEXT)
+def test_a_stream_that_cannot_be_read_ends_with_an_error_event_and_is_billed(start_gateway, upstream, resetting_server, model):
     """What the events before the unreadable one said reaches the client (it is billed), also
-    when both arrive in one read."""
-    good = {"candidates": [{"content": {"parts": [{"text": "abcdefgh"}], "role": "model"}}]}
-    odd = {"candidates": [{"content": "hello"}]}
-    chunks = [b"data: " + json.dumps(e).encode() + b"\r\n\r\n" for e in (good, odd)]
-    if reads == "both events in one read":
-        chunks = [b"".join(chunks)]
-    upstream.script("p2", lambda body, request: _async(_streaming(chunks)))
+    when they arrived in the same read as it."""
+    vendor, body = UNREADABLE_AFTER_TEXT[model]
+    upstream.script(vendor, lambda _body, request: _async(_streaming([body])))
     gateway = start_gateway(CONFIG.replace("RESET_URL", resetting_server), upstream)
-    response = gateway.http("POST", "/v1/chat/completions", key=USER_KEY, json={"model": "gemini-model", "messages": MESSAGES, "stream": True})
+    response = gateway.http("POST", "/v1/chat/completions", key=USER_KEY, json={"model": model, "messages": MESSAGES, "stream": True})
     assert response.status_code == 200 and "abcdefgh" in response.text
     error = json.loads(response.text.strip().split("data: ")[-1])["error"]
     assert error["code"] == "upstream_invalid_response" and error["type"] == "api_error"
     rows = _balance_equals_ledger_and_slot_is_free(gateway, upstream)
-    assert rows == [("error", 14_000_000)]  # 10 prompt tokens estimated, 8 streamed bytes = 2 completion tokens
+    assert rows == [("error", 14_000_000)]  # 10 prompt tokens (estimated, or the vendor's), 8 streamed bytes = 2 completion tokens
 
 
 async def _async(value: Any) -> Any:
