@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_main(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+def wait_until_healthy(process: subprocess.Popen[Any], url: str, timeout: float = 20) -> None:
+    """Until the gateway at `url` answers /health; fails at once if the process has exited."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline and process.poll() is None, f"gateway did not start (exit code {process.poll()})"
+        time.sleep(0.05)
 
 
 def test_missing_config_exits_2_with_a_hint(tmp_path):
@@ -59,7 +77,6 @@ def _free_port() -> int:
 def test_sigterm_flushes_every_ledger_row(tmp_path):
     import signal
     import sqlite3
-    import time
 
     import httpx
 
@@ -72,15 +89,7 @@ def test_sigterm_flushes_every_ledger_row(tmp_path):
     db, port = tmp_path / "ledger.db", _free_port()
     process = subprocess.Popen([sys.executable, "main.py", "--config", str(config), "--db", str(db), "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None, "gateway did not start"
-            time.sleep(0.1)
+        wait_until_healthy(process, f"http://127.0.0.1:{port}")
         body = {"model": "echo-1", "messages": [{"role": "user", "content": "hi"}]}
         headers = {"Authorization": "Bearer sk-count-cli-0001"}
         for _ in range(25):
@@ -109,37 +118,28 @@ def test_a_port_in_use_exits_2_with_one_line_before_the_ledger_is_made(tmp_path)
         taken.listen()
         port = taken.getsockname()[1]
         result = run_main("--config", str(config), "--db", str(db), "--host", "127.0.0.1", "--port", str(port))
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert f"cannot listen on 127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
+    line = one_line_refusal(result)
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "in use" in line
     assert not db.exists()  # refused before the ledger was created (or, an old one, migrated)
 
 
 def start_and_stop(tmp_path: Path, host: str) -> tuple[str, int]:
     """Start `python main.py` on ECHO_CONFIG and a new ledger, wait until it answers, stop it; its log and port."""
     import signal
-    import time
-
-    import httpx
 
     config, port = tmp_path / "api.yaml", _free_port()
     config.write_text(ECHO_CONFIG)
     command = [sys.executable, "main.py", "--config", str(config), "--db", str(tmp_path / f"{host}.db"), "--host", host, "--port", str(port)]
     process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None, "gateway did not start"
-            time.sleep(0.1)
+        wait_until_healthy(process, f"http://127.0.0.1:{port}")
     finally:
         process.send_signal(signal.SIGTERM)
-        _, log = process.communicate(timeout=30)
+        try:
+            _, log = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()  # never left running past the test
+            raise
     return log, port
 
 
