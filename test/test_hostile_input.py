@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -618,22 +619,25 @@ messages_request = st.fixed_dictionaries(
 )  # fmt: skip
 
 
-def test_fuzzed_chat_requests_for_translating_vendors_never_500(start_gateway, upstream):
+@pytest.fixture
+def fuzz_client(start_gateway, upstream) -> Iterator[httpx.Client]:
+    """A user key's client on a gateway in front of every vendor kind, the translating ones scripted."""
     gateway = start_gateway(PROVIDERS, upstream)
     _scripted_vendors(upstream)
-    client = httpx.Client(base_url=gateway.url, timeout=10, headers={"Authorization": f"Bearer {USER_KEY}"})
+    with httpx.Client(base_url=gateway.url, timeout=10, headers={"Authorization": f"Bearer {USER_KEY}"}) as client:
+        yield client
 
+
+def test_fuzzed_chat_requests_for_translating_vendors_never_500(fuzz_client):
     @FUZZ
     @given(body=translated_chat)
     def check(body: dict[str, Any]) -> None:
-        _assert_well_formed(client.post("/v1/chat/completions", json=body))
+        _assert_well_formed(fuzz_client.post("/v1/chat/completions", json=body))
 
     check()
 
 
-def test_fuzzed_completions_and_embeddings_never_500(start_gateway, upstream):
-    gateway = start_gateway(PROVIDERS, upstream)
-    client = httpx.Client(base_url=gateway.url, timeout=10, headers={"Authorization": f"Bearer {USER_KEY}"})
+def test_fuzzed_completions_and_embeddings_never_500(fuzz_client):
     fields = {"stream": st.booleans() | json_values, "stream_options": json_values, "max_tokens": json_values}
     odd = st.sampled_from([5, True, 1.5, {"a": 1}, ["hi", 5]]) | json_values
     required = {"model": st.sampled_from(["echo-1", "gpt-x", "claude-x"]), "prompt": odd, "input": odd}
@@ -641,20 +645,16 @@ def test_fuzzed_completions_and_embeddings_never_500(start_gateway, upstream):
     @FUZZ
     @given(path=st.sampled_from(["/v1/completions", "/v1/embeddings"]), body=st.fixed_dictionaries(required, optional=fields))
     def check(path: str, body: dict[str, Any]) -> None:
-        _assert_well_formed(client.post(path, json=body))
+        _assert_well_formed(fuzz_client.post(path, json=body))
 
     check()
 
 
-def test_fuzzed_messages_requests_never_500(start_gateway, upstream):
-    gateway = start_gateway(PROVIDERS, upstream)
-    _scripted_vendors(upstream)
-    client = httpx.Client(base_url=gateway.url, timeout=10, headers={"Authorization": f"Bearer {USER_KEY}"})
-
+def test_fuzzed_messages_requests_never_500(fuzz_client):
     @FUZZ
     @given(body=messages_request)
     def check(body: dict[str, Any]) -> None:
-        response = client.post("/v1/messages", json=body)
+        response = fuzz_client.post("/v1/messages", json=body)
         assert response.status_code < 500, response.text
         if response.status_code >= 400:
             assert response.json()["type"] == "error" and response.json()["error"]["type"]

@@ -356,8 +356,8 @@ def test_x_api_key_header_authenticates(start_gateway, upstream):
     assert response.status_code == 200
 
 
-def test_allow_list_limits_models_and_the_model_list(start_gateway, upstream):
-    config = """
+# gpt-4o from p1 and p2; the user key may use gpt-4o-mini and whatever p2 serves.
+ALLOW_LIST_CONFIG = """
 providers:
   - provider: p1
     base_url: {fake:p1}
@@ -368,7 +368,10 @@ providers:
     api: k
     model: [gpt-4o, o1]
 """ + keys_yaml('[gpt-4o-mini, "p2/*"]')
-    gateway = start_gateway(config, upstream)
+
+
+def test_allow_list_limits_models_and_the_model_list(start_gateway, upstream):
+    gateway = start_gateway(ALLOW_LIST_CONFIG, upstream)
     client = gateway.client()
     assert sorted(m.id for m in client.models.list()) == ["gpt-4o", "gpt-4o-mini", "o1"]
     client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
@@ -378,18 +381,7 @@ providers:
 
 
 def test_retrieve_model_answers_for_models_the_key_may_use(start_gateway, upstream):
-    config = """
-providers:
-  - provider: p1
-    base_url: {fake:p1}
-    api: k
-    model: [gpt-4o, gpt-4o-mini]
-  - provider: p2
-    base_url: {fake:p2}
-    api: k
-    model: [gpt-4o, o1]
-""" + keys_yaml('[gpt-4o-mini, "p2/*"]')
-    client = start_gateway(config, upstream).client()
+    client = start_gateway(ALLOW_LIST_CONFIG, upstream).client()
     model = client.models.retrieve("gpt-4o")
     assert (model.id, model.object, model.owned_by) == ("gpt-4o", "model", "p2")
     assert client.models.retrieve("p2/o1").id == "p2/o1", "a provider/model id (its slash sent as %2F) is one model"
