@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,14 @@ def ledger_rows(gateway) -> list[tuple]:
     gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY)
     with sqlite3.connect(gateway.config_path.parent / "data" / "tollgate.db") as db:
         return db.execute("SELECT status, prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, cost_nanos FROM usage").fetchall()
+
+
+def wait_for_ledger_rows(gateway) -> list[tuple]:
+    """`ledger_rows` once there are any: an abandoned stream settles when the gateway notices."""
+    deadline = time.monotonic() + 10
+    while not (rows := ledger_rows(gateway)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return rows
 
 
 def test_non_stream_end_to_end_is_translated_and_billed_with_cache_prices(start_gateway, upstream):

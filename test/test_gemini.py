@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from core.providers.gemini import from_gemini, to_gemini
 from core.usage import estimate_prompt_tokens
 from test.conftest import keys_yaml
 from test.servers import streamed_text
-from test.test_anthropic import TOOLS, ledger_rows
+from test.test_anthropic import TOOLS, ledger_rows, wait_for_ledger_rows
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 RESPONSE = json.loads((FIXTURES / "gemini_response.json").read_text())
@@ -173,10 +172,7 @@ def test_an_abandoned_stream_bills_the_prompt_size_gemini_reported(start_gateway
     stream = gateway.client().chat.completions.create(model="flash", messages=[{"role": "user", "content": "Weather?"}], stream=True)
     assert next(c for c in stream if c.choices and c.choices[0].delta.content).choices[0].delta.content == "Looking"
     stream.close()
-    deadline = time.monotonic() + 10
-    while not (rows := ledger_rows(gateway)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    ((status, prompt, completion, cached, _, _),) = rows
+    ((status, prompt, completion, cached, _, _),) = wait_for_ledger_rows(gateway)
     assert (status, prompt, cached, completion) == ("client_disconnected", 1200, 1000, 2)
 
 

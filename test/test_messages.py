@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import anthropic
@@ -17,7 +16,7 @@ from core.usage import estimate_prompt_tokens, estimate_usage
 from test.conftest import USER_KEY, keys_yaml
 from test.servers import completion_body, stream_chunks
 from test.test_anthropic import CONFIG as ANTHROPIC_CONFIG
-from test.test_anthropic import EXPECTED_COST_NANOS, MESSAGE, STREAM, ledger_rows
+from test.test_anthropic import EXPECTED_COST_NANOS, MESSAGE, STREAM, ledger_rows, wait_for_ledger_rows
 from test.test_gemini import CONFIG as GEMINI_CONFIG
 from test.test_gemini import STREAM as GEMINI_STREAM
 
@@ -224,13 +223,6 @@ def anthropic_stream(*parts: bytes, then_hang: bool = False) -> Any:
         return StreamingResponse(gen(), media_type="text/event-stream")
 
     return handler
-
-
-def wait_for_ledger_rows(gateway) -> list[tuple]:
-    deadline = time.monotonic() + 10
-    while not (rows := ledger_rows(gateway)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return rows
 
 
 @pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions"])
