@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from test.conftest import ADMIN_KEY
-from test.servers import completion_body, fail, streamed_text
+from test.servers import completion_body, fail, sse, streamed_text
 
 TOKEN_KEY = "sk-token-user-0001"
 COUNT_KEY = "sk-count-user-0002"
@@ -195,7 +195,7 @@ def test_a_partial_usage_report_is_completed_by_estimate_never_billed_as_zero(st
             return JSONResponse({**completion_body(body, "four"), "usage": usage})
         base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o"}
         events = [{**base, "choices": [{"index": 0, "delta": {"content": "four"}, "finish_reason": "stop"}]}, {**base, "choices": [], "usage": usage}]
-        chunks = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+        chunks = [sse(e) for e in events] + [sse(b"[DONE]")]
         return StreamingResponse(iter(chunks), media_type="text/event-stream")
 
     upstream.script("p1", partial)
@@ -501,7 +501,7 @@ def test_a_cut_stream_bills_the_reasoning_it_streamed(start_gateway, upstream):
     events = [*thinking, {**base, "choices": [{"index": 0, "delta": {"content": "abcd"}}]}]  # then cut: no finish, no [DONE]
 
     async def cut(body: dict[str, Any], request: Request) -> Response:
-        return StreamingResponse(iter([b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]), media_type="text/event-stream")
+        return StreamingResponse(iter([sse(e) for e in events]), media_type="text/event-stream")
 
     upstream.script("p1", cut)
     gateway = start_gateway(CONFIG, upstream)

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from test.conftest import ADMIN_KEY, USER_KEY
-from test.servers import completion_body, fail, hang, stream_chunks
+from test.servers import completion_body, fail, hang, sse, stream_chunks
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
 CONFIG = f"""
@@ -261,7 +261,7 @@ def test_a_stream_with_odd_deltas_is_billed_by_estimate(start_gateway, upstream,
         {**base, "choices": [{"index": 0, "delta": {"tool_calls": [{"function": {"arguments": 5}}, "x"], "content": ["y"]}}]},
         {**base, "choices": [{"index": 0, "delta": {"content": "efgh"}, "finish_reason": "stop"}]},
     ]
-    chunks = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+    chunks = [sse(e) for e in events] + [sse(b"[DONE]")]
     upstream.script("p1", lambda body, request: _async(_streaming(chunks)))
     gateway = start_gateway(CONFIG.replace("RESET_URL", resetting_server), upstream)
     response = gateway.http("POST", path, key=USER_KEY, json={"model": "gpt-4o", "max_tokens": 10, "messages": MESSAGES, "stream": True})
