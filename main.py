@@ -29,12 +29,12 @@ from core.auth_throttle import AuthThrottle
 from core.billing import BillingMeter
 from core.config import Config, load_config
 from core.errors import GatewayError
-from core.ledger_lock import LedgerLock, LedgerLockError
+from core.ledger.sqlite import LedgerUnavailable, SqliteLedger, check_ledger_file
+from core.ledger.sqlite_lock import LedgerLock, LedgerLockError
 from core.providers.messages import anthropic_error_body
 from core.proxy import Gateway
 from core.reload import ConfigStore
 from core.routing import Scheduler
-from core.sqlite_ledger import LedgerUnavailable, SqliteLedger, check_ledger_file
 from core.upstream import create_http_session
 from core.yamlsource import ConfigError
 from routes import admin, audit, billing_admin, proxy, self_service, web

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.config_billing import KeyBilling
 from core.ledger import UsageRecord
-from core.sqlite_ledger import SqliteLedger
+from core.ledger.sqlite import SqliteLedger
 
 
 async def run(path: Path, rows: int, keys: int) -> None:

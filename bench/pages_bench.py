@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.config import ledger_id  # noqa: E402
-from core.ledger_schema import MIGRATIONS  # noqa: E402
+from core.ledger.sqlite_schema import MIGRATIONS  # noqa: E402
 
 ADMIN = "sk-bench-admin-000000"
 MODELS = [f"model-{i}" for i in range(20)]

@@ -15,9 +15,9 @@ from core.config_billing import BILLING_MODES
 from core.config_writer import ConfigChangedError, ConfigWriteError, set_key_preference
 from core.errors import GatewayError, bad_request
 from core.ledger import COUNT_CREDITS, CREDITS, Grant
+from core.ledger.sqlite import SqliteLedger
 from core.pricing import format_usd, to_nanos
 from core.reload import ConfigStore, ReloadError
-from core.sqlite_ledger import SqliteLedger
 from core.usage import Usage
 from core.yamlsource import ConfigError
 

@@ -24,10 +24,10 @@ import aiosqlite
 
 from core.config import ApiKey
 from core.ledger import Account
+from core.ledger.sqlite import SqliteLedger
 from core.limits import Limiter
 from core.money_format import count_text, usd_text
 from core.pricing import format_usd
-from core.sqlite_ledger import SqliteLedger
 
 log = logging.getLogger("tollgate.alerts")
 

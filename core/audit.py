@@ -47,7 +47,7 @@ class AuditEntry:
     detail: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> tuple[Any, ...]:
-        """In the column order of core.sqlite_ledger's audit insert."""
+        """In the column order of core.ledger.sqlite's audit insert."""
         target = self.target
         return (
             self.ts,

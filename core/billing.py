@@ -17,12 +17,12 @@ from core.config import ApiKey, Config
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
 from core.ledger import COUNT_CREDITS, Account, InsufficientBalance, Reservation, UsageRecord
+from core.ledger.sqlite import SqliteLedger
 from core.limits import Holds, Limiter
 from core.metering import ERROR, OK, Outcome
 from core.pricing import COUNT, PriceBook, count_price_json, format_usd
 from core.proxy import ProxyRequest, new_request_id
 from core.request_checks import output_token_limit
-from core.sqlite_ledger import SqliteLedger
 from core.usage import Usage, estimate_prompt_tokens
 
 ESTIMATED = "estimated"

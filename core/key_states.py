@@ -10,10 +10,10 @@ from typing import Any
 from core.config import ApiKey, Config
 from core.config_billing import UNLIMITED
 from core.ledger import Account
-from core.ledger_sums import Totals, Window
+from core.ledger.sqlite import SqliteLedger
+from core.ledger.sums import Totals, Window
 from core.money_format import usd_json
 from core.pricing import COUNT, TOKEN
-from core.sqlite_ledger import SqliteLedger
 
 
 def effective_mode(config: Config, key: ApiKey) -> str:

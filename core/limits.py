@@ -23,10 +23,10 @@ from core.config import ApiKey
 from core.config_limits import IPNetwork, RateRule
 from core.errors import GatewayError, forbidden
 from core.ledger import Account
-from core.ledger_sums import Window, window_totals
+from core.ledger.sqlite import SqliteLedger
+from core.ledger.sums import Window, window_totals
 from core.money_format import count_text, usd_text
 from core.pricing import format_usd
-from core.sqlite_ledger import SqliteLedger
 
 QUOTA_CODE = "API_KEY_QUOTA_EXHAUSTED"
 

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from core.ledger_sums import DAY, day_start, utc_day
-from core.sqlite_ledger import SqliteLedger
+from core.ledger.sqlite import SqliteLedger
+from core.ledger.sums import DAY, day_start, utc_day
 
 LOG_PAGE = 50
 EXPORT_CHUNK = 1000

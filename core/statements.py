@@ -13,10 +13,10 @@ from core.config import ApiKey, Config
 from core.config_billing import UNLIMITED
 from core.key_states import effective_mode
 from core.ledger import Account
-from core.ledger_sums import Totals, Window
+from core.ledger.sqlite import SqliteLedger
+from core.ledger.sums import Totals, Window
 from core.limits import Limiter, period_bounds
 from core.money_format import usd_json
-from core.sqlite_ledger import SqliteLedger
 
 
 def _iso(ts: float, key: ApiKey) -> str:

@@ -12,7 +12,7 @@ from starlette.routing import Route
 from core.audit import describe
 from core.config import Config
 from core.errors import bad_request
-from core.sqlite_ledger import SqliteLedger
+from core.ledger.sqlite import SqliteLedger
 from routes._http import current_config, require_admin, whole_number
 from routes._web_auth import admin_visitor
 from routes.web import render

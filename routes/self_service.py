@@ -12,8 +12,8 @@ from core import reports, statements
 from core.config import ApiKey, Config
 from core.errors import bad_request, forbidden, not_found
 from core.key_states import UNLIMITED
+from core.ledger.sqlite import SqliteLedger
 from core.money_format import cents_json, usd_json
-from core.sqlite_ledger import SqliteLedger
 from core.timeutil import days_before
 from routes._http import authenticate, current_config, whole_number
 from routes._json import ExactJSONResponse

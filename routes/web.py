@@ -21,10 +21,10 @@ from core.audit import LOGIN, Actor, AuditEntry
 from core.config import ApiKey, Config
 from core.errors import GatewayError, forbidden, not_found
 from core.ledger import COUNT_CREDITS, CREDITS
-from core.ledger_sums import Window
+from core.ledger.sqlite import SqliteLedger
+from core.ledger.sums import Window
 from core.money_format import count_text, usd_text
 from core.reload import ConfigStore
-from core.sqlite_ledger import SqliteLedger
 from routes import web_export
 from routes._http import caller_ip, current_config, whole_number
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie

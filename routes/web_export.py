@@ -15,9 +15,9 @@ from starlette.routing import Route
 from core import reports
 from core.errors import bad_request, forbidden, not_found
 from core.key_states import effective_mode
-from core.ledger_sums import Window
+from core.ledger.sqlite import SqliteLedger
+from core.ledger.sums import Window
 from core.pricing import format_usd
-from core.sqlite_ledger import SqliteLedger
 from core.timeutil import days_before
 from routes._http import current_config
 from routes._web_auth import admin_visitor, visitor

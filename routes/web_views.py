@@ -13,7 +13,7 @@ from typing import Any
 from core.config import ApiKey, Config
 from core.key_states import effective_mode
 from core.ledger import Account
-from core.ledger_sums import Totals
+from core.ledger.sums import Totals
 from core.money_format import count_text, usd_text
 from core.pricing import COUNT, TOKEN, to_nanos
 from core.reports import DayPoint

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core.sqlite_ledger import GROUP_COMMIT_SECONDS
+from core.ledger.sqlite import GROUP_COMMIT_SECONDS
 from test.servers import FakeUpstream, ServerThread, hang
 from test.test_cli import ROOT, _free_port, one_line_refusal, run_main, wait_until_healthy
 from test.test_web import Browser

@@ -12,8 +12,8 @@ import pytest
 
 from core.config_billing import KeyBilling
 from core.ledger import COUNT_CREDITS, CREDITS, Grant, InsufficientBalance, UsageRecord
-from core.rollups import ROLLUP_STATEMENTS
-from core.sqlite_ledger import SqliteLedger
+from core.ledger.rollups import ROLLUP_STATEMENTS
+from core.ledger.sqlite import SqliteLedger
 
 
 def record(key_id: str, cost_nanos: int, cost_type: str = "token", count: int = 0) -> UsageRecord:
@@ -198,7 +198,7 @@ def _raw_totals(path: Path, key_id: str, since: float, until: float | None) -> t
 
 
 def test_window_totals_from_the_daily_rollup_equal_the_raw_rows(tmp_path):
-    from core.ledger_sums import DAY, Totals, Window, window_totals
+    from core.ledger.sums import DAY, Totals, Window, window_totals
 
     base = 1_700_000_000.0 - (1_700_000_000 % DAY)  # a UTC midnight
     stamps = [base + offset for offset in (-5, 0, 1, 3600, DAY - 1, DAY, DAY + 7, 2 * DAY + 100, 3 * DAY + 50, 5 * DAY)]
@@ -228,7 +228,7 @@ def test_window_totals_from_the_daily_rollup_equal_the_raw_rows(tmp_path):
 
 
 def test_a_new_ledger_is_made_at_the_current_version_in_one_logged_step(tmp_path, caplog):
-    from core.ledger_schema import SCHEMA_VERSION
+    from core.ledger.sqlite_schema import SCHEMA_VERSION
 
     caplog.set_level(logging.INFO, logger="tollgate.ledger")
 
@@ -243,7 +243,7 @@ def test_a_new_ledger_is_made_at_the_current_version_in_one_logged_step(tmp_path
 
 
 def test_migrating_a_version_1_database_backfills_the_rollup(tmp_path, caplog):
-    from core.ledger_schema import MIGRATIONS, SCHEMA_VERSION
+    from core.ledger.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
     caplog.set_level(logging.INFO, logger="tollgate.ledger")
 
@@ -271,7 +271,7 @@ def test_migrating_a_version_1_database_backfills_the_rollup(tmp_path, caplog):
 def test_every_earlier_schema_version_migrates_and_keeps_its_money(tmp_path, version):
     """A ledger left at each earlier schema version, with charges and a top-up, opens at the
     current version with the same balance, rollups that match the rows, and an audit log."""
-    from core.ledger_schema import MIGRATIONS, SCHEMA_VERSION, _statements
+    from core.ledger.sqlite_schema import MIGRATIONS, SCHEMA_VERSION, _statements
 
     path = tmp_path / f"v{version}.db"
     with sqlite3.connect(path, isolation_level=None) as db:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from core.ledger_lock import LedgerLock, LedgerLockError
+from core.ledger.sqlite_lock import LedgerLock, LedgerLockError
 
 
 def test_a_held_ledger_is_refused_until_its_lock_is_released(tmp_path):

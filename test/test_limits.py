@@ -316,8 +316,8 @@ def test_a_budget_period_started_by_another_request_is_not_guessed(tmp_path):
     midnight) starts loading the next period. A must not admit against an unknown spend."""
     from core.config import build_config
     from core.errors import GatewayError
+    from core.ledger.sqlite import SqliteLedger
     from core.limits import Limiter, PeriodSpend
-    from core.sqlite_ledger import SqliteLedger
 
     key = next(k for k in build_config(config("daily_cost_limit: 0.05"), "api.yaml").keys if k.secret == KEY)
 

@@ -1,6 +1,6 @@
 """One Tollgate process per SQLite ledger: an exclusive lock on `<ledger>.lock`, held for life.
 
-Balances and reservations live in the process's memory (sqlite_ledger.py). Two processes on
+Balances and reservations live in the process's memory (core/ledger/sqlite.py). Two processes on
 one ledger file would each spend a key's whole balance, and a top-up made through one would
 never reach the other. flock() is released by the OS when its holder dies, kill -9 included,
 so a crash never leaves a stale lock behind.

@@ -14,7 +14,7 @@ _GROUPS = {
     "key_id": "key_id",
     "model": "model",
     "cost_type": "cost_type",
-    "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",  # the UTC day, as core.ledger_sums.utc_day
+    "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",  # the UTC day, as core.ledger.sums.utc_day
     "month": "strftime('%Y-%m', ts, 'unixepoch')",
 }
 _MEASURES = {

@@ -1,7 +1,7 @@
 """The ledger interface: reserve → settle/release, grants, and balances.
 
 Routes and billing talk only to this interface. The embedded implementation is SQLite
-(core/sqlite_ledger.py); a PostgreSQL one for several gateway processes implements the
+(core/ledger/sqlite.py); a PostgreSQL one for several gateway processes implements the
 same calls with an atomic `UPDATE … WHERE remaining >= $1 RETURNING`.
 
 Amounts are integer nano-dollars (core.pricing) and whole count credits.

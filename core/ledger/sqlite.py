@@ -22,9 +22,9 @@ from core.audit import AuditEntry
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
 from core.ledger import COUNT_CREDITS, CREDITS, Account, Grant, InsufficientBalance, Reservation, UsageRecord
-from core.ledger_schema import SCHEMA_VERSION, migrate
-from core.ledger_sums import Totals, Window, grant_totals, window_totals
-from core.rollups import ROLLUP_STATEMENTS
+from core.ledger.rollups import ROLLUP_STATEMENTS
+from core.ledger.sqlite_schema import SCHEMA_VERSION, migrate
+from core.ledger.sums import Totals, Window, grant_totals, window_totals
 
 log = logging.getLogger("tollgate.ledger")
 T = TypeVar("T")
