@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.config_billing import KeyBilling
-from core.ledger import UsageRecord
+from core.ledger import UsageRecord, hold
 from core.ledger.sqlite import SqliteLedger
 
 
@@ -28,7 +28,7 @@ async def run(path: Path, rows: int, keys: int) -> None:
     start = time.perf_counter()
     for n in range(rows):
         key = f"key{n % keys}"
-        reservation = ledger.hold(accounts[key], terms, 1000, 0)
+        reservation = hold(accounts[key], terms, 1000, 0)
         ledger.settle(
             reservation, UsageRecord(f"r{n}", time.time(), key, key, f"model-{n % 7}", "p", "m", 100, 20, 0, "token", '{"input":"1","output":"2"}', 140_000)
         )

@@ -14,8 +14,7 @@ from core.config import ApiKey, Config
 from core.config_billing import BILLING_MODES
 from core.config_writer import ConfigChangedError, ConfigWriteError, set_key_preference
 from core.errors import GatewayError, bad_request
-from core.ledger import COUNT_CREDITS, CREDITS, Grant
-from core.ledger.sqlite import SqliteLedger
+from core.ledger import COUNT_CREDITS, CREDITS, Grant, Ledger
 from core.pricing import format_usd, to_nanos
 from core.reload import ConfigStore, ReloadError
 from core.usage import Usage
@@ -45,7 +44,7 @@ def parse_amount(raw: str, kind: str) -> Decimal:
 
 
 async def add_credit(
-    ledger: SqliteLedger,
+    ledger: Ledger,
     key: ApiKey,
     kind: str,
     raw_amount: str,
@@ -77,7 +76,7 @@ async def add_credit(
     return applied
 
 
-async def set_billing_mode(store: ConfigStore, ledger: SqliteLedger, key: ApiKey, mode: str, now: float, actor: Actor) -> ApiKey:
+async def set_billing_mode(store: ConfigStore, ledger: Ledger, key: ApiKey, mode: str, now: float, actor: Actor) -> ApiKey:
     """Write the mode into api.yaml (that one value, atomically) and apply it; the updated key.
     A file that does not load is not touched: 409 `config_invalid` says where it is wrong;
     one saved by someone else during the edit neither: 409 `config_changed`. Audited."""

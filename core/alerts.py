@@ -23,8 +23,7 @@ import aiohttp
 import aiosqlite
 
 from core.config import ApiKey
-from core.ledger import Account
-from core.ledger.sqlite import SqliteLedger
+from core.ledger import Account, Ledger
 from core.limits import Limiter
 from core.money_format import count_text, usd_text
 from core.pricing import format_usd
@@ -75,7 +74,7 @@ def readings(key: ApiKey, account: Account, limiter: Limiter) -> list[Reading]:
 
 
 class Alerts:
-    def __init__(self, ledger: SqliteLedger, limiter: Limiter, clock: Callable[[], float], http: Callable[[], aiohttp.ClientSession]):
+    def __init__(self, ledger: Ledger, limiter: Limiter, clock: Callable[[], float], http: Callable[[], aiohttp.ClientSession]):
         self.ledger = ledger
         self.limiter = limiter
         self.clock = clock
@@ -225,7 +224,7 @@ class Alerts:
         await done
 
 
-async def recent_alerts(ledger: SqliteLedger, key_id: str | None, limit: int = 20) -> list[dict[str, Any]]:
+async def recent_alerts(ledger: Ledger, key_id: str | None, limit: int = 20) -> list[dict[str, Any]]:
     await ledger.flush()
     sql = "SELECT ts, key_id, key_name, metric, threshold, used, limit_value, status, attempts, last_error FROM alert_events"
     params: list[Any] = []

@@ -16,9 +16,8 @@ from core.alerts import Alerts
 from core.config import ApiKey, Config
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
-from core.ledger import COUNT_CREDITS, Account, InsufficientBalance, Reservation, UsageRecord
-from core.ledger.sqlite import SqliteLedger
-from core.limits import Holds, Limiter
+from core.ledger import COUNT_CREDITS, Account, InsufficientBalance, Ledger, Reservation, UsageRecord
+from core.limits import Limiter
 from core.metering import ERROR, OK, Outcome
 from core.pricing import COUNT, PriceBook, count_price_json, format_usd
 from core.proxy import ProxyRequest, new_request_id
@@ -51,40 +50,33 @@ def check_window_open(terms: KeyBilling, now: float, status: int = 403) -> None:
 class BillingMeter:
     """The Meter that charges keys through the ledger and enforces their limits."""
 
-    def __init__(self, ledger: SqliteLedger, clock: Callable[[], float] = time.time):
+    def __init__(self, ledger: Ledger, clock: Callable[[], float] = time.time):
         self.ledger = ledger
         self.clock = clock
-        self.limiter = Limiter(ledger, clock)
         self.alerts: Alerts | None = None  # set by the app once the sender runs
+
+    @property
+    def limiter(self) -> Limiter:
+        return self.ledger.limiter
 
     async def admit(self, config: Config, key: ApiKey, request: ProxyRequest) -> BillingTicket:
         now = self.clock()
         prices = config.preferences.prices
-        terms, limits = key.billing, key.limits
+        terms = key.billing
         check_window_open(terms, now)
         cost_type = prices.cost_type(terms.mode, request.model)
-        account = await self.ledger.account(key.id, terms)
-        if limits.period_limits:
-            await self.limiter.prepare(key, now)
-        # No await from here on: every limit and the balance are checked and held in one step.
-        metered = limits.meters_anything
-        needs_estimate = metered or (cost_type != COUNT and not terms.unlimited_credits)
+        needs_estimate = key.limits.meters_anything or (cost_type != COUNT and not terms.unlimited_credits)
         prompt, completion = self._token_estimate(config, request) if needs_estimate else (0, 0)
         if cost_type == COUNT:
-            nanos = prices.count_price_nanos(request.model)
+            nanos, balance_nanos, count = prices.count_price_nanos(request.model), 0, 1
         else:
             nanos = prices.token_price(request.model).estimate_nanos(prompt, completion) if needs_estimate else 0
-        holds = self.limiter.acquire(key, account, nanos, prompt + completion, now) if metered else None
+            balance_nanos, count = (0 if terms.unlimited_credits else nanos), 0
         try:
-            if cost_type == COUNT:
-                reservation = self.ledger.hold(account, terms, 0, 1)
-            else:
-                reservation = self.ledger.hold(account, terms, 0 if terms.unlimited_credits else nanos, 0)
+            reservation = await self.ledger.admit(key, nanos, balance_nanos, count, prompt + completion, now, request.request_id)
         except InsufficientBalance as exc:
-            if holds is not None:
-                self.limiter.release(holds, 0, 0, now, 0, counted=False)
             raise exhausted(exc.kind) from None
-        return BillingTicket(self, key, terms, prices, request, cost_type, reservation, holds)
+        return BillingTicket(self, key, terms, prices, request, cost_type, reservation)
 
     async def record_external(self, config: Config, key: ApiKey, model: str, usage: Usage, provider: str) -> int:
         """Charge usage that happened elsewhere; it already happened, so no balance check.
@@ -96,7 +88,7 @@ class BillingMeter:
         account = await self.ledger.account(key.id, key.billing)
         request = ProxyRequest("chat/completions", {}, model, False, new_request_id())
         cost_type = config.preferences.prices.cost_type(key.billing.mode, model)
-        ticket = BillingTicket(self, key, key.billing, config.preferences.prices, request, cost_type, Reservation(account, 0, 0), None)
+        ticket = BillingTicket(self, key, key.billing, config.preferences.prices, request, cost_type, Reservation(account, 0, 0))
         return ticket.charge(Outcome(provider, model, usage, OK))
 
     @staticmethod
@@ -112,7 +104,7 @@ class BillingMeter:
 class BillingTicket:
     """One admitted request's holds; it ends once, by `settle` (or `charge`) or `release`."""
 
-    __slots__ = ("cost_type", "ended", "holds", "key", "meter", "prices", "request", "reservation", "terms")
+    __slots__ = ("cost_type", "ended", "key", "meter", "prices", "request", "reservation", "terms")
 
     def __init__(
         self,
@@ -123,7 +115,6 @@ class BillingTicket:
         request: ProxyRequest,
         cost_type: str,
         reservation: Reservation,
-        holds: Holds | None,
     ):
         self.meter = meter
         self.key = key
@@ -132,7 +123,6 @@ class BillingTicket:
         self.request = request
         self.cost_type = cost_type
         self.reservation = reservation
-        self.holds = holds
         self.ended = False
 
     def settle(self, outcome: Outcome) -> dict[str, str]:
@@ -156,13 +146,9 @@ class BillingTicket:
         record = self._record(outcome.provider, outcome.upstream_model, outcome.usage, unit_prices, cost_nanos, count, status)
         self.ended = True  # only now: should pricing above raise, a later release() still frees the holds
         try:
-            seq = self.meter.ledger.settle(self.reservation, record)
-            if self.holds is not None:
-                self.meter.limiter.release(self.holds, cost_nanos, outcome.usage.total_tokens, record.ts, seq)
-            else:  # usage reported from elsewhere: nothing was held, but budgets still count it
-                self.meter.limiter.count_spend(self.key, cost_nanos, record.ts, seq)
+            self.meter.ledger.settle(self.reservation, record)
         except BaseException:
-            self._free_holds(record.ts)  # settling raised half way: nothing may stay held
+            self.meter.ledger.release(self.reservation)  # settling raised half way: nothing may stay held
             raise
         if self.meter.alerts is not None:
             self.meter.alerts.check(self.key, self.reservation.account)
@@ -175,15 +161,10 @@ class BillingTicket:
         record = self._record("", "", Usage(), "{}", 0, 0, ERROR)
         try:
             self.meter.ledger.release(self.reservation, record)
-        finally:
-            self._free_holds(record.ts)
-
-    def _free_holds(self, at: float) -> None:
-        """Free the balance reservation and the limit holds, charging nothing. Each frees once
-        (its `open` flag): whatever a failed settlement or release had already freed stays freed."""
-        seq = self.meter.ledger.release(self.reservation)  # no record: only the hold
-        if self.holds is not None:
-            self.meter.limiter.release(self.holds, 0, 0, at, seq)
+        except BaseException:
+            # Each hold frees once (its `open` flag): what the failed release freed stays freed.
+            self.meter.ledger.release(self.reservation)
+            raise
 
     def start_headers(self) -> dict[str, str]:
         if not self.key.limits.meters_anything:

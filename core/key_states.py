@@ -9,8 +9,7 @@ from typing import Any
 
 from core.config import ApiKey, Config
 from core.config_billing import UNLIMITED
-from core.ledger import Account
-from core.ledger.sqlite import SqliteLedger
+from core.ledger import Account, Ledger
 from core.ledger.sums import Totals, Window
 from core.money_format import usd_json
 from core.pricing import COUNT, TOKEN
@@ -20,11 +19,11 @@ def effective_mode(config: Config, key: ApiKey) -> str:
     return key.billing.mode if config.preferences.prices.count_billing_enabled else TOKEN
 
 
-async def key_state(config: Config, ledger: SqliteLedger, key: ApiKey) -> dict[str, Any]:
+async def key_state(config: Config, ledger: Ledger, key: ApiKey) -> dict[str, Any]:
     return (await key_states(config, ledger, [key]))[key.id]
 
 
-async def key_states(config: Config, ledger: SqliteLedger, keys: list[ApiKey]) -> dict[str, dict[str, Any]]:
+async def key_states(config: Config, ledger: Ledger, keys: list[ApiKey]) -> dict[str, dict[str, Any]]:
     """States of many keys with two queries, whatever their number."""
     accounts = await ledger.accounts([(key.id, key.billing) for key in keys])
     by_model = await ledger.totals([Window(key.id, key.billing.created_at) for key in keys], by_model=True)
@@ -66,6 +65,6 @@ def model_row(model: str, cost_type: str, totals: Totals) -> dict[str, Any]:
     }
 
 
-async def usage_rows(ledger: SqliteLedger, key: ApiKey, since: float, until: float | None = None, model: str | None = None) -> list[dict[str, Any]]:
+async def usage_rows(ledger: Ledger, key: ApiKey, since: float, until: float | None = None, model: str | None = None) -> list[dict[str, Any]]:
     totals = await ledger.totals([Window(key.id, since, until)], by_model=True)
     return [model_row(m, cost_type, t) for (_, m, cost_type), t in sorted(totals.items()) if model is None or m == model]

@@ -14,21 +14,28 @@ import asyncio
 import fnmatch
 import ipaddress
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 from core.config import ApiKey
 from core.config_limits import IPNetwork, RateRule
 from core.errors import GatewayError, forbidden
 from core.ledger import Account
-from core.ledger.sqlite import SqliteLedger
 from core.ledger.sums import Window, window_totals
 from core.money_format import count_text, usd_text
 from core.pricing import format_usd
 
 QUOTA_CODE = "API_KEY_QUOTA_EXHAUSTED"
+T = TypeVar("T")
+
+
+class OrderedReads(Protocol):
+    """What the limiter needs of a ledger: a read in write order (budget period spend)."""
+
+    def query_in_order(self, query: Callable[[Any], Awaitable[T]]) -> tuple[int, asyncio.Future[T]]: ...
 
 
 def client_ip(peer: str | None, forwarded_for: str | None, trusted: tuple[IPNetwork, ...]) -> str | None:
@@ -151,7 +158,7 @@ def _period_unavailable() -> GatewayError:
 
 
 class Limiter:
-    def __init__(self, ledger: SqliteLedger, clock: Callable[[], float]):
+    def __init__(self, ledger: OrderedReads, clock: Callable[[], float]):
         self.ledger = ledger
         self.clock = clock
         self._state: dict[str, KeyState] = {}
@@ -190,10 +197,12 @@ class Limiter:
                 del self.state(key).periods[name]
             spend.ready.set_exception(exc)
 
-    def acquire(self, key: ApiKey, account: Account, nanos: int, tokens: int, now: float) -> Holds:
-        """Check every limit, then hold them all; raises the first limit that refuses."""
+    def acquire(self, key: ApiKey, account: Account, nanos: int, tokens: int, now: float, state: KeyState | None = None) -> Holds:
+        """Check every limit, then hold them all; raises the first limit that refuses. `state`:
+        the key's state as read from a shared ledger (default: this process's own)."""
         limits = key.limits
-        state = self.state(key)
+        if state is None:
+            state = self.state(key)
         if limits.concurrency_limit is not None and state.in_flight >= limits.concurrency_limit:
             raise GatewayError(
                 429,
@@ -268,12 +277,12 @@ class Limiter:
             spend = state.periods.get(name)
             if spend is not None and spend.start == start:
                 spend.reserved_nanos -= holds.nanos
-        self.count_spend(key, cost_nanos, at, seq)
+        self.count_spend(key.id, cost_nanos, at, seq)
 
-    def count_spend(self, key: ApiKey, cost_nanos: int, at: float, seq: int) -> None:
+    def count_spend(self, key_id: str, cost_nanos: int, at: float, seq: int) -> None:
         """Add a charge to the budget periods already loaded (a charge queued before a period's
         load marker is in its ledger sum already)."""
-        state = self._state.get(key.id)
+        state = self._state.get(key_id)
         if state is None:
             return
         for spend in state.periods.values():

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from core.ledger.sqlite import SqliteLedger
+from core.ledger import Ledger
 from core.ledger.sums import DAY, day_start, utc_day
 
 LOG_PAGE = 50
@@ -38,7 +38,7 @@ def this_month(now: float | None = None) -> str:
     return today(now)[:7]
 
 
-async def daily_series(ledger: SqliteLedger, key_id: str | None, days: int = 30, now: float | None = None) -> list[DayPoint]:
+async def daily_series(ledger: Ledger, key_id: str | None, days: int = 30, now: float | None = None) -> list[DayPoint]:
     """One point per UTC day for the last `days` days, today included, zeros filled in."""
     await ledger.flush()
     end = day_start(time.time() if now is None else now)
@@ -52,7 +52,7 @@ async def daily_series(ledger: SqliteLedger, key_id: str | None, days: int = 30,
     return [DayPoint(day, *found.get(day, (0, 0))) for day in labels]
 
 
-async def totals_since(ledger: SqliteLedger, since_day: str, key_id: str | None = None) -> tuple[int, int]:
+async def totals_since(ledger: Ledger, since_day: str, key_id: str | None = None) -> tuple[int, int]:
     """(requests, cost in nanos) from the start of `since_day` until now."""
     await ledger.flush()
     if key_id is None:
@@ -64,21 +64,21 @@ async def totals_since(ledger: SqliteLedger, since_day: str, key_id: str | None 
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
-async def by_key_in_month(ledger: SqliteLedger, month: str) -> dict[str, tuple[int, int]]:
+async def by_key_in_month(ledger: Ledger, month: str) -> dict[str, tuple[int, int]]:
     """key id → (requests, cost in nanos) in the month `YYYY-MM`."""
     await ledger.flush()
     async with ledger.reader.execute("SELECT key_id, requests, cost_nanos FROM usage_key_month WHERE month = ?", (month,)) as cursor:
         return {row[0]: (row[1], row[2]) for row in await cursor.fetchall()}
 
 
-async def by_key_on_day(ledger: SqliteLedger, day: str) -> dict[str, tuple[int, int]]:
+async def by_key_on_day(ledger: Ledger, day: str) -> dict[str, tuple[int, int]]:
     """key id → (requests, cost in nanos) on one UTC day."""
     await ledger.flush()
     async with ledger.reader.execute("SELECT key_id, requests, cost_nanos FROM usage_key_day WHERE day = ?", (day,)) as cursor:
         return {row[0]: (row[1], row[2]) for row in await cursor.fetchall()}
 
 
-async def top_keys_in_month(ledger: SqliteLedger, month: str, limit: int = 5) -> list[tuple[str, int, int]]:
+async def top_keys_in_month(ledger: Ledger, month: str, limit: int = 5) -> list[tuple[str, int, int]]:
     """(key id, requests, cost in nanos), most expensive first."""
     await ledger.flush()
     sql = "SELECT key_id, requests, cost_nanos FROM usage_key_month WHERE month = ? ORDER BY cost_nanos DESC, requests DESC LIMIT ?"
@@ -86,7 +86,7 @@ async def top_keys_in_month(ledger: SqliteLedger, month: str, limit: int = 5) ->
         return [(row[0], row[1], row[2]) for row in await cursor.fetchall()]
 
 
-async def top_models(ledger: SqliteLedger, since_day: str, key_id: str | None = None, limit: int = 5) -> list[tuple[str, int, int]]:
+async def top_models(ledger: Ledger, since_day: str, key_id: str | None = None, limit: int = 5) -> list[tuple[str, int, int]]:
     """(model, requests, cost in nanos), most expensive first."""
     await ledger.flush()
     if key_id is None:
@@ -98,7 +98,7 @@ async def top_models(ledger: SqliteLedger, since_day: str, key_id: str | None = 
         return [(row[0], row[1], row[2]) for row in await cursor.fetchall()]
 
 
-async def daily_model_costs(ledger: SqliteLedger, key_id: str, start_day: str, end_day: str, since: float = 0.0) -> dict[str, list[tuple[str, int]]]:
+async def daily_model_costs(ledger: Ledger, key_id: str, start_day: str, end_day: str, since: float = 0.0) -> dict[str, list[tuple[str, int]]]:
     """UTC day → [(model, token-billed cost in nanos)] for days in [start_day, end_day) from
     the day of `since` on (whole days: the legacy usage API's resolution)."""
     await ledger.flush()
@@ -114,7 +114,7 @@ async def daily_model_costs(ledger: SqliteLedger, key_id: str, start_day: str, e
     return result
 
 
-async def request_log(ledger: SqliteLedger, key_id: str, before: float | None = None, limit: int = LOG_PAGE) -> list[dict[str, Any]]:
+async def request_log(ledger: Ledger, key_id: str, before: float | None = None, limit: int = LOG_PAGE) -> list[dict[str, Any]]:
     """The newest requests of a key, older than `before` (keyset paging on the (key, ts) index)."""
     await ledger.flush()
     sql = (
@@ -126,7 +126,7 @@ async def request_log(ledger: SqliteLedger, key_id: str, before: float | None = 
         return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
 
 
-async def grant_history(ledger: SqliteLedger, key_id: str, limit: int = 50) -> list[dict[str, Any]]:
+async def grant_history(ledger: Ledger, key_id: str, limit: int = 50) -> list[dict[str, Any]]:
     await ledger.flush()
     sql = "SELECT ts, kind, amount, reason, idempotency_key FROM grants WHERE key_id = ? ORDER BY ts DESC LIMIT ?"
     async with ledger.reader.execute(sql, (key_id, limit)) as cursor:
@@ -155,7 +155,7 @@ EXPORT_COLUMNS = (
 )
 
 
-async def iter_requests(ledger: SqliteLedger, key_id: str | None, since: float, until: float) -> AsyncIterator[tuple[Any, ...]]:
+async def iter_requests(ledger: Ledger, key_id: str | None, since: float, until: float) -> AsyncIterator[tuple[Any, ...]]:
     """Every logged request in [since, until), oldest first, fetched a chunk at a time."""
     await ledger.flush()
     sql = f"SELECT {', '.join(EXPORT_COLUMNS)} FROM usage WHERE ts >= ? AND ts < ?"

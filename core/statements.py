@@ -12,8 +12,7 @@ from core import reports
 from core.config import ApiKey, Config
 from core.config_billing import UNLIMITED
 from core.key_states import effective_mode
-from core.ledger import Account
-from core.ledger.sqlite import SqliteLedger
+from core.ledger import Account, Ledger
 from core.ledger.sums import Totals, Window
 from core.limits import Limiter, period_bounds
 from core.money_format import usd_json
@@ -112,7 +111,7 @@ def _amounts(use: LimitUse) -> dict[str, Any]:
     return {"limit": use.limit, "used": use.used, "remaining": use.remaining}
 
 
-async def key_usage(config: Config, ledger: SqliteLedger, limiter: Limiter, key: ApiKey, now: float) -> dict[str, Any]:
+async def key_usage(config: Config, ledger: Ledger, limiter: Limiter, key: ApiKey, now: float) -> dict[str, Any]:
     """`GET /v1/usage`: the key's balances, quota, limits with their use, and totals."""
     terms = key.billing
     account = await ledger.account(key.id, terms)
@@ -140,7 +139,7 @@ async def key_usage(config: Config, ledger: SqliteLedger, limiter: Limiter, key:
     }
 
 
-async def usage_by_model(ledger: SqliteLedger, key: ApiKey, period: str, now: float) -> dict[str, Any]:
+async def usage_by_model(ledger: Ledger, key: ApiKey, period: str, now: float) -> dict[str, Any]:
     """`GET /v1/usage/models`: per model (all cost types together), most tokens first."""
     since = key.billing.created_at if period == "all" else max(key.billing.created_at, period_bounds(period, key.limits.timezone, now)[0])
     rows: dict[str, Totals] = {}
@@ -164,7 +163,7 @@ def month_bounds(key: ApiKey, year: int, month: int) -> tuple[float, float]:
     return start.timestamp(), end.timestamp()
 
 
-async def monthly_usage(ledger: SqliteLedger, key: ApiKey, year: int, month: int) -> dict[str, Any]:
+async def monthly_usage(ledger: Ledger, key: ApiKey, year: int, month: int) -> dict[str, Any]:
     start, end = month_bounds(key, year, month)
     since = max(start, key.billing.created_at)
     by_model = await ledger.totals([Window(key.id, since, max(since, end))], by_model=True)
@@ -178,7 +177,7 @@ async def monthly_usage(ledger: SqliteLedger, key: ApiKey, year: int, month: int
             "line_items": items, "totals": {**totals_json(total), "count_credits": total.count_charged}}  # fmt: skip
 
 
-async def monthly_bill(ledger: SqliteLedger, key: ApiKey, year: int, month: int, now: float) -> dict[str, Any]:
+async def monthly_bill(ledger: Ledger, key: ApiKey, year: int, month: int, now: float) -> dict[str, Any]:
     """A statement: line items, grants in the month, opening and closing balances."""
     usage = await monthly_usage(ledger, key, year, month)
     start, end = month_bounds(key, year, month)
@@ -200,7 +199,7 @@ async def monthly_bill(ledger: SqliteLedger, key: ApiKey, year: int, month: int,
     }
 
 
-async def _balance(ledger: SqliteLedger, key: ApiKey, since: float, until: float) -> dict[str, Any]:
+async def _balance(ledger: Ledger, key: ApiKey, since: float, until: float) -> dict[str, Any]:
     terms = key.billing
     charges = (await ledger.totals([Window(key.id, since, until)])).get((key.id,), Totals()) if until > since else Totals()
     credits, count = (await ledger.grants_in([Window(key.id, since, until)])).get(key.id, (0, 0)) if until > since else (0, 0)

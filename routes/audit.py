@@ -12,7 +12,7 @@ from starlette.routing import Route
 from core.audit import describe
 from core.config import Config
 from core.errors import bad_request
-from core.ledger.sqlite import SqliteLedger
+from core.ledger import Ledger
 from routes._http import current_config, require_admin, whole_number
 from routes._web_auth import admin_visitor
 from routes.web import render
@@ -61,7 +61,7 @@ async def audit_api(request: Request) -> Response:
     return JSONResponse({"entries": entries, "next_before": entries[-1]["id"] if len(entries) == limit else None})
 
 
-async def _all_rows(ledger: SqliteLedger, key_id: str | None) -> AsyncIterator[tuple[Any, ...]]:
+async def _all_rows(ledger: Ledger, key_id: str | None) -> AsyncIterator[tuple[Any, ...]]:
     before = None
     while True:
         entries = await ledger.audit_entries(500, before, key_id)

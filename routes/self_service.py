@@ -12,7 +12,7 @@ from core import reports, statements
 from core.config import ApiKey, Config
 from core.errors import bad_request, forbidden, not_found
 from core.key_states import UNLIMITED
-from core.ledger.sqlite import SqliteLedger
+from core.ledger import Ledger
 from core.money_format import cents_json, usd_json
 from core.timeutil import days_before
 from routes._http import authenticate, current_config, whole_number
@@ -81,7 +81,7 @@ async def legacy_subscription(request: Request) -> Response:
     """OpenAI's old `/dashboard/billing/subscription`: balance checkers read `hard_limit_usd`."""
     config = current_config(request)
     key = _subject(request, config)
-    ledger: SqliteLedger = request.app.state.ledger
+    ledger: Ledger = request.app.state.ledger
     account = await ledger.account(key.id, key.billing)
     credits = key.billing.credits_nanos
     limit = 100_000_000.0 if credits is None else usd_json(credits + account.granted_nanos)

@@ -20,8 +20,7 @@ from core.alerts import recent_alerts
 from core.audit import LOGIN, Actor, AuditEntry
 from core.config import ApiKey, Config
 from core.errors import GatewayError, forbidden, not_found
-from core.ledger import COUNT_CREDITS, CREDITS
-from core.ledger.sqlite import SqliteLedger
+from core.ledger import COUNT_CREDITS, CREDITS, Ledger
 from core.ledger.sums import Window
 from core.money_format import count_text, usd_text
 from core.reload import ConfigStore
@@ -166,7 +165,7 @@ async def logout(request: Request) -> Response:
 async def overview(request: Request) -> Response:
     config = current_config(request)
     key, session = admin_visitor(request, config)
-    ledger: SqliteLedger = request.app.state.ledger
+    ledger: Ledger = request.app.state.ledger
     today, month = reports.today(), reports.month_start()
     names = {k.id: k.name for k in config.keys}
     return render(
@@ -194,7 +193,7 @@ def _pair(totals: tuple[int, int]) -> dict[str, Any]:
 async def billing_tab(request: Request) -> Response:
     config = current_config(request)
     me, session = admin_visitor(request, config)
-    ledger: SqliteLedger = request.app.state.ledger
+    ledger: Ledger = request.app.state.ledger
     params = request.query_params
     query = params.get("q", "").strip().lower()
     sort = params.get("sort", "name") if params.get("sort") in SORTS else "name"
@@ -250,7 +249,7 @@ async def usage_page(request: Request) -> Response:
 
 
 async def _detail_page(request: Request, config: Config, me: ApiKey, session: Session, key: ApiKey) -> Response:
-    ledger: SqliteLedger = request.app.state.ledger
+    ledger: Ledger = request.app.state.ledger
     account = await ledger.account(key.id, key.billing)
     month = await reports.totals_since(ledger, reports.month_start(), key.id)
     today = await reports.totals_since(ledger, reports.today(), key.id)

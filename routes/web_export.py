@@ -15,7 +15,7 @@ from starlette.routing import Route
 from core import reports
 from core.errors import bad_request, forbidden, not_found
 from core.key_states import effective_mode
-from core.ledger.sqlite import SqliteLedger
+from core.ledger import Ledger
 from core.ledger.sums import Window
 from core.pricing import format_usd
 from core.timeutil import days_before
@@ -76,7 +76,7 @@ def download(body: AsyncIterator[str], filename: str) -> StreamingResponse:
     )
 
 
-async def _request_rows(ledger: SqliteLedger, key_id: str | None, since: float, until: float) -> AsyncIterator[tuple[Any, ...]]:
+async def _request_rows(ledger: Ledger, key_id: str | None, since: float, until: float) -> AsyncIterator[tuple[Any, ...]]:
     async for row in reports.iter_requests(ledger, key_id, since, until):
         record = dict(zip(reports.EXPORT_COLUMNS, row, strict=True))
         yield (
@@ -124,7 +124,7 @@ async def keys_csv(request: Request) -> StreamingResponse:
     config = current_config(request)
     admin_visitor(request, config)
     since, until, label = date_range(request)
-    ledger: SqliteLedger = request.app.state.ledger
+    ledger: Ledger = request.app.state.ledger
     totals = await ledger.totals([Window(key.id, since, until) for key in config.keys])
 
     async def rows() -> AsyncIterator[tuple[Any, ...]]:

@@ -166,7 +166,7 @@ def chart(points: list[DayPoint], width: int = 720, height: int = 160) -> dict[s
 
 
 def breakdown_rows(totals: dict[tuple[str, ...], Totals]) -> list[dict[str, Any]]:
-    """Per model and cost type, from `SqliteLedger.totals(..., by_model=True)`."""
+    """Per model and cost type, from `Ledger.totals(..., by_model=True)`."""
     return [
         {
             "model": model,

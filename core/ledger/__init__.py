@@ -1,18 +1,30 @@
-"""The ledger interface: reserve → settle/release, grants, and balances.
+"""The ledger interface: admit → settle/release, grants, and balances.
 
-Routes and billing talk only to this interface. The embedded implementation is SQLite
-(core/ledger/sqlite.py); a PostgreSQL one for several gateway processes implements the
-same calls with an atomic `UPDATE … WHERE remaining >= $1 RETURNING`.
+Routes and billing talk only to this interface; which implementation runs is chosen at
+start-up (`--database`). The embedded one is SQLite (sqlite.py): balances and limits are
+held in the process's memory, so exactly one process may use a ledger file. The fleet one
+is PostgreSQL (postgres.py): every admission is a transaction under the key's row lock, so
+any number of processes and hosts may share it with the same guarantees.
 
 Amounts are integer nano-dollars (core.pricing) and whole count credits.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from core.config_billing import KeyBilling
+
+if TYPE_CHECKING:
+    from core.audit import AuditEntry
+    from core.config import ApiKey
+    from core.ledger.sums import Totals, Window
+    from core.limits import Limiter
+
+T = TypeVar("T")
 
 CREDITS = "credits"
 COUNT_CREDITS = "count_credits"
@@ -64,10 +76,30 @@ class Account:
 
 @dataclass(slots=True)
 class Reservation:
+    """What one admitted request holds of its key's balance (and, through `holds`, of its
+    limits in the embedded ledger; in the fleet ledger a database row named `request_id`)."""
+
     account: Account
     nanos: int
     count: int
     open: bool = True
+    holds: Any = None  # core.limits.Holds, released with the reservation (embedded ledger)
+    request_id: str = ""
+    tokens: int = 0
+    admitted_at: float = 0.0
+
+
+def hold(account: Account, terms: KeyBilling, nanos: int, count: int) -> Reservation:
+    """Check and hold a balance in one synchronous step (nothing else runs in between):
+    `count` count credits, or `nanos` of USD credit; InsufficientBalance when it lacks."""
+    if count and account.remaining_count(terms) - account.reserved_count < count:
+        raise InsufficientBalance(COUNT_CREDITS)
+    remaining = account.remaining_nanos(terms)
+    if remaining is not None and not count and (remaining <= 0 or remaining - account.reserved_nanos < nanos):
+        raise InsufficientBalance(CREDITS)
+    account.reserved_nanos += nanos
+    account.reserved_count += count
+    return Reservation(account, nanos, count)
 
 
 class UsageRecord(NamedTuple):
@@ -107,30 +139,54 @@ class Grant:
 
 
 class Ledger(Protocol):
+    limiter: Limiter  # the key limits' state as this process sees it (pages, headers, alerts)
+
     async def account(self, key_id: str, terms: KeyBilling) -> Account: ...
 
-    async def reserve(self, key_id: str, terms: KeyBilling, nanos: int, count: int) -> Reservation:
-        """Hold `nanos` of USD credit and `count` count credits, or raise InsufficientBalance."""
-        ...
+    async def accounts(self, keys: list[tuple[str, KeyBilling]]) -> dict[str, Account]: ...
 
-    def hold(self, account: Account, terms: KeyBilling, nanos: int, count: int) -> Reservation:
-        """`reserve` for an account already at hand, without awaiting: lets billing check
-        several limits and hold them all in one step."""
+    async def admit(self, key: ApiKey, nanos: int, balance_nanos: int, count: int, tokens: int, now: float, request_id: str) -> Reservation:
+        """Check the key's limits (holding `nanos` against quotas and budgets and `tokens`
+        against token rates) and its balance (`balance_nanos` of USD credit, `count` count
+        credits), and hold them all in one step; raises a limit's GatewayError or
+        InsufficientBalance."""
         ...
 
     def settle(self, reservation: Reservation, record: UsageRecord) -> int:
-        """Release the hold and charge the record; durable at the next group commit.
-        Returns the record's position in the write order."""
+        """Release every hold and charge the record; durable at the next group commit."""
         ...
 
     def release(self, reservation: Reservation, record: UsageRecord | None = None) -> int:
-        """Release the hold without charging (a zero-cost record may still be logged)."""
+        """Release every hold without charging (a zero-cost record may still be logged)."""
         ...
 
     async def grant(self, grant: Grant, terms: KeyBilling) -> bool:
         """Add credit; False when the idempotency key was used before (nothing applied)."""
         ...
 
-    async def flush(self) -> None: ...
+    async def flush(self) -> None:
+        """Wait until everything queued so far is written (what exact reads need first)."""
+        ...
 
     async def close(self) -> None: ...
+
+    # Reads for pages, reports and statements: the SQL in core/reports.py and sums.py runs on
+    # both databases through `reader.execute(sql, params)`, aiosqlite's shape.
+    reader: Any
+    shared: bool  # True when several processes share the ledger (fleet mode)
+
+    def query_in_order(self, query: Callable[[Any], Awaitable[T]]) -> tuple[int, asyncio.Future[T]]:
+        """Run `query` on the ledger's connection once everything queued before it is written."""
+        ...
+
+    async def totals(self, windows: list[Window], by_model: bool = False) -> dict[tuple[str, ...], Totals]: ...
+
+    async def grants_in(self, windows: list[Window]) -> dict[str, tuple[int, int]]: ...
+
+    async def setting(self, name: str, make: Callable[[], str]) -> str: ...
+
+    async def append_audit(self, entry: AuditEntry) -> None: ...
+
+    async def audit_entries(self, limit: int, before_id: int | None = None, key_id: str | None = None) -> list[dict[str, Any]]: ...
+
+    def health(self) -> dict[str, Any]: ...

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,14 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from core.audit import AuditEntry
+from core.config import ApiKey
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
-from core.ledger import COUNT_CREDITS, CREDITS, Account, Grant, InsufficientBalance, Reservation, UsageRecord
+from core.ledger import CREDITS, Account, Grant, InsufficientBalance, Reservation, UsageRecord, hold
 from core.ledger.rollups import ROLLUP_STATEMENTS
 from core.ledger.sqlite_schema import SCHEMA_VERSION, migrate
 from core.ledger.sums import Totals, Window, grant_totals, window_totals
+from core.limits import Limiter
 
 log = logging.getLogger("tollgate.ledger")
 T = TypeVar("T")
@@ -110,7 +113,9 @@ _QueueItem = UsageRecord | _GrantItem | _Recount | _InOrder | asyncio.Future  # 
 
 
 class SqliteLedger:
-    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection):
+    shared = False  # balances and limits live in this process: one process per ledger file
+
+    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection, clock: Callable[[], float] = time.time):
         self.db = db  # the writer's connection: every write, and recounts in queue order
         self.reader = reader  # pages and reports read here, concurrently with writes (WAL)
         self._accounts: dict[str, Account] = {}
@@ -120,9 +125,10 @@ class SqliteLedger:
         self._seq = 0  # position in the write queue of the last item queued
         self.write_error: str | None = None  # the last failed write while it is being retried
         self._retrying = 0  # rows held in memory by a write being retried
+        self.limiter = Limiter(self, clock)
 
     @classmethod
-    async def open(cls, path: str | Path) -> SqliteLedger:
+    async def open(cls, path: str | Path, clock: Callable[[], float] = time.time) -> SqliteLedger:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
@@ -137,7 +143,7 @@ class SqliteLedger:
         except Exception as exc:
             await db.close()
             raise LedgerUnavailable(f"cannot open the ledger database {path}: {exc}") from exc
-        ledger = cls(db, reader)
+        ledger = cls(db, reader, clock)
         ledger._writer = asyncio.create_task(ledger._write_loop())
         return ledger
 
@@ -182,18 +188,25 @@ class SqliteLedger:
         return [account for account, _ in marked]
 
     async def reserve(self, key_id: str, terms: KeyBilling, nanos: int, count: int) -> Reservation:
-        return self.hold(await self.account(key_id, terms), terms, nanos, count)
+        """Hold balance alone, no limits (the ledger's own tests and benchmark)."""
+        return hold(await self.account(key_id, terms), terms, nanos, count)
 
-    def hold(self, account: Account, terms: KeyBilling, nanos: int, count: int) -> Reservation:
-        """Check and hold in one synchronous step: nothing else runs on the loop in between."""
-        if count and account.remaining_count(terms) - account.reserved_count < count:
-            raise InsufficientBalance(COUNT_CREDITS)
-        remaining = account.remaining_nanos(terms)
-        if remaining is not None and not count and (remaining <= 0 or remaining - account.reserved_nanos < nanos):
-            raise InsufficientBalance(CREDITS)
-        account.reserved_nanos += nanos
-        account.reserved_count += count
-        return Reservation(account, nanos, count)
+    async def admit(self, key: ApiKey, nanos: int, balance_nanos: int, count: int, tokens: int, now: float, request_id: str) -> Reservation:
+        """After the awaited loads, every limit and the balance are checked and held in one
+        synchronous step: no other request runs on the loop in between."""
+        terms, limits = key.billing, key.limits
+        account = await self.account(key.id, terms)
+        if limits.period_limits:
+            await self.limiter.prepare(key, now)
+        holds = self.limiter.acquire(key, account, nanos, tokens, now) if limits.meters_anything else None
+        try:
+            reservation = hold(account, terms, balance_nanos, count)
+        except InsufficientBalance:
+            if holds is not None:
+                self.limiter.release(holds, 0, 0, now, 0, counted=False)
+            raise
+        reservation.holds = holds
+        return reservation
 
     def _enqueue(self, item: _QueueItem) -> int:
         self._seq += 1
@@ -216,15 +229,23 @@ class SqliteLedger:
             account.total_cost_nanos += record.cost_nanos
             account.request_count += 1
             account.tokens_used += record.prompt_tokens + record.completion_tokens
-        return self._enqueue(record)
+        seq = self._enqueue(record)
+        if reservation.holds is not None:
+            self.limiter.release(reservation.holds, record.cost_nanos, record.prompt_tokens + record.completion_tokens, record.ts, seq)
+        else:  # usage reported from elsewhere: nothing was held, but budgets still count it
+            self.limiter.count_spend(record.key_id, record.cost_nanos, record.ts, seq)
+        return seq
 
     def release(self, reservation: Reservation, record: UsageRecord | None = None) -> int:
         self._unhold(reservation)
-        if record is None:
-            return self._seq
-        if reservation.account.in_window(record.ts):
-            reservation.account.request_count += 1
-        return self._enqueue(record)
+        seq = self._seq
+        if record is not None:
+            if reservation.account.in_window(record.ts):
+                reservation.account.request_count += 1
+            seq = self._enqueue(record)
+        if reservation.holds is not None:
+            self.limiter.release(reservation.holds, 0, 0, record.ts if record is not None else self.limiter.clock(), seq)
+        return seq
 
     @staticmethod
     def _unhold(reservation: Reservation) -> None:

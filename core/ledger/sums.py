@@ -99,12 +99,18 @@ async def _all_time_totals(db: aiosqlite.Connection, key_ids: list[str], by_mode
     await _collect(db, sql, key_ids, 3 if by_model else 1, totals)
 
 
+# Typed placeholders: PostgreSQL reads an untyped parameter in VALUES as text (SQLite ignores
+# the cast's precision words and reads a REAL).
+_TIME = "CAST(? AS DOUBLE PRECISION)"
+_RANGED_ROW = f"(CAST(? AS TEXT), {_TIME}, {_TIME}, CAST(? AS TEXT), CAST(? AS TEXT), {_TIME}, {_TIME})"
+
+
 async def _ranged_totals(db: aiosqlite.Connection, windows: list[Window], by_model: bool, totals: dict[tuple[str, ...], Totals]) -> None:
     chunk = [_split(w) for w in windows]
     params = [value for row in chunk for value in row]
-    cte = f"WITH w(key_id, lo_from, lo_to, day_from, day_to, hi_from, hi_to) AS (VALUES {', '.join('(?, ?, ?, ?, ?, ?, ?)' for _ in chunk)}) "
+    cte = f"WITH w(key_id, lo_from, lo_to, day_from, day_to, hi_from, hi_to) AS (VALUES {', '.join(_RANGED_ROW for _ in chunk)}) "
     raw_group = "w.key_id, u.model, u.cost_type" if by_model else "w.key_id"
-    raw = _COLUMNS.format(t="u", requests="1", errors="(u.status = 'error')")
+    raw = _COLUMNS.format(t="u", requests="1", errors="CASE WHEN u.status = 'error' THEN 1 ELSE 0 END")
     if by_model:
         days = f"SELECT w.key_id, d.model, d.cost_type, {_COLUMNS.format(t='d', requests='d.requests', errors='d.errors')} FROM w CROSS JOIN usage_daily d"
         days_group = "w.key_id, d.model, d.cost_type"
@@ -133,7 +139,7 @@ async def grant_totals(db: aiosqlite.Connection, windows: Iterable[Window]) -> d
     windows = list(windows)
     for start in range(0, len(windows), MAX_WINDOWS_PER_QUERY):
         chunk = windows[start : start + MAX_WINDOWS_PER_QUERY]
-        values = ", ".join("(?, ?, ?)" for _ in chunk)
+        values = ", ".join(f"(CAST(? AS TEXT), {_TIME}, {_TIME})" for _ in chunk)
         params = [value for w in chunk for value in (w.key_id, w.since, float("inf") if w.until is None else w.until)]
         sql = (
             f"WITH w(key_id, since, until) AS (VALUES {values}) SELECT w.key_id,"
