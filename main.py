@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -23,13 +24,15 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import Receive, Scope, Send
+from uvicorn.supervisors import Multiprocess
 
 from core.alerts import Alerts
 from core.auth_throttle import AuthThrottle
 from core.billing import BillingMeter
 from core.config import Config, load_config
 from core.errors import GatewayError
-from core.ledger.sqlite import LedgerUnavailable, SqliteLedger, check_ledger_file
+from core.ledger.database import Database, open_ledger, parse_database
+from core.ledger.sqlite import LedgerUnavailable, check_ledger_file
 from core.ledger.sqlite_lock import LedgerLock, LedgerLockError
 from core.providers.messages import anthropic_error_body
 from core.proxy import Gateway
@@ -44,6 +47,7 @@ from routes._web_auth import LoginRequired
 
 log = logging.getLogger("tollgate")
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 EXAMPLE_ADMIN_KEY = "sk-admin-change-me"  # api.yaml.example's: public, so never a real admin key
 
 
@@ -53,12 +57,14 @@ GC_THRESHOLDS = (20_000, 50, 50)
 def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db", *, watch: bool = True, clock: Callable[[], float] = time.time) -> Starlette:
     """Build the app on a config file; raises ConfigError if the file cannot be loaded.
 
+    `db_path`: the SQLite ledger's file, or any `--database` value (a postgresql:// URL).
     `clock` is the time every limit, budget period and ledger row uses (tests move it)."""
     store = ConfigStore(config_path, load_config(config_path))
+    database = parse_database(db_path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        ledger = await SqliteLedger.open(db_path)
+        ledger = await open_ledger(database, clock)
         app.state.session_signer = SessionSigner(await ledger.setting("session_secret", lambda: secrets.token_hex(32)))
         http = create_http_session()
         app.state.ledger = ledger
@@ -100,7 +106,15 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         exception_handlers={GatewayError: on_error, HTTPException: on_error, LoginRequired: to_login, Exception: on_unexpected_error},
     )
     app.state.store = store  # loaded now: the entry point checks it before starting
+    app.state.database = database
     return app
+
+
+def worker_app() -> Starlette:
+    """The app in each of `--workers N` processes (uvicorn imports this factory in each): the
+    parent checked the config and the database, and passes them in the environment."""
+    logging.basicConfig(level=os.environ.get("TOLLGATE_LOG_LEVEL", "INFO").upper(), format=LOG_FORMAT)
+    return create_app(os.environ["TOLLGATE_CONFIG"], os.environ["TOLLGATE_DATABASE"])
 
 
 class GatewayApp(Starlette):
@@ -156,6 +170,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"), help="listen address (env HOST, default 0.0.0.0)")
     parser.add_argument("--port", default=os.environ.get("PORT", "8000"), help="listen port (env PORT, default 8000)")  # checked by _port_number
     parser.add_argument("--db", default=os.environ.get("TOLLGATE_DB", "./data/tollgate.db"), help="SQLite ledger (env TOLLGATE_DB, default ./data/tollgate.db)")
+    parser.add_argument(
+        "--database",
+        default=os.environ.get("TOLLGATE_DATABASE"),
+        help="the ledger: postgresql://user:password@host:5432/db for a fleet, or sqlite:///path / a file path (env TOLLGATE_DATABASE; default: --db)",
+    )
+    parser.add_argument(
+        "--workers",
+        default=os.environ.get("TOLLGATE_WORKERS", "1"),
+        help="worker processes on the port (env TOLLGATE_WORKERS, default 1; above 1 needs PostgreSQL)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -166,7 +190,7 @@ class StartRefused(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     with contextlib.ExitStack() as held:  # the ledger's lock and the socket, until the server ends
         try:
             app, listener = _prepare(args, held)
@@ -182,18 +206,71 @@ def _prepare(args: argparse.Namespace, held: contextlib.ExitStack) -> tuple[Star
     """Everything that can refuse the start, done before the ledger is opened and migrated (in
     the lifespan), so that a mistake is told at once rather than after a long migration."""
     args.port = _port_number(args.port)
+    args.workers = _worker_count(args.workers)
+    database = _database(args)
+    args.database_target = database.target
     config_path = Path(args.config)
     if not config_path.exists():
         raise StartRefused(f"config file {config_path} not found; start from the example: cp api.yaml.example {config_path}")
     try:
-        app = create_app(config_path, args.db)
+        app = create_app(config_path, database.target)
     except ConfigError as exc:
         raise StartRefused(f"invalid config: {exc}") from exc
-    held.enter_context(LedgerLock.acquire(args.db))  # until the process ends: balances live in its memory
-    check_ledger_file(args.db)
+    if database.shared:
+        check_shared_ledger(database)
+    else:
+        if args.workers > 1:
+            raise StartRefused(
+                f"--workers {args.workers} needs PostgreSQL: the SQLite ledger keeps balances and limits in one process's memory."
+                " Use --database postgresql://user:password@host:5432/tollgate, or --workers 1"
+            )
+        held.enter_context(LedgerLock.acquire(database.target))  # until the process ends: balances live in its memory
+        check_ledger_file(database.target)
     listener = held.enter_context(_listen(args.host, args.port))
     _warn_about_example_admin_keys(app.state.store.current, args.host, args.port, config_path)
     return app, listener
+
+
+def _database(args: argparse.Namespace) -> Database:
+    """--database (or TOLLGATE_DATABASE) if given, else the SQLite file --db names."""
+    try:
+        return parse_database(args.database if args.database is not None else args.db)
+    except ValueError as exc:
+        raise StartRefused(f"--database (or TOLLGATE_DATABASE): {exc}") from exc
+
+
+def _worker_count(raw: str) -> int:
+    text = str(raw).strip()
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_WORKERS):
+        raise StartRefused(f"--workers (or TOLLGATE_WORKERS) must be a whole number from 1 to {MAX_WORKERS}, got '{raw}'")
+    return int(text)
+
+
+MAX_WORKERS = 256
+
+
+def check_shared_ledger(database: Database) -> None:
+    """Connect and migrate before serving: an unreachable or newer database is told in one
+    line at once (concurrent starts of several instances take turns on the migration)."""
+
+    async def check() -> None:
+        import asyncpg
+
+        from core.ledger.postgres import CONNECT_TIMEOUT, DATABASE_ERRORS
+        from core.ledger.postgres_schema import SchemaError, migrate
+
+        try:
+            conn = await asyncpg.connect(database.target, timeout=CONNECT_TIMEOUT)
+        except (*DATABASE_ERRORS, ValueError) as exc:
+            raise LedgerUnavailable(f"cannot connect to the PostgreSQL ledger at {database.shown()}: {str(exc) or type(exc).__name__}") from exc
+        try:
+            await migrate(conn)
+        except (SchemaError, *DATABASE_ERRORS) as exc:
+            raise LedgerUnavailable(f"cannot use the PostgreSQL ledger at {database.shown()}: {exc}") from exc
+        finally:
+            await conn.close()
+
+    asyncio.run(check())
 
 
 def _port_number(raw: str) -> int:
@@ -285,20 +362,37 @@ def _serve(app: Starlette, listener: socket.socket, args: argparse.Namespace) ->
     """Run until stopped: 0, or 3 when the app failed to start (uvicorn has logged why)."""
     # proxy_headers off: X-Forwarded-For is honoured only from `preferences.trusted_proxies`, by us.
     # No `server: uvicorn` header: it tells a scanner what to look for, and costs a header per response.
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=listener.getsockname()[1],
-        log_level=args.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-        proxy_headers=False,
-        server_header=False,
-    )
+    options: dict[str, Any] = {
+        "host": args.host,
+        "port": listener.getsockname()[1],
+        "log_level": args.log_level,
+        "access_log": False,
+        "timeout_graceful_shutdown": 30,
+        "proxy_headers": False,
+        "server_header": False,
+    }
+    if args.workers > 1:
+        return _serve_workers(listener, args, options)
+    config = uvicorn.Config(app, **options)
     server = _Server(config, _pages_url(args.host, listener.getsockname()[1]))
     with contextlib.suppress(KeyboardInterrupt):  # SIGINT, re-raised by uvicorn after a clean shutdown
         server.run(sockets=[listener])
     return 0 if server.started else 3
+
+
+def _serve_workers(listener: socket.socket, args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """`--workers N`: N processes accept on the one socket, each with its own event loop, config
+    reload and connection pool; uvicorn's supervisor restarts a worker that dies."""
+    os.environ["TOLLGATE_CONFIG"] = str(Path(args.config).resolve())
+    os.environ["TOLLGATE_DATABASE"] = args.database_target
+    os.environ["TOLLGATE_LOG_LEVEL"] = args.log_level
+    config = uvicorn.Config("main:worker_app", factory=True, workers=args.workers, **options)
+    log.info(
+        "Tollgate pages: %s (%d workers on %s; CTRL+C to stop)", _pages_url(args.host, options["port"]), args.workers, _address(args.host, options["port"])
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        Multiprocess(config, sockets=[listener]).run()
+    return 0
 
 
 if __name__ == "__main__":

@@ -27,6 +27,13 @@ _MEASURES = {
     "count_charged": "SUM(count_charged)",
     "errors": "SUM(status = 'error')",
 }
+# PostgreSQL spells the UTC day and month, and the count of errors, its own way.
+_PG_GROUPS = {
+    **_GROUPS,
+    "day": "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    "month": "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM')",
+}
+_PG_MEASURES = {**_MEASURES, "errors": "SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END)"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +51,19 @@ class Rollup:
         groups = ", ".join(str(i) for i in range(1, len(self.keys) + 1))
         return (
             f"INSERT INTO {self.table} ({columns}) SELECT {selected} FROM usage NOT INDEXED WHERE id > ? GROUP BY {groups} "
+            f"ON CONFLICT ({', '.join(self.keys)}) DO UPDATE SET {updates}"
+        )
+
+    def pg_upsert(self, source: str) -> str:
+        """PostgreSQL: upsert the sums of the rows of `source` (a CTE of new usage rows). Groups
+        are written in key order, so that instances committing at once lock rollup rows in the
+        same order and cannot deadlock."""
+        columns = ", ".join((*self.keys, *self.values))
+        selected = ", ".join([_PG_GROUPS[k] for k in self.keys] + [_PG_MEASURES[v] for v in self.values])
+        updates = ", ".join(f"{v} = {self.table}.{v} + excluded.{v}" for v in self.values)
+        groups = ", ".join(str(i) for i in range(1, len(self.keys) + 1))
+        return (
+            f"INSERT INTO {self.table} ({columns}) SELECT {selected} FROM {source} GROUP BY {groups} ORDER BY {groups} "
             f"ON CONFLICT ({', '.join(self.keys)}) DO UPDATE SET {updates}"
         )
 

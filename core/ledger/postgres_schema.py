@@ -1,0 +1,215 @@
+"""The ledger's PostgreSQL schema and its migrations, numbered in `schema_version`.
+
+The reporting tables (`usage`, `grants`, the rollups, alerts, audit) have the SQLite
+ledger's columns, so the page and report queries (core/reports.py, core/ledger/sums.py) run
+unchanged on both. Fleet mode adds the live state every instance shares: `accounts` (each
+key's counters within its billing window), `reservations` (what requests in flight hold,
+each leased by the instance that admitted it), `rate_windows`, `period_spend`, `instances`
+and `key_settings`.
+
+Several instances may start at once: migrations run under a transaction-scoped advisory
+lock, so exactly one applies them and the others find the work done.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+
+log = logging.getLogger("tollgate.ledger")
+
+MIGRATION_LOCK = 0x70_11_6A_7E  # pg_advisory_xact_lock key: "tollgate" schema changes
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE usage (
+        id BIGSERIAL PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        ts DOUBLE PRECISION NOT NULL,
+        key_id TEXT NOT NULL,
+        key_name TEXT NOT NULL,
+        model TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        upstream_model TEXT NOT NULL,
+        prompt_tokens BIGINT NOT NULL,
+        completion_tokens BIGINT NOT NULL,
+        cached_tokens BIGINT NOT NULL,
+        cost_type TEXT NOT NULL,
+        unit_prices TEXT NOT NULL,
+        cost_nanos BIGINT NOT NULL,
+        count_charged BIGINT NOT NULL,
+        status TEXT NOT NULL,
+        cache_write_tokens BIGINT NOT NULL DEFAULT 0,
+        reasoning_tokens BIGINT NOT NULL DEFAULT 0
+    );
+    -- A settlement retried after a lost reply must apply once: the request id is its identity.
+    CREATE UNIQUE INDEX usage_request ON usage (request_id);
+    CREATE INDEX usage_by_key_time ON usage (key_id, ts);
+    CREATE TABLE grants (
+        id BIGSERIAL PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('credits', 'count_credits')),
+        amount BIGINT NOT NULL CHECK (amount > 0),
+        reason TEXT NOT NULL,
+        idempotency_key TEXT,
+        ts DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX grants_by_key_time ON grants (key_id, ts);
+    CREATE UNIQUE INDEX grants_idempotency ON grants (key_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE usage_daily (
+        key_id TEXT NOT NULL, day TEXT NOT NULL, model TEXT NOT NULL, cost_type TEXT NOT NULL,
+        requests BIGINT NOT NULL, prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL, cached_tokens BIGINT NOT NULL,
+        cost_nanos BIGINT NOT NULL, count_charged BIGINT NOT NULL, errors BIGINT NOT NULL,
+        PRIMARY KEY (key_id, day, model, cost_type)
+    );
+    CREATE INDEX usage_daily_by_day ON usage_daily (day);
+    CREATE TABLE usage_key_day (
+        key_id TEXT NOT NULL, day TEXT NOT NULL, requests BIGINT NOT NULL, cost_nanos BIGINT NOT NULL,
+        token_cost_nanos BIGINT NOT NULL, count_charged BIGINT NOT NULL, errors BIGINT NOT NULL,
+        prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL, cached_tokens BIGINT NOT NULL,
+        PRIMARY KEY (key_id, day)
+    );
+    CREATE INDEX usage_key_day_by_day ON usage_key_day (day);
+    CREATE TABLE usage_key_month (
+        key_id TEXT NOT NULL, month TEXT NOT NULL, requests BIGINT NOT NULL, cost_nanos BIGINT NOT NULL,
+        PRIMARY KEY (key_id, month)
+    );
+    CREATE INDEX usage_key_month_by_month ON usage_key_month (month, cost_nanos);
+    CREATE TABLE usage_key_model (
+        key_id TEXT NOT NULL, model TEXT NOT NULL, cost_type TEXT NOT NULL, requests BIGINT NOT NULL,
+        prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL, cached_tokens BIGINT NOT NULL,
+        cost_nanos BIGINT NOT NULL, count_charged BIGINT NOT NULL, errors BIGINT NOT NULL,
+        PRIMARY KEY (key_id, model, cost_type)
+    );
+    CREATE TABLE usage_day_model (
+        day TEXT NOT NULL, model TEXT NOT NULL, requests BIGINT NOT NULL, cost_nanos BIGINT NOT NULL,
+        PRIMARY KEY (day, model)
+    );
+    CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE alert_events (
+        id BIGSERIAL PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        key_name TEXT NOT NULL,
+        metric TEXT NOT NULL,
+        threshold DOUBLE PRECISION NOT NULL,
+        used TEXT NOT NULL,
+        limit_value TEXT NOT NULL,
+        ts DOUBLE PRECISION NOT NULL,
+        webhook_url TEXT,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+    );
+    CREATE INDEX alert_events_by_key ON alert_events (key_id, ts);
+    CREATE TABLE alert_fired (
+        key_id TEXT NOT NULL,
+        metric TEXT NOT NULL,
+        threshold DOUBLE PRECISION NOT NULL,
+        fired_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (key_id, metric, threshold)
+    );
+    CREATE TABLE audit_log (
+        id BIGSERIAL PRIMARY KEY,
+        ts DOUBLE PRECISION NOT NULL,
+        actor TEXT NOT NULL,
+        actor_key_id TEXT NOT NULL,
+        address TEXT,
+        action TEXT NOT NULL,
+        target_key_id TEXT,
+        target_name TEXT,
+        before TEXT NOT NULL,
+        after TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_log_by_target ON audit_log (target_key_id, id);
+    CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+    CREATE TRIGGER audit_log_no_change BEFORE UPDATE OR DELETE ON audit_log
+        FOR EACH ROW EXECUTE FUNCTION audit_log_append_only();
+
+    -- Each key's charges and grants within its billing window (from window_start on), kept in
+    -- step with `usage` and `grants` by the transactions that write them; every change to a
+    -- key's live state happens under this row's lock.
+    CREATE TABLE accounts (
+        key_id TEXT PRIMARY KEY,
+        window_start DOUBLE PRECISION NOT NULL,
+        spent_nanos BIGINT NOT NULL DEFAULT 0,
+        count_used BIGINT NOT NULL DEFAULT 0,
+        total_cost_nanos BIGINT NOT NULL DEFAULT 0,
+        request_count BIGINT NOT NULL DEFAULT 0,
+        tokens_used BIGINT NOT NULL DEFAULT 0,
+        granted_nanos BIGINT NOT NULL DEFAULT 0,
+        count_granted BIGINT NOT NULL DEFAULT 0
+    );
+    -- What each request in flight holds, leased by the instance that admitted it: when an
+    -- instance stops heartbeating its rows are deleted, which frees what they held.
+    CREATE TABLE reservations (
+        request_id TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        instance_id TEXT NOT NULL,
+        nanos BIGINT NOT NULL,  -- the estimate quotas and budgets hold
+        balance_nanos BIGINT NOT NULL,  -- what the balance holds (0 for count-billed and unlimited keys)
+        count BIGINT NOT NULL,
+        tokens BIGINT NOT NULL,
+        admitted_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX reservations_by_key ON reservations (key_id);
+    CREATE INDEX reservations_by_instance ON reservations (instance_id);
+    -- Fixed rate windows: requests (or tokens, estimates until settled) admitted in the window.
+    CREATE TABLE rate_windows (
+        key_id TEXT NOT NULL, kind TEXT NOT NULL, seconds BIGINT NOT NULL,
+        window_start DOUBLE PRECISION NOT NULL, used BIGINT NOT NULL,
+        PRIMARY KEY (key_id, kind, seconds)
+    );
+    -- Spend in the current budget period, counted from `since` (the period's start, or the
+    -- billing window's if later) until `period_end`.
+    CREATE TABLE period_spend (
+        key_id TEXT NOT NULL, name TEXT NOT NULL,
+        since DOUBLE PRECISION NOT NULL, period_end DOUBLE PRECISION NOT NULL, nanos BIGINT NOT NULL,
+        PRIMARY KEY (key_id, name)
+    );
+    CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL,
+        heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+        config_hash TEXT NOT NULL DEFAULT '',
+        config_error TEXT
+    );
+    -- Settings changed through the admin API (billing mode), layered over api.yaml on every
+    -- instance; `version` tells instances polling for changes that something moved.
+    CREATE TABLE key_settings (
+        key_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (key_id, name)
+    );
+    """,
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
+class SchemaError(Exception):
+    pass
+
+
+async def migrate(conn: asyncpg.Connection) -> int:
+    """Bring the database to SCHEMA_VERSION; returns the version found. One instance at a time
+    (an advisory lock held for the transaction), each step in the same transaction."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        version = await conn.fetchval("SELECT version FROM schema_version")
+        if version is None:
+            await conn.execute("INSERT INTO schema_version VALUES (0)")
+            version = 0
+        if version > SCHEMA_VERSION:
+            raise SchemaError(f"database schema version {version} is newer than this Tollgate ({SCHEMA_VERSION})")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            log.info("migrating the PostgreSQL ledger to schema version %d", target)
+            await conn.execute(MIGRATIONS[target])
+            await conn.execute("UPDATE schema_version SET version = $1", target)
+        return int(version)

@@ -1,0 +1,330 @@
+"""Fleet mode: several real `python main.py` processes on one real PostgreSQL, each money and
+limit guarantee checked across them (requests spread over every instance), and the ledger
+checked by SQL afterwards: every balance equals the sum of its ledger rows."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from starlette.requests import Request
+from starlette.responses import Response
+
+from test.postgres import PostgresServer
+from test.servers import FakeUpstream, ServerThread, held_stream, openai_like
+from test.test_cli import ROOT, _free_port, wait_until_healthy
+
+ADMIN = "sk-fleet-admin-0001"
+KEY = "sk-fleet-user-0002"
+MESSAGES = [{"role": "user", "content": "hello there"}]  # 10 prompt tokens estimated; the fake answers 5 completion tokens
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer().init().start()
+    yield server
+    server.destroy()
+
+
+def config(prefs: str, upstream: str) -> str:
+    return (
+        f"providers:\n  - provider: p1\n    base_url: {upstream}\n    api: k\n    model: [echo-1]\n"
+        f"api_keys:\n  - api: {ADMIN}\n    role: admin\n"
+        f"  - api: {KEY}\n    name: fleet-user\n    preferences: {{{prefs}}}\n"
+        "preferences:\n  model_price: {default: '1000,2000'}\n  count_billing: {default_count_price: 0.002}\n"
+    )
+
+
+class Instance:
+    """One `python main.py --database postgresql://…` process, as an operator runs it."""
+
+    def __init__(self, config_path: Path, database: str, *extra: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "main.py", "--config", str(config_path), "--database", database, "--host", "127.0.0.1", "--port", str(self.port), *extra]
+        env = {**os.environ, "TOLLGATE_HEARTBEAT_SECONDS": "1", "TOLLGATE_LEASE_SECONDS": "5"}
+        self.process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, env=env)
+        wait_until_healthy(self.process, self.url, timeout=30)
+
+    def client(self, key: str = KEY) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=30)
+
+    def get(self, path: str, key: str = ADMIN) -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+
+    def post(self, path: str, key: str = ADMIN, **kwargs: Any) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", headers={"Authorization": f"Bearer {key}", **kwargs.pop("headers", {})}, timeout=10, **kwargs)
+
+    def state(self) -> dict[str, Any]:
+        return self.get("/v1/api_keys_states").json()["api_keys_states"][KEY]  # type: ignore[no-any-return]
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+
+class Fleet:
+    def __init__(self, tmp: Path, postgres: PostgresServer, upstream: FakeUpstream):
+        self.tmp, self.postgres, self.upstream = tmp, postgres, upstream
+        self.database = postgres.new_database()
+        self.instances: list[Instance] = []
+
+    def start(self, prefs: str, count: int = 3, *extra: str) -> list[Instance]:
+        path = self.tmp / "api.yaml"
+        path.write_text(config(prefs, self.upstream.base_url("p1")))
+        self.instances = [Instance(path, self.database, *extra) for _ in range(count)]
+        return self.instances
+
+    def fire(self, total: int, **create: Any) -> list[int]:
+        """`total` chat completions at once, spread round-robin over every instance; statuses."""
+
+        async def all_at_once() -> list[int]:
+            clients = [instance.client() for instance in self.instances]
+
+            async def one(i: int) -> int:
+                try:
+                    await clients[i % len(clients)].chat.completions.create(model="echo-1", messages=MESSAGES, **create)
+                    return 200
+                except openai.APIStatusError as exc:
+                    return exc.status_code
+
+            try:
+                return list(await asyncio.gather(*(one(i) for i in range(total))))
+            finally:
+                for client in clients:
+                    await client.close()
+
+        return asyncio.run(all_at_once())
+
+    def sql(self, query: str) -> str:
+        return self.postgres.psql(query, self.database.rsplit("/", 1)[1])
+
+    def assert_balances_equal_ledger_sums(self) -> None:
+        """Every key's counters equal the sums of its usage and grant rows; nothing is held."""
+        for instance in self.instances:
+            if instance.process.poll() is None:
+                instance.get("/v1/api_keys_states")  # flushes that instance's queued charges
+        mismatches = self.sql(
+            "SELECT a.key_id FROM accounts a LEFT JOIN (SELECT key_id, SUM(cost_nanos) c, SUM(count_charged) n, COUNT(*) r,"
+            " SUM(CASE WHEN cost_type = 'token' THEN cost_nanos ELSE 0 END) t FROM usage GROUP BY key_id) u ON u.key_id = a.key_id"
+            " LEFT JOIN (SELECT key_id, SUM(CASE WHEN kind = 'credits' THEN amount ELSE 0 END) g, SUM(CASE WHEN kind = 'count_credits' THEN amount ELSE 0 END) gc"
+            " FROM grants GROUP BY key_id) g ON g.key_id = a.key_id"
+            " WHERE a.total_cost_nanos <> COALESCE(u.c, 0) OR a.count_used <> COALESCE(u.n, 0) OR a.request_count <> COALESCE(u.r, 0)"
+            " OR a.spent_nanos <> COALESCE(u.t, 0) OR a.granted_nanos <> COALESCE(g.g, 0) OR a.count_granted <> COALESCE(g.gc, 0)"
+        )
+        assert mismatches == "", f"accounts differing from their ledger rows: {mismatches}"
+        assert self.sql("SELECT COUNT(*) FROM reservations") == "0", "reservations left behind"
+
+    def stop(self) -> None:
+        for instance in self.instances:
+            instance.kill()
+
+
+@pytest.fixture
+def slow_upstream() -> Iterator[FakeUpstream]:
+    """A vendor that takes 0.5 s per answer, so that every request of a burst is in flight at once."""
+    fake = FakeUpstream()
+
+    async def slow(body: dict[str, Any], request: Request) -> Response:
+        await asyncio.sleep(0.5)
+        return await openai_like(body, request)
+
+    fake.script("p1", slow)
+    fake.server = ServerThread(fake.app()).start()
+    yield fake
+    fake.server.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, postgres: PostgresServer, slow_upstream: FakeUpstream) -> Iterator[Fleet]:
+    made = Fleet(tmp_path, postgres, slow_upstream)
+    yield made
+    made.stop()
+
+
+def clear_of_window_edge(seconds: int, margin: float = 20) -> None:
+    """Wait out the end of the current fixed window when it is near: a burst must fall in one."""
+    left = seconds - time.time() % seconds
+    if left < margin:
+        time.sleep(left + 0.5)
+
+
+def test_count_credits_are_exact_over_three_instances(fleet):
+    fleet.start("billing_mode: count, count_credits: 20")
+
+    results = fleet.fire(60)
+
+    assert results.count(200) == 20 and results.count(402) == 40
+    fleet.assert_balances_equal_ledger_sums()
+    assert [instance.state()["remaining_count_credits"] for instance in fleet.instances] == [0, 0, 0]
+
+
+def test_token_credits_admit_what_the_balance_covers_over_three_instances(fleet):
+    # Each request reserves its estimate, 10 prompt + 5 completion tokens at 1000/2000 USD per
+    # 1M: $0.02. The README's bound: admitted while the balance covers every reservation in
+    # flight, so below zero only by what answers cost beyond their reservations.
+    fleet.start("billing_mode: token, credits: 0.2")
+
+    results = fleet.fire(50, max_tokens=5)
+
+    assert results.count(200) == 10 and results.count(402) == 40
+    fleet.assert_balances_equal_ledger_sums()
+    spent = int(fleet.sql("SELECT SUM(cost_nanos) FROM usage"))
+    assert {instance.state()["remaining_credits"] for instance in fleet.instances} == {(200_000_000 - spent) / 10**9}
+
+
+@pytest.mark.parametrize(
+    ("prefs", "refused", "window"),
+    [
+        ("concurrency_limit: 10", 429, 0),
+        ("rate_limit: '10/day'", 429, 86400),
+        ("token_rate_limit: '150/day'", 429, 86400),  # 15 tokens reserved per request
+        ("quota: 150, quota_type: tokens", 402, 0),
+        ("quota: 0.2, quota_type: usd", 402, 0),
+        ("daily_cost_limit: 0.2", 402, 86400),  # $0.02 reserved per request
+        ("monthly_cost_limit: 0.2", 402, 0),
+    ],
+)
+def test_fifty_requests_over_three_instances_against_a_limit_of_ten_admit_exactly_ten(fleet, prefs, refused, window):
+    if window:
+        clear_of_window_edge(window)
+    fleet.start(prefs)
+
+    results = fleet.fire(50, max_tokens=5)
+
+    assert results.count(200) == 10 and results.count(refused) == 40, results
+    fleet.assert_balances_equal_ledger_sums()
+
+
+def test_a_top_up_through_one_instance_is_in_force_on_every_instance_at_once(fleet):
+    first, second, third = fleet.start("billing_mode: count, count_credits: 1")
+    assert sorted(fleet.fire(2)) == [200, 402]
+
+    answer = first.post("/v1/add_count_credits", params={"paid_key": KEY, "amount": "3"}, headers={"Idempotency-Key": "top-up-1"})
+    assert answer.status_code == 200, answer.text
+
+    assert {instance.state()["remaining_count_credits"] for instance in (first, second, third)} == {3}
+    assert second.state() == third.state() == first.state()
+    assert fleet.fire(4).count(200) == 3
+    fleet.assert_balances_equal_ledger_sums()
+
+
+def test_an_idempotent_top_up_sent_to_every_instance_at_once_applies_once(fleet):
+    instances = fleet.start("billing_mode: count, count_credits: 0")
+
+    def top_up(instance: Instance, answers: list[int]) -> None:
+        response = instance.post("/v1/add_count_credits", params={"paid_key": KEY, "amount": "5"}, headers={"Idempotency-Key": "same-one"})
+        answers.append(response.status_code)
+
+    answers: list[int] = []
+    threads = [threading.Thread(target=top_up, args=(instance, answers)) for instance in instances for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert answers == [200] * 9
+    assert fleet.sql("SELECT COUNT(*), SUM(amount) FROM grants") == "1|5"
+    assert {instance.state()["remaining_count_credits"] for instance in instances} == {5}
+    fleet.assert_balances_equal_ledger_sums()
+
+
+def test_an_instance_killed_mid_request_has_its_holds_freed_within_30_seconds(tmp_path, postgres):
+    release = threading.Event()
+    upstream = FakeUpstream()
+    upstream.script("p1", held_stream(release, ["one", "two", "three"]))
+    upstream.server = ServerThread(upstream.app()).start()
+    made = Fleet(tmp_path, postgres, upstream)
+    try:
+        doomed, survivor = made.start("billing_mode: count, count_credits: 100, concurrency_limit: 2", count=2)
+
+        async def held_streams() -> None:
+            client = doomed.client()
+            streams = [await client.chat.completions.create(model="echo-1", messages=MESSAGES, stream=True) for _ in range(2)]
+            for stream in streams:  # the first event of each: both are admitted and relaying
+                await stream.__anext__()
+            doomed.kill()
+
+        asyncio.run(held_streams())
+        assert made.sql("SELECT COUNT(*) FROM reservations") == "2"
+        refused = survivor.post("/v1/chat/completions", key=KEY, json={"model": "echo-1", "messages": MESSAGES})
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "concurrency_limit_exceeded"
+
+        deadline = time.monotonic() + 30
+        while made.sql("SELECT COUNT(*) FROM reservations") != "0":
+            assert time.monotonic() < deadline, "the killed instance's reservations were not freed within 30 s"
+            time.sleep(0.5)
+        release.set()
+        after = survivor.post("/v1/chat/completions", key=KEY, json={"model": "echo-1", "messages": MESSAGES, "stream": True})
+        assert after.status_code == 200 and "three" in after.text
+        made.instances = [survivor]
+        made.assert_balances_equal_ledger_sums()
+        assert made.sql("SELECT COUNT(*) FROM instances") == "1"
+    finally:
+        release.set()
+        made.stop()
+        upstream.server.stop()
+
+
+def test_postgres_going_away_fails_closed_and_loses_no_charge(tmp_path):
+    server = PostgresServer().init().start()
+    release = threading.Event()
+    upstream = FakeUpstream()
+    upstream.script("p1", held_stream(release, ["one", "two", "three"]))
+    upstream.server = ServerThread(upstream.app()).start()
+    made = Fleet(tmp_path, server, upstream)
+    try:
+        (instance,) = made.start("billing_mode: count, count_credits: 100", count=1)
+        received: list[str] = []
+
+        def stream_through() -> None:
+            response = openai.OpenAI(base_url=f"{instance.url}/v1", api_key=KEY, max_retries=0).chat.completions.create(
+                model="echo-1", messages=MESSAGES, stream=True
+            )
+            received.extend(chunk.choices[0].delta.content or "" for chunk in response if chunk.choices)
+
+        reader = threading.Thread(target=stream_through)
+        reader.start()
+        deadline = time.monotonic() + 10
+        while made.sql("SELECT COUNT(*) FROM reservations") != "1":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        server.stop("fast")  # the database goes away with a request in flight
+        release.set()
+        reader.join(10)
+        assert "".join(received) == "onetwothree"  # the answer was delivered ...
+
+        refused = instance.post("/v1/chat/completions", key=KEY, json={"model": "echo-1", "messages": MESSAGES})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "ledger_unavailable"
+        health = instance.get("/health").json()
+        assert health["ledger"]["unwritten_rows"] == 1  # ... and its charge waits in memory
+        deadline = time.monotonic() + 10
+        while instance.get("/health").json()["ledger"]["database_reachable"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+        server.start()
+        deadline = time.monotonic() + 30
+        while made.sql("SELECT COUNT(*) FROM usage") != "1":
+            assert time.monotonic() < deadline, "the held charge was not written once the database was back"
+            time.sleep(0.2)
+        assert instance.post("/v1/chat/completions", key=KEY, json={"model": "echo-1", "messages": MESSAGES, "stream": True}).status_code == 200
+        assert instance.state()["remaining_count_credits"] == 98
+        made.assert_balances_equal_ledger_sums()
+    finally:
+        release.set()
+        made.stop()
+        upstream.server.stop()
+        server.destroy()
