@@ -32,6 +32,7 @@ from core.billing import BillingMeter
 from core.config import Config, load_config
 from core.errors import GatewayError
 from core.ledger.database import Database, open_ledger, parse_database
+from core.ledger.postgres import PgLedger
 from core.ledger.sqlite import LedgerUnavailable, check_ledger_file
 from core.ledger.sqlite_lock import LedgerLock, LedgerLockError
 from core.providers.messages import anthropic_error_body
@@ -65,6 +66,10 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         ledger = await open_ledger(database, clock)
+        if isinstance(ledger, PgLedger):  # fleet mode: tell the fleet what this instance serves
+            ledger.config_source = lambda: (store.current.source_hash, store.last_error.message if store.last_error else None)
+            store.apply_settings(await ledger.key_settings())
+            ledger.watch_settings(store.apply_settings)
         app.state.session_signer = SessionSigner(await ledger.setting("session_secret", lambda: secrets.token_hex(32)))
         http = create_http_session()
         app.state.ledger = ledger

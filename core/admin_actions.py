@@ -14,7 +14,9 @@ from core.config import ApiKey, Config
 from core.config_billing import BILLING_MODES
 from core.config_writer import ConfigChangedError, ConfigWriteError, set_key_preference
 from core.errors import GatewayError, bad_request
+from core.key_settings import BILLING_MODE
 from core.ledger import COUNT_CREDITS, CREDITS, Grant, Ledger
+from core.ledger.postgres import PgLedger
 from core.pricing import format_usd, to_nanos
 from core.reload import ConfigStore, ReloadError
 from core.usage import Usage
@@ -82,6 +84,8 @@ async def set_billing_mode(store: ConfigStore, ledger: Ledger, key: ApiKey, mode
     one saved by someone else during the edit neither: 409 `config_changed`. Audited."""
     if mode not in BILLING_MODES:
         raise bad_request(f"The 'billing_mode' parameter must be one of {', '.join(BILLING_MODES)}, got '{mode}'.", "invalid_billing_mode", "billing_mode")
+    if isinstance(ledger, PgLedger):
+        return await _set_fleet_setting(store, ledger, key, BILLING_MODE, mode, now, actor)
     async with store.edit_lock:  # one edit at a time: each rewrites the file from the text it read
         before = await _reloaded_key(store, key)
         try:  # parsing a large file takes a while: not on the event loop
@@ -94,6 +98,21 @@ async def set_billing_mode(store: ConfigStore, ledger: Ledger, key: ApiKey, mode
             raise GatewayError(409, "conflict_error", "config_not_writable", f"Could not update the config file: {exc}") from None
         updated = await _reloaded_key(store, key)
     entry = AuditEntry(now, actor, SET_BILLING_MODE, updated, {"billing_mode": before.billing.mode}, {"billing_mode": updated.billing.mode})
+    await ledger.append_audit(entry)
+    return updated
+
+
+async def _set_fleet_setting(store: ConfigStore, ledger: PgLedger, key: ApiKey, name: str, value: str, now: float, actor: Actor) -> ApiKey:
+    """Fleet mode: the setting is stored in PostgreSQL, layered over api.yaml on every instance
+    (here at once, elsewhere within a second), and api.yaml is left as it is."""
+    before = store.current.keys_by_id.get(key.id, key)
+    await ledger.set_key_setting(key.id, name, value, now)
+    store.apply_settings(await ledger.key_settings())
+    await ledger.refresh_settings()
+    updated = store.current.keys_by_id.get(key.id)
+    if updated is None:
+        raise GatewayError(409, "conflict_error", "key_removed", "The key is no longer in the config.")
+    entry = AuditEntry(now, actor, SET_BILLING_MODE, updated, {name: before.billing.mode}, {name: updated.billing.mode, "stored_in": "database"})
     await ledger.append_audit(entry)
     return updated
 

@@ -22,6 +22,7 @@ from watchfiles import awatch
 
 from core.config import Config, load_config
 from core.cooperate import LoopLoad, cooperate, cooperating
+from core.key_settings import KeySettings, layered
 from core.yamlsource import ConfigError
 
 log = logging.getLogger("tollgate.config")
@@ -50,6 +51,8 @@ class ConfigStore:
     def __init__(self, path: str | Path, initial: Config):
         self.path = Path(path)
         self.current = initial
+        self.file_config = initial  # as the file says; `current` adds the stored settings (fleet mode)
+        self.settings: KeySettings = {}
         self.last_error: ReloadError | None = None
         self.last_attempt_at = initial.loaded_at
         self.reload_count = 0
@@ -86,14 +89,27 @@ class ConfigStore:
                 log.error("config reload failed, still serving the previous config: %s", exc)
             self.last_error = ReloadError(str(exc), exc.file, exc.line, exc.reason, time.time(), exc.column)
             return False
-        retired, self.current = [self.current], config
-        retiring = asyncio.create_task(_retire(retired))
-        self._retiring.add(retiring)
-        retiring.add_done_callback(self._retiring.discard)
+        old_file, old_current = self.file_config, self.current
+        self.file_config, self.current = config, layered(config, self.settings)
+        self._retire_later(old_current)
+        if old_file is not old_current:
+            self._retire_later(old_file)
         self.last_error = None
         self.reload_count += 1
         log.info("config reloaded from %s (%d providers, %d keys)", self.path, len(config.providers), len(config.keys))
         return True
+
+    def apply_settings(self, settings: KeySettings) -> None:
+        """Serve the file's config with these stored settings over it (core/key_settings.py)."""
+        self.settings = settings
+        before, self.current = self.current, layered(self.file_config, settings)
+        if before is not self.current and before is not self.file_config:
+            self._retire_later(before)
+
+    def _retire_later(self, config: Config) -> None:
+        retiring = asyncio.create_task(_retire([config]))
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
 
     async def watch(self, stop: asyncio.Event | None = None) -> None:
         """Reload on changes to the file's directory, and on a changed stat signature.

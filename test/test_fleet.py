@@ -80,11 +80,15 @@ class Fleet:
         self.tmp, self.postgres, self.upstream = tmp, postgres, upstream
         self.database = postgres.new_database()
         self.instances: list[Instance] = []
+        self.paths: list[Path] = []
 
     def start(self, prefs: str, count: int = 3, *extra: str) -> list[Instance]:
-        path = self.tmp / "api.yaml"
-        path.write_text(config(prefs, self.upstream.base_url("p1")))
-        self.instances = [Instance(path, self.database, *extra) for _ in range(count)]
+        """`count` instances, each with its own copy of api.yaml (as on separate hosts)."""
+        self.paths = [self.tmp / f"host{i}" / "api.yaml" for i in range(count)]
+        for path in self.paths:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(config(prefs, self.upstream.base_url("p1")))
+        self.instances = [Instance(path, self.database, *extra) for path in self.paths]
         return self.instances
 
     def fire(self, total: int, **create: Any) -> list[int]:
@@ -328,3 +332,97 @@ def test_postgres_going_away_fails_closed_and_loses_no_charge(tmp_path):
         made.stop()
         upstream.server.stop()
         server.destroy()
+
+
+def test_a_billing_mode_change_through_one_instance_is_in_force_on_every_instance_within_2_seconds(fleet):
+    first, second, third = fleet.start("billing_mode: token, credits: 1, count_credits: 3")
+    config_before = fleet.paths[1].read_text()
+
+    answer = second.post("/v1/set_billing_mode", params={"paid_key": KEY, "billing_mode": "count"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["api_key_state"]["billing_mode"] == "count"
+
+    deadline = time.monotonic() + 2
+    while {instance.state()["billing_mode"] for instance in (first, second, third)} != {"count"}:
+        assert time.monotonic() < deadline, "the change did not reach every instance within 2 s"
+        time.sleep(0.1)
+    assert fleet.fire(6).count(200) == 3  # billed by count now, everywhere: 3 count credits
+    assert fleet.paths[1].read_text() == config_before  # the database holds it, layered over the file
+    status = first.get("/v1/config/status").json()
+    assert status["database_settings"] == [{"key": "fleet-user", "key_id": status["database_settings"][0]["key_id"], "setting": "billing_mode", "value": "count"}]
+    fleet.assert_balances_equal_ledger_sums()
+
+
+def test_config_status_lists_every_live_instance_with_its_config_hash(fleet):
+    first, second = fleet.start("billing_mode: token, credits: 1", count=2)
+
+    status = first.get("/v1/config/status").json()
+    assert len(status["instances"]) == 2 and status["config_hashes_differ"] is False
+    assert {instance["config_hash"] for instance in status["instances"]} == {status["source_hash"]}
+    assert [instance["this"] for instance in status["instances"]].count(True) == 1
+
+    # The second instance's file changes (a host whose copy differs): the fleet's status shows it.
+    path = fleet.paths[1]
+    path.write_text(path.read_text().replace("credits: 1", "credits: 2"))
+    deadline = time.monotonic() + 10
+    while not first.get("/v1/config/status").json()["config_hashes_differ"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    second.kill()
+    deadline = time.monotonic() + 15
+    while len(first.get("/v1/config/status").json()["instances"]) != 1:
+        assert time.monotonic() < deadline, "a stopped instance stays listed"
+        time.sleep(0.5)
+
+
+def test_workers_share_one_port_and_the_ledger(tmp_path, postgres, slow_upstream):
+    made = Fleet(tmp_path, postgres, slow_upstream)
+    try:
+        (instance,) = made.start("billing_mode: count, count_credits: 20", 1, "--workers", "2")
+        seen = set()
+        deadline = time.monotonic() + 20
+        while len(seen) < 2:
+            assert time.monotonic() < deadline, f"requests reached only {seen}"
+            with httpx.Client() as fresh:  # a new connection each time: the kernel spreads them over the workers
+                seen.add(fresh.get(f"{instance.url}/health").json()["ledger"]["instance"])
+        assert len(instance.get("/v1/config/status").json()["instances"]) == 2
+        results = made.fire(40)
+        assert results.count(200) == 20 and results.count(402) == 20
+        made.assert_balances_equal_ledger_sums()
+    finally:
+        made.stop()
+
+
+def test_sqlite_refuses_more_than_one_worker(tmp_path):
+    path = tmp_path / "api.yaml"
+    path.write_text(config("billing_mode: count", "http://127.0.0.1:9"))
+    done = subprocess.run(
+        [sys.executable, "main.py", "--config", str(path), "--db", str(tmp_path / "t.db"), "--workers", "2", "--port", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--workers 2 needs PostgreSQL" in done.stderr and "--database postgresql://" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("database", "told"),
+    [
+        ("mysql://db/tollgate", "unknown database scheme 'mysql://'"),
+        ("sqlite:///", "sqlite:/// needs a file path"),
+        ("postgresql://tollgate:s3cret@127.0.0.1:9/tollgate", "cannot connect to the PostgreSQL ledger at postgresql://tollgate:***@127.0.0.1:9/tollgate"),
+    ],
+)
+def test_a_database_that_cannot_be_used_stops_the_start_in_one_line(tmp_path, database, told):
+    path = tmp_path / "api.yaml"
+    path.write_text(config("billing_mode: count", "http://127.0.0.1:9"))
+    done = subprocess.run(
+        [sys.executable, "main.py", "--config", str(path), "--database", database, "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 2 and told in done.stderr, done.stderr
+    assert "s3cret" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -56,6 +56,8 @@ MAX_RETRY_DELAY = 5.0
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 10.0
 WRITE_CHECK_SECONDS = 0.25
+SETTINGS_POLL_SECONDS = 0.5  # how soon a setting changed through another instance is in force here
+SETTINGS_VERSION = "key_settings_version"
 CLOSE_WAIT_SECONDS = 30.0
 
 # What a lost or refused connection raises; anything else from the database is a bug here.
@@ -156,8 +158,6 @@ class PgLedger:
         self.reader = PgReader(pool)
         self.limiter = Limiter(self, clock)  # its state is this instance's view, for pages and headers
         self.instance_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.config_hash = ""
-        self.config_error: str | None = None
         self._accounts: dict[str, Account] = {}
         self._queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
@@ -165,6 +165,10 @@ class PgLedger:
         self.write_error: str | None = None
         self._retrying = 0
         self.database_error: str | None = None  # the heartbeat's last failure, for /health
+        # What this instance serves, for the fleet's status: set by the app (config hash, error).
+        self.config_source: Callable[[], tuple[str, str | None]] = lambda: ("", None)
+        self._settings_version: str | None = None
+        self._settings_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, url: str, clock: Callable[[], float] = time.time, pool_size: int = 10) -> PgLedger:
@@ -550,7 +554,59 @@ class PgLedger:
 
     # --- the fleet ------------------------------------------------------------------------------
 
+    # --- settings changed through the API, shared by the fleet (core/key_settings.py) --------
+
+    async def key_settings(self) -> dict[str, dict[str, str]]:
+        settings: dict[str, dict[str, str]] = {}
+        for key_id, name, value in await self.pool.fetch("SELECT key_id, name, value FROM key_settings"):
+            settings.setdefault(key_id, {})[name] = value
+        return settings
+
+    async def set_key_setting(self, key_id: str, name: str, value: str, now: float) -> None:
+        """Store a key's setting for every instance (durable; the version tells the others)."""
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = on")
+                await conn.execute(
+                    "INSERT INTO key_settings (key_id, name, value, updated_at) VALUES ($1, $2, $3, $4)"
+                    " ON CONFLICT (key_id, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                    key_id,
+                    name,
+                    value,
+                    now,
+                )
+                await conn.execute(
+                    "INSERT INTO settings (name, value) VALUES ($1, '1') ON CONFLICT (name) DO UPDATE SET value = (settings.value::bigint + 1)::text",
+                    SETTINGS_VERSION,
+                )
+        except UNREACHABLE as exc:
+            raise unavailable(_reason(exc)) from None
+
+    def watch_settings(self, apply: Callable[[dict[str, dict[str, str]]], None]) -> None:
+        """Call `apply` with every stored setting now and whenever another instance changes one
+        (polled: a one-row read every SETTINGS_POLL_SECONDS)."""
+        self._settings_task = asyncio.create_task(self._poll_settings(apply))
+
+    async def _poll_settings(self, apply: Callable[[dict[str, dict[str, str]]], None]) -> None:
+        while True:
+            try:
+                version = await self.pool.fetchval("SELECT value FROM settings WHERE name = $1", SETTINGS_VERSION)
+                if version != self._settings_version:
+                    settings = await self.key_settings()
+                    self._settings_version = version
+                    apply(settings)
+            except DATABASE_ERRORS:
+                pass  # the heartbeat reports the database's state; settings stay as they were
+            await asyncio.sleep(SETTINGS_POLL_SECONDS)
+
+    async def refresh_settings(self) -> None:
+        """Make the next poll re-read the settings (after this instance changed one)."""
+        self._settings_version = None
+
+    # --- the fleet ------------------------------------------------------------------------------
+
     async def _register(self) -> None:
+        config_hash, config_error = self.config_source()
         await self.pool.execute(
             "INSERT INTO instances (id, host, pid, started_at, config_hash, config_error) VALUES ($1, $2, $3, $4, $5, $6)"
             " ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp()",
@@ -558,8 +614,8 @@ class PgLedger:
             socket.gethostname(),
             os.getpid(),
             time.time(),
-            self.config_hash,
-            self.config_error,
+            config_hash,
+            config_error,
         )
 
     async def _heartbeat_loop(self) -> None:
@@ -578,12 +634,13 @@ class PgLedger:
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def heartbeat(self) -> None:
+        config_hash, config_error = self.config_source()
         async with self.pool.acquire() as conn:
             renewed = await conn.fetchval(
                 "UPDATE instances SET heartbeat_at = clock_timestamp(), config_hash = $2, config_error = $3 WHERE id = $1 RETURNING id",
                 self.instance_id,
-                self.config_hash,
-                self.config_error,
+                config_hash,
+                config_error,
             )
             if renewed is None:
                 log.warning("this instance's lease had expired (its reservations were freed by another instance); registering again")
@@ -619,8 +676,9 @@ class PgLedger:
 
     async def close(self) -> None:
         """Write everything queued, leave the fleet (freeing nothing: requests have ended), close."""
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
+        for task in (self._heartbeat_task, self._settings_task):
+            if task is not None:
+                task.cancel()
         if self._writer_task is not None and not self._writer_task.done():
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._queue.put_nowait(done)
