@@ -66,15 +66,16 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         ledger = await open_ledger(database, clock)
+        app.state.auth_throttle = AuthThrottle(clock)
         if isinstance(ledger, PgLedger):  # fleet mode: tell the fleet what this instance serves
             ledger.config_source = lambda: (store.current.source_hash, store.last_error.message if store.last_error else None)
             store.apply_settings(await ledger.key_settings())
             ledger.watch_settings(store.apply_settings)
+            app.state.auth_throttle = AuthThrottle(clock, shares=lambda: ledger.live_instances)
         app.state.session_signer = SessionSigner(await ledger.setting("session_secret", lambda: secrets.token_hex(32)))
         http = create_http_session()
         app.state.ledger = ledger
         app.state.clock = clock
-        app.state.auth_throttle = AuthThrottle(clock)
         meter = BillingMeter(ledger, clock)
         app.state.gateway = Gateway(http, Scheduler(), meter)
         alerts = meter.alerts = app.state.alerts = Alerts(ledger, meter.limiter, clock, lambda: http)

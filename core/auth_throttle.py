@@ -3,6 +3,10 @@
 Past `auth_failure_limit` failures in a minute, that address is refused with a 429 until
 the minute is over, whatever key it presents next; other addresses are not affected. A
 request that authenticates costs one dict lookup (usually a miss) here.
+
+The count is this process's own. In a fleet of N instances behind a load balancer each
+allows its share, limit / N (rounded up), so an address spreading its attempts over every
+instance still gets about `limit` per minute in all, without a database write per failure.
 """
 
 from __future__ import annotations
@@ -17,11 +21,15 @@ MAX_TRACKED_ADDRESSES = 100_000  # a flood of addresses cannot grow the table wi
 
 
 class AuthThrottle:
-    __slots__ = ("_clock", "_failures")
+    __slots__ = ("_clock", "_failures", "_shares")
 
-    def __init__(self, clock: Callable[[], float]):
+    def __init__(self, clock: Callable[[], float], shares: Callable[[], int] = lambda: 1):
         self._clock = clock
+        self._shares = shares  # how many instances share the limit (fleet mode: the live ones)
         self._failures: dict[str | None, tuple[int, int]] = {}  # address -> (window number, failures)
+
+    def _share(self, limit: int) -> int:
+        return -(-limit // max(1, self._shares()))
 
     def check(self, address: str | None, limit: int) -> None:
         """Refuse an address that used up its failures for this minute."""
@@ -32,7 +40,7 @@ class AuthThrottle:
         window, failures = entry
         if window != int(now // WINDOW_SECONDS):
             del self._failures[address]
-        elif failures >= limit:
+        elif failures >= self._share(limit):
             retry_after = max(1, math.ceil((window + 1) * WINDOW_SECONDS - now))
             raise GatewayError(
                 429,

@@ -167,6 +167,7 @@ class PgLedger:
         self.database_error: str | None = None  # the heartbeat's last failure, for /health
         # What this instance serves, for the fleet's status: set by the app (config hash, error).
         self.config_source: Callable[[], tuple[str, str | None]] = lambda: ("", None)
+        self.live_instances = 1  # as the last heartbeat counted them (the auth throttle shares its limit)
         self._settings_version: str | None = None
         self._settings_task: asyncio.Task[None] | None = None
 
@@ -655,6 +656,7 @@ class PgLedger:
             )
             if freed:
                 log.warning("freed %d reservations held by instances that stopped", freed)
+            self.live_instances = max(1, int(await conn.fetchval("SELECT COUNT(*) FROM instances")))
 
     async def instances(self) -> list[dict[str, Any]]:
         """Every live instance with the config it serves (a fleet whose files differ shows)."""
