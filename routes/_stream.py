@@ -17,6 +17,10 @@ class ProxyStreamResponse:
     leave the upstream generator to the garbage collector. The disconnect watcher is one
     plain task that cancels the relaying task: an anyio task group per stream cost more than
     the relaying itself (bench/run.py).
+
+    A client that hangs up once it has the stream's end marker has had everything, so that
+    is a finished stream, not a disconnect: the openai SDK hangs up right after `[DONE]`,
+    often while the relay still awaits the upstream's own end of stream.
     """
 
     __slots__ = ("_loop", "_relaying", "disconnected", "headers", "stream")
@@ -32,7 +36,8 @@ class ProxyStreamResponse:
         self._relaying: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        delivered = False  # once the whole stream is sent, a disconnect is just the client leaving
+        delivered = False  # once the end marker is sent, a disconnect is just the client leaving
+        upstream = self.stream.upstream
         chunks = self.stream.__aiter__()
         self._relaying = asyncio.current_task(self._loop)
         watcher = self._loop.create_task(self._watch_disconnect(receive))
@@ -45,6 +50,7 @@ class ProxyStreamResponse:
                     await send({"type": "http.response.body", "body": self.stream.cut_off(), "more_body": True})
                     break
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                delivered = upstream.complete
             delivered = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:

@@ -8,6 +8,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -64,6 +65,15 @@ def ledger_rows(gateway, sql: str = "SELECT status, cost_type, cost_nanos, count
     path = gateway.config_path.parent / "data" / "tollgate.db"
     with sqlite3.connect(path) as db:
         return db.execute(sql).fetchall()
+
+
+def wait_for_rows(gateway, sql: str) -> list[tuple]:
+    """`ledger_rows` once there are any: a stream the client hung up on settles when the gateway notices."""
+    deadline = time.monotonic() + 10
+    while not (rows := ledger_rows(gateway, sql)) and time.monotonic() < deadline:
+        states(gateway)  # flushes the ledger
+        time.sleep(0.05)
+    return rows
 
 
 def test_token_key_is_charged_the_reported_usage(start_gateway, upstream):
@@ -239,13 +249,7 @@ def test_client_disconnect_mid_stream_charges_what_was_streamed(start_gateway, u
     stream = gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
     next(iter(stream))
     stream.close()
-    import time
-
-    deadline = time.monotonic() + 5
-    while not (rows := ledger_rows(gateway, "SELECT status, completion_tokens, cost_nanos FROM usage")) and time.monotonic() < deadline:
-        states(gateway)  # flushes the ledger
-        time.sleep(0.05)
-    ((status, completion_tokens, cost),) = rows
+    ((status, completion_tokens, cost),) = wait_for_rows(gateway, "SELECT status, completion_tokens, cost_nanos FROM usage")
     assert status == "client_disconnected" and completion_tokens >= 1 and cost > 0
 
 
@@ -411,7 +415,6 @@ def test_created_at_starts_a_new_billing_window(start_gateway, upstream):
     gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert states(gateway)[TOKEN_KEY]["remaining_credits"] == pytest.approx(9.975)
     import datetime
-    import time
 
     time.sleep(0.01)
     now = datetime.datetime.now(datetime.UTC).isoformat()
@@ -447,10 +450,30 @@ def test_stream_without_usage_is_estimated_from_the_streamed_text(start_gateway,
     upstream.script("p1", no_usage_stream)
     gateway = start_gateway(CONFIG, upstream)
     list(gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
-    states(gateway)
-    rows = ledger_rows(gateway, "SELECT status, prompt_tokens, completion_tokens, cost_nanos FROM usage")
+    rows = wait_for_rows(gateway, "SELECT status, prompt_tokens, completion_tokens, cost_nanos FROM usage")
     # 10 prompt tokens estimated from the messages; 4 streamed bytes per completion token.
     assert rows == [("estimated", 10, completion_tokens, (10 * 1000 + completion_tokens * 2000) * 1000)]
+
+
+def test_stream_the_client_leaves_after_done_is_not_a_disconnect(start_gateway, upstream):
+    from starlette.responses import StreamingResponse
+
+    from test.servers import stream_chunks
+
+    async def done_then_linger(body: dict[str, Any], request: Request) -> Response:
+        async def gen():  # type: ignore[no-untyped-def]
+            for chunk in stream_chunks(body, ["abcd", "efgh"]):
+                yield chunk
+            await asyncio.sleep(1)  # the vendor ends its response well after its [DONE]
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    upstream.script("p1", done_then_linger)
+    gateway = start_gateway(CONFIG, upstream)
+    # The SDK hangs up as soon as it reads [DONE], while the gateway still waits for the vendor's end.
+    list(gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    rows = wait_for_rows(gateway, "SELECT status, prompt_tokens, completion_tokens FROM usage")
+    assert rows == [("ok", 11, 2)], "everything was delivered: billed as a finished stream"
 
 
 def test_openai_cached_and_reasoning_tokens_bill_at_their_prices(start_gateway, upstream):

@@ -265,6 +265,27 @@ def test_an_abandoned_stream_bills_the_prompt_size_the_vendor_reported(start_gat
     assert (status, prompt, completion) == ("client_disconnected", 1000, 2)  # "Hello": 5 bytes of text
 
 
+def test_a_native_stream_the_client_leaves_after_message_stop_is_not_a_disconnect(start_gateway, upstream):
+    async def stop_then_linger(body: dict[str, Any], request: Request) -> Response:
+        async def gen():  # type: ignore[no-untyped-def]
+            for part in STREAM.split(b"\n\n"):
+                yield part + b"\n\n"
+            await asyncio.sleep(1)  # the vendor ends its response well after its message_stop
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    upstream.script("p1", stop_then_linger)
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    body = {"model": "claude-sonnet", "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": "Weather?"}]}
+    with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=10) as response:
+        received = b""
+        for chunk in response.iter_bytes():
+            received += chunk
+            if b"event: message_stop" in received:
+                break  # a client may hang up once it has the whole message
+    assert wait_for_ledger_rows(gateway) == [("ok", 1125, 15, 1000, 100, EXPECTED_COST_NANOS)]
+
+
 def test_an_openai_format_answer_without_usage_is_estimated_from_its_text(start_gateway, upstream):
     async def no_usage(body: dict[str, Any], request: Request) -> Response:
         return JSONResponse({k: v for k, v in completion_body(body, HUNDRED_TOKENS).items() if k != "usage"})

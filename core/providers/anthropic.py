@@ -261,6 +261,7 @@ class AnthropicStream(UpstreamStream):
         if self.error is not None:
             yield encode_event(json.dumps(self.error.body()).encode())
         else:
+            self.complete = True
             yield b"data: [DONE]\n\n"
 
     def _translate(self, event: bytes) -> list[bytes]:

@@ -89,6 +89,10 @@ class UpstreamStream(ABC):
     before its final report still bills the vendor's figures. All of these are final once
     `close()` has run (a translating stream takes them from the stream it wraps only then).
     `close()` is synchronous so it can run during cancellation, when awaiting is no longer possible.
+
+    `complete` turns True just before the stream yields its end marker (`data: [DONE]`, or
+    `message_stop` on /v1/messages): a client that has that chunk has the whole answer, and
+    may hang up before the upstream's own end of stream without it being a disconnect.
     """
 
     content_type = SSE_CONTENT_TYPE
@@ -98,6 +102,7 @@ class UpstreamStream(ABC):
         self.partial_usage: Usage | None = None
         self.completion_text_bytes = 0
         self.error: GatewayError | None = None
+        self.complete = False
 
     @abstractmethod
     def __aiter__(self) -> AsyncIterator[bytes]: ...

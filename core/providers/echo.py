@@ -123,6 +123,7 @@ class EchoStream(UpstreamStream):
         self.usage = self._final_usage
         if self._call.client_wants_usage:
             yield encode_event(_dumps({**base, "object": obj, "choices": [], "usage": _usage_json(self._final_usage)}))
+        self.complete = True
         yield b"data: [DONE]\n\n"
 
     def close(self) -> None:

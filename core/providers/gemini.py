@@ -250,6 +250,7 @@ class GeminiStream(UpstreamStream):
         tail = [self._writer.chunk({}, self._finish)]
         if self._call.client_wants_usage and self.usage is not None:
             tail.append(self._writer.chunk(None, usage=self.usage))
+        self.complete = True
         yield b"".join(tail) + b"data: [DONE]\n\n"
 
     def _translate(self, event: bytes) -> list[bytes]:

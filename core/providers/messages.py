@@ -197,7 +197,6 @@ class NativeEvents(UpstreamStream):
         self._response = response
         self._provider = provider
         self._usage = StreamUsage()
-        self._stopped = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         splitter = SseSplitter()
@@ -210,7 +209,7 @@ class NativeEvents(UpstreamStream):
             self.error = bad_gateway(f"Provider '{self._provider}' broke off the stream.", "upstream_stream_broken")
         finally:
             self.close()
-        if not self._stopped and self.error is None:
+        if not self.complete and self.error is None:
             self.error = bad_gateway(f"Provider '{self._provider}' ended the stream before message_stop.", "upstream_stream_broken")
         if self.error is not None:
             yield anthropic_event("error", anthropic_error_body(self.error))
@@ -232,11 +231,11 @@ class NativeEvents(UpstreamStream):
             if self._usage.final:
                 self.usage = self.partial_usage
         elif data.get("type") == "message_stop":
-            self._stopped = True
+            self.complete = True
             self.usage = self.partial_usage  # None without a message_start: billing estimates it
 
     def close(self) -> None:
-        if self._stopped:
+        if self.complete:
             self._response.release()
         else:
             self._response.close()
@@ -283,6 +282,7 @@ class EventsFromChunks(UpstreamStream):
             anthropic_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": self._stop_reason, "stop_sequence": None}, "usage": usage})
         )
         tail.append(anthropic_event("message_stop", {"type": "message_stop"}))
+        self.complete = True
         yield b"".join(tail)
 
     def _message_start(self) -> bytes:

@@ -96,7 +96,6 @@ class OpenAIStream(UpstreamStream):
         self._route = route
         self._client_wants_usage = client_wants_usage
         self._finished = False
-        self._done_seen = False
 
     @property  # type: ignore[override]
     def completion_text_bytes(self) -> int:
@@ -124,7 +123,7 @@ class OpenAIStream(UpstreamStream):
             self.error = bad_gateway(f"Provider '{self._route.provider.name}' broke off the stream.", "upstream_stream_broken")
         finally:
             self.close()
-        if self.error is None and (splitter.rest().strip() or not self._done_seen):
+        if self.error is None and (splitter.rest().strip() or not self.complete):
             self.error = bad_gateway(f"Provider '{self._route.provider.name}' ended the stream early.", "upstream_stream_broken")
         if self.error is not None:
             yield encode_event(json.dumps(self.error.body()).encode())
@@ -135,7 +134,7 @@ class OpenAIStream(UpstreamStream):
         if data is None:
             return True
         if data == DONE:
-            self._done_seen = True
+            self.complete = True
             return True
         if not _may_carry_usage(data):
             self._unread.append(data)
