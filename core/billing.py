@@ -104,7 +104,7 @@ class BillingMeter:
 class BillingTicket:
     """One admitted request's holds; it ends once, by `settle` (or `charge`) or `release`."""
 
-    __slots__ = ("cost_type", "ended", "key", "meter", "prices", "request", "reservation", "terms")
+    __slots__ = ("cost_type", "ended", "key", "meter", "prices", "report_every", "request", "reservation", "terms")
 
     def __init__(
         self,
@@ -124,6 +124,7 @@ class BillingTicket:
         self.cost_type = cost_type
         self.reservation = reservation
         self.ended = False
+        self.report_every = meter.ledger.report_every
 
     def settle(self, outcome: Outcome) -> dict[str, str]:
         """Charge the outcome; the x-tollgate-* and limit headers for the response."""
@@ -134,16 +135,8 @@ class BillingTicket:
         (0, and nothing written, if the ticket has already ended)."""
         if self.ended:
             return 0
-        model = self.request.model
-        if self.cost_type == COUNT:
-            cost_nanos, count = self.prices.count_price_nanos(model), 1
-            unit_prices = count_price_json(self.prices.count_price(model))
-        else:
-            token_price = self.prices.token_price(model)
-            cost_nanos, count = token_price.cost_nanos(outcome.usage), 0
-            unit_prices = token_price.unit_prices()
-        status = ESTIMATED if outcome.status == OK and outcome.usage.estimated else outcome.status
-        record = self._record(outcome.provider, outcome.upstream_model, outcome.usage, unit_prices, cost_nanos, count, status)
+        record = self._priced(outcome)
+        cost_nanos = record.cost_nanos
         self.ended = True  # only now: should pricing above raise, a later release() still frees the holds
         try:
             self.meter.ledger.settle(self.reservation, record)
@@ -153,6 +146,23 @@ class BillingTicket:
         if self.meter.alerts is not None:
             self.meter.alerts.check(self.key, self.reservation.account)
         return cost_nanos
+
+    def report(self, outcome: Outcome) -> None:
+        if not self.ended:
+            self.meter.ledger.report(self.reservation, self._priced(outcome))
+
+    def _priced(self, outcome: Outcome) -> UsageRecord:
+        """The ledger record of an outcome, priced by the key's terms."""
+        model = self.request.model
+        if self.cost_type == COUNT:
+            cost_nanos, count = self.prices.count_price_nanos(model), 1
+            unit_prices = count_price_json(self.prices.count_price(model))
+        else:
+            token_price = self.prices.token_price(model)
+            cost_nanos, count = token_price.cost_nanos(outcome.usage), 0
+            unit_prices = token_price.unit_prices()
+        status = ESTIMATED if outcome.status == OK and outcome.usage.estimated else outcome.status
+        return self._record(outcome.provider, outcome.upstream_model, outcome.usage, unit_prices, cost_nanos, count, status)
 
     def release(self) -> None:
         if self.ended:

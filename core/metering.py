@@ -49,6 +49,14 @@ class Ticket(Protocol):
         """Headers known at admission (rate limits, quota), for responses sent before settling."""
         ...
 
+    # Seconds between progress reports of a long stream (None: this meter wants none).
+    report_every: float | None
+
+    def report(self, outcome: Outcome) -> None:
+        """What a stream in progress has used so far: should this process die before it
+        settles, the fleet bills that much (the ticket does not end)."""
+        ...
+
 
 class Meter(Protocol):
     async def admit(self, config: Config, key: ApiKey, request: ProxyRequest) -> Ticket: ...

@@ -207,6 +207,18 @@ class MeteredStream:
             return anthropic_event("error", anthropic_error_body(error))
         return encode_event(orjson.dumps(error.body()))
 
+    @property
+    def report_every(self) -> float | None:
+        return self._ticket.report_every if self._ticket is not None else None
+
+    def report_progress(self) -> None:
+        """Tell the ticket what the stream has used so far (fleet mode: billed should this
+        process die before the stream ends)."""
+        if self._ticket is not None:
+            upstream = self.upstream
+            usage = usage_so_far(upstream.partial_usage, self.request.body, upstream.completion_text_bytes)
+            self._ticket.report(Outcome(self.route.provider.name, self.route.upstream_name, usage, ERROR))
+
     def finish(self, disconnected: bool) -> None:
         """Close the upstream and settle. Synchronous: runs inside cancellation too. Should
         reading the outcome raise, the stream is billed for its prompt alone; the ticket ends

@@ -115,7 +115,7 @@ async def key_usage(config: Config, ledger: Ledger, limiter: Limiter, key: ApiKe
     """`GET /v1/usage`: the key's balances, quota, limits with their use, and totals."""
     terms = key.billing
     account = await ledger.account(key.id, terms)
-    if key.limits.period_limits:
+    if key.limits.meters_anything:  # (fleet mode: read afresh, other instances change it too)
         await limiter.prepare(key, now)
     totals = (await ledger.totals([Window(key.id, terms.created_at)])).get((key.id,), Totals())
     remaining = account.remaining_nanos(terms)

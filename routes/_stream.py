@@ -41,6 +41,8 @@ class ProxyStreamResponse:
         chunks = self.stream.__aiter__()
         self._relaying = asyncio.current_task(self._loop)
         watcher = self._loop.create_task(self._watch_disconnect(receive))
+        report_every = self.stream.report_every  # fleet mode: progress reports of long streams
+        next_report = self._loop.time() + report_every if report_every is not None else None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             sent, limit = 0, self.stream.max_bytes
@@ -51,6 +53,9 @@ class ProxyStreamResponse:
                     break
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 delivered = upstream.complete
+                if next_report is not None and report_every is not None and self._loop.time() >= next_report:
+                    self.stream.report_progress()
+                    next_report = self._loop.time() + report_every
             delivered = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:

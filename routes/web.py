@@ -21,6 +21,7 @@ from core.audit import LOGIN, Actor, AuditEntry
 from core.config import ApiKey, Config
 from core.errors import GatewayError, forbidden, not_found
 from core.ledger import COUNT_CREDITS, CREDITS, Ledger
+from core.ledger.postgres import PgLedger
 from core.ledger.sums import Window
 from core.money_format import count_text, usd_text
 from core.reload import ConfigStore
@@ -183,7 +184,18 @@ async def overview(request: Request) -> Response:
         trend=chart(await reports.daily_series(ledger, None)),
         alerts=alert_rows(await recent_alerts(ledger, None, limit=10), config),
         config={"loaded_at": when(config.loaded_at), "hash": config.source_hash[:12], "key_count": len(config.keys), "provider_count": len(config.providers)},
+        instances=await _fleet(ledger),
     )
+
+
+async def _fleet(ledger: Ledger) -> list[dict[str, Any]]:
+    """Fleet mode: every live instance with the config it serves (a differing hash shows)."""
+    if not isinstance(ledger, PgLedger):
+        return []
+    return [
+        {"id": i["id"], "hash": i["config_hash"][:12], "error": i["config_error"], "seen": when(i["heartbeat_at"]), "this": i["this"]}
+        for i in await ledger.instances()
+    ]
 
 
 def _pair(totals: tuple[int, int]) -> dict[str, Any]:
@@ -257,7 +269,7 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
     log = await reports.request_log(ledger, key.id, before)
     limiter = request.app.state.gateway.meter.limiter
     now = request.app.state.clock()
-    if key.limits.period_limits:
+    if key.limits.meters_anything:  # (fleet mode: read afresh, other instances change it too)
         await limiter.prepare(key, now)
     params = request.query_params
     return render(

@@ -19,11 +19,12 @@ import httpx
 import openai
 import pytest
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from test.postgres import PostgresServer
-from test.servers import FakeUpstream, ServerThread, held_stream, openai_like
+from test.servers import FakeUpstream, ServerThread, held_stream, openai_like, stream_chunks
 from test.test_cli import ROOT, _free_port, wait_until_healthy
+from test.test_web import Browser
 
 ADMIN = "sk-fleet-admin-0001"
 KEY = "sk-fleet-user-0002"
@@ -349,7 +350,9 @@ def test_a_billing_mode_change_through_one_instance_is_in_force_on_every_instanc
     assert fleet.fire(6).count(200) == 3  # billed by count now, everywhere: 3 count credits
     assert fleet.paths[1].read_text() == config_before  # the database holds it, layered over the file
     status = first.get("/v1/config/status").json()
-    assert status["database_settings"] == [{"key": "fleet-user", "key_id": status["database_settings"][0]["key_id"], "setting": "billing_mode", "value": "count"}]
+    assert status["database_settings"] == [
+        {"key": "fleet-user", "key_id": status["database_settings"][0]["key_id"], "setting": "billing_mode", "value": "count"}
+    ]
     fleet.assert_balances_equal_ledger_sums()
 
 
@@ -368,6 +371,16 @@ def test_config_status_lists_every_live_instance_with_its_config_hash(fleet):
     while not first.get("/v1/config/status").json()["config_hashes_differ"]:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+    # The admin's overview page lists the fleet too; a login on one instance holds on all
+    # (the session signing secret is shared).
+    browser = Browser(first.url)
+    assert browser.login(ADMIN).status_code == 303
+    page = browser.get("/admin").text
+    assert page.count("(this one)") == 1 and "differs" in page
+    assert all(instance["id"] in page for instance in status["instances"])
+    browser.http.base_url = httpx.URL(second.url)
+    assert "Instances" in browser.get("/admin").text
 
     second.kill()
     deadline = time.monotonic() + 15
@@ -421,8 +434,81 @@ def test_a_database_that_cannot_be_used_stops_the_start_in_one_line(tmp_path, da
     path = tmp_path / "api.yaml"
     path.write_text(config("billing_mode: count", "http://127.0.0.1:9"))
     done = subprocess.run(
-        [sys.executable, "main.py", "--config", str(path), "--database", database, "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False
+        [sys.executable, "main.py", "--config", str(path), "--database", database, "--port", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert done.returncode == 2 and told in done.stderr, done.stderr
     assert "s3cret" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def slow_words(release: threading.Event) -> Any:
+    """A long generation: a word every 50 ms until `release`."""
+
+    async def handler(body: dict[str, Any], request: Request) -> Response:
+        chunks = stream_chunks(body, ["word "] * 2000)
+
+        async def gen():  # type: ignore[no-untyped-def]
+            for chunk in chunks:
+                if release.is_set():
+                    break
+                yield chunk
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    return handler
+
+
+def test_what_a_killed_instances_stream_had_reported_is_billed_once(tmp_path, postgres):
+    release = threading.Event()
+    upstream = FakeUpstream()
+    upstream.script("p1", slow_words(release))
+    upstream.server = ServerThread(upstream.app()).start()
+    made = Fleet(tmp_path, postgres, upstream)
+    os.environ["TOLLGATE_STREAM_REPORT_SECONDS"] = "0.2"
+    try:
+        doomed, survivor = made.start("billing_mode: token, credits: 10", count=2)
+    finally:
+        del os.environ["TOLLGATE_STREAM_REPORT_SECONDS"]
+    try:
+
+        async def stream_then_kill() -> None:
+            stream = await doomed.client().chat.completions.create(model="echo-1", messages=MESSAGES, stream=True)
+            await stream.__anext__()  # relaying: its progress is reported every 0.2 s
+            deadline = time.monotonic() + 10
+            while made.sql("SELECT COUNT(*) FROM reservations WHERE reported IS NOT NULL") != "1":
+                assert time.monotonic() < deadline, "no progress report"
+                await asyncio.sleep(0.1)
+            doomed.kill()
+
+        asyncio.run(stream_then_kill())
+        deadline = time.monotonic() + 30
+        while made.sql("SELECT COUNT(*) FROM usage") != "1":
+            assert time.monotonic() < deadline, "the killed instance's stream was not billed within 30 s"
+            time.sleep(0.5)
+        status, prompt, completion, cost = made.sql("SELECT status, prompt_tokens, completion_tokens, cost_nanos FROM usage").split("|")
+        assert status == "error" and int(prompt) == 10 and int(completion) >= 1 and int(cost) > 0
+        made.instances = [survivor]
+        made.assert_balances_equal_ledger_sums()
+        assert survivor.state()["total_cost"] == int(cost) / 10**9
+    finally:
+        release.set()
+        made.stop()
+        upstream.server.stop()
+
+
+def test_a_keys_limits_read_the_same_on_every_instance(fleet):
+    clear_of_window_edge(86400)
+    first, second, third = fleet.start("rate_limit: '10/day', daily_cost_limit: 1")
+    fleet.instances = [first]
+    assert fleet.fire(4, max_tokens=5) == [200] * 4  # all through the first instance
+
+    for instance in (first, second, third):
+        limits = {row["name"]: row for row in instance.get("/v1/usage", key=KEY).json()["limits"]}
+        assert limits["rate_limit"]["used"] == 4
+        assert limits["daily_cost_limit"]["used"] == float(int(fleet.sql("SELECT SUM(cost_nanos) FROM usage")) / 10**9)

@@ -139,7 +139,10 @@ class Grant:
 
 
 class Ledger(Protocol):
-    limiter: Limiter  # the key limits' state as this process sees it (pages, headers, alerts)
+    @property
+    def limiter(self) -> Limiter:
+        """The key limits' state as this process sees it (pages, headers, alerts)."""
+        ...
 
     async def account(self, key_id: str, terms: KeyBilling) -> Account: ...
 
@@ -158,6 +161,15 @@ class Ledger(Protocol):
 
     def release(self, reservation: Reservation, record: UsageRecord | None = None) -> int:
         """Release every hold without charging (a zero-cost record may still be logged)."""
+        ...
+
+    # Seconds between a long stream's progress reports, or None when they serve nothing (one
+    # process: if it dies, its requests die with it).
+    report_every: float | None
+
+    def report(self, reservation: Reservation, record: UsageRecord) -> None:
+        """Keep what a request in flight has used so far with its reservation: should this
+        process die, whoever frees the reservation bills that much."""
         ...
 
     async def grant(self, grant: Grant, terms: KeyBilling) -> bool:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
+import orjson
 
 from core.audit import AuditEntry
 from core.config import ApiKey
@@ -44,18 +45,23 @@ from core.ledger.postgres_schema import migrate
 from core.ledger.rollups import ROLLUPS
 from core.ledger.sums import Totals, Window, grant_totals, window_totals
 from core.limits import KeyState, Limiter, PeriodSpend, RateWindow, period_bounds
+from core.metering import ERROR
 
 log = logging.getLogger("tollgate.ledger")
 T = TypeVar("T")
 
 HEARTBEAT_SECONDS = float(os.environ.get("TOLLGATE_HEARTBEAT_SECONDS", "2"))
 LEASE_SECONDS = float(os.environ.get("TOLLGATE_LEASE_SECONDS", "10"))
+# Connections per process for admissions and reads (plus one for the settlement writer): an
+# admission holds one for a few round trips, so a handful serves thousands of requests/s.
+POOL_SIZE = int(os.environ.get("TOLLGATE_DATABASE_POOL", "10"))
 GROUP_COMMIT_SECONDS = 0.01
 MAX_BATCH = 2000
 MAX_RETRY_DELAY = 5.0
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 10.0
 WRITE_CHECK_SECONDS = 0.25
+STREAM_REPORT_SECONDS = float(os.environ.get("TOLLGATE_STREAM_REPORT_SECONDS", "2"))
 SETTINGS_POLL_SECONDS = 0.5  # how soon a setting changed through another instance is in force here
 SETTINGS_VERSION = "key_settings_version"
 CLOSE_WAIT_SECONDS = 30.0
@@ -142,13 +148,32 @@ class _Ended:
     reservation_id: str | None
 
 
-_QueueItem = _Ended | asyncio.Future  # a bare future is a flush marker
+@dataclass(slots=True)
+class _Progress:
+    """A stream's usage so far, kept with its reservation."""
+
+    reservation_id: str
+    record: UsageRecord
+
+
+_QueueItem = _Ended | _Progress | asyncio.Future  # a bare future is a flush marker
+
+
+class FleetLimiter(Limiter):
+    """The limiter's state as pages and alerts read it, in fleet mode: other instances change
+    it too, so `prepare` (what a page calls before showing a key's limits) reads it afresh."""
+
+    ledger: PgLedger
+
+    async def prepare(self, key: ApiKey, now: float) -> None:
+        await self.ledger.refresh_view(key, now)
 
 
 class PgLedger:
     """The Ledger interface on PostgreSQL (see the module's docstring for how)."""
 
     shared = True
+    report_every: float | None = STREAM_REPORT_SECONDS
 
     def __init__(self, url: str, pool: asyncpg.Pool, writer: asyncpg.Connection, clock: Callable[[], float]):
         self.url = url
@@ -156,7 +181,7 @@ class PgLedger:
         self.writer = writer
         self.clock = clock
         self.reader = PgReader(pool)
-        self.limiter = Limiter(self, clock)  # its state is this instance's view, for pages and headers
+        self.limiter = FleetLimiter(self, clock)  # its state is this instance's view, for pages and headers
         self.instance_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._accounts: dict[str, Account] = {}
         self._queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
@@ -172,7 +197,7 @@ class PgLedger:
         self._settings_task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, url: str, clock: Callable[[], float] = time.time, pool_size: int = 10) -> PgLedger:
+    async def open(cls, url: str, clock: Callable[[], float] = time.time, pool_size: int = POOL_SIZE) -> PgLedger:
         """Connect, migrate (one instance at a time), register this instance and start its
         writer and heartbeat. Raises LedgerUnavailable with the reason when it cannot."""
         from core.ledger.sqlite import LedgerUnavailable
@@ -243,6 +268,15 @@ class PgLedger:
             self.limiter._state[key.id] = state
         reservation.request_id, reservation.tokens, reservation.admitted_at = request_id, tokens, now
         return reservation
+
+    async def refresh_view(self, key: ApiKey, now: float) -> None:
+        """This instance's view of a key's account and limits, read now (for a page)."""
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                _, state = await self._locked_state(conn, key, now)
+        except UNREACHABLE as exc:
+            raise unavailable(_reason(exc)) from None
+        self.limiter._state[key.id] = state
 
     async def _locked_state(self, conn: asyncpg.Connection, key: ApiKey, now: float) -> tuple[Account, KeyState]:
         """The key's account and limit state, read under its row lock (taken first)."""
@@ -345,6 +379,10 @@ class PgLedger:
         self._queue.put_nowait(_Ended(record, reservation.request_id or None))
         return 0
 
+    def report(self, reservation: Reservation, record: UsageRecord) -> None:
+        if reservation.open and reservation.request_id:
+            self._queue.put_nowait(_Progress(reservation.request_id, record))
+
     def release(self, reservation: Reservation, record: UsageRecord | None = None) -> int:
         was_open = reservation.open
         self._unhold_view(reservation)
@@ -371,13 +409,13 @@ class PgLedger:
                 await asyncio.sleep(GROUP_COMMIT_SECONDS)
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            ended = [item for item in batch if isinstance(item, _Ended)]
+            ended = [item for item in batch if isinstance(item, (_Ended, _Progress))]
             await self._commit_with_retry(ended)
             for item in batch:
                 if isinstance(item, asyncio.Future) and not item.done():
                     item.set_result(None)
 
-    async def _commit_with_retry(self, items: list[_Ended]) -> None:
+    async def _commit_with_retry(self, items: list[_Ended | _Progress]) -> None:
         """While the database is away the rows wait here (the requests have their answers) and
         the batch is tried again; applying it twice is harmless (unique request ids). A row
         the database refuses outright must not hold back the others: it is logged in full."""
@@ -406,15 +444,15 @@ class PgLedger:
                     await self._commit_with_retry([item])
                 return
 
-    async def _commit(self, items: list[_Ended]) -> None:
-        records = [item.record for item in items if item.record is not None]
-        freed = [item.reservation_id for item in items if item.reservation_id]
-        keys = sorted({record.key_id for record in records})
-        columns = [list(values) for values in zip(*records, strict=True)] if records else [[] for _ in _USAGE_COLUMNS]
+    async def _commit(self, items: list[_Ended | _Progress]) -> None:
+        ended = [item for item in items if isinstance(item, _Ended)]
+        progress = {item.reservation_id: orjson.dumps(list(item.record)).decode() for item in items if isinstance(item, _Progress)}
         async with self.writer.transaction():
-            if keys:  # every key's live state changes under its row lock, taken in key order
-                await self.writer.execute("SELECT 1 FROM accounts WHERE key_id = ANY($1::text[]) ORDER BY key_id FOR UPDATE", keys)
-            await self.writer.fetchrow(_SETTLE_SQL, *columns, freed)
+            await settle_in(
+                self.writer, [item.record for item in ended if item.record is not None], [item.reservation_id for item in ended if item.reservation_id]
+            )
+            if progress:  # (a reservation ended in this batch is gone: its update matches nothing)
+                await self.writer.executemany("UPDATE reservations SET reported = $2 WHERE request_id = $1", list(progress.items()))
 
     async def _reconnect_writer(self) -> None:
         if not self.writer.is_closed():
@@ -651,12 +689,24 @@ class PgLedger:
             )
             for instance_id, host, pid in expired:
                 log.warning("instance %s (host %s, pid %s) stopped heartbeating; freeing what its requests held", instance_id, host, pid)
-            freed = await conn.fetchval(
-                "WITH gone AS (DELETE FROM reservations r WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = r.instance_id) RETURNING 1) SELECT COUNT(*) FROM gone"
-            )
-            if freed:
-                log.warning("freed %d reservations held by instances that stopped", freed)
+            await self._free_orphans(conn)
             self.live_instances = max(1, int(await conn.fetchval("SELECT COUNT(*) FROM instances")))
+
+    async def _free_orphans(self, conn: asyncpg.Connection) -> None:
+        """Delete the reservations of instances that are gone, and bill what their streams had
+        reported (as failed requests: the client lost the stream), in one transaction."""
+        orphans = await conn.fetch("SELECT request_id, key_id FROM reservations r WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = r.instance_id)")
+        if not orphans:
+            return
+        async with conn.transaction():
+            keys = sorted({row["key_id"] for row in orphans})
+            await conn.execute("SELECT 1 FROM accounts WHERE key_id = ANY($1::text[]) ORDER BY key_id FOR UPDATE", keys)
+            gone = await conn.fetch(
+                "DELETE FROM reservations WHERE request_id = ANY($1::text[]) RETURNING request_id, reported", [row["request_id"] for row in orphans]
+            )
+            reported = [UsageRecord(*orjson.loads(row["reported"]))._replace(status=ERROR) for row in gone if row["reported"]]
+            await settle_in(conn, reported, [])
+        log.warning("freed %d reservations held by instances that stopped; billed what %d of their streams had reported", len(gone), len(reported))
 
     async def instances(self) -> list[dict[str, Any]]:
         """Every live instance with the config it serves (a fleet whose files differ shows)."""
@@ -695,6 +745,18 @@ class PgLedger:
             pass
         await self.writer.close()
         await self.pool.close()
+
+
+async def settle_in(conn: asyncpg.Connection, records: list[UsageRecord], freed: list[str]) -> None:
+    """Charge `records` and end the reservations `freed`, in the caller's transaction. Every
+    key's live state changes under its row lock, taken in key order (no deadlocks)."""
+    if not records and not freed:
+        return
+    keys = sorted({record.key_id for record in records})
+    if keys:
+        await conn.execute("SELECT 1 FROM accounts WHERE key_id = ANY($1::text[]) ORDER BY key_id FOR UPDATE", keys)
+    columns = [list(values) for values in zip(*records, strict=True)] if records else [[] for _ in _USAGE_COLUMNS]
+    await conn.fetchrow(_SETTLE_SQL, *columns, freed)
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:

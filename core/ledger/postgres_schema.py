@@ -152,7 +152,8 @@ MIGRATIONS: dict[int, str] = {
         balance_nanos BIGINT NOT NULL,  -- what the balance holds (0 for count-billed and unlimited keys)
         count BIGINT NOT NULL,
         tokens BIGINT NOT NULL,
-        admitted_at DOUBLE PRECISION NOT NULL
+        admitted_at DOUBLE PRECISION NOT NULL,
+        reported TEXT  -- a long stream's usage so far (a usage row as JSON): billed if its instance dies
     );
     CREATE INDEX reservations_by_key ON reservations (key_id);
     CREATE INDEX reservations_by_instance ON reservations (instance_id);

@@ -236,6 +236,11 @@ class SqliteLedger:
             self.limiter.count_spend(record.key_id, record.cost_nanos, record.ts, seq)
         return seq
 
+    report_every: float | None = None  # one process: a request in flight dies with it
+
+    def report(self, reservation: Reservation, record: UsageRecord) -> None:
+        pass
+
     def release(self, reservation: Reservation, record: UsageRecord | None = None) -> int:
         self._unhold(reservation)
         seq = self._seq
