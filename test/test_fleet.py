@@ -512,3 +512,27 @@ def test_a_keys_limits_read_the_same_on_every_instance(fleet):
         limits = {row["name"]: row for row in instance.get("/v1/usage", key=KEY).json()["limits"]}
         assert limits["rate_limit"]["used"] == 4
         assert limits["daily_cost_limit"]["used"] == float(int(fleet.sql("SELECT SUM(cost_nanos) FROM usage")) / 10**9)
+
+
+def test_instances_starting_together_on_a_new_database_migrate_it_once(tmp_path, postgres, slow_upstream):
+    path = tmp_path / "api.yaml"
+    path.write_text(config("billing_mode: count, count_credits: 5", slow_upstream.base_url("p1")))
+    database = postgres.new_database()
+    made = Fleet(tmp_path, postgres, slow_upstream)
+    made.database = database
+    ports = [_free_port() for _ in range(4)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "main.py", "--config", str(path), "--database", database, "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, stderr=subprocess.PIPE
+        )
+        for port in ports
+    ]
+    try:
+        for process, port in zip(processes, ports, strict=True):
+            wait_until_healthy(process, f"http://127.0.0.1:{port}", timeout=30)
+        assert made.sql("SELECT version FROM schema_version") == "1"
+        assert made.sql("SELECT COUNT(*) FROM instances") == "4"
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
