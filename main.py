@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -120,7 +121,21 @@ def worker_app() -> Starlette:
     """The app in each of `--workers N` processes (uvicorn imports this factory in each): the
     parent checked the config and the database, and passes them in the environment."""
     logging.basicConfig(level=os.environ.get("TOLLGATE_LOG_LEVEL", "INFO").upper(), format=LOG_FORMAT)
+    _stop_with_supervisor()
     return create_app(os.environ["TOLLGATE_CONFIG"], os.environ["TOLLGATE_DATABASE"])
+
+
+def _stop_with_supervisor() -> None:
+    """A worker whose supervisor is killed (`kill -9`, the OOM killer) would go on serving with
+    nobody to stop it: Linux sends it SIGTERM then (a graceful stop: requests in flight end)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the supervisor was gone before the call
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class GatewayApp(Starlette):

@@ -5,6 +5,7 @@ checked by SQL afterwards: every balance equals the sum of its ledger rows."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -55,7 +56,7 @@ class Instance:
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "main.py", "--config", str(config_path), "--database", database, "--host", "127.0.0.1", "--port", str(self.port), *extra]
         env = {**os.environ, "TOLLGATE_HEARTBEAT_SECONDS": "1", "TOLLGATE_LEASE_SECONDS": "5"}
-        self.process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, env=env)
+        self.process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, env=env, start_new_session=True)
         wait_until_healthy(self.process, self.url, timeout=30)
 
     def client(self, key: str = KEY) -> openai.AsyncOpenAI:
@@ -71,8 +72,10 @@ class Instance:
         return self.get("/v1/api_keys_states").json()["api_keys_states"][KEY]  # type: ignore[no-any-return]
 
     def kill(self) -> None:
+        """kill -9 the process and, with --workers, its workers (its process group)."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
 
@@ -80,7 +83,8 @@ class Fleet:
     def __init__(self, tmp: Path, postgres: PostgresServer, upstream: FakeUpstream):
         self.tmp, self.postgres, self.upstream = tmp, postgres, upstream
         self.database = postgres.new_database()
-        self.instances: list[Instance] = []
+        self.instances: list[Instance] = []  # the ones requests go to
+        self.started: list[Instance] = []  # every one started, stopped at the end
         self.paths: list[Path] = []
 
     def start(self, prefs: str, count: int = 3, *extra: str) -> list[Instance]:
@@ -90,6 +94,7 @@ class Fleet:
             path.parent.mkdir(exist_ok=True)
             path.write_text(config(prefs, self.upstream.base_url("p1")))
         self.instances = [Instance(path, self.database, *extra) for path in self.paths]
+        self.started += self.instances
         return self.instances
 
     def fire(self, total: int, **create: Any) -> list[int]:
@@ -133,7 +138,7 @@ class Fleet:
         assert self.sql("SELECT COUNT(*) FROM reservations") == "0", "reservations left behind"
 
     def stop(self) -> None:
-        for instance in self.instances:
+        for instance in self.started:
             instance.kill()
 
 
@@ -403,8 +408,27 @@ def test_workers_share_one_port_and_the_ledger(tmp_path, postgres, slow_upstream
         results = made.fire(40)
         assert results.count(200) == 20 and results.count(402) == 20
         made.assert_balances_equal_ledger_sums()
+
+        # kill -9 of the supervisor alone: its workers stop too, rather than serve unsupervised.
+        workers = [int(worker.split(":")[1]) for worker in seen]
+        instance.process.send_signal(signal.SIGKILL)
+        instance.process.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, "workers outlived their supervisor"
+            time.sleep(0.2)
     finally:
         made.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    return False
 
 
 def test_sqlite_refuses_more_than_one_worker(tmp_path):
@@ -523,7 +547,9 @@ def test_instances_starting_together_on_a_new_database_migrate_it_once(tmp_path,
     ports = [_free_port() for _ in range(4)]
     processes = [
         subprocess.Popen(
-            [sys.executable, "main.py", "--config", str(path), "--database", database, "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, stderr=subprocess.PIPE
+            [sys.executable, "main.py", "--config", str(path), "--database", database, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
         )
         for port in ports
     ]

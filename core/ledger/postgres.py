@@ -139,6 +139,19 @@ def _settle_sql() -> str:
 
 _SETTLE_SQL = _settle_sql()
 
+# Admission's writes in one statement: the reservation, and the rate windows it counts in
+# (a window that has moved on starts again from this request).
+_HOLD_SQL = """
+WITH held AS (
+    INSERT INTO reservations (request_id, key_id, instance_id, nanos, balance_nanos, count, tokens, admitted_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+)
+INSERT INTO rate_windows (key_id, kind, seconds, window_start, used)
+SELECT $2, w.kind, w.seconds, w.start, w.used FROM unnest($9::text[], $10::int8[], $11::float8[], $12::int8[]) AS w(kind, seconds, start, used)
+ON CONFLICT (key_id, kind, seconds) DO UPDATE SET window_start = excluded.window_start,
+    used = CASE WHEN rate_windows.window_start = excluded.window_start THEN rate_windows.used + excluded.used ELSE excluded.used END
+"""
+
 
 @dataclass(slots=True)
 class _Ended:
@@ -240,9 +253,9 @@ class PgLedger:
                 limits = key.limits
                 holds = self.limiter.acquire(key, account, nanos, tokens, now, state) if limits.meters_anything else None
                 reservation = hold(account, key.billing, balance_nanos, count)
+                windows = holds.rate_windows if holds is not None else []
                 await conn.execute(
-                    "INSERT INTO reservations (request_id, key_id, instance_id, nanos, balance_nanos, count, tokens, admitted_at)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    _HOLD_SQL,
                     request_id,
                     key.id,
                     self.instance_id,
@@ -251,14 +264,11 @@ class PgLedger:
                     count,
                     tokens,
                     now,
+                    [kind for kind, _, _ in windows],
+                    [seconds for _, seconds, _ in windows],
+                    [start for _, _, start in windows],
+                    [1 if kind == "requests" else tokens for kind, _, _ in windows],
                 )
-                if holds is not None and holds.rate_windows:
-                    await conn.executemany(
-                        "INSERT INTO rate_windows (key_id, kind, seconds, window_start, used) VALUES ($1, $2, $3, $4, $5)"
-                        " ON CONFLICT (key_id, kind, seconds) DO UPDATE SET window_start = excluded.window_start,"
-                        " used = CASE WHEN rate_windows.window_start = excluded.window_start THEN rate_windows.used + excluded.used ELSE excluded.used END",
-                        [(key.id, kind, seconds, start, 1 if kind == "requests" else tokens) for kind, seconds, start in holds.rate_windows],
-                    )
         except UNREACHABLE as exc:
             raise unavailable(_reason(exc)) from None
         except asyncpg.PostgresError as exc:
@@ -279,37 +289,27 @@ class PgLedger:
         self.limiter._state[key.id] = state
 
     async def _locked_state(self, conn: asyncpg.Connection, key: ApiKey, now: float) -> tuple[Account, KeyState]:
-        """The key's account and limit state, read under its row lock (taken first)."""
+        """The key's account and limit state, read under its row lock (taken first), in one
+        round trip (`tollgate_key_state`, core/ledger/postgres_schema.py)."""
         terms, limits = key.billing, key.limits
-        row = await conn.fetchrow(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE key_id = $1 FOR UPDATE", key.id)
-        if row is None:
-            await conn.execute("INSERT INTO accounts (key_id, window_start) VALUES ($1, '-infinity') ON CONFLICT DO NOTHING", key.id)
-            row = await conn.fetchrow(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE key_id = $1 FOR UPDATE", key.id)
-        if row["window_start"] != terms.created_at:
-            row = await self._recount(conn, key.id, terms.created_at)
-        held = await conn.fetchrow(
-            "SELECT COUNT(*), COALESCE(SUM(nanos), 0), COALESCE(SUM(balance_nanos), 0), COALESCE(SUM(count), 0), COALESCE(SUM(tokens), 0)"
-            " FROM reservations WHERE key_id = $1",
-            key.id,
-        )
+        row = await conn.fetchrow("SELECT * FROM tollgate_key_state($1)", key.id)
         account = self._cached(key.id, terms.created_at)
-        _fill(account, row)
-        account.reserved_nanos, account.reserved_count = int(held[2]), int(held[3])
-        state = KeyState(in_flight=int(held[0]), quota_reserved=int(held[4] if limits.quota_type == "tokens" else held[1]))
-        if limits.rate_limits or limits.token_rate_limits:
-            for kind, seconds, start, used in await conn.fetch("SELECT kind, seconds, window_start, used FROM rate_windows WHERE key_id = $1", key.id):
-                state.windows[(kind, int(seconds))] = RateWindow(start, int(used))
+        _fill(account, row if row["window_start"] == terms.created_at else await self._recount(conn, key.id, terms.created_at))
+        account.reserved_nanos, account.reserved_count = row["held_balance_nanos"], row["held_count"]
+        state = KeyState(in_flight=row["held_requests"], quota_reserved=row["held_tokens"] if limits.quota_type == "tokens" else row["held_nanos"])
+        if row["rate_kinds"]:
+            for kind, seconds, start, used in zip(row["rate_kinds"], row["rate_seconds"], row["rate_starts"], row["rate_used"], strict=True):
+                state.windows[(kind, seconds)] = RateWindow(start, used)
         if limits.period_limits:
-            await self._period_state(conn, key, now, state, int(held[1]))
+            periods = zip(row["period_names"] or (), row["period_since"] or (), row["period_ends"] or (), row["period_nanos"] or (), strict=True)
+            await self._period_state(conn, key, now, state, row["held_nanos"], {name: (since, end, nanos) for name, since, end, nanos in periods})
         return account, state
 
-    async def _period_state(self, conn: asyncpg.Connection, key: ApiKey, now: float, state: KeyState, reserved: int) -> None:
+    async def _period_state(
+        self, conn: asyncpg.Connection, key: ApiKey, now: float, state: KeyState, reserved: int, rows: dict[str, tuple[float, float, int]]
+    ) -> None:
         """Each budget period's spend; a new period (or one whose start moved) is summed from
         the ledger once, under the key's lock, and kept up by settlements from then on."""
-        rows = {
-            name: (since, end, nanos)
-            for name, since, end, nanos in await conn.fetch("SELECT name, since, period_end, nanos FROM period_spend WHERE key_id = $1", key.id)
-        }
         loop = asyncio.get_running_loop()
         for limit in key.limits.period_limits:
             start, end = period_bounds(limit.period, key.limits.timezone, now)

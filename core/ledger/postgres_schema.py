@@ -179,6 +179,37 @@ MIGRATIONS: dict[int, str] = {
         config_hash TEXT NOT NULL DEFAULT '',
         config_error TEXT
     );
+    -- Admission's read, in one round trip: lock the key's account (created on first use),
+    -- then read, each statement with a snapshot taken after the lock (READ COMMITTED), its
+    -- counters, what requests in flight hold, its rate windows and its budget periods.
+    CREATE FUNCTION tollgate_key_state(p_key TEXT) RETURNS TABLE (
+        window_start DOUBLE PRECISION, spent_nanos BIGINT, count_used BIGINT, total_cost_nanos BIGINT, request_count BIGINT,
+        tokens_used BIGINT, granted_nanos BIGINT, count_granted BIGINT,
+        held_requests BIGINT, held_nanos BIGINT, held_balance_nanos BIGINT, held_count BIGINT, held_tokens BIGINT,
+        rate_kinds TEXT[], rate_seconds BIGINT[], rate_starts DOUBLE PRECISION[], rate_used BIGINT[],
+        period_names TEXT[], period_since DOUBLE PRECISION[], period_ends DOUBLE PRECISION[], period_nanos BIGINT[]
+    ) LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM 1 FROM accounts a WHERE a.key_id = p_key FOR UPDATE;
+        IF NOT FOUND THEN
+            INSERT INTO accounts (key_id, window_start) VALUES (p_key, '-infinity') ON CONFLICT DO NOTHING;
+            PERFORM 1 FROM accounts a WHERE a.key_id = p_key FOR UPDATE;
+        END IF;
+        RETURN QUERY
+        SELECT a.window_start, a.spent_nanos, a.count_used, a.total_cost_nanos, a.request_count, a.tokens_used, a.granted_nanos, a.count_granted,
+               h.n, h.nanos, h.balance, h.cnt, h.tokens,
+               w.kinds, w.seconds, w.starts, w.used, p.names, p.since, p.ends, p.nanos
+        FROM accounts a,
+             LATERAL (SELECT COUNT(*), COALESCE(SUM(r.nanos), 0)::BIGINT, COALESCE(SUM(r.balance_nanos), 0)::BIGINT,
+                             COALESCE(SUM(r.count), 0)::BIGINT, COALESCE(SUM(r.tokens), 0)::BIGINT
+                      FROM reservations r WHERE r.key_id = p_key) AS h(n, nanos, balance, cnt, tokens),
+             LATERAL (SELECT array_agg(x.kind), array_agg(x.seconds), array_agg(x.window_start), array_agg(x.used)
+                      FROM rate_windows x WHERE x.key_id = p_key) AS w(kinds, seconds, starts, used),
+             LATERAL (SELECT array_agg(y.name), array_agg(y.since), array_agg(y.period_end), array_agg(y.nanos)
+                      FROM period_spend y WHERE y.key_id = p_key) AS p(names, since, ends, nanos)
+        WHERE a.key_id = p_key;
+    END $$;
+
     -- Settings changed through the admin API (billing mode), layered over api.yaml on every
     -- instance; `version` tells instances polling for changes that something moved.
     CREATE TABLE key_settings (
