@@ -99,19 +99,20 @@ preferences:
     return path
 
 
-def wrk_script(work: Path, stream: bool) -> Path:
+def wrk_script(work: Path, stream: bool, keys: tuple[str, ...] = KEYS) -> Path:
+    """The request body and the keys, taken in turn (each kind of billing in every load)."""
     model = "bench-sse" if stream else "bench-json"
     stream_flag = ',"stream":true' if stream else ""
     body = f'{{"model":"{model}","messages":[{{"role":"user","content":"Say hello in a few words."}}],"max_tokens":64{stream_flag}}}'
     path = work / f"post-{'sse' if stream else 'json'}.lua"
-    keys = ", ".join(f'"{k}"' for k in KEYS)
+    names = ", ".join(f'"{k}"' for k in keys)
     path.write_text(f"""
-local keys = {{{keys}}}
+local keys = {{{names}}}
 local body = '{body}'
 local i = 0
 request = function()
   i = i + 1
-  return wrk.format("POST", "/v1/chat/completions", {{["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. keys[(i % 3) + 1]}}, body)
+  return wrk.format("POST", "/v1/chat/completions", {{["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. keys[(i % #keys) + 1]}}, body)
 end
 """)
     return path
@@ -132,19 +133,36 @@ class Result:
     upstream_cpu_pct: float
 
 
-def run_wrk(url: str, script: Path, connections: int, seconds: int, server_pid: int, nginx_pid: int) -> Result:
-    before, nginx_before, started = cpu_seconds(server_pid), cpu_seconds(nginx_pid), time.monotonic()
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url], capture_output=True, text=True, check=True
-    ).stdout
-    elapsed = time.monotonic() - started
+def wrk_command(url: str, script: Path, connections: int, seconds: int) -> list[str]:
+    return ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url]
+
+
+@dataclass
+class WrkOutput:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    requests: int
+
+
+def parse_wrk(out: str) -> WrkOutput:
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     errors = sum(int(n) for n in re.findall(r"(?:Non-2xx or 3xx responses|connect|read|write|timeout)[: ]+(\d+)", out))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return WrkOutput(rps, _latency(out, "50%"), _latency(out, "99%"), errors, requests)
+
+
+def run_wrk(url: str, script: Path, connections: int, seconds: int, server_pid: int, nginx_pid: int) -> Result:
+    before, nginx_before, started = cpu_seconds(server_pid), cpu_seconds(nginx_pid), time.monotonic()
+    out = subprocess.run(wrk_command(url, script, connections, seconds), capture_output=True, text=True, check=True).stdout
+    elapsed = time.monotonic() - started
+    wrk = parse_wrk(out)
     return Result(
-        rps,
-        _latency(out, "50%"),
-        _latency(out, "99%"),
-        errors,
+        wrk.rps,
+        wrk.p50_ms,
+        wrk.p99_ms,
+        wrk.errors,
         (cpu_seconds(server_pid) - before) / elapsed * 100,
         (cpu_seconds(nginx_pid) - nginx_before) / elapsed * 100,
     )
@@ -174,7 +192,8 @@ def wait_http(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def start_server(kind: str, work: Path, upstream: str, port: int) -> subprocess.Popen[bytes]:
+def start_server(kind: str, work: Path, upstream: str, port: int, ledger: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """`ledger`: the gateway's ledger arguments (default: an SQLite file, `--db`)."""
     env = {**os.environ, "UPSTREAM": upstream}
     if kind == "bare":
         # The bare pass-through forwards to the same nginx paths as the gateway's providers.
@@ -197,10 +216,9 @@ def start_server(kind: str, work: Path, upstream: str, port: int) -> subprocess.
             "main.py",
             "--config",
             str(work / "api.yaml"),
-            "--db",
             # The default layout (./api.yaml, ./data/tollgate.db): with the ledger beside api.yaml,
             # the config watcher would also wake on every ledger write.
-            str(work / "data" / "ledger.db"),
+            *(ledger if ledger is not None else ["--db", str(work / "data" / "ledger.db")]),
             "--host",
             "127.0.0.1",
             "--port",
@@ -213,6 +231,26 @@ def start_server(kind: str, work: Path, upstream: str, port: int) -> subprocess.
     return process
 
 
+def require_tools() -> None:
+    for tool in ("nginx", "wrk"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            sys.exit(f"{tool} is not installed: apt-get install nginx-light wrk")
+
+
+def start_nginx(work: Path) -> tuple[subprocess.Popen[bytes], str, int]:
+    """The fake upstream: the process, its URL and its worker's pid (the one that serves)."""
+    nginx_port = free_port()
+    nginx = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(nginx_config(work, nginx_port))])
+    time.sleep(0.5)
+    try:
+        nginx_worker = int(subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split()[0])
+    except (IndexError, ValueError):
+        nginx.terminate()
+        nginx.wait(timeout=10)
+        raise RuntimeError(f"nginx did not start: see {work / 'nginx-error.log'}") from None
+    return nginx, f"http://127.0.0.1:{nginx_port}", nginx_worker
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=int, default=15)
@@ -220,16 +258,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
-    for tool in ("nginx", "wrk"):
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            sys.exit(f"{tool} is not installed: apt-get install nginx-light wrk")
+    require_tools()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        nginx_port = free_port()
-        upstream = f"http://127.0.0.1:{nginx_port}"
-        nginx = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(nginx_config(work, nginx_port))])
-        time.sleep(0.5)
-        nginx_worker = int(subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split()[0])
+        nginx, upstream, nginx_worker = start_nginx(work)
         gateway_config(work, upstream)
         scripts = {False: wrk_script(work, False), True: wrk_script(work, True)}
         results: dict[tuple[str, str], list[Result]] = {}

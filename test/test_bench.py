@@ -29,6 +29,18 @@ def test_benchmark_smoke_run_has_no_errors_and_prints_the_table():
     assert {row[2] for row in rows} == {"bare", "gateway"}
 
 
+@pytest.mark.skipif(not os.environ.get("CI") and not (_installed("nginx") and _installed("wrk")), reason="needs nginx and wrk (CI installs them)")
+def test_fleet_benchmark_smoke_run_has_no_errors_and_a_row_per_case():
+    result = subprocess.run(
+        [sys.executable, "bench/fleet_bench.py", "--duration", "1", "--warmup", "1", "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    cases = ["sqlite (1 process)", "postgresql --workers 1", "postgresql --workers 2", "postgresql --workers 4"]
+    rows = {line[:24].strip(): line[24:].split() for line in result.stdout.splitlines() if line[:24].strip() in cases and len(line[24:].split()) == 8}
+    assert list(rows) == cases, result.stdout
+    assert all(float(row[0]) > 0 and row[3] == "0" for row in rows.values()), result.stdout  # requests/s and errors
+
+
 def test_the_running_gateway_collects_garbage_in_larger_steps(start_gateway, upstream):
     """Python's default GC thresholds cost the gateway ~11% of its throughput (see main.py)."""
     import gc
