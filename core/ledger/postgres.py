@@ -23,12 +23,13 @@ it holds however many instances serve one key:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -197,6 +198,7 @@ class PgLedger:
         self.limiter = FleetLimiter(self, clock)  # its state is this instance's view, for pages and headers
         self.instance_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._accounts: dict[str, Account] = {}
+        self._turns: dict[str, list[Any]] = {}  # key id -> [lock, waiters]: admissions take turns per key
         self._queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -248,7 +250,7 @@ class PgLedger:
         """Check and hold the balance and every limit of the key in one transaction under the
         key's row lock. Raises InsufficientBalance, a limit's GatewayError, or 503."""
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with self._key_turn(key.id), self.pool.acquire() as conn, conn.transaction():
                 account, state = await self._locked_state(conn, key, now)
                 limits = key.limits
                 holds = self.limiter.acquire(key, account, nanos, tokens, now, state) if limits.meters_anything else None
@@ -278,6 +280,23 @@ class PgLedger:
             self.limiter._state[key.id] = state
         reservation.request_id, reservation.tokens, reservation.admitted_at = request_id, tokens, now
         return reservation
+
+    @contextlib.asynccontextmanager
+    async def _key_turn(self, key_id: str) -> AsyncIterator[None]:
+        """One admission per key at a time in this process: the others wait here, holding no
+        database connection, instead of queueing on the key's row lock in PostgreSQL (where each
+        would hold a pooled connection and lengthen the queue for every instance)."""
+        turn = self._turns.get(key_id)
+        if turn is None:
+            turn = self._turns[key_id] = [asyncio.Lock(), 0]
+        turn[1] += 1
+        try:
+            async with turn[0]:
+                yield
+        finally:
+            turn[1] -= 1
+            if turn[1] == 0:
+                del self._turns[key_id]
 
     async def refresh_view(self, key: ApiKey, now: float) -> None:
         """This instance's view of a key's account and limits, read now (for a page)."""
