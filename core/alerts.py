@@ -5,6 +5,14 @@ Checking is synchronous and cheap (it runs right after settlement); recording an
 happen in the ledger's write order and a background task, never on the request's path. A
 top-up that lifts a key back under a threshold re-arms it; a new budget period is a new
 metric and starts armed.
+
+The database, not a process's memory, decides, so that a fleet sharing one ledger fires and
+delivers once (each process's `_fired` only spares it needless writes):
+- A crossing is recorded by whoever inserts its `alert_fired` row (ON CONFLICT DO NOTHING);
+  only that insert adds the event, in the same transaction. Re-arming deletes the row only
+  when it was fired against a lower limit (a top-up or a raised limit since) or before the
+  key's billing window began: a process whose view of the key lags behind (its last charges
+  not yet written, another's not yet read) must not re-arm what another just fired.
 """
 
 from __future__ import annotations
@@ -116,9 +124,10 @@ class Alerts:
                     self._record(key, reading, threshold)
                 elif not crossed and not armed:
                     fired.discard((reading.metric, threshold))
-                    self._rearm(key.id, reading.metric, threshold)
+                    self._rearm(key, reading, threshold)
 
     def _record(self, key: ApiKey, reading: Reading, threshold: float) -> None:
+        """Record the crossing unless another process did (then this one only remembers it)."""
         now = self.clock()
         url = key.limits.alerts.webhook_url
         event = (
@@ -133,32 +142,55 @@ class Alerts:
             "pending" if url else "recorded",
         )
 
-        async def write(db: aiosqlite.Connection) -> int:
-            cursor = await db.execute(
-                "INSERT INTO alert_events (key_id, key_name, metric, threshold, used, limit_value, ts, webhook_url, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        async def write(db: aiosqlite.Connection) -> int | None:
+            async with db.execute(
+                "INSERT INTO alert_fired (key_id, metric, threshold, fired_at, fired_limit) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (key_id, metric, threshold) DO NOTHING RETURNING fired_at",
+                (key.id, reading.metric, threshold, now, reading.limit),
+            ) as cursor:
+                if await cursor.fetchone() is None:
+                    return None
+            async with db.execute(
+                "INSERT INTO alert_events (key_id, key_name, metric, threshold, used, limit_value, ts, webhook_url, status)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 event,
-            )
-            await db.execute(
-                "INSERT OR REPLACE INTO alert_fired (key_id, metric, threshold, fired_at) VALUES (?, ?, ?, ?)", (key.id, reading.metric, threshold, now)
-            )
-            return int(cursor.lastrowid or 0)
+            ) as cursor:
+                row = await cursor.fetchone()
+            assert row is not None
+            return int(row[0])
 
-        log.info(
-            "alert: key %s %s crossed %.0f%% (%s of %s)", key.masked, reading.metric, threshold * 100, reading.text(reading.used), reading.text(reading.limit)
-        )
+        def recorded(done: asyncio.Future[int | None]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                log.error("alert for key %s %s not recorded: %r", key.masked, reading.metric, None if done.cancelled() else done.exception())
+                return
+            event_id = done.result()
+            if event_id is None:
+                return  # another process fired this crossing
+            log.info(
+                "alert: key %s %s crossed %.0f%% (%s of %s)",
+                key.masked,
+                reading.metric,
+                threshold * 100,
+                reading.text(reading.used),
+                reading.text(reading.limit),
+            )
+            if url:
+                self._deliveries.put_nowait(event_id)
+
         _, done = self.ledger.query_in_order(write)
-        if url:
-            done.add_done_callback(self._queue_delivery)
+        done.add_done_callback(recorded)
 
-    def _queue_delivery(self, recorded: asyncio.Future[int]) -> None:
-        if not recorded.cancelled() and recorded.exception() is None:
-            self._deliveries.put_nowait(recorded.result())
+    def _rearm(self, key: ApiKey, reading: Reading, threshold: float) -> None:
+        """Forget the crossing if the key really is back under it (see the module's docstring)."""
 
-    def _rearm(self, key_id: str, metric: str, threshold: float) -> None:
         async def write(db: aiosqlite.Connection) -> None:
-            await db.execute("DELETE FROM alert_fired WHERE key_id = ? AND metric = ? AND threshold = ?", (key_id, metric, threshold))
+            await db.execute(
+                "DELETE FROM alert_fired WHERE key_id = ? AND metric = ? AND threshold = ? AND (fired_limit < ? OR fired_at < ?)",
+                (key.id, reading.metric, threshold, reading.limit, key.billing.created_at),
+            )
 
-        self.ledger.query_in_order(write)
+        _, done = self.ledger.query_in_order(write)
+        done.add_done_callback(_log_failure)
 
     async def deliver_forever(self) -> None:
         """The background sender: one delivery at a time, each retried with backoff."""
@@ -222,6 +254,11 @@ class Alerts:
 
         _, done = self.ledger.query_in_order(write)
         await done
+
+
+def _log_failure(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("alert re-arm not written: %r", done.exception())
 
 
 async def recent_alerts(ledger: Ledger, key_id: str | None, limit: int = 20) -> list[dict[str, Any]]:

@@ -22,8 +22,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from test.postgres import PostgresServer
-from test.servers import FakeUpstream, ServerThread, held_stream, openai_like
+from test.servers import FakeUpstream, ServerThread, WebhookReceiver, held_stream, openai_like
 from test.test_cli import ROOT, _free_port, wait_until_healthy
+from test.test_web import Browser
 
 ADMIN = "sk-fleet-admin-0001"
 KEY = "sk-fleet-user-0002"
@@ -392,6 +393,53 @@ def test_workers_share_one_port_and_the_ledger(tmp_path, postgres, slow_upstream
         made.assert_balances_equal_ledger_sums()
     finally:
         made.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    hook = WebhookReceiver()
+    hook.server = ServerThread(hook.app()).start()
+    yield hook
+    hook.server.stop()
+
+
+def alerted(receiver: WebhookReceiver, count_credits: int) -> str:
+    return f"billing_mode: count, count_credits: {count_credits}, alerts: {{thresholds: [0.5], webhook_url: '{receiver.url}'}}"
+
+
+def fire_in_waves(fleet: Fleet, waves: int, each: int) -> None:
+    """Bursts one after another: each instance reads the key afresh at every admission, so after
+    the last one every instance has seen its share of the key's use (and the crossing)."""
+    for _ in range(waves):
+        assert fleet.fire(each) == [200] * each
+        time.sleep(0.3)
+
+
+def test_an_alert_crossed_on_three_instances_fires_once_and_is_delivered_once(fleet, receiver):
+    first, _, _ = fleet.start(alerted(receiver, 20))
+
+    fire_in_waves(fleet, 4, 4)  # 16 of 20 count credits: past 50% on every instance
+
+    (event,) = receiver.wait_for(1)
+    assert (event["metric"], event["threshold"], event["limit"]) == ("count_credits", 0.5, "20")
+    time.sleep(3)  # a second record or delivery would have come by now
+    assert len(receiver.received) == 1, receiver.received
+    assert fleet.sql("SELECT metric, threshold, status, attempts FROM alert_events") == "count_credits|0.5|sent|1"
+    assert fleet.sql("SELECT COUNT(*) FROM alert_fired") == "1"
+
+    # A top-up through one instance re-arms it (16 of 40); the next crossing fires once again.
+    answer = first.post("/v1/add_count_credits", params={"paid_key": KEY, "amount": "20"})
+    assert answer.status_code == 200, answer.text
+    fire_in_waves(fleet, 4, 2)  # 24 of 40
+
+    receiver.wait_for(2)
+    time.sleep(3)
+    assert [(e["metric"], e["limit"]) for e in receiver.received] == [("count_credits", "20"), ("count_credits", "40")]
+    assert fleet.sql("SELECT COUNT(*) FROM alert_events WHERE status = 'sent' AND attempts = 1") == "2"
+    fleet.assert_balances_equal_ledger_sums()
+    browser = Browser(fleet.instances[2].url)  # any instance lists them (read from the database)
+    browser.login(ADMIN)
+    assert browser.get("/admin").text.count("count credits crossed 50%") == 2
 
 
 def test_sqlite_refuses_more_than_one_worker(tmp_path):

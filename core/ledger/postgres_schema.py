@@ -188,6 +188,11 @@ MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (key_id, name)
     );
     """,
+    # Alerts shared by the fleet (core/alerts.py): a crossing remembers the limit it was fired
+    # against (re-arming needs a higher one).
+    2: """
+    ALTER TABLE alert_fired ADD COLUMN fired_limit BIGINT NOT NULL DEFAULT 0;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
