@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -440,6 +441,26 @@ def test_an_alert_crossed_on_three_instances_fires_once_and_is_delivered_once(fl
     browser = Browser(fleet.instances[2].url)  # any instance lists them (read from the database)
     browser.login(ADMIN)
     assert browser.get("/admin").text.count("count credits crossed 50%") == 2
+
+
+def test_deliveries_owed_at_a_restart_are_sent_once_by_a_fleet_starting_at_once(fleet, receiver):
+    instances = fleet.start(alerted(receiver, 20))
+    fleet.stop()
+    event = "INSERT INTO alert_events (key_id, key_name, metric, threshold, used, limit_value, ts, webhook_url, status{}) VALUES ('k1', 'fleet-user', 'credits', 0.5, '1', '2', {}, '{}', 'pending'{})"
+    now = time.time()
+    fleet.sql(event.format("", now - 5, receiver.url, ""))  # recorded, not yet claimed
+    fleet.sql(event.format(", claimed_at", now - 300, receiver.url, f", {now - 120}"))  # claimed by an instance that died 2 minutes ago
+
+    receiver.answer_after = 4  # every instance has read what is owed before the first delivery is done
+    with ThreadPoolExecutor(len(instances)) as pool:  # every instance starts (and reads what is owed) at once
+        fleet.instances = list(pool.map(lambda path: Instance(path, fleet.database), fleet.paths))
+
+    deadline = time.monotonic() + 20
+    while fleet.sql("SELECT status, attempts FROM alert_events ORDER BY id") != "sent|1\nsent|1":
+        assert time.monotonic() < deadline, fleet.sql("SELECT * FROM alert_events")
+        time.sleep(0.2)
+    time.sleep(2)  # a second delivery would have come by now
+    assert sorted(e["id"] for e in receiver.received) == [1, 2], receiver.received
 
 
 def test_sqlite_refuses_more_than_one_worker(tmp_path):
