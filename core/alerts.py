@@ -5,6 +5,20 @@ Checking is synchronous and cheap (it runs right after settlement); recording an
 happen in the ledger's write order and a background task, never on the request's path. A
 top-up that lifts a key back under a threshold re-arms it; a new budget period is a new
 metric and starts armed.
+
+The database, not a process's memory, decides, so that a fleet sharing one ledger fires and
+delivers once (each process's `_fired` only spares it needless writes):
+- A crossing is recorded by whoever inserts its `alert_fired` row (ON CONFLICT DO NOTHING);
+  only that insert adds the event, in the same transaction. Re-arming deletes the row only
+  when it was fired against a lower limit (a top-up or a raised limit since) or before the
+  key's billing window began: a process whose view of the key lags behind (its last charges
+  not yet written, another's not yet read) must not re-arm what another just fired.
+- A delivery is claimed (`claimed_at`, renewed at every attempt) by the process sending it;
+  a claim not renewed for CLAIM_SECONDS is a dead process's and may be taken over. Every
+  process queues what is owed when it starts, and in a fleet looks every SWEEP_SECONDS for
+  deliveries nobody is sending; the claim makes sure one of them sends each. A process that
+  dies after the webhook answered but before it wrote "sent" leaves it to be sent again.
+  With one process per ledger file, every claim found at start is a previous run's.
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,6 +48,8 @@ log = logging.getLogger("tollgate.alerts")
 DELIVERY_ATTEMPTS = 5
 FIRST_RETRY_SECONDS = 1.0
 DELIVERY_TIMEOUT = 10.0
+CLAIM_SECONDS = 60.0  # a delivery claim not renewed for this long (attempts renew it) was a dead process's
+SWEEP_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +99,7 @@ class Alerts:
         self.retry_seconds = FIRST_RETRY_SECONDS
         self._fired: dict[str, set[tuple[str, float]]] = {}
         self._deliveries: asyncio.Queue[int] = asyncio.Queue()
+        self._queued: set[int] = set()  # what `_deliveries` holds (a sweep finds it again)
 
     async def load(self) -> None:
         """Which crossings have fired (survives restarts), and deliveries still owed."""
@@ -98,7 +116,7 @@ class Alerts:
         for key_id, metric, threshold in fired:
             self._fired.setdefault(key_id, set()).add((metric, threshold))
         for (event_id,) in pending:
-            self._deliveries.put_nowait(event_id)
+            self._queue(event_id)
 
     def check(self, key: ApiKey, account: Account) -> None:
         """Compare the key's readings with its thresholds; fire new crossings, re-arm cleared ones."""
@@ -116,9 +134,10 @@ class Alerts:
                     self._record(key, reading, threshold)
                 elif not crossed and not armed:
                     fired.discard((reading.metric, threshold))
-                    self._rearm(key.id, reading.metric, threshold)
+                    self._rearm(key, reading, threshold)
 
     def _record(self, key: ApiKey, reading: Reading, threshold: float) -> None:
+        """Record the crossing unless another process did (then this one only remembers it)."""
         now = self.clock()
         url = key.limits.alerts.webhook_url
         event = (
@@ -133,56 +152,111 @@ class Alerts:
             "pending" if url else "recorded",
         )
 
-        async def write(db: aiosqlite.Connection) -> int:
-            cursor = await db.execute(
-                "INSERT INTO alert_events (key_id, key_name, metric, threshold, used, limit_value, ts, webhook_url, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        async def write(db: aiosqlite.Connection) -> int | None:
+            async with db.execute(
+                "INSERT INTO alert_fired (key_id, metric, threshold, fired_at, fired_limit) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (key_id, metric, threshold) DO NOTHING RETURNING fired_at",
+                (key.id, reading.metric, threshold, now, reading.limit),
+            ) as cursor:
+                if await cursor.fetchone() is None:
+                    return None
+            async with db.execute(
+                "INSERT INTO alert_events (key_id, key_name, metric, threshold, used, limit_value, ts, webhook_url, status)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 event,
-            )
-            await db.execute(
-                "INSERT OR REPLACE INTO alert_fired (key_id, metric, threshold, fired_at) VALUES (?, ?, ?, ?)", (key.id, reading.metric, threshold, now)
-            )
-            return int(cursor.lastrowid or 0)
+            ) as cursor:
+                row = await cursor.fetchone()
+            assert row is not None
+            return int(row[0])
 
-        log.info(
-            "alert: key %s %s crossed %.0f%% (%s of %s)", key.masked, reading.metric, threshold * 100, reading.text(reading.used), reading.text(reading.limit)
-        )
+        def recorded(done: asyncio.Future[int | None]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                log.error("alert for key %s %s not recorded: %r", key.masked, reading.metric, None if done.cancelled() else done.exception())
+                return
+            event_id = done.result()
+            if event_id is None:
+                return  # another process fired this crossing
+            log.info(
+                "alert: key %s %s crossed %.0f%% (%s of %s)",
+                key.masked,
+                reading.metric,
+                threshold * 100,
+                reading.text(reading.used),
+                reading.text(reading.limit),
+            )
+            if url:
+                self._queue(event_id)
+
         _, done = self.ledger.query_in_order(write)
-        if url:
-            done.add_done_callback(self._queue_delivery)
+        done.add_done_callback(recorded)
 
-    def _queue_delivery(self, recorded: asyncio.Future[int]) -> None:
-        if not recorded.cancelled() and recorded.exception() is None:
-            self._deliveries.put_nowait(recorded.result())
+    def _rearm(self, key: ApiKey, reading: Reading, threshold: float) -> None:
+        """Forget the crossing if the key really is back under it (see the module's docstring)."""
 
-    def _rearm(self, key_id: str, metric: str, threshold: float) -> None:
         async def write(db: aiosqlite.Connection) -> None:
-            await db.execute("DELETE FROM alert_fired WHERE key_id = ? AND metric = ? AND threshold = ?", (key_id, metric, threshold))
+            await db.execute(
+                "DELETE FROM alert_fired WHERE key_id = ? AND metric = ? AND threshold = ? AND (fired_limit < ? OR fired_at < ?)",
+                (key.id, reading.metric, threshold, reading.limit, key.billing.created_at),
+            )
 
-        self.ledger.query_in_order(write)
+        _, done = self.ledger.query_in_order(write)
+        done.add_done_callback(_log_failure)
+
+    def _queue(self, event_id: int) -> None:
+        if event_id not in self._queued:
+            self._queued.add(event_id)
+            self._deliveries.put_nowait(event_id)
 
     async def deliver_forever(self) -> None:
-        """The background sender: one delivery at a time, each retried with backoff."""
+        """The background sender: one delivery at a time, each retried with backoff (and, in a
+        fleet, a sweep for deliveries whose sender died)."""
+        sweeper = asyncio.create_task(self._sweep_forever()) if self.ledger.shared else None
+        try:
+            while True:
+                event_id = await self._deliveries.get()
+                try:
+                    await self._deliver(event_id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # never let one event stop the sender
+                    log.exception("alert delivery %d failed unexpectedly", event_id)
+                finally:
+                    self._queued.discard(event_id)
+        finally:
+            if sweeper is not None:
+                sweeper.cancel()
+
+    async def _sweep_forever(self) -> None:
         while True:
-            event_id = await self._deliveries.get()
+            await asyncio.sleep(SWEEP_SECONDS)
             try:
-                await self._deliver(event_id)
+                for event_id in await self._unsent():
+                    self._queue(event_id)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # never let one event stop the sender
-                log.exception("alert delivery %d failed unexpectedly", event_id)
+            except Exception as exc:  # the database away: the next sweep tries again
+                log.warning("looking for alert deliveries nobody is sending failed: %r", exc)
 
-    async def _deliver(self, event_id: int) -> None:
-        async def read(db: aiosqlite.Connection) -> Any:
-            async with db.execute(
-                "SELECT key_id, key_name, metric, threshold, used, limit_value, ts, webhook_url, attempts FROM alert_events WHERE id = ?", (event_id,)
-            ) as cursor:
-                return await cursor.fetchone()
+    async def _unsent(self) -> list[int]:
+        """Deliveries owed whose claim is stale, or that nobody claimed for as long (their
+        recorder may have died before it claimed them)."""
+        stale = self.clock() - CLAIM_SECONDS
+
+        async def read(db: aiosqlite.Connection) -> list[int]:
+            async with db.execute("SELECT id FROM alert_events WHERE status = 'pending' AND COALESCE(claimed_at, ts) < ? ORDER BY id", (stale,)) as cursor:
+                return [int(row[0]) for row in await cursor.fetchall()]
 
         _, result = self.ledger.query_in_order(read)
-        row = await result
-        if row is None or not row[7]:
-            return
+        return await result
+
+    async def _deliver(self, event_id: int) -> None:
+        claim = await self._claim(event_id)
+        if claim is None:
+            return  # sent, failed, or being sent by another process
+        claimed_at, row = claim
         key_id, key_name, metric, threshold, used, limit_value, ts, url, attempts = row
+        if not url:
+            return
         payload = {
             "event": "threshold_crossed",
             "id": event_id,
@@ -203,25 +277,59 @@ class Alerts:
                     url, data=json.dumps(payload), headers={"Content-Type": "application/json"}, timeout=aiohttp.ClientTimeout(total=DELIVERY_TIMEOUT)
                 ) as response:
                     if response.status < 300:
-                        await self._set_status(event_id, "sent", attempts, None)
+                        await self._set_status(event_id, claimed_at, "sent", attempts, None)
                         return
                     error = f"HTTP {response.status}"
             except (aiohttp.ClientError, TimeoutError) as exc:
                 error = type(exc).__name__
-            await self._set_status(event_id, "pending", attempts, error)
+            renewed = await self._set_status(event_id, claimed_at, "pending", attempts, error)
+            if renewed is None:
+                log.warning("alert %d was taken over by another process (this one seemed stopped); it sends it", event_id)
+                return
+            claimed_at = renewed
             if attempts < DELIVERY_ATTEMPTS:
                 await asyncio.sleep(delay)
                 delay *= 2
         # The host only: webhook URLs often carry a secret token in their path or query.
         log.warning("alert %d to %s failed after %d attempts: %s", event_id, urlsplit(url).hostname, attempts, error)
-        await self._set_status(event_id, "failed", attempts, error)
+        await self._set_status(event_id, claimed_at, "failed", attempts, error)
 
-    async def _set_status(self, event_id: int, status: str, attempts: int, error: str | None) -> None:
-        async def write(db: aiosqlite.Connection) -> None:
-            await db.execute("UPDATE alert_events SET status = ?, attempts = ?, last_error = ? WHERE id = ?", (status, attempts, error, event_id))
+    async def _claim(self, event_id: int) -> tuple[float, Any] | None:
+        """Take the event for sending if it is owed and nobody (alive) is sending it: the time
+        of the claim and the event, or None."""
+        now = self.clock()
+        stale = now - CLAIM_SECONDS if self.ledger.shared else math.inf  # alone: any claim is a previous run's
+
+        async def write(db: aiosqlite.Connection) -> Any:
+            async with db.execute(
+                "UPDATE alert_events SET claimed_at = ? WHERE id = ? AND status = 'pending' AND (claimed_at IS NULL OR claimed_at < ?)"
+                " RETURNING key_id, key_name, metric, threshold, used, limit_value, ts, webhook_url, attempts",
+                (now, event_id, stale),
+            ) as cursor:
+                return await cursor.fetchone()
+
+        _, result = self.ledger.query_in_order(write)
+        row = await result
+        return None if row is None else (now, row)
+
+    async def _set_status(self, event_id: int, claimed_at: float, status: str, attempts: int, error: str | None) -> float | None:
+        """Write how the delivery went and renew the claim; None when the claim was lost."""
+        now = self.clock()
+
+        async def write(db: aiosqlite.Connection) -> Any:
+            async with db.execute(
+                "UPDATE alert_events SET status = ?, attempts = ?, last_error = ?, claimed_at = ? WHERE id = ? AND claimed_at = ? RETURNING id",
+                (status, attempts, error, now, event_id, claimed_at),
+            ) as cursor:
+                return await cursor.fetchone()
 
         _, done = self.ledger.query_in_order(write)
-        await done
+        return None if await done is None else now
+
+
+def _log_failure(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("alert re-arm not written: %r", done.exception())
 
 
 async def recent_alerts(ledger: Ledger, key_id: str | None, limit: int = 20) -> list[dict[str, Any]]:

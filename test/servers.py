@@ -192,11 +192,13 @@ def held_stream(release: threading.Event, words: list[str]) -> Handler:
 
 @dataclass
 class WebhookReceiver:
-    """Collects webhook POSTs; answers HTTP 500 to the first `fail_first` of them."""
+    """Collects webhook POSTs; answers HTTP 500 to the first `fail_first` of them, and each
+    answer `answer_after` seconds after the POST arrived (a slow receiver)."""
 
     received: list[dict[str, Any]] = field(default_factory=list)
     attempts: int = 0
     fail_first: int = 0
+    answer_after: float = 0
     server: ServerThread | None = None
 
     @property
@@ -210,6 +212,7 @@ class WebhookReceiver:
             if self.attempts <= self.fail_first:
                 return Response("try later", status_code=500)
             self.received.append(json.loads(await request.body()))
+            await asyncio.sleep(self.answer_after)
             return Response(status_code=204)
 
         return Starlette(routes=[Route("/hook", hook, methods=["POST"])])

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from core.ledger.postgres_schema import SCHEMA_VERSION
 from test.postgres import PostgresServer
-from test.servers import FakeUpstream, ServerThread, held_stream, openai_like, stream_chunks
+from test.servers import FakeUpstream, ServerThread, WebhookReceiver, held_stream, openai_like, stream_chunks
 from test.test_cli import ROOT, _free_port, wait_until_healthy
 from test.test_web import Browser
 
@@ -431,6 +433,74 @@ def _alive(pid: int) -> bool:
     return False
 
 
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    hook = WebhookReceiver()
+    hook.server = ServerThread(hook.app()).start()
+    yield hook
+    hook.server.stop()
+
+
+def alerted(receiver: WebhookReceiver, count_credits: int) -> str:
+    return f"billing_mode: count, count_credits: {count_credits}, alerts: {{thresholds: [0.5], webhook_url: '{receiver.url}'}}"
+
+
+def fire_in_waves(fleet: Fleet, waves: int, each: int) -> None:
+    """Bursts one after another: each instance reads the key afresh at every admission, so after
+    the last one every instance has seen its share of the key's use (and the crossing)."""
+    for _ in range(waves):
+        assert fleet.fire(each) == [200] * each
+        time.sleep(0.3)
+
+
+def test_an_alert_crossed_on_three_instances_fires_once_and_is_delivered_once(fleet, receiver):
+    first, _, _ = fleet.start(alerted(receiver, 20))
+
+    fire_in_waves(fleet, 4, 4)  # 16 of 20 count credits: past 50% on every instance
+
+    (event,) = receiver.wait_for(1)
+    assert (event["metric"], event["threshold"], event["limit"]) == ("count_credits", 0.5, "20")
+    time.sleep(3)  # a second record or delivery would have come by now
+    assert len(receiver.received) == 1, receiver.received
+    assert fleet.sql("SELECT metric, threshold, status, attempts FROM alert_events") == "count_credits|0.5|sent|1"
+    assert fleet.sql("SELECT COUNT(*) FROM alert_fired") == "1"
+
+    # A top-up through one instance re-arms it (16 of 40); the next crossing fires once again.
+    answer = first.post("/v1/add_count_credits", params={"paid_key": KEY, "amount": "20"})
+    assert answer.status_code == 200, answer.text
+    fire_in_waves(fleet, 4, 2)  # 24 of 40
+
+    receiver.wait_for(2)
+    time.sleep(3)
+    assert [(e["metric"], e["limit"]) for e in receiver.received] == [("count_credits", "20"), ("count_credits", "40")]
+    assert fleet.sql("SELECT COUNT(*) FROM alert_events WHERE status = 'sent' AND attempts = 1") == "2"
+    fleet.assert_balances_equal_ledger_sums()
+    browser = Browser(fleet.instances[2].url)  # any instance lists them (read from the database)
+    browser.login(ADMIN)
+    assert browser.get("/admin").text.count("count credits crossed 50%") == 2
+
+
+def test_deliveries_owed_at_a_restart_are_sent_once_by_a_fleet_starting_at_once(fleet, receiver):
+    instances = fleet.start(alerted(receiver, 20))
+    fleet.stop()
+    event = "INSERT INTO alert_events (key_id, key_name, metric, threshold, used, limit_value, ts, webhook_url, status{}) VALUES ('k1', 'fleet-user', 'credits', 0.5, '1', '2', {}, '{}', 'pending'{})"
+    now = time.time()
+    fleet.sql(event.format("", now - 5, receiver.url, ""))  # recorded, not yet claimed
+    fleet.sql(event.format(", claimed_at", now - 300, receiver.url, f", {now - 120}"))  # claimed by an instance that died 2 minutes ago
+
+    receiver.answer_after = 4  # every instance has read what is owed before the first delivery is done
+    with ThreadPoolExecutor(len(instances)) as pool:  # every instance starts (and reads what is owed) at once
+        fleet.instances = list(pool.map(lambda path: Instance(path, fleet.database), fleet.paths))
+    fleet.started += fleet.instances
+
+    deadline = time.monotonic() + 20
+    while fleet.sql("SELECT status, attempts FROM alert_events ORDER BY id") != "sent|1\nsent|1":
+        assert time.monotonic() < deadline, fleet.sql("SELECT * FROM alert_events")
+        time.sleep(0.2)
+    time.sleep(2)  # a second delivery would have come by now
+    assert sorted(e["id"] for e in receiver.received) == [1, 2], receiver.received
+
+
 def test_sqlite_refuses_more_than_one_worker(tmp_path):
     path = tmp_path / "api.yaml"
     path.write_text(config("billing_mode: count", "http://127.0.0.1:9"))
@@ -556,7 +626,7 @@ def test_instances_starting_together_on_a_new_database_migrate_it_once(tmp_path,
     try:
         for process, port in zip(processes, ports, strict=True):
             wait_until_healthy(process, f"http://127.0.0.1:{port}", timeout=30)
-        assert made.sql("SELECT version FROM schema_version") == "1"
+        assert made.sql("SELECT version FROM schema_version") == str(SCHEMA_VERSION)
         assert made.sql("SELECT COUNT(*) FROM instances") == "4"
     finally:
         for process in processes:

@@ -210,6 +210,7 @@ class PgLedger:
         self.live_instances = 1  # as the last heartbeat counted them (the auth throttle shares its limit)
         self._settings_version: str | None = None
         self._settings_task: asyncio.Task[None] | None = None
+        self._in_order = asyncio.Lock()
 
     @classmethod
     async def open(cls, url: str, clock: Callable[[], float] = time.time, pool_size: int = POOL_SIZE) -> PgLedger:
@@ -574,12 +575,16 @@ class PgLedger:
     # --- reads ------------------------------------------------------------------------------
 
     def query_in_order(self, query: Callable[[Any], Awaitable[T]]) -> tuple[int, asyncio.Future[T]]:
-        """Run `query` (on the aiosqlite-shaped reader) once everything queued so far is
-        written: the same contract as the embedded ledger's."""
+        """Run `query` (on an aiosqlite-shaped reader) once everything queued so far is written:
+        the same contract as the embedded ledger's. Queries run one at a time in call order,
+        each in one transaction, so the statements of one (an alert's record) stand or fall
+        together and a later one (its re-arming) never overtakes it."""
 
         async def run() -> T:
-            await self.flush()
-            return await query(self.reader)
+            async with self._in_order:  # FIFO: waiters acquire in the order they asked
+                await self.flush()
+                async with self.pool.acquire() as conn, conn.transaction():
+                    return await query(PgReader(conn))
 
         return 0, asyncio.ensure_future(run())
 

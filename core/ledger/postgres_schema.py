@@ -220,6 +220,13 @@ MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (key_id, name)
     );
     """,
+    # Alerts shared by the fleet (core/alerts.py): a delivery is claimed by the instance sending
+    # it, and a crossing remembers the limit it was fired against (re-arming needs a higher one).
+    2: """
+    ALTER TABLE alert_events ADD COLUMN claimed_at DOUBLE PRECISION;
+    ALTER TABLE alert_fired ADD COLUMN fired_limit BIGINT NOT NULL DEFAULT 0;
+    CREATE INDEX alert_events_owed ON alert_events (id) WHERE status = 'pending';  -- each instance's sweep
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -161,6 +161,12 @@ MIGRATIONS: dict[int, str] = {
     CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     """,
+    # Alerts shared by a fleet (core/alerts.py): a delivery is claimed by the process sending
+    # it, and a crossing remembers the limit it was fired against (re-arming needs a higher one).
+    8: """
+    ALTER TABLE alert_events ADD COLUMN claimed_at REAL;
+    ALTER TABLE alert_fired ADD COLUMN fired_limit INTEGER NOT NULL DEFAULT 0;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
