@@ -112,3 +112,26 @@ def _shown(value: Any, is_usd: bool) -> str:
         number = Decimal(value)
         return usd_text(to_nanos(number)) if is_usd else count_text(int(number))
     return count_text(value) if isinstance(value, int) else str(value)
+
+
+# The audit log's SQL, shared by both ledgers (`?` placeholders; the PostgreSQL reader numbers them).
+INSERT_AUDIT = """INSERT INTO audit_log (ts, actor, actor_key_id, address, action, target_key_id, target_name, before, after, detail)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+
+def audit_page_query(limit: int, before_id: int | None = None, key_id: str | None = None) -> tuple[str, list[Any]]:
+    """Newest first, `limit` rows older than `before_id` (keyset paging), for one key or all."""
+    query = "SELECT id, ts, actor, actor_key_id, address, action, target_key_id, target_name, before, after, detail FROM audit_log WHERE id < ?"
+    params: list[Any] = [before_id if before_id is not None else 2**62]
+    if key_id is not None:
+        query += " AND target_key_id = ?"
+        params.append(key_id)
+    return query + " ORDER BY id DESC LIMIT ?", [*params, limit]
+
+
+async def read_audit_page(reader: Any, limit: int, before_id: int | None = None, key_id: str | None = None) -> list[dict[str, Any]]:
+    """One page of the audit log through a ledger's reader (aiosqlite's shape on both)."""
+    query, params = audit_page_query(limit, before_id, key_id)
+    async with reader.execute(query, params) as cursor:
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]

@@ -360,6 +360,8 @@ def test_a_billing_mode_change_through_one_instance_is_in_force_on_every_instanc
     assert status["database_settings"] == [
         {"key": "fleet-user", "key_id": status["database_settings"][0]["key_id"], "setting": "billing_mode", "value": "count"}
     ]
+    (entry,) = [e for e in third.get("/v1/audit_log").json()["entries"] if e["action"] == "set_billing_mode"]  # audited, read on any instance
+    assert '"count"' in entry["after"] and '"token"' in entry["before"]
     fleet.assert_balances_equal_ledger_sums()
 
 

@@ -36,12 +36,12 @@ from typing import Any, TypeVar
 import asyncpg
 import orjson
 
-from core.audit import AuditEntry
+from core.audit import INSERT_AUDIT, AuditEntry, read_audit_page
 from core.config import ApiKey
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
 from core.ledger import COUNT_CREDITS, CREDITS, Account, Grant, InsufficientBalance, Reservation, UsageRecord, hold
-from core.ledger.pg_reader import PgReader
+from core.ledger.pg_reader import PgReader, numbered
 from core.ledger.postgres_schema import migrate
 from core.ledger.rollups import ROLLUPS
 from core.ledger.sums import Totals, Window, grant_totals, window_totals
@@ -598,22 +598,12 @@ class PgLedger:
 
     async def append_audit(self, entry: AuditEntry) -> None:
         try:
-            await self.pool.execute(
-                "INSERT INTO audit_log (ts, actor, actor_key_id, address, action, target_key_id, target_name, before, after, detail)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                *entry.row(),
-            )
+            await self.pool.execute(numbered(INSERT_AUDIT), *entry.row())
         except DATABASE_ERRORS:
             log.exception("audit entry not written to the ledger, recorded here instead: %r", entry.row())
 
     async def audit_entries(self, limit: int, before_id: int | None = None, key_id: str | None = None) -> list[dict[str, Any]]:
-        query = "SELECT id, ts, actor, actor_key_id, address, action, target_key_id, target_name, before, after, detail FROM audit_log WHERE id < $1"
-        params: list[Any] = [before_id if before_id is not None else 2**62]
-        if key_id is not None:
-            query += " AND target_key_id = $2"
-            params.append(key_id)
-        query += f" ORDER BY id DESC LIMIT ${len(params) + 1}"
-        return [dict(row) for row in await self.pool.fetch(query, *params, limit)]
+        return await read_audit_page(self.reader, limit, before_id, key_id)
 
     # --- the fleet ------------------------------------------------------------------------------
 

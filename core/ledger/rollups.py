@@ -45,25 +45,21 @@ class Rollup:
     @property
     def sql(self) -> str:
         """Upsert the sums of the `usage` rows with `id > ?` (one batch) into this table."""
-        columns = ", ".join((*self.keys, *self.values))
-        selected = ", ".join([_GROUPS[k] for k in self.keys] + [_MEASURES[v] for v in self.values])
-        updates = ", ".join(f"{v} = {v} + excluded.{v}" for v in self.values)
-        groups = ", ".join(str(i) for i in range(1, len(self.keys) + 1))
-        return (
-            f"INSERT INTO {self.table} ({columns}) SELECT {selected} FROM usage NOT INDEXED WHERE id > ? GROUP BY {groups} "
-            f"ON CONFLICT ({', '.join(self.keys)}) DO UPDATE SET {updates}"
-        )
+        return self._upsert(_GROUPS, _MEASURES, "usage NOT INDEXED WHERE id > ?", "", "")
 
     def pg_upsert(self, source: str) -> str:
         """PostgreSQL: upsert the sums of the rows of `source` (a CTE of new usage rows). Groups
         are written in key order, so that instances committing at once lock rollup rows in the
         same order and cannot deadlock."""
+        return self._upsert(_PG_GROUPS, _PG_MEASURES, source, f"{self.table}.", " ORDER BY {groups}")
+
+    def _upsert(self, groups_sql: dict[str, str], measures_sql: dict[str, str], source: str, current: str, order: str) -> str:
         columns = ", ".join((*self.keys, *self.values))
-        selected = ", ".join([_PG_GROUPS[k] for k in self.keys] + [_PG_MEASURES[v] for v in self.values])
-        updates = ", ".join(f"{v} = {self.table}.{v} + excluded.{v}" for v in self.values)
+        selected = ", ".join([groups_sql[k] for k in self.keys] + [measures_sql[v] for v in self.values])
+        updates = ", ".join(f"{v} = {current}{v} + excluded.{v}" for v in self.values)
         groups = ", ".join(str(i) for i in range(1, len(self.keys) + 1))
         return (
-            f"INSERT INTO {self.table} ({columns}) SELECT {selected} FROM {source} GROUP BY {groups} ORDER BY {groups} "
+            f"INSERT INTO {self.table} ({columns}) SELECT {selected} FROM {source} GROUP BY {groups}{order.format(groups=groups)} "
             f"ON CONFLICT ({', '.join(self.keys)}) DO UPDATE SET {updates}"
         )
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from core.audit import AuditEntry
+from core.audit import INSERT_AUDIT, AuditEntry, read_audit_page
 from core.config import ApiKey
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
@@ -44,8 +44,6 @@ _USAGE_COLUMNS = ", ".join(UsageRecord._fields)  # the record is a tuple in colu
 _USAGE_CHUNKS = (256, 32, 4, 1)
 _USAGE_ROW = "(" + ", ".join("?" * len(UsageRecord._fields)) + ")"
 _INSERT_USAGE = {n: f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES " + ", ".join([_USAGE_ROW] * n) for n in _USAGE_CHUNKS}
-_INSERT_AUDIT = """INSERT INTO audit_log (ts, actor, actor_key_id, address, action, target_key_id, target_name, before, after, detail)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 _INSERT_GRANT = "INSERT OR IGNORE INTO grants (key_id, kind, amount, reason, idempotency_key, ts) VALUES (?, ?, ?, ?, ?, ?)"
 
 
@@ -422,7 +420,7 @@ class SqliteLedger:
         has happened by now, so a failed write (disk full) must not turn it into an error: the
         entry goes to the log in full instead (it holds names and ids, never a key)."""
         try:
-            await self.db.execute(_INSERT_AUDIT, entry.row())
+            await self.db.execute(INSERT_AUDIT, entry.row())
         except sqlite3.Error:
             log.exception("audit entry not written to the ledger, recorded here instead: %r", entry.row())
 
@@ -430,16 +428,7 @@ class SqliteLedger:
 
     async def audit_entries(self, limit: int, before_id: int | None = None, key_id: str | None = None) -> list[dict[str, Any]]:
         """Newest first, `limit` rows older than `before_id` (keyset paging), for one key or all."""
-        query = "SELECT id, ts, actor, actor_key_id, address, action, target_key_id, target_name, before, after, detail FROM audit_log WHERE id < ?"
-        params: list[Any] = [before_id if before_id is not None else 2**62]
-        if key_id is not None:
-            query += " AND target_key_id = ?"
-            params.append(key_id)
-        query += " ORDER BY id DESC LIMIT ?"
-        params.append(limit)
-        async with self.reader.execute(query, params) as cursor:
-            names = [column[0] for column in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+        return await read_audit_page(self.reader, limit, before_id, key_id)
 
     async def grants_in(self, windows: list[Window]) -> dict[str, tuple[int, int]]:
         """(credits in nanos, count credits) granted per key within each window."""
