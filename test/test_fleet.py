@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -89,9 +90,10 @@ class Fleet:
         self.started: list[Instance] = []  # every one started, stopped at the end
         self.paths: list[Path] = []
 
-    def start(self, prefs: str, count: int = 3, *extra: str) -> list[Instance]:
-        """`count` instances, each with its own copy of api.yaml (as on separate hosts)."""
-        self.paths = [self.tmp / f"host{i}" / "api.yaml" for i in range(count)]
+    def start(self, prefs: str, count: int = 3, *extra: str, one_file: bool = False) -> list[Instance]:
+        """`count` instances, each with its own copy of api.yaml (as on separate hosts), or all
+        on one file (`one_file`: a ConfigMap or network share mounted on every host)."""
+        self.paths = [self.tmp / ("shared" if one_file else f"host{i}") / "api.yaml" for i in range(count)]
         for path in self.paths:
             path.parent.mkdir(exist_ok=True)
             path.write_text(config(prefs, self.upstream.base_url("p1")))
@@ -634,3 +636,18 @@ def test_instances_starting_together_on_a_new_database_migrate_it_once(tmp_path,
         for process in processes:
             process.kill()
             process.wait()
+
+
+def test_a_limit_changed_in_the_fleets_shared_config_is_in_force_on_every_instance_within_2_seconds(fleet):
+    clear_of_window_edge(86400)
+    instances = fleet.start("rate_limit: '2/day'", one_file=True)
+    assert fleet.fire(6).count(200) == 2
+
+    path = fleet.paths[0]
+    path.write_text(path.read_text().replace("rate_limit: '2/day'", "rate_limit: '5/day'"))
+    deadline = time.monotonic() + 2
+    while {instance.get("/v1/config/status").json()["source_hash"] for instance in instances} != {hashlib.sha256(path.read_bytes()).hexdigest()}:
+        assert time.monotonic() < deadline, "the change did not reach every instance within 2 s"
+        time.sleep(0.1)
+    assert fleet.fire(6).count(200) == 3  # 5 a day now, on every instance together
+    assert not instances[0].get("/v1/config/status").json()["config_hashes_differ"]
