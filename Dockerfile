@@ -2,6 +2,7 @@
 #   docker build -t tollgate .
 #   docker run -p 8000:8000 -v "$PWD/config:/config" -v tollgate-data:/data tollgate
 # /config must hold api.yaml (start from api.yaml.example); /data keeps the SQLite ledger.
+# For a fleet set TOLLGATE_DATABASE=postgresql://… (and TOLLGATE_WORKERS): docker-compose.yml.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
