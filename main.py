@@ -277,7 +277,8 @@ def check_shared_ledger(database: Database) -> None:
     async def check() -> None:
         import asyncpg
 
-        from core.ledger.postgres import CONNECT_TIMEOUT, DATABASE_ERRORS
+        from core.ledger.pg_errors import DATABASE_ERRORS
+        from core.ledger.postgres import CONNECT_TIMEOUT
         from core.ledger.postgres_schema import SchemaError, migrate
 
         try:

@@ -60,6 +60,17 @@ class Account:
     def set_charges(self, values: tuple[int, int, int, int, int]) -> None:
         self.spent_nanos, self.count_used, self.total_cost_nanos, self.request_count, self.tokens_used = values
 
+    def charge(self, record: UsageRecord) -> None:
+        """Count a settled request's record in the balance, if it falls in the window (a
+        reload may have moved the window past a request in flight)."""
+        if self.in_window(record.ts):
+            if record.cost_type == "token":
+                self.spent_nanos += record.cost_nanos
+            self.count_used += record.count_charged
+            self.total_cost_nanos += record.cost_nanos
+            self.request_count += 1
+            self.tokens_used += record.prompt_tokens + record.completion_tokens
+
     def in_window(self, ts: float) -> bool:
         """The one rule for what a balance counts: charges, releases and grants timed from
         the window's start (`created_at`) on, in memory exactly as at rebuild."""
@@ -87,6 +98,15 @@ class Reservation:
     request_id: str = ""
     tokens: int = 0
     admitted_at: float = 0.0
+
+    def unhold(self) -> bool:
+        """Give the held balance back to the account, once; whether it was still held."""
+        if not self.open:
+            return False
+        self.open = False
+        self.account.reserved_nanos -= self.nanos
+        self.account.reserved_count -= self.count
+        return True
 
 
 def hold(account: Account, terms: KeyBilling, nanos: int, count: int) -> Reservation:

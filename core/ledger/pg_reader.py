@@ -17,6 +17,8 @@ from typing import Any
 
 import asyncpg
 
+from core.ledger.pg_errors import reachable
+
 
 @functools.lru_cache(maxsize=512)
 def numbered(sql: str) -> str:
@@ -57,6 +59,11 @@ class Cursor:
         self.rowcount = -1
 
     async def open(self) -> Cursor:
+        """Run the statement; the database out of reach is a 503 (core/ledger/pg_errors.py)."""
+        with reachable():
+            return await self._open()
+
+    async def _open(self) -> Cursor:
         if isinstance(self._pool, asyncpg.Pool):
             self._conn = await self._pool.acquire()
             self._owns_conn = True

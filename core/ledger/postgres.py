@@ -40,7 +40,8 @@ from core.audit import INSERT_AUDIT, AuditEntry, read_audit_page
 from core.config import ApiKey
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
-from core.ledger import COUNT_CREDITS, CREDITS, Account, Grant, InsufficientBalance, Reservation, UsageRecord, hold
+from core.ledger import CREDITS, Account, Grant, Reservation, UsageRecord, hold
+from core.ledger.pg_errors import DATABASE_ERRORS, UNREACHABLE, reachable, reason, unavailable
 from core.ledger.pg_reader import PgReader, numbered
 from core.ledger.postgres_schema import migrate
 from core.ledger.rollups import ROLLUPS
@@ -67,10 +68,6 @@ SETTINGS_POLL_SECONDS = 0.5  # how soon a setting changed through another instan
 SETTINGS_VERSION = "key_settings_version"
 CLOSE_WAIT_SECONDS = 30.0
 
-# What a lost or refused connection raises; anything else from the database is a bug here.
-UNREACHABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.OperatorInterventionError)
-DATABASE_ERRORS = (*UNREACHABLE, asyncpg.PostgresError)
-
 _ACCOUNT_COLUMNS = "window_start, spent_nanos, count_used, total_cost_nanos, request_count, tokens_used, granted_nanos, count_granted"
 _USAGE_COLUMNS = UsageRecord._fields
 _USAGE_TYPES = {
@@ -85,16 +82,6 @@ _USAGE_TYPES = {
     "unit_prices": "text",
     "status": "text",
 }
-
-
-def unavailable(reason: str) -> GatewayError:
-    return GatewayError(
-        503,
-        "api_error",
-        "ledger_unavailable",
-        f"The billing database cannot be reached ({reason}); no request is admitted until it is back. Retry in a moment.",
-        {"Retry-After": "2"},
-    )
 
 
 def _settle_sql() -> str:
@@ -250,6 +237,7 @@ class PgLedger:
     async def admit(self, key: ApiKey, nanos: int, balance_nanos: int, count: int, tokens: int, now: float, request_id: str) -> Reservation:
         """Check and hold the balance and every limit of the key in one transaction under the
         key's row lock. Raises InsufficientBalance, a limit's GatewayError, or 503."""
+        hold_sent = False
         try:
             async with self._key_turn(key.id), self.pool.acquire() as conn, conn.transaction():
                 account, state = await self._locked_state(conn, key, now)
@@ -257,6 +245,7 @@ class PgLedger:
                 holds = self.limiter.acquire(key, account, nanos, tokens, now, state) if limits.meters_anything else None
                 reservation = hold(account, key.billing, balance_nanos, count)
                 windows = holds.rate_windows if holds is not None else []
+                hold_sent = True
                 await conn.execute(
                     _HOLD_SQL,
                     request_id,
@@ -272,11 +261,12 @@ class PgLedger:
                     [start for _, _, start in windows],
                     [1 if kind == "requests" else tokens for kind, _, _ in windows],
                 )
-        except UNREACHABLE as exc:
-            raise unavailable(_reason(exc)) from None
-        except asyncpg.PostgresError as exc:
-            log.error("admission for key %s failed in the database: %s", key.masked, exc)
-            raise unavailable(_reason(exc)) from None
+        except DATABASE_ERRORS as exc:
+            if not isinstance(exc, UNREACHABLE):
+                log.error("admission for key %s failed in the database: %s", key.masked, exc)
+            if hold_sent:  # the commit may have reached the database with its reply lost: free
+                self._queue.put_nowait(_Ended(None, request_id))  # the hold if it did (a no-op if not)
+            raise unavailable(reason(exc)) from None
         if holds is not None:  # this instance's view of the key, for headers and pages
             self.limiter._state[key.id] = state
         reservation.request_id, reservation.tokens, reservation.admitted_at = request_id, tokens, now
@@ -305,7 +295,7 @@ class PgLedger:
             async with self.pool.acquire() as conn, conn.transaction():
                 _, state = await self._locked_state(conn, key, now)
         except UNREACHABLE as exc:
-            raise unavailable(_reason(exc)) from None
+            raise unavailable(reason(exc)) from None
         self.limiter._state[key.id] = state
 
     async def _locked_state(self, conn: asyncpg.Connection, key: ApiKey, now: float) -> tuple[Account, KeyState]:
@@ -388,14 +378,7 @@ class PgLedger:
     def settle(self, reservation: Reservation, record: UsageRecord) -> int:
         """Queue the charge; the reservation ends in the same transaction that writes it."""
         self._unhold_view(reservation)
-        account = reservation.account
-        if account.in_window(record.ts):  # this instance's view, for the response's headers
-            if record.cost_type == "token":
-                account.spent_nanos += record.cost_nanos
-            account.count_used += record.count_charged
-            account.total_cost_nanos += record.cost_nanos
-            account.request_count += 1
-            account.tokens_used += record.prompt_tokens + record.completion_tokens
+        reservation.account.charge(record)  # this instance's view, for the response's headers
         self._queue.put_nowait(_Ended(record, reservation.request_id or None))
         return 0
 
@@ -413,10 +396,7 @@ class PgLedger:
         return 0
 
     def _unhold_view(self, reservation: Reservation) -> None:
-        if reservation.open:
-            reservation.open = False
-            reservation.account.reserved_nanos -= reservation.nanos
-            reservation.account.reserved_count -= reservation.count
+        if reservation.unhold():
             state = self.limiter._state.get(reservation.account.key_id)
             if state is not None and reservation.request_id:
                 state.in_flight = max(0, state.in_flight - 1)
@@ -450,9 +430,9 @@ class PgLedger:
                 self.write_error, self._retrying = None, 0
                 return
             except (*UNREACHABLE, asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
-                if self.write_error != _reason(exc):
-                    log.warning("ledger write of %d rows failed (%s); retrying until it works", len(items), _reason(exc))
-                self.write_error, self._retrying = _reason(exc), len(items)
+                if self.write_error != reason(exc):
+                    log.warning("ledger write of %d rows failed (%s); retrying until it works", len(items), reason(exc))
+                self.write_error, self._retrying = reason(exc), len(items)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY)
                 await self._reconnect_writer()
@@ -485,7 +465,7 @@ class PgLedger:
             self.writer.terminate()
             self.writer = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT)
         except DATABASE_ERRORS as exc:
-            self.write_error = _reason(exc)
+            self.write_error = reason(exc)
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed; 503 while the database is away."""
@@ -527,7 +507,7 @@ class PgLedger:
             totals = await window_totals(self.reader, stale) if stale else {}  # type: ignore[arg-type]
             granted = await grant_totals(self.reader, stale) if stale else {}  # type: ignore[arg-type]
         except UNREACHABLE as exc:
-            raise unavailable(_reason(exc)) from None
+            raise unavailable(reason(exc)) from None
         result = {}
         for key_id, terms in keys:
             account = self._cached(key_id, terms.created_at)
@@ -562,15 +542,16 @@ class PgLedger:
                     column = "granted_nanos" if grant.kind == CREDITS else "count_granted"
                     await conn.execute(f"UPDATE accounts SET {column} = {column} + $2 WHERE key_id = $1", grant.key_id, grant.amount)
         except UNREACHABLE as exc:
-            raise unavailable(_reason(exc)) from None
+            raise unavailable(reason(exc)) from None
         await self.account(grant.key_id, terms)  # refresh this instance's view
         return applied is not None
 
     async def setting(self, name: str, make: Callable[[], str]) -> str:
         """A setting shared by every instance (the session signing secret: a login on one
         instance is valid on all), created once."""
-        await self.pool.execute("INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING", name, make())
-        return str(await self.pool.fetchval("SELECT value FROM settings WHERE name = $1", name))
+        with reachable():
+            await self.pool.execute("INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING", name, make())
+            return str(await self.pool.fetchval("SELECT value FROM settings WHERE name = $1", name))
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -611,7 +592,9 @@ class PgLedger:
 
     async def key_settings(self) -> dict[str, dict[str, str]]:
         settings: dict[str, dict[str, str]] = {}
-        for key_id, name, value in await self.pool.fetch("SELECT key_id, name, value FROM key_settings"):
+        with reachable():
+            rows = await self.pool.fetch("SELECT key_id, name, value FROM key_settings")
+        for key_id, name, value in rows:
             settings.setdefault(key_id, {})[name] = value
         return settings
 
@@ -633,7 +616,7 @@ class PgLedger:
                     SETTINGS_VERSION,
                 )
         except UNREACHABLE as exc:
-            raise unavailable(_reason(exc)) from None
+            raise unavailable(reason(exc)) from None
 
     def watch_settings(self, apply: Callable[[dict[str, dict[str, str]]], None]) -> None:
         """Call `apply` with every stored setting now and whenever another instance changes one
@@ -683,7 +666,7 @@ class PgLedger:
             except DATABASE_ERRORS as exc:
                 if self.database_error is None:
                     log.error("the PostgreSQL ledger cannot be reached: %s", exc)
-                self.database_error = _reason(exc)
+                self.database_error = reason(exc)
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def heartbeat(self) -> None:
@@ -724,9 +707,10 @@ class PgLedger:
 
     async def instances(self) -> list[dict[str, Any]]:
         """Every live instance with the config it serves (a fleet whose files differ shows)."""
-        rows = await self.pool.fetch(
-            "SELECT id, host, pid, started_at, EXTRACT(EPOCH FROM heartbeat_at)::float8 AS heartbeat_at, config_hash, config_error FROM instances ORDER BY started_at, id"
-        )
+        with reachable():
+            rows = await self.pool.fetch(
+                "SELECT id, host, pid, started_at, EXTRACT(EPOCH FROM heartbeat_at)::float8 AS heartbeat_at, config_hash, config_error FROM instances ORDER BY started_at, id"
+            )
         return [{**dict(row), "this": row["id"] == self.instance_id} for row in rows]
 
     def health(self) -> dict[str, Any]:
@@ -783,11 +767,6 @@ def _fill(account: Account, row: asyncpg.Record) -> None:
     account.granted_nanos, account.count_granted = int(row["granted_nanos"]), int(row["count_granted"])
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
-
-
 def redact(url: str) -> str:
     """The database URL without its password, for messages and logs."""
     from urllib.parse import urlsplit, urlunsplit
@@ -797,6 +776,3 @@ def redact(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-__all__ = ["COUNT_CREDITS", "InsufficientBalance", "PgLedger", "redact", "unavailable"]

@@ -218,15 +218,8 @@ class SqliteLedger:
         return self._enqueue(_InOrder(query, done)), done
 
     def settle(self, reservation: Reservation, record: UsageRecord) -> int:
-        self._unhold(reservation)
-        account = reservation.account
-        if account.in_window(record.ts):  # (a reload may have moved the window past this request)
-            if record.cost_type == "token":
-                account.spent_nanos += record.cost_nanos
-            account.count_used += record.count_charged
-            account.total_cost_nanos += record.cost_nanos
-            account.request_count += 1
-            account.tokens_used += record.prompt_tokens + record.completion_tokens
+        reservation.unhold()
+        reservation.account.charge(record)
         seq = self._enqueue(record)
         if reservation.holds is not None:
             self.limiter.release(reservation.holds, record.cost_nanos, record.prompt_tokens + record.completion_tokens, record.ts, seq)
@@ -240,7 +233,7 @@ class SqliteLedger:
         pass
 
     def release(self, reservation: Reservation, record: UsageRecord | None = None) -> int:
-        self._unhold(reservation)
+        reservation.unhold()
         seq = self._seq
         if record is not None:
             if reservation.account.in_window(record.ts):
@@ -249,13 +242,6 @@ class SqliteLedger:
         if reservation.holds is not None:
             self.limiter.release(reservation.holds, 0, 0, record.ts if record is not None else self.limiter.clock(), seq)
         return seq
-
-    @staticmethod
-    def _unhold(reservation: Reservation) -> None:
-        if reservation.open:
-            reservation.open = False
-            reservation.account.reserved_nanos -= reservation.nanos
-            reservation.account.reserved_count -= reservation.count
 
     async def grant(self, grant: Grant, terms: KeyBilling) -> bool:
         """Durable before it returns; the balance grows when the grant commits. While the
