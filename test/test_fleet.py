@@ -146,24 +146,18 @@ class Fleet:
             instance.kill()
 
 
-@pytest.fixture
-def slow_upstream() -> Iterator[FakeUpstream]:
+async def slow(body: dict[str, Any], request: Request) -> Response:
     """A vendor that takes 0.5 s per answer, so that every request of a burst is in flight at once."""
-    fake = FakeUpstream()
-
-    async def slow(body: dict[str, Any], request: Request) -> Response:
-        await asyncio.sleep(0.5)
-        return await openai_like(body, request)
-
-    fake.script("p1", slow)
-    fake.server = ServerThread(fake.app()).start()
-    yield fake
-    fake.server.stop()
+    await asyncio.sleep(0.5)
+    return await openai_like(body, request)
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, postgres: PostgresServer, slow_upstream: FakeUpstream) -> Iterator[Fleet]:
-    made = Fleet(tmp_path, postgres, slow_upstream)
+def fleet(tmp_path: Path, postgres: PostgresServer, upstream: FakeUpstream) -> Iterator[Fleet]:
+    """A fleet on the module's PostgreSQL in front of the slow vendor (a test may script another
+    before it starts the instances)."""
+    upstream.script("p1", slow)
+    made = Fleet(tmp_path, postgres, upstream)
     yield made
     made.stop()
 
@@ -255,12 +249,10 @@ def test_an_idempotent_top_up_sent_to_every_instance_at_once_applies_once(fleet)
     fleet.assert_balances_equal_ledger_sums()
 
 
-def test_an_instance_killed_mid_request_has_its_holds_freed_within_30_seconds(tmp_path, postgres):
+def test_an_instance_killed_mid_request_has_its_holds_freed_within_30_seconds(fleet):
     release = threading.Event()
-    upstream = FakeUpstream()
-    upstream.script("p1", held_stream(release, ["one", "two", "three"]))
-    upstream.server = ServerThread(upstream.app()).start()
-    made = Fleet(tmp_path, postgres, upstream)
+    fleet.upstream.script("p1", held_stream(release, ["one", "two", "three"]))
+    made = fleet
     try:
         doomed, survivor = made.start("billing_mode: count, count_credits: 100, concurrency_limit: 2", count=2)
 
@@ -289,15 +281,12 @@ def test_an_instance_killed_mid_request_has_its_holds_freed_within_30_seconds(tm
     finally:
         release.set()
         made.stop()
-        upstream.server.stop()
 
 
-def test_postgres_going_away_fails_closed_and_loses_no_charge(tmp_path):
-    server = PostgresServer().init().start()
+def test_postgres_going_away_fails_closed_and_loses_no_charge(tmp_path, upstream):
+    server = PostgresServer().init().start()  # its own: the test stops it
     release = threading.Event()
-    upstream = FakeUpstream()
     upstream.script("p1", held_stream(release, ["one", "two", "three"]))
-    upstream.server = ServerThread(upstream.app()).start()
     made = Fleet(tmp_path, server, upstream)
     try:
         (instance,) = made.start("billing_mode: count, count_credits: 100", count=1)
@@ -328,6 +317,9 @@ def test_postgres_going_away_fails_closed_and_loses_no_charge(tmp_path):
         while instance.get("/health").json()["ledger"]["database_reachable"]:
             assert time.monotonic() < deadline
             time.sleep(0.2)
+        for path, key in (("/v1/config/status", ADMIN), ("/v1/usage", KEY), ("/v1/audit_log", ADMIN)):  # reads say so too: 503, not 500
+            answer = instance.get(path, key=key)
+            assert answer.status_code == 503 and answer.json()["error"]["code"] in ("ledger_unavailable", "ledger_not_writing"), (path, answer.text)
 
         server.start()
         deadline = time.monotonic() + 30
@@ -340,7 +332,6 @@ def test_postgres_going_away_fails_closed_and_loses_no_charge(tmp_path):
     finally:
         release.set()
         made.stop()
-        upstream.server.stop()
         server.destroy()
 
 
@@ -400,8 +391,8 @@ def test_config_status_lists_every_live_instance_with_its_config_hash(fleet):
         time.sleep(0.5)
 
 
-def test_workers_share_one_port_and_the_ledger(tmp_path, postgres, slow_upstream):
-    made = Fleet(tmp_path, postgres, slow_upstream)
+def test_workers_share_one_port_and_the_ledger(fleet):
+    made = fleet
     try:
         (instance,) = made.start("billing_mode: count, count_credits: 20", 1, "--workers", "2")
         seen = set()
@@ -562,12 +553,10 @@ def slow_words(release: threading.Event) -> Any:
     return handler
 
 
-def test_what_a_killed_instances_stream_had_reported_is_billed_once(tmp_path, postgres):
+def test_what_a_killed_instances_stream_had_reported_is_billed_once(fleet):
     release = threading.Event()
-    upstream = FakeUpstream()
-    upstream.script("p1", slow_words(release))
-    upstream.server = ServerThread(upstream.app()).start()
-    made = Fleet(tmp_path, postgres, upstream)
+    fleet.upstream.script("p1", slow_words(release))
+    made = fleet
     os.environ["TOLLGATE_STREAM_REPORT_SECONDS"] = "0.2"
     try:
         doomed, survivor = made.start("billing_mode: token, credits: 10", count=2)
@@ -597,7 +586,6 @@ def test_what_a_killed_instances_stream_had_reported_is_billed_once(tmp_path, po
     finally:
         release.set()
         made.stop()
-        upstream.server.stop()
 
 
 def test_a_keys_limits_read_the_same_on_every_instance(fleet):
@@ -612,11 +600,11 @@ def test_a_keys_limits_read_the_same_on_every_instance(fleet):
         assert limits["daily_cost_limit"]["used"] == float(int(fleet.sql("SELECT SUM(cost_nanos) FROM usage")) / 10**9)
 
 
-def test_instances_starting_together_on_a_new_database_migrate_it_once(tmp_path, postgres, slow_upstream):
+def test_instances_starting_together_on_a_new_database_migrate_it_once(tmp_path, postgres, upstream):
     path = tmp_path / "api.yaml"
-    path.write_text(config("billing_mode: count, count_credits: 5", slow_upstream.base_url("p1")))
+    path.write_text(config("billing_mode: count, count_credits: 5", upstream.base_url("p1")))
     database = postgres.new_database()
-    made = Fleet(tmp_path, postgres, slow_upstream)
+    made = Fleet(tmp_path, postgres, upstream)
     made.database = database
     ports = [_free_port() for _ in range(4)]
     processes = [
