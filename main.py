@@ -42,7 +42,7 @@ from core.reload import ConfigStore
 from core.routing import Scheduler
 from core.upstream import create_http_session
 from core.yamlsource import ConfigError
-from routes import admin, audit, billing_admin, proxy, self_service, web
+from routes import admin, api_keys, audit, billing_admin, proxy, self_service, web
 from routes._http import error_response, http_error, internal_error
 from routes._session import SessionSigner
 from routes._web_auth import LoginRequired
@@ -70,9 +70,9 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         app.state.auth_throttle = AuthThrottle(clock)
         if isinstance(ledger, PgLedger):  # fleet mode: tell the fleet what this instance serves
             ledger.config_source = lambda: (store.current.source_hash, store.last_error.message if store.last_error else None)
-            store.apply_settings(await ledger.key_settings())
-            ledger.watch_settings(store.apply_settings)
+            ledger.watch_key_records(store.apply_records)
             app.state.auth_throttle = AuthThrottle(clock, shares=lambda: ledger.live_instances)
+        store.apply_records(await ledger.key_records())  # keys made and changed through the keys API
         app.state.session_signer = SessionSigner(await ledger.setting("session_secret", lambda: secrets.token_hex(32)))
         http = create_http_session()
         app.state.ledger = ledger
@@ -108,7 +108,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             await ledger.close()  # flushes every queued ledger row
 
     app = GatewayApp(
-        routes=[*proxy.routes, *admin.routes, *billing_admin.routes, *self_service.routes, *audit.routes, *web.routes],
+        routes=[*proxy.routes, *admin.routes, *api_keys.routes, *billing_admin.routes, *self_service.routes, *audit.routes, *web.routes],
         lifespan=lifespan,
         exception_handlers={GatewayError: on_error, HTTPException: on_error, LoginRequired: to_login, Exception: on_unexpected_error},
     )

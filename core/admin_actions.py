@@ -10,13 +10,12 @@ from pathlib import Path
 from core.alerts import Alerts
 from core.audit import ADD_COUNT_CREDITS, ADD_CREDITS, REPORT_USAGE, SET_BILLING_MODE, Actor, AuditEntry, balance
 from core.billing import BillingMeter, check_window_open
-from core.config import ApiKey, Config
+from core.config import FILE, ApiKey, Config
 from core.config_billing import BILLING_MODES
 from core.config_writer import ConfigChangedError, ConfigWriteError, set_key_preference
 from core.errors import GatewayError, bad_request
-from core.key_settings import BILLING_MODE
+from core.key_admin import update_key
 from core.ledger import COUNT_CREDITS, CREDITS, Grant, Ledger
-from core.ledger.postgres import PgLedger
 from core.pricing import format_usd, to_nanos
 from core.reload import ConfigStore, ReloadError
 from core.usage import Usage
@@ -79,13 +78,25 @@ async def add_credit(
 
 
 async def set_billing_mode(store: ConfigStore, ledger: Ledger, key: ApiKey, mode: str, now: float, actor: Actor) -> ApiKey:
-    """Write the mode into api.yaml (that one value, atomically) and apply it; the updated key.
-    A file that does not load is not touched: 409 `config_invalid` says where it is wrong;
-    one saved by someone else during the edit neither: 409 `config_changed`. Audited."""
+    """Set a key's billing mode and apply it; the updated key. Audited.
+
+    uni-api's endpoint writes api.yaml, and so does this one for a key api.yaml defines, on
+    one process, while the file's secret is the key's and no API change sets its mode: that
+    one value is rewritten, atomically. A file that does not load is not touched: 409
+    `config_invalid` says where it is wrong; one saved by someone else during the edit
+    neither: 409 `config_changed`. Every other key (made or changed through the keys API, or
+    in a fleet, where each instance has its own copy of the file) gets the mode the keys API's
+    way: stored in the database over the file (core/key_records.py)."""
     if mode not in BILLING_MODES:
         raise bad_request(f"The 'billing_mode' parameter must be one of {', '.join(BILLING_MODES)}, got '{mode}'.", "invalid_billing_mode", "billing_mode")
-    if isinstance(ledger, PgLedger):
-        return await _set_fleet_setting(store, ledger, key, BILLING_MODE, mode, now, actor)
+    record = store.records.get(key.id)
+    changed_by_api = record is not None and (record.digest is not None or "billing_mode" in (record.entry.get("preferences") or {}))
+    if ledger.shared or key.defined_in != FILE or key.secret is None or changed_by_api:
+        before = store.current.keys_by_id.get(key.id, key)
+        updated = await update_key(store, ledger, key.id, {"preferences": {"billing_mode": mode}}, now, actor, audited=False)
+        entry = AuditEntry(now, actor, SET_BILLING_MODE, updated, {"billing_mode": before.billing.mode}, {"billing_mode": updated.billing.mode, "stored_in": "database"})
+        await ledger.append_audit(entry)
+        return updated
     async with store.edit_lock:  # one edit at a time: each rewrites the file from the text it read
         before = await _reloaded_key(store, key)
         try:  # parsing a large file takes a while: not on the event loop
@@ -102,27 +113,12 @@ async def set_billing_mode(store: ConfigStore, ledger: Ledger, key: ApiKey, mode
     return updated
 
 
-async def _set_fleet_setting(store: ConfigStore, ledger: PgLedger, key: ApiKey, name: str, value: str, now: float, actor: Actor) -> ApiKey:
-    """Fleet mode: the setting is stored in PostgreSQL, layered over api.yaml on every instance
-    (here at once, elsewhere within a second), and api.yaml is left as it is."""
-    before = store.current.keys_by_id.get(key.id, key)
-    await ledger.set_key_setting(key.id, name, value, now)
-    store.apply_settings(await ledger.key_settings())
-    await ledger.refresh_settings()
-    updated = store.current.keys_by_id.get(key.id)
-    if updated is None:
-        raise GatewayError(409, "conflict_error", "key_removed", "The key is no longer in the config.")
-    entry = AuditEntry(now, actor, SET_BILLING_MODE, updated, {name: before.billing.mode}, {name: updated.billing.mode, "stored_in": "database"})
-    await ledger.append_audit(entry)
-    return updated
-
-
 async def _reloaded_key(store: ConfigStore, key: ApiKey) -> ApiKey:
     """`key` as the file says now (an edit made since the last reload is looked at, not lost)."""
     await store.reload()
     if store.last_error is not None:
         raise config_invalid(store.last_error)
-    found = store.current.key_index.find(key.secret)
+    found = store.current.keys_by_id.get(key.id)
     if found is None:
         raise GatewayError(409, "conflict_error", "key_removed", "The key is no longer in the config.")
     return found

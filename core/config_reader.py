@@ -30,11 +30,15 @@ class Section:
             holder, at = (parent, key) if position_of(parent, key) else (node, None)
             # A string list entry (`- sk-live-…` under api_keys) is likely a key: never quoted.
             got = "a string (not shown: it may be a key)" if isinstance(node, str) and path.endswith("]") else _kind(node)
-            raise error_at(file, holder, at, f"{path} must be a mapping, got {got}")
+            error = error_at(file, holder, at, f"{path} must be a mapping, got {got}")
+            error.field = path
+            raise error
         self.node = node
 
     def error(self, key: Any, reason: str) -> ConfigError:
-        return error_at(self.file, self.node, key, reason)
+        error = error_at(self.file, self.node, key, reason)
+        error.field = self.where(str(key)) if key is not None else self.path  # the keys API names it as `param`
+        return error
 
     def where(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
@@ -101,7 +105,9 @@ class Section:
         value = self.node.get(key)
         if value is None:
             if default is _MISSING:
-                raise error_at(self.file, self.node, None, f"{self.where(key)} is required")
+                error = error_at(self.file, self.node, None, f"{self.where(key)} is required")
+                error.field = self.where(key)
+                raise error
             return default
         return value
 

@@ -22,7 +22,7 @@ from watchfiles import awatch
 
 from core.config import Config, load_config
 from core.cooperate import LoopLoad, cooperate, cooperating
-from core.key_settings import KeySettings, layered
+from core.key_records import KeyRecords, layered
 from core.yamlsource import ConfigError
 
 log = logging.getLogger("tollgate.config")
@@ -51,8 +51,8 @@ class ConfigStore:
     def __init__(self, path: str | Path, initial: Config):
         self.path = Path(path)
         self.current = initial
-        self.file_config = initial  # as the file says; `current` adds the stored settings (fleet mode)
-        self.settings: KeySettings = {}
+        self.file_config = initial  # as the file says; `current` adds the keys API's records
+        self.records: KeyRecords = {}
         self.last_error: ReloadError | None = None
         self.last_attempt_at = initial.loaded_at
         self.reload_count = 0
@@ -90,7 +90,7 @@ class ConfigStore:
             self.last_error = ReloadError(str(exc), exc.file, exc.line, exc.reason, time.time(), exc.column)
             return False
         old_file, old_current = self.file_config, self.current
-        self.file_config, self.current = config, layered(config, self.settings)
+        self.file_config, self.current = config, layered(config, self.records)
         self._retire_later(old_current)
         if old_file is not old_current:
             self._retire_later(old_file)
@@ -99,10 +99,10 @@ class ConfigStore:
         log.info("config reloaded from %s (%d providers, %d keys)", self.path, len(config.providers), len(config.keys))
         return True
 
-    def apply_settings(self, settings: KeySettings) -> None:
-        """Serve the file's config with these stored settings over it (core/key_settings.py)."""
-        self.settings = settings
-        before, self.current = self.current, layered(self.file_config, settings)
+    def apply_records(self, records: KeyRecords) -> None:
+        """Serve the file's config with the keys API's records over it (core/key_records.py)."""
+        self.records = records
+        before, self.current = self.current, layered(self.file_config, records)
         if before is not self.current and before is not self.file_config:
             self._retire_later(before)
 

@@ -55,7 +55,7 @@ def authenticate_headers(config: Config, headers: Mapping[str, str], peer: str |
     address = client_ip(peer, headers.get("x-forwarded-for"), config.preferences.trusted_proxies)
     throttle.check(address, limit)
     secret = presented_key(headers)
-    key = config.key_index.find(secret) if secret else None
+    key = config.key_index.find(secret, now) if secret else None
     if key is None:
         throttle.failed(address, limit)
         raise unauthorized("Invalid API key." if secret else "Missing API key: send 'Authorization: Bearer <key>'.")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from core.key_settings import overrides
+from core.config import API, FILE, Config
+from core.key_admin import jsonable
 from core.ledger.postgres import PgLedger
 from core.reload import ConfigStore, ReloadError
 from routes._http import current_config, require_admin
+from routes._json import ExactJSONResponse
 
 
 async def config_status(request: Request) -> Response:
@@ -28,14 +32,42 @@ async def config_status(request: Request) -> Response:
         "api_keys": len(config.keys),
         "models": len(config.public_models),
         "last_error": None if error is None else _error_json(error),
+        "api_keys_defined_in": _key_sources(config),
+        "api_key_changes": _key_changes(store),
     }
     ledger = request.app.state.ledger
     if isinstance(ledger, PgLedger):  # fleet mode: every live instance, and what the database overrides
         instances = await ledger.instances()
         body["instances"] = instances
         body["config_hashes_differ"] = len({instance["config_hash"] for instance in instances}) > 1
-        body["database_settings"] = overrides(config, store.settings)
-    return JSONResponse(body)
+    return ExactJSONResponse(body)
+
+
+def _key_sources(config: Config) -> dict[str, int]:
+    """How many keys api.yaml defines, how many the keys API made, and how many were deleted."""
+    made = sum(1 for key in config.keys if key.defined_in == API)
+    return {FILE: len(config.keys) - made, API: made, "deleted": len(config.deleted_keys)}
+
+
+def _key_changes(store: ConfigStore) -> list[dict[str, Any]]:
+    """What the database changes of api.yaml's keys (core/key_records.py), and every stored
+    change that is not in force, with why."""
+    config = store.current
+    changes = []
+    for key_id, record in sorted(store.records.items()):
+        key = config.keys_by_id.get(key_id) or config.deleted_keys.get(key_id)
+        problem = config.key_problems.get(key_id)
+        if record.defined_in != FILE and problem is None:
+            continue
+        changes.append({
+            "key_id": key_id,
+            "name": key.name if key is not None else None,
+            "changes": jsonable(record.entry),
+            "secret_rotated": record.digest is not None,
+            "deleted": record.deleted_at is not None,
+            "problem": problem,
+        })  # fmt: skip
+    return changes
 
 
 def _error_json(error: ReloadError) -> dict[str, object]:

@@ -45,7 +45,9 @@ async def api_keys_states(request: Request) -> Response:
     config = current_config(request)
     require_admin(request, config)
     states = await key_states(config, request.app.state.ledger, list(config.keys))
-    return ExactJSONResponse({"api_keys_states": {key.secret: states[key.id] for key in config.keys}})
+    # uni-api's shape, keyed by secret; a key whose secret is not known (made or rotated
+    # through the keys API: only its digest is stored) appears under its id.
+    return ExactJSONResponse({"api_keys_states": {key.secret or key.id: states[key.id] for key in config.keys}})
 
 
 def _grant_endpoint(kind: str):  # type: ignore[no-untyped-def]

@@ -350,9 +350,8 @@ def test_a_billing_mode_change_through_one_instance_is_in_force_on_every_instanc
     assert fleet.fire(6).count(200) == 3  # billed by count now, everywhere: 3 count credits
     assert fleet.paths[1].read_text() == config_before  # the database holds it, layered over the file
     status = first.get("/v1/config/status").json()
-    assert status["database_settings"] == [
-        {"key": "fleet-user", "key_id": status["database_settings"][0]["key_id"], "setting": "billing_mode", "value": "count"}
-    ]
+    (change,) = status["api_key_changes"]
+    assert change["name"] == "fleet-user" and change["changes"] == {"preferences": {"billing_mode": "count"}} and change["problem"] is None
     (entry,) = [e for e in third.get("/v1/audit_log").json()["entries"] if e["action"] == "set_billing_mode"]  # audited, read on any instance
     assert '"count"' in entry["after"] and '"token"' in entry["before"]
     fleet.assert_balances_equal_ledger_sums()

@@ -21,6 +21,7 @@ from core.config_billing import KeyBilling
 if TYPE_CHECKING:
     from core.audit import AuditEntry
     from core.config import ApiKey
+    from core.key_records import KeyRecord, KeyRecords, RecordChange
     from core.ledger.sums import Totals, Window
     from core.limits import Limiter
 
@@ -216,6 +217,15 @@ class Ledger(Protocol):
     async def grants_in(self, windows: list[Window]) -> dict[str, tuple[int, int]]: ...
 
     async def setting(self, name: str, make: Callable[[], str]) -> str: ...
+
+    async def key_records(self) -> KeyRecords:
+        """Every key made or changed through the keys API (core/key_records.py)."""
+        ...
+
+    async def change_key_record(self, key_id: str, change: RecordChange) -> KeyRecord:
+        """Store `change(stored record or None)` for the key, atomically and durably; raises
+        RecordConflict when another record has the id or the secret."""
+        ...
 
     async def append_audit(self, entry: AuditEntry) -> None: ...
 

@@ -40,6 +40,18 @@ from core.audit import INSERT_AUDIT, AuditEntry, read_audit_page
 from core.config import ApiKey
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
+from core.key_records import (
+    INSERT_RECORD,
+    SELECT_RECORDS,
+    UPDATE_RECORD,
+    KeyRecord,
+    KeyRecords,
+    RecordChange,
+    RecordConflict,
+    record_from_row,
+    record_row,
+    update_params,
+)
 from core.ledger import CREDITS, Account, Grant, Reservation, UsageRecord, hold
 from core.ledger.pg_errors import DATABASE_ERRORS, UNREACHABLE, reachable, reason, unavailable
 from core.ledger.pg_reader import PgReader, numbered
@@ -65,7 +77,7 @@ COMMAND_TIMEOUT = 10.0
 WRITE_CHECK_SECONDS = 0.25
 STREAM_REPORT_SECONDS = float(os.environ.get("TOLLGATE_STREAM_REPORT_SECONDS", "2"))
 SETTINGS_POLL_SECONDS = 0.5  # how soon a setting changed through another instance is in force here
-SETTINGS_VERSION = "key_settings_version"
+SETTINGS_VERSION = "api_keys_version"
 CLOSE_WAIT_SECONDS = 30.0
 
 _ACCOUNT_COLUMNS = "window_start, spent_nanos, count_used, total_cost_nanos, request_count, tokens_used, granted_nanos, count_granted"
@@ -588,56 +600,53 @@ class PgLedger:
 
     # --- the fleet ------------------------------------------------------------------------------
 
-    # --- settings changed through the API, shared by the fleet (core/key_settings.py) --------
+    # --- keys made and changed through the API, shared by the fleet (core/key_records.py) ------
 
-    async def key_settings(self) -> dict[str, dict[str, str]]:
-        settings: dict[str, dict[str, str]] = {}
+    async def key_records(self) -> KeyRecords:
         with reachable():
-            rows = await self.pool.fetch("SELECT key_id, name, value FROM key_settings")
-        for key_id, name, value in rows:
-            settings.setdefault(key_id, {})[name] = value
-        return settings
+            rows = await self.pool.fetch(SELECT_RECORDS)
+        return {row[0]: record_from_row(row) for row in rows}
 
-    async def set_key_setting(self, key_id: str, name: str, value: str, now: float) -> None:
-        """Store a key's setting for every instance (durable; the version tells the others)."""
+    async def change_key_record(self, key_id: str, change: RecordChange) -> KeyRecord:
+        """Read, change and store one key's record under its row lock (two admins editing one
+        key on two instances each see the other's change), durably; the version tells the
+        other instances."""
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.execute("SET LOCAL synchronous_commit = on")
-                await conn.execute(
-                    "INSERT INTO key_settings (key_id, name, value, updated_at) VALUES ($1, $2, $3, $4)"
-                    " ON CONFLICT (key_id, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                    key_id,
-                    name,
-                    value,
-                    now,
-                )
+                row = await conn.fetchrow(numbered(SELECT_RECORDS + " WHERE id = ? FOR UPDATE"), key_id)
+                record = change(None if row is None else record_from_row(row))
+                if row is None:
+                    await conn.execute(numbered(INSERT_RECORD), *record_row(record))
+                else:
+                    await conn.execute(numbered(UPDATE_RECORD), *update_params(record))
                 await conn.execute(
                     "INSERT INTO settings (name, value) VALUES ($1, '1') ON CONFLICT (name) DO UPDATE SET value = (settings.value::bigint + 1)::text",
                     SETTINGS_VERSION,
                 )
+        except asyncpg.UniqueViolationError as exc:
+            raise RecordConflict("secret" if "digest" in (exc.constraint_name or "") else "id") from None
         except UNREACHABLE as exc:
             raise unavailable(reason(exc)) from None
+        self._settings_version = None  # the next poll re-reads them
+        return record
 
-    def watch_settings(self, apply: Callable[[dict[str, dict[str, str]]], None]) -> None:
-        """Call `apply` with every stored setting now and whenever another instance changes one
-        (polled: a one-row read every SETTINGS_POLL_SECONDS)."""
-        self._settings_task = asyncio.create_task(self._poll_settings(apply))
+    def watch_key_records(self, apply: Callable[[KeyRecords], None]) -> None:
+        """Call `apply` with every stored record whenever an instance changes one (polled: a
+        one-row read every SETTINGS_POLL_SECONDS)."""
+        self._settings_task = asyncio.create_task(self._poll_records(apply))
 
-    async def _poll_settings(self, apply: Callable[[dict[str, dict[str, str]]], None]) -> None:
+    async def _poll_records(self, apply: Callable[[KeyRecords], None]) -> None:
         while True:
             try:
                 version = await self.pool.fetchval("SELECT value FROM settings WHERE name = $1", SETTINGS_VERSION)
                 if version != self._settings_version:
-                    settings = await self.key_settings()
+                    records = await self.key_records()
                     self._settings_version = version
-                    apply(settings)
+                    apply(records)
             except DATABASE_ERRORS:
-                pass  # the heartbeat reports the database's state; settings stay as they were
+                pass  # the heartbeat reports the database's state; keys stay as they were
             await asyncio.sleep(SETTINGS_POLL_SECONDS)
-
-    async def refresh_settings(self) -> None:
-        """Make the next poll re-read the settings (after this instance changed one)."""
-        self._settings_version = None
 
     # --- the fleet ------------------------------------------------------------------------------
 

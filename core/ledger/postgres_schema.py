@@ -227,6 +227,27 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE alert_fired ADD COLUMN fired_limit BIGINT NOT NULL DEFAULT 0;
     CREATE INDEX alert_events_owed ON alert_events (id) WHERE status = 'pending';  -- each instance's sweep
     """,
+    # Keys made through the keys API, and API changes of api.yaml's keys (core/key_records.py),
+    # replacing `key_settings`: its billing modes become merge patches. Secrets: digests only.
+    3: """
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        defined_in TEXT NOT NULL CHECK (defined_in IN ('api', 'api.yaml')),
+        entry TEXT NOT NULL,
+        digest BYTEA,
+        masked TEXT,
+        previous_digest BYTEA,
+        previous_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+        deleted_at DOUBLE PRECISION,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE UNIQUE INDEX api_keys_by_digest ON api_keys (digest) WHERE digest IS NOT NULL;
+    INSERT INTO api_keys (id, defined_in, entry, created_at, updated_at)
+        SELECT key_id, 'api.yaml', json_build_object('preferences', json_build_object('billing_mode', value))::text, updated_at, updated_at
+        FROM key_settings WHERE name = 'billing_mode';
+    DROP TABLE key_settings;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

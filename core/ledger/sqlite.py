@@ -23,6 +23,18 @@ from core.audit import INSERT_AUDIT, AuditEntry, read_audit_page
 from core.config import ApiKey
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
+from core.key_records import (
+    INSERT_RECORD,
+    SELECT_RECORDS,
+    UPDATE_RECORD,
+    KeyRecord,
+    KeyRecords,
+    RecordChange,
+    RecordConflict,
+    record_from_row,
+    record_row,
+    update_params,
+)
 from core.ledger import CREDITS, Account, Grant, InsufficientBalance, Reservation, UsageRecord, hold
 from core.ledger.rollups import ROLLUP_STATEMENTS
 from core.ledger.sqlite_schema import SCHEMA_VERSION, migrate
@@ -124,6 +136,7 @@ class SqliteLedger:
         self.write_error: str | None = None  # the last failed write while it is being retried
         self._retrying = 0  # rows held in memory by a write being retried
         self.limiter = Limiter(self, clock)
+        self._records_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: str | Path, clock: Callable[[], float] = time.time) -> SqliteLedger:
@@ -259,6 +272,31 @@ class SqliteLedger:
             row = await cursor.fetchone()
         assert row is not None
         return str(row[0])
+
+    # --- keys made and changed through the API (core/key_records.py) ----------------------
+
+    async def key_records(self) -> KeyRecords:
+        async with self.db.execute(SELECT_RECORDS) as cursor:
+            rows = await cursor.fetchall()
+        return {row[0]: record_from_row(row) for row in rows}
+
+    async def change_key_record(self, key_id: str, change: RecordChange) -> KeyRecord:
+        """Read, change and store one key's record, one change at a time (committed before it
+        returns: the secret it answers with must still work after a crash)."""
+        async with self._records_lock:
+            async with self.db.execute(SELECT_RECORDS + " WHERE id = ?", (key_id,)) as cursor:
+                row = await cursor.fetchone()
+            record = change(None if row is None else record_from_row(row))
+            try:
+                if row is None:
+                    await self.db.execute(INSERT_RECORD, record_row(record))
+                else:
+                    await self.db.execute(UPDATE_RECORD, update_params(record))
+            except sqlite3.IntegrityError as exc:
+                raise RecordConflict("secret" if "digest" in str(exc) else "id") from None
+            except sqlite3.Error as exc:
+                raise GatewayError(503, "api_error", "ledger_not_writing", f"The ledger cannot write ({exc}); nothing was changed.") from None
+            return record
 
     # --- writing ------------------------------------------------------------------------
 

@@ -167,6 +167,23 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE alert_events ADD COLUMN claimed_at REAL;
     ALTER TABLE alert_fired ADD COLUMN fired_limit INTEGER NOT NULL DEFAULT 0;
     """,
+    # Keys made through the keys API, and API changes of api.yaml's keys (core/key_records.py).
+    # Secrets are stored only as their sha256 digests.
+    9: """
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        defined_in TEXT NOT NULL CHECK (defined_in IN ('api', 'api.yaml')),
+        entry TEXT NOT NULL,
+        digest BLOB,
+        masked TEXT,
+        previous_digest BLOB,
+        previous_until REAL NOT NULL DEFAULT 0,
+        deleted_at REAL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE UNIQUE INDEX api_keys_by_digest ON api_keys (digest) WHERE digest IS NOT NULL;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

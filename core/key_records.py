@@ -1,0 +1,183 @@
+"""Keys made and changed through the keys API, stored in the ledger database and applied over
+api.yaml.
+
+The rule, the same with one process and in a fleet: api.yaml is the operator's file, and the
+keys API never rewrites it. A key made through the API lives in the database as a whole entry
+(the shape of an api.yaml key entry); an API change to a key api.yaml defines (an edit, a
+rotation, a deletion) is stored there too, as a JSON merge patch over the file's entry plus
+the new secret's digest or the deletion time. Every load of the file, and every change of a
+record, builds the config in force from both. Secrets are never stored: only their digests.
+
+A stored change that no longer fits the file (the operator removed a model the patch allows,
+say) is not applied, and `GET /v1/config/status` says why: the file keeps working as written.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+
+from core.config import API, FILE, ApiKey, Config, read_key
+from core.config_reader import Section
+from core.keys import KeyIndex
+from core.yamlsource import ConfigError
+
+log = logging.getLogger("tollgate.keys")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    defined_in: str  # API: the whole key lives here; FILE: changes to api.yaml's key with this id
+    entry: dict[str, Any]  # API: the key's entry; FILE: a JSON merge patch over the file's entry
+    digest: bytes | None = field(default=None, repr=False)  # the secret the API chose (made or rotated)
+    masked: str | None = None
+    previous_digest: bytes | None = field(default=None, repr=False)  # the secret a rotation replaced,
+    previous_until: float = 0.0  # valid until then (a grace period)
+    deleted_at: float | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+KeyRecords = dict[str, KeyRecord]
+RecordChange = Callable[[KeyRecord | None], KeyRecord]  # the stored record (None: none yet) → the new one
+
+
+class RecordConflict(Exception):
+    """Another record has this id, or this secret (`what`: "id" or "secret")."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386: `target` with `patch` applied (objects merge, `null` removes); a new object."""
+    merged = copy.deepcopy(target)
+    for name, value in patch.items():
+        if value is None:
+            merged.pop(name, None)
+        elif isinstance(value, dict) and isinstance(merged.get(name), dict):
+            merged[name] = merge_patch(merged[name], value)
+        elif isinstance(value, dict):
+            merged[name] = merge_patch({}, value)
+        else:
+            merged[name] = copy.deepcopy(value)
+    return merged
+
+
+def compose_patches(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """One patch doing what `first` then `second` do (a `null` is kept: it removes a value
+    the file sets)."""
+    composed = copy.deepcopy(first)
+    for name, value in second.items():
+        if isinstance(value, dict) and isinstance(composed.get(name), dict):
+            composed[name] = compose_patches(composed[name], value)
+        else:
+            composed[name] = copy.deepcopy(value)
+    return composed
+
+
+def build_key(config: Config, key_id: str, entry: dict[str, Any], *, secret: str | None = None, line: int | None = None) -> ApiKey:
+    """A key from an entry, validated as api.yaml's are; ConfigError says which field is wrong."""
+    providers = {provider.name: provider for provider in config.providers}
+    return read_key(Section(entry, "api_keys", ""), providers, config.routes, config.preferences, secret=secret, line=line, key_id=key_id)
+
+
+def apply_record(config: Config, record: KeyRecord, file_key: ApiKey | None) -> ApiKey:
+    """The key `record` says, over api.yaml's `file_key` (None for a key made by the API)."""
+    if file_key is not None:
+        entry = merge_patch(file_key.entry, record.entry) if record.entry else file_key.entry
+        key = build_key(config, file_key.id, entry, secret=file_key.secret, line=file_key.line) if record.entry else file_key
+    else:
+        key = replace(build_key(config, record.id, record.entry), defined_in=API)
+    if record.digest is not None:
+        key = replace(key, secret=None, digest=record.digest, masked=record.masked or "…")
+    if record.previous_digest is not None:
+        key = replace(key, previous_digest=record.previous_digest, previous_until=record.previous_until)
+    return key
+
+
+def layered(config: Config, records: KeyRecords) -> Config:
+    """`config` (as api.yaml says) with the stored records applied; the same object when there
+    are none. Deleted keys move to `deleted_keys` (their history stays readable by id), and a
+    record that cannot be applied is named in `key_problems`."""
+    if not records:
+        return config
+    keys: list[ApiKey] = []
+    deleted: dict[str, ApiKey] = {}
+    problems: dict[str, str] = {}
+    for key in config.keys:
+        record = records.get(key.id)
+        if record is None:
+            keys.append(key)
+            continue
+        if record.defined_in != FILE:
+            problems[key.id] = f"api.yaml defines a key with the id '{key.id}', which a key made through the API has: api.yaml's is used"
+            keys.append(key)
+            continue
+        changed = _applied(config, record, key, problems)
+        if record.deleted_at is not None:
+            deleted[key.id] = changed
+        else:
+            keys.append(changed)
+    file_ids = {key.id for key in config.keys}
+    for record in records.values():
+        if record.defined_in != API or record.id in file_ids:
+            continue
+        try:
+            key = apply_record(config, record, None)
+        except ConfigError as exc:
+            problems[record.id] = f"the key made through the API no longer fits the config: {exc.reason}"
+            continue
+        if record.deleted_at is not None:
+            deleted[key.id] = key
+        else:
+            keys.append(key)
+    for key_id, problem in problems.items():
+        log.warning("stored change of key %s not applied: %s", key_id, problem)
+    all_keys = tuple(keys)
+    by_id = {key.id: key for key in all_keys}
+    return replace(config, keys=all_keys, key_index=KeyIndex(all_keys), keys_by_id=by_id, deleted_keys=deleted, key_problems=problems)
+
+
+def _applied(config: Config, record: KeyRecord, key: ApiKey, problems: dict[str, str]) -> ApiKey:
+    try:
+        return apply_record(config, record, key)
+    except ConfigError as exc:
+        problems[key.id] = f"the change stored through the API no longer fits api.yaml: {exc.reason}"
+        return key
+
+
+# --- storage: the same table in both ledgers (SQLite's `?` placeholders; PgLedger numbers them) ---
+
+RECORD_COLUMNS = ("id", "defined_in", "entry", "digest", "masked", "previous_digest", "previous_until", "deleted_at", "created_at", "updated_at")
+SELECT_RECORDS = f"SELECT {', '.join(RECORD_COLUMNS)} FROM api_keys"
+INSERT_RECORD = f"INSERT INTO api_keys ({', '.join(RECORD_COLUMNS)}) VALUES ({', '.join('?' for _ in RECORD_COLUMNS)})"
+UPDATE_RECORD = f"UPDATE api_keys SET {', '.join(f'{name} = ?' for name in RECORD_COLUMNS[1:])} WHERE id = ?"
+
+
+def record_row(record: KeyRecord) -> tuple[Any, ...]:
+    """The record in RECORD_COLUMNS order (the entry as JSON text)."""
+    entry = orjson.dumps(record.entry).decode()
+    return (record.id, record.defined_in, entry, record.digest, record.masked, record.previous_digest, record.previous_until,
+            record.deleted_at, record.created_at, record.updated_at)  # fmt: skip
+
+
+def update_params(record: KeyRecord) -> tuple[Any, ...]:
+    """UPDATE_RECORD's parameters: every column but the id, then the id."""
+    row = record_row(record)
+    return (*row[1:], row[0])
+
+
+def record_from_row(row: Any) -> KeyRecord:
+    values = list(row)
+    values[2] = orjson.loads(values[2])
+    for index in (3, 5):  # digests: bytes from SQLite's BLOB and PostgreSQL's BYTEA alike
+        values[index] = bytes(values[index]) if values[index] is not None else None
+    return KeyRecord(*values)
