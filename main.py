@@ -42,7 +42,7 @@ from core.reload import ConfigStore
 from core.routing import Scheduler
 from core.upstream import create_http_session
 from core.yamlsource import ConfigError
-from routes import admin, api_keys, audit, billing_admin, proxy, self_service, web
+from routes import accounts, admin, api_keys, audit, billing_admin, proxy, self_service, web
 from routes._http import error_response, http_error, internal_error
 from routes._session import SessionSigner
 from routes._web_auth import LoginRequired
@@ -61,8 +61,8 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
 
     `db_path`: the SQLite ledger's file, or any `--database` value (a postgresql:// URL).
     `clock` is the time every limit, budget period and ledger row uses (tests move it)."""
-    store = ConfigStore(config_path, load_config(config_path))
     database = parse_database(db_path)
+    store = ConfigStore(config_path, load_config(config_path), refuse=fleet_refusal if database.shared else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -108,13 +108,21 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             await ledger.close()  # flushes every queued ledger row
 
     app = GatewayApp(
-        routes=[*proxy.routes, *admin.routes, *api_keys.routes, *billing_admin.routes, *self_service.routes, *audit.routes, *web.routes],
+        routes=[*proxy.routes, *admin.routes, *api_keys.routes, *accounts.routes, *billing_admin.routes, *self_service.routes, *audit.routes, *web.routes],
         lifespan=lifespan,
         exception_handlers={GatewayError: on_error, HTTPException: on_error, LoginRequired: to_login, Exception: on_unexpected_error},
     )
     app.state.store = store  # loaded now: the entry point checks it before starting
     app.state.database = database
     return app
+
+
+def fleet_refusal(config: Config) -> str | None:
+    """What fleet mode cannot serve yet: accounts' shared balances are kept by the embedded
+    ledger only (refused rather than billed wrong)."""
+    if config.accounts:
+        return "accounts: are not supported in fleet mode (PostgreSQL) yet; run one process on SQLite to use them, or remove the accounts section"
+    return None
 
 
 def worker_app() -> Starlette:

@@ -213,4 +213,5 @@ class BillingTicket:
             status=status,
             cache_write_tokens=usage.cache_write_tokens,
             reasoning_tokens=usage.reasoning_tokens,
+            account_id=self.terms.owner or "",
         )

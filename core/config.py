@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from core.config_billing import DEFAULT_RESERVE_COMPLETION_TOKENS, KeyBilling, read_key_billing, read_price_book
+from core.config_billing import BILLING_MODES, DEFAULT_RESERVE_COMPLETION_TOKENS, KeyBilling, read_key_billing, read_price_book
 from core.config_limits import LIMIT_KEYS, AlertSettings, IPNetwork, KeyLimits, read_alerts, read_key_limits, read_networks, read_timezone
 from core.config_reader import Section, items_of
 from core.cooperate import cooperate
@@ -29,11 +29,18 @@ SCHEDULING_ALGORITHMS = ("fixed_priority", "round_robin", "weighted_round_robin"
 DEFAULT_TIMEOUT = Decimal(100)
 
 # Every setting api.yaml accepts, by place; a test checks that api.yaml.example documents each.
-TOP_LEVEL_KEYS = ("providers", "api_keys", "preferences")
+TOP_LEVEL_KEYS = ("providers", "accounts", "api_keys", "preferences")
 PROVIDER_KEYS = ("provider", "base_url", "api", "engine", "model", "preferences")
 PROVIDER_PREFERENCE_KEYS = ("model_timeout", "headers", "weight", "api_version", "default_max_tokens")
-KEY_KEYS = ("api", "id", "name", "role", "model", "preferences")
-KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # safe in a URL path, a CSV cell and a log line
+KEY_KEYS = ("api", "id", "name", "role", "account", "model", "preferences")
+KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # safe in a URL path, a CSV cell and a log line
+ACCOUNT_KEYS = ("name", "preferences")
+ACCOUNT_PREFERENCE_KEYS = (
+    "billing_mode", "credits", "count_credits", "created_at", "rate_limit", "token_rate_limit", "concurrency_limit",
+    "daily_cost_limit", "weekly_cost_limit", "monthly_cost_limit", "budget", "budget_period", "timezone",
+)  # fmt: skip
+ACCOUNT_ID_PREFIX = "account:"  # an account's ledger id: `account:acme` (no key id has a ':')
+ACCOUNT = "account"  # the role of the stand-in key an account is billed and limited as
 FILE, API = "api.yaml", "api"  # where a key is defined: the operator's file, or the keys API
 KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at", *LIMIT_KEYS)
 PREFERENCE_KEYS = (
@@ -109,6 +116,7 @@ class ApiKey:
     entry: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     previous_digest: bytes | None = field(default=None, repr=False)  # a rotated-away secret, valid until:
     previous_until: float = 0.0
+    account: ApiKey | None = field(default=None, repr=False, compare=False)  # its account's stand-in key
 
     def __post_init__(self) -> None:
         if not self.digest and self.secret is not None:
@@ -147,6 +155,9 @@ class Config:
     routes: dict[str, tuple[ModelRoute, ...]]
     public_models: tuple[str, ...]
     preferences: Preferences
+    # Accounts by name, each as a stand-in key (role ACCOUNT, id `account:NAME`, never in the
+    # key index): its balance is shared by its keys, and its limits apply to them together.
+    accounts: dict[str, ApiKey] = field(default_factory=dict)
     # Filled in when records stored through the keys API are applied (core/key_records.py):
     deleted_keys: dict[str, ApiKey] = field(default_factory=dict)  # by id; their history stays readable
     key_problems: dict[str, str] = field(default_factory=dict)  # key id → why its stored change is not in force
@@ -186,7 +197,8 @@ def _build(tree: Any, text: str, file: str, source_hash: str | None) -> Config:
     preferences, global_timeouts = _read_preferences(top.section("preferences"))
     providers, routes_by_provider = _read_providers(top, global_timeouts)
     routes = _index_routes(routes_by_provider)
-    keys = _read_keys(top, {p.name: p for p in providers}, routes, preferences)
+    accounts = _read_accounts(top, preferences)
+    keys = _read_keys(top, {p.name: p for p in providers}, routes, preferences, accounts)
     return Config(
         source=file,
         source_hash=source_hash or hashlib.sha256(text.encode()).hexdigest(),
@@ -198,7 +210,35 @@ def _build(tree: Any, text: str, file: str, source_hash: str | None) -> Config:
         routes=routes,
         public_models=tuple(dict.fromkeys(r.public_name for rs in routes_by_provider for r in rs)),
         preferences=preferences,
+        accounts=accounts,
     )
+
+
+def _read_accounts(top: Section, preferences: Preferences) -> dict[str, ApiKey]:
+    """`accounts:`: balances and limits shared by the keys that name them (`account: acme`)."""
+    accounts: dict[str, ApiKey] = {}
+    for index, node in items_of(top, "accounts"):
+        section = Section(node, top.file, f"accounts[{index}]", top.node["accounts"], index)
+        section.reject_unknown(ACCOUNT_KEYS)
+        name = section.string("name")
+        if not KEY_ID.fullmatch(name):
+            raise section.error("name", f"{section.where('name')} must be 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit), got '{name}'")
+        if name in accounts:
+            raise section.error("name", f"duplicate account name '{name}'")
+        prefs = section.section("preferences")
+        prefs.reject_unknown(ACCOUNT_PREFERENCE_KEYS)
+        accounts[name] = ApiKey(
+            secret=None,
+            id=ACCOUNT_ID_PREFIX + name,
+            name=name,
+            role=ACCOUNT,
+            access=ModelAccess(),
+            billing=read_key_billing(prefs),
+            limits=read_key_limits(prefs, preferences.timezone, preferences.alerts),
+            line=line_of(top.node["accounts"], index),
+            entry={name: value for name, value in section.node.items()},
+        )
+    return accounts
 
 
 def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]]:
@@ -355,7 +395,9 @@ def _index_routes(routes_by_provider: list[list[ModelRoute]]) -> dict[str, tuple
     return {name: tuple(routes) for name, routes in index.items()}
 
 
-def _read_keys(top: Section, providers: dict[str, Provider], routes: dict[str, tuple[ModelRoute, ...]], preferences: Preferences) -> list[ApiKey]:
+def _read_keys(
+    top: Section, providers: dict[str, Provider], routes: dict[str, tuple[ModelRoute, ...]], preferences: Preferences, accounts: dict[str, ApiKey]
+) -> list[ApiKey]:
     keys: list[ApiKey] = []
     seen: set[str] = set()
     ids: set[str] = set()
@@ -367,7 +409,7 @@ def _read_keys(top: Section, providers: dict[str, Provider], routes: dict[str, t
         if secret in seen:
             raise section.error("api", f"duplicate API key in {section.path} (keys must be unique)")
         seen.add(secret)
-        key = read_key(section, providers, routes, preferences, secret=secret, line=line_of(top.node["api_keys"], index))
+        key = read_key(section, providers, routes, preferences, accounts, secret=secret, line=line_of(top.node["api_keys"], index))
         if key.id in ids:
             raise section.error("id" if section.has("id") else "api", f"{section.path} has the id '{key.id}' of another key (ids must be unique)")
         ids.add(key.id)
@@ -380,6 +422,7 @@ def read_key(
     providers: dict[str, Provider],
     routes: dict[str, tuple[ModelRoute, ...]],
     preferences: Preferences,
+    accounts: dict[str, ApiKey],
     *,
     secret: str | None,
     line: int | None = None,
@@ -398,11 +441,29 @@ def read_key(
         name=section.string("name", mask_key(secret) if secret else key_id),
         role=section.choice("role", ("user", "admin"), "user"),
         access=_read_access(section, providers, routes),
-        billing=read_key_billing(prefs),
+        billing=_key_billing(section, prefs, accounts),
         limits=read_key_limits(prefs, preferences.timezone, preferences.alerts),
         line=line,
+        account=accounts[section.string("account")] if section.has("account") else None,
         entry={name: value for name, value in section.node.items() if name != "api"},
     )
+
+
+def _key_billing(section: Section, prefs: Section, accounts: dict[str, ApiKey]) -> KeyBilling:
+    """The key's own terms, or, for a key in an account, the account's balance (credits,
+    count credits, billing window) in the key's billing mode (the account's by default)."""
+    if not section.has("account"):
+        return read_key_billing(prefs)
+    name = section.string("account")
+    account = accounts.get(name)
+    if account is None:
+        known = f" (accounts: {', '.join(accounts)})" if accounts else " (there is no accounts: section)"
+        raise section.error("account", f"{section.where('account')} names account '{name}', which is not defined{known}")
+    for own in ("credits", "count_credits", "created_at"):
+        if prefs.has(own):
+            raise prefs.error(own, f"{prefs.where(own)}: a key in an account draws on the account's balance; set {own} on account '{name}'")
+    mode = prefs.choice("billing_mode", BILLING_MODES, account.billing.mode)
+    return replace(account.billing, mode=mode, owner=account.id)
 
 
 def read_key_id(section: Section) -> str:

@@ -24,6 +24,7 @@ class KeyBilling:
     credits_nanos: int | None = None  # None: unlimited USD
     count_credits: int = 0
     created_at: float = 0.0  # the billing window starts here (unix seconds)
+    owner: str | None = None  # an account's ledger id: the key draws on that account's balance
 
     @property
     def unlimited_credits(self) -> bool:

@@ -20,11 +20,11 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
-from core.config import ApiKey
+from core.config import ACCOUNT, ApiKey
 from core.config_limits import IPNetwork, RateRule
 from core.errors import GatewayError, forbidden
 from core.ledger import Account
-from core.ledger.sums import Window, window_totals
+from core.ledger.sums import Window, account_totals, window_totals
 from core.money_format import count_text, usd_text
 from core.pricing import format_usd
 
@@ -153,6 +153,12 @@ class Holds:
     open: bool = True
 
 
+def _whose(key: ApiKey, capital: bool = True) -> str:
+    """Who a limit belongs to, for the message: the key, or the account it shares with others."""
+    text = f"this key's account '{key.name}'" if key.role == ACCOUNT else "this API key"
+    return text[0].upper() + text[1:] if capital else text
+
+
 def _period_unavailable() -> GatewayError:
     return GatewayError(503, "api_error", "budget_period_loading", "This key's budget spend is being loaded; retry in a moment.", {"Retry-After": "1"})
 
@@ -187,7 +193,8 @@ class Limiter:
     async def _load(self, key: ApiKey, name: str, spend: PeriodSpend) -> None:
         assert spend.ready is not None
         windows = [Window(key.id, max(spend.start, key.billing.created_at))]
-        spend.marker, result = self.ledger.query_in_order(lambda db: window_totals(db, windows))
+        totals_of = account_totals if key.role == ACCOUNT else window_totals  # an account's spend is its keys'
+        spend.marker, result = self.ledger.query_in_order(lambda db: totals_of(db, windows))
         try:
             totals = await result
             spend.db_nanos = totals[(key.id,)].cost_nanos if (key.id,) in totals else 0
@@ -208,7 +215,7 @@ class Limiter:
                 429,
                 "rate_limit_error",
                 "concurrency_limit_exceeded",
-                f"This API key already has {state.in_flight} requests in flight (limit {limits.concurrency_limit}).",
+                f"{_whose(key)} already has {state.in_flight} requests in flight (limit {limits.concurrency_limit}).",
                 {"Retry-After": "1"},
             )
         windows = [("requests", rule, self._window(state, "requests", rule, now)) for rule in limits.rate_limits]
@@ -222,7 +229,7 @@ class Limiter:
                     429,
                     "rate_limit_error",
                     "rate_limit_exceeded",
-                    f"Rate limit reached for this API key: {rule.text} {kind}. Try again in {openai_duration(retry)}.",
+                    f"Rate limit reached for {_whose(key, capital=False)}: {rule.text} {kind}. Try again in {openai_duration(retry)}.",
                     headers,
                 )
         if limits.quota is not None:
@@ -243,7 +250,7 @@ class Limiter:
                     402,
                     "insufficient_quota",
                     limit.code,
-                    f"This API key reached its {limit.period} limit of {usd_text(limit.limit_nanos)}; it resets at {reset}.",
+                    f"{_whose(key)} reached its {limit.period} limit of {usd_text(limit.limit_nanos)}; it resets at {reset}.",
                 )
         holds = Holds(key, tokens, nanos)
         state.in_flight += 1

@@ -53,6 +53,14 @@ class Account:
     count_granted: int = 0
     reserved_nanos: int = 0
     reserved_count: int = 0
+    # A key in an account: the account's own Account, which holds the balance (credits, grants,
+    # reservations); this one still counts the key's own use (its quota, its history).
+    owner: Account | None = None
+
+    @property
+    def holder(self) -> Account:
+        """Whose balance this key draws on: its account's, or its own."""
+        return self.owner if self.owner is not None else self
 
     def charges(self) -> tuple[int, int, int, int, int]:
         """The fields that settlements change."""
@@ -63,7 +71,9 @@ class Account:
 
     def charge(self, record: UsageRecord) -> None:
         """Count a settled request's record in the balance, if it falls in the window (a
-        reload may have moved the window past a request in flight)."""
+        reload may have moved the window past a request in flight), and in its account's."""
+        if self.owner is not None:
+            self.owner.charge(record)
         if self.in_window(record.ts):
             if record.cost_type == "token":
                 self.spent_nanos += record.cost_nanos
@@ -80,10 +90,12 @@ class Account:
     def remaining_nanos(self, terms: KeyBilling) -> int | None:
         if terms.credits_nanos is None:
             return None
-        return terms.credits_nanos + self.granted_nanos - self.spent_nanos
+        holder = self.holder
+        return terms.credits_nanos + holder.granted_nanos - holder.spent_nanos
 
     def remaining_count(self, terms: KeyBilling) -> int:
-        return terms.count_credits + self.count_granted - self.count_used
+        holder = self.holder
+        return terms.count_credits + holder.count_granted - holder.count_used
 
 
 @dataclass(slots=True)
@@ -96,31 +108,35 @@ class Reservation:
     count: int
     open: bool = True
     holds: Any = None  # core.limits.Holds, released with the reservation (embedded ledger)
+    account_holds: Any = None  # the same for the limits of the key's account, if it has any
     request_id: str = ""
     tokens: int = 0
     admitted_at: float = 0.0
+    holder: Account | None = None  # whose balance is held (an account's), fixed at admission
 
     def unhold(self) -> bool:
         """Give the held balance back to the account, once; whether it was still held."""
         if not self.open:
             return False
         self.open = False
-        self.account.reserved_nanos -= self.nanos
-        self.account.reserved_count -= self.count
+        holder = self.holder or self.account
+        holder.reserved_nanos -= self.nanos
+        holder.reserved_count -= self.count
         return True
 
 
 def hold(account: Account, terms: KeyBilling, nanos: int, count: int) -> Reservation:
     """Check and hold a balance in one synchronous step (nothing else runs in between):
     `count` count credits, or `nanos` of USD credit; InsufficientBalance when it lacks."""
-    if count and account.remaining_count(terms) - account.reserved_count < count:
+    holder = account.holder  # a key in an account holds the account's balance
+    if count and account.remaining_count(terms) - holder.reserved_count < count:
         raise InsufficientBalance(COUNT_CREDITS)
     remaining = account.remaining_nanos(terms)
-    if remaining is not None and not count and (remaining <= 0 or remaining - account.reserved_nanos < nanos):
+    if remaining is not None and not count and (remaining <= 0 or remaining - holder.reserved_nanos < nanos):
         raise InsufficientBalance(CREDITS)
-    account.reserved_nanos += nanos
-    account.reserved_count += count
-    return Reservation(account, nanos, count)
+    holder.reserved_nanos += nanos
+    holder.reserved_count += count
+    return Reservation(account, nanos, count, holder=holder)
 
 
 class UsageRecord(NamedTuple):
@@ -147,6 +163,7 @@ class UsageRecord(NamedTuple):
     status: str = "ok"
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    account_id: str = ""  # the account whose balance paid (`account:NAME`), or "" for a key's own
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,6 +93,7 @@ _USAGE_TYPES = {
     "cost_type": "text",
     "unit_prices": "text",
     "status": "text",
+    "account_id": "text",
 }
 
 

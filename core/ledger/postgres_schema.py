@@ -248,6 +248,18 @@ MIGRATIONS: dict[int, str] = {
         FROM key_settings WHERE name = 'billing_mode';
     DROP TABLE key_settings;
     """,
+    # Accounts (api.yaml `accounts:`), as in SQLite's schema 10: each charge names the account
+    # whose balance paid, and a per account and day rollup sums them.
+    4: """
+    ALTER TABLE usage ADD COLUMN account_id TEXT NOT NULL DEFAULT '';
+    CREATE INDEX usage_by_account_time ON usage (account_id, ts) WHERE account_id <> '';
+    CREATE TABLE usage_account_day (
+        account_id TEXT NOT NULL, day TEXT NOT NULL, requests BIGINT NOT NULL, cost_nanos BIGINT NOT NULL,
+        token_cost_nanos BIGINT NOT NULL, count_charged BIGINT NOT NULL, errors BIGINT NOT NULL,
+        prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL, cached_tokens BIGINT NOT NULL,
+        PRIMARY KEY (account_id, day)
+    );
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 # How each rollup column is computed from `usage` rows.
 _GROUPS = {
     "key_id": "key_id",
+    "account_id": "account_id",
     "model": "model",
     "cost_type": "cost_type",
     "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",  # the UTC day, as core.ledger.sums.utc_day
@@ -41,17 +42,18 @@ class Rollup:
     table: str
     keys: tuple[str, ...]
     values: tuple[str, ...]
+    only: str = ""  # a condition on the rows summed (the account rollup skips keys' own rows)
 
     @property
     def sql(self) -> str:
         """Upsert the sums of the `usage` rows with `id > ?` (one batch) into this table."""
-        return self._upsert(_GROUPS, _MEASURES, "usage NOT INDEXED WHERE id > ?", "", "")
+        return self._upsert(_GROUPS, _MEASURES, "usage NOT INDEXED WHERE id > ?" + (f" AND {self.only}" if self.only else ""), "", "")
 
     def pg_upsert(self, source: str) -> str:
         """PostgreSQL: upsert the sums of the rows of `source` (a CTE of new usage rows). Groups
         are written in key order, so that instances committing at once lock rollup rows in the
         same order and cannot deadlock."""
-        return self._upsert(_PG_GROUPS, _PG_MEASURES, source, f"{self.table}.", " ORDER BY {groups}")
+        return self._upsert(_PG_GROUPS, _PG_MEASURES, source + (f" WHERE {self.only}" if self.only else ""), f"{self.table}.", " ORDER BY {groups}")
 
     def _upsert(self, groups_sql: dict[str, str], measures_sql: dict[str, str], source: str, current: str, order: str) -> str:
         columns = ", ".join((*self.keys, *self.values))
@@ -71,5 +73,7 @@ ROLLUPS = (
     Rollup("usage_key_month", ("key_id", "month"), ("requests", "cost_nanos")),
     Rollup("usage_key_model", ("key_id", "model", "cost_type"), ("requests", *_TOKENS, "cost_nanos", "count_charged", "errors")),
     Rollup("usage_day_model", ("day", "model"), ("requests", "cost_nanos")),
+    # What the keys of each account charged to its shared balance, per day.
+    Rollup("usage_account_day", ("account_id", "day"), ("requests", "cost_nanos", "token_cost_nanos", "count_charged", "errors", *_TOKENS), "account_id <> ''"),
 )
 ROLLUP_STATEMENTS = tuple(rollup.sql for rollup in ROLLUPS)

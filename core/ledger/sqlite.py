@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from core.audit import INSERT_AUDIT, AuditEntry, read_audit_page
-from core.config import ApiKey
+from core.config import ACCOUNT_ID_PREFIX, ApiKey
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
 from core.key_records import (
@@ -38,7 +38,7 @@ from core.key_records import (
 from core.ledger import CREDITS, Account, Grant, InsufficientBalance, Reservation, UsageRecord, hold
 from core.ledger.rollups import ROLLUP_STATEMENTS
 from core.ledger.sqlite_schema import SCHEMA_VERSION, migrate
-from core.ledger.sums import Totals, Window, grant_totals, window_totals
+from core.ledger.sums import Totals, Window, account_totals, grant_totals, window_totals
 from core.limits import Limiter
 
 log = logging.getLogger("tollgate.ledger")
@@ -163,23 +163,36 @@ class SqliteLedger:
     async def account(self, key_id: str, terms: KeyBilling) -> Account:
         """The key's account for its current billing window, rebuilt from the tables on
         first use and when the window (`created_at`) changes. The object is never replaced,
-        so reservations held by requests in flight stay attached to it."""
+        so reservations held by requests in flight stay attached to it. A key in an account
+        is linked to the account's own Account, which holds the shared balance."""
         account = self._accounts.get(key_id)
-        if account is None or account.window_start != terms.created_at:
-            account = self._stale([(key_id, terms)])[0]
+        if account is None or account.window_start != terms.created_at or _owner_id(account) != terms.owner:
+            return (await self.accounts([(key_id, terms)]))[key_id]
         ready = self._ready[key_id]
         if not ready.done():
             await asyncio.shield(ready)
         ready.result()  # re-raise a failed recount
+        if account.owner is not None:
+            await self._ready_owner(account.owner.key_id)
         return account
+
+    async def _ready_owner(self, owner_id: str) -> None:
+        ready = self._ready[owner_id]
+        if not ready.done():
+            await asyncio.shield(ready)
+        ready.result()
 
     async def accounts(self, keys: list[tuple[str, KeyBilling]]) -> dict[str, Account]:
         """Many accounts at once (a page of 10,000 keys): one recount query for all missing."""
-        self._stale([(key_id, terms) for key_id, terms in keys if (a := self._accounts.get(key_id)) is None or a.window_start != terms.created_at])
-        for future in {id(f): f for f in (self._ready[key_id] for key_id, _ in keys)}.values():
+        owners = {terms.owner: terms for _, terms in keys if terms.owner is not None}
+        wanted = [*keys, *owners.items()]
+        self._stale([(key_id, terms) for key_id, terms in wanted if (a := self._accounts.get(key_id)) is None or a.window_start != terms.created_at])
+        for future in {id(f): f for f in (self._ready[key_id] for key_id, _ in wanted)}.values():
             if not future.done():
                 await asyncio.shield(future)
             future.result()
+        for key_id, terms in keys:
+            self._accounts[key_id].owner = self._accounts[terms.owner] if terms.owner is not None else None
         return {key_id: self._accounts[key_id] for key_id, _ in keys}
 
     def _stale(self, keys: list[tuple[str, KeyBilling]]) -> list[Account]:
@@ -207,16 +220,27 @@ class SqliteLedger:
         synchronous step: no other request runs on the loop in between."""
         terms, limits = key.billing, key.limits
         account = await self.account(key.id, terms)
+        group = key.account if key.account is not None and key.account.limits.meters_anything else None  # the account's own limits
         if limits.period_limits:
             await self.limiter.prepare(key, now)
+        if group is not None and group.limits.period_limits:
+            await self.limiter.prepare(group, now)
         holds = self.limiter.acquire(key, account, nanos, tokens, now) if limits.meters_anything else None
         try:
-            reservation = hold(account, terms, balance_nanos, count)
-        except InsufficientBalance:
+            group_holds = self.limiter.acquire(group, account.holder, nanos, tokens, now) if group is not None else None
+        except Exception:
             if holds is not None:
                 self.limiter.release(holds, 0, 0, now, 0, counted=False)
             raise
+        try:
+            reservation = hold(account, terms, balance_nanos, count)
+        except InsufficientBalance:
+            for held in (holds, group_holds):
+                if held is not None:
+                    self.limiter.release(held, 0, 0, now, 0, counted=False)
+            raise
         reservation.holds = holds
+        reservation.account_holds = group_holds
         return reservation
 
     def _enqueue(self, item: _QueueItem) -> int:
@@ -238,6 +262,10 @@ class SqliteLedger:
             self.limiter.release(reservation.holds, record.cost_nanos, record.prompt_tokens + record.completion_tokens, record.ts, seq)
         else:  # usage reported from elsewhere: nothing was held, but budgets still count it
             self.limiter.count_spend(record.key_id, record.cost_nanos, record.ts, seq)
+        if reservation.account_holds is not None:
+            self.limiter.release(reservation.account_holds, record.cost_nanos, record.prompt_tokens + record.completion_tokens, record.ts, seq)
+        elif record.account_id:
+            self.limiter.count_spend(record.account_id, record.cost_nanos, record.ts, seq)
         return seq
 
     report_every: float | None = None  # one process: a request in flight dies with it
@@ -249,11 +277,13 @@ class SqliteLedger:
         reservation.unhold()
         seq = self._seq
         if record is not None:
-            if reservation.account.in_window(record.ts):
-                reservation.account.request_count += 1
+            for counted in {id(a): a for a in (reservation.account, reservation.account.holder)}.values():
+                if counted.in_window(record.ts):
+                    counted.request_count += 1
             seq = self._enqueue(record)
-        if reservation.holds is not None:
-            self.limiter.release(reservation.holds, 0, 0, record.ts if record is not None else self.limiter.clock(), seq)
+        for held in (reservation.holds, reservation.account_holds):
+            if held is not None:
+                self.limiter.release(held, 0, 0, record.ts if record is not None else self.limiter.clock(), seq)
         return seq
 
     async def grant(self, grant: Grant, terms: KeyBilling) -> bool:
@@ -415,8 +445,11 @@ class SqliteLedger:
 
     async def _run_recount(self, item: _Recount) -> None:
         windows = [Window(account.key_id, account.window_start) for account, _ in item.accounts]
+        owners = [window for window in windows if window.key_id.startswith(ACCOUNT_ID_PREFIX)]
         try:
-            totals = await window_totals(self.db, windows)
+            totals = await window_totals(self.db, [window for window in windows if not window.key_id.startswith(ACCOUNT_ID_PREFIX)])
+            if owners:
+                totals.update(await account_totals(self.db, owners))
             granted = await grant_totals(self.db, windows)
         except Exception as exc:
             log.exception("rebuilding %d balances from the ledger failed", len(windows))
@@ -464,6 +497,10 @@ class SqliteLedger:
         as of now, because everything queued is committed first."""
         await self.flush()
         return await window_totals(self.reader, windows, by_model)
+
+
+def _owner_id(account: Account) -> str | None:
+    return account.owner.key_id if account.owner is not None else None
 
 
 def _insert_usage(db: sqlite3.Connection, records: list[UsageRecord]) -> None:

@@ -184,6 +184,18 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE UNIQUE INDEX api_keys_by_digest ON api_keys (digest) WHERE digest IS NOT NULL;
     """,
+    # Accounts (api.yaml `accounts:`): each charge names the account whose balance paid, and a
+    # per account and day rollup sums them (an account's balance is rebuilt from it).
+    10: """
+    ALTER TABLE usage ADD COLUMN account_id TEXT NOT NULL DEFAULT '';
+    CREATE INDEX usage_by_account_time ON usage (account_id, ts) WHERE account_id <> '';
+    CREATE TABLE usage_account_day (
+        account_id TEXT NOT NULL, day TEXT NOT NULL, requests INTEGER NOT NULL, cost_nanos INTEGER NOT NULL,
+        token_cost_nanos INTEGER NOT NULL, count_charged INTEGER NOT NULL, errors INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL,
+        PRIMARY KEY (account_id, day)
+    ) WITHOUT ROWID;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -105,7 +105,25 @@ _TIME = "CAST(? AS DOUBLE PRECISION)"
 _RANGED_ROW = f"(CAST(? AS TEXT), {_TIME}, {_TIME}, CAST(? AS TEXT), CAST(? AS TEXT), {_TIME}, {_TIME})"
 
 
-async def _ranged_totals(db: aiosqlite.Connection, windows: list[Window], by_model: bool, totals: dict[tuple[str, ...], Totals]) -> None:
+async def account_totals(db: aiosqlite.Connection, windows: Iterable[Window]) -> dict[tuple[str, ...], Totals]:
+    """Totals per account (a Window's `key_id` is the account's ledger id, `account:NAME`) over
+    each window: what every key in the account charged to its balance, from `usage_account_day`
+    and the `account_id` of the raw rows at the window's edges."""
+    totals: dict[tuple[str, ...], Totals] = {}
+    windows = list(windows)
+    for start in range(0, len(windows), MAX_WINDOWS_PER_QUERY):
+        await _ranged_totals(db, windows[start : start + MAX_WINDOWS_PER_QUERY], False, totals, "account_id", "usage_account_day")
+    return totals
+
+
+async def _ranged_totals(
+    db: aiosqlite.Connection,
+    windows: list[Window],
+    by_model: bool,
+    totals: dict[tuple[str, ...], Totals],
+    owner: str = "key_id",
+    day_table: str = "usage_key_day",
+) -> None:
     chunk = [_split(w) for w in windows]
     params = [value for row in chunk for value in row]
     cte = f"WITH w(key_id, lo_from, lo_to, day_from, day_to, hi_from, hi_to) AS (VALUES {', '.join(_RANGED_ROW for _ in chunk)}) "
@@ -115,12 +133,12 @@ async def _ranged_totals(db: aiosqlite.Connection, windows: list[Window], by_mod
         days = f"SELECT w.key_id, d.model, d.cost_type, {_COLUMNS.format(t='d', requests='d.requests', errors='d.errors')} FROM w CROSS JOIN usage_daily d"
         days_group = "w.key_id, d.model, d.cost_type"
     else:
-        days = f"SELECT w.key_id, {_KEY_DAY_COLUMNS} FROM w CROSS JOIN usage_key_day d"
+        days = f"SELECT w.key_id, {_KEY_DAY_COLUMNS} FROM w CROSS JOIN {day_table} d"
         days_group = "w.key_id"
     queries = (
-        f"SELECT {raw_group}, {raw} FROM w CROSS JOIN usage u ON u.key_id = w.key_id AND u.ts >= w.lo_from AND u.ts < w.lo_to GROUP BY {raw_group}",
-        f"{days} ON d.key_id = w.key_id AND d.day >= w.day_from AND (w.day_to IS NULL OR d.day < w.day_to) WHERE w.day_from IS NOT NULL GROUP BY {days_group}",
-        f"SELECT {raw_group}, {raw} FROM w CROSS JOIN usage u ON u.key_id = w.key_id AND u.ts >= w.hi_from AND u.ts < w.hi_to WHERE w.hi_from IS NOT NULL GROUP BY {raw_group}",
+        f"SELECT {raw_group}, {raw} FROM w CROSS JOIN usage u ON u.{owner} = w.key_id AND u.ts >= w.lo_from AND u.ts < w.lo_to GROUP BY {raw_group}",
+        f"{days} ON d.{owner} = w.key_id AND d.day >= w.day_from AND (w.day_to IS NULL OR d.day < w.day_to) WHERE w.day_from IS NOT NULL GROUP BY {days_group}",
+        f"SELECT {raw_group}, {raw} FROM w CROSS JOIN usage u ON u.{owner} = w.key_id AND u.ts >= w.hi_from AND u.ts < w.hi_to WHERE w.hi_from IS NOT NULL GROUP BY {raw_group}",
     )
     for sql in queries:
         await _collect(db, cte + sql, params, 3 if by_model else 1, totals)
