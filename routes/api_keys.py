@@ -67,7 +67,6 @@ def _view(key: ApiKey, store: ConfigStore, state: dict[str, Any], account: Accou
         "role": key.role,
         "api": key.masked,
         "defined_in": key.defined_in,
-        "line": key.line,
         "api_changes": jsonable(record.entry) if record is not None and record.defined_in == FILE and record.entry else None,
         "problem": store.current.key_problems.get(key.id),
         "status": status,

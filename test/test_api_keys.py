@@ -196,7 +196,7 @@ def test_a_created_secret_is_shown_once_and_never_listed(gateway: RunningGateway
         response = admin(gateway).call("GET", path)
         assert response.status_code == 200 and secret not in response.text and secret[3:20] not in response.text
     view = admin(gateway).get(made["id"])
-    assert view["defined_in"] == "api" and view["line"] is None and view["status"] == "active"
+    assert view["defined_in"] == "api" and view["status"] == "active"
     assert view["name"] == "shown-once" and view["role"] == "user"
     assert "…" in view["api"] and view["api"] != secret and len(view["api"]) < len(secret) // 2
     assert view["created_at"] is not None and view["deleted_at"] is None
@@ -499,14 +499,6 @@ def test_patching_an_api_yaml_key_stores_the_change_not_the_file(gateway: Runnin
     chat(gateway, PINNED_FILE_KEY)  # the patched quota is in force: 18 of 10 tokens used
     assert refusal(gateway, PINNED_FILE_KEY) == (402, "API_KEY_QUOTA_EXHAUSTED")
     assert gateway.config_path.read_bytes() == before
-
-
-def test_an_api_yaml_key_shows_its_line_and_a_made_key_none(gateway: RunningGateway) -> None:
-    line = gateway.config_path.read_text().splitlines().index(f"  - api: {PINNED_FILE_KEY}") + 1
-    assert admin(gateway).get("ci-bot")["line"] == line
-    assert admin(gateway).patch("ci-bot", {"name": "renamed"})["line"] == line
-    made = admin(gateway).create({"name": "no-line"})
-    assert made["key"]["line"] is None
 
 
 def test_api_yaml_keys_keep_their_ledger_ids(gateway: RunningGateway) -> None:
