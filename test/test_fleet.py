@@ -705,3 +705,43 @@ def test_two_keys_of_one_account_share_its_count_credits_exactly_across_instance
     assert top_up.status_code == 200, top_up.text
     assert fire_keys(instances, [ACME_TWO, ACME_ONE], 10).count(200) == 3  # a top-up on one instance is spent on both
     fleet.assert_balances_equal_ledger_sums()
+
+
+def test_keys_made_changed_rotated_and_deleted_through_one_instance_are_in_force_on_every_instance(fleet):
+    first, second = fleet.start("billing_mode: token, credits: 1", count=2)
+
+    def answers(instance: Instance, secret: str, within: float = 3.0, expect: int = 200) -> None:
+        """Until `instance` answers `expect` to a chat with `secret` (polled: other instances
+        pick a stored change up within a second)."""
+        deadline = time.monotonic() + within
+        while True:
+            got = httpx.post(f"{instance.url}/v1/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                             json={"model": "echo-1", "messages": MESSAGES}, timeout=10).status_code  # fmt: skip
+            if got == expect:
+                return
+            assert time.monotonic() < deadline, f"{instance.url} answered {got}, not {expect}, for {within} s"
+            time.sleep(0.1)
+
+    made = first.post("/v1/api_keys", json={"name": "made-on-first", "preferences": {"billing_mode": "count", "count_credits": 5}})
+    assert made.status_code == 201, made.text
+    secret, key_id = made.json()["api"], made.json()["id"]
+    answers(second, secret)  # made on one instance, used on the other
+
+    patched = httpx.patch(
+        f"{second.url}/v1/api_keys/{key_id}", headers={"Authorization": f"Bearer {ADMIN}"}, json={"preferences": {"enabled": False}}, timeout=10
+    )
+    assert patched.status_code == 200, patched.text
+    answers(first, secret, expect=403)  # disabled through the other instance
+    httpx.patch(f"{first.url}/v1/api_keys/{key_id}", headers={"Authorization": f"Bearer {ADMIN}"}, json={"preferences": {"enabled": None}}, timeout=10)
+    answers(second, secret)
+
+    rotated = second.post(f"/v1/api_keys/{key_id}/rotate")
+    assert rotated.status_code == 200, rotated.text
+    answers(first, secret, expect=401)
+    answers(first, rotated.json()["api"])
+    assert first.get(f"/v1/api_keys/{key_id}").json()["state"]["remaining_count_credits"] < 5  # the balance stayed with the id
+
+    assert httpx.delete(f"{first.url}/v1/api_keys/{key_id}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10).status_code == 200
+    answers(second, rotated.json()["api"], expect=401)
+    assert second.get(f"/v1/api_keys/{key_id}").json()["status"] == "deleted"
+    fleet.assert_balances_equal_ledger_sums()
