@@ -105,24 +105,7 @@ class Fleet:
 
     def fire(self, total: int, **create: Any) -> list[int]:
         """`total` chat completions at once, spread round-robin over every instance; statuses."""
-
-        async def all_at_once() -> list[int]:
-            clients = [instance.client() for instance in self.instances]
-
-            async def one(i: int) -> int:
-                try:
-                    await clients[i % len(clients)].chat.completions.create(model="echo-1", messages=MESSAGES, **create)
-                    return 200
-                except openai.APIStatusError as exc:
-                    return exc.status_code
-
-            try:
-                return list(await asyncio.gather(*(one(i) for i in range(total))))
-            finally:
-                for client in clients:
-                    await client.close()
-
-        return asyncio.run(all_at_once())
+        return fire_keys(self.instances, [KEY], total, **create)
 
     def sql(self, query: str) -> str:
         return self.postgres.psql(query, self.database.rsplit("/", 1)[1])
@@ -672,15 +655,15 @@ preferences:
 """
 
 
-def fire_keys(instances: list[Instance], keys: list[str], total: int) -> list[int]:
-    """`total` requests at once, spread round-robin over the instances and the keys."""
+def fire_keys(instances: list[Instance], keys: list[str], total: int, **create: Any) -> list[int]:
+    """`total` chat completions at once, spread round-robin over the instances and the keys."""
 
     async def all_at_once() -> list[int]:
         clients = [instance.client(key) for instance in instances for key in keys]
 
         async def one(i: int) -> int:
             try:
-                await clients[i % len(clients)].chat.completions.create(model="echo-1", messages=MESSAGES)
+                await clients[i % len(clients)].chat.completions.create(model="echo-1", messages=MESSAGES, **create)
                 return 200
             except openai.APIStatusError as exc:
                 return exc.status_code
