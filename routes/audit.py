@@ -14,8 +14,8 @@ from core.config import Config
 from core.errors import bad_request
 from core.ledger import Ledger
 from routes._http import current_config, require_admin, whole_number
+from routes._pages import render
 from routes._web_auth import admin_visitor
-from routes.web import render
 from routes.web_export import csv_stream, download
 from routes.web_views import when
 

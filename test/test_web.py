@@ -359,13 +359,13 @@ def test_allowed_clients_limits_api_calls_not_the_holders_own_pages(start_gatewa
     ],
 )
 def test_money_filter_formats_usd_one_way(nanos, shown):
-    from routes.web import templates
+    from routes._pages import templates
 
     assert templates.filters["money"](nanos) == shown
 
 
 def test_number_filter_separates_thousands():
-    from routes.web import templates
+    from routes._pages import templates
 
     assert [templates.filters["number"](n) for n in (0, 999, 1000, 2_000_000)] == ["0", "999", "1,000", "2,000,000"]
 
