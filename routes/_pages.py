@@ -35,9 +35,10 @@ def compile_templates() -> None:
 
 # Pages load only our own stylesheet: no scripts, no inline styles, no framing, forms post
 # only back to us; a stolen page cannot be embedded, sniffed into another type or cached.
+CSP = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 PAGE_HEADERS = {
     "Cache-Control": "no-store",
-    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
@@ -49,6 +50,13 @@ def render(request: Request, name: str, status: int = 200, **context: Any) -> HT
     banner = _config_error(request, context.get("me"))
     html = templates.get_template(name).render(request=request, nonce=secrets.token_urlsafe(12), config_error=banner, **context)
     return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
+
+
+def with_scripts(response: HTMLResponse) -> HTMLResponse:
+    """A page that runs our own script files (none inline): the one showing a new secret, for
+    its Copy button. Every other page keeps the policy without scripts."""
+    response.headers["Content-Security-Policy"] = CSP.replace("default-src 'none';", "default-src 'none'; script-src 'self';")
+    return response
 
 
 def _config_error(request: Request, me: ApiKey | None) -> dict[str, str] | None:
@@ -65,7 +73,8 @@ async def read_form(request: Request) -> dict[str, str]:
         body += chunk
         if len(body) > MAX_FORM_BYTES:
             raise GatewayError(413, "invalid_request_error", "request_too_large", "Form too large.")
-    return {name: values[0] for name, values in parse_qs(body.decode("utf-8", "replace")).items()}
+    # Blank fields are kept: an emptied settings field means "remove this setting".
+    return {name: values[0] for name, values in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
 
 
 def redirect(url: str) -> RedirectResponse:

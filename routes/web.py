@@ -21,11 +21,13 @@ from core.errors import GatewayError, forbidden, not_found
 from core.ledger import COUNT_CREDITS, CREDITS, Ledger
 from core.ledger.postgres import PgLedger
 from core.ledger.sums import Window
-from routes import web_export
+from core.reload import ConfigStore
+from routes import web_export, web_keys
 from routes._http import caller_ip, current_config, whole_number
 from routes._pages import WEB, read_form, redirect, render
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
 from routes._web_auth import LoginRequired, admin_visitor, check_page_access, signer, visitor
+from routes.key_forms import DEFAULTS, settings_values
 from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, sort_value, when
 
 PAGE_SIZE = 50
@@ -112,7 +114,7 @@ async def overview(request: Request) -> Response:
     key, session = admin_visitor(request, config)
     ledger: Ledger = request.app.state.ledger
     today, month = reports.today(), reports.month_start()
-    names = {k.id: k.name for k in config.keys}
+    names = {k.id: k.name for k in (*config.keys, *config.deleted_keys.values())}
     return render(
         request,
         "overview.html",
@@ -154,7 +156,8 @@ async def billing_tab(request: Request) -> Response:
     query = params.get("q", "").strip().lower()
     sort = params.get("sort", "name") if params.get("sort") in SORTS else "name"
     descending = params.get("dir") == "desc"
-    keys = [k for k in config.keys if not query or query in k.name.lower() or query in k.masked.lower() or k.id.startswith(query.lstrip("#"))]
+    every = (*config.keys, *config.deleted_keys.values())  # deleted keys stay listed: their history is readable
+    keys = [k for k in every if not query or query in k.name.lower() or query in k.masked.lower() or k.id.startswith(query.lstrip("#"))]
     accounts = await ledger.accounts([(k.id, k.billing) for k in keys])
     month = await reports.by_key_in_month(ledger, reports.this_month())
     today = await reports.by_key_on_day(ledger, reports.today())
@@ -178,6 +181,7 @@ async def billing_tab(request: Request) -> Response:
         ),
         message=_flash(request),
         is_error="error" in params,
+        new_key=DEFAULTS,
     )
 
 
@@ -190,7 +194,8 @@ def _page(raw: str | None, count: int) -> tuple[int, int]:
 async def key_detail(request: Request) -> Response:
     config = current_config(request)
     me, session = visitor(request, config)
-    key = config.keys_by_id.get(request.path_params["key_id"])
+    key_id = request.path_params["key_id"]
+    key = config.keys_by_id.get(key_id) or config.deleted_keys.get(key_id)
     if not me.is_admin and (key is None or key.id != me.id):
         raise forbidden("You may only see your own key.", "not_your_key")
     if key is None:
@@ -237,10 +242,20 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
         limits=limit_rows([use for use in [statements.quota_use(key, account)] if use] + statements.limit_uses(key, limiter, now)),
         alerts=alert_rows(await recent_alerts(ledger, key.id), config),
         base_url=f"/admin/keys/{key.id}" if me.is_admin else "/usage",
+        deleted_at=_deleted_at(request, config, key),
+        settings=settings_values(key) if me.is_admin else None,
         export_url=f"/admin/export/requests.csv?key={key.id}" if me.is_admin else "/usage/export/requests.csv",
         message=_flash(request),
         is_error="error" in params,
     )
+
+
+def _deleted_at(request: Request, config: Config, key: ApiKey) -> str | None:
+    if key.id not in config.deleted_keys:
+        return None
+    store: ConfigStore = request.app.state.store
+    record = store.records.get(key.id)
+    return when(record.deleted_at) if record is not None and record.deleted_at else "—"
 
 
 def _flash(request: Request) -> str | None:
@@ -319,6 +334,7 @@ routes = [
     Route("/logout", logout, methods=["POST"]),
     Route("/admin", overview, methods=["GET"]),
     Route("/admin/keys", billing_tab, methods=["GET"]),
+    *web_keys.routes,
     Route("/admin/keys/{key_id}", key_detail, methods=["GET"]),
     Route("/admin/keys/{key_id}/add_credits", _action(CREDITS), methods=["POST"]),
     Route("/admin/keys/{key_id}/add_count_credits", _action(COUNT_CREDITS), methods=["POST"]),
