@@ -74,7 +74,8 @@ async def _all_rows(ledger: Ledger, key_id: str | None) -> AsyncIterator[tuple[A
 
 def _view(config: Config, entry: dict[str, Any]) -> dict[str, Any]:
     change, note = describe(entry)
-    return {**entry, "when": when(entry["ts"]), "target_known": entry["target_key_id"] in config.keys_by_id, "change": change, "note": note}
+    known = entry["target_key_id"] in config.keys_by_id or entry["target_key_id"] in config.deleted_keys  # a deleted key's page stays
+    return {**entry, "when": when(entry["ts"]), "target_known": known, "change": change, "note": note}
 
 
 routes = [

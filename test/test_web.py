@@ -691,3 +691,20 @@ def test_form_numbers_become_exact_json_numbers(text, value):
     from routes.key_forms import form_number
 
     assert form_number(text) == value and type(form_number(text)) is type(value)
+
+
+def test_audit_log_tells_key_changes_made_in_the_pages_in_words(web):
+    _, browser = web
+    browser.login(ADMIN_KEY)
+    made = create_through_form(browser, rate_limit="", concurrency_limit="", model="", expires_at="")
+    path = "/admin/keys/" + re.search(r'href="/admin/keys/([^"]+)"', made.text.split('id="secret"')[1]).group(1)
+    browser.submit(path, f"{path}/settings", quota="900", credits="")
+    browser.submit(path, f"{path}/rotate", grace_seconds="60")
+    browser.submit(f"{path}/delete", f"{path}/delete", confirm="yes")
+    rows = [page_text(row) for row in browser.get("/admin/audit").text.split("<tbody>")[1].split("</tr>")[:-1]]
+    deleted, rotated, updated, created = rows[:4]
+    assert "create_key" in created and "name ci-bot" in created and "preferences.credits 2.5" in created and "preferences.quota 5000" in created
+    assert "update_key" in updated and "preferences.quota 5000 → 900" in updated and "preferences.credits removed" in updated
+    assert "rotate_key" in rotated and "secret sk-" in rotated and "worked 60 s more" in rotated
+    assert "delete_key" in deleted and "status active → deleted" in deleted and f'href="{path}"' in browser.get("/admin/audit").text
+    assert "no change" not in " ".join(rows[:4])
