@@ -68,9 +68,11 @@ async def create_key(request: Request) -> Response:
     try:
         secret, key = await key_admin.create_key(state.store, state.ledger, new_key_entry(form), state.clock(), _actor(request, config, admin))
     except GatewayError as exc:
-        made = exc.code == "duplicate_key_id" and form_key_id(form.get("idempotency_key", "")) in state.store.current.keys_by_id
-        if made:  # the same form again (the secret page reloaded): the key exists, its secret was shown
-            return redirect(f"/admin/keys/{form_key_id(form['idempotency_key'])}?error=key_already_made")
+        made = form_key_id(form["idempotency_key"]) if form.get("idempotency_key") else None
+        current = state.store.current
+        if exc.code == "duplicate_key_id" and (made in current.keys_by_id or made in current.deleted_keys):
+            # the same form again (the secret page reloaded): the key exists, its secret was shown
+            return redirect(f"/admin/keys/{made}?error=key_already_made")
         values = {**DEFAULTS, **form}
         return render(request, "key_new.html", status=exc.status, me=admin, csrf=session.csrf, values=values, error=exc.message, invalid=_invalid_field(exc))
     return _secret_page(request, admin, session, key, secret)
