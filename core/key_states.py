@@ -32,6 +32,15 @@ def effective_mode(config: Config, key: ApiKey) -> str:
     return key.billing.mode if config.preferences.prices.count_billing_enabled else TOKEN
 
 
+def keys_by_account(config: Config) -> dict[str, list[ApiKey]]:
+    """Each account's keys, by account name (an account without keys has no entry)."""
+    members: dict[str, list[ApiKey]] = {}
+    for key in config.keys:
+        if key.account is not None:
+            members.setdefault(key.account.name, []).append(key)
+    return members
+
+
 async def key_state(config: Config, ledger: Ledger, key: ApiKey) -> dict[str, Any]:
     return (await key_states(config, ledger, [key]))[key.id]
 

@@ -14,7 +14,7 @@ from core.audit import Actor
 from core.config import ApiKey, Config
 from core.errors import bad_request, not_found
 from core.key_admin import jsonable
-from core.key_states import key_states
+from core.key_states import key_states, keys_by_account
 from core.ledger import COUNT_CREDITS, CREDITS
 from routes._http import caller_ip, current_config, read_json, require_admin
 from routes._json import ExactJSONResponse
@@ -29,10 +29,7 @@ def _account(config: Config, name: str) -> ApiKey:
 
 async def _views(request: Request, config: Config, accounts: list[ApiKey]) -> list[dict[str, Any]]:
     states = await key_states(config, request.app.state.ledger, accounts)
-    members: dict[str, list[ApiKey]] = {}
-    for key in config.keys:
-        if key.account is not None:
-            members.setdefault(key.account.name, []).append(key)
+    members = keys_by_account(config)
     return [
         {
             "name": account.name,
