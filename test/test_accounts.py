@@ -121,6 +121,18 @@ def test_a_top_up_goes_to_the_account_and_every_key_of_it_can_spend_it(start_gat
     assert gateway.http("POST", "/v1/accounts/nope/credits", key=ADMIN_KEY, json={"amount": 3}).json()["error"]["code"] == "account_not_found"
 
 
+def test_a_top_up_of_a_key_in_an_account_is_refused_and_names_the_account(start_gateway, upstream):
+    """The key spends the account's balance: a grant to the key itself would never count."""
+    gateway = start_gateway(CONFIG, upstream)
+    refused = gateway.http("POST", "/v1/add_count_credits", key=ADMIN_KEY, params={"paid_key": ONE, "amount": "7"})
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "key_in_account" and "account 'acme'" in error["message"] and "/v1/accounts/acme/credits" in error["message"]
+    assert key_state(gateway, ONE)["count_credits"] == 5 and account(gateway, "acme")["state"]["remaining_count_credits"] == 5
+    audit = gateway.http("GET", "/v1/audit_log", key=ADMIN_KEY).json()["entries"]
+    assert not any(e["action"] == "add_count_credits" for e in audit)
+
+
 def test_a_keys_own_quota_stops_it_alone_while_its_account_still_serves_the_others(start_gateway, upstream):
     gateway = start_gateway(CONFIG.replace("billing_mode: count, count_credits: 5", "billing_mode: count, count_credits: 50"), upstream)
     two = gateway.client(TWO)
