@@ -56,13 +56,13 @@ async def key_states(config: Config, ledger: Ledger, keys: list[ApiKey]) -> dict
 
 
 def _state(config: Config, key: ApiKey, account: Account, details: list[dict[str, Any]]) -> dict[str, Any]:
-    terms = key.billing
+    terms, holder = key.billing, account.holder  # a key in an account: the account's grants
     remaining = account.remaining_nanos(terms)
     return {
         "name": key.name,
         "billing_mode": effective_mode(config, key),
-        "credits": UNLIMITED if terms.credits_nanos is None else usd_json(terms.credits_nanos + account.granted_nanos),
-        "count_credits": terms.count_credits + account.count_granted,
+        "credits": UNLIMITED if terms.credits_nanos is None else usd_json(terms.credits_nanos + holder.granted_nanos),
+        "count_credits": terms.count_credits + holder.count_granted,
         "remaining_credits": UNLIMITED if remaining is None else usd_json(remaining),
         "remaining_count_credits": account.remaining_count(terms),
         "total_cost": usd_json(account.total_cost_nanos),

@@ -106,8 +106,9 @@ def key_row(config: Config, key: ApiKey, account: Account, month: tuple[int, int
     mode = effective_mode(config, key)
     remaining = account.remaining_nanos(terms)
     remaining_count = account.remaining_count(terms)
-    given = None if terms.credits_nanos is None else terms.credits_nanos + account.granted_nanos
-    given_count = terms.count_credits + account.count_granted
+    holder = account.holder  # a key in an account: its bars are of the account's balance
+    given = None if terms.credits_nanos is None else terms.credits_nanos + holder.granted_nanos
+    given_count = terms.count_credits + holder.count_granted
     deleted = key.id in config.deleted_keys
     status = status_of(mode, remaining, remaining_count, key, deleted=deleted)
     credits_pct = None if remaining is None or given is None else percent(remaining, given)

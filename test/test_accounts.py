@@ -133,6 +133,20 @@ def test_a_top_up_of_a_key_in_an_account_is_refused_and_names_the_account(start_
     assert not any(e["action"] == "add_count_credits" for e in audit)
 
 
+def test_a_key_in_an_account_shows_the_accounts_credits_with_its_top_ups(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    gateway.http("POST", "/v1/accounts/acme/credits", key=ADMIN_KEY, json={"amount": 3, "kind": "count_credits"})
+    gateway.http("POST", "/v1/accounts/lab/credits", key=ADMIN_KEY, json={"amount": "2.5"})
+    for secret, name in ((ONE, "acme"), (LAB_ONE, "lab")):
+        shown, held = key_state(gateway, secret), account(gateway, name)["state"]
+        for figure in ("credits", "count_credits", "remaining_credits", "remaining_count_credits"):
+            assert shown[figure] == held[figure], (secret, figure)
+    assert key_state(gateway, ONE)["count_credits"] == 8 and key_state(gateway, LAB_ONE)["credits"] == 3.5
+    assert gateway.http("GET", "/v1/usage", key=ONE).json()["balance"]["count_credits"] == 8  # what the key holder reads
+    assert gateway.http("GET", "/v1/usage", key=LAB_ONE).json()["balance"]["credits"] == 3.5
+    assert gateway.http("GET", "/v1/dashboard/billing/subscription", key=LAB_ONE).json()["hard_limit_usd"] == 3.5
+
+
 def test_a_keys_own_quota_stops_it_alone_while_its_account_still_serves_the_others(start_gateway, upstream):
     gateway = start_gateway(CONFIG.replace("billing_mode: count, count_credits: 5", "billing_mode: count, count_credits: 50"), upstream)
     two = gateway.client(TWO)
