@@ -24,7 +24,7 @@ from core.ledger.sums import Window
 from core.reload import ConfigStore
 from routes import web_export, web_keys
 from routes._http import caller_ip, current_config, whole_number
-from routes._pages import WEB, read_form, redirect, render
+from routes._pages import WEB, flash_message, read_form, redirect, render
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
 from routes._web_auth import LoginRequired, admin_visitor, check_page_access, signer, visitor
 from routes.key_forms import DEFAULTS, settings_values
@@ -179,7 +179,7 @@ async def billing_tab(request: Request) -> Response:
         link=lambda **changes: (
             "/admin/keys?" + urlencode({**{"q": params.get("q", ""), "sort": sort, "dir": "desc" if descending else "asc", "page": page}, **changes})
         ),
-        message=_flash(request),
+        message=flash_message(request),
         is_error="error" in params,
         new_key=DEFAULTS,
     )
@@ -245,7 +245,7 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
         deleted_at=_deleted_at(request, config, key),
         settings=settings_values(key) if me.is_admin else None,
         export_url=f"/admin/export/requests.csv?key={key.id}" if me.is_admin else "/usage/export/requests.csv",
-        message=_flash(request),
+        message=flash_message(request),
         is_error="error" in params,
     )
 
@@ -256,17 +256,6 @@ def _deleted_at(request: Request, config: Config, key: ApiKey) -> str | None:
     store: ConfigStore = request.app.state.store
     record = store.records.get(key.id)
     return when(record.deleted_at) if record is not None and record.deleted_at else "—"
-
-
-def _flash(request: Request) -> str | None:
-    """The message for `?done=` or `?error=`; a config that does not load is told in full
-    (where it is wrong), read from the store rather than from the URL."""
-    params = request.query_params
-    code = params.get("done") or params.get("error") or ""
-    error = request.app.state.store.last_error
-    if code == "config_invalid" and error is not None:
-        return admin_actions.config_error_message(error)
-    return MESSAGES.get(code)
 
 
 def _float(raw: str | None) -> float | None:
