@@ -1,4 +1,5 @@
-"""The web pages: login, admin overview and billing tab, key detail, the key holder's usage."""
+"""The web pages: login, admin overview and billing tab, key detail, the key holder's usage
+(key management: routes/web_keys.py; accounts: routes/web_accounts.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from core.ledger import COUNT_CREDITS, CREDITS, Ledger
 from core.ledger.postgres import PgLedger
 from core.ledger.sums import Window
 from core.reload import ConfigStore
-from routes import web_export, web_keys
+from routes import web_accounts, web_export, web_keys
 from routes._http import caller_ip, current_config, whole_number
 from routes._pages import WEB, flash_message, read_form, redirect, render
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
@@ -182,6 +183,7 @@ async def billing_tab(request: Request) -> Response:
         message=flash_message(request),
         is_error="error" in params,
         new_key=DEFAULTS,
+        accounts=list(config.accounts),
     )
 
 
@@ -328,6 +330,7 @@ routes = [
     Route("/admin/keys/{key_id}/add_credits", _action(CREDITS), methods=["POST"]),
     Route("/admin/keys/{key_id}/add_count_credits", _action(COUNT_CREDITS), methods=["POST"]),
     Route("/admin/keys/{key_id}/billing_mode", _action("billing_mode"), methods=["POST"]),
+    *web_accounts.routes,
     Route("/usage", usage_page, methods=["GET"]),
     Route("/favicon.ico", favicon, methods=["GET"]),
     *web_export.routes,

@@ -64,7 +64,18 @@ async def create_key(request: Request) -> Response:
             # the same form again (the secret page reloaded): the key exists, its secret was shown
             return redirect(f"/admin/keys/{made}?error=key_already_made")
         values = {**DEFAULTS, **form}
-        return render(request, "key_new.html", status=exc.status, me=admin, csrf=session.csrf, values=values, error=exc.message, invalid=_invalid_field(exc))
+        accounts = list(state.store.current.accounts)
+        return render(
+            request,
+            "key_new.html",
+            status=exc.status,
+            me=admin,
+            csrf=session.csrf,
+            values=values,
+            error=exc.message,
+            invalid=_invalid_field(exc),
+            accounts=accounts,
+        )
     return _secret_page(request, admin, session, key, secret)
 
 
