@@ -72,7 +72,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             ledger.config_source = lambda: (store.current.source_hash, store.last_error.message if store.last_error else None)
             ledger.watch_key_records(store.apply_records)
             app.state.auth_throttle = AuthThrottle(clock, shares=lambda: ledger.live_instances)
-        store.apply_records(await ledger.key_records())  # keys made and changed through the keys API
+        store.apply_records(await ledger.key_records(), await ledger.account_records())  # keys and accounts made and changed through the API
         app.state.session_signer = SessionSigner(await ledger.setting("session_secret", lambda: secrets.token_hex(32)))
         http = create_http_session()
         app.state.ledger = ledger

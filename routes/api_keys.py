@@ -65,6 +65,7 @@ def _view(key: ApiKey, store: ConfigStore, state: dict[str, Any], account: Accou
         "id": key.id,
         "name": key.name,
         "role": key.role,
+        "account": key.account.name if key.account is not None else None,
         "api": key.masked,
         "defined_in": key.defined_in,
         "line": key.line,
