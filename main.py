@@ -42,7 +42,7 @@ from core.reload import ConfigStore
 from core.routing import Scheduler
 from core.upstream import create_http_session
 from core.yamlsource import ConfigError
-from routes import accounts, admin, api_keys, audit, billing_admin, proxy, self_service, web
+from routes import accounts, admin, api_keys, audit, billing_admin, proxy, self_service, web, web_usage_keys
 from routes._http import error_response, http_error, internal_error
 from routes._session import SessionSigner
 from routes._web_auth import LoginRequired
@@ -108,7 +108,17 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             await ledger.close()  # flushes every queued ledger row
 
     app = GatewayApp(
-        routes=[*proxy.routes, *admin.routes, *api_keys.routes, *accounts.routes, *billing_admin.routes, *self_service.routes, *audit.routes, *web.routes],
+        routes=[
+            *proxy.routes,
+            *admin.routes,
+            *api_keys.routes,
+            *accounts.routes,
+            *billing_admin.routes,
+            *self_service.routes,
+            *audit.routes,
+            *web_usage_keys.routes,
+            *web.routes,
+        ],
         lifespan=lifespan,
         exception_handlers={GatewayError: on_error, HTTPException: on_error, LoginRequired: to_login, Exception: on_unexpected_error},
     )
