@@ -128,10 +128,15 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
 
 
 def fleet_refusal(config: Config) -> str | None:
-    """What fleet mode cannot serve yet: accounts' shared balances are kept by the embedded
-    ledger only (refused rather than billed wrong)."""
-    if config.accounts:
-        return "accounts: are not supported in fleet mode (PostgreSQL) yet; run one process on SQLite to use them, or remove the accounts section"
+    """What fleet mode cannot serve yet: an account's own limits (rates, concurrency, budgets
+    over all its keys) are kept by the embedded ledger only; refused rather than not enforced.
+    Accounts' shared balances and their keys' own limits work in a fleet."""
+    limited = [account.name for account in config.accounts.values() if account.limits.meters_anything]
+    if limited:
+        return (
+            f"accounts: the limits of account '{limited[0]}' (rate_limit, token_rate_limit, concurrency_limit, cost limits, budget) are not"
+            " supported in fleet mode (PostgreSQL) yet; set them on its keys, or run one process on SQLite"
+        )
     return None
 
 

@@ -38,6 +38,7 @@ import aiohttp
 import aiosqlite
 
 from core.config import ApiKey
+from core.config_billing import KeyBilling
 from core.ledger import Account, Ledger
 from core.limits import Limiter
 from core.money_format import count_text, usd_text
@@ -73,6 +74,8 @@ class Reading:
 def readings(key: ApiKey, account: Account, limiter: Limiter) -> list[Reading]:
     terms, limits = key.billing, key.limits
     out = []
+    if account.owner is not None:  # a key in an account: the balance is the account's, watched as its alerts
+        terms = KeyBilling(terms.mode, None, 0)
     if terms.credits_nanos is not None:
         given = terms.credits_nanos + account.granted_nanos
         if given > 0:

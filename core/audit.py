@@ -21,6 +21,7 @@ ADD_CREDITS = "add_credits"
 ADD_COUNT_CREDITS = "add_count_credits"
 SET_BILLING_MODE = "set_billing_mode"
 REPORT_USAGE = "report_usage"
+CREATE_KEY, UPDATE_KEY, ROTATE_KEY, DELETE_KEY = "create_key", "update_key", "rotate_key", "delete_key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,13 @@ def _json(value: dict[str, Any]) -> str:
 
 
 # What a recorded field is called for a reader, and whether it holds USD.
-FIELDS = {"remaining_credits": ("credits", True), "remaining_count_credits": ("count credits", False), "billing_mode": ("billing mode", False)}
+FIELDS = {
+    "remaining_credits": ("credits", True),
+    "remaining_count_credits": ("count credits", False),
+    "billing_mode": ("billing mode", False),
+    "status": ("status", False),
+    "api": ("secret", False),
+}
 
 
 def describe(row: dict[str, Any]) -> tuple[str, str]:
@@ -88,6 +95,8 @@ def describe(row: dict[str, Any]) -> tuple[str, str]:
     for name, (label, is_usd) in FIELDS.items():
         if name in before and name in after and before[name] != after[name]:
             changes.append(f"{label} {_shown(before[name], is_usd)} → {_shown(after[name], is_usd)}")
+    if row["action"] in (CREATE_KEY, UPDATE_KEY) and after.get("entry") is not None:
+        changes.append("settings " + json.dumps(after["entry"].get("preferences") or {}, sort_keys=True))
     if before and after and not changes:
         changes.append("no change")
     return "; ".join(changes), _note(row["action"], detail)
@@ -100,6 +109,10 @@ def _note(action: str, detail: dict[str, Any]) -> str:
         if detail.get("applied") is False:
             parts.append("already applied (same idempotency key)")
         return " · ".join(part for part in parts if part)
+    if action == UPDATE_KEY:
+        return "patch " + json.dumps(detail.get("patch") or {}, sort_keys=True)
+    if action == ROTATE_KEY and detail.get("grace_seconds"):
+        return f"the old secret works {detail['grace_seconds']} s more"
     if action == REPORT_USAGE:
         tokens = f"{count_text(detail.get('prompt_tokens', 0))} + {count_text(detail.get('completion_tokens', 0))} tokens"
         return f"{detail.get('model')} via {detail.get('provider')}: {tokens}, {_shown(detail.get('cost', '0'), True)}"

@@ -145,6 +145,8 @@ class BillingTicket:
             raise
         if self.meter.alerts is not None:
             self.meter.alerts.check(self.key, self.reservation.account)
+            if self.key.account is not None:  # the shared balance and limits, as the account's alerts
+                self.meter.alerts.check(self.key.account, self.reservation.account.holder)
         return cost_nanos
 
     def report(self, outcome: Outcome) -> None:

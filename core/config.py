@@ -37,7 +37,7 @@ KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # safe in a URL path, a
 ACCOUNT_KEYS = ("name", "preferences")
 ACCOUNT_PREFERENCE_KEYS = (
     "billing_mode", "credits", "count_credits", "created_at", "rate_limit", "token_rate_limit", "concurrency_limit",
-    "daily_cost_limit", "weekly_cost_limit", "monthly_cost_limit", "budget", "budget_period", "timezone", "self_service_keys",
+    "daily_cost_limit", "weekly_cost_limit", "monthly_cost_limit", "budget", "budget_period", "timezone", "alerts", "self_service_keys",
 )  # fmt: skip
 ACCOUNT_ID_PREFIX = "account:"  # an account's ledger id: `account:acme` (no key id has a ':')
 ACCOUNT = "account"  # the role of the stand-in key an account is billed and limited as

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from core.audit import Actor, AuditEntry
+from core.audit import CREATE_KEY, DELETE_KEY, ROTATE_KEY, UPDATE_KEY, Actor, AuditEntry
 from core.config import API, FILE, ApiKey, Config, read_key_id
 from core.config_reader import Section
 from core.errors import GatewayError, bad_request, not_found
@@ -27,7 +27,6 @@ from core.ledger import Ledger
 from core.reload import ConfigStore
 from core.yamlsource import ConfigError
 
-CREATE_KEY, UPDATE_KEY, ROTATE_KEY, DELETE_KEY = "create_key", "update_key", "rotate_key", "delete_key"
 SECRET_BYTES = 32  # 256 bits of randomness: 43 URL-safe characters after `sk-`
 MAX_SECRET_LENGTH = 512
 MAX_GRACE_SECONDS = 30 * 86400

@@ -130,7 +130,7 @@ async def add_account_credits(request: Request) -> Response:
     raw = amount if isinstance(amount, str) else repr(amount)  # a float's shortest text: 2.5, never its binary value
     reason = body.get("reason") if isinstance(body.get("reason"), str) else None
     state = request.app.state
-    applied = await add_credit(state.ledger, account, kind, raw, reason, request.headers.get("idempotency-key") or None, state.clock(), actor)
+    applied = await add_credit(state.ledger, account, kind, raw, reason, request.headers.get("idempotency-key") or None, state.clock(), actor, state.alerts)
     (view,) = await _views(request, config, [account])
     return ExactJSONResponse({"applied": applied, "account": view})
 

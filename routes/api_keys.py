@@ -78,7 +78,6 @@ def _view(key: ApiKey, store: ConfigStore, state: dict[str, Any], account: Accou
         "account": key.account.name if key.account is not None else None,
         "api": key.masked,
         "defined_in": key.defined_in,
-        "line": key.line,
         "api_changes": jsonable(record.entry) if record is not None and record.defined_in == FILE and record.entry else None,
         "problem": store.current.key_problems.get(key.id),
         "status": status,

@@ -114,7 +114,7 @@ async def token_usage(request: Request) -> Response:
             raise not_found("No API key matches 'api_key_param'.", "key_not_found", "api_key_param")
         keys = [target]
     else:
-        keys = list(config.keys) if caller.is_admin else [caller]
+        keys = [*config.keys, *config.deleted_keys.values()] if caller.is_admin else [caller]  # a deleted key's history stays readable
     start, end = _time_range(request)
     model = request.query_params.get("model") or None
     ledger = request.app.state.ledger

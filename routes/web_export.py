@@ -104,7 +104,7 @@ async def admin_requests_csv(request: Request) -> StreamingResponse:
     config = current_config(request)
     admin_visitor(request, config)
     key_id = request.query_params.get("key") or None
-    if key_id is not None and key_id not in config.keys_by_id:
+    if key_id is not None and key_id not in config.keys_by_id and key_id not in config.deleted_keys:  # a deleted key's history stays readable
         raise not_found("No such key.", "key_not_found")
     since, until, label = date_range(request)
     name = f"requests_{key_id[:8] if key_id else 'all'}_{label}.csv"

@@ -177,8 +177,11 @@ api_keys:
     assert reason in error.value.reason and error.value.line is not None
 
 
-def test_fleet_mode_refuses_a_config_with_accounts_in_one_line(tmp_path):
+def test_fleet_mode_refuses_an_accounts_own_limits_in_one_line(tmp_path):
     config = tmp_path / "api.yaml"
-    config.write_text("providers: [{provider: e, engine: echo, model: [m]}]\naccounts: [{name: acme}]\napi_keys: [{api: sk-some-key-0001, account: acme}]\n")
+    config.write_text(
+        "providers: [{provider: e, engine: echo, model: [m]}]\n"
+        "accounts: [{name: acme, preferences: {monthly_cost_limit: 5}}]\napi_keys: [{api: sk-some-key-0001, account: acme}]\n"
+    )
     line = one_line_refusal(run_main("--config", str(config), "--database", "postgresql://tollgate@127.0.0.1:1/none"))
-    assert "accounts: are not supported in fleet mode" in line, line  # told before any connection is tried
+    assert "the limits of account 'acme'" in line and "not supported in fleet mode" in line, line  # told before any connection is tried

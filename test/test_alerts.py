@@ -151,3 +151,23 @@ def test_a_failed_delivery_is_logged_without_the_webhooks_secret_path(start_gate
         time.sleep(0.05)
     failure = next(r.getMessage() for r in caplog.records if "failed after" in r.getMessage())
     assert "127.0.0.1" in failure and "s3cr3t-token" not in failure
+
+
+def test_an_accounts_balance_alerts_once_as_the_account_not_once_per_key(start_gateway, receiver):
+    second = "sk-alerted-0002"
+    text = config(receiver.url).replace(
+        f"  - api: {KEY}\n    name: watched\n    preferences: {{credits: 0.1}}\n",
+        f"  - api: {KEY}\n    name: watched\n    account: team\n  - api: {second}\n    name: other\n    account: team\n",
+    ).replace("api_keys:\n", "accounts:\n  - name: team\n    preferences: {credits: 0.1}\napi_keys:\n")
+    gateway = start_gateway(text, clock=FakeClock(T0))
+    for secret in (KEY, second):  # 0.02 each, two keys: 0.04 of the account's 0.1
+        gateway.client(secret).chat.completions.create(model="echo-1", messages=MESSAGES, max_tokens=5)
+    assert receiver.received == []
+    gateway.client(second).chat.completions.create(model="echo-1", messages=MESSAGES, max_tokens=5)  # 0.06 of 0.1: past 50%
+    (first,) = receiver.wait_for(1)
+    assert first["metric"] == "credits" and first["threshold"] == 0.5 and first["key_name"] == "team"
+    time.sleep(0.3)
+    assert len(receiver.received) == 1  # once, as the account: not once per key of it
+    refill = gateway.http("POST", "/v1/accounts/team/credits", key=ADMIN_KEY, json={"amount": "1"})
+    assert refill.status_code == 200, refill.text
+    assert [row[:2] for row in events(gateway)] == [("credits", 0.5)]

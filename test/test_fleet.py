@@ -90,37 +90,22 @@ class Fleet:
         self.started: list[Instance] = []  # every one started, stopped at the end
         self.paths: list[Path] = []
 
-    def start(self, prefs: str, count: int = 3, *extra: str, one_file: bool = False) -> list[Instance]:
+    def start(self, prefs: str, count: int = 3, *extra: str, one_file: bool = False, text: str | None = None) -> list[Instance]:
         """`count` instances, each with its own copy of api.yaml (as on separate hosts), or all
-        on one file (`one_file`: a ConfigMap or network share mounted on every host)."""
+        on one file (`one_file`: a ConfigMap or network share mounted on every host). `text`:
+        a whole api.yaml instead (`{upstream}` is the vendor's URL)."""
         self.paths = [self.tmp / ("shared" if one_file else f"host{i}") / "api.yaml" for i in range(count)]
         for path in self.paths:
             path.parent.mkdir(exist_ok=True)
-            path.write_text(config(prefs, self.upstream.base_url("p1")))
+            url = self.upstream.base_url("p1")
+            path.write_text(text.replace("{upstream}", url) if text is not None else config(prefs, url))
         self.instances = [Instance(path, self.database, *extra) for path in self.paths]
         self.started += self.instances
         return self.instances
 
     def fire(self, total: int, **create: Any) -> list[int]:
         """`total` chat completions at once, spread round-robin over every instance; statuses."""
-
-        async def all_at_once() -> list[int]:
-            clients = [instance.client() for instance in self.instances]
-
-            async def one(i: int) -> int:
-                try:
-                    await clients[i % len(clients)].chat.completions.create(model="echo-1", messages=MESSAGES, **create)
-                    return 200
-                except openai.APIStatusError as exc:
-                    return exc.status_code
-
-            try:
-                return list(await asyncio.gather(*(one(i) for i in range(total))))
-            finally:
-                for client in clients:
-                    await client.close()
-
-        return asyncio.run(all_at_once())
+        return fire_keys(self.instances, [KEY], total, **create)
 
     def sql(self, query: str) -> str:
         return self.postgres.psql(query, self.database.rsplit("/", 1)[1])
@@ -132,7 +117,9 @@ class Fleet:
                 instance.get("/v1/api_keys_states")  # flushes that instance's queued charges
         mismatches = self.sql(
             "SELECT a.key_id FROM accounts a LEFT JOIN (SELECT key_id, SUM(cost_nanos) c, SUM(count_charged) n, COUNT(*) r,"
-            " SUM(CASE WHEN cost_type = 'token' THEN cost_nanos ELSE 0 END) t FROM usage GROUP BY key_id) u ON u.key_id = a.key_id"
+            " SUM(CASE WHEN cost_type = 'token' THEN cost_nanos ELSE 0 END) t FROM usage GROUP BY key_id"
+            " UNION ALL SELECT account_id, SUM(cost_nanos), SUM(count_charged), COUNT(*),"  # an account's row: its keys' charges
+            " SUM(CASE WHEN cost_type = 'token' THEN cost_nanos ELSE 0 END) FROM usage WHERE account_id <> '' GROUP BY account_id) u ON u.key_id = a.key_id"
             " LEFT JOIN (SELECT key_id, SUM(CASE WHEN kind = 'credits' THEN amount ELSE 0 END) g, SUM(CASE WHEN kind = 'count_credits' THEN amount ELSE 0 END) gc"
             " FROM grants GROUP BY key_id) g ON g.key_id = a.key_id"
             " WHERE a.total_cost_nanos <> COALESCE(u.c, 0) OR a.count_used <> COALESCE(u.n, 0) OR a.request_count <> COALESCE(u.r, 0)"
@@ -641,3 +628,103 @@ def test_a_limit_changed_in_the_fleets_shared_config_is_in_force_on_every_instan
     while instances[0].get("/v1/config/status").json()["config_hashes_differ"]:
         assert time.monotonic() < deadline, "the fleet still shows differing files"
         time.sleep(0.2)
+
+
+ACME_ONE, ACME_TWO = "sk-fleet-acme-0003", "sk-fleet-acme-0004"
+ACCOUNTS_CONFIG = f"""
+providers:
+  - provider: p1
+    base_url: {{upstream}}
+    api: k
+    model: [echo-1]
+accounts:
+  - name: acme
+    preferences: {{billing_mode: count, count_credits: 7}}
+api_keys:
+  - api: {ADMIN}
+    role: admin
+  - api: {ACME_ONE}
+    name: acme-one
+    account: acme
+  - api: {ACME_TWO}
+    name: acme-two
+    account: acme
+preferences:
+  model_price: {{default: '1000,2000'}}
+  count_billing: {{default_count_price: 0.002}}
+"""
+
+
+def fire_keys(instances: list[Instance], keys: list[str], total: int, **create: Any) -> list[int]:
+    """`total` chat completions at once, spread round-robin over the instances and the keys."""
+
+    async def all_at_once() -> list[int]:
+        clients = [instance.client(key) for instance in instances for key in keys]
+
+        async def one(i: int) -> int:
+            try:
+                await clients[i % len(clients)].chat.completions.create(model="echo-1", messages=MESSAGES, **create)
+                return 200
+            except openai.APIStatusError as exc:
+                return exc.status_code
+
+        try:
+            return list(await asyncio.gather(*(one(i) for i in range(total))))
+        finally:
+            for client in clients:
+                await client.close()
+
+    return asyncio.run(all_at_once())
+
+
+def test_two_keys_of_one_account_share_its_count_credits_exactly_across_instances(fleet):
+    instances = fleet.start("", count=2, text=ACCOUNTS_CONFIG)
+    statuses = fire_keys(instances, [ACME_ONE, ACME_TWO], 40)
+    assert statuses.count(200) == 7 and set(statuses) == {200, 402}  # the account's 7, over 2 keys on 2 instances
+    account = instances[1].get("/v1/accounts/acme").json()
+    assert account["state"]["remaining_count_credits"] == 0 and account["state"]["request_count"] == 7
+
+    top_up = instances[0].post("/v1/accounts/acme/credits", json={"amount": "3", "kind": "count_credits"})
+    assert top_up.status_code == 200, top_up.text
+    assert fire_keys(instances, [ACME_TWO, ACME_ONE], 10).count(200) == 3  # a top-up on one instance is spent on both
+    fleet.assert_balances_equal_ledger_sums()
+
+
+def test_keys_made_changed_rotated_and_deleted_through_one_instance_are_in_force_on_every_instance(fleet):
+    first, second = fleet.start("billing_mode: token, credits: 1", count=2)
+
+    def answers(instance: Instance, secret: str, within: float = 3.0, expect: int = 200) -> None:
+        """Until `instance` answers `expect` to a chat with `secret` (polled: other instances
+        pick a stored change up within a second)."""
+        deadline = time.monotonic() + within
+        while True:
+            got = httpx.post(f"{instance.url}/v1/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                             json={"model": "echo-1", "messages": MESSAGES}, timeout=10).status_code  # fmt: skip
+            if got == expect:
+                return
+            assert time.monotonic() < deadline, f"{instance.url} answered {got}, not {expect}, for {within} s"
+            time.sleep(0.1)
+
+    made = first.post("/v1/api_keys", json={"name": "made-on-first", "preferences": {"billing_mode": "count", "count_credits": 5}})
+    assert made.status_code == 201, made.text
+    secret, key_id = made.json()["api"], made.json()["id"]
+    answers(second, secret)  # made on one instance, used on the other
+
+    patched = httpx.patch(
+        f"{second.url}/v1/api_keys/{key_id}", headers={"Authorization": f"Bearer {ADMIN}"}, json={"preferences": {"enabled": False}}, timeout=10
+    )
+    assert patched.status_code == 200, patched.text
+    answers(first, secret, expect=403)  # disabled through the other instance
+    httpx.patch(f"{first.url}/v1/api_keys/{key_id}", headers={"Authorization": f"Bearer {ADMIN}"}, json={"preferences": {"enabled": None}}, timeout=10)
+    answers(second, secret)
+
+    rotated = second.post(f"/v1/api_keys/{key_id}/rotate")
+    assert rotated.status_code == 200, rotated.text
+    answers(first, secret, expect=401)
+    answers(first, rotated.json()["api"])
+    assert first.get(f"/v1/api_keys/{key_id}").json()["state"]["remaining_count_credits"] < 5  # the balance stayed with the id
+
+    assert httpx.delete(f"{first.url}/v1/api_keys/{key_id}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10).status_code == 200
+    answers(second, rotated.json()["api"], expect=401)
+    assert second.get(f"/v1/api_keys/{key_id}").json()["status"] == "deleted"
+    fleet.assert_balances_equal_ledger_sums()

@@ -37,7 +37,7 @@ import asyncpg
 import orjson
 
 from core.audit import INSERT_AUDIT, AuditEntry, read_audit_page
-from core.config import ApiKey
+from core.config import ACCOUNT_ID_PREFIX, ApiKey
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
 from core.key_records import (
@@ -66,7 +66,7 @@ from core.ledger.pg_errors import DATABASE_ERRORS, UNREACHABLE, reachable, reaso
 from core.ledger.pg_reader import PgReader, numbered
 from core.ledger.postgres_schema import migrate
 from core.ledger.rollups import ROLLUPS
-from core.ledger.sums import Totals, Window, grant_totals, window_totals
+from core.ledger.sums import Totals, Window, account_totals, grant_totals, window_totals
 from core.limits import KeyState, Limiter, PeriodSpend, RateWindow, period_bounds
 from core.metering import ERROR
 
@@ -129,6 +129,14 @@ def _settle_sql() -> str:
               FROM new n JOIN accounts w ON w.key_id = n.key_id WHERE n.ts >= w.window_start GROUP BY n.key_id) d
         WHERE a.key_id = d.key_id
     ),
+    owners_moved AS (
+        UPDATE accounts a SET spent_nanos = a.spent_nanos + d.spent, count_used = a.count_used + d.count_used,
+            total_cost_nanos = a.total_cost_nanos + d.total, request_count = a.request_count + d.requests, tokens_used = a.tokens_used + d.tokens
+        FROM (SELECT n.account_id, SUM(CASE WHEN n.cost_type = 'token' THEN n.cost_nanos ELSE 0 END) AS spent, SUM(n.count_charged) AS count_used,
+                     SUM(n.cost_nanos) AS total, COUNT(*) AS requests, SUM(n.prompt_tokens + n.completion_tokens) AS tokens
+              FROM new n JOIN accounts w ON w.key_id = n.account_id WHERE n.account_id <> '' AND n.ts >= w.window_start GROUP BY n.account_id) d
+        WHERE a.key_id = d.account_id
+    ),
     periods_moved AS (
         UPDATE period_spend p SET nanos = p.nanos + d.cost
         FROM (SELECT q.key_id, q.name, SUM(n.cost_nanos) AS cost FROM new n
@@ -153,8 +161,8 @@ _SETTLE_SQL = _settle_sql()
 # (a window that has moved on starts again from this request).
 _HOLD_SQL = """
 WITH held AS (
-    INSERT INTO reservations (request_id, key_id, instance_id, nanos, balance_nanos, count, tokens, admitted_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    INSERT INTO reservations (request_id, key_id, instance_id, nanos, balance_nanos, count, tokens, admitted_at, owner_id)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $13)
 )
 INSERT INTO rate_windows (key_id, kind, seconds, window_start, used)
 SELECT $2, w.kind, w.seconds, w.start, w.used FROM unnest($9::text[], $10::int8[], $11::float8[], $12::int8[]) AS w(kind, seconds, start, used)
@@ -282,6 +290,7 @@ class PgLedger:
                     [seconds for _, seconds, _ in windows],
                     [start for _, _, start in windows],
                     [1 if kind == "requests" else tokens for kind, _, _ in windows],
+                    key.billing.owner or "",
                 )
         except DATABASE_ERRORS as exc:
             if not isinstance(exc, UNREACHABLE):
@@ -324,10 +333,12 @@ class PgLedger:
         """The key's account and limit state, read under its row lock (taken first), in one
         round trip (`tollgate_key_state`, core/ledger/postgres_schema.py)."""
         terms, limits = key.billing, key.limits
+        owner = await self._locked_owner(conn, terms) if terms.owner is not None else None  # the account's row first
         row = await conn.fetchrow("SELECT * FROM tollgate_key_state($1)", key.id)
         account = self._cached(key.id, terms.created_at)
         _fill(account, row if row["window_start"] == terms.created_at else await self._recount(conn, key.id, terms.created_at))
         account.reserved_nanos, account.reserved_count = row["held_balance_nanos"], row["held_count"]
+        account.owner = owner
         state = KeyState(in_flight=row["held_requests"], quota_reserved=row["held_tokens"] if limits.quota_type == "tokens" else row["held_nanos"])
         if row["rate_kinds"]:
             for kind, seconds, start, used in zip(row["rate_kinds"], row["rate_seconds"], row["rate_starts"], row["rate_used"], strict=True):
@@ -336,6 +347,16 @@ class PgLedger:
             periods = zip(row["period_names"] or (), row["period_since"] or (), row["period_ends"] or (), row["period_nanos"] or (), strict=True)
             await self._period_state(conn, key, now, state, row["held_nanos"], {name: (since, end, nanos) for name, since, end, nanos in periods})
         return account, state
+
+    async def _locked_owner(self, conn: asyncpg.Connection, terms: KeyBilling) -> Account:
+        """A key's account's balance and what its keys' requests in flight hold of it, read
+        under the account's row lock (taken before the key's: see tollgate_owner_state)."""
+        assert terms.owner is not None
+        row = await conn.fetchrow("SELECT * FROM tollgate_owner_state($1)", terms.owner)
+        owner = self._cached(terms.owner, terms.created_at)
+        _fill(owner, row if row["window_start"] == terms.created_at else await self._recount(conn, terms.owner, terms.created_at))
+        owner.reserved_nanos, owner.reserved_count = row["held_balance_nanos"], row["held_count"]
+        return owner
 
     async def _period_state(
         self, conn: asyncpg.Connection, key: ApiKey, now: float, state: KeyState, reserved: int, rows: dict[str, tuple[float, float, int]]
@@ -370,7 +391,8 @@ class PgLedger:
         first use of a key, or a changed `created_at`), under its row lock."""
         db = PgReader(conn)
         windows = [Window(key_id, window_start)]
-        totals = (await window_totals(db, windows)).get((key_id,), Totals())  # type: ignore[arg-type]
+        totals_of = account_totals if key_id.startswith(ACCOUNT_ID_PREFIX) else window_totals  # an account's: its keys' charges
+        totals = (await totals_of(db, windows)).get((key_id,), Totals())  # type: ignore[arg-type]
         granted = (await grant_totals(db, windows)).get(key_id, (0, 0))  # type: ignore[arg-type]
         return await conn.fetchrow(
             "UPDATE accounts SET window_start = $2, spent_nanos = $3, count_used = $4, total_cost_nanos = $5, request_count = $6, tokens_used = $7,"
@@ -515,7 +537,9 @@ class PgLedger:
         not locked: for pages, headers and reports)."""
         if not keys:
             return {}
-        ids = [key_id for key_id, _ in keys]
+        owners = {terms.owner: terms for _, terms in keys if terms.owner is not None}
+        wanted = [*keys, *owners.items()]
+        ids = [key_id for key_id, _ in wanted]
         try:
             rows = {row["key_id"]: row for row in await self.pool.fetch(f"SELECT key_id, {_ACCOUNT_COLUMNS} FROM accounts WHERE key_id = ANY($1::text[])", ids)}
             held = {
@@ -525,13 +549,25 @@ class PgLedger:
                     ids,
                 )
             }
-            stale = [Window(key_id, terms.created_at) for key_id, terms in keys if key_id not in rows or rows[key_id]["window_start"] != terms.created_at]
-            totals = await window_totals(self.reader, stale) if stale else {}  # type: ignore[arg-type]
+            if owners:
+                held.update(
+                    (row[0], (int(row[1]), int(row[2])))
+                    for row in await self.pool.fetch(
+                        "SELECT owner_id, COALESCE(SUM(balance_nanos), 0), COALESCE(SUM(count), 0) FROM reservations WHERE owner_id = ANY($1::text[]) GROUP BY owner_id",
+                        list(owners),
+                    )
+                )
+            stale = [Window(key_id, terms.created_at) for key_id, terms in wanted if key_id not in rows or rows[key_id]["window_start"] != terms.created_at]
+            stale_keys = [window for window in stale if not window.key_id.startswith(ACCOUNT_ID_PREFIX)]
+            stale_owners = [window for window in stale if window.key_id.startswith(ACCOUNT_ID_PREFIX)]
+            totals = await window_totals(self.reader, stale_keys) if stale_keys else {}  # type: ignore[arg-type]
+            if stale_owners:
+                totals.update(await account_totals(self.reader, stale_owners))  # type: ignore[arg-type]
             granted = await grant_totals(self.reader, stale) if stale else {}  # type: ignore[arg-type]
         except UNREACHABLE as exc:
             raise unavailable(reason(exc)) from None
         result = {}
-        for key_id, terms in keys:
+        for key_id, terms in wanted:
             account = self._cached(key_id, terms.created_at)
             row = rows.get(key_id)
             if row is not None and row["window_start"] == terms.created_at:
@@ -542,7 +578,9 @@ class PgLedger:
                 account.granted_nanos, account.count_granted = granted.get(key_id, (0, 0))
             account.reserved_nanos, account.reserved_count = held.get(key_id, (0, 0))
             result[key_id] = account
-        return result
+        for key_id, terms in keys:
+            result[key_id].owner = result[terms.owner] if terms.owner is not None else None
+        return {key_id: result[key_id] for key_id, _ in keys}
 
     async def grant(self, grant: Grant, terms: KeyBilling) -> bool:
         """Durable before it returns; applied once fleet-wide per idempotency key."""
@@ -738,12 +776,13 @@ class PgLedger:
     async def _free_orphans(self, conn: asyncpg.Connection) -> None:
         """Delete the reservations of instances that are gone, and bill what their streams had
         reported (as failed requests: the client lost the stream), in one transaction."""
-        orphans = await conn.fetch("SELECT request_id, key_id FROM reservations r WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = r.instance_id)")
+        orphans = await conn.fetch(
+            "SELECT request_id, key_id, owner_id FROM reservations r WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = r.instance_id)"
+        )
         if not orphans:
             return
         async with conn.transaction():
-            keys = sorted({row["key_id"] for row in orphans})
-            await conn.execute("SELECT 1 FROM accounts WHERE key_id = ANY($1::text[]) ORDER BY key_id FOR UPDATE", keys)
+            await lock_accounts(conn, [row["key_id"] for row in orphans] + [row["owner_id"] for row in orphans if row["owner_id"]])
             gone = await conn.fetch(
                 "DELETE FROM reservations WHERE request_id = ANY($1::text[]) RETURNING request_id, reported", [row["request_id"] for row in orphans]
             )
@@ -796,11 +835,19 @@ async def settle_in(conn: asyncpg.Connection, records: list[UsageRecord], freed:
     key's live state changes under its row lock, taken in key order (no deadlocks)."""
     if not records and not freed:
         return
-    keys = sorted({record.key_id for record in records})
-    if keys:
-        await conn.execute("SELECT 1 FROM accounts WHERE key_id = ANY($1::text[]) ORDER BY key_id FOR UPDATE", keys)
+    keys = [record.key_id for record in records] + [record.account_id for record in records if record.account_id]
+    await lock_accounts(conn, keys)
     columns = [list(values) for values in zip(*records, strict=True)] if records else [[] for _ in _USAGE_COLUMNS]
     await conn.fetchrow(_SETTLE_SQL, *columns, freed)
+
+
+async def lock_accounts(conn: asyncpg.Connection, ids: list[str]) -> None:
+    """Lock these rows of `accounts` in the one order every transaction uses: accounts'
+    (`account:NAME`) before keys', each in id order. Admission locks a key's account before
+    the key, so nothing can hold a key's row while waiting for its account's: no deadlock."""
+    if ids:
+        ordered = sorted(set(ids), key=lambda key_id: (not key_id.startswith(ACCOUNT_ID_PREFIX), key_id))
+        await conn.execute("SELECT 1 FROM unnest($1::text[]) WITH ORDINALITY AS o(key_id, n) JOIN accounts a USING (key_id) ORDER BY o.n FOR UPDATE OF a", ordered)
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:

@@ -259,6 +259,30 @@ MIGRATIONS: dict[int, str] = {
         prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL, cached_tokens BIGINT NOT NULL,
         PRIMARY KEY (account_id, day)
     );
+    -- An account's balance is a row of `accounts` under its id (`account:NAME`); what its keys'
+    -- requests in flight hold of it is found by each reservation's owner.
+    ALTER TABLE reservations ADD COLUMN owner_id TEXT NOT NULL DEFAULT '';
+    CREATE INDEX reservations_by_owner ON reservations (owner_id) WHERE owner_id <> '';
+    -- Admission of a key in an account first locks the account's row (always before any key's:
+    -- settlements lock accounts first too, so the two never deadlock) and reads its balance.
+    CREATE FUNCTION tollgate_owner_state(p_owner TEXT) RETURNS TABLE (
+        window_start DOUBLE PRECISION, spent_nanos BIGINT, count_used BIGINT, total_cost_nanos BIGINT, request_count BIGINT,
+        tokens_used BIGINT, granted_nanos BIGINT, count_granted BIGINT, held_balance_nanos BIGINT, held_count BIGINT
+    ) LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM 1 FROM accounts a WHERE a.key_id = p_owner FOR UPDATE;
+        IF NOT FOUND THEN
+            INSERT INTO accounts (key_id, window_start) VALUES (p_owner, '-infinity') ON CONFLICT DO NOTHING;
+            PERFORM 1 FROM accounts a WHERE a.key_id = p_owner FOR UPDATE;
+        END IF;
+        RETURN QUERY
+        SELECT a.window_start, a.spent_nanos, a.count_used, a.total_cost_nanos, a.request_count, a.tokens_used, a.granted_nanos, a.count_granted,
+               h.balance, h.cnt
+        FROM accounts a,
+             LATERAL (SELECT COALESCE(SUM(r.balance_nanos), 0)::BIGINT, COALESCE(SUM(r.count), 0)::BIGINT
+                      FROM reservations r WHERE r.owner_id = p_owner) AS h(balance, cnt)
+        WHERE a.key_id = p_owner;
+    END $$;
     """,
     # Accounts made through the accounts API, and API changes of api.yaml's accounts, as in
     # SQLite's schema 11 (core/key_records.py: AccountRecord).
