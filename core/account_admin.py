@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from core.audit import Actor, AuditEntry
+from core.audit import CREATE_ACCOUNT, DELETE_ACCOUNT, UPDATE_ACCOUNT, Actor, AuditEntry
 from core.config import API, FILE, ApiKey, Config
 from core.errors import GatewayError, bad_request, not_found
 from core.key_admin import jsonable
@@ -21,8 +21,6 @@ from core.key_records import AccountChange, AccountRecord, build_account, compos
 from core.ledger import Ledger
 from core.reload import ConfigStore
 from core.yamlsource import ConfigError
-
-CREATE_ACCOUNT, UPDATE_ACCOUNT, DELETE_ACCOUNT = "create_account", "update_account", "delete_account"
 
 
 def account_not_found(name: str) -> GatewayError:
@@ -44,12 +42,17 @@ def _entry_of(body: Any) -> dict[str, Any]:
     return dict(body)
 
 
-def _validated(config: Config, entry: dict[str, Any]) -> ApiKey:
-    """The account an entry makes, validated as api.yaml's (400 naming the field)."""
+def _validated(store: ConfigStore, entry: dict[str, Any]) -> ApiKey:
+    """The account an entry makes, validated as api.yaml's (400 naming the field), and one
+    this server can serve (fleet mode refuses an account's own limits, as in api.yaml)."""
+    config = store.current
     try:
-        return build_account(config, entry)
+        account = build_account(config, entry)
     except ConfigError as exc:
         raise bad_request(exc.reason, "invalid_account_entry", exc.field) from None
+    if store.refuse is not None and (why := store.refuse(replace(config, accounts={**config.accounts, account.name: account}))):
+        raise GatewayError(409, "conflict_error", "account_not_servable", f"This server cannot serve that account: {why}.")
+    return account
 
 
 def current_account(config: Config, name: str) -> ApiKey:
@@ -79,12 +82,9 @@ async def create_account(store: ConfigStore, ledger: Ledger, body: Any, now: flo
     """Make an account from an api.yaml-shaped entry (`{"name": "acme", "preferences": {...}}`)."""
     entry = _entry_of(body)
     config = store.current
-    account = _validated(config, entry)
-    name = account.name
+    name = _validated(store, entry).name
     if name in config.accounts or name in config.deleted_accounts or name in store.file_config.accounts:
         raise duplicate_account(name)
-    if store.refuse is not None and (why := store.refuse(replace(config, accounts={**config.accounts, name: account}))):
-        raise GatewayError(409, "conflict_error", "accounts_unsupported", f"This server cannot serve accounts: {why}.")
 
     def make(stored: AccountRecord | None) -> AccountRecord:
         if stored is not None and (stored.defined_in == API or name in store.file_config.accounts):
@@ -105,7 +105,6 @@ async def update_account(store: ConfigStore, ledger: Ledger, name: str, body: An
         raise bad_request("'name' cannot be changed: an account's name is its id in the ledger and in its keys' entries.", "immutable_field", "name")
     patch.pop("name", None)
     before = current_account(store.current, name)
-    config = store.current
     file_account = store.file_config.accounts.get(name) if before.defined_in == FILE else None
 
     def change(stored: AccountRecord | None) -> AccountRecord:
@@ -115,10 +114,10 @@ async def update_account(store: ConfigStore, ledger: Ledger, name: str, body: An
             if stored is None:
                 raise account_not_found(name)
             entry = merge_patch(stored.entry, patch)
-            _validated(config, entry)
+            _validated(store, entry)
             return replace(stored, entry=entry, updated_at=now)
         changes = compose_patches(stored.entry if stored is not None else {}, patch)
-        _validated(config, merge_patch(file_account.entry, changes))
+        _validated(store, merge_patch(file_account.entry, changes))
         if stored is None:
             return AccountRecord(name, FILE, changes, created_at=now, updated_at=now)
         return replace(stored, entry=changes, updated_at=now)

@@ -22,6 +22,7 @@ ADD_COUNT_CREDITS = "add_count_credits"
 SET_BILLING_MODE = "set_billing_mode"
 REPORT_USAGE = "report_usage"
 CREATE_KEY, UPDATE_KEY, ROTATE_KEY, DELETE_KEY = "create_key", "update_key", "rotate_key", "delete_key"
+CREATE_ACCOUNT, UPDATE_ACCOUNT, DELETE_ACCOUNT = "create_account", "update_account", "delete_account"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +96,7 @@ def describe(row: dict[str, Any]) -> tuple[str, str]:
     for name, (label, is_usd) in FIELDS.items():
         if name in before and name in after and before[name] != after[name]:
             changes.append(f"{label} {_shown(before[name], is_usd)} → {_shown(after[name], is_usd)}")
-    if row["action"] in (CREATE_KEY, UPDATE_KEY) and after.get("entry") is not None:
+    if row["action"] in (CREATE_KEY, UPDATE_KEY, CREATE_ACCOUNT, UPDATE_ACCOUNT) and after.get("entry") is not None:
         changes.append("settings " + json.dumps(after["entry"].get("preferences") or {}, sort_keys=True))
     if before and after and not changes:
         changes.append("no change")
@@ -109,7 +110,7 @@ def _note(action: str, detail: dict[str, Any]) -> str:
         if detail.get("applied") is False:
             parts.append("already applied (same idempotency key)")
         return " · ".join(part for part in parts if part)
-    if action == UPDATE_KEY:
+    if action in (UPDATE_KEY, UPDATE_ACCOUNT):
         return "patch " + json.dumps(detail.get("patch") or {}, sort_keys=True)
     if action == ROTATE_KEY and detail.get("grace_seconds"):
         return f"the old secret works {detail['grace_seconds']} s more"

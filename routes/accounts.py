@@ -50,7 +50,6 @@ async def _views(request: Request, config: Config, accounts: list[ApiKey]) -> li
             "name": account.name,
             "id": account.id,
             "defined_in": account.defined_in,
-            "line": account.line,
             "api_changes": jsonable(record.entry) if record is not None and record.defined_in == FILE and record.entry else None,
             "problem": config.key_problems.get(account.id),
             "status": "deleted" if account.name in config.deleted_accounts else "active",

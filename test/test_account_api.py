@@ -106,6 +106,15 @@ def test_accounts_made_and_changed_through_the_api_survive_a_restart(start_gatew
     assert served(again, made["api"], 1) == 1 and served(again, TWO, 4) == 3
 
 
+def test_an_api_change_of_an_api_yaml_account_stays_over_the_file_when_it_is_edited(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    call(gateway, "PATCH", "/v1/accounts/acme", {"preferences": {"count_credits": 4}})
+    gateway.rewrite_config(gateway.config_path.read_text().replace("name: acme-two", "name: acme-renamed"))
+    acme = call(gateway, "GET", "/v1/accounts/acme")
+    assert acme["preferences"]["count_credits"] == 4 and {key["name"] for key in acme["keys"]} == {"acme-one", "acme-renamed"}
+    assert served(gateway, TWO, 5) == 4
+
+
 @pytest.mark.parametrize(
     ("body", "param", "reason"),
     [
@@ -185,10 +194,10 @@ def test_only_admins_make_change_or_delete_accounts(start_gateway, upstream):
     assert call(gateway, "GET", "/v1/accounts/acme")["state"]["count_credits"] == 2
 
 
-def test_the_account_tables_are_stored_and_shared_in_postgresql(tmp_path):
+def test_accounts_are_stored_and_shared_in_postgresql(tmp_path, upstream):
     """Fleet mode: account records live in PostgreSQL, and the poll that applies the keys API's
-    records applies them too (one version for both). Serving accounts in fleet mode is still
-    refused, so the API says so rather than storing one."""
+    records applies them too (one version for both). An account's own limits are refused there,
+    as in api.yaml."""
     postgres = PostgresServer().init().start()
     try:
         url = postgres.new_database()
@@ -211,12 +220,17 @@ def test_the_account_tables_are_stored_and_shared_in_postgresql(tmp_path):
         assert stored["team"].entry == {"name": "team"} and polled["team"] == stored["team"]
 
         config = tmp_path / "api.yaml"
-        config.write_text(f"providers: [{{provider: e, engine: echo, model: [m]}}]\napi_keys: [{{api: {ADMIN_KEY}, role: admin}}]\n")
+        config.write_text(CONFIG.replace("{fake:p1}", upstream.base_url("p1")))
         server = ServerThread(create_app(config, url)).start()
         try:
             gateway = RunningGateway(server, config)
-            status, refused = error(gateway, "POST", "/v1/accounts", {"name": "more"})
-            assert status == 409 and refused["code"] == "accounts_unsupported"
+            status, refused = error(gateway, "POST", "/v1/accounts", {"name": "more", "preferences": {"rate_limit": "5/min"}})
+            assert status == 409 and refused["code"] == "account_not_servable"
+            assert error(gateway, "PATCH", "/v1/accounts/acme", {"preferences": {"rate_limit": "5/min"}})[1]["code"] == "account_not_servable"
+            assert served(gateway, ONE, 3) == 2
+            call(gateway, "PATCH", "/v1/accounts/acme", {"preferences": {"count_credits": 3}})
+            assert served(gateway, TWO, 2) == 1  # the new terms, on PostgreSQL's balance
+            assert call(gateway, "GET", "/v1/accounts/team")["defined_in"] == "api"
         finally:
             server.stop()
     finally:
