@@ -44,6 +44,7 @@ from core.upstream import create_http_session
 from core.yamlsource import ConfigError
 from routes import accounts, admin, api_keys, audit, billing_admin, proxy, self_service, web, web_usage_keys
 from routes._http import error_response, http_error, internal_error
+from routes._pages import compile_templates
 from routes._session import SessionSigner
 from routes._web_auth import LoginRequired
 
@@ -82,7 +83,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         alerts = meter.alerts = app.state.alerts = Alerts(ledger, meter.limiter, clock, lambda: http)
         await alerts.load()
         alert_sender = asyncio.create_task(alerts.deliver_forever())
-        web.compile_templates()  # off the first page's time
+        compile_templates()  # off the first page's time
         gc.freeze()  # the loaded config is long-lived: keep full collections from re-scanning it
         # Each request leaves a little cyclic garbage (futures, tracebacks); at Python's default
         # (700, 10, 10) that ran a collection every few requests: 158 collections and 4% of the

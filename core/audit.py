@@ -83,8 +83,8 @@ FIELDS = {
     "remaining_credits": ("credits", True),
     "remaining_count_credits": ("count credits", False),
     "billing_mode": ("billing mode", False),
-    "status": ("status", False),
-    "api": ("secret", False),
+    "status": ("status", False),  # the keys API's deletion
+    "api": ("secret", False),  # masked: a rotation
 }
 
 
@@ -96,11 +96,35 @@ def describe(row: dict[str, Any]) -> tuple[str, str]:
     for name, (label, is_usd) in FIELDS.items():
         if name in before and name in after and before[name] != after[name]:
             changes.append(f"{label} {_shown(before[name], is_usd)} → {_shown(after[name], is_usd)}")
-    if row["action"] in (CREATE_KEY, UPDATE_KEY, CREATE_ACCOUNT, UPDATE_ACCOUNT) and after.get("entry") is not None:
-        changes.append("settings " + json.dumps(after["entry"].get("preferences") or {}, sort_keys=True))
+    if "entry" in after:  # the keys API made or changed a key: its settings that differ
+        changes.extend(_entry_changes(_flat(before.get("entry") or {}), _flat(after["entry"])))
     if before and after and not changes:
         changes.append("no change")
     return "; ".join(changes), _note(row["action"], detail)
+
+
+def _entry_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """`preferences.quota 2000 → 5000`, `preferences.rate_limit removed`, `name ci-bot` (new)."""
+    out = []
+    for name in sorted(old.keys() | new.keys()):
+        if name not in new:
+            out.append(f"{name} removed")
+        elif name not in old:
+            out.append(f"{name} {new[name]}")
+        elif old[name] != new[name]:
+            out.append(f"{name} {old[name]} → {new[name]}")
+    return out
+
+
+def _flat(entry: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A recorded key entry as dotted names and plain text (its numbers are exact strings)."""
+    out: dict[str, str] = {}
+    for name, value in entry.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = ", ".join(str(item) for item in value) if isinstance(value, list) else str(value)
+    return out
 
 
 def _note(action: str, detail: dict[str, Any]) -> str:
@@ -110,13 +134,11 @@ def _note(action: str, detail: dict[str, Any]) -> str:
         if detail.get("applied") is False:
             parts.append("already applied (same idempotency key)")
         return " · ".join(part for part in parts if part)
-    if action in (UPDATE_KEY, UPDATE_ACCOUNT):
-        return "patch " + json.dumps(detail.get("patch") or {}, sort_keys=True)
-    if action == ROTATE_KEY and detail.get("grace_seconds"):
-        return f"the old secret works {detail['grace_seconds']} s more"
     if action == REPORT_USAGE:
         tokens = f"{count_text(detail.get('prompt_tokens', 0))} + {count_text(detail.get('completion_tokens', 0))} tokens"
         return f"{detail.get('model')} via {detail.get('provider')}: {tokens}, {_shown(detail.get('cost', '0'), True)}"
+    if detail.get("grace_seconds"):  # a rotation that kept the old secret working a while
+        return f"the previous secret worked {count_text(detail['grace_seconds'])} s more"
     return ""
 
 

@@ -14,6 +14,19 @@ from core.ledger.sums import Totals, Window
 from core.money_format import usd_json
 from core.pricing import COUNT, TOKEN
 
+ACTIVE, DISABLED, EXPIRED, DELETED = "active", "disabled", "expired", "deleted"
+
+
+def key_status(key: ApiKey, now: float, deleted: bool = False) -> str:
+    """Whether the key may be used, in one word: the keys API and the pages say the same."""
+    if deleted:
+        return DELETED
+    if not key.limits.enabled:
+        return DISABLED
+    if key.limits.expires_at is not None and now >= key.limits.expires_at:
+        return EXPIRED
+    return ACTIVE
+
 
 def effective_mode(config: Config, key: ApiKey) -> str:
     return key.billing.mode if config.preferences.prices.count_billing_enabled else TOKEN

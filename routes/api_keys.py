@@ -19,7 +19,7 @@ from core.audit import Actor
 from core.config import FILE, ApiKey, Config
 from core.errors import bad_request
 from core.key_admin import iso, jsonable, key_not_found
-from core.key_states import key_states
+from core.key_states import key_states, key_status
 from core.ledger import Account, Ledger
 from core.limits import Limiter
 from core.money_format import usd_json
@@ -62,15 +62,6 @@ async def key_views(request: Request, config: Config, keys: list[ApiKey]) -> lis
 
 def _view(key: ApiKey, store: ConfigStore, state: dict[str, Any], account: Account, deleted: bool, now: float) -> dict[str, Any]:
     record = store.records.get(key.id)
-    limits = key.limits
-    if deleted:
-        status = "deleted"
-    elif not limits.enabled:
-        status = "disabled"
-    elif limits.expires_at is not None and now >= limits.expires_at:
-        status = "expired"
-    else:
-        status = "active"
     return {
         "id": key.id,
         "name": key.name,
@@ -80,7 +71,7 @@ def _view(key: ApiKey, store: ConfigStore, state: dict[str, Any], account: Accou
         "defined_in": key.defined_in,
         "api_changes": jsonable(record.entry) if record is not None and record.defined_in == FILE and record.entry else None,
         "problem": store.current.key_problems.get(key.id),
-        "status": status,
+        "status": key_status(key, now, deleted),
         "model": jsonable(key.entry.get("model")),
         "preferences": jsonable(key.entry.get("preferences") or {}),
         "created_at": iso(record.created_at) if record is not None else None,

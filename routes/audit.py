@@ -14,8 +14,8 @@ from core.config import Config
 from core.errors import bad_request
 from core.ledger import Ledger
 from routes._http import current_config, require_admin, whole_number
+from routes._pages import render
 from routes._web_auth import admin_visitor
-from routes.web import render
 from routes.web_export import csv_stream, download
 from routes.web_views import when
 
@@ -74,7 +74,8 @@ async def _all_rows(ledger: Ledger, key_id: str | None) -> AsyncIterator[tuple[A
 
 def _view(config: Config, entry: dict[str, Any]) -> dict[str, Any]:
     change, note = describe(entry)
-    return {**entry, "when": when(entry["ts"]), "target_known": entry["target_key_id"] in config.keys_by_id, "change": change, "note": note}
+    known = entry["target_key_id"] in config.keys_by_id or entry["target_key_id"] in config.deleted_keys  # a deleted key's page stays
+    return {**entry, "when": when(entry["ts"]), "target_known": known, "change": change, "note": note}
 
 
 routes = [

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from jinja2 import Environment, FileSystemLoader
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -23,57 +21,19 @@ from core.errors import GatewayError, forbidden, not_found
 from core.ledger import COUNT_CREDITS, CREDITS, Ledger
 from core.ledger.postgres import PgLedger
 from core.ledger.sums import Window
-from core.money_format import count_text, usd_text
 from core.reload import ConfigStore
-from routes import web_export
+from routes import web_export, web_keys
 from routes._http import caller_ip, current_config, whole_number
+from routes._pages import WEB, read_form, redirect, render
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
 from routes._web_auth import LoginRequired, admin_visitor, check_page_access, signer, visitor
+from routes.key_forms import DEFAULTS, settings_values
 from routes.usage_keys import account_keys_section
 from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, sort_value, when
 
-WEB = Path(__file__).resolve().parent.parent / "web"
 PAGE_SIZE = 50
 SORTS = ("name", "mode", "credits", "count", "spend", "today", "status")
 WRONG_KEY_DELAY = 0.5
-MAX_FORM_BYTES = 16 * 1024
-
-# auto_reload off: the templates ship with the code, so no stat() of the file per page.
-templates = Environment(loader=FileSystemLoader(WEB / "templates"), autoescape=True, auto_reload=False)
-# Every page formats money and counts the same way (core/money_format.py): `{{ nanos|money }}`.
-templates.filters["money"] = usd_text
-templates.filters["number"] = count_text
-
-
-def compile_templates() -> None:
-    """Compile every template at start-up rather than on the first page that needs it."""
-    for name in templates.list_templates():
-        templates.get_template(name)
-
-
-# Pages load only our own stylesheet: no scripts, no inline styles, no framing, forms post
-# only back to us; a stolen page cannot be embedded, sniffed into another type or cached.
-PAGE_HEADERS = {
-    "Cache-Control": "no-store",
-    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-}
-
-
-def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
-    # `nonce` makes each rendered top-up form a one-time idempotency key: a double submit applies once.
-    banner = _config_error(request, context.get("me"))
-    html = templates.get_template(name).render(request=request, nonce=secrets.token_urlsafe(12), config_error=banner, **context)
-    return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
-
-
-def _config_error(request: Request, me: ApiKey | None) -> dict[str, str] | None:
-    """The last failed reload, for the banner every admin page shows (key holders don't see it)."""
-    store: ConfigStore = request.app.state.store
-    error = store.last_error if me is not None and me.is_admin else None
-    return None if error is None else {"message": error.message, "at": when(error.at)}
 
 
 def render_error(request: Request, error: GatewayError) -> HTMLResponse:
@@ -85,23 +45,9 @@ def render_error(request: Request, error: GatewayError) -> HTMLResponse:
     return render(request, "error.html", status=error.status, error=error, me=me, csrf=csrf)
 
 
-async def read_form(request: Request) -> dict[str, str]:
-    """An urlencoded form, size-capped (no multipart needed for these pages)."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            raise GatewayError(413, "invalid_request_error", "request_too_large", "Form too large.")
-    return {name: values[0] for name, values in parse_qs(body.decode("utf-8", "replace")).items()}
-
-
 async def favicon(request: Request) -> Response:
     """Browsers ask for /favicon.ico on their own (JSON and CSV views too): the pages' icon."""
     return FileResponse(WEB / "static" / "favicon.svg", media_type="image/svg+xml", headers={"Cache-Control": "public, max-age=86400"})
-
-
-def redirect(url: str) -> RedirectResponse:
-    return RedirectResponse(url, status_code=303)
 
 
 # --- login -----------------------------------------------------------------------------
@@ -169,7 +115,7 @@ async def overview(request: Request) -> Response:
     key, session = admin_visitor(request, config)
     ledger: Ledger = request.app.state.ledger
     today, month = reports.today(), reports.month_start()
-    names = {k.id: k.name for k in config.keys}
+    names = {k.id: k.name for k in (*config.keys, *config.deleted_keys.values())}
     return render(
         request,
         "overview.html",
@@ -211,7 +157,8 @@ async def billing_tab(request: Request) -> Response:
     query = params.get("q", "").strip().lower()
     sort = params.get("sort", "name") if params.get("sort") in SORTS else "name"
     descending = params.get("dir") == "desc"
-    keys = [k for k in config.keys if not query or query in k.name.lower() or query in k.masked.lower() or k.id.startswith(query.lstrip("#"))]
+    every = (*config.keys, *config.deleted_keys.values())  # deleted keys stay listed: their history is readable
+    keys = [k for k in every if not query or query in k.name.lower() or query in k.masked.lower() or k.id.startswith(query.lstrip("#"))]
     accounts = await ledger.accounts([(k.id, k.billing) for k in keys])
     month = await reports.by_key_in_month(ledger, reports.this_month())
     today = await reports.by_key_on_day(ledger, reports.today())
@@ -235,6 +182,7 @@ async def billing_tab(request: Request) -> Response:
         ),
         message=_flash(request),
         is_error="error" in params,
+        new_key=DEFAULTS,
     )
 
 
@@ -247,7 +195,8 @@ def _page(raw: str | None, count: int) -> tuple[int, int]:
 async def key_detail(request: Request) -> Response:
     config = current_config(request)
     me, session = visitor(request, config)
-    key = config.keys_by_id.get(request.path_params["key_id"])
+    key_id = request.path_params["key_id"]
+    key = config.keys_by_id.get(key_id) or config.deleted_keys.get(key_id)
     if not me.is_admin and (key is None or key.id != me.id):
         raise forbidden("You may only see your own key.", "not_your_key")
     if key is None:
@@ -296,11 +245,21 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
         limits=limit_rows([use for use in [statements.quota_use(key, account)] if use] + statements.limit_uses(key, limiter, now)),
         alerts=alert_rows(await recent_alerts(ledger, key.id), config),
         base_url=f"/admin/keys/{key.id}" if me.is_admin else "/usage",
+        deleted_at=_deleted_at(request, config, key),
+        settings=settings_values(key) if me.is_admin else None,
         export_url=f"/admin/export/requests.csv?key={key.id}" if me.is_admin else "/usage/export/requests.csv",
         message=_flash(request),
         is_error="error" in params,
         **extra,
     )
+
+
+def _deleted_at(request: Request, config: Config, key: ApiKey) -> str | None:
+    if key.id not in config.deleted_keys:
+        return None
+    store: ConfigStore = request.app.state.store
+    record = store.records.get(key.id)
+    return when(record.deleted_at) if record is not None and record.deleted_at else "—"
 
 
 def _flash(request: Request) -> str | None:
@@ -379,6 +338,7 @@ routes = [
     Route("/logout", logout, methods=["POST"]),
     Route("/admin", overview, methods=["GET"]),
     Route("/admin/keys", billing_tab, methods=["GET"]),
+    *web_keys.routes,
     Route("/admin/keys/{key_id}", key_detail, methods=["GET"]),
     Route("/admin/keys/{key_id}/add_credits", _action(CREDITS), methods=["POST"]),
     Route("/admin/keys/{key_id}/add_count_credits", _action(COUNT_CREDITS), methods=["POST"]),

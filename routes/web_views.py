@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from core.config import ApiKey, Config
-from core.key_states import effective_mode
+from core.config import API, ApiKey, Config
+from core.key_states import ACTIVE, effective_mode, key_status
 from core.ledger import Account
 from core.ledger.sums import Totals
 from core.money_format import count_text, usd_text
 from core.pricing import COUNT, TOKEN, to_nanos
 from core.reports import DayPoint
-from core.statements import LimitUse
+from core.statements import LimitUse, quota_use
 
 SHORT_ID = 8
 MESSAGES = {
@@ -31,6 +31,12 @@ MESSAGES = {
     "config_changed": "api.yaml changed while it was being edited: the billing mode is unchanged; try again.",
     "config_invalid": "api.yaml has an error; fix it first (the config status says where).",
     "bad_csrf": "The form expired; please try again.",
+    "key_updated": "Key settings saved and in force.",
+    "nothing_changed": "Nothing changed: the form had the key's settings as they are.",
+    "key_enabled": "Key enabled: its secret works again.",
+    "key_disabled": "Key disabled: its requests get 403 key_disabled until it is enabled.",
+    "key_deleted": "Key deleted: its secret no longer works. Its history stays here.",
+    "key_already_made": "That form was already submitted and made this key; its secret was shown then, once. Rotate the key for a new one.",
     "billing_window_not_started": "The key's billing window (created_at) has not started: a top-up now would never count.",
 }
 
@@ -73,11 +79,20 @@ class KeyRow:
     spend_month: int  # nanos: the template formats it
     requests_today: int
     status: str
+    quota_text: str  # "used / limit", or "—" without a quota
+    quota_pct: int | None
+    quota_level: str
+    quota_title: str  # the same with its unit, tokens or USD (a tooltip: the column is narrow)
+    defined_in: str  # "api.yaml" or "API": where the key is defined
+    deleted: bool
 
 
-def status_of(mode: str, remaining: int | None, remaining_count: int, key: ApiKey | None = None, now: float | None = None) -> str:
-    if key is not None and (not key.limits.enabled or (key.limits.expires_at is not None and (now or time.time()) >= key.limits.expires_at)):
-        return "disabled"
+def status_of(mode: str, remaining: int | None, remaining_count: int, key: ApiKey | None = None, now: float | None = None, deleted: bool = False) -> str:
+    """deleted, disabled or expired (as the keys API says), else exhausted or active by its credits."""
+    if key is not None:
+        usable = key_status(key, time.time() if now is None else now, deleted)
+        if usable != ACTIVE:
+            return usable
     usd_gone = remaining is not None and remaining <= 0
     if mode == COUNT:
         return "exhausted" if remaining_count <= 0 else "active"
@@ -93,7 +108,8 @@ def key_row(config: Config, key: ApiKey, account: Account, month: tuple[int, int
     remaining_count = account.remaining_count(terms)
     given = None if terms.credits_nanos is None else terms.credits_nanos + account.granted_nanos
     given_count = terms.count_credits + account.count_granted
-    status = status_of(mode, remaining, remaining_count, key)
+    deleted = key.id in config.deleted_keys
+    status = status_of(mode, remaining, remaining_count, key, deleted=deleted)
     credits_pct = None if remaining is None or given is None else percent(remaining, given)
     count_pct = percent(remaining_count, given_count) if given_count > 0 else None
     return KeyRow(
@@ -111,7 +127,19 @@ def key_row(config: Config, key: ApiKey, account: Account, month: tuple[int, int
         spend_month=month[1],
         requests_today=today[0],
         status=status,
+        **_quota_cells(quota_use(key, account)),
+        defined_in="API" if key.defined_in == API else key.defined_in,
+        deleted=deleted,
     )
+
+
+def _quota_cells(use: LimitUse | None) -> dict[str, Any]:
+    """The billing tab's quota column: used / limit in tokens or USD, with a bar of the use."""
+    if use is None:
+        return {"quota_text": "—", "quota_title": "no quota", "quota_pct": None, "quota_level": "ok"}
+    shown, pct = (usd_text if use.usd else count_text), percent(use.used, use.limit)
+    text = f"{shown(use.used)} / {shown(use.limit)}"
+    return {"quota_text": text, "quota_title": f"{text} {'USD' if use.usd else 'tokens'} used", "quota_pct": pct, "quota_level": use_level(pct)}
 
 
 def sort_value(sort: str, config: Config, key: ApiKey, account: Account, month: tuple[int, int], today: tuple[int, int]) -> Any:
@@ -131,7 +159,7 @@ def sort_value(sort: str, config: Config, key: ApiKey, account: Account, month: 
         return float("inf") if remaining is None else remaining
     if sort == "count":
         return account.remaining_count(key.billing)
-    return status_of(mode, remaining, account.remaining_count(key.billing), key)
+    return status_of(mode, remaining, account.remaining_count(key.billing), key, deleted=key.id in config.deleted_keys)
 
 
 def chart(points: list[DayPoint], width: int = 720, height: int = 160) -> dict[str, Any]:

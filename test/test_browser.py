@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+import openai
 import pytest
 
 from test.conftest import ADMIN_KEY
@@ -139,3 +140,56 @@ def test_opening_manage_leaves_the_billing_columns_in_place(start_gateway, brows
     assert page.locator(f'tr[data-key="{key_id(COUNT_KEY)}"] input[aria-label="Count credits to add"]').is_visible()
     assert page.evaluate(widths) == closed
     assert overflow(page, "html") == 0
+
+
+def test_admin_makes_rotates_and_deletes_a_key_in_the_browser(start_gateway, browser):
+    gateway = start_gateway(CONFIG)
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, permissions=["clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    page.goto(f"{gateway.url}/login")
+    page.fill("#api_key", ADMIN_KEY)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/admin")
+    page.click("text=Billing")
+    page.click("details.new-key summary")
+    form = page.locator("details.new-key form")
+    form.locator('input[name="name"]').fill("browser-bot")
+    form.locator('input[name="credits"]').fill("50")
+    form.locator('input[name="quota"]').fill("100000")
+    form.locator('input[name="rate_limit"]').fill("60/min")
+    form.locator('input[name="model"]').fill("echo-1")
+    form.locator("button[type=submit]").click()
+    secret = page.locator("#secret").inner_text()
+    assert secret.startswith("sk-")
+    page.locator("button[data-copy]").click()  # copy.js ran: the page's policy lets our own script run
+    assert page.evaluate("navigator.clipboard.readText()") == secret
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "key-secret.png"), full_page=True)
+    assert gateway.client(secret).chat.completions.create(model="echo-1", messages=[{"role": "user", "content": "hi"}]).choices
+
+    page.click("text=Go to the key")
+    page.wait_for_url("**/admin/keys/key_*")
+    assert secret not in page.content() and "browser-bot" in page.locator("h1").inner_text()
+    page.click("button:has-text('Rotate secret')")
+    rotated = page.locator("#secret").inner_text()
+    assert rotated != secret
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client(secret).models.list()
+    assert gateway.client(rotated).chat.completions.create(model="echo-1", messages=[{"role": "user", "content": "hi"}]).choices
+
+    page.click("text=Go to the key")
+    page.click("a.button.danger")
+    page.wait_for_url("**/delete")
+    page.click("button.danger")  # the box is not ticked: the browser does not send the form
+    assert page.url.endswith("/delete")
+    page.check('input[name="confirm"]')
+    page.click("button.danger")
+    page.wait_for_url("**done=key_deleted")
+    assert page.locator("h1 .status").inner_text() == "deleted"
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client(rotated).models.list()
+    page.click("text=Billing")
+    row = page.locator("tr.deleted", has_text="browser-bot")
+    assert row.locator(".status").inner_text() == "deleted"
+    page.screenshot(path=str(SCREENSHOTS / "billing-tab-deleted.png"), full_page=True)
+    context.close()

@@ -359,13 +359,13 @@ def test_allowed_clients_limits_api_calls_not_the_holders_own_pages(start_gatewa
     ],
 )
 def test_money_filter_formats_usd_one_way(nanos, shown):
-    from routes.web import templates
+    from routes._pages import templates
 
     assert templates.filters["money"](nanos) == shown
 
 
 def test_number_filter_separates_thousands():
-    from routes.web import templates
+    from routes._pages import templates
 
     assert [templates.filters["number"](n) for n in (0, 999, 1000, 2_000_000)] == ["0", "999", "1,000", "2,000,000"]
 
@@ -481,3 +481,230 @@ def test_pages_have_a_local_favicon(web):
     for path in (href, "/favicon.ico"):  # browsers also ask for /favicon.ico on their own
         icon = browser.get(path)
         assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml") and "<svg" in icon.text, path
+
+
+# --- key management pages (the keys API's code behind forms) ---------------------------------
+
+
+NEW_KEY = {"name": "ci-bot", "billing_mode": "token", "credits": "2.50", "count_credits": "", "quota": "5000", "quota_type": "tokens",
+           "rate_limit": "60/min", "concurrency_limit": "3", "model": "echo-1", "expires_at": "2030-01-01T00:00"}  # fmt: skip
+
+
+def secret_on(page: httpx.Response) -> str:
+    match = re.search(r'<code id="secret">([^<]+)</code>', page.text)
+    assert match, page.text
+    return match.group(1)
+
+
+def key_view(gateway, key_id_: str) -> dict:
+    response = gateway.http("GET", f"/v1/api_keys/{key_id_}", key=ADMIN_KEY)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def create_through_form(browser: Browser, **changes: str) -> httpx.Response:
+    page = browser.get("/admin/keys").text
+    nonce = re.search(r'name="idempotency_key" value="([^"]+)"', page.split('action="/admin/keys"')[1]).group(1)
+    return browser.http.post("/admin/keys", data={"csrf_token": browser.csrf_from(page), "idempotency_key": nonce, **NEW_KEY, **changes})
+
+
+def test_new_key_form_makes_the_key_and_shows_its_secret_once(web):
+    gateway, browser = web
+    browser.login(ADMIN_KEY)
+    made = create_through_form(browser)
+    assert made.status_code == 200 and "shown this once" in made.text
+    assert "script-src 'self'" in made.headers["content-security-policy"] and made.headers["cache-control"] == "no-store"
+    secret = secret_on(made)
+    assert secret.startswith("sk-") and secret not in made.headers.get("set-cookie", "") and secret not in str(made.url)
+    new_id = re.search(r'href="/admin/keys/([^"]+)"', made.text.split('id="secret"')[1]).group(1)
+    view = key_view(gateway, new_id)
+    assert view["name"] == "ci-bot" and view["defined_in"] == "api" and view["model"] == ["echo-1"]
+    assert view["preferences"] == {"billing_mode": "token", "credits": 2.5, "quota": 5000, "quota_type": "tokens", "rate_limit": "60/min",
+                                   "concurrency_limit": 3, "expires_at": "2030-01-01T00:00"}  # fmt: skip
+    assert gateway.client(secret).chat.completions.create(model="echo-1", messages=MESSAGES).choices
+    for path in ("/admin/keys", f"/admin/keys/{new_id}", "/admin/audit", "/admin/audit.csv", "/admin"):
+        assert secret not in browser.get(path).text, path
+    assert "script-src" not in browser.get(f"/admin/keys/{new_id}").headers["content-security-policy"]
+
+
+def test_submitting_the_new_key_form_twice_makes_one_key(web):
+    gateway, browser = web
+    browser.login(ADMIN_KEY)
+    page = browser.get("/admin/keys").text
+    form = {"csrf_token": browser.csrf_from(page), "idempotency_key": "same-form-token", **NEW_KEY}
+    first = browser.http.post("/admin/keys", data=form)
+    again = browser.http.post("/admin/keys", data=form)  # the secret page reloaded
+    assert first.status_code == 200 and again.status_code == 303
+    assert again.headers["location"].endswith("?error=key_already_made") and secret_on(first) not in again.text
+    shown = browser.get(again.headers["location"]).text
+    assert "already submitted" in shown and secret_on(first) not in shown
+    names = [k["name"] for k in gateway.http("GET", "/v1/api_keys", key=ADMIN_KEY).json()["data"]]
+    assert names.count("ci-bot") == 1
+
+
+def test_new_key_form_shows_the_validation_error_and_makes_nothing(web):
+    gateway, browser = web
+    browser.login(ADMIN_KEY)
+    before = gateway.http("GET", "/v1/api_keys", key=ADMIN_KEY).json()["total"]
+    refused = create_through_form(browser, quota="-5", name="typo-bot")
+    assert refused.status_code == 400
+    assert "preferences.quota must be &gt;= 0, got -5" in refused.text and 'name="quota"' in refused.text
+    assert re.search(r'name="quota"[^>]*value="-5"[^>]*aria-invalid="true"', refused.text) and 'value="typo-bot"' in refused.text
+    unknown = create_through_form(browser, model="echo-1, nope-9")
+    assert unknown.status_code == 400 and "nope-9" in unknown.text and 'id="secret"' not in unknown.text
+    assert create_through_form(browser, credits="lots").status_code == 400
+    assert gateway.http("GET", "/v1/api_keys", key=ADMIN_KEY).json()["total"] == before
+
+
+def test_key_forms_without_the_csrf_token_change_nothing(web):
+    gateway, browser = web
+    browser.login(ADMIN_KEY)
+    path = f"/admin/keys/{key_id(COUNT_KEY)}"
+    posts = [("/admin/keys", NEW_KEY), (f"{path}/settings", {"quota": "5"}), (f"{path}/enabled", {"enabled": "false"}),
+             (f"{path}/rotate", {}), (f"{path}/delete", {"confirm": "yes"})]  # fmt: skip
+    for action, fields in posts:
+        for token in ({}, {"csrf_token": "forged"}):
+            response = browser.http.post(action, data={**fields, **token})
+            assert response.status_code == 403 and "The form expired" in response.text, action
+    assert gateway.http("GET", "/v1/api_keys", key=ADMIN_KEY).json()["total"] == 4
+    assert key_view(gateway, key_id(COUNT_KEY))["status"] == "active" and key_view(gateway, key_id(COUNT_KEY))["api_changes"] is None
+    chat(gateway, COUNT_KEY)  # the secret still works
+    user = Browser(gateway.url)
+    user.login(USER_KEY)
+    assert user.submit("/usage", f"{path}/delete", confirm="yes").status_code == 403  # a token, but not an admin
+
+
+def test_settings_form_patches_what_changed_and_an_empty_field_removes_it(start_gateway):
+    gateway = start_gateway(CONFIG.replace("count_credits: 10}", "count_credits: 10, rate_limit: 100/min}"))
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    path = f"/admin/keys/{key_id(COUNT_KEY)}"
+    page = browser.get(path).text
+    shown = dict(re.findall(r'<input name="(\w+)"[^>]*value="([^"]*)"', page.split(f'action="{path}/settings"')[1].split("</form>")[0]))
+    assert shown["rate_limit"] == "100/min" and shown["count_credits"] == "10" and shown["quota"] == ""
+    form = {**shown, "quota": "2000", "rate_limit": "", "csrf_token": browser.csrf_from(page)}
+    saved = browser.http.post(f"{path}/settings", data=form)
+    assert saved.headers["location"] == f"{path}?done=key_updated"
+    view = key_view(gateway, key_id(COUNT_KEY))
+    assert view["api_changes"] == {"preferences": {"quota": 2000, "rate_limit": None}}
+    assert view["quota"] == {"type": "tokens", "limit": 2000, "used": 0, "remaining": 2000} and "rate_limit" not in view["preferences"]
+    assert "rate_limit" in gateway.config_path.read_text()  # api.yaml is never written by the keys code
+    again = browser.http.post(f"{path}/settings", data={**form, "rate_limit": ""})
+    assert "done=nothing_changed" in again.headers["location"]
+    audit = gateway.http("GET", "/v1/audit_log", key=ADMIN_KEY).json()["entries"]
+    assert [e["action"] for e in audit].count("update_key") == 1
+
+
+def test_settings_form_shows_the_error_and_keeps_the_key(web):
+    gateway, browser = web
+    path = f"/admin/keys/{key_id(USER_KEY)}"
+    browser.login(ADMIN_KEY)
+    refused = browser.submit(path, f"{path}/settings", rate_limit="lots/min", credits="10")
+    assert refused.status_code == 400 and "preferences.rate_limit must look like" in refused.text
+    assert re.search(r'name="rate_limit"[^>]*value="lots/min"[^>]*aria-invalid="true"', refused.text)
+    assert key_view(gateway, key_id(USER_KEY))["api_changes"] is None
+    assert browser.get(f"{path}/settings").status_code == 200
+
+
+def test_disable_and_enable_buttons_switch_the_key_at_once(web):
+    gateway, browser = web
+    browser.login(ADMIN_KEY)
+    path = f"/admin/keys/{key_id(USER_KEY)}"
+    assert browser.submit(path, f"{path}/enabled", enabled="false").headers["location"] == f"{path}?done=key_disabled"
+    with pytest.raises(Exception) as refused:
+        chat(gateway, USER_KEY)
+    assert getattr(refused.value, "status_code", None) == 403
+    page = browser.get(path).text
+    assert '<span class="status disabled">disabled</span>' in page and "Enable key" in page
+    assert browser.submit(path, f"{path}/enabled", enabled="true").headers["location"] == f"{path}?done=key_enabled"
+    chat(gateway, USER_KEY)
+    assert browser.submit(path, f"{path}/enabled", enabled="maybe").status_code == 400
+
+
+def test_rotate_button_shows_the_new_secret_once_and_the_old_one_stops(web):
+    gateway, browser = web
+    chat(gateway, COUNT_KEY)
+    browser.login(ADMIN_KEY)
+    path = f"/admin/keys/{key_id(COUNT_KEY)}"
+    rotated = browser.submit(path, f"{path}/rotate", grace_seconds="")
+    assert rotated.status_code == 200 and "The previous secret no longer works" in rotated.text
+    secret = secret_on(rotated)
+    assert gateway.http("GET", "/v1/models", key=COUNT_KEY).status_code == 401
+    chat(gateway, secret)
+    assert key_view(gateway, key_id(COUNT_KEY))["state"]["remaining_count_credits"] == 8  # the balance stayed with the key
+    assert secret not in browser.get(path).text and secret not in browser.get("/admin/audit").text
+    graced = browser.submit(path, f"{path}/rotate", grace_seconds="120")
+    assert "keeps working until" in graced.text
+    assert gateway.http("GET", "/v1/models", key=secret).status_code == 200
+    bad = browser.submit(path, f"{path}/rotate", grace_seconds="soon")
+    assert bad.status_code == 400 and "grace_seconds" in bad.text
+
+
+def test_delete_needs_the_confirmation_and_the_history_stays(web):
+    gateway, browser = web
+    chat(gateway, USER_KEY, 2)
+    browser.login(ADMIN_KEY)
+    path = f"/admin/keys/{key_id(USER_KEY)}"
+    confirm = browser.get(f"{path}/delete")
+    assert confirm.status_code == 200 and 'name="confirm"' in confirm.text
+    unconfirmed = browser.submit(f"{path}/delete", f"{path}/delete")
+    assert unconfirmed.status_code == 400 and "Tick the box" in unconfirmed.text
+    chat(gateway, USER_KEY)  # still works
+    deleted = browser.submit(f"{path}/delete", f"{path}/delete", confirm="yes")
+    assert deleted.headers["location"] == f"{path}?done=key_deleted"
+    assert gateway.http("GET", "/v1/models", key=USER_KEY).status_code == 401
+    row = browser.get("/admin/keys").text.split(f'data-key="{key_id(USER_KEY)}"')[1].split("</tr>")[0]
+    assert 'class="deleted"' in row and '<span class="status deleted">deleted</span>' in row and "Manage" not in row
+    detail = browser.get(path)
+    assert detail.status_code == 200 and "Deleted 20" in detail.text and "Rotate secret" not in detail.text
+    assert detail.text.split("Recent requests")[1].split("</table>")[0].count("<td>echo-1</td>") == 3
+    again = browser.submit(path, f"{path}/settings", quota="5")
+    assert again.status_code == 409 and "was deleted" in again.text
+    assert browser.get(f"{path}/delete").status_code == 409
+
+
+def test_billing_tab_shows_quota_use_where_keys_are_defined_and_status(start_gateway):
+    config = CONFIG.replace("count_credits: 10}", "count_credits: 10, quota: 2000000}").replace("credits: 3}", "credits: 3, quota: 5, quota_type: usd}")
+    gateway = start_gateway(config)
+    chat(gateway, COUNT_KEY)
+    made = gateway.http("POST", "/v1/api_keys", key=ADMIN_KEY, json={"name": "expired-bot", "preferences": {"expires_at": "2020-01-01T00:00:00Z"}})
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    tab = browser.get("/admin/keys").text
+    row = lambda id_: page_text(tab.split(f'data-key="{id_}"')[1].split("</tr>")[0])  # noqa: E731
+    used = key_view(gateway, key_id(COUNT_KEY))["quota"]["used"]
+    assert f"{used} / 2,000,000" in row(key_id(COUNT_KEY)) and f'title="{used} / 2,000,000 tokens used"' in tab and "api.yaml" in row(key_id(COUNT_KEY))
+    assert "$0.00 / $5.00" in row(key_id(OTHER_KEY))
+    assert "—" in row(key_id(USER_KEY)) and "active" in row(key_id(USER_KEY))
+    assert "API" in row(made.json()["id"]) and "expired" in row(made.json()["id"])
+    assert bar_class(tab.split(f'data-key="{key_id(COUNT_KEY)}"')[1].split('class="quota"')[1]) == "ok"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("10", 10), ("2.50", 2.5), ("0.1", 0.1), ("-1", -1), ("1e3", 1000), ("0.12345678901234567890", "0.12345678901234567890"),
+     ("lots", "lots"), ("NaN", "NaN"), ("1e999999", "1e999999")],
+)  # fmt: skip
+def test_form_numbers_become_exact_json_numbers(text, value):
+    """As the keys API gets them from JSON; what no float holds exactly, or is no number,
+    stays text for the config reader to read exactly or refuse in its own words."""
+    from routes.key_forms import form_number
+
+    assert form_number(text) == value and type(form_number(text)) is type(value)
+
+
+def test_audit_log_tells_key_changes_made_in_the_pages_in_words(web):
+    _, browser = web
+    browser.login(ADMIN_KEY)
+    made = create_through_form(browser, rate_limit="", concurrency_limit="", model="", expires_at="")
+    path = "/admin/keys/" + re.search(r'href="/admin/keys/([^"]+)"', made.text.split('id="secret"')[1]).group(1)
+    browser.submit(path, f"{path}/settings", quota="900", credits="")
+    browser.submit(path, f"{path}/rotate", grace_seconds="60")
+    browser.submit(f"{path}/delete", f"{path}/delete", confirm="yes")
+    rows = [page_text(row) for row in browser.get("/admin/audit").text.split("<tbody>")[1].split("</tr>")[:-1]]
+    deleted, rotated, updated, created = rows[:4]
+    assert "create_key" in created and "name ci-bot" in created and "preferences.credits 2.5" in created and "preferences.quota 5000" in created
+    assert "update_key" in updated and "preferences.quota 5000 → 900" in updated and "preferences.credits removed" in updated
+    assert "rotate_key" in rotated and "secret sk-" in rotated and "worked 60 s more" in rotated
+    assert "delete_key" in deleted and "status active → deleted" in deleted and f'href="{path}"' in browser.get("/admin/audit").text
+    assert "no change" not in " ".join(rows[:4])
