@@ -26,9 +26,19 @@ async def account_keys_section(request: Request, config: Config, me: ApiKey, **s
     ledger: Ledger = request.app.state.ledger
     balances = await ledger.accounts([(key.id, key.billing) for key in keys])
     now = request.app.state.clock()
-    revoked = config.deleted_keys.get(request.query_params.get("revoked") or "")
-    notice = f"Key '{revoked.name}' revoked: it no longer works." if revoked is not None and in_account(revoked, account) else None
-    return {"account": account.name, "rows": [_row(key, balances[key.id], me, now) for key in keys], "notice": notice, **shown}
+    return {"account": account.name, "rows": [_row(key, balances[key.id], me, now) for key in keys], "notice": _notice(request, config, account), **shown}
+
+
+def _notice(request: Request, config: Config, account: ApiKey) -> str | None:
+    """What the last form did, from the URL it returned to (a key's id, never a secret)."""
+    params = request.query_params
+    revoked = config.deleted_keys.get(params.get("revoked") or "")
+    if revoked is not None and in_account(revoked, account):
+        return f"Key '{revoked.name}' revoked: it no longer works."
+    made = config.keys_by_id.get(params.get("made") or "") or config.deleted_keys.get(params.get("made") or "")
+    if made is not None and in_account(made, account):
+        return f"Key '{made.name}' was already made by this form; its secret was shown then, once."
+    return None
 
 
 def _row(key: ApiKey, balance: Account, me: ApiKey, now: float) -> dict[str, Any]:

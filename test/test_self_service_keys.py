@@ -180,13 +180,26 @@ def test_the_usage_page_lists_the_accounts_keys_and_makes_one_showing_its_secret
 
     made = browser.submit("/usage", "/usage/keys", name="from-the-page", quota="1000", quota_type="tokens")
     assert made.status_code == 200, made.text
-    secret = re.search(r'<code class="secret">(sk-[^<]+)</code>', made.text).group(1)  # type: ignore[union-attr]
+    secret = re.search(r'<code id="secret">(sk-[^<]+)</code>', made.text).group(1)  # type: ignore[union-attr]
+    assert "script-src 'self'" in made.headers["content-security-policy"] and "/static/copy.js" in made.text  # its Copy button
     chat(gateway, secret)
     again = browser.get("/usage").text
     assert "from-the-page" in again and secret not in again  # shown once
     assert "18 of 1,000" in again  # its quota's use
     key = next(key for key in ok(gateway, "GET", "/v1/api_keys", ONE)["data"] if key["name"] == "from-the-page")
     assert key["quota"] == {"type": "tokens", "limit": 1000, "used": 18, "remaining": 982}
+
+
+def test_the_usage_pages_new_key_form_sent_twice_makes_one_key(gateway):
+    browser = Browser(gateway.url)
+    browser.login(ONE)
+    page = browser.get("/usage").text
+    form = {"csrf_token": browser.csrf_from(page), "idempotency_key": re.search(r'name="idempotency_key" value="([^"]+)"', page).group(1), "name": "once"}  # type: ignore[union-attr]
+    assert browser.http.post("/usage/keys", data=form).status_code == 200
+    again = browser.http.post("/usage/keys", data=form)  # the page that showed the secret, reloaded
+    assert again.status_code == 303 and "made=" in again.headers["location"]
+    assert "was already made by this form" in browser.get(again.headers["location"]).text
+    assert [key["name"] for key in ok(gateway, "GET", "/v1/api_keys", ONE)["data"]].count("once") == 1
 
 
 def test_the_usage_page_refuses_a_key_it_may_not_make_with_the_reason(gateway):
