@@ -86,6 +86,17 @@ def test_an_accounts_new_credits_reach_every_key_in_it_at_once(start_gateway, up
     assert served(gateway, TWO, 4) == 3  # no reload, no restart: the next request sees the new terms
 
 
+def test_config_status_lists_the_accounts_made_and_changed_through_the_api(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    call(gateway, "POST", "/v1/accounts", {"name": "team", "preferences": {"credits": 1}})
+    call(gateway, "PATCH", "/v1/accounts/acme", {"preferences": {"count_credits": 5}})
+    changes = gateway.status()["account_changes"]
+    assert changes == [
+        {"name": "acme", "defined_in": "api.yaml", "changes": {"preferences": {"count_credits": 5}}, "deleted": False, "problem": None},
+        {"name": "team", "defined_in": "api", "changes": None, "deleted": False, "problem": None},
+    ]
+
+
 def test_an_accounts_limits_changed_through_the_api_apply_to_its_keys_together(start_gateway, upstream):
     gateway = start_gateway(CONFIG.replace("count_credits: 2", "count_credits: 100"), upstream)
     call(gateway, "PATCH", "/v1/accounts/acme", {"preferences": {"rate_limit": "2/min"}})
