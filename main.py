@@ -42,7 +42,7 @@ from core.reload import ConfigStore
 from core.routing import Scheduler
 from core.upstream import create_http_session
 from core.yamlsource import ConfigError
-from routes import accounts, admin, api_keys, audit, billing_admin, proxy, self_service, web
+from routes import accounts, admin, api_keys, audit, billing_admin, proxy, self_service, web, web_usage_keys
 from routes._http import error_response, http_error, internal_error
 from routes._pages import compile_templates
 from routes._session import SessionSigner
@@ -73,7 +73,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             ledger.config_source = lambda: (store.current.source_hash, store.last_error.message if store.last_error else None)
             ledger.watch_key_records(store.apply_records)
             app.state.auth_throttle = AuthThrottle(clock, shares=lambda: ledger.live_instances)
-        store.apply_records(await ledger.key_records())  # keys made and changed through the keys API
+        store.apply_records(await ledger.key_records(), await ledger.account_records())  # keys and accounts made and changed through the API
         app.state.session_signer = SessionSigner(await ledger.setting("session_secret", lambda: secrets.token_hex(32)))
         http = create_http_session()
         app.state.ledger = ledger
@@ -109,7 +109,17 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             await ledger.close()  # flushes every queued ledger row
 
     app = GatewayApp(
-        routes=[*proxy.routes, *admin.routes, *api_keys.routes, *accounts.routes, *billing_admin.routes, *self_service.routes, *audit.routes, *web.routes],
+        routes=[
+            *proxy.routes,
+            *admin.routes,
+            *api_keys.routes,
+            *accounts.routes,
+            *billing_admin.routes,
+            *self_service.routes,
+            *audit.routes,
+            *web_usage_keys.routes,
+            *web.routes,
+        ],
         lifespan=lifespan,
         exception_handlers={GatewayError: on_error, HTTPException: on_error, LoginRequired: to_login, Exception: on_unexpected_error},
     )

@@ -22,6 +22,7 @@ ADD_COUNT_CREDITS = "add_count_credits"
 SET_BILLING_MODE = "set_billing_mode"
 REPORT_USAGE = "report_usage"
 CREATE_KEY, UPDATE_KEY, ROTATE_KEY, DELETE_KEY = "create_key", "update_key", "rotate_key", "delete_key"
+CREATE_ACCOUNT, UPDATE_ACCOUNT, DELETE_ACCOUNT = "create_account", "update_account", "delete_account"
 
 
 @dataclass(frozen=True, slots=True)

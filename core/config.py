@@ -37,7 +37,7 @@ KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # safe in a URL path, a
 ACCOUNT_KEYS = ("name", "preferences")
 ACCOUNT_PREFERENCE_KEYS = (
     "billing_mode", "credits", "count_credits", "created_at", "rate_limit", "token_rate_limit", "concurrency_limit",
-    "daily_cost_limit", "weekly_cost_limit", "monthly_cost_limit", "budget", "budget_period", "timezone", "alerts",
+    "daily_cost_limit", "weekly_cost_limit", "monthly_cost_limit", "budget", "budget_period", "timezone", "alerts", "self_service_keys",
 )  # fmt: skip
 ACCOUNT_ID_PREFIX = "account:"  # an account's ledger id: `account:acme` (no key id has a ':')
 ACCOUNT = "account"  # the role of the stand-in key an account is billed and limited as
@@ -117,6 +117,7 @@ class ApiKey:
     previous_digest: bytes | None = field(default=None, repr=False)  # a rotated-away secret, valid until:
     previous_until: float = 0.0
     account: ApiKey | None = field(default=None, repr=False, compare=False)  # its account's stand-in key
+    self_service_keys: bool = False  # an account's stand-in: the account's keys may make and revoke keys in it
 
     def __post_init__(self) -> None:
         if not self.digest and self.secret is not None:
@@ -160,7 +161,8 @@ class Config:
     accounts: dict[str, ApiKey] = field(default_factory=dict)
     # Filled in when records stored through the keys API are applied (core/key_records.py):
     deleted_keys: dict[str, ApiKey] = field(default_factory=dict)  # by id; their history stays readable
-    key_problems: dict[str, str] = field(default_factory=dict)  # key id → why its stored change is not in force
+    key_problems: dict[str, str] = field(default_factory=dict)  # key id (or account id) → why its stored change is not in force
+    deleted_accounts: dict[str, ApiKey] = field(default_factory=dict)  # by name; their keys' history stays readable
 
 
 def load_config(path: str | Path) -> Config:
@@ -219,26 +221,34 @@ def _read_accounts(top: Section, preferences: Preferences) -> dict[str, ApiKey]:
     accounts: dict[str, ApiKey] = {}
     for index, node in items_of(top, "accounts"):
         section = Section(node, top.file, f"accounts[{index}]", top.node["accounts"], index)
-        section.reject_unknown(ACCOUNT_KEYS)
-        name = section.string("name")
-        if not KEY_ID.fullmatch(name):
-            raise section.error("name", f"{section.where('name')} must be 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit), got '{name}'")
-        if name in accounts:
-            raise section.error("name", f"duplicate account name '{name}'")
-        prefs = section.section("preferences")
-        prefs.reject_unknown(ACCOUNT_PREFERENCE_KEYS)
-        accounts[name] = ApiKey(
-            secret=None,
-            id=ACCOUNT_ID_PREFIX + name,
-            name=name,
-            role=ACCOUNT,
-            access=ModelAccess(),
-            billing=read_key_billing(prefs),
-            limits=read_key_limits(prefs, preferences.timezone, preferences.alerts),
-            line=line_of(top.node["accounts"], index),
-            entry={name: value for name, value in section.node.items()},
-        )
+        account = read_account(section, preferences, line_of(top.node["accounts"], index))
+        if account.name in accounts:
+            raise section.error("name", f"duplicate account name '{account.name}'")
+        accounts[account.name] = account
     return accounts
+
+
+def read_account(section: Section, preferences: Preferences, line: int | None = None) -> ApiKey:
+    """One account entry, validated: api.yaml's and the accounts API's share this (the same
+    mistake, the same message). The account is a stand-in key its keys draw on."""
+    section.reject_unknown(ACCOUNT_KEYS)
+    name = section.string("name")
+    if not KEY_ID.fullmatch(name):
+        raise section.error("name", f"{section.where('name')} must be 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit), got '{name}'")
+    prefs = section.section("preferences")
+    prefs.reject_unknown(ACCOUNT_PREFERENCE_KEYS)
+    return ApiKey(
+        secret=None,
+        id=ACCOUNT_ID_PREFIX + name,
+        name=name,
+        role=ACCOUNT,
+        access=ModelAccess(),
+        billing=read_key_billing(prefs),
+        limits=read_key_limits(prefs, preferences.timezone, preferences.alerts),
+        line=line,
+        entry={name: value for name, value in section.node.items()},
+        self_service_keys=prefs.boolean("self_service_keys", False),
+    )
 
 
 def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]]:

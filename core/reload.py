@@ -22,7 +22,7 @@ from watchfiles import awatch
 
 from core.config import Config, load_config
 from core.cooperate import LoopLoad, cooperate, cooperating
-from core.key_records import KeyRecords, layered
+from core.key_records import AccountRecords, BuiltKeys, KeyRecords, layered
 from core.yamlsource import ConfigError
 
 log = logging.getLogger("tollgate.config")
@@ -58,6 +58,8 @@ class ConfigStore:
         self.current = initial
         self.file_config = initial  # as the file says; `current` adds the keys API's records
         self.records: KeyRecords = {}
+        self.account_records: AccountRecords = {}
+        self._built = BuiltKeys()  # keys built from records, reused while nothing they depend on changes
         self.last_error: ReloadError | None = None
         self.last_attempt_at = initial.loaded_at
         self.reload_count = 0
@@ -91,13 +93,18 @@ class ConfigStore:
                 config = await asyncio.to_thread(_load_and_freeze, self.path, LoopLoad())
             if self.refuse is not None and (why := self.refuse(config)):
                 raise ConfigError(str(self.path), None, why)
+            records, accounts = self.records, self.account_records
+            with _short_gil_turns():  # every stored key is built again on the new file: off the loop too
+                current = await asyncio.to_thread(layered, config, records, accounts, self._built)
         except ConfigError as exc:
             if self.last_error is None or self.last_error.message != str(exc):
                 log.error("config reload failed, still serving the previous config: %s", exc)
             self.last_error = ReloadError(str(exc), exc.file, exc.line, exc.reason, time.time(), exc.column)
             return False
         old_file, old_current = self.file_config, self.current
-        self.file_config, self.current = config, layered(config, self.records)
+        if records is not self.records or accounts is not self.account_records:  # changed meanwhile
+            current = layered(config, self.records, self.account_records, self._built)
+        self.file_config, self.current = config, current
         self._retire_later(old_current)
         if old_file is not old_current:
             self._retire_later(old_file)
@@ -106,10 +113,13 @@ class ConfigStore:
         log.info("config reloaded from %s (%d providers, %d keys)", self.path, len(config.providers), len(config.keys))
         return True
 
-    def apply_records(self, records: KeyRecords) -> None:
-        """Serve the file's config with the keys API's records over it (core/key_records.py)."""
+    def apply_records(self, records: KeyRecords, accounts: AccountRecords | None = None) -> None:
+        """Serve the file's config with the keys and accounts API's records over it
+        (core/key_records.py); `accounts` None: the account records stay as they are."""
         self.records = records
-        before, self.current = self.current, layered(self.file_config, records)
+        if accounts is not None:
+            self.account_records = accounts
+        before, self.current = self.current, layered(self.file_config, records, self.account_records, self._built)
         if before is not self.current and before is not self.file_config:
             self._retire_later(before)
 

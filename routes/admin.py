@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from core.config import API, FILE, Config
+from core.config import ACCOUNT_ID_PREFIX, API, FILE, Config
 from core.key_admin import jsonable
 from core.ledger.postgres import PgLedger
 from core.reload import ConfigStore, ReloadError
@@ -34,6 +34,7 @@ async def config_status(request: Request) -> Response:
         "last_error": None if error is None else _error_json(error),
         "api_keys_defined_in": _key_sources(config),
         "api_key_changes": _key_changes(store),
+        "account_changes": _account_changes(store),
     }
     ledger = request.app.state.ledger
     if isinstance(ledger, PgLedger):  # fleet mode: every live instance, and what the database overrides
@@ -47,6 +48,22 @@ def _key_sources(config: Config) -> dict[str, int]:
     """How many keys api.yaml defines, how many the keys API made, and how many were deleted."""
     made = sum(1 for key in config.keys if key.defined_in == API)
     return {FILE: len(config.keys) - made, API: made, "deleted": len(config.deleted_keys)}
+
+
+def _account_changes(store: ConfigStore) -> list[dict[str, Any]]:
+    """The same for accounts: what the database changes of api.yaml's accounts, which accounts
+    it made, and every stored change not in force, with why."""
+    problems = store.current.key_problems
+    return [
+        {
+            "name": name,
+            "defined_in": record.defined_in,
+            "changes": jsonable(record.entry) if record.defined_in == FILE else None,
+            "deleted": record.deleted_at is not None,
+            "problem": problems.get(ACCOUNT_ID_PREFIX + name),
+        }
+        for name, record in sorted(store.account_records.items())
+    ]
 
 
 def _key_changes(store: ConfigStore) -> list[dict[str, Any]]:

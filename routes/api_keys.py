@@ -1,7 +1,9 @@
-"""The keys API (admin keys only): make, list, read, change, rotate and delete keys.
+"""The keys API: make, list, read, change, rotate and delete keys.
 
 A key is described by the same JSON as a key entry in api.yaml; answers never hold a full
-secret, except the one `api` a create or rotate hands out once.
+secret, except the one `api` a create or rotate hands out once. Admin keys may do everything;
+a key of an account with `self_service_keys` may make, list, read and delete the keys of its
+own account (core/self_service_keys.py); any other key gets 403.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from core.ledger import Account, Ledger
 from core.limits import Limiter
 from core.money_format import usd_json
 from core.reload import ConfigStore
-from routes._http import caller_ip, current_config, parse_json, read_body, require_admin, whole_number
+from core.self_service_keys import check_holder_may_delete, holder_entry, holder_target, in_account, managed_account
+from routes._http import authenticate, caller_ip, current_config, parse_json, read_body, require_admin, whole_number
 from routes._json import ExactJSONResponse
 
 DEFAULT_PAGE, MAX_PAGE = 50, 1000
@@ -30,6 +33,13 @@ DEFAULT_PAGE, MAX_PAGE = 50, 1000
 
 def _actor(request: Request, config: Config) -> Actor:
     return Actor.of(require_admin(request, config), caller_ip(request, config))
+
+
+def _caller(request: Request, config: Config) -> tuple[ApiKey, ApiKey | None]:
+    """Who calls, and the account whose keys they manage (None: an admin, who manages every
+    key); 403 for a key that may manage none."""
+    caller = authenticate(request, config)
+    return caller, None if caller.is_admin else managed_account(caller)
 
 
 async def _body(request: Request, config: Config, required: bool = True) -> Any:
@@ -56,6 +66,7 @@ def _view(key: ApiKey, store: ConfigStore, state: dict[str, Any], account: Accou
         "id": key.id,
         "name": key.name,
         "role": key.role,
+        "account": key.account.name if key.account is not None else None,
         "api": key.masked,
         "defined_in": key.defined_in,
         "api_changes": jsonable(record.entry) if record is not None and record.defined_in == FILE and record.entry else None,
@@ -101,20 +112,23 @@ def _page_param(request: Request, name: str, default: int, low: int, high: int) 
 
 async def list_keys(request: Request) -> Response:
     config = current_config(request)
-    require_admin(request, config)
+    _, account = _caller(request, config)
     limit = _page_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
     offset = _page_param(request, "offset", 0, 0, 10**12)
     query = (request.query_params.get("q") or "").strip().lower()
-    keys = [key for key in (*config.keys, *config.deleted_keys.values()) if query in key.name.lower()]
+    keys = [key for key in (*config.keys, *config.deleted_keys.values()) if query in key.name.lower() and (account is None or in_account(key, account))]
     page = keys[offset : offset + limit]
     return ExactJSONResponse({"object": "list", "data": await key_views(request, config, page), "total": len(keys), "limit": limit, "offset": offset})
 
 
 async def create_key(request: Request) -> Response:
     config = current_config(request)
-    actor = _actor(request, config)
+    caller, account = _caller(request, config)
     body = await _body(request, config)
+    if account is not None:  # a key holder: a key in their own account, within what their key may do
+        body = holder_entry(config, caller, account, body)
     store: ConfigStore = request.app.state.store
+    actor = Actor.of(caller, caller_ip(request, config))
     secret, key = await key_admin.create_key(store, request.app.state.ledger, body, request.app.state.clock(), actor)
     (view,) = await key_views(request, store.current, [key])
     return ExactJSONResponse({"id": key.id, "api": secret, "key": view}, status_code=201)
@@ -122,8 +136,10 @@ async def create_key(request: Request) -> Response:
 
 async def get_key(request: Request) -> Response:
     config = current_config(request)
-    require_admin(request, config)
-    (view,) = await key_views(request, config, [_find(config, request.path_params["key_id"])])
+    _, account = _caller(request, config)
+    key_id = request.path_params["key_id"]
+    key = _find(config, key_id) if account is None else holder_target(config, account, key_id)
+    (view,) = await key_views(request, config, [key])
     return ExactJSONResponse(view)
 
 
@@ -156,9 +172,13 @@ async def rotate_key(request: Request) -> Response:
 
 async def delete_key(request: Request) -> Response:
     config = current_config(request)
-    actor = _actor(request, config)
+    caller, account = _caller(request, config)
+    key_id = request.path_params["key_id"]
+    if account is not None:
+        check_holder_may_delete(holder_target(config, account, key_id))
     store: ConfigStore = request.app.state.store
-    key = await key_admin.delete_key(store, request.app.state.ledger, request.path_params["key_id"], request.app.state.clock(), actor)
+    actor = Actor.of(caller, caller_ip(request, config))
+    key = await key_admin.delete_key(store, request.app.state.ledger, key_id, request.app.state.clock(), actor)
     (view,) = await key_views(request, store.current, [key])
     return ExactJSONResponse({"id": key.id, "deleted": True, "key": view})
 

@@ -29,6 +29,7 @@ from routes._pages import WEB, flash_message, read_form, redirect, render
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
 from routes._web_auth import LoginRequired, admin_visitor, check_page_access, signer, visitor
 from routes.key_forms import DEFAULTS, settings_values
+from routes.usage_keys import account_keys_section
 from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, sort_value, when
 
 PAGE_SIZE = 50
@@ -205,13 +206,15 @@ async def key_detail(request: Request) -> Response:
     return await _detail_page(request, config, me, session, key)
 
 
-async def usage_page(request: Request) -> Response:
+async def usage_page(request: Request, **shown: Any) -> Response:
+    """The key holder's page; with self-service keys, their account's keys too (`shown`: what
+    a form of that section just did, routes/web_usage_keys.py)."""
     config = current_config(request)
     me, session = visitor(request, config)
-    return await _detail_page(request, config, me, session, me)
+    return await _detail_page(request, config, me, session, me, account_keys=await account_keys_section(request, config, me, **shown))
 
 
-async def _detail_page(request: Request, config: Config, me: ApiKey, session: Session, key: ApiKey) -> Response:
+async def _detail_page(request: Request, config: Config, me: ApiKey, session: Session, key: ApiKey, **extra: Any) -> Response:
     ledger: Ledger = request.app.state.ledger
     account = await ledger.account(key.id, key.billing)
     month = await reports.totals_since(ledger, reports.month_start(), key.id)
@@ -249,6 +252,7 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
         export_url=f"/admin/export/requests.csv?key={key.id}" if me.is_admin else "/usage/export/requests.csv",
         message=flash_message(request),
         is_error="error" in params,
+        **extra,
     )
 
 

@@ -690,6 +690,26 @@ def test_two_keys_of_one_account_share_its_count_credits_exactly_across_instance
     fleet.assert_balances_equal_ledger_sums()
 
 
+def test_an_account_made_and_changed_through_one_instance_is_in_force_on_every_instance(fleet):
+    first, second = fleet.start("", count=2, text=ACCOUNTS_CONFIG)
+    made = first.post("/v1/accounts", json={"name": "team", "preferences": {"billing_mode": "count", "count_credits": 2}})
+    assert made.status_code == 201, made.text
+    key = first.post("/v1/api_keys", json={"name": "team-a", "account": "team"}).json()
+    deadline = time.monotonic() + 3
+    while second.get(f"/v1/api_keys/{key['id']}").status_code != 200:  # the other instance applies it within a second
+        assert time.monotonic() < deadline, "the key made in the new account never reached the other instance"
+        time.sleep(0.1)
+    assert fire_keys([second], [key["api"]], 4).count(200) == 2
+
+    patched = httpx.patch(f"{second.url}/v1/accounts/team", headers={"Authorization": f"Bearer {ADMIN}"}, json={"preferences": {"count_credits": 5}}, timeout=10)
+    assert patched.status_code == 200, patched.text
+    while first.get("/v1/accounts/team").json()["state"]["remaining_count_credits"] != 3:  # the new terms, on the other instance
+        assert time.monotonic() < deadline + 3, "the account's new terms never reached the other instance"
+        time.sleep(0.1)
+    assert fire_keys([first], [key["api"]], 5).count(200) == 3
+    fleet.assert_balances_equal_ledger_sums()
+
+
 def test_keys_made_changed_rotated_and_deleted_through_one_instance_are_in_force_on_every_instance(fleet):
     first, second = fleet.start("billing_mode: token, credits: 1", count=2)
 

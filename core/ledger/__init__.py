@@ -21,7 +21,7 @@ from core.config_billing import KeyBilling
 if TYPE_CHECKING:
     from core.audit import AuditEntry
     from core.config import ApiKey
-    from core.key_records import KeyRecord, KeyRecords, RecordChange
+    from core.key_records import AccountChange, AccountRecord, AccountRecords, KeyRecord, KeyRecords, RecordChange
     from core.ledger.sums import Totals, Window
     from core.limits import Limiter
 
@@ -242,6 +242,14 @@ class Ledger(Protocol):
     async def change_key_record(self, key_id: str, change: RecordChange) -> KeyRecord:
         """Store `change(stored record or None)` for the key, atomically and durably; raises
         RecordConflict when another record has the id or the secret."""
+        ...
+
+    async def account_records(self) -> AccountRecords:
+        """Every account made or changed through the accounts API (core/key_records.py)."""
+        ...
+
+    async def change_account_record(self, name: str, change: AccountChange) -> AccountRecord:
+        """Store `change(stored record or None)` for the account, atomically and durably."""
         ...
 
     async def append_audit(self, entry: AuditEntry) -> None: ...

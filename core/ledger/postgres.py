@@ -41,13 +41,22 @@ from core.config import ACCOUNT_ID_PREFIX, ApiKey
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
 from core.key_records import (
+    INSERT_ACCOUNT,
     INSERT_RECORD,
+    SELECT_ACCOUNTS,
     SELECT_RECORDS,
+    UPDATE_ACCOUNT,
     UPDATE_RECORD,
+    AccountChange,
+    AccountRecord,
+    AccountRecords,
     KeyRecord,
     KeyRecords,
     RecordChange,
     RecordConflict,
+    account_from_row,
+    account_row,
+    account_update_params,
     record_from_row,
     record_row,
     update_params,
@@ -670,19 +679,46 @@ class PgLedger:
         self._settings_version = None  # the next poll re-reads them
         return record
 
-    def watch_key_records(self, apply: Callable[[KeyRecords], None]) -> None:
-        """Call `apply` with every stored record whenever an instance changes one (polled: a
-        one-row read every SETTINGS_POLL_SECONDS)."""
+    # Accounts made and changed through the accounts API: as keys' records, under the same version.
+
+    async def account_records(self) -> AccountRecords:
+        with reachable():
+            rows = await self.pool.fetch(SELECT_ACCOUNTS)
+        return {row[0]: account_from_row(row) for row in rows}
+
+    async def change_account_record(self, name: str, change: AccountChange) -> AccountRecord:
+        """`change_key_record` for an account's record (by name), bumping the same version."""
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = on")
+                row = await conn.fetchrow(numbered(SELECT_ACCOUNTS + " WHERE name = ? FOR UPDATE"), name)
+                record = change(None if row is None else account_from_row(row))
+                if row is None:
+                    await conn.execute(numbered(INSERT_ACCOUNT), *account_row(record))
+                else:
+                    await conn.execute(numbered(UPDATE_ACCOUNT), *account_update_params(record))
+                await conn.execute(
+                    "INSERT INTO settings (name, value) VALUES ($1, '1') ON CONFLICT (name) DO UPDATE SET value = (settings.value::bigint + 1)::text",
+                    SETTINGS_VERSION,
+                )
+        except UNREACHABLE as exc:
+            raise unavailable(reason(exc)) from None
+        self._settings_version = None
+        return record
+
+    def watch_key_records(self, apply: Callable[[KeyRecords, AccountRecords], None]) -> None:
+        """Call `apply` with every stored key and account record whenever an instance changes
+        one (polled: a one-row read every SETTINGS_POLL_SECONDS)."""
         self._settings_task = asyncio.create_task(self._poll_records(apply))
 
-    async def _poll_records(self, apply: Callable[[KeyRecords], None]) -> None:
+    async def _poll_records(self, apply: Callable[[KeyRecords, AccountRecords], None]) -> None:
         while True:
             try:
                 version = await self.pool.fetchval("SELECT value FROM settings WHERE name = $1", SETTINGS_VERSION)
                 if version != self._settings_version:
-                    records = await self.key_records()
+                    records, accounts = await self.key_records(), await self.account_records()
                     self._settings_version = version
-                    apply(records)
+                    apply(records, accounts)
             except DATABASE_ERRORS:
                 pass  # the heartbeat reports the database's state; keys stay as they were
             await asyncio.sleep(SETTINGS_POLL_SECONDS)

@@ -284,6 +284,18 @@ MIGRATIONS: dict[int, str] = {
         WHERE a.key_id = p_owner;
     END $$;
     """,
+    # Accounts made through the accounts API, and API changes of api.yaml's accounts, as in
+    # SQLite's schema 11 (core/key_records.py: AccountRecord).
+    5: """
+    CREATE TABLE api_accounts (
+        name TEXT PRIMARY KEY,
+        defined_in TEXT NOT NULL CHECK (defined_in IN ('api', 'api.yaml')),
+        entry TEXT NOT NULL,
+        deleted_at DOUBLE PRECISION,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    );
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -24,13 +24,22 @@ from core.config import ACCOUNT_ID_PREFIX, ApiKey
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
 from core.key_records import (
+    INSERT_ACCOUNT,
     INSERT_RECORD,
+    SELECT_ACCOUNTS,
     SELECT_RECORDS,
+    UPDATE_ACCOUNT,
     UPDATE_RECORD,
+    AccountChange,
+    AccountRecord,
+    AccountRecords,
     KeyRecord,
     KeyRecords,
     RecordChange,
     RecordConflict,
+    account_from_row,
+    account_row,
+    account_update_params,
     record_from_row,
     record_row,
     update_params,
@@ -324,6 +333,23 @@ class SqliteLedger:
                     await self.db.execute(UPDATE_RECORD, update_params(record))
             except sqlite3.IntegrityError as exc:
                 raise RecordConflict("secret" if "digest" in str(exc) else "id") from None
+            except sqlite3.Error as exc:
+                raise GatewayError(503, "api_error", "ledger_not_writing", f"The ledger cannot write ({exc}); nothing was changed.") from None
+            return record
+
+    async def account_records(self) -> AccountRecords:
+        async with self.db.execute(SELECT_ACCOUNTS) as cursor:
+            rows = await cursor.fetchall()
+        return {row[0]: account_from_row(row) for row in rows}
+
+    async def change_account_record(self, name: str, change: AccountChange) -> AccountRecord:
+        """`change_key_record` for an account's record (by name)."""
+        async with self._records_lock:
+            async with self.db.execute(SELECT_ACCOUNTS + " WHERE name = ?", (name,)) as cursor:
+                row = await cursor.fetchone()
+            record = change(None if row is None else account_from_row(row))
+            try:
+                await self.db.execute(INSERT_ACCOUNT if row is None else UPDATE_ACCOUNT, account_row(record) if row is None else account_update_params(record))
             except sqlite3.Error as exc:
                 raise GatewayError(503, "api_error", "ledger_not_writing", f"The ledger cannot write ({exc}); nothing was changed.") from None
             return record

@@ -196,6 +196,18 @@ MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (account_id, day)
     ) WITHOUT ROWID;
     """,
+    # Accounts made through the accounts API, and API changes of api.yaml's accounts
+    # (core/key_records.py: AccountRecord), as `api_keys` holds keys.
+    11: """
+    CREATE TABLE api_accounts (
+        name TEXT PRIMARY KEY,
+        defined_in TEXT NOT NULL CHECK (defined_in IN ('api', 'api.yaml')),
+        entry TEXT NOT NULL,
+        deleted_at REAL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
