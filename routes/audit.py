@@ -81,8 +81,9 @@ def _target_url(config: Config, target_id: str | None) -> str | None:
     """The page of the key (a deleted key's page stays) or account an entry is about."""
     if target_id in config.keys_by_id or target_id in config.deleted_keys:
         return f"/admin/keys/{target_id}"
-    if target_id is not None and target_id.startswith(ACCOUNT_ID_PREFIX) and target_id.removeprefix(ACCOUNT_ID_PREFIX) in config.accounts:
-        return f"/admin/accounts/{target_id.removeprefix(ACCOUNT_ID_PREFIX)}"
+    name = target_id.removeprefix(ACCOUNT_ID_PREFIX) if target_id is not None and target_id.startswith(ACCOUNT_ID_PREFIX) else None
+    if name is not None and (name in config.accounts or name in config.deleted_accounts):  # a deleted account's page stays too
+        return f"/admin/accounts/{name}"
     return None
 
 

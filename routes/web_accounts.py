@@ -9,10 +9,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core import admin_actions, reports, statements
+from core import account_admin, admin_actions, reports, statements
 from core.audit import Actor
 from core.config import ApiKey, Config
-from core.errors import GatewayError, not_found
+from core.errors import GatewayError
 from core.key_admin import jsonable
 from core.key_states import keys_by_account
 from core.ledger import CREDITS, Ledger
@@ -25,17 +25,11 @@ from routes.web_views import account_row, grant_rows, key_row, limit_rows
 KINDS = ((CREDITS, "USD credits"), ("count_credits", "count credits"))
 
 
-def _account(config: Config, name: str) -> ApiKey:
-    account = config.accounts.get(name)
-    if account is None:
-        raise not_found(f"No account is named '{name}'.", "account_not_found")
-    return account
-
-
 async def accounts_page(request: Request) -> Response:
+    """Every account, deleted ones too (greyed, as GET /v1/accounts lists them: their history stays)."""
     config = current_config(request)
     me, session = admin_visitor(request, config)
-    accounts = list(config.accounts.values())
+    accounts = [*config.accounts.values(), *config.deleted_accounts.values()]
     balances = await request.app.state.ledger.accounts([(account.id, account.billing) for account in accounts])
     members = keys_by_account(config)
     rows = [account_row(config, account, balances[account.id], len(members.get(account.name, []))) for account in accounts]
@@ -45,7 +39,10 @@ async def accounts_page(request: Request) -> Response:
 async def account_page(request: Request) -> Response:
     config = current_config(request)
     me, session = admin_visitor(request, config)
-    account = _account(config, request.path_params["name"])
+    name = request.path_params["name"]
+    account = config.accounts.get(name) or config.deleted_accounts.get(name)
+    if account is None:
+        raise account_admin.account_not_found(name)
     return await _detail(request, config, me, session, account, message=flash_message(request), is_error="error" in request.query_params)
 
 
@@ -78,6 +75,7 @@ async def _detail(
         csrf=session.csrf,
         account=account,
         row=account_row(config, account, balances[account.id], len(keys)),
+        problem=config.key_problems.get(account.id),
         settings=_settings(account),
         limits=limit_rows(statements.limit_uses(account, limiter, now)),
         keys=[key_row(config, key, balances[key.id], month.get(key.id, (0, 0)), today.get(key.id, (0, 0))) for key in keys],
@@ -99,7 +97,7 @@ async def add_credits(request: Request) -> Response:
     """The top-up form: USD or count credits; its one-time token makes a double submit apply
     once. A refused amount shows the page again with the reason (and the form as filled)."""
     config, admin, session, form = await admin_form(request)
-    account = _account(config, request.path_params["name"])
+    account = account_admin.current_account(config, request.path_params["name"])  # 404, or 409 for a deleted one
     state, kind = request.app.state, form.get("kind", "")
     try:
         applied = await admin_actions.add_credit(

@@ -106,6 +106,7 @@ class AccountRow:
     window: str | None  # when its billing window started (created_at), if set
     defined_in: str
     line: int | None
+    deleted: bool
 
 
 def status_of(mode: str, remaining: int | None, remaining_count: int, key: ApiKey | None = None, now: float | None = None, deleted: bool = False) -> str:
@@ -141,15 +142,17 @@ def key_row(config: Config, key: ApiKey, account: Account, month: tuple[int, int
 
 def account_row(config: Config, account: ApiKey, balance: Account, key_count: int) -> AccountRow:
     """An account (its stand-in key) with the figures GET /v1/accounts gives for it."""
+    deleted = account.name in config.deleted_accounts
     return AccountRow(
         name=account.name,
-        **_balance_cells(config, account, balance),
+        **_balance_cells(config, account, balance, deleted),
         spend=balance.total_cost_nanos,
         requests=balance.request_count,
         key_count=key_count,
         window=when(account.billing.created_at) if account.billing.created_at else None,
         defined_in=_origin(account),
         line=account.line,
+        deleted=deleted,
     )
 
 

@@ -833,6 +833,26 @@ def test_unknown_account_gets_a_404_page(accounts_web):
     assert posted.status_code == 404
 
 
+def test_accounts_made_and_deleted_through_the_api_show_where_and_what_they_are(accounts_web):
+    gateway, browser = accounts_web
+    made = gateway.http("POST", "/v1/accounts", key=ADMIN_KEY, json={"name": "team", "preferences": {"credits": 4}})
+    assert made.status_code == 201, made.text
+    assert gateway.http("DELETE", "/v1/accounts/lab", key=ADMIN_KEY).status_code == 200
+    page = browser.get("/admin/accounts").text
+    team, lab = account_cells(page, "team"), account_cells(page, "lab")
+    assert team["Defined in"] == "API" and team["Credits left"] == "$4.00" and team["Status"] == "active"
+    assert lab["Status"] == "deleted" and 'data-account="lab" class="deleted"' in page
+    deleted = browser.get("/admin/accounts/lab")
+    assert deleted.status_code == 200 and "This account was deleted" in deleted.text and "/admin/accounts/lab/credits" not in deleted.text
+    refused = browser.http.post("/admin/accounts/lab/credits", data={**top_up_form(browser, "acme"), "kind": "credits", "amount": "1"})
+    assert refused.status_code == 409 and "was deleted" in refused.text
+    topped = browser.http.post("/admin/accounts/team/credits", data={**top_up_form(browser, "team"), "kind": "credits", "amount": "1"})
+    assert topped.headers["location"] == "/admin/accounts/team?done=credits_added"
+    assert account_view(gateway, "team")["state"]["remaining_credits"] == 5
+    select = browser.get("/admin/keys").text.split('<select name="account"')[1].split("</select>")[0]
+    assert re.findall(r'<option value="([^"]*)"', select) == ["", "acme", "team"]  # a deleted account takes no new keys
+
+
 def test_new_key_form_account_select_makes_a_key_in_the_account(accounts_web):
     gateway, browser = accounts_web
     tab = browser.get("/admin/keys").text
