@@ -56,9 +56,11 @@ async def add_credit(
     alerts: Alerts | None = None,
 ) -> bool:
     """Grant USD credits or count credits; False when the idempotency key was used before.
-    A top-up that lifts the key back under an alert threshold re-arms that alert. Audited."""
+    A key in an account has no balance of its own to raise (409 `key_in_account`). A top-up that lifts the key back under an alert threshold re-arms that alert. Audited."""
     if kind not in (CREDITS, COUNT_CREDITS):
         raise bad_request(f"Unknown credit kind '{kind}'.", "invalid_kind")
+    if key.account is not None:  # its balance is the account's: a grant to the key would never count
+        raise key_in_account(key, key.account)
     amount = parse_amount(raw_amount, kind)
     if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
         raise bad_request(f"The Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} characters.", "invalid_idempotency_key")
@@ -75,6 +77,12 @@ async def add_credit(
     action = ADD_CREDITS if kind == CREDITS else ADD_COUNT_CREDITS
     await ledger.append_audit(AuditEntry(now, actor, action, key, before, balance(key, account), detail))
     return applied
+
+
+def key_in_account(key: ApiKey, account: ApiKey) -> GatewayError:
+    """409 `key_in_account`: the key spends its account's balance, which is what a top-up raises."""
+    message = f"The key '{key.name}' draws on the balance of account '{account.name}': top up the account (POST /v1/accounts/{account.name}/credits)."
+    return GatewayError(409, "conflict_error", "key_in_account", message)
 
 
 async def set_billing_mode(store: ConfigStore, ledger: Ledger, key: ApiKey, mode: str, now: float, actor: Actor) -> ApiKey:

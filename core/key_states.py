@@ -32,6 +32,15 @@ def effective_mode(config: Config, key: ApiKey) -> str:
     return key.billing.mode if config.preferences.prices.count_billing_enabled else TOKEN
 
 
+def keys_by_account(config: Config) -> dict[str, list[ApiKey]]:
+    """Each account's keys, by account name (an account without keys has no entry)."""
+    members: dict[str, list[ApiKey]] = {}
+    for key in config.keys:
+        if key.account is not None:
+            members.setdefault(key.account.name, []).append(key)
+    return members
+
+
 async def key_state(config: Config, ledger: Ledger, key: ApiKey) -> dict[str, Any]:
     return (await key_states(config, ledger, [key]))[key.id]
 
@@ -47,13 +56,13 @@ async def key_states(config: Config, ledger: Ledger, keys: list[ApiKey]) -> dict
 
 
 def _state(config: Config, key: ApiKey, account: Account, details: list[dict[str, Any]]) -> dict[str, Any]:
-    terms = key.billing
+    terms, holder = key.billing, account.holder  # a key in an account: the account's grants
     remaining = account.remaining_nanos(terms)
     return {
         "name": key.name,
         "billing_mode": effective_mode(config, key),
-        "credits": UNLIMITED if terms.credits_nanos is None else usd_json(terms.credits_nanos + account.granted_nanos),
-        "count_credits": terms.count_credits + account.count_granted,
+        "credits": UNLIMITED if terms.credits_nanos is None else usd_json(terms.credits_nanos + holder.granted_nanos),
+        "count_credits": terms.count_credits + holder.count_granted,
         "remaining_credits": UNLIMITED if remaining is None else usd_json(remaining),
         "remaining_count_credits": account.remaining_count(terms),
         "total_cost": usd_json(account.total_cost_nanos),

@@ -128,9 +128,9 @@ async def key_usage(config: Config, ledger: Ledger, limiter: Limiter, key: ApiKe
         "expires_at": _iso(key.limits.expires_at, key) if key.limits.expires_at else None,
         "timezone": str(key.limits.timezone),
         "balance": {
-            "credits": UNLIMITED if terms.credits_nanos is None else usd_json(terms.credits_nanos + account.granted_nanos),
+            "credits": UNLIMITED if terms.credits_nanos is None else usd_json(terms.credits_nanos + account.holder.granted_nanos),
             "remaining_credits": UNLIMITED if remaining is None else usd_json(remaining),
-            "count_credits": terms.count_credits + account.count_granted,
+            "count_credits": terms.count_credits + account.holder.count_granted,  # a key in an account: the account's
             "remaining_count_credits": account.remaining_count(terms),
         },
         "quota": quota_status(key, account),

@@ -11,11 +11,12 @@ from jinja2 import Environment, FileSystemLoader
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse
 
+from core.admin_actions import config_error_message
 from core.config import ApiKey
 from core.errors import GatewayError
 from core.money_format import count_text, usd_text
 from core.reload import ConfigStore
-from routes.web_views import when
+from routes.web_views import MESSAGES, when
 
 WEB = Path(__file__).resolve().parent.parent / "web"
 MAX_FORM_BYTES = 16 * 1024
@@ -64,6 +65,17 @@ def _config_error(request: Request, me: ApiKey | None) -> dict[str, str] | None:
     store: ConfigStore = request.app.state.store
     error = store.last_error if me is not None and me.is_admin else None
     return None if error is None else {"message": error.message, "at": when(error.at)}
+
+
+def flash_message(request: Request) -> str | None:
+    """The message for `?done=` or `?error=`; a config that does not load is told in full
+    (where it is wrong), read from the store rather than from the URL."""
+    params = request.query_params
+    code = params.get("done") or params.get("error") or ""
+    error = request.app.state.store.last_error
+    if code == "config_invalid" and error is not None:
+        return config_error_message(error)
+    return MESSAGES.get(code)
 
 
 async def read_form(request: Request) -> dict[str, str]:

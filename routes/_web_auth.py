@@ -7,8 +7,9 @@ from starlette.requests import Request
 from core.config import ApiKey, Config
 from core.errors import forbidden
 from core.limits import check_key_usable
-from routes._http import caller_ip
-from routes._session import SESSION_COOKIE, Session, SessionSigner
+from routes._http import caller_ip, current_config
+from routes._pages import read_form
+from routes._session import SESSION_COOKIE, Session, SessionSigner, csrf_matches
 
 
 class LoginRequired(Exception):
@@ -42,3 +43,13 @@ def admin_visitor(request: Request, config: Config) -> tuple[ApiKey, Session]:
     if not key.is_admin:
         raise forbidden("This page is for admins.", "admin_required")
     return key, session
+
+
+async def admin_form(request: Request) -> tuple[Config, ApiKey, Session, dict[str, str]]:
+    """The admin, the session and the posted form, whose CSRF token must be the session's."""
+    config = current_config(request)
+    admin, session = admin_visitor(request, config)
+    form = await read_form(request)
+    if not csrf_matches(session.csrf, form.get("csrf_token")):
+        raise forbidden("The form expired; please reload the page and try again.", "bad_csrf")
+    return config, admin, session, form

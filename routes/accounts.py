@@ -16,7 +16,7 @@ from core.audit import Actor
 from core.config import FILE, ApiKey, Config
 from core.errors import bad_request
 from core.key_admin import iso, jsonable
-from core.key_states import key_states
+from core.key_states import key_states, keys_by_account
 from core.ledger import COUNT_CREDITS, CREDITS
 from core.reload import ConfigStore
 from routes._http import caller_ip, current_config, read_json, require_admin
@@ -39,10 +39,7 @@ async def _views(request: Request, config: Config, accounts: list[ApiKey]) -> li
     """Each account as this API shows it: settings, where they come from, status, balance, keys."""
     store: ConfigStore = request.app.state.store
     states = await key_states(config, request.app.state.ledger, accounts)
-    members: dict[str, list[ApiKey]] = {}
-    for key in config.keys:
-        if key.account is not None:
-            members.setdefault(key.account.name, []).append(key)
+    members = keys_by_account(config)
     views = []
     for account in accounts:
         record = store.account_records.get(account.name)

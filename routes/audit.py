@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from core.audit import describe
-from core.config import Config
+from core.config import ACCOUNT_ID_PREFIX, Config
 from core.errors import bad_request
 from core.ledger import Ledger
 from routes._http import current_config, require_admin, whole_number
@@ -74,8 +74,17 @@ async def _all_rows(ledger: Ledger, key_id: str | None) -> AsyncIterator[tuple[A
 
 def _view(config: Config, entry: dict[str, Any]) -> dict[str, Any]:
     change, note = describe(entry)
-    known = entry["target_key_id"] in config.keys_by_id or entry["target_key_id"] in config.deleted_keys  # a deleted key's page stays
-    return {**entry, "when": when(entry["ts"]), "target_known": known, "change": change, "note": note}
+    return {**entry, "when": when(entry["ts"]), "target_url": _target_url(config, entry["target_key_id"]), "change": change, "note": note}
+
+
+def _target_url(config: Config, target_id: str | None) -> str | None:
+    """The page of the key (a deleted key's page stays) or account an entry is about."""
+    if target_id in config.keys_by_id or target_id in config.deleted_keys:
+        return f"/admin/keys/{target_id}"
+    name = target_id.removeprefix(ACCOUNT_ID_PREFIX) if target_id is not None and target_id.startswith(ACCOUNT_ID_PREFIX) else None
+    if name is not None and (name in config.accounts or name in config.deleted_accounts):  # a deleted account's page stays too
+        return f"/admin/accounts/{name}"
+    return None
 
 
 routes = [

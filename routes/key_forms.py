@@ -26,7 +26,7 @@ PREFERENCE_FIELDS = ("billing_mode", "credits", "count_credits", "quota", "quota
 NUMBER_FIELDS = frozenset({"credits", "count_credits", "quota", "concurrency_limit"})
 # What the edit form changes (the billing mode has its own form: it may be written to api.yaml).
 EDIT_FIELDS = ("name", "model", *(name for name in PREFERENCE_FIELDS if name != "billing_mode"))
-DEFAULTS = {"billing_mode": "token", "quota_type": "tokens"}
+DEFAULTS = {"billing_mode": "", "quota_type": "tokens"}  # no mode: token, or a key's account's
 EXPIRY_FORMAT = "%Y-%m-%dT%H:%M"  # what <input type="datetime-local"> shows and sends (UTC here)
 
 
@@ -45,6 +45,8 @@ def new_key_entry(form: dict[str, str]) -> dict[str, Any]:
         preferences.pop("quota_type", None)
     if not preferences:
         entry.pop("preferences", None)
+    if form.get("account", "").strip():  # the account whose balance it draws on
+        entry["account"] = form["account"].strip()
     if form.get("idempotency_key"):
         entry["id"] = form_key_id(form["idempotency_key"])
     return entry

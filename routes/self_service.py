@@ -84,7 +84,7 @@ async def legacy_subscription(request: Request) -> Response:
     ledger: Ledger = request.app.state.ledger
     account = await ledger.account(key.id, key.billing)
     credits = key.billing.credits_nanos
-    limit = 100_000_000.0 if credits is None else usd_json(credits + account.granted_nanos)
+    limit = 100_000_000.0 if credits is None else usd_json(credits + account.holder.granted_nanos)
     expires = key.limits.expires_at or 0
     return ExactJSONResponse(
         {

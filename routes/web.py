@@ -1,4 +1,5 @@
-"""The web pages: login, admin overview and billing tab, key detail, the key holder's usage."""
+"""The web pages: login, admin overview and billing tab, key detail, the key holder's usage
+(key management: routes/web_keys.py; accounts: routes/web_accounts.py)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from core.ledger import COUNT_CREDITS, CREDITS, Ledger
 from core.ledger.postgres import PgLedger
 from core.ledger.sums import Window
 from core.reload import ConfigStore
-from routes import web_export, web_keys
+from routes import web_accounts, web_export, web_keys
 from routes._http import caller_ip, current_config, whole_number
-from routes._pages import WEB, read_form, redirect, render
+from routes._pages import WEB, flash_message, read_form, redirect, render
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
 from routes._web_auth import LoginRequired, admin_visitor, check_page_access, signer, visitor
 from routes.key_forms import DEFAULTS, settings_values
@@ -180,9 +181,10 @@ async def billing_tab(request: Request) -> Response:
         link=lambda **changes: (
             "/admin/keys?" + urlencode({**{"q": params.get("q", ""), "sort": sort, "dir": "desc" if descending else "asc", "page": page}, **changes})
         ),
-        message=_flash(request),
+        message=flash_message(request),
         is_error="error" in params,
         new_key=DEFAULTS,
+        accounts=list(config.accounts),
     )
 
 
@@ -248,7 +250,7 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
         deleted_at=_deleted_at(request, config, key),
         settings=settings_values(key) if me.is_admin else None,
         export_url=f"/admin/export/requests.csv?key={key.id}" if me.is_admin else "/usage/export/requests.csv",
-        message=_flash(request),
+        message=flash_message(request),
         is_error="error" in params,
         **extra,
     )
@@ -260,17 +262,6 @@ def _deleted_at(request: Request, config: Config, key: ApiKey) -> str | None:
     store: ConfigStore = request.app.state.store
     record = store.records.get(key.id)
     return when(record.deleted_at) if record is not None and record.deleted_at else "—"
-
-
-def _flash(request: Request) -> str | None:
-    """The message for `?done=` or `?error=`; a config that does not load is told in full
-    (where it is wrong), read from the store rather than from the URL."""
-    params = request.query_params
-    code = params.get("done") or params.get("error") or ""
-    error = request.app.state.store.last_error
-    if code == "config_invalid" and error is not None:
-        return admin_actions.config_error_message(error)
-    return MESSAGES.get(code)
 
 
 def _float(raw: str | None) -> float | None:
@@ -343,6 +334,7 @@ routes = [
     Route("/admin/keys/{key_id}/add_credits", _action(CREDITS), methods=["POST"]),
     Route("/admin/keys/{key_id}/add_count_credits", _action(COUNT_CREDITS), methods=["POST"]),
     Route("/admin/keys/{key_id}/billing_mode", _action("billing_mode"), methods=["POST"]),
+    *web_accounts.routes,
     Route("/usage", usage_page, methods=["GET"]),
     Route("/favicon.ico", favicon, methods=["GET"]),
     *web_export.routes,

@@ -14,23 +14,13 @@ from starlette.routing import Route
 from core import key_admin
 from core.audit import Actor
 from core.config import ApiKey, Config
-from core.errors import GatewayError, bad_request, forbidden
+from core.errors import GatewayError, bad_request
 from routes._http import caller_ip, current_config
-from routes._pages import read_form, redirect, render, with_scripts
-from routes._session import Session, csrf_matches
-from routes._web_auth import admin_visitor
+from routes._pages import redirect, render, with_scripts
+from routes._session import Session
+from routes._web_auth import admin_form, admin_visitor
 from routes.key_forms import DEFAULTS, form_key_id, grace_seconds, new_key_entry, settings_patch, settings_values
 from routes.web_views import when
-
-
-async def _admin_form(request: Request) -> tuple[Config, ApiKey, Session, dict[str, str]]:
-    """The admin, the session and the posted form, whose CSRF token must be the session's."""
-    config = current_config(request)
-    admin, session = admin_visitor(request, config)
-    form = await read_form(request)
-    if not csrf_matches(session.csrf, form.get("csrf_token")):
-        raise forbidden("The form expired; please reload the page and try again.", "bad_csrf")
-    return config, admin, session, form
 
 
 def _actor(request: Request, config: Config, admin: ApiKey) -> Actor:
@@ -63,7 +53,7 @@ def _secret_page(
 
 
 async def create_key(request: Request) -> Response:
-    config, admin, session, form = await _admin_form(request)
+    config, admin, session, form = await admin_form(request)
     state = request.app.state
     try:
         secret, key = await key_admin.create_key(state.store, state.ledger, new_key_entry(form), state.clock(), _actor(request, config, admin))
@@ -74,7 +64,18 @@ async def create_key(request: Request) -> Response:
             # the same form again (the secret page reloaded): the key exists, its secret was shown
             return redirect(f"/admin/keys/{made}?error=key_already_made")
         values = {**DEFAULTS, **form}
-        return render(request, "key_new.html", status=exc.status, me=admin, csrf=session.csrf, values=values, error=exc.message, invalid=_invalid_field(exc))
+        accounts = list(state.store.current.accounts)
+        return render(
+            request,
+            "key_new.html",
+            status=exc.status,
+            me=admin,
+            csrf=session.csrf,
+            values=values,
+            error=exc.message,
+            invalid=_invalid_field(exc),
+            accounts=accounts,
+        )
     return _secret_page(request, admin, session, key, secret)
 
 
@@ -89,7 +90,7 @@ async def settings_page(request: Request) -> Response:
 
 
 async def update_settings(request: Request) -> Response:
-    config, admin, session, form = await _admin_form(request)
+    config, admin, session, form = await admin_form(request)
     key = _key(config, request.path_params["key_id"])
     patch = settings_patch(key, form)
     if not patch:
@@ -106,7 +107,7 @@ async def update_settings(request: Request) -> Response:
 
 
 async def set_enabled(request: Request) -> Response:
-    config, admin, _, form = await _admin_form(request)
+    config, admin, _, form = await admin_form(request)
     key = _key(config, request.path_params["key_id"])
     if form.get("enabled") not in ("true", "false"):
         raise bad_request("'enabled' must be true or false.", "invalid_enabled", "enabled")
@@ -120,7 +121,7 @@ async def set_enabled(request: Request) -> Response:
 
 
 async def rotate(request: Request) -> Response:
-    config, admin, session, form = await _admin_form(request)
+    config, admin, session, form = await admin_form(request)
     key = _key(config, request.path_params["key_id"])
     grace = grace_seconds(form.get("grace_seconds", ""))
     state = request.app.state
@@ -138,7 +139,7 @@ async def delete_page(request: Request) -> Response:
 
 async def delete(request: Request) -> Response:
     """Deletes only with the confirmation box ticked: a click alone, script or not, is not enough."""
-    config, admin, session, form = await _admin_form(request)
+    config, admin, session, form = await admin_form(request)
     key = _key(config, request.path_params["key_id"])
     if form.get("confirm") != "yes":
         error = "Tick the box to confirm: the key's secret stops working at once, and this cannot be undone."

@@ -37,6 +37,7 @@ MESSAGES = {
     "key_disabled": "Key disabled: its requests get 403 key_disabled until it is enabled.",
     "key_deleted": "Key deleted: its secret no longer works. Its history stays here.",
     "key_already_made": "That form was already submitted and made this key; its secret was shown then, once. Rotate the key for a new one.",
+    "key_in_account": "The key draws on its account's balance: top up the account.",
     "billing_window_not_started": "The key's billing window (created_at) has not started: a top-up now would never count.",
 }
 
@@ -85,6 +86,27 @@ class KeyRow:
     quota_title: str  # the same with its unit, tokens or USD (a tooltip: the column is narrow)
     defined_in: str  # "api.yaml" or "API": where the key is defined
     deleted: bool
+    account: str | None  # the name of the account whose balance it draws on
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRow:
+    name: str
+    mode: str  # its keys' default
+    credits_text: str
+    credits_pct: int | None
+    credits_level: str
+    count_text: str
+    count_pct: int | None
+    count_level: str
+    status: str
+    spend: int  # nanos: every charge of its keys in its billing window (the API's total_cost)
+    requests: int
+    key_count: int
+    window: str | None  # when its billing window started (created_at), if set
+    defined_in: str
+    line: int | None
+    deleted: bool
 
 
 def status_of(mode: str, remaining: int | None, remaining_count: int, key: ApiKey | None = None, now: float | None = None, deleted: bool = False) -> str:
@@ -102,35 +124,63 @@ def status_of(mode: str, remaining: int | None, remaining_count: int, key: ApiKe
 
 
 def key_row(config: Config, key: ApiKey, account: Account, month: tuple[int, int], today: tuple[int, int]) -> KeyRow:
-    terms = key.billing
-    mode = effective_mode(config, key)
-    remaining = account.remaining_nanos(terms)
-    remaining_count = account.remaining_count(terms)
-    given = None if terms.credits_nanos is None else terms.credits_nanos + account.granted_nanos
-    given_count = terms.count_credits + account.count_granted
     deleted = key.id in config.deleted_keys
-    status = status_of(mode, remaining, remaining_count, key, deleted=deleted)
-    credits_pct = None if remaining is None or given is None else percent(remaining, given)
-    count_pct = percent(remaining_count, given_count) if given_count > 0 else None
     return KeyRow(
         id=key.id,
         name=key.name,
         masked=key.masked,
         short_id=key.id[:SHORT_ID],
-        mode=mode,
-        credits_text=usd_text(remaining),
-        credits_pct=credits_pct,
-        credits_level=use_level(None if credits_pct is None else 100 - credits_pct),
-        count_text=count_text(remaining_count),
-        count_pct=count_pct,
-        count_level=use_level(None if count_pct is None else 100 - count_pct),
+        **_balance_cells(config, key, account, deleted),
         spend_month=month[1],
         requests_today=today[0],
-        status=status,
         **_quota_cells(quota_use(key, account)),
-        defined_in="API" if key.defined_in == API else key.defined_in,
+        defined_in=_origin(key),
+        deleted=deleted,
+        account=key.account.name if key.account is not None else None,
+    )
+
+
+def account_row(config: Config, account: ApiKey, balance: Account, key_count: int) -> AccountRow:
+    """An account (its stand-in key) with the figures GET /v1/accounts gives for it."""
+    deleted = account.name in config.deleted_accounts
+    return AccountRow(
+        name=account.name,
+        **_balance_cells(config, account, balance, deleted),
+        spend=balance.total_cost_nanos,
+        requests=balance.request_count,
+        key_count=key_count,
+        window=when(account.billing.created_at) if account.billing.created_at else None,
+        defined_in=_origin(account),
+        line=account.line,
         deleted=deleted,
     )
+
+
+def _origin(key: ApiKey) -> str:
+    return "API" if key.defined_in == API else key.defined_in
+
+
+def _balance_cells(config: Config, key: ApiKey, account: Account, deleted: bool = False) -> dict[str, Any]:
+    """Mode, what is left of the credits and count credits (with bars), and the status."""
+    terms = key.billing
+    mode = effective_mode(config, key)
+    remaining = account.remaining_nanos(terms)
+    remaining_count = account.remaining_count(terms)
+    holder = account.holder  # a key in an account: its bars are of the account's balance
+    given = None if terms.credits_nanos is None else terms.credits_nanos + holder.granted_nanos
+    given_count = terms.count_credits + holder.count_granted
+    credits_pct = None if remaining is None or given is None else percent(remaining, given)
+    count_pct = percent(remaining_count, given_count) if given_count > 0 else None
+    return {
+        "mode": mode,
+        "credits_text": usd_text(remaining),
+        "credits_pct": credits_pct,
+        "credits_level": use_level(None if credits_pct is None else 100 - credits_pct),
+        "count_text": count_text(remaining_count),
+        "count_pct": count_pct,
+        "count_level": use_level(None if count_pct is None else 100 - count_pct),
+        "status": status_of(mode, remaining, remaining_count, key, deleted=deleted),
+    }
 
 
 def _quota_cells(use: LimitUse | None) -> dict[str, Any]:

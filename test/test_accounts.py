@@ -121,6 +121,32 @@ def test_a_top_up_goes_to_the_account_and_every_key_of_it_can_spend_it(start_gat
     assert gateway.http("POST", "/v1/accounts/nope/credits", key=ADMIN_KEY, json={"amount": 3}).json()["error"]["code"] == "account_not_found"
 
 
+def test_a_top_up_of_a_key_in_an_account_is_refused_and_names_the_account(start_gateway, upstream):
+    """The key spends the account's balance: a grant to the key itself would never count."""
+    gateway = start_gateway(CONFIG, upstream)
+    refused = gateway.http("POST", "/v1/add_count_credits", key=ADMIN_KEY, params={"paid_key": ONE, "amount": "7"})
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "key_in_account" and "account 'acme'" in error["message"] and "/v1/accounts/acme/credits" in error["message"]
+    assert key_state(gateway, ONE)["count_credits"] == 5 and account(gateway, "acme")["state"]["remaining_count_credits"] == 5
+    audit = gateway.http("GET", "/v1/audit_log", key=ADMIN_KEY).json()["entries"]
+    assert not any(e["action"] == "add_count_credits" for e in audit)
+
+
+def test_a_key_in_an_account_shows_the_accounts_credits_with_its_top_ups(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    gateway.http("POST", "/v1/accounts/acme/credits", key=ADMIN_KEY, json={"amount": 3, "kind": "count_credits"})
+    gateway.http("POST", "/v1/accounts/lab/credits", key=ADMIN_KEY, json={"amount": "2.5"})
+    for secret, name in ((ONE, "acme"), (LAB_ONE, "lab")):
+        shown, held = key_state(gateway, secret), account(gateway, name)["state"]
+        for figure in ("credits", "count_credits", "remaining_credits", "remaining_count_credits"):
+            assert shown[figure] == held[figure], (secret, figure)
+    assert key_state(gateway, ONE)["count_credits"] == 8 and key_state(gateway, LAB_ONE)["credits"] == 3.5
+    assert gateway.http("GET", "/v1/usage", key=ONE).json()["balance"]["count_credits"] == 8  # what the key holder reads
+    assert gateway.http("GET", "/v1/usage", key=LAB_ONE).json()["balance"]["credits"] == 3.5
+    assert gateway.http("GET", "/v1/dashboard/billing/subscription", key=LAB_ONE).json()["hard_limit_usd"] == 3.5
+
+
 def test_a_keys_own_quota_stops_it_alone_while_its_account_still_serves_the_others(start_gateway, upstream):
     gateway = start_gateway(CONFIG.replace("billing_mode: count, count_credits: 5", "billing_mode: count, count_credits: 50"), upstream)
     two = gateway.client(TWO)

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from test.conftest import ADMIN_KEY
-from test.test_web import CONFIG, COUNT_KEY, key_id
+from test.test_web import ACCOUNT_CONFIG, ACME_KEY, CONFIG, COUNT_KEY, key_id
 
 SCREENSHOTS = Path(os.environ.get("TOLLGATE_SCREENSHOTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 CHROMIUM_ARGS = [
@@ -193,3 +193,39 @@ def test_admin_makes_rotates_and_deletes_a_key_in_the_browser(start_gateway, bro
     assert row.locator(".status").inner_text() == "deleted"
     page.screenshot(path=str(SCREENSHOTS / "billing-tab-deleted.png"), full_page=True)
     context.close()
+
+
+def test_admin_tops_up_an_account_in_the_browser(start_gateway, browser_page):
+    gateway = start_gateway(ACCOUNT_CONFIG)
+    gateway.client(ACME_KEY).chat.completions.create(model="echo-1", messages=[{"role": "user", "content": "hi"}])
+    page = browser_page
+    page.goto(f"{gateway.url}/login")
+    page.fill("#api_key", ADMIN_KEY)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/admin")
+    page.click("nav >> text=Accounts")
+    page.wait_for_url("**/admin/accounts")
+    assert page.locator('tr[data-account="acme"] td.count .value').inner_text() == "9"
+    assert page.locator('tr[data-account="acme"] td.keys').inner_text() == "1"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "accounts-tab.png"), full_page=True)
+
+    page.click('tr[data-account="acme"] >> text=acme')
+    page.wait_for_url("**/admin/accounts/acme")
+    assert page.locator(".tile.count .value").inner_text() == "9"
+    page.select_option('select[name="kind"]', "count_credits")
+    page.fill('input[name="amount"]', "5")
+    page.fill('input[name="reason"]', "browser invoice")
+    page.click("text=Add to the account")
+    page.wait_for_url("**done=count_credits_added**")
+    assert page.locator(".flash").inner_text() == "Count credits added."
+    assert page.locator(".tile.count .value").inner_text() == "14"
+    assert "browser invoice" in page.locator("section.card", has=page.locator("h2", has_text="Credit grants")).inner_text()
+    assert gateway.http("GET", "/v1/accounts/acme", key=ADMIN_KEY).json()["state"]["remaining_count_credits"] == 14
+    assert overflow(page, "html") == 0
+    page.screenshot(path=str(SCREENSHOTS / "account-detail.png"), full_page=True)
+
+    page.click(f'tr[data-key="{key_id(ACME_KEY)}"] >> text=carol')  # its key, on the account's balance
+    page.wait_for_url(f"**/admin/keys/{key_id(ACME_KEY)}")
+    assert page.locator(".tile", has_text="Count credits left").locator(".value").inner_text() == "14"
+    assert page.locator("p.account a").inner_text() == "acme"

@@ -466,7 +466,7 @@ def test_not_found_page_offers_a_way_back(web):
     for path in ("/no-such-page", "/admin/keys/0000"):
         page = browser.get(path)
         assert page.status_code == 404, path
-        for link in ("/admin", "/admin/keys", "/admin/audit"):
+        for link in ("/admin", "/admin/keys", "/admin/accounts", "/admin/audit"):
             assert f'href="{link}"' in page.text, (path, link)
     user = Browser(gateway.url)
     user.login(USER_KEY)
@@ -708,3 +708,182 @@ def test_audit_log_tells_key_changes_made_in_the_pages_in_words(web):
     assert "rotate_key" in rotated and "secret sk-" in rotated and "worked 60 s more" in rotated
     assert "delete_key" in deleted and "status active → deleted" in deleted and f'href="{path}"' in browser.get("/admin/audit").text
     assert "no change" not in " ".join(rows[:4])
+
+
+# --- the Accounts tab ------------------------------------------------------------------------
+
+ACME_KEY = "sk-web-acme-0004"
+ACCOUNTS = """accounts:
+  - name: acme
+    preferences: {billing_mode: count, count_credits: 10, monthly_cost_limit: 50}
+  - name: lab
+    preferences: {credits: 2}
+"""
+ACCOUNT_CONFIG = CONFIG.replace("api_keys:\n", ACCOUNTS + "api_keys:\n", 1).replace(
+    "preferences:\n  model_price", f"  - api: {ACME_KEY}\n    name: carol\n    account: acme\n    preferences: {{quota: 100000}}\npreferences:\n  model_price", 1
+)
+
+
+@pytest.fixture
+def accounts_web(start_gateway):
+    gateway = start_gateway(ACCOUNT_CONFIG)
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    return gateway, browser
+
+
+def account_view(gateway, name: str) -> dict:
+    response = gateway.http("GET", f"/v1/accounts/{name}", key=ADMIN_KEY)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def account_cells(html: str, name: str) -> dict[str, str]:
+    row = html.split(f'data-account="{name}"')[1].split("</tr>")[0]
+    return {label: page_text(cell) for label, cell in re.findall(r'<td data-label="([^"]+)"[^>]*>(.*?)</td>', row, re.S)}
+
+
+def top_up_form(browser: Browser, name: str) -> dict[str, str]:
+    page = browser.get(f"/admin/accounts/{name}").text
+    form = page.split(f'action="/admin/accounts/{name}/credits"')[1].split("</form>")[0]
+    return {"csrf_token": browser.csrf_from(page), "idempotency_key": re.search(r'name="idempotency_key" value="([^"]+)"', form).group(1)}
+
+
+def test_accounts_tab_lists_each_account_with_the_apis_figures(accounts_web):
+    gateway, browser = accounts_web
+    chat(gateway, ACME_KEY, 2)
+    overview = browser.get("/admin").text
+    assert '<a href="/admin/accounts" >Accounts</a>' in overview
+    page = browser.get("/admin/accounts")
+    assert page.status_code == 200 and 'class="active">Accounts</a>' in page.text
+    acme, lab = account_cells(page.text, "acme"), account_cells(page.text, "lab")
+    state = account_view(gateway, "acme")["state"]
+    assert acme["Name"] == "acme" and acme["Mode"] == "count" and acme["Status"] == "active"
+    assert acme["Count credits left"] == str(state["remaining_count_credits"]) == "8" and acme["Credits left"] == "unlimited"
+    assert acme["Spend"] == usd_text(int(Decimal(str(state["total_cost"])) * 10**9)) and acme["Requests"] == str(state["request_count"]) == "2"
+    assert acme["Keys"] == "1" and acme["Defined in"] == "api.yaml"
+    assert lab["Credits left"] == "$2.00" and lab["Mode"] == "token" and lab["Keys"] == "0" and lab["Requests"] == "0"
+    assert 'href="/admin/accounts/acme"' in page.text
+
+
+def test_account_page_shows_its_balance_settings_limits_and_keys(accounts_web):
+    gateway, browser = accounts_web
+    chat(gateway, ACME_KEY, 1)
+    page = browser.get("/admin/accounts/acme")
+    assert page.status_code == 200
+    text = page_text(page.text)
+    assert "Count credits left 9" in text and "monthly cost limit 50" in text and "defined in api.yaml" in text
+    limits = page_text(page.text.split("<h2>Limits (all its keys together)</h2>")[1].split("</table>")[0])
+    assert "monthly cost limit" in limits and "$50.00" in limits
+    used = key_view(gateway, key_id(ACME_KEY))["quota"]["used"]
+    row = page.text.split(f'data-key="{key_id(ACME_KEY)}"')[1].split("</tr>")[0]
+    assert f'href="/admin/keys/{key_id(ACME_KEY)}"' in row and f"{used:,} / 100,000" in page_text(row) and 'class="quota"' in row
+    assert "No keys draw on this account yet" in browser.get("/admin/accounts/lab").text
+
+
+def test_account_top_up_form_adds_once_and_is_audited(accounts_web):
+    gateway, browser = accounts_web
+    form = {**top_up_form(browser, "acme"), "kind": "count_credits", "amount": "5", "reason": "invoice 9"}
+    first = browser.http.post("/admin/accounts/acme/credits", data=form)
+    assert first.status_code == 303 and first.headers["location"] == "/admin/accounts/acme?done=count_credits_added"
+    assert account_view(gateway, "acme")["state"]["remaining_count_credits"] == 15
+    assert states(gateway)[ACME_KEY]["remaining_count_credits"] == 15  # its keys spend it
+    again = browser.http.post("/admin/accounts/acme/credits", data=form)  # the same form submitted twice
+    assert again.headers["location"] == "/admin/accounts/acme?done=already_applied"
+    assert account_view(gateway, "acme")["state"]["remaining_count_credits"] == 15
+    shown = browser.get(first.headers["location"]).text
+    assert "Count credits added." in shown and "Count credits left 15" in page_text(shown) and "invoice 9" in shown
+    usd = browser.http.post("/admin/accounts/lab/credits", data={**top_up_form(browser, "lab"), "kind": "credits", "amount": "2.5", "reason": ""})
+    assert usd.headers["location"] == "/admin/accounts/lab?done=credits_added"
+    assert account_view(gateway, "lab")["state"]["remaining_credits"] == 4.5
+    audit = browser.get("/admin/audit").text
+    rows = [page_text(row) for row in audit.split("<tbody>")[1].split("</tr>")[:-1]]
+    assert "add_credits" in rows[0] and "web top-up" in rows[0] and "add_count_credits" in rows[1] and "invoice 9" in rows[1]
+    assert 'href="/admin/accounts/acme">acme</a>' in audit and 'href="/admin/accounts/lab">lab</a>' in audit
+
+
+def test_account_top_up_without_the_csrf_token_changes_nothing(accounts_web):
+    gateway, browser = accounts_web
+    for token in ({}, {"csrf_token": "forged"}):
+        response = browser.http.post("/admin/accounts/acme/credits", data={"kind": "count_credits", "amount": "5", **token})
+        assert response.status_code == 403 and "The form expired" in response.text
+    user = Browser(gateway.url)
+    user.login(ACME_KEY)
+    refused = user.submit("/usage", "/admin/accounts/acme/credits", kind="count_credits", amount="5")  # a token, but not an admin
+    assert refused.status_code == 403 and user.get("/admin/accounts").status_code == 403
+    assert account_view(gateway, "acme")["state"]["remaining_count_credits"] == 10
+
+
+def test_account_top_up_with_a_bad_amount_shows_why_and_adds_nothing(accounts_web):
+    gateway, browser = accounts_web
+    refused = browser.http.post("/admin/accounts/acme/credits", data={**top_up_form(browser, "acme"), "kind": "count_credits", "amount": "1.5", "reason": "typo"})
+    assert refused.status_code == 400 and "must be a positive whole number" in refused.text
+    assert re.search(r'name="amount"[^>]*value="1.5"[^>]*aria-invalid="true"', refused.text) and 'value="typo"' in refused.text
+    assert '<option value="count_credits" selected>' in refused.text
+    bogus = browser.http.post("/admin/accounts/acme/credits", data={**top_up_form(browser, "acme"), "kind": "gold", "amount": "1"})
+    assert bogus.status_code == 400 and "Unknown credit kind" in bogus.text
+    assert account_view(gateway, "acme")["state"]["remaining_count_credits"] == 10
+
+
+def test_unknown_account_gets_a_404_page(accounts_web):
+    _, browser = accounts_web
+    page = browser.get("/admin/accounts/nope")
+    assert page.status_code == 404 and "No account is named &#39;nope&#39;" in page.text and 'href="/admin/accounts"' in page.text
+    posted = browser.http.post("/admin/accounts/nope/credits", data={**top_up_form(browser, "acme"), "kind": "credits", "amount": "1"})
+    assert posted.status_code == 404
+
+
+def test_accounts_made_and_deleted_through_the_api_show_where_and_what_they_are(accounts_web):
+    gateway, browser = accounts_web
+    made = gateway.http("POST", "/v1/accounts", key=ADMIN_KEY, json={"name": "team", "preferences": {"credits": 4}})
+    assert made.status_code == 201, made.text
+    assert gateway.http("DELETE", "/v1/accounts/lab", key=ADMIN_KEY).status_code == 200
+    page = browser.get("/admin/accounts").text
+    team, lab = account_cells(page, "team"), account_cells(page, "lab")
+    assert team["Defined in"] == "API" and team["Credits left"] == "$4.00" and team["Status"] == "active"
+    assert lab["Status"] == "deleted" and 'data-account="lab" class="deleted"' in page
+    deleted = browser.get("/admin/accounts/lab")
+    assert deleted.status_code == 200 and "This account was deleted" in deleted.text and "/admin/accounts/lab/credits" not in deleted.text
+    refused = browser.http.post("/admin/accounts/lab/credits", data={**top_up_form(browser, "acme"), "kind": "credits", "amount": "1"})
+    assert refused.status_code == 409 and "was deleted" in refused.text
+    topped = browser.http.post("/admin/accounts/team/credits", data={**top_up_form(browser, "team"), "kind": "credits", "amount": "1"})
+    assert topped.headers["location"] == "/admin/accounts/team?done=credits_added"
+    assert account_view(gateway, "team")["state"]["remaining_credits"] == 5
+    select = browser.get("/admin/keys").text.split('<select name="account"')[1].split("</select>")[0]
+    assert re.findall(r'<option value="([^"]*)"', select) == ["", "acme", "team"]  # a deleted account takes no new keys
+
+
+def test_new_key_form_account_select_makes_a_key_in_the_account(accounts_web):
+    gateway, browser = accounts_web
+    tab = browser.get("/admin/keys").text
+    select = tab.split('<select name="account"')[1].split("</select>")[0]
+    assert re.findall(r'<option value="([^"]*)"', select) == ["", "acme", "lab"] and "leave Credits and Count credits empty" in tab
+    made = create_through_form(browser, name="acme-bot", account="acme", billing_mode="", credits="", quota="")
+    assert made.status_code == 200, made.text
+    secret = secret_on(made)
+    assert "acme-bot" in [key["name"] for key in account_view(gateway, "acme")["keys"]]
+    chat(gateway, secret)
+    assert account_view(gateway, "acme")["state"]["remaining_count_credits"] == 9  # the account's count credits, its default mode
+    refused = create_through_form(browser, name="rich-bot", account="lab", credits="2.50")
+    assert refused.status_code == 400 and "a key in an account draws on the account&#39;s balance; set credits on account &#39;lab&#39;" in refused.text
+    assert re.search(r'name="credits"[^>]*aria-invalid="true"', refused.text) and '<option value="lab" selected>' in refused.text
+    assert "rich-bot" not in [key["name"] for key in gateway.http("GET", "/v1/api_keys", key=ADMIN_KEY).json()["data"]]
+
+
+def test_billing_tab_and_key_pages_link_a_keys_account(accounts_web):
+    gateway, browser = accounts_web
+    tab = browser.get("/admin/keys").text
+    row = tab.split(f'data-key="{key_id(ACME_KEY)}"')[1].split("</tr>")[0]
+    assert 'href="/admin/accounts/acme"' in row and "in acme" in row
+    assert "Top up account acme" in row and "/add_credits" not in row and "/billing_mode" in row  # its credits are the account's
+    assert "/add_credits" in tab.split(f'data-key="{key_id(USER_KEY)}"')[1].split("</tr>")[0]
+    path = f"/admin/keys/{key_id(ACME_KEY)}"
+    detail = browser.get(path).text
+    assert 'Draws on the balance of account <a href="/admin/accounts/acme">acme</a>' in detail and "Top up account acme" in detail
+    refused = browser.submit(path, f"{path}/add_count_credits", amount="3")  # a stale form: refused, and said why
+    assert refused.headers["location"] == f"{path}?error=key_in_account"
+    assert "top up the account" in browser.get(refused.headers["location"]).text
+    holder = Browser(gateway.url)
+    holder.login(ACME_KEY)
+    own = holder.get("/usage").text
+    assert "Draws on the balance of account acme" in page_text(own) and 'href="/admin/accounts' not in own
