@@ -14,7 +14,7 @@ from core.config import FILE, ApiKey, Config
 from core.config_billing import BILLING_MODES
 from core.config_writer import ConfigChangedError, ConfigWriteError, set_key_preference
 from core.errors import GatewayError, bad_request
-from core.key_admin import update_key
+from core.keys.admin import update_key
 from core.ledger import COUNT_CREDITS, CREDITS, Grant, Ledger
 from core.pricing import format_usd, to_nanos
 from core.reload import ConfigStore, ReloadError
@@ -94,7 +94,7 @@ async def set_billing_mode(store: ConfigStore, ledger: Ledger, key: ApiKey, mode
     `config_invalid` says where it is wrong; one saved by someone else during the edit
     neither: 409 `config_changed`. Every other key (made or changed through the keys API, or
     in a fleet, where each instance has its own copy of the file) gets the mode the keys API's
-    way: stored in the database over the file (core/key_records.py)."""
+    way: stored in the database over the file (core/keys/records.py)."""
     if mode not in BILLING_MODES:
         raise bad_request(f"The 'billing_mode' parameter must be one of {', '.join(BILLING_MODES)}, got '{mode}'.", "invalid_billing_mode", "billing_mode")
     record = store.records.get(key.id)

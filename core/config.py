@@ -19,7 +19,7 @@ from core.config_billing import BILLING_MODES, DEFAULT_RESERVE_COMPLETION_TOKENS
 from core.config_limits import LIMIT_KEYS, AlertSettings, IPNetwork, KeyLimits, read_alerts, read_key_limits, read_networks, read_timezone
 from core.config_reader import Section, items_of
 from core.cooperate import cooperate
-from core.keys import KeyIndex, digest_of, mask_key
+from core.keys.index import KeyIndex, digest_of, mask_key
 from core.lookup import PrefixTable
 from core.pricing import PriceBook, build_price_book
 from core.yamlsource import ConfigError, error_at, expand_env, line_of, parse_yaml
@@ -159,7 +159,7 @@ class Config:
     # Accounts by name, each as a stand-in key (role ACCOUNT, id `account:NAME`, never in the
     # key index): its balance is shared by its keys, and its limits apply to them together.
     accounts: dict[str, ApiKey] = field(default_factory=dict)
-    # Filled in when records stored through the keys API are applied (core/key_records.py):
+    # Filled in when records stored through the keys API are applied (core/keys/records.py):
     deleted_keys: dict[str, ApiKey] = field(default_factory=dict)  # by id; their history stays readable
     key_problems: dict[str, str] = field(default_factory=dict)  # key id (or account id) → why its stored change is not in force
     deleted_accounts: dict[str, ApiKey] = field(default_factory=dict)  # by name; their keys' history stays readable

@@ -22,7 +22,7 @@ from watchfiles import awatch
 
 from core.config import Config, load_config
 from core.cooperate import LoopLoad, cooperate, cooperating
-from core.key_records import AccountRecords, BuiltKeys, KeyRecords, layered
+from core.keys.records import AccountRecords, BuiltKeys, KeyRecords, layered
 from core.yamlsource import ConfigError
 
 log = logging.getLogger("tollgate.config")
@@ -115,7 +115,7 @@ class ConfigStore:
 
     def apply_records(self, records: KeyRecords, accounts: AccountRecords | None = None) -> None:
         """Serve the file's config with the keys and accounts API's records over it
-        (core/key_records.py); `accounts` None: the account records stay as they are."""
+        (core/keys/records.py); `accounts` None: the account records stay as they are."""
         self.records = records
         if accounts is not None:
             self.account_records = accounts

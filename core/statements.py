@@ -11,7 +11,7 @@ from typing import Any
 from core import reports
 from core.config import ApiKey, Config
 from core.config_billing import UNLIMITED
-from core.key_states import effective_mode
+from core.keys.states import effective_mode
 from core.ledger import Account, Ledger
 from core.ledger.sums import Totals, Window
 from core.limits import Limiter, period_bounds

@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from core.config import ACCOUNT_ID_PREFIX, API, FILE, Config
-from core.key_admin import jsonable
+from core.keys.admin import jsonable
 from core.ledger.postgres import PgLedger
 from core.reload import ConfigStore, ReloadError
 from routes._http import current_config, require_admin
@@ -67,7 +67,7 @@ def _account_changes(store: ConfigStore) -> list[dict[str, Any]]:
 
 
 def _key_changes(store: ConfigStore) -> list[dict[str, Any]]:
-    """What the database changes of api.yaml's keys (core/key_records.py), and every stored
+    """What the database changes of api.yaml's keys (core/keys/records.py), and every stored
     change that is not in force, with why."""
     config = store.current
     changes = []

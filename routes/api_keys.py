@@ -3,7 +3,7 @@
 A key is described by the same JSON as a key entry in api.yaml; answers never hold a full
 secret, except the one `api` a create or rotate hands out once. Admin keys may do everything;
 a key of an account with `self_service_keys` may make, list, read and delete the keys of its
-own account (core/self_service_keys.py); any other key gets 403.
+own account (core/keys/self_service.py); any other key gets 403.
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core import key_admin
 from core.audit import Actor
 from core.config import FILE, ApiKey, Config
 from core.errors import bad_request
-from core.key_admin import iso, jsonable, key_not_found
-from core.key_states import key_states, key_status
+from core.keys import admin as key_admin
+from core.keys.admin import iso, jsonable, key_not_found
+from core.keys.self_service import check_holder_may_delete, holder_entry, holder_target, in_account, managed_account
+from core.keys.states import key_states, key_status
 from core.ledger import Account, Ledger
 from core.limits import Limiter
 from core.money_format import usd_json
 from core.reload import ConfigStore
-from core.self_service_keys import check_holder_may_delete, holder_entry, holder_target, in_account, managed_account
 from routes._http import authenticate, caller_ip, current_config, parse_json, read_body, require_admin, whole_number
 from routes._json import ExactJSONResponse
 

@@ -16,7 +16,7 @@ from core.audit import Actor
 from core.billing import BillingMeter
 from core.config import ApiKey, Config
 from core.errors import bad_request, forbidden, not_found
-from core.key_states import key_state, key_states, usage_rows
+from core.keys.states import key_state, key_states, usage_rows
 from core.ledger import COUNT_CREDITS, CREDITS
 from core.money_format import usd_json
 from core.reload import ConfigStore

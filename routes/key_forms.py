@@ -1,5 +1,5 @@
 """The key forms of the admin pages, turned into what the keys API takes: a new key's entry and
-a JSON merge patch of a key's settings (core/key_admin.py validates and applies both).
+a JSON merge patch of a key's settings (core/keys/admin.py validates and applies both).
 
 Form fields are text; numbers become JSON numbers (exactly: a decimal a float cannot hold stays
 text, which the config reader reads exactly too), and anything else is passed on as typed, so a
@@ -16,7 +16,7 @@ from typing import Any
 from core.config import ApiKey
 from core.config_reader import MAX_NUMBER
 from core.errors import bad_request
-from core.key_admin import jsonable
+from core.keys.admin import jsonable
 from core.timeutil import to_unix
 from routes._http import whole_number
 

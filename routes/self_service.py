@@ -11,7 +11,7 @@ from starlette.routing import Route
 from core import reports, statements
 from core.config import ApiKey, Config
 from core.errors import bad_request, forbidden, not_found
-from core.key_states import UNLIMITED
+from core.keys.states import UNLIMITED
 from core.ledger import Ledger
 from core.money_format import cents_json, usd_json
 from core.timeutil import days_before

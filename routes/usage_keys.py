@@ -11,8 +11,8 @@ from starlette.requests import Request
 
 from core import statements
 from core.config import ApiKey, Config
+from core.keys.self_service import in_account
 from core.ledger import Account, Ledger
-from core.self_service_keys import in_account
 from routes.web_views import limit_rows
 
 

@@ -9,12 +9,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core import account_admin, admin_actions, reports, statements
+from core import admin_actions, reports, statements
 from core.audit import Actor
 from core.config import ApiKey, Config
 from core.errors import GatewayError
-from core.key_admin import jsonable
-from core.key_states import keys_by_account
+from core.keys import accounts as account_admin
+from core.keys.admin import jsonable
+from core.keys.states import keys_by_account
 from core.ledger import CREDITS, Ledger
 from routes._http import caller_ip, current_config
 from routes._pages import flash_message, redirect, render

@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from core import reports
 from core.errors import bad_request, forbidden, not_found
-from core.key_states import effective_mode
+from core.keys.states import effective_mode
 from core.ledger import Ledger
 from core.ledger.sums import Window
 from core.pricing import format_usd

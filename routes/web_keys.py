@@ -1,6 +1,6 @@
 """The admin pages' key management: make a key, change its settings, disable or enable it,
 rotate its secret, delete it. Each form becomes the entry or patch the keys API takes and goes
-through the same code (core/key_admin.py: validated like api.yaml, stored, in force at once,
+through the same code (core/keys/admin.py: validated like api.yaml, stored, in force at once,
 audited). A new secret is shown once, in the answer to the form that made it: never in a URL,
 a cookie or a later page.
 """
@@ -11,10 +11,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core import key_admin
 from core.audit import Actor
 from core.config import ApiKey, Config
 from core.errors import GatewayError, bad_request
+from core.keys import admin as key_admin
 from routes._http import caller_ip, current_config
 from routes._pages import redirect, render, with_scripts
 from routes._session import Session

@@ -4,7 +4,7 @@ confirmation). As the admin's new key form, the form's one-time token names the 
 the same form sent twice (that page reloaded) makes one key.
 
 The same rules as `POST /v1/api_keys` and `DELETE /v1/api_keys/{id}` for key holders
-(core/self_service_keys.py), and the same audit entries, with the holder as the actor."""
+(core/keys/self_service.py), and the same audit entries, with the holder as the actor."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from core import key_admin
 from core.audit import Actor
 from core.config import ApiKey
 from core.errors import GatewayError, forbidden
-from core.self_service_keys import check_holder_may_delete, holder_entry, holder_target, managed_account
+from core.keys import admin as key_admin
+from core.keys.self_service import check_holder_may_delete, holder_entry, holder_target, managed_account
 from routes._http import caller_ip, current_config
 from routes._pages import read_form, redirect, with_scripts
 from routes._session import csrf_matches

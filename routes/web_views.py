@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from core.config import API, ApiKey, Config
-from core.key_states import ACTIVE, effective_mode, key_status
+from core.keys.states import ACTIVE, effective_mode, key_status
 from core.ledger import Account
 from core.ledger.sums import Totals
 from core.money_format import count_text, usd_text

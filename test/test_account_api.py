@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from core.config import ledger_id
-from core.key_records import AccountRecord
+from core.keys.records import AccountRecord
 from core.ledger.database import open_ledger, parse_database
 from main import create_app
 from test.conftest import ADMIN_KEY, RunningGateway

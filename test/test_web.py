@@ -12,7 +12,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from core.keys import mask_key
+from core.keys.index import mask_key
 from core.money_format import usd_text
 from test.conftest import ADMIN_KEY
 

@@ -21,7 +21,7 @@ from core.config_billing import KeyBilling
 if TYPE_CHECKING:
     from core.audit import AuditEntry
     from core.config import ApiKey
-    from core.key_records import AccountChange, AccountRecord, AccountRecords, KeyRecord, KeyRecords, RecordChange
+    from core.keys.records import AccountChange, AccountRecord, AccountRecords, KeyRecord, KeyRecords, RecordChange
     from core.ledger.sums import Totals, Window
     from core.limits import Limiter
 
@@ -236,7 +236,7 @@ class Ledger(Protocol):
     async def setting(self, name: str, make: Callable[[], str]) -> str: ...
 
     async def key_records(self) -> KeyRecords:
-        """Every key made or changed through the keys API (core/key_records.py)."""
+        """Every key made or changed through the keys API (core/keys/records.py)."""
         ...
 
     async def change_key_record(self, key_id: str, change: RecordChange) -> KeyRecord:
@@ -245,7 +245,7 @@ class Ledger(Protocol):
         ...
 
     async def account_records(self) -> AccountRecords:
-        """Every account made or changed through the accounts API (core/key_records.py)."""
+        """Every account made or changed through the accounts API (core/keys/records.py)."""
         ...
 
     async def change_account_record(self, name: str, change: AccountChange) -> AccountRecord:

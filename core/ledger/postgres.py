@@ -40,7 +40,7 @@ from core.audit import INSERT_AUDIT, AuditEntry, read_audit_page
 from core.config import ACCOUNT_ID_PREFIX, ApiKey
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
-from core.key_records import (
+from core.keys.records import (
     INSERT_ACCOUNT,
     INSERT_RECORD,
     SELECT_ACCOUNTS,
@@ -648,7 +648,7 @@ class PgLedger:
 
     # --- the fleet ------------------------------------------------------------------------------
 
-    # --- keys made and changed through the API, shared by the fleet (core/key_records.py) ------
+    # --- keys made and changed through the API, shared by the fleet (core/keys/records.py) ------
 
     async def key_records(self) -> KeyRecords:
         with reachable():

@@ -227,7 +227,7 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE alert_fired ADD COLUMN fired_limit BIGINT NOT NULL DEFAULT 0;
     CREATE INDEX alert_events_owed ON alert_events (id) WHERE status = 'pending';  -- each instance's sweep
     """,
-    # Keys made through the keys API, and API changes of api.yaml's keys (core/key_records.py),
+    # Keys made through the keys API, and API changes of api.yaml's keys (core/keys/records.py),
     # replacing `key_settings`: its billing modes become merge patches. Secrets: digests only.
     3: """
     CREATE TABLE api_keys (
@@ -285,7 +285,7 @@ MIGRATIONS: dict[int, str] = {
     END $$;
     """,
     # Accounts made through the accounts API, and API changes of api.yaml's accounts, as in
-    # SQLite's schema 11 (core/key_records.py: AccountRecord).
+    # SQLite's schema 11 (core/keys/records.py: AccountRecord).
     5: """
     CREATE TABLE api_accounts (
         name TEXT PRIMARY KEY,

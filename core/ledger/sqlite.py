@@ -23,7 +23,7 @@ from core.audit import INSERT_AUDIT, AuditEntry, read_audit_page
 from core.config import ACCOUNT_ID_PREFIX, ApiKey
 from core.config_billing import KeyBilling
 from core.errors import GatewayError
-from core.key_records import (
+from core.keys.records import (
     INSERT_ACCOUNT,
     INSERT_RECORD,
     SELECT_ACCOUNTS,
@@ -312,7 +312,7 @@ class SqliteLedger:
         assert row is not None
         return str(row[0])
 
-    # --- keys made and changed through the API (core/key_records.py) ----------------------
+    # --- keys made and changed through the API (core/keys/records.py) ----------------------
 
     async def key_records(self) -> KeyRecords:
         async with self.db.execute(SELECT_RECORDS) as cursor:

@@ -167,7 +167,7 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE alert_events ADD COLUMN claimed_at REAL;
     ALTER TABLE alert_fired ADD COLUMN fired_limit INTEGER NOT NULL DEFAULT 0;
     """,
-    # Keys made through the keys API, and API changes of api.yaml's keys (core/key_records.py).
+    # Keys made through the keys API, and API changes of api.yaml's keys (core/keys/records.py).
     # Secrets are stored only as their sha256 digests.
     9: """
     CREATE TABLE api_keys (
@@ -197,7 +197,7 @@ MIGRATIONS: dict[int, str] = {
     ) WITHOUT ROWID;
     """,
     # Accounts made through the accounts API, and API changes of api.yaml's accounts
-    # (core/key_records.py: AccountRecord), as `api_keys` holds keys.
+    # (core/keys/records.py: AccountRecord), as `api_keys` holds keys.
     11: """
     CREATE TABLE api_accounts (
         name TEXT PRIMARY KEY,

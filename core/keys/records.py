@@ -27,7 +27,7 @@ import orjson
 
 from core.config import ACCOUNT_ID_PREFIX, API, FILE, ApiKey, Config, read_account, read_key
 from core.config_reader import Section
-from core.keys import KeyIndex
+from core.keys.index import KeyIndex
 from core.yamlsource import ConfigError
 
 log = logging.getLogger("tollgate.keys")

@@ -2,7 +2,7 @@
 delete them, each in force at once and audited.
 
 Every change is stored as a record in the ledger database and applied over api.yaml
-(core/key_records.py); the file itself is never written. A request is validated exactly as
+(core/keys/records.py); the file itself is never written. A request is validated exactly as
 api.yaml is, so the same mistake gets the same message in both places; a refused change
 stores nothing.
 """
@@ -21,8 +21,8 @@ from core.audit import CREATE_KEY, DELETE_KEY, ROTATE_KEY, UPDATE_KEY, Actor, Au
 from core.config import API, FILE, ApiKey, Config, read_key_id
 from core.config_reader import Section
 from core.errors import GatewayError, bad_request, not_found
-from core.key_records import KeyRecord, RecordChange, RecordConflict, build_key, compose_patches, merge_patch
-from core.keys import digest_of, mask_key
+from core.keys.index import digest_of, mask_key
+from core.keys.records import KeyRecord, RecordChange, RecordConflict, build_key, compose_patches, merge_patch
 from core.ledger import Ledger
 from core.reload import ConfigStore
 from core.yamlsource import ConfigError

@@ -1,7 +1,7 @@
 """What an admin does to accounts through the accounts API: make, change and delete them, each
 in force at once and audited.
 
-Accounts are stored as keys are (core/key_records.py): one made through the API lives in the
+Accounts are stored as keys are (core/keys/records.py): one made through the API lives in the
 ledger database as a whole entry (the shape of an api.yaml account entry); an API change to an
 account api.yaml defines is stored as a JSON merge patch over the file's entry. Either way every
 key in the account is built again on its new terms, so a top-up of the terms (new credits, say)
@@ -16,8 +16,8 @@ from typing import Any
 from core.audit import CREATE_ACCOUNT, DELETE_ACCOUNT, UPDATE_ACCOUNT, Actor, AuditEntry
 from core.config import API, FILE, ApiKey, Config
 from core.errors import GatewayError, bad_request, not_found
-from core.key_admin import jsonable
-from core.key_records import AccountChange, AccountRecord, build_account, compose_patches, merge_patch
+from core.keys.admin import jsonable
+from core.keys.records import AccountChange, AccountRecord, build_account, compose_patches, merge_patch
 from core.ledger import Ledger
 from core.reload import ConfigStore
 from core.yamlsource import ConfigError
