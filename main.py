@@ -63,7 +63,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
     `db_path`: the SQLite ledger's file, or any `--database` value (a postgresql:// URL).
     `clock` is the time every limit, budget period and ledger row uses (tests move it)."""
     database = parse_database(db_path)
-    store = ConfigStore(config_path, load_config(config_path), refuse=fleet_refusal if database.shared else None)
+    store = ConfigStore(config_path, load_config(config_path))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -126,19 +126,6 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
     app.state.store = store  # loaded now: the entry point checks it before starting
     app.state.database = database
     return app
-
-
-def fleet_refusal(config: Config) -> str | None:
-    """What fleet mode cannot serve yet: an account's own limits (rates, concurrency, budgets
-    over all its keys) are kept by the embedded ledger only; refused rather than not enforced.
-    Accounts' shared balances and their keys' own limits work in a fleet."""
-    limited = [account.name for account in config.accounts.values() if account.limits.meters_anything]
-    if limited:
-        return (
-            f"accounts: the limits of account '{limited[0]}' (rate_limit, token_rate_limit, concurrency_limit, cost limits, budget) are not"
-            " supported in fleet mode (PostgreSQL) yet; set them on its keys, or run one process on SQLite"
-        )
-    return None
 
 
 def worker_app() -> Starlette:

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,12 +48,7 @@ class ReloadError:
 class ConfigStore:
     """Holds the current config and the story of its reloads."""
 
-    def __init__(self, path: str | Path, initial: Config, refuse: Callable[[Config], str | None] | None = None):
-        """`refuse`: what this server cannot serve of a config that is otherwise valid (a
-        reason, or None): such a config is refused at start and kept out on reload."""
-        self.refuse = refuse
-        if refuse is not None and (why := refuse(initial)):
-            raise ConfigError(initial.source, None, why)
+    def __init__(self, path: str | Path, initial: Config):
         self.path = Path(path)
         self.current = initial
         self.file_config = initial  # as the file says; `current` adds the keys API's records
@@ -91,8 +86,6 @@ class ConfigStore:
                 return False
             with _gc_paused(), _short_gil_turns():
                 config = await asyncio.to_thread(_load_and_freeze, self.path, LoopLoad())
-            if self.refuse is not None and (why := self.refuse(config)):
-                raise ConfigError(str(self.path), None, why)
             records, accounts = self.records, self.account_records
             with _short_gil_turns():  # every stored key is built again on the new file: off the loop too
                 current = await asyncio.to_thread(layered, config, records, accounts, self._built)

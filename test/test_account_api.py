@@ -235,9 +235,6 @@ def test_accounts_are_stored_and_shared_in_postgresql(tmp_path, upstream):
         server = ServerThread(create_app(config, url)).start()
         try:
             gateway = RunningGateway(server, config)
-            status, refused = error(gateway, "POST", "/v1/accounts", {"name": "more", "preferences": {"rate_limit": "5/min"}})
-            assert status == 409 and refused["code"] == "account_not_servable"
-            assert error(gateway, "PATCH", "/v1/accounts/acme", {"preferences": {"rate_limit": "5/min"}})[1]["code"] == "account_not_servable"
             assert served(gateway, ONE, 3) == 2
             call(gateway, "PATCH", "/v1/accounts/acme", {"preferences": {"count_credits": 3}})
             assert served(gateway, TWO, 2) == 1  # the new terms, on PostgreSQL's balance

@@ -1,5 +1,5 @@
 """Accounts: one balance shared by several keys, each key still under its own quota, and the
-account's limits over all its keys together (single process; fleet mode refuses them)."""
+account's limits over all its keys together (fleet mode: test/test_fleet.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 from core.config import build_config
 from core.yamlsource import ConfigError
 from test.conftest import ADMIN_KEY, RunningGateway
-from test.test_cli import one_line_refusal, run_main
 
 ONE, TWO, SOLO = "sk-acme-one-0001", "sk-acme-two-0002", "sk-solo-key-0003"
 LAB_ONE, LAB_TWO = "sk-lab-one-00004", "sk-lab-two-00005"
@@ -201,13 +200,3 @@ api_keys:
     with pytest.raises(ConfigError) as error:
         build_config(text, "api.yaml")
     assert reason in error.value.reason and error.value.line is not None
-
-
-def test_fleet_mode_refuses_an_accounts_own_limits_in_one_line(tmp_path):
-    config = tmp_path / "api.yaml"
-    config.write_text(
-        "providers: [{provider: e, engine: echo, model: [m]}]\n"
-        "accounts: [{name: acme, preferences: {monthly_cost_limit: 5}}]\napi_keys: [{api: sk-some-key-0001, account: acme}]\n"
-    )
-    line = one_line_refusal(run_main("--config", str(config), "--database", "postgresql://tollgate@127.0.0.1:1/none"))
-    assert "the limits of account 'acme'" in line and "not supported in fleet mode" in line, line  # told before any connection is tried

@@ -748,3 +748,25 @@ def test_keys_made_changed_rotated_and_deleted_through_one_instance_are_in_force
     answers(second, rotated.json()["api"], expect=401)
     assert second.get(f"/v1/api_keys/{key_id}").json()["status"] == "deleted"
     fleet.assert_balances_equal_ledger_sums()
+
+
+@pytest.mark.parametrize(
+    ("prefs", "refused", "window"),
+    [
+        ("concurrency_limit: 10", 429, 0),
+        ("rate_limit: '10/day'", 429, 86400),
+        ("token_rate_limit: '150/day'", 429, 86400),  # 15 tokens reserved per request
+        ("daily_cost_limit: 0.2", 402, 86400),  # $0.02 reserved per request
+        ("monthly_cost_limit: 0.2", 402, 0),
+    ],
+)
+def test_an_accounts_own_limit_of_ten_admits_exactly_ten_of_fifty_requests_over_its_two_keys_and_two_instances(fleet, prefs, refused, window):
+    if window:
+        clear_of_window_edge(window)
+    text = ACCOUNTS_CONFIG.replace("{billing_mode: count, count_credits: 7}", f"{{billing_mode: token, credits: 100, {prefs}}}")
+    instances = fleet.start("", count=2, text=text)
+
+    results = fire_keys(instances, [ACME_ONE, ACME_TWO], 50, max_tokens=5)
+
+    assert results.count(200) == 10 and results.count(refused) == 40, results
+    fleet.assert_balances_equal_ledger_sums()

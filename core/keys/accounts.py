@@ -43,15 +43,12 @@ def _entry_of(body: Any) -> dict[str, Any]:
 
 
 def _validated(store: ConfigStore, entry: dict[str, Any]) -> ApiKey:
-    """The account an entry makes, validated as api.yaml's (400 naming the field), and one
-    this server can serve (fleet mode refuses an account's own limits, as in api.yaml)."""
+    """The account an entry makes, validated as api.yaml's (400 naming the field)."""
     config = store.current
     try:
         account = build_account(config, entry)
     except ConfigError as exc:
         raise bad_request(exc.reason, "invalid_account_entry", exc.field) from None
-    if store.refuse is not None and (why := store.refuse(replace(config, accounts={**config.accounts, account.name: account}))):
-        raise GatewayError(409, "conflict_error", "account_not_servable", f"This server cannot serve that account: {why}.")
     return account
 
 

@@ -120,7 +120,7 @@ def _settle_sql() -> str:
         INSERT INTO usage ({columns}) SELECT {columns} FROM batch ORDER BY ts
         ON CONFLICT (request_id) DO NOTHING RETURNING {columns}
     ),
-    freed AS (DELETE FROM reservations WHERE request_id = ANY(${n + 1}::text[]) RETURNING request_id, key_id, tokens, admitted_at),
+    freed AS (DELETE FROM reservations WHERE request_id = ANY(${n + 1}::text[]) RETURNING request_id, key_id, owner_id, tokens, admitted_at),
     accounts_moved AS (
         UPDATE accounts a SET spent_nanos = a.spent_nanos + d.spent, count_used = a.count_used + d.count_used,
             total_cost_nanos = a.total_cost_nanos + d.total, request_count = a.request_count + d.requests, tokens_used = a.tokens_used + d.tokens
@@ -143,12 +143,25 @@ def _settle_sql() -> str:
               JOIN period_spend q ON q.key_id = n.key_id AND n.ts >= q.since AND n.ts < q.period_end GROUP BY q.key_id, q.name) d
         WHERE p.key_id = d.key_id AND p.name = d.name
     ),
+    account_periods_moved AS (
+        UPDATE period_spend p SET nanos = p.nanos + d.cost
+        FROM (SELECT q.key_id, q.name, SUM(n.cost_nanos) AS cost FROM new n
+              JOIN period_spend q ON q.key_id = n.account_id AND n.ts >= q.since AND n.ts < q.period_end WHERE n.account_id <> '' GROUP BY q.key_id, q.name) d
+        WHERE p.key_id = d.key_id AND p.name = d.name
+    ),
     token_windows_moved AS (
         UPDATE rate_windows w SET used = w.used + d.delta
         FROM (SELECT f.key_id, r.seconds, SUM(COALESCE(n.prompt_tokens + n.completion_tokens, 0) - f.tokens) AS delta
               FROM freed f JOIN rate_windows r ON r.key_id = f.key_id AND r.kind = 'tokens' AND r.window_start = floor(f.admitted_at / r.seconds) * r.seconds
               LEFT JOIN new n ON n.request_id = f.request_id GROUP BY f.key_id, r.seconds) d
         WHERE w.key_id = d.key_id AND w.kind = 'tokens' AND w.seconds = d.seconds
+    ),
+    account_token_windows_moved AS (
+        UPDATE rate_windows w SET used = w.used + d.delta
+        FROM (SELECT f.owner_id, r.seconds, SUM(COALESCE(n.prompt_tokens + n.completion_tokens, 0) - f.tokens) AS delta
+              FROM freed f JOIN rate_windows r ON r.key_id = f.owner_id AND r.kind = 'tokens' AND r.window_start = floor(f.admitted_at / r.seconds) * r.seconds
+              LEFT JOIN new n ON n.request_id = f.request_id WHERE f.owner_id <> '' GROUP BY f.owner_id, r.seconds) d
+        WHERE w.key_id = d.owner_id AND w.kind = 'tokens' AND w.seconds = d.seconds
     ),
     {rollups}
     SELECT (SELECT COUNT(*) FROM new), (SELECT COUNT(*) FROM freed)
@@ -157,12 +170,18 @@ def _settle_sql() -> str:
 
 _SETTLE_SQL = _settle_sql()
 
-# Admission's writes in one statement: the reservation, and the rate windows it counts in
-# (a window that has moved on starts again from this request).
+# Admission's writes in one statement: the reservation, and the rate windows it counts in, the
+# key's and its account's (a window that has moved on starts again from this request).
 _HOLD_SQL = """
 WITH held AS (
     INSERT INTO reservations (request_id, key_id, instance_id, nanos, balance_nanos, count, tokens, admitted_at, owner_id)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $13)
+),
+account_windows AS (
+    INSERT INTO rate_windows (key_id, kind, seconds, window_start, used)
+    SELECT $13, w.kind, w.seconds, w.start, w.used FROM unnest($14::text[], $15::int8[], $16::float8[], $17::int8[]) AS w(kind, seconds, start, used)
+    ON CONFLICT (key_id, kind, seconds) DO UPDATE SET window_start = excluded.window_start,
+        used = CASE WHEN rate_windows.window_start = excluded.window_start THEN rate_windows.used + excluded.used ELSE excluded.used END
 )
 INSERT INTO rate_windows (key_id, kind, seconds, window_start, used)
 SELECT $2, w.kind, w.seconds, w.start, w.used FROM unnest($9::text[], $10::int8[], $11::float8[], $12::int8[]) AS w(kind, seconds, start, used)
@@ -270,11 +289,14 @@ class PgLedger:
         hold_sent = False
         try:
             async with self._key_turn(key.id), self.pool.acquire() as conn, conn.transaction():
-                account, state = await self._locked_state(conn, key, now)
+                account, state, group_state = await self._locked_state(conn, key, now)
                 limits = key.limits
                 holds = self.limiter.acquire(key, account, nanos, tokens, now, state) if limits.meters_anything else None
+                group = key.account if group_state is not None and key.account is not None and key.account.limits.meters_anything else None
+                group_holds = self.limiter.acquire(group, account.holder, nanos, tokens, now, group_state) if group is not None else None
                 reservation = hold(account, key.billing, balance_nanos, count)
                 windows = holds.rate_windows if holds is not None else []
+                group_windows = group_holds.rate_windows if group_holds is not None else []
                 hold_sent = True
                 await conn.execute(
                     _HOLD_SQL,
@@ -291,6 +313,10 @@ class PgLedger:
                     [start for _, _, start in windows],
                     [1 if kind == "requests" else tokens for kind, _, _ in windows],
                     key.billing.owner or "",
+                    [kind for kind, _, _ in group_windows],
+                    [seconds for _, seconds, _ in group_windows],
+                    [start for _, _, start in group_windows],
+                    [1 if kind == "requests" else tokens for kind, _, _ in group_windows],
                 )
         except DATABASE_ERRORS as exc:
             if not isinstance(exc, UNREACHABLE):
@@ -300,6 +326,8 @@ class PgLedger:
             raise unavailable(reason(exc)) from None
         if holds is not None:  # this instance's view of the key, for headers and pages
             self.limiter._state[key.id] = state
+        if group is not None and group_state is not None:
+            self.limiter._state[group.id] = group_state
         reservation.request_id, reservation.tokens, reservation.admitted_at = request_id, tokens, now
         return reservation
 
@@ -324,21 +352,30 @@ class PgLedger:
         """This instance's view of a key's account and limits, read now (for a page)."""
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                _, state = await self._locked_state(conn, key, now)
+                _, state, _ = await self._locked_state(conn, key, now)
         except UNREACHABLE as exc:
             raise unavailable(reason(exc)) from None
         self.limiter._state[key.id] = state
 
-    async def _locked_state(self, conn: asyncpg.Connection, key: ApiKey, now: float) -> tuple[Account, KeyState]:
-        """The key's account and limit state, read under its row lock (taken first), in one
-        round trip (`tollgate_key_state`, core/ledger/postgres_schema.py)."""
-        terms, limits = key.billing, key.limits
-        owner = await self._locked_owner(conn, terms) if terms.owner is not None else None  # the account's row first
+    async def _locked_state(self, conn: asyncpg.Connection, key: ApiKey, now: float) -> tuple[Account, KeyState, KeyState | None]:
+        """The key's account and limit state, read under its row lock, in one round trip
+        (`tollgate_key_state`, core/ledger/postgres_schema.py); for a key in an account, first
+        the account's (its balance and its own limits, under its row lock, taken first)."""
+        owner, group_state = None, None
+        if key.billing.owner is not None and key.account is not None:
+            row = await conn.fetchrow("SELECT * FROM tollgate_owner_state($1)", key.billing.owner)
+            owner, group_state = await self._state_of(conn, key.account, row, now)
         row = await conn.fetchrow("SELECT * FROM tollgate_key_state($1)", key.id)
+        account, state = await self._state_of(conn, key, row, now)
+        account.owner = owner
+        return account, state, group_state
+
+    async def _state_of(self, conn: asyncpg.Connection, key: ApiKey, row: asyncpg.Record, now: float) -> tuple[Account, KeyState]:
+        """A key's (or an account's stand-in key's) Account and KeyState from its state row."""
+        terms, limits = key.billing, key.limits
         account = self._cached(key.id, terms.created_at)
         _fill(account, row if row["window_start"] == terms.created_at else await self._recount(conn, key.id, terms.created_at))
         account.reserved_nanos, account.reserved_count = row["held_balance_nanos"], row["held_count"]
-        account.owner = owner
         state = KeyState(in_flight=row["held_requests"], quota_reserved=row["held_tokens"] if limits.quota_type == "tokens" else row["held_nanos"])
         if row["rate_kinds"]:
             for kind, seconds, start, used in zip(row["rate_kinds"], row["rate_seconds"], row["rate_starts"], row["rate_used"], strict=True):
@@ -347,16 +384,6 @@ class PgLedger:
             periods = zip(row["period_names"] or (), row["period_since"] or (), row["period_ends"] or (), row["period_nanos"] or (), strict=True)
             await self._period_state(conn, key, now, state, row["held_nanos"], {name: (since, end, nanos) for name, since, end, nanos in periods})
         return account, state
-
-    async def _locked_owner(self, conn: asyncpg.Connection, terms: KeyBilling) -> Account:
-        """A key's account's balance and what its keys' requests in flight hold of it, read
-        under the account's row lock (taken before the key's: see tollgate_owner_state)."""
-        assert terms.owner is not None
-        row = await conn.fetchrow("SELECT * FROM tollgate_owner_state($1)", terms.owner)
-        owner = self._cached(terms.owner, terms.created_at)
-        _fill(owner, row if row["window_start"] == terms.created_at else await self._recount(conn, terms.owner, terms.created_at))
-        owner.reserved_nanos, owner.reserved_count = row["held_balance_nanos"], row["held_count"]
-        return owner
 
     async def _period_state(
         self, conn: asyncpg.Connection, key: ApiKey, now: float, state: KeyState, reserved: int, rows: dict[str, tuple[float, float, int]]
@@ -371,7 +398,8 @@ class PgLedger:
             if found is not None and found[0] == since and found[1] == end:
                 spent = int(found[2])
             else:
-                totals = await window_totals(PgReader(conn), [Window(key.id, since, end)])  # type: ignore[arg-type]
+                totals_of = account_totals if key.id.startswith(ACCOUNT_ID_PREFIX) else window_totals  # an account's: its keys'
+                totals = await totals_of(PgReader(conn), [Window(key.id, since, end)])  # type: ignore[arg-type]
                 spent = totals[(key.id,)].cost_nanos if (key.id,) in totals else 0
                 await conn.execute(
                     "INSERT INTO period_spend (key_id, name, since, period_end, nanos) VALUES ($1, $2, $3, $4, $5)"

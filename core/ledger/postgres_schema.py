@@ -264,10 +264,15 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE reservations ADD COLUMN owner_id TEXT NOT NULL DEFAULT '';
     CREATE INDEX reservations_by_owner ON reservations (owner_id) WHERE owner_id <> '';
     -- Admission of a key in an account first locks the account's row (always before any key's:
-    -- settlements lock accounts first too, so the two never deadlock) and reads its balance.
+    -- settlements lock accounts first too, so the two never deadlock) and reads its state as
+    -- tollgate_key_state reads a key's: its balance, what its keys' requests in flight hold
+    -- (found by owner_id), and the account's own rate windows and budget periods.
     CREATE FUNCTION tollgate_owner_state(p_owner TEXT) RETURNS TABLE (
         window_start DOUBLE PRECISION, spent_nanos BIGINT, count_used BIGINT, total_cost_nanos BIGINT, request_count BIGINT,
-        tokens_used BIGINT, granted_nanos BIGINT, count_granted BIGINT, held_balance_nanos BIGINT, held_count BIGINT
+        tokens_used BIGINT, granted_nanos BIGINT, count_granted BIGINT,
+        held_requests BIGINT, held_nanos BIGINT, held_balance_nanos BIGINT, held_count BIGINT, held_tokens BIGINT,
+        rate_kinds TEXT[], rate_seconds BIGINT[], rate_starts DOUBLE PRECISION[], rate_used BIGINT[],
+        period_names TEXT[], period_since DOUBLE PRECISION[], period_ends DOUBLE PRECISION[], period_nanos BIGINT[]
     ) LANGUAGE plpgsql AS $$
     BEGIN
         PERFORM 1 FROM accounts a WHERE a.key_id = p_owner FOR UPDATE;
@@ -277,10 +282,16 @@ MIGRATIONS: dict[int, str] = {
         END IF;
         RETURN QUERY
         SELECT a.window_start, a.spent_nanos, a.count_used, a.total_cost_nanos, a.request_count, a.tokens_used, a.granted_nanos, a.count_granted,
-               h.balance, h.cnt
+               h.n, h.nanos, h.balance, h.cnt, h.tokens,
+               w.kinds, w.seconds, w.starts, w.used, p.names, p.since, p.ends, p.nanos
         FROM accounts a,
-             LATERAL (SELECT COALESCE(SUM(r.balance_nanos), 0)::BIGINT, COALESCE(SUM(r.count), 0)::BIGINT
-                      FROM reservations r WHERE r.owner_id = p_owner) AS h(balance, cnt)
+             LATERAL (SELECT COUNT(*), COALESCE(SUM(r.nanos), 0)::BIGINT, COALESCE(SUM(r.balance_nanos), 0)::BIGINT,
+                             COALESCE(SUM(r.count), 0)::BIGINT, COALESCE(SUM(r.tokens), 0)::BIGINT
+                      FROM reservations r WHERE r.owner_id = p_owner) AS h(n, nanos, balance, cnt, tokens),
+             LATERAL (SELECT array_agg(x.kind), array_agg(x.seconds), array_agg(x.window_start), array_agg(x.used)
+                      FROM rate_windows x WHERE x.key_id = p_owner) AS w(kinds, seconds, starts, used),
+             LATERAL (SELECT array_agg(y.name), array_agg(y.since), array_agg(y.period_end), array_agg(y.nanos)
+                      FROM period_spend y WHERE y.key_id = p_owner) AS p(names, since, ends, nanos)
         WHERE a.key_id = p_owner;
     END $$;
     """,
