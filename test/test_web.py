@@ -688,7 +688,7 @@ def test_billing_tab_shows_quota_use_where_keys_are_defined_and_status(start_gat
 def test_form_numbers_become_exact_json_numbers(text, value):
     """As the keys API gets them from JSON; what no float holds exactly, or is no number,
     stays text for the config reader to read exactly or refuse in its own words."""
-    from routes.key_forms import form_number
+    from routes._forms import form_number
 
     assert form_number(text) == value and type(form_number(text)) is type(value)
 
