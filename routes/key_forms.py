@@ -1,23 +1,18 @@
 """The key forms of the admin pages, turned into what the keys API takes: a new key's entry and
-a JSON merge patch of a key's settings (core/keys/admin.py validates and applies both).
-
-Form fields are text; numbers become JSON numbers (exactly: a decimal a float cannot hold stays
-text, which the config reader reads exactly too), and anything else is passed on as typed, so a
-mistake gets the same message the keys API and api.yaml give for it.
+a JSON merge patch of a key's settings (core/keys/admin.py validates and applies both). Text
+becomes JSON values as routes/_forms.py says, for the account forms too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from core.config import ApiKey
-from core.config_reader import MAX_NUMBER
 from core.errors import bad_request
-from core.keys.admin import jsonable
 from core.timeutil import to_unix
+from routes._forms import form_number, form_text, preference_texts
 from routes._http import whole_number
 
 # The settings the forms edit: top-level fields of the entry, then its preferences.
@@ -74,9 +69,8 @@ def settings_patch(key: ApiKey, form: dict[str, str]) -> dict[str, Any]:
 
 def settings_values(key: ApiKey) -> dict[str, str]:
     """The key's settings as the forms show them (the entry as written, merged with API changes)."""
-    preferences = jsonable(key.entry.get("preferences") or {}, fragments=False)
-    values = {name: _text(preferences.get(name)) for name in PREFERENCE_FIELDS}
-    values["name"] = _text(key.entry.get("name"))
+    values = preference_texts(key.entry, PREFERENCE_FIELDS)
+    values["name"] = form_text(key.entry.get("name"))
     models = key.entry.get("model")
     values["model"] = ", ".join(str(m) for m in (models if isinstance(models, list) else [models])) if models is not None else ""
     expires = key.limits.expires_at
@@ -112,21 +106,6 @@ def _typed(name: str, text: str) -> Any:
     return text
 
 
-def form_number(text: str) -> Any:
-    """An int, or a float that is exactly the decimal typed (JSON's numbers, as the keys API
-    gets them); text that is not a number, or one no float holds, stays text."""
-    try:
-        number = Decimal(text)
-    except InvalidOperation:
-        return text
-    if not number.is_finite() or abs(number) > MAX_NUMBER:  # the config reader says why
-        return text
-    if number == number.to_integral_value():
-        return int(number)
-    as_float = float(number)
-    return as_float if Decimal(repr(as_float)) == number else text
-
-
 def _changed(name: str, text: str, shown: str, key: ApiKey) -> bool:
     if name == "expires_at" and text:  # the browser may drop the seconds: compare the moments
         try:
@@ -136,7 +115,3 @@ def _changed(name: str, text: str, shown: str, key: ApiKey) -> bool:
     if name == "model":
         return _typed("model", text) != _typed("model", shown)
     return text != shown
-
-
-def _text(value: Any) -> str:
-    return "" if value is None else str(value)

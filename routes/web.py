@@ -1,5 +1,5 @@
 """The web pages: login, admin overview and billing tab, key detail, the key holder's usage
-(key management: routes/web_keys.py; accounts: routes/web_accounts.py)."""
+(key management: routes/web_keys.py; accounts: routes/web_accounts.py, routes/web_account_admin.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from core.ledger import COUNT_CREDITS, CREDITS, Ledger
 from core.ledger.postgres import PgLedger
 from core.ledger.sums import Window
 from core.reload import ConfigStore
-from routes import web_accounts, web_export, web_keys
+from routes import web_account_admin, web_accounts, web_export, web_keys
 from routes._http import caller_ip, current_config, whole_number
 from routes._pages import WEB, flash_message, read_form, redirect, render
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
@@ -334,6 +334,7 @@ routes = [
     Route("/admin/keys/{key_id}/add_credits", _action(CREDITS), methods=["POST"]),
     Route("/admin/keys/{key_id}/add_count_credits", _action(COUNT_CREDITS), methods=["POST"]),
     Route("/admin/keys/{key_id}/billing_mode", _action("billing_mode"), methods=["POST"]),
+    *web_account_admin.routes,
     *web_accounts.routes,
     Route("/usage", usage_page, methods=["GET"]),
     Route("/favicon.ico", favicon, methods=["GET"]),

@@ -1,7 +1,8 @@
 """The admin pages' Accounts tab: every account with its shared balance, one account's
 settings, limits, keys and grants, and its top-up form. The figures are the accounts API's
 (routes/accounts.py): the ledger's balance of the account's stand-in key; a top-up goes
-through the same code (core/admin_actions.py: idempotent, audited)."""
+through the same code (core/admin_actions.py: idempotent, audited). Making, changing and
+deleting an account are in routes/web_account_admin.py."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from routes._http import caller_ip, current_config
 from routes._pages import flash_message, redirect, render
 from routes._session import Session
 from routes._web_auth import admin_form, admin_visitor
+from routes.account_forms import NEW_ACCOUNT, account_values
 from routes.web_views import account_row, grant_rows, key_row, limit_rows
 
 KINDS = ((CREDITS, "USD credits"), ("count_credits", "count credits"))
@@ -34,7 +36,7 @@ async def accounts_page(request: Request) -> Response:
     balances = await request.app.state.ledger.accounts([(account.id, account.billing) for account in accounts])
     members = keys_by_account(config)
     rows = [account_row(config, account, balances[account.id], len(members.get(account.name, []))) for account in accounts]
-    return render(request, "accounts.html", me=me, csrf=session.csrf, rows=rows)
+    return render(request, "accounts.html", me=me, csrf=session.csrf, rows=rows, new_account=NEW_ACCOUNT)
 
 
 async def account_page(request: Request) -> Response:
@@ -78,6 +80,7 @@ async def _detail(
         row=account_row(config, account, balances[account.id], len(keys)),
         problem=config.key_problems.get(account.id),
         settings=_settings(account),
+        edit_values=account_values(account),
         limits=limit_rows(statements.limit_uses(account, limiter, now)),
         keys=[key_row(config, key, balances[key.id], month.get(key.id, (0, 0)), today.get(key.id, (0, 0))) for key in keys],
         grants=grant_rows(await reports.grant_history(ledger, account.id)),

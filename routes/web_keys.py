@@ -15,6 +15,7 @@ from core.audit import Actor
 from core.config import ApiKey, Config
 from core.errors import GatewayError, bad_request
 from core.keys import admin as key_admin
+from routes._forms import invalid_field
 from routes._http import caller_ip, current_config
 from routes._pages import redirect, render, with_scripts
 from routes._session import Session
@@ -33,11 +34,6 @@ def _key(config: Config, key_id: str) -> ApiKey:
     if key is None:
         raise key_admin.key_deleted(key_id) if key_id in config.deleted_keys else key_admin.key_not_found(key_id)
     return key
-
-
-def _invalid_field(error: GatewayError) -> str | None:
-    """The form field to mark from the error's `param` (`preferences.quota` → quota)."""
-    return error.param.rsplit(".", 1)[-1] if error.param else None
 
 
 def _secret_page(
@@ -73,7 +69,7 @@ async def create_key(request: Request) -> Response:
             csrf=session.csrf,
             values=values,
             error=exc.message,
-            invalid=_invalid_field(exc),
+            invalid=invalid_field(exc),
             accounts=accounts,
         )
     return _secret_page(request, admin, session, key, secret)
@@ -101,7 +97,7 @@ async def update_settings(request: Request) -> Response:
     except GatewayError as exc:
         values = {**settings_values(key), **form}
         return render(
-            request, "key_edit.html", status=exc.status, me=admin, csrf=session.csrf, key=key, values=values, error=exc.message, invalid=_invalid_field(exc)
+            request, "key_edit.html", status=exc.status, me=admin, csrf=session.csrf, key=key, values=values, error=exc.message, invalid=invalid_field(exc)
         )
     return redirect(f"/admin/keys/{key.id}?done=key_updated")
 

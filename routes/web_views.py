@@ -38,6 +38,11 @@ MESSAGES = {
     "key_deleted": "Key deleted: its secret no longer works. Its history stays here.",
     "key_already_made": "That form was already submitted and made this key; its secret was shown then, once. Rotate the key for a new one.",
     "key_in_account": "The key draws on its account's balance: top up the account.",
+    "account_created": "Account made and in force: choose it in the New key form (Billing tab) to put keys in it.",
+    "account_already_made": "That form was already submitted and made this account.",
+    "account_updated": "Account settings saved and in force for all its keys.",
+    "account_unchanged": "Nothing changed: the form had the account's settings as they are.",
+    "account_deleted": "Account deleted: no key can be put in it. Its history stays here.",
     "billing_window_not_started": "The key's billing window (created_at) has not started: a top-up now would never count.",
 }
 

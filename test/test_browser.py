@@ -229,3 +229,14 @@ def test_admin_tops_up_an_account_in_the_browser(start_gateway, browser_page):
     page.wait_for_url(f"**/admin/keys/{key_id(ACME_KEY)}")
     assert page.locator(".tile", has_text="Count credits left").locator(".value").inner_text() == "14"
     assert page.locator("p.account a").inner_text() == "acme"
+
+    page.click("nav >> text=Accounts")  # and a new account, through its form
+    page.click("details.new-account summary")
+    form = page.locator("details.new-account form")
+    form.locator('input[name="name"]').fill("browser-team")
+    form.locator('input[name="credits"]').fill("5")
+    form.locator('input[type="checkbox"][name="self_service_keys"]').check()
+    form.locator("button[type=submit]").click()
+    page.wait_for_url("**/admin/accounts/browser-team?done=account_created")
+    assert page.locator(".tile.credits .value").inner_text() == "$5.00"
+    assert gateway.http("GET", "/v1/accounts/browser-team", key=ADMIN_KEY).json()["preferences"] == {"credits": 5, "self_service_keys": True}

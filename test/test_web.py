@@ -8,6 +8,7 @@ import re
 import sqlite3
 import time
 from decimal import Decimal
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -688,7 +689,7 @@ def test_billing_tab_shows_quota_use_where_keys_are_defined_and_status(start_gat
 def test_form_numbers_become_exact_json_numbers(text, value):
     """As the keys API gets them from JSON; what no float holds exactly, or is no number,
     stays text for the config reader to read exactly or refuse in its own words."""
-    from routes.key_forms import form_number
+    from routes._forms import form_number
 
     assert form_number(text) == value and type(form_number(text)) is type(value)
 
@@ -887,3 +888,138 @@ def test_billing_tab_and_key_pages_link_a_keys_account(accounts_web):
     holder.login(ACME_KEY)
     own = holder.get("/usage").text
     assert "Draws on the balance of account acme" in page_text(own) and 'href="/admin/accounts' not in own
+
+
+# --- making, changing and deleting accounts in the pages ------------------------------------
+
+NEW_ACCOUNT = {"name": "team", "billing_mode": "count", "credits": "", "count_credits": "3", "rate_limit": "60/min",
+               "concurrency_limit": "2", "monthly_cost_limit": "40"}  # fmt: skip
+
+
+def create_account_through_form(browser: Browser, *ticked: str, **changes: str) -> httpx.Response:
+    """Posts the Accounts tab's New account form as a browser would; `ticked` is "yes" for a
+    ticked self-service box (the box's value comes before its hidden "no")."""
+    page = browser.get("/admin/accounts").text
+    assert 'action="/admin/accounts"' in page
+    fields = [("csrf_token", browser.csrf_from(page)), *{**NEW_ACCOUNT, **changes}.items(), *(("self_service_keys", t) for t in (*ticked, "no"))]
+    return browser.http.post("/admin/accounts", content=urlencode(fields), headers={"content-type": "application/x-www-form-urlencoded"})
+
+
+def edit_form_fields(browser: Browser, name: str) -> dict[str, str]:
+    """The account page's edit form as shown: its fields and their values, and the CSRF token."""
+    page = browser.get(f"/admin/accounts/{name}").text
+    form = page.split(f'action="/admin/accounts/{name}/settings"')[1].split("</form>")[0]
+    shown = dict(re.findall(r'<input name="(\w+)"[^>]*value="([^"]*)"', form))
+    shown["billing_mode"] = re.search(r'<option value="(\w*)" selected>', form).group(1)
+    return {**shown, "csrf_token": browser.csrf_from(page)}
+
+
+def test_new_account_form_makes_an_account_its_keys_draw_on(accounts_web):
+    gateway, browser = accounts_web
+    made = create_account_through_form(browser, "yes")
+    assert made.status_code == 303 and made.headers["location"] == "/admin/accounts/team?done=account_created"
+    view = account_view(gateway, "team")
+    assert view["defined_in"] == "api" and view["status"] == "active"
+    assert view["preferences"] == {"billing_mode": "count", "count_credits": 3, "rate_limit": "60/min", "concurrency_limit": 2,
+                                   "monthly_cost_limit": 40, "self_service_keys": True}  # fmt: skip
+    shown = browser.get(made.headers["location"]).text
+    assert "Account made and in force" in shown and "Count credits left 3" in page_text(shown)
+    key = gateway.http("POST", "/v1/api_keys", key=ADMIN_KEY, json={"name": "team-bot", "account": "team"})
+    assert key.status_code == 201, key.text
+    assert gateway.client(key.json()["api"]).chat.completions.create(model="echo-1", messages=MESSAGES).choices
+    assert account_view(gateway, "team")["state"]["remaining_count_credits"] == 2  # the account's count credits, its mode
+    assert account_cells(browser.get("/admin/accounts").text, "team")["Keys"] == "1"
+    again = create_account_through_form(browser, "yes")  # the same form sent twice
+    assert again.headers["location"] == "/admin/accounts/team?error=account_already_made"
+    plain = create_account_through_form(browser, name="solo", billing_mode="", count_credits="", rate_limit="", concurrency_limit="", monthly_cost_limit="")
+    assert plain.status_code == 303 and account_view(gateway, "solo")["preferences"] == {}  # unticked, empty: nothing set
+    audit = gateway.http("GET", "/v1/audit_log", key=ADMIN_KEY).json()["entries"]
+    assert [e["action"] for e in audit].count("create_account") == 2
+
+
+def test_new_account_form_shows_the_validation_error_and_makes_nothing(accounts_web):
+    gateway, browser = accounts_web
+    refused = create_account_through_form(browser, "yes", credits="-5")
+    assert refused.status_code == 400 and "preferences.credits must be &gt;= 0, or -1 for unlimited; got -5" in refused.text
+    assert re.search(r'name="credits"[^>]*value="-5"[^>]*aria-invalid="true"', refused.text) and 'value="team"' in refused.text
+    assert re.search(r'name="self_service_keys" value="yes" checked', refused.text) and '<option value="count" selected>' in refused.text
+    bad_name = create_account_through_form(browser, name="no spaces")
+    assert bad_name.status_code == 400 and "must be 1-64 letters" in bad_name.text and re.search(r'name="name"[^>]*aria-invalid="true"', bad_name.text)
+    taken = create_account_through_form(browser, name="acme")
+    assert taken.status_code == 409 and "An account named &#39;acme&#39; exists or existed" in taken.text
+    names = [a["name"] for a in gateway.http("GET", "/v1/accounts", key=ADMIN_KEY).json()["data"]]
+    assert names == ["acme", "lab"] and account_view(gateway, "acme")["api_changes"] is None
+
+
+def test_account_edit_form_changes_credits_at_once_and_patches_only_what_changed(accounts_web):
+    gateway, browser = accounts_web
+    chat(gateway, ACME_KEY)
+    shown = edit_form_fields(browser, "acme")
+    assert shown["count_credits"] == "10" and shown["monthly_cost_limit"] == "50" and shown["credits"] == "" and shown["billing_mode"] == "count"
+    form = [*{**shown, "count_credits": "20", "monthly_cost_limit": "", "rate_limit": "100/min"}.items(), ("self_service_keys", "yes")]
+    headers = {"content-type": "application/x-www-form-urlencoded"}
+    saved = browser.http.post("/admin/accounts/acme/settings", content=urlencode(form), headers=headers)
+    assert saved.headers["location"] == "/admin/accounts/acme?done=account_updated"
+    view = account_view(gateway, "acme")
+    assert view["api_changes"] == {"preferences": {"count_credits": 20, "monthly_cost_limit": None, "rate_limit": "100/min", "self_service_keys": True}}
+    assert view["state"]["remaining_count_credits"] == 19 and states(gateway)[ACME_KEY]["remaining_count_credits"] == 19  # its key, at once
+    chat(gateway, ACME_KEY)
+    assert account_view(gateway, "acme")["state"]["remaining_count_credits"] == 18
+    assert "Account settings saved" in browser.get(saved.headers["location"]).text
+    assert "monthly_cost_limit" in gateway.config_path.read_text()  # api.yaml is never written
+    again = edit_form_fields(browser, "acme")
+    assert again["count_credits"] == "20" and again["monthly_cost_limit"] == ""
+    unticked = browser.http.post("/admin/accounts/acme/settings", data={**again, "count_credits": "20.0", "self_service_keys": "no"})
+    assert unticked.headers["location"] == "/admin/accounts/acme?done=account_updated"  # only the box: 20.0 is 20
+    assert "self_service_keys" not in account_view(gateway, "acme")["preferences"]
+    same = browser.http.post("/admin/accounts/acme/settings", data={**edit_form_fields(browser, "acme"), "self_service_keys": "no"})
+    assert same.headers["location"] == "/admin/accounts/acme?done=account_unchanged"
+    audit = gateway.http("GET", "/v1/audit_log", key=ADMIN_KEY).json()["entries"]
+    assert [e["action"] for e in audit].count("update_account") == 2
+
+
+def test_account_edit_form_shows_the_error_and_changes_nothing(accounts_web):
+    gateway, browser = accounts_web
+    refused = browser.http.post("/admin/accounts/acme/settings", data={**edit_form_fields(browser, "acme"), "rate_limit": "lots/min", "count_credits": "12"})
+    assert refused.status_code == 400 and "preferences.rate_limit must look like" in refused.text
+    assert re.search(r'name="rate_limit"[^>]*value="lots/min"[^>]*aria-invalid="true"', refused.text) and 'value="12"' in refused.text
+    assert account_view(gateway, "acme")["api_changes"] is None and account_view(gateway, "acme")["state"]["remaining_count_credits"] == 10
+    assert browser.get("/admin/accounts/acme/settings").status_code == 200
+
+
+def test_account_delete_needs_the_confirmation_and_refuses_while_keys_are_in_it(accounts_web):
+    gateway, browser = accounts_web
+    confirm = browser.get("/admin/accounts/acme/delete")
+    assert confirm.status_code == 200 and 'name="confirm"' in confirm.text and f'href="/admin/keys/{key_id(ACME_KEY)}">carol</a>' in confirm.text
+    unconfirmed = browser.submit("/admin/accounts/acme/delete", "/admin/accounts/acme/delete")
+    assert unconfirmed.status_code == 400 and "Tick the box" in unconfirmed.text
+    in_use = browser.submit("/admin/accounts/acme/delete", "/admin/accounts/acme/delete", confirm="yes")
+    assert in_use.status_code == 409 and "The account &#39;acme&#39; still has 1 live key(s) (&#39;carol&#39;)" in in_use.text
+    assert account_view(gateway, "acme")["status"] == "active"
+    chat(gateway, ACME_KEY)  # still works
+    deleted = browser.submit("/admin/accounts/lab/delete", "/admin/accounts/lab/delete", confirm="yes")
+    assert deleted.headers["location"] == "/admin/accounts/lab?done=account_deleted"
+    assert account_view(gateway, "lab")["status"] == "deleted"
+    page = browser.get(deleted.headers["location"]).text
+    assert "Account deleted" in page and "This account was deleted" in page and "/admin/accounts/lab/delete" not in page and "/settings" not in page
+    assert browser.get("/admin/accounts/lab/delete").status_code == 409
+    again = browser.submit("/admin/accounts/acme", "/admin/accounts/lab/settings", credits="5")
+    assert again.status_code == 409 and "was deleted" in again.text
+    audit = gateway.http("GET", "/v1/audit_log", key=ADMIN_KEY).json()["entries"]
+    assert [e["action"] for e in audit].count("delete_account") == 1
+
+
+def test_account_forms_without_the_csrf_token_change_nothing(accounts_web):
+    gateway, browser = accounts_web
+    posts = [("/admin/accounts", NEW_ACCOUNT), ("/admin/accounts/lab/settings", {"credits": "50"}), ("/admin/accounts/lab/delete", {"confirm": "yes"})]
+    for action, fields in posts:
+        for token in ({}, {"csrf_token": "forged"}):
+            response = browser.http.post(action, data={**fields, **token})
+            assert response.status_code == 403 and "The form expired" in response.text, action
+    holder = Browser(gateway.url)
+    holder.login(ACME_KEY)
+    for action, fields in posts:
+        assert holder.submit("/usage", action, **fields).status_code == 403, action  # a token, but not an admin
+    assert [a["name"] for a in gateway.http("GET", "/v1/accounts", key=ADMIN_KEY).json()["data"]] == ["acme", "lab"]
+    lab = account_view(gateway, "lab")
+    assert lab["status"] == "active" and lab["api_changes"] is None and lab["state"]["remaining_credits"] == 2
