@@ -46,9 +46,11 @@ async def key_state(config: Config, ledger: Ledger, key: ApiKey) -> dict[str, An
 
 
 async def key_states(config: Config, ledger: Ledger, keys: list[ApiKey]) -> dict[str, dict[str, Any]]:
-    """States of many keys with two queries, whatever their number."""
-    accounts = await ledger.accounts([(key.id, key.billing) for key in keys])
+    """States of many keys with two queries, whatever their number. The totals first: reading
+    them writes what this process has queued, so the balances read after include its charges
+    (in fleet mode balances are read from the database)."""
     by_model = await ledger.totals([Window(key.id, key.billing.created_at) for key in keys], by_model=True)
+    accounts = await ledger.accounts([(key.id, key.billing) for key in keys])
     details: dict[str, list[dict[str, Any]]] = {key.id: [] for key in keys}
     for (key_id, model, cost_type), totals in sorted(by_model.items()):
         details[key_id].append(model_row(model, cost_type, totals))
