@@ -102,7 +102,9 @@ async def set_billing_mode(store: ConfigStore, ledger: Ledger, key: ApiKey, mode
     if ledger.shared or key.defined_in != FILE or key.secret is None or changed_by_api:
         before = store.current.keys_by_id.get(key.id, key)
         updated = await update_key(store, ledger, key.id, {"preferences": {"billing_mode": mode}}, now, actor, audited=False)
-        entry = AuditEntry(now, actor, SET_BILLING_MODE, updated, {"billing_mode": before.billing.mode}, {"billing_mode": updated.billing.mode, "stored_in": "database"})
+        entry = AuditEntry(
+            now, actor, SET_BILLING_MODE, updated, {"billing_mode": before.billing.mode}, {"billing_mode": updated.billing.mode, "stored_in": "database"}
+        )
         await ledger.append_audit(entry)
         return updated
     async with store.edit_lock:  # one edit at a time: each rewrites the file from the text it read

@@ -155,10 +155,14 @@ def test_a_failed_delivery_is_logged_without_the_webhooks_secret_path(start_gate
 
 def test_an_accounts_balance_alerts_once_as_the_account_not_once_per_key(start_gateway, receiver):
     second = "sk-alerted-0002"
-    text = config(receiver.url).replace(
-        f"  - api: {KEY}\n    name: watched\n    preferences: {{credits: 0.1}}\n",
-        f"  - api: {KEY}\n    name: watched\n    account: team\n  - api: {second}\n    name: other\n    account: team\n",
-    ).replace("api_keys:\n", "accounts:\n  - name: team\n    preferences: {credits: 0.1}\napi_keys:\n")
+    text = (
+        config(receiver.url)
+        .replace(
+            f"  - api: {KEY}\n    name: watched\n    preferences: {{credits: 0.1}}\n",
+            f"  - api: {KEY}\n    name: watched\n    account: team\n  - api: {second}\n    name: other\n    account: team\n",
+        )
+        .replace("api_keys:\n", "accounts:\n  - name: team\n    preferences: {credits: 0.1}\napi_keys:\n")
+    )
     gateway = start_gateway(text, clock=FakeClock(T0))
     for secret in (KEY, second):  # 0.02 each, two keys: 0.04 of the account's 0.1
         gateway.client(secret).chat.completions.create(model="echo-1", messages=MESSAGES, max_tokens=5)

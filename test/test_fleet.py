@@ -702,7 +702,9 @@ def test_an_account_made_and_changed_through_one_instance_is_in_force_on_every_i
         time.sleep(0.1)
     assert fire_keys([second], [key["api"]], 4).count(200) == 2
 
-    patched = httpx.patch(f"{second.url}/v1/accounts/team", headers={"Authorization": f"Bearer {ADMIN}"}, json={"preferences": {"count_credits": 5}}, timeout=10)
+    patched = httpx.patch(
+        f"{second.url}/v1/accounts/team", headers={"Authorization": f"Bearer {ADMIN}"}, json={"preferences": {"count_credits": 5}}, timeout=10
+    )
     assert patched.status_code == 200, patched.text
     while first.get("/v1/accounts/team").json()["state"]["remaining_count_credits"] != 3:  # the new terms, on the other instance
         assert time.monotonic() < deadline + 3, "the account's new terms never reached the other instance"

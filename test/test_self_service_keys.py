@@ -106,7 +106,12 @@ def test_a_holder_sees_and_revokes_only_the_keys_of_their_own_account(gateway):
 
 
 def test_keys_of_an_account_without_self_service_and_keys_without_an_account_may_not(gateway):
-    for method, path in (("POST", "/v1/api_keys"), ("GET", "/v1/api_keys"), ("GET", f"/v1/api_keys/{ledger_id(LAB)}"), ("DELETE", f"/v1/api_keys/{ledger_id(LAB)}")):
+    for method, path in (
+        ("POST", "/v1/api_keys"),
+        ("GET", "/v1/api_keys"),
+        ("GET", f"/v1/api_keys/{ledger_id(LAB)}"),
+        ("DELETE", f"/v1/api_keys/{ledger_id(LAB)}"),
+    ):
         assert refused(gateway, method, path, LAB, {"name": "x"} if method == "POST" else None) == (403, "self_service_disabled")
         assert refused(gateway, method, path, SOLO, {"name": "x"} if method == "POST" else None) == (403, "admin_required")
     chat(gateway, LAB)

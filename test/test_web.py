@@ -721,7 +721,9 @@ ACCOUNTS = """accounts:
     preferences: {credits: 2}
 """
 ACCOUNT_CONFIG = CONFIG.replace("api_keys:\n", ACCOUNTS + "api_keys:\n", 1).replace(
-    "preferences:\n  model_price", f"  - api: {ACME_KEY}\n    name: carol\n    account: acme\n    preferences: {{quota: 100000}}\npreferences:\n  model_price", 1
+    "preferences:\n  model_price",
+    f"  - api: {ACME_KEY}\n    name: carol\n    account: acme\n    preferences: {{quota: 100000}}\npreferences:\n  model_price",
+    1,
 )
 
 
@@ -817,7 +819,9 @@ def test_account_top_up_without_the_csrf_token_changes_nothing(accounts_web):
 
 def test_account_top_up_with_a_bad_amount_shows_why_and_adds_nothing(accounts_web):
     gateway, browser = accounts_web
-    refused = browser.http.post("/admin/accounts/acme/credits", data={**top_up_form(browser, "acme"), "kind": "count_credits", "amount": "1.5", "reason": "typo"})
+    refused = browser.http.post(
+        "/admin/accounts/acme/credits", data={**top_up_form(browser, "acme"), "kind": "count_credits", "amount": "1.5", "reason": "typo"}
+    )
     assert refused.status_code == 400 and "must be a positive whole number" in refused.text
     assert re.search(r'name="amount"[^>]*value="1.5"[^>]*aria-invalid="true"', refused.text) and 'value="typo"' in refused.text
     assert '<option value="count_credits" selected>' in refused.text

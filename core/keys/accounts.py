@@ -17,7 +17,7 @@ from core.audit import CREATE_ACCOUNT, DELETE_ACCOUNT, UPDATE_ACCOUNT, Actor, Au
 from core.config import API, FILE, ApiKey, Config
 from core.errors import GatewayError, bad_request, not_found
 from core.keys.admin import jsonable
-from core.keys.records import AccountChange, AccountRecord, build_account, compose_patches, merge_patch
+from core.keys.records import AccountChange, AccountRecord, build_account, patched_record
 from core.ledger import Ledger
 from core.reload import ConfigStore
 from core.yamlsource import ConfigError
@@ -107,17 +107,17 @@ async def update_account(store: ConfigStore, ledger: Ledger, name: str, body: An
     def change(stored: AccountRecord | None) -> AccountRecord:
         if stored is not None and stored.deleted_at is not None:
             raise account_deleted(name)
-        if file_account is None:  # made through the API: the record holds the whole entry
-            if stored is None:
-                raise account_not_found(name)
-            entry = merge_patch(stored.entry, patch)
-            _validated(store, entry)
-            return replace(stored, entry=entry, updated_at=now)
-        changes = compose_patches(stored.entry if stored is not None else {}, patch)
-        _validated(store, merge_patch(file_account.entry, changes))
-        if stored is None:
-            return AccountRecord(name, FILE, changes, created_at=now, updated_at=now)
-        return replace(stored, entry=changes, updated_at=now)
+        if file_account is None and stored is None:
+            raise account_not_found(name)
+        file_entry = file_account.entry if file_account is not None else None
+        return patched_record(
+            stored,
+            patch,
+            file_entry,
+            lambda entry: _validated(store, entry),
+            lambda changes: AccountRecord(name, FILE, changes, created_at=now, updated_at=now),
+            now,
+        )
 
     await _store(store, ledger, name, change)
     after = current_account(store.current, name)

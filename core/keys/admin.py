@@ -22,7 +22,7 @@ from core.config import API, FILE, ApiKey, Config, read_key_id
 from core.config_reader import Section
 from core.errors import GatewayError, bad_request, not_found
 from core.keys.index import digest_of, mask_key
-from core.keys.records import KeyRecord, RecordChange, RecordConflict, build_key, compose_patches, merge_patch
+from core.keys.records import KeyRecord, RecordChange, RecordConflict, build_key, patched_record
 from core.ledger import Ledger
 from core.reload import ConfigStore
 from core.yamlsource import ConfigError
@@ -138,17 +138,18 @@ async def update_key(store: ConfigStore, ledger: Ledger, key_id: str, body: Any,
     def change(stored: KeyRecord | None) -> KeyRecord:
         if stored is not None and stored.deleted_at is not None:
             raise key_deleted(key_id)
-        if file_key is None:  # made through the API: the record holds the whole entry
-            if stored is None:
-                raise key_not_found(key_id)
-            entry = merge_patch(stored.entry, patch)
-            _validated(config, key_id, entry)
-            return replace(stored, entry=entry, updated_at=now)
-        changes = compose_patches(stored.entry if stored is not None else {}, patch)
-        _validated(config, key_id, merge_patch(file_key.entry, changes), file_key.secret)
-        if stored is None:
-            return KeyRecord(key_id, FILE, changes, created_at=now, updated_at=now)
-        return replace(stored, entry=changes, updated_at=now)
+        if file_key is None and stored is None:
+            raise key_not_found(key_id)
+        secret = file_key.secret if file_key is not None else None
+        file_entry = file_key.entry if file_key is not None else None
+        return patched_record(
+            stored,
+            patch,
+            file_entry,
+            lambda entry: _validated(config, key_id, entry, secret),
+            lambda changes: KeyRecord(key_id, FILE, changes, created_at=now, updated_at=now),
+            now,
+        )
 
     await _store(store, ledger, key_id, change)
     after = _current(store, key_id)

@@ -21,7 +21,7 @@ import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -61,6 +61,30 @@ KeyRecords = dict[str, KeyRecord]
 RecordChange = Callable[[KeyRecord | None], KeyRecord]  # the stored record (None: none yet) → the new one
 AccountRecords = dict[str, AccountRecord]
 AccountChange = Callable[[AccountRecord | None], AccountRecord]
+
+
+Patched = TypeVar("Patched", KeyRecord, AccountRecord)
+
+
+def patched_record(
+    stored: Patched | None,
+    patch: dict[str, Any],
+    file_entry: dict[str, Any] | None,
+    validate: Callable[[dict[str, Any]], object],
+    new: Callable[[dict[str, Any]], Patched],
+    now: float,
+) -> Patched:
+    """A key's or account's record after a merge patch (the caller has refused a deleted or
+    missing one). Made through the API (`file_entry` None): the whole entry is patched. Defined
+    in api.yaml: the patch composes with the stored changes, validated over the file's entry."""
+    if file_entry is None:
+        assert stored is not None
+        entry = merge_patch(stored.entry, patch)
+        validate(entry)
+        return replace(stored, entry=entry, updated_at=now)
+    changes = compose_patches(stored.entry if stored is not None else {}, patch)
+    validate(merge_patch(file_entry, changes))
+    return new(changes) if stored is None else replace(stored, entry=changes, updated_at=now)
 
 
 class RecordConflict(Exception):

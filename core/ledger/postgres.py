@@ -875,7 +875,9 @@ async def lock_accounts(conn: asyncpg.Connection, ids: list[str]) -> None:
     the key, so nothing can hold a key's row while waiting for its account's: no deadlock."""
     if ids:
         ordered = sorted(set(ids), key=lambda key_id: (not key_id.startswith(ACCOUNT_ID_PREFIX), key_id))
-        await conn.execute("SELECT 1 FROM unnest($1::text[]) WITH ORDINALITY AS o(key_id, n) JOIN accounts a USING (key_id) ORDER BY o.n FOR UPDATE OF a", ordered)
+        await conn.execute(
+            "SELECT 1 FROM unnest($1::text[]) WITH ORDINALITY AS o(key_id, n) JOIN accounts a USING (key_id) ORDER BY o.n FOR UPDATE OF a", ordered
+        )
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
