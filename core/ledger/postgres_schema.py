@@ -266,7 +266,9 @@ MIGRATIONS: dict[int, str] = {
     -- Admission of a key in an account first locks the account's row (always before any key's:
     -- settlements lock accounts first too, so the two never deadlock) and reads its state as
     -- tollgate_key_state reads a key's: its balance, what its keys' requests in flight hold
-    -- (found by owner_id), and the account's own rate windows and budget periods.
+    -- (found by owner_id), and the account's own rate windows and budget periods. (The same
+    -- query as tollgate_key_state but for the reservations' filter: one function choosing
+    -- its filter at run time could not use either index, on every admission.)
     CREATE FUNCTION tollgate_owner_state(p_owner TEXT) RETURNS TABLE (
         window_start DOUBLE PRECISION, spent_nanos BIGINT, count_used BIGINT, total_cost_nanos BIGINT, request_count BIGINT,
         tokens_used BIGINT, granted_nanos BIGINT, count_granted BIGINT,
