@@ -773,3 +773,34 @@ def test_an_accounts_own_limit_of_ten_admits_exactly_ten_of_fifty_requests_over_
 
     assert results.count(200) == 10 and results.count(refused) == 40, results
     fleet.assert_balances_equal_ledger_sums()
+
+
+def test_billing_modes_set_through_the_api_before_the_keys_api_become_its_stored_changes_on_upgrade(postgres):
+    """A fleet upgraded from schema 2 keeps the billing modes its admins set (key_settings):
+    they become merge patches over api.yaml's keys, in force as before."""
+    import asyncpg
+
+    from core.config import build_config, ledger_id
+    from core.keys.records import SELECT_RECORDS, layered, record_from_row
+    from core.ledger.postgres_schema import MIGRATIONS, migrate
+
+    database = postgres.new_database()
+
+    async def upgrade() -> list[Any]:
+        conn = await asyncpg.connect(database)
+        try:
+            async with conn.transaction():  # the schema as the previous release left it, with a mode set
+                for version in (1, 2):
+                    await conn.execute(MIGRATIONS[version])
+                await conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (2)")
+                await conn.execute("INSERT INTO key_settings (key_id, name, value, updated_at) VALUES ($1, 'billing_mode', 'count', 1.0)", ledger_id(KEY))
+            assert await migrate(conn) == 2
+            return list(await conn.fetch(SELECT_RECORDS))
+        finally:
+            await conn.close()
+
+    (row,) = asyncio.run(upgrade())
+    record = record_from_row(row)
+    assert (record.id, record.defined_in, record.entry) == (ledger_id(KEY), "api.yaml", {"preferences": {"billing_mode": "count"}})
+    file_config = build_config(config("billing_mode: token, count_credits: 3", "http://127.0.0.1:1"), "api.yaml")
+    assert layered(file_config, {record.id: record}).keys_by_id[ledger_id(KEY)].billing.mode == "count"
