@@ -17,7 +17,7 @@ import orjson
 from core.config import ApiKey, Config, ModelRoute
 from core.errors import GatewayError, bad_gateway, bad_request
 from core.metering import CLIENT_DISCONNECTED, ERROR, OK, Meter, Outcome, Ticket
-from core.providers import adapter_for, messages_adapter_for
+from core.providers import adapter_for, messages_adapter_for, responses_adapter_for
 from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamStream, invalid_answer
 from core.providers.messages import anthropic_error_body, anthropic_event
 from core.request_checks import check_request
@@ -27,8 +27,8 @@ from core.usage import Usage, complete_usage, estimate_usage, usage_so_far
 
 log = logging.getLogger("tollgate.proxy")
 
-ENDPOINTS = ("chat/completions", "completions", "embeddings", "messages")
-_REQUIRED_FIELD = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input", "messages": "messages"}
+ENDPOINTS = ("chat/completions", "completions", "embeddings", "messages", "responses")
+_REQUIRED_FIELD = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input", "messages": "messages", "responses": "input"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +143,7 @@ async def _send(request: ProxyRequest, call: UpstreamCall, http: aiohttp.ClientS
     (a 200 whose JSON it cannot translate) fails like any unusable answer: a 502 the next
     provider may do better on, never a 500."""
     route = call.route
-    adapter = messages_adapter_for(route.provider.engine) if request.endpoint == "messages" else adapter_for(route.provider.engine)
+    adapter = _ADAPTER_FOR.get(request.endpoint, adapter_for)(route.provider.engine)
     try:
         return await adapter.send(call, http)
     except (UpstreamFailure, GatewayError):
@@ -151,6 +151,10 @@ async def _send(request: ProxyRequest, call: UpstreamCall, http: aiohttp.ClientS
     except Exception:
         log.exception("%s: %s sent an answer its adapter could not read", request.request_id, route.label)
         raise UpstreamFailure.invalid(route) from None
+
+
+# Endpoints whose adapters depend on the endpoint as well as the engine (translating ones).
+_ADAPTER_FOR = {"messages": messages_adapter_for, "responses": responses_adapter_for}
 
 
 def _as_public_model(request: ProxyRequest, routes: tuple[ModelRoute, ...]) -> ProxyRequest:

@@ -26,3 +26,12 @@ def messages_adapter_for(engine: str) -> Adapter:
     from core.providers.messages import MessagesAdapter
 
     return MessagesAdapter(ADAPTERS[engine], native=engine == "anthropic")
+
+
+# Engines that speak OpenAI's Responses API natively (the request passes through untouched).
+NATIVE_RESPONSES_ENGINES = frozenset({"openai", "azure", "echo"})
+
+
+def responses_adapter_for(engine: str) -> Adapter:
+    """The `/v1/responses` path: native for OpenAI-style providers, translated for the rest."""
+    return ADAPTERS[engine]
