@@ -19,12 +19,14 @@ from core.errors import GatewayError
 from core.ledger import COUNT_CREDITS, Account, InsufficientBalance, Ledger, Reservation, UsageRecord
 from core.limits import Limiter
 from core.metering import ERROR, OK, Outcome
-from core.pricing import COUNT, PriceBook, count_price_json, format_usd
+from core.pricing import COUNT, PRICED_BY_UNIT, PriceBook, count_price_json, format_usd
 from core.proxy import ProxyRequest, new_request_id
 from core.request_checks import output_token_limit
 from core.usage import Usage, estimate_prompt_tokens
 
 ESTIMATED = "estimated"
+# Endpoints that write no tokens: nothing is reserved for output.
+_NO_OUTPUT_TOKENS = frozenset({"embeddings", "moderations", "audio/speech"})
 WINDOW_NOT_STARTED = "billing_window_not_started"
 
 
@@ -70,7 +72,12 @@ class BillingMeter:
         if cost_type == COUNT:
             nanos, balance_nanos, count = prices.count_price_nanos(request.model), 0, 1
         else:
-            nanos = prices.token_price(request.model).estimate_nanos(prompt, completion) if needs_estimate else 0
+            if not needs_estimate:
+                nanos = 0
+            elif request.endpoint in PRICED_BY_UNIT:
+                nanos = prices.estimate_charge_nanos(request.model, request.endpoint, request.units or Usage(), prompt, completion)
+            else:
+                nanos = prices.token_price(request.model).estimate_nanos(prompt, completion)
             balance_nanos, count = (0 if terms.unlimited_credits else nanos), 0
         try:
             reservation = await self.ledger.admit(key, nanos, balance_nanos, count, prompt + completion, now, request.request_id)
@@ -96,7 +103,7 @@ class BillingMeter:
         """(prompt, completion) tokens this request may use at most, as far as we can tell."""
         body = request.body
         completion = 0
-        if request.endpoint != "embeddings":
+        if request.endpoint not in _NO_OUTPUT_TOKENS:
             completion = output_token_limit(request.endpoint, body) or config.preferences.reserve_completion_tokens
         return estimate_prompt_tokens(body), completion
 
@@ -159,6 +166,9 @@ class BillingTicket:
         if self.cost_type == COUNT:
             cost_nanos, count = self.prices.count_price_nanos(model), 1
             unit_prices = count_price_json(self.prices.count_price(model))
+        elif self.request.endpoint in PRICED_BY_UNIT:
+            cost_nanos, unit_prices = self.prices.charge_nanos(model, self.request.endpoint, outcome.usage)
+            count = 0
         else:
             token_price = self.prices.token_price(model)
             cost_nanos, count = token_price.cost_nanos(outcome.usage), 0
@@ -216,4 +226,7 @@ class BillingTicket:
             cache_write_tokens=usage.cache_write_tokens,
             reasoning_tokens=usage.reasoning_tokens,
             account_id=self.terms.owner or "",
+            images=usage.images,
+            audio_ms=usage.audio_ms,
+            characters=usage.characters,
         )

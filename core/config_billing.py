@@ -13,7 +13,8 @@ BILLING_MODES = (TOKEN, COUNT, "hybrid")
 UNLIMITED = -1  # credits: -1 in api.yaml, and in the JSON the admin API answers
 DEFAULT_RESERVE_COMPLETION_TOKENS = 1024
 COUNT_BILLING_KEYS = ("enabled", "default_count_price", "model_count_prices")
-MODEL_PRICE_KEYS = ("token_price", "count_price", "cache_read_price", "cache_write_price", "reasoning_price")
+UNIT_PRICE_KEYS = ("image_price", "audio_minute_price", "character_price")  # the media endpoints' units
+MODEL_PRICE_KEYS = ("token_price", "count_price", "cache_read_price", "cache_write_price", "reasoning_price", *UNIT_PRICE_KEYS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +54,10 @@ def _read_model_price(prices: Section, name: Any) -> ModelPrice:
             extra = {name: entry.number(f"{name}_price") for name in ("cache_read", "cache_write", "reasoning") if entry.has(f"{name}_price")}
             token = TokenPrice(token.input, token.output, **extra)
         count = entry.number("count_price") if entry.has("count_price") else None
-        if token is None and count is None:
-            raise prices.error(name, f"{prices.where(str(name))} needs token_price and/or count_price")
-        return ModelPrice(token, count)
+        units = {key.removesuffix("_price"): entry.number(key) for key in UNIT_PRICE_KEYS if entry.has(key)}
+        if token is None and count is None and not units:
+            raise prices.error(name, f"{prices.where(str(name))} needs a price: token_price, count_price, image_price, audio_minute_price or character_price")
+        return ModelPrice(token, count, **units)
     if isinstance(value, str) and "," in value:
         return ModelPrice(token=_token_price(prices, name))
     return ModelPrice(count=to_decimal(value, prices, name))

@@ -154,12 +154,52 @@ def count_price_json(price: Decimal) -> str:
 FREE = TokenPrice(Decimal(0), Decimal(0))
 
 
+# The endpoints that sell something other than tokens, and the unit each is priced by (a
+# `model_price` entry's `image_price`, `audio_minute_price`, `character_price`).
+IMAGE = "image"
+AUDIO_MINUTE = "audio_minute"
+CHARACTER = "character"
+UNIT_OF_ENDPOINT = {
+    "images/generations": IMAGE,
+    "images/edits": IMAGE,
+    "audio/transcriptions": AUDIO_MINUTE,
+    "audio/translations": AUDIO_MINUTE,
+    "audio/speech": CHARACTER,
+}
+MODERATIONS = "moderations"
+# Endpoints priced by core.pricing.PriceBook.charge_nanos rather than by tokens alone.
+PRICED_BY_UNIT = frozenset({*UNIT_OF_ENDPOINT, MODERATIONS})
+MS_PER_MINUTE = 60_000
+
+
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """One `model_price` entry: a token price, a count price, or both."""
+    """One `model_price` entry: a token price, a count price, media unit prices, or several.
+
+    `image` is USD per image generated, `audio_minute` USD per minute of audio heard,
+    `character` USD per 1M characters read aloud."""
 
     token: TokenPrice | None = None
     count: Decimal | None = None
+    image: Decimal | None = None
+    audio_minute: Decimal | None = None
+    character: Decimal | None = None
+
+    def unit_price(self, unit: str) -> Decimal | None:
+        return self.image if unit == IMAGE else self.audio_minute if unit == AUDIO_MINUTE else self.character
+
+
+def unit_quantity(unit: str, usage: Usage) -> Decimal:
+    """How many of `unit` the usage holds, in the unit its price is quoted in."""
+    if unit == IMAGE:
+        return Decimal(usage.images)
+    if unit == AUDIO_MINUTE:
+        return Decimal(usage.audio_ms) / MS_PER_MINUTE
+    return Decimal(usage.characters) / PER_MILLION
+
+
+def _unit_price_json(unit: str, price: Decimal) -> str:
+    return json.dumps({unit: str(price)}, separators=(",", ":"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +254,52 @@ class PriceBook:
         if billing_mode == COUNT:
             return COUNT
         return COUNT if self.has_explicit_count_price(model) else TOKEN
+
+    def charge_nanos(self, model: str, endpoint: str, usage: Usage) -> tuple[int, str]:
+        """What a request of a PRICED_BY_UNIT endpoint costs a key billed in dollars, and the
+        unit prices used (recorded with the charge).
+
+        Moderations cost the model's count price (0 if it names none: a default count price
+        is for count billing). The media endpoints bill by tokens when the vendor reported
+        token usage and the model's entry has a token price (gpt-image-1, gpt-4o-transcribe);
+        else by their unit (images, minutes of audio, 1M characters) when the entry prices it;
+        else by tokens, as any other request."""
+        if endpoint == MODERATIONS:
+            price = self.explicit_count_price(model)
+            return to_nanos(price), count_price_json(price)
+        unit = UNIT_OF_ENDPOINT[endpoint]
+        entry = self._entry(model)
+        reported_tokens = not usage.estimated and usage.total_tokens > 0
+        if entry is not None and not (reported_tokens and entry.token is not None):
+            unit_price = entry.unit_price(unit)
+            if unit_price is not None:
+                return to_nanos(unit_quantity(unit, usage) * unit_price), _unit_price_json(unit, unit_price)
+        token_price = self.token_price(model)
+        return token_price.cost_nanos(usage), token_price.unit_prices()
+
+    def estimate_charge_nanos(self, model: str, endpoint: str, units: Usage, prompt_tokens: int, completion_tokens: int) -> int:
+        """What to reserve for a request of a PRICED_BY_UNIT endpoint: its units at the unit
+        price when the model has one (`units` is what the request asks for: `n` images, the
+        input's characters, the upload's longest likely duration), else its token estimate."""
+        if endpoint == MODERATIONS:
+            return to_nanos(self.explicit_count_price(model))
+        entry = self._entry(model)
+        price = entry.unit_price(UNIT_OF_ENDPOINT[endpoint]) if entry is not None else None
+        if price is not None:
+            return to_nanos(unit_quantity(UNIT_OF_ENDPOINT[endpoint], units) * price)
+        return self.token_price(model).estimate_nanos(prompt_tokens, completion_tokens)
+
+    def explicit_count_price(self, model: str) -> Decimal:
+        """A count price some entry names for this model (not a default), else 0."""
+        own = self._own_count_price(model)
+        if own is not None:
+            return own
+        value, key = self.billing_count_prices.match(model)
+        return value if value is not None and key != DEFAULT else Decimal(0)
+
+    def _entry(self, model: str) -> ModelPrice | None:
+        """The model's best `model_price` entry, the default one included."""
+        return self.model_prices.get(model)
 
     def _own_count_price(self, model: str) -> Decimal | None:
         entry, key = self.model_prices.match(model)

@@ -41,6 +41,9 @@ class ProxyRequest:
     model: str
     stream: bool
     request_id: str
+    # The media endpoints' units the request asks for at most (`n` images, the characters to
+    # read aloud, the upload's longest likely audio), which admission reserves for.
+    units: Usage | None = None
 
 
 def parse_proxy_request(endpoint: str, body: Any) -> ProxyRequest:

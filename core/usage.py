@@ -29,6 +29,12 @@ class Usage:
     estimated: bool = False
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    # What the media endpoints sell, beside tokens: images generated, milliseconds of audio
+    # heard (transcriptions, translations), characters read aloud (speech). Whole numbers,
+    # so a price per image, minute or 1M characters prices them exactly.
+    images: int = 0
+    audio_ms: int = 0
+    characters: int = 0
 
     @property
     def total_tokens(self) -> int:

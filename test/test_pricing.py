@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from core.config import build_config
+from core.config import ConfigError, build_config
 from core.pricing import TokenPrice, format_usd, from_nanos, to_nanos
 from core.usage import Usage
 
@@ -137,3 +137,73 @@ def test_integer_costs_equal_the_decimal_definition(price, usage):
 @pytest.mark.parametrize("nanos", [0, 1, 10, 999_999_999, 1_000_000_000, 10_000_000_000, 1_500_000_000, -1, -2_250_000_000, 123_456_789_012])
 def test_format_usd_matches_decimal_formatting(nanos):
     assert format_usd(nanos) == format(from_nanos(nanos).normalize(), "f")
+
+
+MEDIA_PRICES = """\
+providers:
+  - provider: echo
+    engine: echo
+    model: [gpt-image-1, dall-e-3, whisper-1, gpt-4o-transcribe, tts-1, omni-moderation-latest, text-moderation-007]
+preferences:
+  count_billing: {model_count_prices: {text-moderation: 0.002}, default_count_price: 0.5}
+  model_price:
+    gpt-image-1: {image_price: 0.04, token_price: "5,40"}
+    dall-e-3: {image_price: 0.08}
+    whisper-1: {audio_minute_price: 0.006}
+    gpt-4o-transcribe: {audio_minute_price: 0.006, token_price: "2.5,10"}
+    tts-1: {character_price: 15}
+    omni-moderation-latest: {count_price: 0.0001}
+    default: 1,2
+"""
+
+
+def media_book():
+    return build_config(MEDIA_PRICES, "api.yaml").preferences.prices
+
+
+@pytest.mark.parametrize(
+    ("model", "endpoint", "usage", "nanos", "unit_prices"),
+    [
+        ("dall-e-3", "images/generations", Usage(images=3, estimated=True), 240_000_000, '{"image":"0.08"}'),
+        # gpt-image-1 reports token usage: its token price bills it, not the image price.
+        ("gpt-image-1", "images/generations", Usage(prompt_tokens=50, completion_tokens=4160, images=1), 166_650_000, '{"input":"5","output":"40"}'),
+        ("gpt-image-1", "images/edits", Usage(images=2, estimated=True), 80_000_000, '{"image":"0.04"}'),
+        # 12.5 minutes of audio at 0.006 per minute.
+        ("whisper-1", "audio/transcriptions", Usage(audio_ms=750_000, estimated=True), 75_000_000, '{"audio_minute":"0.006"}'),
+        ("whisper-1", "audio/translations", Usage(audio_ms=1, estimated=True), 100, '{"audio_minute":"0.006"}'),
+        (
+            "gpt-4o-transcribe",
+            "audio/transcriptions",
+            Usage(prompt_tokens=1000, completion_tokens=100, audio_ms=60_000),
+            3_500_000,
+            '{"input":"2.5","output":"10"}',
+        ),
+        ("tts-1", "audio/speech", Usage(characters=2_000, estimated=True), 30_000_000, '{"character":"15"}'),
+        ("omni-moderation-latest", "moderations", Usage(estimated=True), 100_000, '{"count":"0.0001"}'),
+        # A moderation model with a named count_billing price pays it; one without pays 0, not the default count price.
+        ("text-moderation-007", "moderations", Usage(), 2_000_000, '{"count":"0.002"}'),
+        ("other-moderation", "moderations", Usage(), 0, '{"count":"0"}'),
+        # No unit price: the model's token price bills whatever tokens there are.
+        ("whisper-2", "audio/transcriptions", Usage(prompt_tokens=1_000_000, audio_ms=60_000), 1_000_000_000, '{"input":"1","output":"2"}'),
+    ],
+)
+def test_media_endpoints_bill_by_their_unit(model, endpoint, usage, nanos, unit_prices):
+    assert media_book().charge_nanos(model, endpoint, usage) == (nanos, unit_prices)
+
+
+def test_media_reservations_use_the_requested_units():
+    prices = media_book()
+    assert prices.estimate_charge_nanos("dall-e-3", "images/generations", Usage(images=4), 10, 1024) == 320_000_000
+    assert prices.estimate_charge_nanos("tts-1", "audio/speech", Usage(characters=1_000_000), 10, 0) == 15_000_000_000
+    assert prices.estimate_charge_nanos("omni-moderation-latest", "moderations", Usage(), 10, 0) == 100_000
+    # Without a unit price, the token estimate at the model's token price.
+    assert prices.estimate_charge_nanos("whisper-2", "audio/transcriptions", Usage(audio_ms=60_000), 1_000_000, 0) == 1_000_000_000
+
+
+def test_unit_prices_are_checked_like_every_price():
+    bad = MEDIA_PRICES.replace("image_price: 0.08", "image_price: -1")
+    with pytest.raises(ConfigError, match="image_price"):
+        build_config(bad, "api.yaml")
+    typo = MEDIA_PRICES.replace("audio_minute_price: 0.006}", "audio_minute: 0.006}")
+    with pytest.raises(ConfigError, match="audio_minute"):
+        build_config(typo, "api.yaml")

@@ -164,6 +164,9 @@ class UsageRecord(NamedTuple):
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
     account_id: str = ""  # the account whose balance paid (`account:NAME`), or "" for a key's own
+    images: int = 0  # the media endpoints' units (core/usage.py Usage)
+    audio_ms: int = 0
+    characters: int = 0
 
 
 @dataclass(frozen=True, slots=True)

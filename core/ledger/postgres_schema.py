@@ -309,6 +309,24 @@ MIGRATIONS: dict[int, str] = {
         updated_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # The media endpoints' units, as in SQLite's schema 12.
+    6: """
+    ALTER TABLE usage ADD COLUMN images BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN audio_ms BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN characters BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_daily ADD COLUMN images BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_daily ADD COLUMN audio_ms BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_daily ADD COLUMN characters BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_day ADD COLUMN images BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_day ADD COLUMN audio_ms BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_day ADD COLUMN characters BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_model ADD COLUMN images BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_model ADD COLUMN audio_ms BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_model ADD COLUMN characters BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_account_day ADD COLUMN images BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_account_day ADD COLUMN audio_ms BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_account_day ADD COLUMN characters BIGINT NOT NULL DEFAULT 0;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

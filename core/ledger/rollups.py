@@ -27,6 +27,9 @@ _MEASURES = {
     "token_cost_nanos": "SUM(CASE WHEN cost_type = 'token' THEN cost_nanos ELSE 0 END)",
     "count_charged": "SUM(count_charged)",
     "errors": "SUM(status = 'error')",
+    "images": "SUM(images)",
+    "audio_ms": "SUM(audio_ms)",
+    "characters": "SUM(characters)",
 }
 # PostgreSQL spells the UTC day and month, and the count of errors, its own way.
 _PG_GROUPS = {
@@ -67,13 +70,19 @@ class Rollup:
 
 
 _TOKENS = ("prompt_tokens", "completion_tokens", "cached_tokens")
+UNITS = ("images", "audio_ms", "characters")  # the media endpoints' units (core/usage.py)
 ROLLUPS = (
-    Rollup("usage_daily", ("key_id", "day", "model", "cost_type"), ("requests", *_TOKENS, "cost_nanos", "count_charged", "errors")),
-    Rollup("usage_key_day", ("key_id", "day"), ("requests", "cost_nanos", "token_cost_nanos", "count_charged", "errors", *_TOKENS)),
+    Rollup("usage_daily", ("key_id", "day", "model", "cost_type"), ("requests", *_TOKENS, "cost_nanos", "count_charged", "errors", *UNITS)),
+    Rollup("usage_key_day", ("key_id", "day"), ("requests", "cost_nanos", "token_cost_nanos", "count_charged", "errors", *_TOKENS, *UNITS)),
     Rollup("usage_key_month", ("key_id", "month"), ("requests", "cost_nanos")),
-    Rollup("usage_key_model", ("key_id", "model", "cost_type"), ("requests", *_TOKENS, "cost_nanos", "count_charged", "errors")),
+    Rollup("usage_key_model", ("key_id", "model", "cost_type"), ("requests", *_TOKENS, "cost_nanos", "count_charged", "errors", *UNITS)),
     Rollup("usage_day_model", ("day", "model"), ("requests", "cost_nanos")),
     # What the keys of each account charged to its shared balance, per day.
-    Rollup("usage_account_day", ("account_id", "day"), ("requests", "cost_nanos", "token_cost_nanos", "count_charged", "errors", *_TOKENS), "account_id <> ''"),
+    Rollup(
+        "usage_account_day",
+        ("account_id", "day"),
+        ("requests", "cost_nanos", "token_cost_nanos", "count_charged", "errors", *_TOKENS, *UNITS),
+        "account_id <> ''",
+    ),
 )
 ROLLUP_STATEMENTS = tuple(rollup.sql for rollup in ROLLUPS)

@@ -208,6 +208,25 @@ MIGRATIONS: dict[int, str] = {
         updated_at REAL NOT NULL
     );
     """,
+    # The media endpoints' units (images generated, milliseconds of audio, characters read
+    # aloud), on each charge and summed in the rollups the reports read.
+    12: """
+    ALTER TABLE usage ADD COLUMN images INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN audio_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN characters INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_daily ADD COLUMN images INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_daily ADD COLUMN audio_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_daily ADD COLUMN characters INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_day ADD COLUMN images INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_day ADD COLUMN audio_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_day ADD COLUMN characters INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_model ADD COLUMN images INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_model ADD COLUMN audio_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_model ADD COLUMN characters INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_account_day ADD COLUMN images INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_account_day ADD COLUMN audio_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_account_day ADD COLUMN characters INTEGER NOT NULL DEFAULT 0;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
