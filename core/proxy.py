@@ -94,7 +94,7 @@ class Gateway:
         self.meter = meter
 
     async def handle(self, config: Config, key: ApiKey, request: ProxyRequest) -> CompletedCall | MeteredStream:
-        routes = routes_for(config, request.model, key)
+        routes = routes_for(config, request.model, key, request.endpoint)
         request = _as_public_model(request, routes)
         ticket = await self.meter.admit(config, key, request)
         streaming = False

@@ -13,14 +13,22 @@ import time
 from collections.abc import Callable, Sequence
 
 from core.config import ApiKey, Config, ModelRoute, Provider
-from core.errors import forbidden, not_found
+from core.endpoints import SERVED_BY
+from core.errors import bad_request, forbidden, not_found
 
 
-def routes_for(config: Config, model: str, key: ApiKey) -> tuple[ModelRoute, ...]:
-    """Every route that may serve `model` for `key`, in config order; 404 / 403 otherwise."""
+def routes_for(config: Config, model: str, key: ApiKey, endpoint: str = "chat/completions") -> tuple[ModelRoute, ...]:
+    """Every route that may serve `model` at `endpoint` for `key`, in config order; 404 /
+    400 / 403 otherwise. Providers whose engine cannot serve the endpoint are skipped."""
     routes = config.routes.get(model)
     if routes is None:
         raise not_found(f"The model '{model}' does not exist or is not served by this gateway.", "model_not_found")
+    engines = SERVED_BY.get(endpoint)
+    if engines is not None:
+        routes = tuple(route for route in routes if route.provider.engine in engines)
+        if not routes:
+            message = f"No provider of the model '{model}' serves /v1/{endpoint} (only {', '.join(sorted(engines))} providers do)."
+            raise bad_request(message, "unsupported_endpoint", "model")
     if key.access.everything:
         return routes
     allowed = tuple(route for route in routes if key.access.allows(route))
