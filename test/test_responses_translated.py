@@ -6,16 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import typing
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
+from openai.types.responses import Response as SdkResponse
+from openai.types.responses import ResponseStreamEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from core.config import build_config
+from core.providers import ADAPTERS
+from core.providers.base import UpstreamCall
 from core.providers.responses_events import ResponseFrame
-from core.providers.responses_translate import from_chat
+from core.providers.responses_translate import TranslatedResponsesAdapter, from_chat
 from core.usage import Usage
+from test.servers import sse
 from test.test_anthropic import CONFIG as ANTHROPIC_CONFIG
 from test.test_anthropic import EXPECTED_COST_NANOS as ANTHROPIC_COST_NANOS
 from test.test_anthropic import MESSAGE, ledger_rows, wait_for_ledger_rows
@@ -121,9 +129,10 @@ def test_a_stream_the_vendor_cuts_off_fails_and_is_billed(start_gateway, upstrea
     events = list(gateway.client().responses.create(model="claude-sonnet", input="Weather?", stream=True))
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == "Let me check the weather."
-    failed = events[-1]
+    error, failed = events[-2:]
+    assert (error.type, error.code) == ("error", "upstream_stream_broken") and "before message_stop" in error.message
     assert failed.type == "response.failed" and failed.response.status == "failed"
-    assert failed.response.error.code == "upstream_stream_broken" and "before message_stop" in failed.response.error.message
+    assert (failed.response.error.code, failed.response.error.message) == ("server_error", error.message)
     ((status, prompt, completion, cached, written, cost),) = ledger_rows(gateway)
     assert (status, prompt, cached, written) == ("error", 1125, 1000, 100)
     assert completion >= 6 and cost > 0  # 25 bytes of text streamed: estimated
@@ -179,6 +188,33 @@ def test_a_key_that_cannot_pay_is_refused_with_402(start_gateway, upstream):
         gateway.client().responses.create(model="claude-sonnet", input="Weather?", max_output_tokens=1000)
     assert caught.value.status_code == 402
     assert upstream.seen == []
+
+
+# The SDK reads events leniently; its models say what each event must hold.
+STREAM_EVENT_TYPES = {typing.get_args(c.model_fields["type"].annotation)[0]: c for c in typing.get_args(typing.get_args(ResponseStreamEvent)[0])}
+
+
+def strictly_read_events(raw: bytes) -> list[str]:
+    """The event types of a raw Responses stream, each event validated against its SDK model."""
+    kinds = []
+    for block in raw.decode().split("\n\n"):
+        if block:
+            kind_line, data_line = block.split("\n")
+            data = json.loads(data_line.removeprefix("data: "))
+            assert kind_line == f"event: {data['type']}"
+            kinds.append(STREAM_EVENT_TYPES[data["type"]].model_validate(data).type)
+    return kinds
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["completed", "failed"])
+def test_every_stream_event_and_the_response_hold_what_the_sdk_models_require(start_gateway, upstream, cut):
+    upstream.script("p1", streams(ANTHROPIC_STREAM.split(b"event: message_delta")[0] if cut else ANTHROPIC_STREAM))
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    body = {"model": "claude-sonnet", "input": "Weather?", "tools": [WEATHER_TOOL], "text": {"format": {"type": "json_object"}}}
+    kinds = strictly_read_events(gateway.http("POST", "/v1/responses", json={**body, "stream": True}).content)
+    assert kinds[-2:] == (["error", "response.failed"] if cut else ["response.output_item.done", "response.completed"])
+    upstream.script("p1", answers(MESSAGE))
+    SdkResponse.model_validate(gateway.http("POST", "/v1/responses", json=body).json())
 
 
 # --- what a translated provider cannot do -------------------------------------------------------
@@ -296,6 +332,43 @@ def test_a_function_call_round_trip_reaches_gemini_as_function_call_and_response
 
 
 # --- the translation itself ---------------------------------------------------------------------
+
+
+def test_reasoning_text_a_chat_stream_carries_is_streamed_as_a_reasoning_item(upstream):
+    # Anthropic's and Gemini's chat adapters relay no reasoning text yet; a chat stream that
+    # carries it (DeepSeek's `reasoning_content`, through the OpenAI chat adapter) shows the event flow.
+    async def reasoner(body: dict[str, Any], request: Request) -> Response:
+        base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "r1"}
+        deltas = [{"reasoning_content": "Six times"}, {"reasoning_content": " seven."}, {"content": "42"}]
+        chunks = [sse({**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]}) for d in deltas]
+        usage = {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15, "completion_tokens_details": {"reasoning_tokens": 5}}
+        chunks += [sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage}), sse(b"[DONE]")]
+        return StreamingResponse(iter(chunks), media_type="text/event-stream")
+
+    upstream.script("p1", reasoner)
+    config = build_config(f"providers:\n  - provider: p1\n    base_url: {upstream.base_url('p1')}\n    api: k\n    model: [r1]\n", "api.yaml")
+    call = UpstreamCall("responses", {"model": "r1", "input": "6 x 7?", "stream": True}, True, config.routes["r1"][0], "k")
+
+    async def relay() -> tuple[bytes, Any]:
+        async with aiohttp.ClientSession() as http:
+            stream = await TranslatedResponsesAdapter(ADAPTERS["openai"]).send(call, http)
+            return b"".join([chunk async for chunk in stream]), stream
+
+    raw, stream = asyncio.run(relay())
+    assert strictly_read_events(raw)[2:9] == [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]
+    final = json.loads(raw.decode().split("\n\n")[-2].split("\n")[1].removeprefix("data: "))["response"]
+    assert [item["type"] for item in final["output"]] == ["reasoning", "message"]
+    assert final["output"][0]["content"] == [{"type": "reasoning_text", "text": "Six times seven."}]
+    assert final["usage"]["output_tokens_details"] == {"reasoning_tokens": 5}
+    assert stream.complete and stream.usage.reasoning_tokens == 5
 
 
 def test_reasoning_text_a_chat_answer_carries_becomes_a_reasoning_item():

@@ -176,8 +176,12 @@ class ResponseEvents(UpstreamStream):
         return [*out, self._event(f"response.{status}", response=response)]
 
     def _failed(self, error: GatewayError) -> bytes:
-        failure = {"code": error.code, "message": error.message}
-        return self._event("response.failed", response=self._frame.response("failed", self._done, error=failure))
+        """An `error` event with the gateway's stable code, then `response.failed`, whose
+        error code must be one of OpenAI's (the server's fault: `server_error`)."""
+        failure = {"code": "server_error", "message": error.message}
+        return self._event("error", code=error.code, message=error.message, param=None) + self._event(
+            "response.failed", response=self._frame.response("failed", self._done, error=failure)
+        )
 
     def _sync(self) -> None:
         """Take the inner stream's figures. An error already set stays: the gateway sets one
