@@ -182,6 +182,32 @@ def test_an_image_input_reaches_anthropic_as_an_image_block(start_gateway, upstr
     ]
 
 
+def test_a_conversation_history_reaches_anthropic_as_alternating_turns(start_gateway, upstream):
+    upstream.script("p1", answers(MESSAGE))
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    history = [
+        {"role": "developer", "content": "Use metric units."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": []},  # an earlier turn's reasoning: not sent back
+        {
+            "type": "message",
+            "role": "assistant",
+            "id": "msg_1",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": "Hello!", "annotations": []}],
+        },
+        {"role": "user", "content": "Weather?"},
+    ]
+    gateway.client().responses.create(model="claude-sonnet", instructions="Be brief.", input=history)
+    sent = upstream.seen[-1].body
+    assert sent["system"] == "Be brief.\n\nUse metric units."
+    assert sent["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+    ]
+
+
 def test_a_key_that_cannot_pay_is_refused_with_402(start_gateway, upstream):
     gateway = start_gateway(ANTHROPIC_CONFIG.replace("{credits: 10}", "{credits: 0.000001}"), upstream)
     with pytest.raises(openai.APIStatusError) as caught:
@@ -223,6 +249,14 @@ REFUSED = {
     "web search tool": ({"tools": [{"type": "web_search"}]}, "unsupported_tool", "tools", "'web_search'"),
     "file search tool": ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "unsupported_tool", "tools", "'file_search'"),
     "previous response": ({"previous_response_id": "resp_123"}, "unsupported_parameter", "previous_response_id", "stores no responses"),
+    "hosted tool choice": ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "web_search_preview"}}, "unsupported_tool", "tool_choice", "'web_search_preview'"),
+    "file input": (
+        {"input": [{"role": "user", "content": [{"type": "input_file", "file_data": "data:application/pdf;base64,JVBE", "filename": "a.pdf"}]}]},
+        "unsupported_input",
+        "input",
+        "'input_file'",
+    ),
+    "stored item": ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "unsupported_input", "input", "'item_reference'"),
     "uploaded image": (
         {"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1", "detail": "auto"}]}]},
         "unsupported_input",
