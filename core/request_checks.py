@@ -19,7 +19,12 @@ from core.errors import GatewayError, bad_request
 # a body nested deeper could not be forwarded, so it is refused when it is read.
 MAX_JSON_DEPTH = 254
 MAX_OUTPUT_TOKENS = 2**31 - 1  # OpenAI's bound for max_tokens: a signed 32-bit integer
-_LIMIT_FIELDS = {"chat/completions": ("max_tokens", "max_completion_tokens"), "completions": ("max_tokens",), "messages": ("max_tokens",), "responses": ("max_output_tokens",)}
+_LIMIT_FIELDS = {
+    "chat/completions": ("max_tokens", "max_completion_tokens"),
+    "completions": ("max_tokens",),
+    "messages": ("max_tokens",),
+    "responses": ("max_output_tokens",),
+}
 
 
 def check_nesting(value: Any, raw: bytes) -> None:
