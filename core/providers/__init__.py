@@ -34,4 +34,8 @@ NATIVE_RESPONSES_ENGINES = frozenset({"openai", "azure", "echo"})
 
 def responses_adapter_for(engine: str) -> Adapter:
     """The `/v1/responses` path: native for OpenAI-style providers, translated for the rest."""
+    if engine not in NATIVE_RESPONSES_ENGINES:
+        from core.providers.responses_translate import TranslatedResponsesAdapter
+
+        return TranslatedResponsesAdapter(ADAPTERS[engine])
     return ADAPTERS[engine]
