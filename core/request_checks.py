@@ -19,7 +19,12 @@ from core.errors import GatewayError, bad_request
 # a body nested deeper could not be forwarded, so it is refused when it is read.
 MAX_JSON_DEPTH = 254
 MAX_OUTPUT_TOKENS = 2**31 - 1  # OpenAI's bound for max_tokens: a signed 32-bit integer
-_LIMIT_FIELDS = {"chat/completions": ("max_tokens", "max_completion_tokens"), "completions": ("max_tokens",), "messages": ("max_tokens",), "responses": ("max_output_tokens",)}
+_LIMIT_FIELDS = {
+    "chat/completions": ("max_tokens", "max_completion_tokens"),
+    "completions": ("max_tokens",),
+    "messages": ("max_tokens",),
+    "responses": ("max_output_tokens",),
+}
 
 
 def check_nesting(value: Any, raw: bytes) -> None:
@@ -68,6 +73,8 @@ def check_request(endpoint: str, body: dict[str, Any]) -> None:
         check_prompt(body)
     elif endpoint == "messages":
         check_messages(body)
+    elif endpoint == "responses":
+        check_responses(body)
 
 
 def output_token_limit(endpoint: str, body: dict[str, Any]) -> int | None:
@@ -102,6 +109,19 @@ def check_prompt(body: dict[str, Any]) -> None:
     prompt = body["prompt"]
     if not isinstance(prompt, (str, list)):
         raise bad_request(f"Invalid 'prompt': expected a string or a list, got {_shown(prompt)}.", "invalid_prompt", "prompt")
+
+
+def check_responses(body: dict[str, Any]) -> None:
+    """A Responses request's `input` is text or a list of items, `previous_response_id` a
+    string (the gateway routes by it) and `tools` a list: what the prompt estimate, routing and
+    the translators read. Items themselves are the upstream's to judge."""
+    items = body["input"]
+    if not isinstance(items, (str, list)):
+        raise bad_request(f"Invalid 'input': expected a string or a list of items, got {_shown(items)}.", "invalid_input", "input")
+    previous = body.get("previous_response_id")
+    if previous is not None and not isinstance(previous, str):
+        raise bad_request(f"Invalid 'previous_response_id': expected a string, got {_shown(previous)}.", "invalid_previous_response_id", "previous_response_id")
+    _check_list(body, "tools", "tools", "invalid_tools")
 
 
 def check_chat(body: dict[str, Any]) -> None:
