@@ -309,6 +309,18 @@ MIGRATIONS: dict[int, str] = {
         updated_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # Placeholder for main's usage-unit columns (#16), numbered 6 there: resolved at merge.
+    6: "SELECT 1",
+    # Responses an upstream stores, as in SQLite's schema 13: read by any instance of the fleet.
+    7: """
+    CREATE TABLE stored_responses (
+        response_id TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX stored_responses_by_time ON stored_responses (created_at);
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
