@@ -7,6 +7,7 @@ from core.providers.base import Adapter
 from core.providers.echo import EchoAdapter
 from core.providers.gemini import GeminiAdapter
 from core.providers.openai import AzureAdapter, OpenAIAdapter
+from core.providers.responses_native import NativeResponsesAdapter
 
 ADAPTERS: dict[str, Adapter] = {
     "openai": OpenAIAdapter(),
@@ -32,6 +33,13 @@ def messages_adapter_for(engine: str) -> Adapter:
 NATIVE_RESPONSES_ENGINES = frozenset({"openai", "azure", "echo"})
 
 
+_NATIVE_RESPONSES = NativeResponsesAdapter()
+
+
 def responses_adapter_for(engine: str) -> Adapter:
     """The `/v1/responses` path: native for OpenAI-style providers, translated for the rest."""
+    if engine == "echo":
+        return ADAPTERS[engine]  # answers the Responses API itself
+    if engine in NATIVE_RESPONSES_ENGINES:
+        return _NATIVE_RESPONSES
     return ADAPTERS[engine]
