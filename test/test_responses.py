@@ -229,3 +229,41 @@ def test_echo_answers_the_responses_api(start_gateway):
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
     assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == "Echo: hello there"
     assert events[-1].response.usage.input_tokens == response.usage.input_tokens
+
+
+def test_a_stored_response_is_found_after_a_restart(start_gateway, upstream, vendor):
+    gateway = start_gateway(config(), upstream)
+    response = gateway.client().responses.create(model="gpt-5", input="hello there")
+    gateway.server.stop()  # writes everything queued
+    restarted = start_gateway(config(), upstream)
+    assert restarted.client().responses.retrieve(response.id).id == response.id
+    with pytest.raises(openai.NotFoundError):
+        restarted.client(OTHER_KEY).responses.retrieve(response.id)
+
+
+def test_retrieving_a_stored_response_as_a_stream_is_refused_clearly(start_gateway, upstream, vendor):
+    gateway = start_gateway(config(), upstream)
+    response = gateway.client().responses.create(model="gpt-5", input="hello there")
+    answer = gateway.http("GET", f"/v1/responses/{response.id}?stream=true")
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "stream_not_supported"
+    assert gateway.http("GET", f"/responses/{response.id}").json()["id"] == response.id  # unprefixed paths too
+
+
+def test_a_stream_ending_incomplete_is_billed_from_the_usage_it_reports(start_gateway, upstream):
+    from starlette.responses import StreamingResponse
+
+    from test.servers import RESPONSES_USAGE, responses_event
+
+    async def incomplete(body: dict[str, Any], request: Any) -> Any:
+        response = {"id": "resp_cut", "object": "response", "status": "incomplete", "output": [], "usage": RESPONSES_USAGE}
+        events = [
+            responses_event("response.created", {"response": {**response, "usage": None}}),
+            responses_event("response.incomplete", {"response": response}),
+        ]
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    upstream.script("p1", incomplete)
+    gateway = start_gateway(config(), upstream)
+    events = list(gateway.client().responses.create(model="gpt-5", input="hello there", stream=True, max_output_tokens=16))
+    assert [event.type for event in events] == ["response.created", "response.incomplete"]
+    assert ledger_rows(gateway) == [("ok", 1000, 400, 300, 100, COST_NANOS)]
