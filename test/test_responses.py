@@ -267,3 +267,25 @@ def test_a_stream_ending_incomplete_is_billed_from_the_usage_it_reports(start_ga
     events = list(gateway.client().responses.create(model="gpt-5", input="hello there", stream=True, max_output_tokens=16))
     assert [event.type for event in events] == ["response.created", "response.incomplete"]
     assert ledger_rows(gateway) == [("ok", 1000, 400, 300, 100, COST_NANOS)]
+
+
+def test_an_upstream_error_event_is_relayed_once_and_what_was_streamed_is_billed(start_gateway, upstream):
+    from starlette.responses import StreamingResponse
+
+    from test.servers import responses_event
+
+    async def failing(body: dict[str, Any], request: Any) -> Any:
+        started = {"id": "resp_err", "object": "response", "status": "in_progress", "output": []}
+        events = [
+            responses_event("response.created", {"response": started}),
+            responses_event("response.output_text.delta", {"item_id": "m", "output_index": 0, "content_index": 0, "delta": "abcdefgh"}),
+            responses_event("error", {"code": "server_error", "message": "boom", "param": None}),
+        ]
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    upstream.script("p1", failing)
+    gateway = start_gateway(config(), upstream)
+    events = list(gateway.client().responses.create(model="gpt-5", input="hello there", stream=True))
+    assert [event.type for event in events] == ["response.created", "response.output_text.delta", "error"] and events[-1].message == "boom"
+    prompt = estimate_prompt_tokens({"input": "hello there", "stream": True})
+    assert ledger_rows(gateway, "SELECT status, prompt_tokens, completion_tokens FROM usage") == [("error", prompt, 2)]
