@@ -40,9 +40,10 @@ from core.providers.messages import anthropic_error_body
 from core.proxy import Gateway
 from core.reload import ConfigStore
 from core.routing import Scheduler
+from core.stored_responses import StoredResponses
 from core.upstream import create_http_session
 from core.yamlsource import ConfigError
-from routes import accounts, admin, api_keys, audit, billing_admin, proxy, self_service, web, web_usage_keys
+from routes import accounts, admin, api_keys, audit, billing_admin, proxy, responses, self_service, web, web_usage_keys
 from routes._http import error_response, http_error, internal_error
 from routes._pages import compile_templates
 from routes._session import SessionSigner
@@ -79,7 +80,8 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         app.state.ledger = ledger
         app.state.clock = clock
         meter = BillingMeter(ledger, clock)
-        app.state.gateway = Gateway(http, Scheduler(), meter)
+        app.state.stored_responses = StoredResponses(ledger, clock)
+        app.state.gateway = Gateway(http, Scheduler(), meter, app.state.stored_responses)
         alerts = meter.alerts = app.state.alerts = Alerts(ledger, meter.limiter, clock, lambda: http)
         await alerts.load()
         alert_sender = asyncio.create_task(alerts.deliver_forever())
@@ -111,6 +113,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
     app = GatewayApp(
         routes=[
             *proxy.routes,
+            *responses.routes,
             *admin.routes,
             *api_keys.routes,
             *accounts.routes,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +21,11 @@ from core.metering import CLIENT_DISCONNECTED, ERROR, OK, Meter, Outcome, Ticket
 from core.providers import adapter_for, messages_adapter_for, responses_adapter_for
 from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamStream, invalid_answer
 from core.providers.messages import anthropic_error_body, anthropic_event
+from core.providers.responses_native import responses_error_event
 from core.request_checks import check_request
 from core.routing import Scheduler, routes_for
 from core.sse import encode_event
+from core.stored_responses import StoredResponses
 from core.usage import Usage, complete_usage, estimate_usage, usage_so_far
 
 log = logging.getLogger("tollgate.proxy")
@@ -86,20 +89,24 @@ class CompletedCall:
 class Gateway:
     """Runs one proxied request against the routes of the config it started with."""
 
-    def __init__(self, http: aiohttp.ClientSession, scheduler: Scheduler, meter: Meter):
-        """Created on the loop it serves (the HTTP session is bound to it anyway)."""
+    def __init__(self, http: aiohttp.ClientSession, scheduler: Scheduler, meter: Meter, stored: StoredResponses | None = None):
+        """Created on the loop it serves (the HTTP session is bound to it anyway). `stored`
+        remembers the responses upstreams store (Responses API), for their follow-ups."""
         self.http = http
         self.loop = asyncio.get_running_loop()
         self.scheduler = scheduler
         self.meter = meter
+        self.stored = stored
 
     async def handle(self, config: Config, key: ApiKey, request: ProxyRequest) -> CompletedCall | MeteredStream:
         routes = routes_for(config, request.model, key, request.endpoint)
         request = _as_public_model(request, routes)
+        if request.endpoint == "responses":
+            routes = await self._continuing(config, key, request, routes)
         ticket = await self.meter.admit(config, key, request)
         streaming = False
         try:
-            answer, route = await self._first_answer(config, request, routes)
+            answer, route = await self._first_answer(config, request, routes, key.id)
             if isinstance(answer, UpstreamStream):
                 stream = MeteredStream(answer, route, request, ticket, ticket.start_headers(), config.preferences.max_response_body_bytes)
                 streaming = True  # the stream ends the ticket when it finishes
@@ -110,7 +117,23 @@ class Gateway:
             if not streaming:
                 ticket.release()  # a no-op once settled; frees every hold if anything above raised
 
-    async def _first_answer(self, config: Config, request: ProxyRequest, routes: tuple[ModelRoute, ...]) -> tuple[Reply | UpstreamStream, ModelRoute]:
+    async def _continuing(self, config: Config, key: ApiKey, request: ProxyRequest, routes: tuple[ModelRoute, ...]) -> tuple[ModelRoute, ...]:
+        """A Responses create continuing a stored response (`previous_response_id`) may only go
+        to the provider holding it, and only for the key that made it (404 otherwise)."""
+        previous = request.body.get("previous_response_id")
+        if previous is None or self.stored is None:
+            return routes
+        return await self.stored.routes_following(config, key, request.model, previous, routes)
+
+    def _on_stored(self, request: ProxyRequest, key_id: str, route: ModelRoute) -> Callable[[str], None] | None:
+        """What to call with the id of a response the upstream stores (`store` is not false)."""
+        if request.endpoint != "responses" or self.stored is None or request.body.get("store") is False:
+            return None
+        return functools.partial(self.stored.remember, key_id=key_id, provider=route.provider.name)
+
+    async def _first_answer(
+        self, config: Config, request: ProxyRequest, routes: tuple[ModelRoute, ...], key_id: str
+    ) -> tuple[Reply | UpstreamStream, ModelRoute]:
         """Try routes in scheduling order until one answers; failover only on retryable failures."""
         prefs = config.preferences
         ordered = self.scheduler.order(request.model, routes, prefs.scheduling_algorithm)
@@ -126,6 +149,7 @@ class Gateway:
                 self.scheduler.next_upstream_key(route.provider),
                 prefs.max_response_body_bytes,
                 self.loop,
+                self._on_stored(request, key_id, route),
             )
             try:
                 answer = await _send(request, call, self.http)
@@ -212,6 +236,8 @@ class MeteredStream:
         self.upstream.error = error
         if self.request.endpoint == "messages":  # Anthropic's clients expect its error event
             return anthropic_event("error", anthropic_error_body(error))
+        if self.request.endpoint == "responses":
+            return responses_error_event(error)
         return encode_event(orjson.dumps(error.body()))
 
     @property

@@ -73,6 +73,8 @@ def check_request(endpoint: str, body: dict[str, Any]) -> None:
         check_prompt(body)
     elif endpoint == "messages":
         check_messages(body)
+    elif endpoint == "responses":
+        check_responses(body)
 
 
 def output_token_limit(endpoint: str, body: dict[str, Any]) -> int | None:
@@ -107,6 +109,19 @@ def check_prompt(body: dict[str, Any]) -> None:
     prompt = body["prompt"]
     if not isinstance(prompt, (str, list)):
         raise bad_request(f"Invalid 'prompt': expected a string or a list, got {_shown(prompt)}.", "invalid_prompt", "prompt")
+
+
+def check_responses(body: dict[str, Any]) -> None:
+    """A Responses request's `input` is text or a list of items, `previous_response_id` a
+    string (the gateway routes by it) and `tools` a list: what the prompt estimate, routing and
+    the translators read. Items themselves are the upstream's to judge."""
+    items = body["input"]
+    if not isinstance(items, (str, list)):
+        raise bad_request(f"Invalid 'input': expected a string or a list of items, got {_shown(items)}.", "invalid_input", "input")
+    previous = body.get("previous_response_id")
+    if previous is not None and not isinstance(previous, str):
+        raise bad_request(f"Invalid 'previous_response_id': expected a string, got {_shown(previous)}.", "invalid_previous_response_id", "previous_response_id")
+    _check_list(body, "tools", "tools", "invalid_tools")
 
 
 def check_chat(body: dict[str, Any]) -> None:

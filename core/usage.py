@@ -82,9 +82,11 @@ def estimate_text_tokens(text: str) -> int:
 
 
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """Prompt size of a chat (OpenAI or Anthropic format), completion or embedding request
-    body. Everything the vendor reads counts: a system prompt or tool definitions can be
-    most of a request, and admission reserves (and rate limits hold) on this number."""
+    """Prompt size of a chat (OpenAI or Anthropic format), Responses, completion or embedding
+    request body. Everything the vendor reads counts: a system prompt or tool definitions can
+    be most of a request, and admission reserves (and rate limits hold) on this number."""
+    if is_responses_body(body):
+        return estimate_responses_tokens(body)
     if "messages" in body:
         system = body.get("system")  # Anthropic's; OpenAI's is one of the messages
         total = estimate_messages_tokens(body.get("messages")) + (TOKENS_PER_MESSAGE + _content_tokens(system) if system else 0)
@@ -96,6 +98,51 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     if isinstance(prompt, list):
         return sum(estimate_text_tokens(p) if isinstance(p, str) else len(p) if isinstance(p, list) else 0 for p in prompt)
     return estimate_text_tokens(prompt) if isinstance(prompt, str) else 0
+
+
+# Fields only a Responses request has: with one of them (or an `input` list of items) a body
+# with `input` is a Responses request, not an embedding one.
+_RESPONSES_FIELDS = frozenset(
+    {"instructions", "tools", "text", "previous_response_id", "reasoning", "stream", "store", "max_output_tokens", "include", "background", "tool_choice"}
+)
+
+
+def is_responses_body(body: dict[str, Any]) -> bool:
+    """Whether a body with `input` is OpenAI's Responses API rather than embeddings. A bare
+    string `input` reads alike for both (counted as its text either way, bar a few tokens)."""
+    items = body.get("input")
+    if items is None or "messages" in body:
+        return False
+    return not _RESPONSES_FIELDS.isdisjoint(body) or (isinstance(items, list) and any(isinstance(item, dict) for item in items))
+
+
+def estimate_responses_tokens(body: dict[str, Any]) -> int:
+    """A Responses request: its `input` (text, or items: messages, function calls and their
+    outputs, reasoning), `instructions`, `tools` and the `text.format` schema."""
+    items = body.get("input")
+    total = 3 + (TOKENS_PER_MESSAGE + estimate_text_tokens(items) if isinstance(items, str) else 0)
+    for item in items if isinstance(items, list) else ():
+        total += TOKENS_PER_MESSAGE + _item_tokens(item)
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        total += TOKENS_PER_MESSAGE + estimate_text_tokens(instructions)
+    text = body.get("text")
+    for value in (body.get("tools"), text.get("format") if isinstance(text, dict) else None):
+        if value:
+            total += tokens_for_bytes(json_bytes(value))
+    return total
+
+
+def _item_tokens(item: Any) -> int:
+    """One input item: a message by its content; anything else (a function call and its
+    output, a reasoning item, a tool call's record) by its size as JSON, which holds its text."""
+    if isinstance(item, str):
+        return estimate_text_tokens(item)
+    if not isinstance(item, dict):
+        return 0
+    if "content" in item and item.get("type", "message") == "message":
+        return _content_tokens(item.get("content"))
+    return tokens_for_bytes(json_bytes(item))
 
 
 def estimate_messages_tokens(messages: Any) -> int:
@@ -135,8 +182,11 @@ def _part_tokens(part: dict[str, Any]) -> int:
     """What a non-text part adds: images at a flat rate, Anthropic's tool calls and results
     (in the history sent back) by their size. Text parts are counted by the caller."""
     kind = part.get("type")
-    if kind in ("image_url", "image"):
+    if kind in ("image_url", "image", "input_image"):
         return TOKENS_PER_IMAGE
+    if kind == "input_file":  # a Responses file part: its data (base64, 4 characters per 3 bytes), or a flat rate for a reference
+        data = part.get("file_data")
+        return tokens_for_bytes(len(data) * 3 // 4) if isinstance(data, str) else TOKENS_PER_IMAGE
     if kind == "tool_use":
         return estimate_text_tokens(str(part.get("name") or "")) + tokens_for_bytes(json_bytes(part.get("input") or {}))
     if kind == "tool_result":
@@ -150,13 +200,28 @@ def _part_tokens(part: dict[str, Any]) -> int:
 
 def reply_text(reply: Any) -> str:
     """The text a chat reply generated, tool call arguments included: OpenAI's `choices`
-    (chat or completions) or Anthropic's `content` blocks. For estimates only."""
+    (chat or completions), Anthropic's `content` blocks or a Responses `output`. For estimates only."""
     if not isinstance(reply, dict):
         return ""
-    choices, blocks = reply.get("choices"), reply.get("content")
+    choices, blocks, output = reply.get("choices"), reply.get("content"), reply.get("output")
     texts = [_choice_text(c) for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
     texts += [_block_text(b) for b in blocks if isinstance(b, dict)] if isinstance(blocks, list) else []
+    texts += [_output_item_text(i) for i in output if isinstance(i, dict)] if isinstance(output, list) else []
     return "".join(texts)
+
+
+def _output_item_text(item: dict[str, Any]) -> str:
+    """What one Responses output item generated: a message's text (and refusal), a function
+    call's arguments, a reasoning item's summary; whatever the types of its fields."""
+    kind = item.get("type")
+    if kind == "function_call":
+        arguments = item.get("arguments")
+        return arguments if isinstance(arguments, str) else ""
+    parts = item.get("content") if kind == "message" else item.get("summary") if kind == "reasoning" else None
+    if not isinstance(parts, list):
+        return ""
+    texts = (part.get("text", part.get("refusal")) for part in parts if isinstance(part, dict))
+    return "".join(text for text in texts if isinstance(text, str))
 
 
 def _choice_text(choice: dict[str, Any]) -> str:
@@ -219,7 +284,18 @@ def complete_usage(reported: Usage | None, estimate: Callable[[], Usage]) -> Usa
     )
 
 
-def usage_from_openai(data: Any, generates: bool = True) -> Usage | None:
+# The names of OpenAI's usage fields: (input, output, input details, output details).
+CHAT_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
+RESPONSES_USAGE_FIELDS = ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
+
+
+def usage_from_responses(response: Any) -> Usage | None:
+    """Read a Responses API response's `usage` (`input_tokens`, `output_tokens` and their
+    details): the same counts as chat's under other names, read by the same rules."""
+    return usage_from_openai(response, fields=RESPONSES_USAGE_FIELDS)
+
+
+def usage_from_openai(data: Any, generates: bool = True, fields: tuple[str, str, str, str] = CHAT_USAGE_FIELDS) -> Usage | None:
     """Read OpenAI's `usage` object (chat, completions; embeddings, which generate nothing,
     with `generates` False). None when absent or when it gives neither count; a count it
     lacks is worked out from `total_tokens`, or else left 0 and marked estimated (see
@@ -229,7 +305,8 @@ def usage_from_openai(data: Any, generates: bool = True) -> Usage | None:
     usage = data.get("usage")
     if not isinstance(usage, dict):
         return None
-    prompt, completion = reported_count(usage.get("prompt_tokens")), reported_count(usage.get("completion_tokens"))
+    prompt_name, completion_name, prompt_details, completion_details_name = fields
+    prompt, completion = reported_count(usage.get(prompt_name)), reported_count(usage.get(completion_name))
     if not generates and completion is None:
         completion = 0
     if prompt is None and completion is None:
@@ -239,9 +316,9 @@ def usage_from_openai(data: Any, generates: bool = True) -> Usage | None:
         prompt = max(total - (completion or 0), 0)
     elif total is not None and completion is None:
         completion = max(total - (prompt or 0), 0)
-    details = usage.get("prompt_tokens_details")
+    details = usage.get(prompt_details)
     cached = details.get("cached_tokens") if isinstance(details, dict) else 0
-    completion_details = usage.get("completion_tokens_details")
+    completion_details = usage.get(completion_details_name)
     reasoning = completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else 0
     return Usage(
         prompt_tokens=prompt or 0,

@@ -98,13 +98,14 @@ class FakeUpstream:
         async def endpoint(request: Request) -> Response:
             provider = request.path_params["provider"]
             endpoint_name = request.path_params["endpoint"]
-            body = json.loads(await request.body())
+            raw = await request.body()
+            body = json.loads(raw) if raw else {}  # a GET or DELETE (stored responses) has none
             self.seen.append(SeenRequest(provider, endpoint_name, body, dict(request.headers), request.url.path, request.url.query))
             handler = self.handlers.get(provider, openai_like)
             return await handler(body, request)
 
         # Vendors' URL shapes: OpenAI `/v1/...`, Azure `/openai/deployments/...`, Gemini `/v1beta/...`.
-        return Starlette(routes=[Route("/{provider}/{endpoint:path}", endpoint, methods=["POST"])])
+        return Starlette(routes=[Route("/{provider}/{endpoint:path}", endpoint, methods=["POST", "GET", "DELETE"])])
 
 
 def completion_body(body: dict[str, Any], text: str = "Hello from upstream") -> dict[str, Any]:
@@ -229,3 +230,92 @@ class WebhookReceiver:
 def streamed_text(chunks: Any) -> str:
     """The text an OpenAI chat stream delivered, from the SDK's chunks."""
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+RESPONSES_USAGE = {
+    "input_tokens": 1000,
+    "input_tokens_details": {"cached_tokens": 400},
+    "output_tokens": 300,
+    "output_tokens_details": {"reasoning_tokens": 100},
+    "total_tokens": 1300,
+}
+
+
+@dataclass
+class ResponsesVendor:
+    """OpenAI's Responses API, faked: creates (JSON or SSE with `event:` lines), and the
+    stored-response calls on what it created (retrieve, delete, cancel, input_items).
+    `usage` None leaves it out; `cut_after` ends a stream after that many text deltas."""
+
+    usage: dict[str, Any] | None = field(default_factory=lambda: dict(RESPONSES_USAGE))
+    words: tuple[str, ...] = ("Hello", " from", " responses")
+    cut_after: int | None = None
+    stored: dict[str, dict[str, Any]] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    created: int = 0
+
+    async def __call__(self, body: dict[str, Any], request: Request) -> Response:
+        path = request.url.path
+        tail = path.split("/responses", 1)[1].strip("/") if "/responses" in path else ""
+        if not tail:
+            return self._create(body)
+        response_id, _, action = tail.partition("/")
+        found = self.stored.get(response_id)
+        if found is None:
+            return JSONResponse(
+                {"error": {"message": f"Response with id '{response_id}' not found.", "type": "invalid_request_error", "param": None, "code": None}}, 404
+            )
+        if request.method == "DELETE":
+            del self.stored[response_id]
+            return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+        if action == "cancel":
+            return JSONResponse({**found, "status": "cancelled"})
+        if action == "input_items":
+            items = self.inputs[response_id]
+            items = (
+                [{"type": "message", "role": "user", "id": "msg_in", "content": [{"type": "input_text", "text": items}]}] if isinstance(items, str) else items
+            )
+            return JSONResponse({"object": "list", "data": items, "first_id": "msg_in", "last_id": "msg_in", "has_more": False, "query": request.url.query})
+        return JSONResponse(found)
+
+    def _response(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.created += 1
+        message = {"type": "message", "id": f"msg_{self.created}", "status": "completed", "role": "assistant"}
+        message["content"] = [{"type": "output_text", "text": "".join(self.words), "annotations": []}]
+        response = {"id": f"resp_fake{self.created}", "object": "response", "created_at": 1, "status": "completed", "model": body.get("model")}
+        response.update(output=[message], previous_response_id=body.get("previous_response_id"), store=body.get("store", True))
+        if self.usage is not None:
+            response["usage"] = self.usage
+        if body.get("store", True):
+            self.stored[response["id"]] = response
+            self.inputs[response["id"]] = body.get("input")
+        return response
+
+    def _create(self, body: dict[str, Any]) -> Response:
+        response = self._response(body)
+        if not body.get("stream"):
+            return JSONResponse(response)
+        events = responses_events(response, self.words, self.cut_after)
+
+        async def gen():  # type: ignore[no-untyped-def]
+            for event in events:
+                yield event
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+
+def responses_event(kind: str, data: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: ".encode() + json.dumps({"type": kind, **data}).encode() + b"\n\n"
+
+
+def responses_events(response: dict[str, Any], words: tuple[str, ...], cut_after: int | None = None) -> list[bytes]:
+    """A Responses stream: created, a text delta per word, completed (with the usage), or cut
+    off (no terminal event) after `cut_after` deltas."""
+    started = {**response, "status": "in_progress", "output": [], "usage": None}
+    events = [responses_event("response.created", {"sequence_number": 0, "response": started})]
+    where = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    for number, word in enumerate(words[:cut_after] if cut_after is not None else words):
+        events.append(responses_event("response.output_text.delta", {"sequence_number": number + 1, **where, "delta": word}))
+    if cut_after is None:
+        events.append(responses_event("response.completed", {"sequence_number": len(words) + 1, "response": response}))
+    return events

@@ -26,7 +26,7 @@ from starlette.responses import Response, StreamingResponse
 
 from core.ledger.postgres_schema import SCHEMA_VERSION
 from test.postgres import PostgresServer
-from test.servers import FakeUpstream, ServerThread, WebhookReceiver, held_stream, openai_like, stream_chunks
+from test.servers import FakeUpstream, ResponsesVendor, ServerThread, WebhookReceiver, held_stream, openai_like, stream_chunks
 from test.test_cli import ROOT, _free_port, wait_until_healthy
 from test.test_web import Browser
 
@@ -804,3 +804,29 @@ def test_billing_modes_set_through_the_api_before_the_keys_api_become_its_stored
     assert (record.id, record.defined_in, record.entry) == (ledger_id(KEY), "api.yaml", {"preferences": {"billing_mode": "count"}})
     file_config = build_config(config("billing_mode: token, count_credits: 3", "http://127.0.0.1:1"), "api.yaml")
     assert layered(file_config, {record.id: record}).keys_by_id[ledger_id(KEY)].billing.mode == "count"
+
+
+OTHER = "sk-fleet-other-0003"
+RESPONSES_CONFIG = (
+    "providers:\n  - provider: p1\n    base_url: {upstream}\n    api: k\n    model: [gpt-5]\n"
+    f"api_keys:\n  - api: {ADMIN}\n    role: admin\n  - api: {KEY}\n    name: fleet-user\n  - api: {OTHER}\n    name: other\n"
+)
+
+
+def test_a_response_created_through_one_instance_is_retrieved_through_another_by_its_key_only(fleet):
+    fleet.upstream.script("p1", ResponsesVendor())
+    first, second = fleet.start("", count=2, text=RESPONSES_CONFIG)
+
+    async def create_then_read() -> None:
+        made = await first.client().responses.create(model="gpt-5", input="hello there")
+        first.get("/v1/api_keys_states")  # the first instance has written what it queued (within ~10 ms anyway)
+        assert (await second.client().responses.retrieve(made.id)).output_text == "Hello from responses"
+        followed = await second.client().responses.create(model="gpt-5", input="more", previous_response_id=made.id)
+        assert followed.previous_response_id == made.id
+        for instance in (first, second):
+            with pytest.raises(openai.NotFoundError):
+                await instance.client(OTHER).responses.retrieve(made.id)
+
+    asyncio.run(create_then_read())
+    second.get("/v1/api_keys_states")  # flushes the second instance's queue
+    assert fleet.sql("SELECT COUNT(*), COUNT(DISTINCT key_id), MIN(provider) FROM stored_responses") == "2|1|p1"  # both creates, one key

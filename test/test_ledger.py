@@ -306,3 +306,28 @@ def test_every_earlier_schema_version_migrates_and_keeps_its_money(tmp_path, ver
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert db.execute("SELECT SUM(requests), SUM(cost_nanos) FROM usage_key_model").fetchone() == (6, 18_000_000)
         assert db.execute("SELECT COUNT(*) FROM audit_log").fetchone() == (0,)
+
+
+def test_stored_responses_are_written_in_batches_kept_across_restarts_and_pruned_after_30_days(tmp_path):
+    from core.ledger import RESPONSE_RETENTION_SECONDS, StoredResponse
+
+    now = [1_800_000_000.0]
+
+    async def scenario():
+        ledger = await SqliteLedger.open(tmp_path / "l.db", clock=lambda: now[0])
+        old = StoredResponse("resp_old", "k", "p1", now[0] - RESPONSE_RETENTION_SECONDS - 1)
+        ledger.remember_response(old)
+        ledger.settle(await ledger.reserve("k", KeyBilling(credits_nanos=10**9), 1, 0), record("k", 1))
+        ledger.remember_response(StoredResponse("resp_new", "k", "p2", now[0]))
+        await ledger.flush()
+        found = await ledger.stored_response("resp_new"), await ledger.stored_response("resp_old"), await ledger.stored_response("resp_none")
+        await ledger.close()
+        reopened = await SqliteLedger.open(tmp_path / "l.db")
+        try:
+            return found, await reopened.stored_response("resp_new")
+        finally:
+            await reopened.close()
+
+    (new, old, unknown), after_restart = asyncio.run(scenario())
+    assert new == after_restart == ("resp_new", "k", "p2", 1_800_000_000.0)
+    assert old is None and unknown is None  # pruned in the batch that stored the new one

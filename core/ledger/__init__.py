@@ -169,6 +169,21 @@ class UsageRecord(NamedTuple):
     characters: int = 0
 
 
+class StoredResponse(NamedTuple):
+    """A response an upstream keeps (Responses API, `store` not false): who made it, and the
+    provider that holds it, where every follow-up on it must go. A tuple in the
+    `stored_responses` table's column order."""
+
+    response_id: str
+    key_id: str
+    provider: str
+    created_at: float
+
+
+# OpenAI keeps a stored response for 30 days; the gateway remembers it as long, then forgets.
+RESPONSE_RETENTION_SECONDS = 30 * 86400
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
     key_id: str
@@ -215,6 +230,15 @@ class Ledger(Protocol):
 
     async def grant(self, grant: Grant, terms: KeyBilling) -> bool:
         """Add credit; False when the idempotency key was used before (nothing applied)."""
+        ...
+
+    def remember_response(self, stored: StoredResponse) -> None:
+        """Record who made a stored response and where it is held; queued like a charge and
+        durable at the next group commit (entries older than RESPONSE_RETENTION_SECONDS go)."""
+        ...
+
+    async def stored_response(self, response_id: str) -> StoredResponse | None:
+        """The record of a stored response as the database has it (another instance's too)."""
         ...
 
     async def flush(self) -> None:

@@ -61,7 +61,7 @@ from core.keys.records import (
     record_row,
     update_params,
 )
-from core.ledger import CREDITS, Account, Grant, Reservation, UsageRecord, hold
+from core.ledger import CREDITS, RESPONSE_RETENTION_SECONDS, Account, Grant, Reservation, StoredResponse, UsageRecord, hold
 from core.ledger.pg_errors import DATABASE_ERRORS, UNREACHABLE, reachable, reason, unavailable
 from core.ledger.pg_reader import PgReader, numbered
 from core.ledger.postgres_schema import migrate
@@ -206,7 +206,13 @@ class _Progress:
     record: UsageRecord
 
 
-_QueueItem = _Ended | _Progress | asyncio.Future  # a bare future is a flush marker
+_Written = _Ended | _Progress | StoredResponse  # what a batch's transaction writes
+_QueueItem = _Written | asyncio.Future  # a bare future is a flush marker
+_INSERT_STORED = (
+    "INSERT INTO stored_responses (response_id, key_id, provider, created_at)"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) ON CONFLICT (response_id) DO NOTHING"
+)
+PRUNE_EVERY_SECONDS = 3600.0  # how often a writer drops stored responses past their retention
 
 
 class FleetLimiter(Limiter):
@@ -247,6 +253,7 @@ class PgLedger:
         self._settings_version: str | None = None
         self._settings_task: asyncio.Task[None] | None = None
         self._in_order = asyncio.Lock()
+        self._next_prune = 0.0  # when the writer next drops expired stored responses
 
     @classmethod
     async def open(cls, url: str, clock: Callable[[], float] = time.time, pool_size: int = POOL_SIZE) -> PgLedger:
@@ -481,13 +488,13 @@ class PgLedger:
                 await asyncio.sleep(GROUP_COMMIT_SECONDS)
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            ended = [item for item in batch if isinstance(item, (_Ended, _Progress))]
+            ended = [item for item in batch if isinstance(item, (_Ended, _Progress, StoredResponse))]
             await self._commit_with_retry(ended)
             for item in batch:
                 if isinstance(item, asyncio.Future) and not item.done():
                     item.set_result(None)
 
-    async def _commit_with_retry(self, items: list[_Ended | _Progress]) -> None:
+    async def _commit_with_retry(self, items: list[_Written]) -> None:
         """While the database is away the rows wait here (the requests have their answers) and
         the batch is tried again; applying it twice is harmless (unique request ids). A row
         the database refuses outright must not hold back the others: it is logged in full."""
@@ -516,10 +523,17 @@ class PgLedger:
                     await self._commit_with_retry([item])
                 return
 
-    async def _commit(self, items: list[_Ended | _Progress]) -> None:
+    async def _commit(self, items: list[_Written]) -> None:
         ended = [item for item in items if isinstance(item, _Ended)]
         progress = {item.reservation_id: orjson.dumps(list(item.record)).decode() for item in items if isinstance(item, _Progress)}
+        stored = [item for item in items if isinstance(item, StoredResponse)]
         async with self.writer.transaction():
+            if stored:
+                await self.writer.execute(_INSERT_STORED, *(list(column) for column in zip(*stored, strict=True)))
+                now = self.clock()
+                if now >= self._next_prune:  # at most hourly, in a batch that stores: the table stays bounded
+                    await self.writer.execute("DELETE FROM stored_responses WHERE created_at < $1", now - RESPONSE_RETENTION_SECONDS)
+                    self._next_prune = now + PRUNE_EVERY_SECONDS
             await settle_in(
                 self.writer, [item.record for item in ended if item.record is not None], [item.reservation_id for item in ended if item.reservation_id]
             )
@@ -633,6 +647,14 @@ class PgLedger:
             raise unavailable(reason(exc)) from None
         await self.account(grant.key_id, terms)  # refresh this instance's view
         return applied is not None
+
+    def remember_response(self, stored: StoredResponse) -> None:
+        self._queue.put_nowait(stored)
+
+    async def stored_response(self, response_id: str) -> StoredResponse | None:
+        with reachable():
+            row = await self.pool.fetchrow("SELECT response_id, key_id, provider, created_at FROM stored_responses WHERE response_id = $1", response_id)
+        return None if row is None else StoredResponse(*row)
 
     async def setting(self, name: str, make: Callable[[], str]) -> str:
         """A setting shared by every instance (the session signing secret: a login on one

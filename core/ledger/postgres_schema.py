@@ -327,6 +327,16 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE usage_account_day ADD COLUMN audio_ms BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE usage_account_day ADD COLUMN characters BIGINT NOT NULL DEFAULT 0;
     """,
+    # Responses an upstream stores, as in SQLite's schema 13: read by any instance of the fleet.
+    7: """
+    CREATE TABLE stored_responses (
+        response_id TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX stored_responses_by_time ON stored_responses (created_at);
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

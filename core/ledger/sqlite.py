@@ -44,7 +44,7 @@ from core.keys.records import (
     record_row,
     update_params,
 )
-from core.ledger import CREDITS, Account, Grant, InsufficientBalance, Reservation, UsageRecord, hold
+from core.ledger import CREDITS, RESPONSE_RETENTION_SECONDS, Account, Grant, InsufficientBalance, Reservation, StoredResponse, UsageRecord, hold
 from core.ledger.rollups import ROLLUP_STATEMENTS
 from core.ledger.sqlite_schema import SCHEMA_VERSION, migrate
 from core.ledger.sums import Totals, Window, account_totals, grant_totals, window_totals
@@ -66,6 +66,9 @@ _USAGE_CHUNKS = (256, 32, 4, 1)
 _USAGE_ROW = "(" + ", ".join("?" * len(UsageRecord._fields)) + ")"
 _INSERT_USAGE = {n: f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES " + ", ".join([_USAGE_ROW] * n) for n in _USAGE_CHUNKS}
 _INSERT_GRANT = "INSERT OR IGNORE INTO grants (key_id, kind, amount, reason, idempotency_key, ts) VALUES (?, ?, ?, ?, ?, ?)"
+_INSERT_STORED = f"INSERT OR REPLACE INTO stored_responses ({', '.join(StoredResponse._fields)}) VALUES (?, ?, ?, ?)"
+_SELECT_STORED = f"SELECT {', '.join(StoredResponse._fields)} FROM stored_responses WHERE response_id = ?"
+PRUNE_EVERY_SECONDS = 3600.0  # how often a writer drops stored responses past their retention
 
 
 MAX_RETRY_DELAY = 5.0  # seconds between attempts while the database refuses writes (disk full)
@@ -128,7 +131,8 @@ class _InOrder:
     done: asyncio.Future[Any]
 
 
-_QueueItem = UsageRecord | _GrantItem | _Recount | _InOrder | asyncio.Future  # a bare future is a flush marker
+_Written = UsageRecord | _GrantItem | StoredResponse  # what a batch's transaction writes
+_QueueItem = _Written | _Recount | _InOrder | asyncio.Future  # a bare future is a flush marker
 
 
 class SqliteLedger:
@@ -146,6 +150,7 @@ class SqliteLedger:
         self._retrying = 0  # rows held in memory by a write being retried
         self.limiter = Limiter(self, clock)
         self._records_lock = asyncio.Lock()
+        self._next_prune = 0.0  # when the writer next drops expired stored responses
 
     @classmethod
     async def open(cls, path: str | Path, clock: Callable[[], float] = time.time) -> SqliteLedger:
@@ -304,6 +309,14 @@ class SqliteLedger:
         await self._written(done, "The top-up is queued and applies once the ledger writes again; retrying with the same Idempotency-Key is safe.")
         return done.result()
 
+    def remember_response(self, stored: StoredResponse) -> None:
+        self._enqueue(stored)
+
+    async def stored_response(self, response_id: str) -> StoredResponse | None:
+        async with self.reader.execute(_SELECT_STORED, (response_id,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else StoredResponse(*row)
+
     async def setting(self, name: str, make: Callable[[], str]) -> str:
         """A persistent setting (such as the session signing secret), created on first use."""
         await self.db.execute("INSERT OR IGNORE INTO settings (name, value) VALUES (?, ?)", (name, make()))
@@ -399,9 +412,9 @@ class SqliteLedger:
                 await asyncio.sleep(GROUP_COMMIT_SECONDS)
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            pending: list[UsageRecord | _GrantItem] = []
+            pending: list[_Written] = []
             for item in batch:
-                if isinstance(item, (UsageRecord, _GrantItem)):
+                if isinstance(item, (UsageRecord, _GrantItem, StoredResponse)):
                     pending.append(item)
                     continue
                 await self._commit_with_retry(pending)
@@ -414,7 +427,7 @@ class SqliteLedger:
                     item.set_result(None)
             await self._commit_with_retry(pending)
 
-    async def _commit_with_retry(self, items: list[UsageRecord | _GrantItem]) -> None:
+    async def _commit_with_retry(self, items: list[_Written]) -> None:
         """On an operational failure (disk full, locked file) keep the rows and try again:
         the requests have their answers already, and their charges stay in memory meanwhile.
         A row the database refuses outright must not block the others: the batch is then
@@ -453,11 +466,20 @@ class SqliteLedger:
             if not item.done.done():
                 item.done.set_result(was_applied)
 
-    async def _commit(self, items: list[UsageRecord | _GrantItem]) -> list[bool]:
+    async def _commit(self, items: list[_Written]) -> list[bool]:
         # One hop to the database thread for the whole transaction: building the rows and
         # every statement run there, not on the event loop. (`_execute` and `_conn` are
         # aiosqlite's own way to run a function on its thread; the version is pinned.)
-        return await self.db._execute(_commit_sync, self.db._conn, items)  # type: ignore[no-any-return]
+        return await self.db._execute(_commit_sync, self.db._conn, items, self._prune_before(items))  # type: ignore[no-any-return]
+
+    def _prune_before(self, items: list[_Written]) -> float | None:
+        """The age before which stored responses are dropped in this batch, at most hourly
+        and only in a batch that stores one (so the table stays bounded, the hot path untouched)."""
+        now = self.limiter.clock()
+        if now < self._next_prune or not any(isinstance(item, StoredResponse) for item in items):
+            return None
+        self._next_prune = now + PRUNE_EVERY_SECONDS
+        return now - RESPONSE_RETENTION_SECONDS
 
     async def _run_in_order(self, item: _InOrder) -> None:
         try:
@@ -539,13 +561,18 @@ def _insert_usage(db: sqlite3.Connection, records: list[UsageRecord]) -> None:
             start += size
 
 
-def _commit_sync(db: sqlite3.Connection, items: list[UsageRecord | _GrantItem]) -> list[bool]:
+def _commit_sync(db: sqlite3.Connection, items: list[_Written], prune_before: float | None = None) -> list[bool]:
     """Write one batch in one transaction (runs on the database thread); whether each grant
     applied (an idempotency key seen before does not)."""
     records = [item for item in items if isinstance(item, UsageRecord)]
+    stored = [item for item in items if isinstance(item, StoredResponse)]
     applied = []
     db.execute("BEGIN IMMEDIATE")
     try:
+        if stored:
+            db.executemany(_INSERT_STORED, stored)
+        if prune_before is not None:
+            db.execute("DELETE FROM stored_responses WHERE created_at < ?", (prune_before,))
         if records:
             (last_id,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM usage").fetchone()
             _insert_usage(db, records)

@@ -227,6 +227,17 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE usage_account_day ADD COLUMN audio_ms INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE usage_account_day ADD COLUMN characters INTEGER NOT NULL DEFAULT 0;
     """,
+    # Responses an upstream stores (Responses API): who made each and which provider holds it,
+    # so follow-ups reach it and only that key reads it. Pruned by age (core/ledger/__init__.py).
+    13: """
+    CREATE TABLE stored_responses (
+        response_id TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        created_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX stored_responses_by_time ON stored_responses (created_at);
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

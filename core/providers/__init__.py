@@ -7,6 +7,8 @@ from core.providers.base import Adapter
 from core.providers.echo import EchoAdapter
 from core.providers.gemini import GeminiAdapter
 from core.providers.openai import AzureAdapter, OpenAIAdapter
+from core.providers.responses_native import NativeResponsesAdapter
+from core.providers.responses_translate import TranslatedResponsesAdapter
 
 ADAPTERS: dict[str, Adapter] = {
     "openai": OpenAIAdapter(),
@@ -32,10 +34,15 @@ def messages_adapter_for(engine: str) -> Adapter:
 NATIVE_RESPONSES_ENGINES = frozenset({"openai", "azure", "echo"})
 
 
+_NATIVE_RESPONSES = NativeResponsesAdapter()
+# Every other engine serves /v1/responses through its chat adapter, translated both ways.
+_TRANSLATED_RESPONSES = {engine: TranslatedResponsesAdapter(adapter) for engine, adapter in ADAPTERS.items()}
+
+
 def responses_adapter_for(engine: str) -> Adapter:
     """The `/v1/responses` path: native for OpenAI-style providers, translated for the rest."""
-    if engine not in NATIVE_RESPONSES_ENGINES:
-        from core.providers.responses_translate import TranslatedResponsesAdapter
-
-        return TranslatedResponsesAdapter(ADAPTERS[engine])
-    return ADAPTERS[engine]
+    if engine == "echo":
+        return ADAPTERS[engine]  # answers the Responses API itself
+    if engine in NATIVE_RESPONSES_ENGINES:
+        return _NATIVE_RESPONSES
+    return _TRANSLATED_RESPONSES[engine]

@@ -25,7 +25,7 @@ JSON_CONTENT_TYPE = "application/json"
 
 @dataclass(frozen=True, slots=True)
 class UpstreamCall:
-    endpoint: str  # "chat/completions" | "completions" | "embeddings" | "messages" (to Anthropic natively)
+    endpoint: str  # "chat/completions" | "completions" | "embeddings" | "messages" (to Anthropic natively) | "responses"
     body: dict[str, Any]
     stream: bool
     route: ModelRoute
@@ -34,6 +34,9 @@ class UpstreamCall:
     # The event loop the call runs on, when the caller knows it: finding it again costs a
     # getpid() syscall per lookup in Python 3.11 (see core.deadlines.Deadline).
     loop: asyncio.AbstractEventLoop | None = None
+    # Called with the id of a response the upstream keeps (a Responses create that may be
+    # stored), as soon as the id is known: follow-ups on it must reach this provider.
+    stored: Callable[[str], None] | None = None
 
     @property
     def client_wants_usage(self) -> bool:

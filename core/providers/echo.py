@@ -38,6 +38,9 @@ class EchoAdapter:
             return _embeddings(call)
         text = reply_text(call)
         usage = Usage(prompt_tokens=estimate_prompt_tokens(call.body), completion_tokens=estimate_text_tokens(text))
+        if call.endpoint == "responses":
+            response = echo_response(call, text, usage)
+            return EchoResponsesStream(response, text, usage) if call.stream else Reply(200, _dumps(response), usage)
         if call.stream:
             return EchoStream(call, text, usage)
         return Reply(200, _dumps(_completion(call, text, usage)), usage)
@@ -49,6 +52,8 @@ def reply_text(call: UpstreamCall) -> str:
         messages = call.body.get("messages") or []
         users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         said = message_text(users[-1].get("content")) if users else ""
+    elif call.endpoint == "responses":
+        said = _last_user_input(call.body.get("input"))
     else:
         prompt = call.body.get("prompt")
         said = prompt if isinstance(prompt, str) else " ".join(p for p in prompt or [] if isinstance(p, str))
@@ -57,6 +62,49 @@ def reply_text(call: UpstreamCall) -> str:
     if limit is not None:
         text = text.encode()[: limit * BYTES_PER_TOKEN].decode(errors="ignore")
     return text
+
+
+def _last_user_input(items: Any) -> str:
+    """The text of a Responses `input`: itself if a string, else its last user message's."""
+    if isinstance(items, str):
+        return items
+    users = [item for item in items or [] if isinstance(item, dict) and item.get("role") == "user"]
+    return message_text(users[-1].get("content")) if users else ""
+
+
+def echo_response(call: UpstreamCall, text: str, usage: Usage) -> dict[str, Any]:
+    """A Responses API response object holding one message with the reply text."""
+    number = f"{_ID_PREFIX}{next(_ids):x}"
+    content = [{"type": "output_text", "text": text, "annotations": []}]
+    message = {"type": "message", "id": f"msg_{number}", "status": "completed", "role": "assistant", "content": content}
+    body = call.body
+    return {
+        "id": f"resp_{number}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "completed",
+        "model": call.route.public_name,
+        "output": [message],
+        "instructions": body.get("instructions"),
+        "previous_response_id": body.get("previous_response_id"),
+        "store": body.get("store", True) is not False,
+        "tools": body.get("tools") or [],
+        "tool_choice": body.get("tool_choice", "auto"),
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "metadata": body.get("metadata") or {},
+        "text": {"format": {"type": "text"}},
+        "truncation": "disabled",
+        "error": None,
+        "incomplete_details": None,
+        "usage": {
+            "input_tokens": usage.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage.total_tokens,
+        },
+    }
 
 
 def _completion(call: UpstreamCall, text: str, usage: Usage) -> dict[str, Any]:
@@ -128,3 +176,49 @@ class EchoStream(UpstreamStream):
 
     def close(self) -> None:
         pass
+
+
+class EchoResponsesStream(UpstreamStream):
+    """A Responses stream as OpenAI sends one: created, the message's text word by word, completed."""
+
+    def __init__(self, response: dict[str, Any], text: str, usage: Usage):
+        super().__init__()
+        self._response = response
+        self._text = text
+        self._final_usage = usage
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        done = self._response
+        message = done["output"][0]
+        started = {**done, "status": "in_progress", "output": [], "usage": None}
+        events: list[tuple[str, dict[str, Any]]] = [("response.created", {"response": started}), ("response.in_progress", {"response": started})]
+        events.append(("response.output_item.added", {"output_index": 0, "item": {**message, "status": "in_progress", "content": []}}))
+        part = {"type": "output_text", "text": "", "annotations": []}
+        events.append(("response.content_part.added", {"item_id": message["id"], "output_index": 0, "content_index": 0, "part": part}))
+        for number, (kind, data) in enumerate(events):
+            yield _responses_event(kind, number, data)
+        number = len(events)
+        for index, word in enumerate(self._text.split(" ")):
+            piece = word if index == 0 else " " + word
+            self.completion_text_bytes += len(piece.encode())
+            yield _responses_event("response.output_text.delta", number, {"item_id": message["id"], "output_index": 0, "content_index": 0, "delta": piece})
+            number += 1
+        where = {"item_id": message["id"], "output_index": 0, "content_index": 0}
+        closing = [
+            ("response.output_text.done", {**where, "text": self._text}),
+            ("response.content_part.done", {**where, "part": message["content"][0]}),
+            ("response.output_item.done", {"output_index": 0, "item": message}),
+        ]
+        for kind, data in closing:
+            yield _responses_event(kind, number, data)
+            number += 1
+        self.usage = self._final_usage
+        self.complete = True
+        yield _responses_event("response.completed", number, {"response": done})
+
+    def close(self) -> None:
+        pass
+
+
+def _responses_event(kind: str, number: int, data: dict[str, Any]) -> bytes:
+    return f"event: {kind}\n".encode() + encode_event(_dumps({"type": kind, "sequence_number": number, **data}))
