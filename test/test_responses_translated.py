@@ -248,7 +248,6 @@ def test_every_stream_event_and_the_response_hold_what_the_sdk_models_require(st
 REFUSED = {
     "web search tool": ({"tools": [{"type": "web_search"}]}, "unsupported_tool", "tools", "'web_search'"),
     "file search tool": ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "unsupported_tool", "tools", "'file_search'"),
-    "previous response": ({"previous_response_id": "resp_123"}, "unsupported_parameter", "previous_response_id", "stores no responses"),
     "hosted tool choice": ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "web_search_preview"}}, "unsupported_tool", "tool_choice", "'web_search_preview'"),
     "file input": (
         {"input": [{"role": "user", "content": [{"type": "input_file", "file_data": "data:application/pdf;base64,JVBE", "filename": "a.pdf"}]}]},
@@ -277,6 +276,18 @@ def test_what_cannot_be_translated_is_a_clear_400(start_gateway, upstream, confi
     assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", code, param)
     assert named in error["message"] and "'p1'" in error["message"]
     assert upstream.seen == [] and ledger_rows(gateway) == [("error", 0, 0, 0, 0, 0)]  # refused before the vendor: nothing charged
+
+
+@pytest.mark.parametrize("config", [ANTHROPIC_CONFIG, GEMINI_CONFIG], ids=["anthropic", "gemini"])
+def test_a_previous_response_no_provider_holds_is_404(start_gateway, upstream, config):
+    """Translated providers store nothing: no response id made through them is ever known,
+    so a follow-up naming one is the 404 of an unknown response, before any vendor call."""
+    gateway = start_gateway(config, upstream)
+    model = "claude-sonnet" if config is ANTHROPIC_CONFIG else "flash"
+    with pytest.raises(openai.NotFoundError) as caught:
+        gateway.client().responses.create(model=model, input="Weather?", previous_response_id="resp_123")
+    assert caught.value.body["code"] == "response_not_found"
+    assert upstream.seen == []
 
 
 # --- Gemini -------------------------------------------------------------------------------------
