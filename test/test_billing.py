@@ -672,3 +672,37 @@ def test_echo_cuts_a_chat_reply_to_the_larger_of_both_limits(start_gateway):
     for smaller, larger in (("max_tokens", "max_completion_tokens"), ("max_completion_tokens", "max_tokens")):
         reply = client.chat.completions.create(model="echo-1", messages=MESSAGES, **{smaller: 1, larger: 2})
         assert reply.choices[0].message.content == "Echo: he", "cut at 2 tokens of 4 bytes, whichever field holds the larger"
+
+
+# The media endpoints' units, reported from elsewhere and priced at their unit prices.
+MEDIA_CONFIG = CONFIG.replace(
+    "    claude-3-5-sonnet: 1000,2000\n",
+    "    claude-3-5-sonnet: 1000,2000\n    dall-e-3: {image_price: 0.04}\n    whisper-1: {audio_minute_price: 0.006}\n    tts-1: {character_price: 15}\n",
+)
+MEDIA_REPORTS = [  # 3 images, 12.5 minutes of audio, 2,000 characters read aloud
+    {"model": "dall-e-3", "images": 3},
+    {"model": "whisper-1", "audio_ms": 750_000},
+    {"model": "tts-1", "characters": 2000},
+]
+
+
+def report(gateway, key: str, **body: Any) -> Any:
+    return gateway.http("POST", "/v1/usage/report", key=ADMIN_KEY, json={"api_key": key, **body})
+
+
+def test_usage_report_bills_media_units_at_their_unit_prices(start_gateway, upstream):
+    gateway = start_gateway(MEDIA_CONFIG, upstream)
+    costs = [report(gateway, TOKEN_KEY, **body).json()["cost"] for body in MEDIA_REPORTS]
+    assert costs == [0.12, 0.075, 0.03]  # 3 x 0.04; 12.5 x 0.006; 2,000 / 1M x 15
+    assert states(gateway)[TOKEN_KEY]["remaining_credits"] == 9.775
+    rows = ledger_rows(gateway, "SELECT model, images, audio_ms, characters, unit_prices, cost_nanos FROM usage ORDER BY id")
+    assert rows == [
+        ("dall-e-3", 3, 0, 0, '{"image":"0.04"}', 120_000_000),
+        ("whisper-1", 0, 750_000, 0, '{"audio_minute":"0.006"}', 75_000_000),
+        ("tts-1", 0, 0, 2000, '{"character":"15"}', 30_000_000),
+    ]
+    mixed = report(gateway, TOKEN_KEY, model="dall-e-3", images=1, characters=5)
+    assert mixed.status_code == 400 and mixed.json()["error"]["code"] == "mixed_units"
+    negative = report(gateway, TOKEN_KEY, model="dall-e-3", images=-1)
+    assert negative.status_code == 400 and negative.json()["error"]["param"] == "images"
+    assert len(ledger_rows(gateway)) == 3
