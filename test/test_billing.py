@@ -706,3 +706,32 @@ def test_usage_report_bills_media_units_at_their_unit_prices(start_gateway, upst
     negative = report(gateway, TOKEN_KEY, model="dall-e-3", images=-1)
     assert negative.status_code == 400 and negative.json()["error"]["param"] == "images"
     assert len(ledger_rows(gateway)) == 3
+
+
+def test_usage_apis_and_statements_show_media_units_exactly(start_gateway, upstream):
+    gateway = start_gateway(MEDIA_CONFIG, upstream)
+    gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    for body in MEDIA_REPORTS:
+        report(gateway, TOKEN_KEY, **body)
+    report(gateway, HYBRID_KEY, model="whisper-1", audio_ms=1)  # 1/60,000 of a minute
+    units = {"dall-e-3": {"images": 3}, "whisper-1": {"audio_minutes": 12.5}, "tts-1": {"characters": 2000}, "gpt-4o": {}}
+    unit_names = ("images", "audio_minutes", "characters")
+
+    def shown(row: dict[str, Any]) -> dict[str, Any]:
+        return {name: row[name] for name in unit_names if name in row}
+
+    details = states(gateway)[TOKEN_KEY]["cost_details"]["billing_details"]
+    assert {row["model"]: shown(row) for row in details} == units
+    token_usage = gateway.http("GET", "/v1/token_usage", key=ADMIN_KEY, params={"api_key_param": TOKEN_KEY, "last_n_days": 1}).json()
+    assert {row["model"]: shown(row) for row in token_usage["stats"][0]["usage"]} == units
+    all_units = {"images": 3, "audio_minutes": 12.5, "characters": 2000}
+    assert shown(gateway.http("GET", "/v1/usage", key=TOKEN_KEY).json()["totals"]) == all_units
+    by_model = gateway.http("GET", "/v1/usage/models", key=TOKEN_KEY).json()["data"]
+    assert {row["model"]: shown(row) for row in by_model} == units
+    year, month = time.gmtime()[:2]
+    for path in (f"/v1/billing/usage/{year}/{month:02d}", f"/v1/billing/bill/{year}/{month:02d}"):
+        statement = gateway.http("GET", path, key=TOKEN_KEY).json()
+        assert {item["model"]: shown(item) for item in statement["line_items"]} == units
+        assert shown(statement["totals"]) == all_units
+    hybrid = gateway.http("GET", f"/v1/billing/bill/{year}/{month:02d}", key=HYBRID_KEY)
+    assert '"audio_minutes":0.000017' in hybrid.text.replace(" ", "")  # exact, never 1.7e-05
