@@ -29,6 +29,12 @@ def audio_minutes(audio_ms: int) -> str:
 
 def units_text(images: int, audio_ms: int, characters: int) -> str:
     """`3 images · 12.5 min audio · 2,000 characters` for a page; "" when there are none."""
+    return " · ".join(unit_parts(images, audio_ms, characters))
+
+
+def unit_parts(images: int, audio_ms: int, characters: int) -> list[str]:
+    """`["3 images", "12.5 min audio", "2,000 characters"]`, the non-zero ones (a narrow
+    column shows one a line)."""
     parts = []
     if images:
         parts.append(f"{images:,} image{'' if images == 1 else 's'}")
@@ -37,7 +43,7 @@ def units_text(images: int, audio_ms: int, characters: int) -> str:
         parts.append(f"{int(whole):,}{dot}{fraction} min audio")
     if characters:
         parts.append(f"{characters:,} character{'' if characters == 1 else 's'}")
-    return " · ".join(parts)
+    return parts
 
 
 def units_json(images: int, audio_ms: int, characters: int) -> dict[str, Any]:

@@ -1033,6 +1033,7 @@ def test_account_forms_without_the_csrf_token_change_nothing(accounts_web):
 # then shown by the exports and pages next to the tokens, only where they are not zero.
 UNITS_CONFIG = CONFIG + "    dall-e-3: {image_price: 0.04}\n    whisper-1: {audio_minute_price: 0.006}\n    tts-1: {character_price: 15}\n"
 UNIT_REPORTS = [{"model": "dall-e-3", "images": 3}, {"model": "whisper-1", "audio_ms": 750_000}, {"model": "tts-1", "characters": 2000}]
+UNITS_SHOWN = ("3 images", "12.5 min audio", "2,000 characters")
 
 
 @pytest.fixture
@@ -1063,3 +1064,23 @@ def test_csv_exports_end_with_the_media_units(units_web):
     own.login(USER_KEY)
     mine = list(csv.DictReader(io.StringIO(own.get("/usage/export/requests.csv").text)))
     assert sorted(row["audio_minutes"] for row in mine) == ["0", "0", "0", "12.5"]
+
+
+def test_billing_tab_and_key_pages_show_the_media_units_next_to_the_tokens(units_web):
+    gateway, browser = units_web
+    tab = browser.get("/admin/keys").text
+    alice = tab.split(f'data-key="{key_id(USER_KEY)}"')[1].split("</tr>")[0]
+    assert all(f">{shown}<" in alice for shown in UNITS_SHOWN)  # one a line under the month's spend
+    other = tab.split(f'data-key="{key_id(OTHER_KEY)}"')[1].split("</tr>")[0]
+    assert not any(word in other for word in ("image", "min audio", "character"))
+    holder = Browser(gateway.url)
+    holder.login(USER_KEY)
+    for page in (browser.get(f"/admin/keys/{key_id(USER_KEY)}").text, holder.get("/usage").text):
+        text = page_text(page)
+        assert "3 images · 12.5 min audio · 2,000 characters" in text  # the totals
+        by_model = page_text(page.split("<h2>By model</h2>")[1].split("</table>")[0])
+        log = page_text(page.split("<h2>Recent requests</h2>")[1].split("</table>")[0])
+        for shown in UNITS_SHOWN:
+            assert shown in by_model and shown in log
+    plain = page_text(browser.get(f"/admin/keys/{key_id(OTHER_KEY)}").text)
+    assert not any(word in plain for word in ("image", "min audio", "character"))
