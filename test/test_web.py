@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import sqlite3
 import time
@@ -1084,3 +1085,12 @@ def test_billing_tab_and_key_pages_show_the_media_units_next_to_the_tokens(units
             assert shown in by_model and shown in log
     plain = page_text(browser.get(f"/admin/keys/{key_id(OTHER_KEY)}").text)
     assert not any(word in plain for word in ("image", "min audio", "character"))
+
+
+def test_audit_log_tells_the_media_units_a_usage_report_billed(units_web):
+    gateway, browser = units_web
+    audit = page_text(browser.get("/admin/audit").text)
+    assert "dall-e-3 via external: 0 + 0 tokens, 3 images, $0.12" in audit
+    assert "whisper-1 via external: 0 + 0 tokens, 12.5 min audio, $0.075" in audit
+    detail = [json.loads(e["detail"]) for e in gateway.http("GET", "/v1/audit_log", key=ADMIN_KEY).json()["entries"] if e["action"] == "report_usage"]
+    assert sorted(d.get("images", 0) for d in detail) == [0, 0, 3]
