@@ -155,5 +155,6 @@ async def report_usage(meter: BillingMeter, config: Config, key: ApiKey, model: 
     cost_nanos = await meter.record_external(config, key, model, usage, provider)
     detail = {"model": model, "provider": provider, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
               "cached_tokens": usage.cached_tokens, "cost": format_usd(cost_nanos)}  # fmt: skip
+    detail.update({unit: getattr(usage, unit) for unit in ("images", "audio_ms", "characters") if getattr(usage, unit)})
     await ledger.append_audit(AuditEntry(now, actor, REPORT_USAGE, key, before, balance(key, account), detail))
     return cost_nanos

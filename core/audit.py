@@ -15,6 +15,7 @@ from core.config import ApiKey
 from core.ledger import Account
 from core.money_format import count_text, usd_text
 from core.pricing import format_usd, to_nanos
+from core.units_format import units_text
 
 LOGIN = "login"
 ADD_CREDITS = "add_credits"
@@ -136,7 +137,8 @@ def _note(action: str, detail: dict[str, Any]) -> str:
         return " · ".join(part for part in parts if part)
     if action == REPORT_USAGE:
         tokens = f"{count_text(detail.get('prompt_tokens', 0))} + {count_text(detail.get('completion_tokens', 0))} tokens"
-        return f"{detail.get('model')} via {detail.get('provider')}: {tokens}, {_shown(detail.get('cost', '0'), True)}"
+        units = units_text(detail.get("images", 0), detail.get("audio_ms", 0), detail.get("characters", 0))
+        return f"{detail.get('model')} via {detail.get('provider')}: {tokens}{', ' + units if units else ''}, {_shown(detail.get('cost', '0'), True)}"
     if detail.get("grace_seconds"):  # a rotation that kept the old secret working a while
         return f"the previous secret worked {count_text(detail['grace_seconds'])} s more"
     return ""

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from core.alerts import Alerts
 from core.config import ApiKey, Config
 from core.config_billing import KeyBilling
-from core.errors import GatewayError
+from core.errors import GatewayError, bad_request
 from core.ledger import COUNT_CREDITS, Account, InsufficientBalance, Ledger, Reservation, UsageRecord
 from core.limits import Limiter
 from core.metering import ERROR, OK, Outcome
@@ -28,6 +28,19 @@ ESTIMATED = "estimated"
 # Endpoints that write no tokens: nothing is reserved for output.
 _NO_OUTPUT_TOKENS = frozenset({"embeddings", "moderations", "audio/speech"})
 WINDOW_NOT_STARTED = "billing_window_not_started"
+
+
+# The endpoint whose prices a usage report with media units is charged at (one kind per report).
+_REPORTED_UNITS = (("images", "images/generations"), ("audio_ms", "audio/transcriptions"), ("characters", "audio/speech"))
+
+
+def reported_endpoint(usage: Usage) -> str:
+    """What usage reported from elsewhere is priced as: the endpoint that sells its units
+    (images, audio, characters read aloud), else a chat completion."""
+    sold = [endpoint for unit, endpoint in _REPORTED_UNITS if getattr(usage, unit)]
+    if len(sold) > 1:
+        raise bad_request("A usage report carries one kind of media unit: images, audio_ms or characters.", "mixed_units")
+    return sold[0] if sold else "chat/completions"
 
 
 def exhausted(kind: str) -> GatewayError:
@@ -87,13 +100,15 @@ class BillingMeter:
 
     async def record_external(self, config: Config, key: ApiKey, model: str, usage: Usage, provider: str) -> int:
         """Charge usage that happened elsewhere; it already happened, so no balance check.
-        A `provider/model` name is billed as its public model, as on the proxy."""
+        A `provider/model` name is billed as its public model, as on the proxy; media units
+        are priced as the endpoint that sells them would price them."""
+        endpoint = reported_endpoint(usage)
         check_window_open(key.billing, self.clock(), 409)
         routes = config.routes.get(model)
         if routes:
             model = routes[0].public_name
         account = await self.ledger.account(key.id, key.billing)
-        request = ProxyRequest("chat/completions", {}, model, False, new_request_id())
+        request = ProxyRequest(endpoint, {}, model, False, new_request_id())
         cost_type = config.preferences.prices.cost_type(key.billing.mode, model)
         ticket = BillingTicket(self, key, key.billing, config.preferences.prices, request, cost_type, Reservation(account, 0, 0))
         return ticket.charge(Outcome(provider, model, usage, OK))

@@ -78,6 +78,20 @@ async def by_key_on_day(ledger: Ledger, day: str) -> dict[str, tuple[int, int]]:
         return {row[0]: (row[1], row[2]) for row in await cursor.fetchall()}
 
 
+async def units_by_key_since(ledger: Ledger, key_ids: list[str], since_day: str) -> dict[str, tuple[int, int, int]]:
+    """key id → (images, audio ms, characters) from the start of `since_day`, for the keys
+    that used any (a page's keys: read through the (key, day) primary key)."""
+    if not key_ids:
+        return {}
+    await ledger.flush()
+    sql = (
+        f"SELECT key_id, SUM(images), SUM(audio_ms), SUM(characters) FROM usage_key_day WHERE key_id IN ({', '.join('?' for _ in key_ids)})"
+        " AND day >= ? GROUP BY key_id HAVING SUM(images) + SUM(audio_ms) + SUM(characters) > 0"
+    )
+    async with ledger.reader.execute(sql, [*key_ids, since_day]) as cursor:
+        return {row[0]: (row[1], row[2], row[3]) for row in await cursor.fetchall()}
+
+
 async def top_keys_in_month(ledger: Ledger, month: str, limit: int = 5) -> list[tuple[str, int, int]]:
     """(key id, requests, cost in nanos), most expensive first."""
     await ledger.flush()
@@ -118,8 +132,8 @@ async def request_log(ledger: Ledger, key_id: str, before: float | None = None, 
     """The newest requests of a key, older than `before` (keyset paging on the (key, ts) index)."""
     await ledger.flush()
     sql = (
-        "SELECT ts, model, provider, prompt_tokens, completion_tokens, cached_tokens, cost_type, cost_nanos, count_charged, status, request_id"
-        " FROM usage WHERE key_id = ? AND ts < ? ORDER BY ts DESC LIMIT ?"
+        "SELECT ts, model, provider, prompt_tokens, completion_tokens, cached_tokens, cost_type, cost_nanos, count_charged, status, request_id,"
+        " images, audio_ms, characters FROM usage WHERE key_id = ? AND ts < ? ORDER BY ts DESC LIMIT ?"
     )
     async with ledger.reader.execute(sql, (key_id, float("inf") if before is None else before, limit)) as cursor:
         names = [d[0] for d in cursor.description]
@@ -152,6 +166,9 @@ EXPORT_COLUMNS = (
     "status",
     "cache_write_tokens",
     "reasoning_tokens",
+    "images",
+    "audio_ms",
+    "characters",
 )
 
 

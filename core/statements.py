@@ -16,6 +16,7 @@ from core.ledger import Account, Ledger
 from core.ledger.sums import Totals, Window
 from core.limits import Limiter, period_bounds
 from core.money_format import usd_json
+from core.units_format import units_json
 
 
 def _iso(ts: float, key: ApiKey) -> str:
@@ -29,6 +30,7 @@ def totals_json(t: Totals) -> dict[str, Any]:
         "completion_tokens": t.completion_tokens,
         "cached_tokens": t.cached_tokens,
         "total_tokens": t.prompt_tokens + t.completion_tokens,
+        **units_json(t.images, t.audio_ms, t.characters),
         "cost": usd_json(t.cost_nanos),
     }
 
@@ -144,8 +146,7 @@ async def usage_by_model(ledger: Ledger, key: ApiKey, period: str, now: float) -
     since = key.billing.created_at if period == "all" else max(key.billing.created_at, period_bounds(period, key.limits.timezone, now)[0])
     rows: dict[str, Totals] = {}
     for (_, model, _), t in (await ledger.totals([Window(key.id, since)], by_model=True)).items():
-        merged = rows.setdefault(model, Totals())
-        merged.add([t.requests, t.prompt_tokens, t.completion_tokens, t.cached_tokens, t.cost_nanos, t.token_cost_nanos, t.count_charged, t.errors])
+        rows.setdefault(model, Totals()).merge(t)
     data = [{"model": model, **totals_json(t)} for model, t in rows.items()]
     data.sort(key=lambda row: (-row["total_tokens"], row["model"]))
     return {"object": "list", "period": period, "since": _iso(since, key) if since else None, "data": data}
@@ -172,7 +173,7 @@ async def monthly_usage(ledger: Ledger, key: ApiKey, year: int, month: int) -> d
     ]
     total = Totals()
     for t in by_model.values():
-        total.add([t.requests, t.prompt_tokens, t.completion_tokens, t.cached_tokens, t.cost_nanos, t.token_cost_nanos, t.count_charged, t.errors])
+        total.merge(t)
     return {"object": "monthly_usage", "key": key.masked, "year": year, "month": month, "period_start": _iso(start, key), "period_end": _iso(end, key),
             "line_items": items, "totals": {**totals_json(total), "count_credits": total.count_charged}}  # fmt: skip
 

@@ -151,14 +151,21 @@ async def report_usage(request: Request) -> Response:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("The 'model' field is required.", "missing_model", "model")
-    usage = Usage(_token_count(body, "prompt_tokens"), _token_count(body, "completion_tokens"), _token_count(body, "cached_tokens"))
+    usage = Usage(
+        _whole(body, "prompt_tokens"),
+        _whole(body, "completion_tokens"),
+        _whole(body, "cached_tokens"),
+        images=_whole(body, "images"),
+        audio_ms=_whole(body, "audio_ms"),
+        characters=_whole(body, "characters"),
+    )
     meter: BillingMeter = request.app.state.gateway.meter
     provider = str(body.get("provider") or "external")
     cost_nanos = await admin_actions.report_usage(meter, config, key, model, usage, provider, request.app.state.clock(), actor)
     return ExactJSONResponse({"cost": usd_json(cost_nanos), "api_key_state": await key_state(config, request.app.state.ledger, key)})
 
 
-def _token_count(body: dict[str, Any], name: str) -> int:
+def _whole(body: dict[str, Any], name: str) -> int:
     value = body.get(name, 0)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > 10**12:
         raise bad_request(f"The '{name}' field must be a non-negative whole number.", f"invalid_{name}", name)

@@ -30,7 +30,7 @@ from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, 
 from routes._web_auth import LoginRequired, admin_visitor, check_page_access, signer, visitor
 from routes.key_forms import DEFAULTS, settings_values
 from routes.usage_keys import account_keys_section
-from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, sort_value, when
+from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, sort_value, units_total, when
 
 PAGE_SIZE = 50
 SORTS = ("name", "mode", "credits", "count", "spend", "today", "status")
@@ -166,12 +166,14 @@ async def billing_tab(request: Request) -> Response:
     entries = [(k, accounts[k.id], month.get(k.id, (0, 0)), today.get(k.id, (0, 0))) for k in keys]
     entries.sort(key=lambda entry: sort_value(sort, config, *entry), reverse=descending)
     page, pages = _page(params.get("page"), len(entries))
+    shown = entries[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+    units = await reports.units_by_key_since(ledger, [entry[0].id for entry in shown], reports.month_start())
     return render(
         request,
         "keys.html",
         me=me,
         csrf=session.csrf,
-        rows=[key_row(config, *entry) for entry in entries[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]],
+        rows=[key_row(config, *entry, units.get(entry[0].id, (0, 0, 0))) for entry in shown],
         total=len(entries),
         query=params.get("q", ""),
         sort=sort,
@@ -226,20 +228,23 @@ async def _detail_page(request: Request, config: Config, me: ApiKey, session: Se
     if key.limits.meters_anything:  # (fleet mode: read afresh, other instances change it too)
         await limiter.prepare(key, now)
     params = request.query_params
+    by_model = await ledger.totals([Window(key.id, key.billing.created_at)], by_model=True)
+    month_units = (await reports.units_by_key_since(ledger, [key.id], reports.month_start())).get(key.id, (0, 0, 0))
     return render(
         request,
         "key_detail.html",
         me=me,
         csrf=session.csrf,
         key=key,
-        row=key_row(config, key, account, month, today),
+        row=key_row(config, key, account, month, today, month_units),
         totals={
             "requests": account.request_count,
             "cost": account.total_cost_nanos,
+            "units": units_total(by_model),
             "window": when(key.billing.created_at) if key.billing.created_at else None,
         },
         month=_pair(month),
-        breakdown=breakdown_rows(await ledger.totals([Window(key.id, key.billing.created_at)], by_model=True)),
+        breakdown=breakdown_rows(by_model),
         trend=chart(await reports.daily_series(ledger, key.id)),
         log=log_rows(log),
         next_before=log[-1]["ts"] if len(log) == reports.LOG_PAGE else None,

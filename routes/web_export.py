@@ -19,12 +19,13 @@ from core.ledger import Ledger
 from core.ledger.sums import Window
 from core.pricing import format_usd
 from core.timeutil import days_before
+from core.units_format import CSV_HEADER, units_csv
 from routes._http import current_config
 from routes._web_auth import admin_visitor, visitor
 
 DEFAULT_DAYS = 30
 REQUEST_HEADER = ("time", "request_id", "key_id", "key_name", "model", "provider", "upstream_model", "prompt_tokens", "completion_tokens", "cached_tokens",
-                  "cost_type", "unit_prices", "cost_usd", "count_credits", "status", "cache_write_tokens", "reasoning_tokens")  # fmt: skip
+                  "cost_type", "unit_prices", "cost_usd", "count_credits", "status", "cache_write_tokens", "reasoning_tokens", *CSV_HEADER)  # fmt: skip
 SUMMARY_HEADER = (
     "key_id",
     "key_name",
@@ -37,6 +38,7 @@ SUMMARY_HEADER = (
     "cost_usd",
     "count_credits",
     "errors",
+    *CSV_HEADER,  # the media units, after the columns older files have
 )
 
 
@@ -97,6 +99,7 @@ async def _request_rows(ledger: Ledger, key_id: str | None, since: float, until:
             record["status"],
             record["cache_write_tokens"],
             record["reasoning_tokens"],
+            *units_csv(record["images"], record["audio_ms"], record["characters"]),
         )
 
 
@@ -131,10 +134,10 @@ async def keys_csv(request: Request) -> StreamingResponse:
         for key in config.keys:
             t = totals.get((key.id,))
             if t is None:
-                yield (key.id, key.name, key.masked, effective_mode(config, key), 0, 0, 0, 0, "0", 0, 0)
+                yield (key.id, key.name, key.masked, effective_mode(config, key), 0, 0, 0, 0, "0", 0, 0, *units_csv(0, 0, 0))
             else:
                 yield (key.id, key.name, key.masked, effective_mode(config, key), t.requests, t.prompt_tokens, t.completion_tokens, t.cached_tokens,
-                       format_usd(t.cost_nanos), t.count_charged, t.errors)  # fmt: skip
+                       format_usd(t.cost_nanos), t.count_charged, t.errors, *units_csv(t.images, t.audio_ms, t.characters))  # fmt: skip
 
     return download(csv_stream(SUMMARY_HEADER, rows()), f"keys_{label}.csv")
 

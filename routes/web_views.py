@@ -18,6 +18,7 @@ from core.money_format import count_text, usd_text
 from core.pricing import COUNT, TOKEN, to_nanos
 from core.reports import DayPoint
 from core.statements import LimitUse, quota_use
+from core.units_format import unit_parts, units_text
 
 SHORT_ID = 8
 MESSAGES = {
@@ -83,6 +84,7 @@ class KeyRow:
     count_pct: int | None
     count_level: str
     spend_month: int  # nanos: the template formats it
+    units_month: list[str]  # the media units used this month (["3 images", "12.5 min audio"]), if any
     requests_today: int
     status: str
     quota_text: str  # "used / limit", or "—" without a quota
@@ -128,7 +130,9 @@ def status_of(mode: str, remaining: int | None, remaining_count: int, key: ApiKe
     return "exhausted" if usd_gone and remaining_count <= 0 else "active"
 
 
-def key_row(config: Config, key: ApiKey, account: Account, month: tuple[int, int], today: tuple[int, int]) -> KeyRow:
+def key_row(
+    config: Config, key: ApiKey, account: Account, month: tuple[int, int], today: tuple[int, int], units_month: tuple[int, int, int] = (0, 0, 0)
+) -> KeyRow:
     deleted = key.id in config.deleted_keys
     return KeyRow(
         id=key.id,
@@ -137,6 +141,7 @@ def key_row(config: Config, key: ApiKey, account: Account, month: tuple[int, int
         short_id=key.id[:SHORT_ID],
         **_balance_cells(config, key, account, deleted),
         spend_month=month[1],
+        units_month=unit_parts(*units_month),
         requests_today=today[0],
         **_quota_cells(quota_use(key, account)),
         defined_in=_origin(key),
@@ -258,11 +263,20 @@ def breakdown_rows(totals: dict[tuple[str, ...], Totals]) -> list[dict[str, Any]
             "prompt_tokens": t.prompt_tokens,
             "completion_tokens": t.completion_tokens,
             "cached_tokens": t.cached_tokens,
+            "units": units_text(t.images, t.audio_ms, t.characters),
             "cost": t.cost_nanos,
             "count_credits": t.count_charged,
         }
         for (_, model, cost_type), t in sorted(totals.items())
     ]
+
+
+def units_total(totals: dict[tuple[str, ...], Totals]) -> str:
+    """The media units of all these totals, for a page ("" when there are none)."""
+    total = Totals()
+    for t in totals.values():
+        total.merge(t)
+    return units_text(total.images, total.audio_ms, total.characters)
 
 
 def log_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -273,6 +287,7 @@ def log_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "provider": row["provider"] or "—",
             "tokens": f"{count_text(row['prompt_tokens'])} / {count_text(row['completion_tokens'])}"
             + (f" ({count_text(row['cached_tokens'])} cached)" if row["cached_tokens"] else ""),
+            "units": units_text(row["images"], row["audio_ms"], row["characters"]),
             "cost": usd_text(row["cost_nanos"]) + (" · 1 credit" if row["count_charged"] else ""),
             "status": row["status"],
         }

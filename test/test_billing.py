@@ -672,3 +672,66 @@ def test_echo_cuts_a_chat_reply_to_the_larger_of_both_limits(start_gateway):
     for smaller, larger in (("max_tokens", "max_completion_tokens"), ("max_completion_tokens", "max_tokens")):
         reply = client.chat.completions.create(model="echo-1", messages=MESSAGES, **{smaller: 1, larger: 2})
         assert reply.choices[0].message.content == "Echo: he", "cut at 2 tokens of 4 bytes, whichever field holds the larger"
+
+
+# The media endpoints' units, reported from elsewhere and priced at their unit prices.
+MEDIA_CONFIG = CONFIG.replace(
+    "    claude-3-5-sonnet: 1000,2000\n",
+    "    claude-3-5-sonnet: 1000,2000\n    dall-e-3: {image_price: 0.04}\n    whisper-1: {audio_minute_price: 0.006}\n    tts-1: {character_price: 15}\n",
+)
+MEDIA_REPORTS = [  # 3 images, 12.5 minutes of audio, 2,000 characters read aloud
+    {"model": "dall-e-3", "images": 3},
+    {"model": "whisper-1", "audio_ms": 750_000},
+    {"model": "tts-1", "characters": 2000},
+]
+
+
+def report(gateway, key: str, **body: Any) -> Any:
+    return gateway.http("POST", "/v1/usage/report", key=ADMIN_KEY, json={"api_key": key, **body})
+
+
+def test_usage_report_bills_media_units_at_their_unit_prices(start_gateway, upstream):
+    gateway = start_gateway(MEDIA_CONFIG, upstream)
+    costs = [report(gateway, TOKEN_KEY, **body).json()["cost"] for body in MEDIA_REPORTS]
+    assert costs == [0.12, 0.075, 0.03]  # 3 x 0.04; 12.5 x 0.006; 2,000 / 1M x 15
+    assert states(gateway)[TOKEN_KEY]["remaining_credits"] == 9.775
+    rows = ledger_rows(gateway, "SELECT model, images, audio_ms, characters, unit_prices, cost_nanos FROM usage ORDER BY id")
+    assert rows == [
+        ("dall-e-3", 3, 0, 0, '{"image":"0.04"}', 120_000_000),
+        ("whisper-1", 0, 750_000, 0, '{"audio_minute":"0.006"}', 75_000_000),
+        ("tts-1", 0, 0, 2000, '{"character":"15"}', 30_000_000),
+    ]
+    mixed = report(gateway, TOKEN_KEY, model="dall-e-3", images=1, characters=5)
+    assert mixed.status_code == 400 and mixed.json()["error"]["code"] == "mixed_units"
+    negative = report(gateway, TOKEN_KEY, model="dall-e-3", images=-1)
+    assert negative.status_code == 400 and negative.json()["error"]["param"] == "images"
+    assert len(ledger_rows(gateway)) == 3
+
+
+def test_usage_apis_and_statements_show_media_units_exactly(start_gateway, upstream):
+    gateway = start_gateway(MEDIA_CONFIG, upstream)
+    gateway.client(TOKEN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    for body in MEDIA_REPORTS:
+        report(gateway, TOKEN_KEY, **body)
+    report(gateway, HYBRID_KEY, model="whisper-1", audio_ms=1)  # 1/60,000 of a minute
+    units = {"dall-e-3": {"images": 3}, "whisper-1": {"audio_minutes": 12.5}, "tts-1": {"characters": 2000}, "gpt-4o": {}}
+    unit_names = ("images", "audio_minutes", "characters")
+
+    def shown(row: dict[str, Any]) -> dict[str, Any]:
+        return {name: row[name] for name in unit_names if name in row}
+
+    details = states(gateway)[TOKEN_KEY]["cost_details"]["billing_details"]
+    assert {row["model"]: shown(row) for row in details} == units
+    token_usage = gateway.http("GET", "/v1/token_usage", key=ADMIN_KEY, params={"api_key_param": TOKEN_KEY, "last_n_days": 1}).json()
+    assert {row["model"]: shown(row) for row in token_usage["stats"][0]["usage"]} == units
+    all_units = {"images": 3, "audio_minutes": 12.5, "characters": 2000}
+    assert shown(gateway.http("GET", "/v1/usage", key=TOKEN_KEY).json()["totals"]) == all_units
+    by_model = gateway.http("GET", "/v1/usage/models", key=TOKEN_KEY).json()["data"]
+    assert {row["model"]: shown(row) for row in by_model} == units
+    year, month = time.gmtime()[:2]
+    for path in (f"/v1/billing/usage/{year}/{month:02d}", f"/v1/billing/bill/{year}/{month:02d}"):
+        statement = gateway.http("GET", path, key=TOKEN_KEY).json()
+        assert {item["model"]: shown(item) for item in statement["line_items"]} == units
+        assert shown(statement["totals"]) == all_units
+    hybrid = gateway.http("GET", f"/v1/billing/bill/{year}/{month:02d}", key=HYBRID_KEY)
+    assert '"audio_minutes":0.000017' in hybrid.text.replace(" ", "")  # exact, never 1.7e-05

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import hashlib
+import io
 import os
 import signal
 import subprocess
@@ -27,6 +29,7 @@ from starlette.responses import Response, StreamingResponse
 from core.ledger.postgres_schema import SCHEMA_VERSION
 from test.postgres import PostgresServer
 from test.servers import FakeUpstream, ResponsesVendor, ServerThread, WebhookReceiver, held_stream, openai_like, stream_chunks
+from test.test_billing import MEDIA_REPORTS
 from test.test_cli import ROOT, _free_port, wait_until_healthy
 from test.test_web import Browser
 
@@ -830,3 +833,40 @@ def test_a_response_created_through_one_instance_is_retrieved_through_another_by
     asyncio.run(create_then_read())
     second.get("/v1/api_keys_states")  # flushes the second instance's queue
     assert fleet.sql("SELECT COUNT(*), COUNT(DISTINCT key_id), MIN(provider) FROM stored_responses") == "2|1|p1"  # both creates, one key
+
+
+UNITS_TEXT = (
+    "providers:\n  - provider: p1\n    base_url: {upstream}\n    api: k\n    model: [echo-1]\n"
+    f"api_keys:\n  - api: {ADMIN}\n    role: admin\n  - api: {KEY}\n    name: fleet-user\n    preferences: {{credits: 10}}\n"
+    "preferences:\n  model_price:\n    default: '1000,2000'\n    dall-e-3: {image_price: 0.04}\n"
+    "    whisper-1: {audio_minute_price: 0.006}\n    tts-1: {character_price: 15}\n"
+)
+
+
+def test_media_units_read_from_postgresql_as_from_sqlite(fleet):
+    """The reports' reads of the media units (rollups and raw rows, pages and CSV) on the
+    fleet's ledger: reported through one instance, read through another."""
+    first, second = fleet.start("", count=2, text=UNITS_TEXT)
+    for body in MEDIA_REPORTS:  # 3 images, 12.5 minutes of audio, 2,000 characters
+        assert first.post("/v1/usage/report", json={"api_key": KEY, **body}).status_code == 200
+    units = {"dall-e-3": {"images": 3}, "whisper-1": {"audio_minutes": 12.5}, "tts-1": {"characters": 2000}}
+    names = ("images", "audio_minutes", "characters")
+
+    def shown(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {row["model"]: {name: row[name] for name in names if name in row} for row in rows}
+
+    assert shown(second.state()["cost_details"]["billing_details"]) == units  # usage_key_model
+    assert shown(second.get(f"/v1/token_usage?last_n_days=1&api_key_param={KEY}").json()["stats"][0]["usage"]) == units  # raw rows
+    year, month = time.gmtime()[:2]
+    statement = second.get(f"/v1/billing/bill/{year}/{month:02d}", key=KEY).json()  # usage_daily
+    assert shown(statement["line_items"]) == units
+    assert {name: statement["totals"][name] for name in names} == {"images": 3, "audio_minutes": 12.5, "characters": 2000}
+    browser = Browser(second.url)
+    browser.login(ADMIN)
+    summary = {row["key_name"]: row for row in csv.DictReader(io.StringIO(browser.get("/admin/export/keys.csv").text))}
+    assert [summary["fleet-user"][name] for name in names] == ["3", "12.5", "2000"]
+    log = list(csv.DictReader(io.StringIO(browser.get("/admin/export/requests.csv").text)))
+    assert sorted((row["images"], row["audio_minutes"], row["characters"]) for row in log) == [("0", "0", "2000"), ("0", "12.5", "0"), ("3", "0", "0")]
+    tab = browser.get("/admin/keys").text  # usage_key_day
+    assert all(f">{part}<" in tab for part in ("3 images", "12.5 min audio", "2,000 characters"))
+    fleet.assert_balances_equal_ledger_sums()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import sqlite3
 import time
@@ -1027,3 +1028,69 @@ def test_account_forms_without_the_csrf_token_change_nothing(accounts_web):
     assert [a["name"] for a in gateway.http("GET", "/v1/accounts", key=ADMIN_KEY).json()["data"]] == ["acme", "lab"]
     lab = account_view(gateway, "lab")
     assert lab["status"] == "active" and lab["api_changes"] is None and lab["state"]["remaining_credits"] == 2
+
+
+# The media endpoints' units: reported through the admin API (priced at their unit prices),
+# then shown by the exports and pages next to the tokens, only where they are not zero.
+UNITS_CONFIG = CONFIG + "    dall-e-3: {image_price: 0.04}\n    whisper-1: {audio_minute_price: 0.006}\n    tts-1: {character_price: 15}\n"
+UNIT_REPORTS = [{"model": "dall-e-3", "images": 3}, {"model": "whisper-1", "audio_ms": 750_000}, {"model": "tts-1", "characters": 2000}]
+UNITS_SHOWN = ("3 images", "12.5 min audio", "2,000 characters")
+
+
+@pytest.fixture
+def units_web(start_gateway):
+    gateway = start_gateway(UNITS_CONFIG)
+    chat(gateway, USER_KEY)
+    for body in UNIT_REPORTS:
+        assert gateway.http("POST", "/v1/usage/report", key=ADMIN_KEY, json={"api_key": USER_KEY, **body}).status_code == 200
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    return gateway, browser
+
+
+def test_csv_exports_end_with_the_media_units(units_web):
+    gateway, browser = units_web
+    text = browser.get("/admin/export/requests.csv").text
+    header, *rows = list(csv.reader(io.StringIO(text)))
+    assert header[:17] == ["time", "request_id", "key_id", "key_name", "model", "provider", "upstream_model", "prompt_tokens", "completion_tokens",
+                           "cached_tokens", "cost_type", "unit_prices", "cost_usd", "count_credits", "status", "cache_write_tokens", "reasoning_tokens"]  # fmt: skip
+    assert header[17:] == ["images", "audio_minutes", "characters"]
+    units = {row[4]: row[17:] for row in rows}
+    assert units == {"echo-1": ["0", "0", "0"], "dall-e-3": ["3", "0", "0"], "whisper-1": ["0", "12.5", "0"], "tts-1": ["0", "0", "2000"]}
+    summary = {row["key_name"]: row for row in csv.DictReader(io.StringIO(browser.get("/admin/export/keys.csv").text))}
+    assert list(summary["alice"])[-3:] == ["images", "audio_minutes", "characters"]
+    assert [summary["alice"][name] for name in ("images", "audio_minutes", "characters")] == ["3", "12.5", "2000"]
+    assert [summary["bob"][name] for name in ("images", "audio_minutes", "characters")] == ["0", "0", "0"]
+    own = Browser(gateway.url)
+    own.login(USER_KEY)
+    mine = list(csv.DictReader(io.StringIO(own.get("/usage/export/requests.csv").text)))
+    assert sorted(row["audio_minutes"] for row in mine) == ["0", "0", "0", "12.5"]
+
+
+def test_billing_tab_and_key_pages_show_the_media_units_next_to_the_tokens(units_web):
+    gateway, browser = units_web
+    tab = browser.get("/admin/keys").text
+    alice = tab.split(f'data-key="{key_id(USER_KEY)}"')[1].split("</tr>")[0]
+    assert all(f">{shown}<" in alice for shown in UNITS_SHOWN)  # one a line under the month's spend
+    other = tab.split(f'data-key="{key_id(OTHER_KEY)}"')[1].split("</tr>")[0]
+    assert not any(word in other for word in ("image", "min audio", "character"))
+    holder = Browser(gateway.url)
+    holder.login(USER_KEY)
+    for page in (browser.get(f"/admin/keys/{key_id(USER_KEY)}").text, holder.get("/usage").text):
+        text = page_text(page)
+        assert "3 images · 12.5 min audio · 2,000 characters" in text  # the totals
+        by_model = page_text(page.split("<h2>By model</h2>")[1].split("</table>")[0])
+        log = page_text(page.split("<h2>Recent requests</h2>")[1].split("</table>")[0])
+        for shown in UNITS_SHOWN:
+            assert shown in by_model and shown in log
+    plain = page_text(browser.get(f"/admin/keys/{key_id(OTHER_KEY)}").text)
+    assert not any(word in plain for word in ("image", "min audio", "character"))
+
+
+def test_audit_log_tells_the_media_units_a_usage_report_billed(units_web):
+    gateway, browser = units_web
+    audit = page_text(browser.get("/admin/audit").text)
+    assert "dall-e-3 via external: 0 + 0 tokens, 3 images, $0.12" in audit
+    assert "whisper-1 via external: 0 + 0 tokens, 12.5 min audio, $0.075" in audit
+    detail = [json.loads(e["detail"]) for e in gateway.http("GET", "/v1/audit_log", key=ADMIN_KEY).json()["entries"] if e["action"] == "report_usage"]
+    assert sorted(d.get("images", 0) for d in detail) == [0, 0, 3]

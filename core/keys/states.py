@@ -13,6 +13,7 @@ from core.ledger import Account, Ledger
 from core.ledger.sums import Totals, Window
 from core.money_format import usd_json
 from core.pricing import COUNT, TOKEN
+from core.units_format import units_json
 
 ACTIVE, DISABLED, EXPIRED, DELETED = "active", "disabled", "expired", "deleted"
 
@@ -85,6 +86,7 @@ def model_row(model: str, cost_type: str, totals: Totals) -> dict[str, Any]:
         "completion_tokens": totals.completion_tokens,
         "cached_tokens": totals.cached_tokens,
         "total_tokens": totals.prompt_tokens + totals.completion_tokens,
+        **units_json(totals.images, totals.audio_ms, totals.characters),
         "count_credits_used": totals.count_charged if cost_type == COUNT else 0,
     }
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import aiosqlite
@@ -40,8 +40,12 @@ class Totals:
     token_cost_nanos: int = 0
     count_charged: int = 0
     errors: int = 0
+    images: int = 0  # the media endpoints' units (core/usage.py Usage)
+    audio_ms: int = 0
+    characters: int = 0
 
     def add(self, row: Sequence[int]) -> None:
+        """Add a row of sums in the order of _COLUMNS (the order of the fields)."""
         self.requests += row[0]
         self.prompt_tokens += row[1]
         self.completion_tokens += row[2]
@@ -50,6 +54,13 @@ class Totals:
         self.token_cost_nanos += row[5]
         self.count_charged += row[6]
         self.errors += row[7]
+        self.images += row[8]
+        self.audio_ms += row[9]
+        self.characters += row[10]
+
+    def merge(self, other: Totals) -> None:
+        """Add another's totals (per model and cost type into per model, or into one)."""
+        self.add([getattr(other, field.name) for field in fields(other)])
 
 
 def _split(window: Window) -> tuple[Any, ...]:
@@ -65,13 +76,14 @@ def _split(window: Window) -> tuple[Any, ...]:
 
 # Columns in the order of Totals.add, for a table aliased {t}: requests and errors differ
 # between raw rows (one request each) and rollups (a count).
+_UNITS = ", SUM({t}.images), SUM({t}.audio_ms), SUM({t}.characters)"
 _COLUMNS = (
     "SUM({requests}), SUM({t}.prompt_tokens), SUM({t}.completion_tokens), SUM({t}.cached_tokens), SUM({t}.cost_nanos),"
-    " COALESCE(SUM(CASE WHEN {t}.cost_type = 'token' THEN {t}.cost_nanos END), 0), SUM({t}.count_charged), SUM({errors})"
+    " COALESCE(SUM(CASE WHEN {t}.cost_type = 'token' THEN {t}.cost_nanos END), 0), SUM({t}.count_charged), SUM({errors})" + _UNITS
 )
 _KEY_DAY_COLUMNS = (
     "SUM(d.requests), SUM(d.prompt_tokens), SUM(d.completion_tokens), SUM(d.cached_tokens), SUM(d.cost_nanos), SUM(d.token_cost_nanos),"
-    " SUM(d.count_charged), SUM(d.errors)"
+    " SUM(d.count_charged), SUM(d.errors)" + _UNITS.format(t="d")
 )
 
 
@@ -92,7 +104,8 @@ async def _all_time_totals(db: aiosqlite.Connection, key_ids: list[str], by_mode
     """Windows from the beginning: the per key and model rollup holds the answer."""
     cte = f"WITH w(key_id) AS (VALUES {', '.join('(?)' for _ in key_ids)}) "
     if by_model:  # one rollup row per (key, model, cost type) already: nothing to group
-        columns = "m.requests, m.prompt_tokens, m.completion_tokens, m.cached_tokens, m.cost_nanos, CASE WHEN m.cost_type = 'token' THEN m.cost_nanos ELSE 0 END, m.count_charged, m.errors"
+        columns = "m.requests, m.prompt_tokens, m.completion_tokens, m.cached_tokens, m.cost_nanos, CASE WHEN m.cost_type = 'token' THEN m.cost_nanos ELSE 0 END, m.count_charged, m.errors,"
+        columns += " m.images, m.audio_ms, m.characters"
         sql = f"{cte}SELECT m.key_id, m.model, m.cost_type, {columns} FROM w CROSS JOIN usage_key_model m ON m.key_id = w.key_id"
     else:
         sql = f"{cte}SELECT m.key_id, {_COLUMNS.format(t='m', requests='m.requests', errors='m.errors')} FROM w CROSS JOIN usage_key_model m ON m.key_id = w.key_id GROUP BY m.key_id"
