@@ -97,8 +97,6 @@ def check_image_generation(body: dict[str, Any]) -> None:
     n = body.get("n")
     if n is not None and (type(n) is not int or not 1 <= n <= MAX_IMAGES):
         raise bad_request(f"Invalid 'n': expected a whole number from 1 to {MAX_IMAGES}, got {_shown(n)}.", "invalid_n", "n")
-    if body.get("stream"):
-        raise bad_request("Image generations cannot be streamed through this gateway; leave 'stream' out.", "invalid_stream", "stream")
 
 
 def check_speech(body: dict[str, Any]) -> None:

@@ -271,3 +271,24 @@ def speech_like(chunks: list[bytes], between: threading.Event | None = None, fai
         return StreamingResponse(gen(), media_type="audio/mpeg")
 
     return handler
+
+
+def image_stream_like(usage: dict[str, Any] | None, between: threading.Event | None = None) -> Handler:
+    """A GPT image model's stream: a partial image, then (after `between`, when given) the
+    completed image with its token `usage`, as OpenAI sends them (named events, no [DONE])."""
+
+    def event(payload: dict[str, Any]) -> bytes:
+        return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode()
+
+    async def handler(_body: dict[str, Any], _request: Request) -> Response:
+        base = {"b64_json": PNG_B64, "created_at": 1, "output_format": "png", "size": "1024x1024", "quality": "low", "background": "opaque"}
+
+        async def gen():  # type: ignore[no-untyped-def]
+            yield event({**base, "type": "image_generation.partial_image", "partial_image_index": 0})
+            while between is not None and not between.is_set():
+                await asyncio.sleep(0.01)
+            yield event({**base, "type": "image_generation.completed", **({"usage": usage} if usage else {})})
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    return handler

@@ -11,9 +11,10 @@ from decimal import Decimal
 
 import openai
 import pytest
+from starlette.responses import StreamingResponse
 
 from test.conftest import ADMIN_KEY
-from test.servers import fail, images_like, moderation_like, speech_like
+from test.servers import fail, image_stream_like, images_like, moderation_like, speech_like
 
 TOKEN_KEY = "sk-media-token-0001"
 COUNT_KEY = "sk-media-count-0002"
@@ -148,11 +149,42 @@ def test_a_bad_n_is_a_400_naming_it(start_gateway, upstream, n, shown):
     assert upstream.seen == []
 
 
-def test_image_streams_are_refused_with_a_clear_400(start_gateway, upstream):
+def test_an_image_stream_is_relayed_and_billed_from_its_completed_event(start_gateway, upstream):
+    upstream.script("p1", image_stream_like(GPT_IMAGE_USAGE))
     gateway = start_gateway(CONFIG, upstream)
-    with pytest.raises(openai.BadRequestError) as caught:
-        gateway.client(TOKEN_KEY).images.generate(model="gpt-image-1", prompt="x", stream=True)
-    assert caught.value.body["code"] == "invalid_stream" and caught.value.body["param"] == "stream"
+    events = list(gateway.client(TOKEN_KEY).images.generate(model="gpt-image-1", prompt="x", stream=True, partial_images=1))
+    assert [event.type for event in events] == ["image_generation.partial_image", "image_generation.completed"]
+    assert events[-1].usage.output_tokens == 4160
+    assert ledger_rows(gateway) == [("ok", "p1", 1, 0, 50, 4160, '{"input":"5","output":"40"}', 166_650_000)]
+
+
+def test_a_client_leaving_an_image_stream_is_billed_the_images_it_asked_for(start_gateway, upstream):
+    between = threading.Event()
+    upstream.script("p1", image_stream_like(GPT_IMAGE_USAGE, between))
+    gateway = start_gateway(CONFIG, upstream)
+    try:
+        stream = gateway.client(TOKEN_KEY).images.generate(model="gpt-image-1", prompt="x", stream=True, partial_images=1, n=2)
+        assert next(iter(stream)).type == "image_generation.partial_image"
+        stream.close()
+        rows = ledger_rows(gateway, "SELECT status, images, unit_prices, cost_nanos FROM usage")
+    finally:
+        between.set()
+    assert rows == [("client_disconnected", 2, '{"image":"0.04"}', 80_000_000)]
+
+
+def test_an_image_stream_ending_before_its_image_ends_with_an_error_event_unbilled(start_gateway, upstream):
+    async def partial_only(body, request):
+        chunk = b'event: image_generation.partial_image\ndata: {"type": "image_generation.partial_image", "b64_json": "AA=="}\n\n'
+        return StreamingResponse(iter([chunk]), media_type="text/event-stream")
+
+    upstream.script("p1", partial_only)
+    gateway = start_gateway(CONFIG, upstream)
+    received = []
+    with pytest.raises(openai.APIError, match="ended the stream early"):
+        for event in gateway.client(TOKEN_KEY).images.generate(model="gpt-image-1", prompt="x", stream=True):
+            received.append(event.type)
+    assert received == ["image_generation.partial_image"]
+    assert ledger_rows(gateway, "SELECT status, images, cost_nanos FROM usage") == [("error", 0, 0)]  # released: nothing charged
 
 
 def test_an_images_answer_without_data_is_no_answer_and_the_next_provider_is_tried(start_gateway, upstream):
@@ -382,8 +414,14 @@ def test_echo_answers_images_speech_and_moderations(start_gateway):
     client = gateway.client(TOKEN_KEY)
     images = client.images.generate(model="dall-e-3", prompt="x", n=2, response_format="b64_json")
     assert [base64.b64decode(image.b64_json)[:8] for image in images.data] == [b"\x89PNG\r\n\x1a\n"] * 2
+    assert [event.type for event in client.images.generate(model="dall-e-3", prompt="x", stream=True)] == ["image_generation.completed"]
     assert client.moderations.create(model="omni-moderation-latest", input=["a", "b"]).results[1].flagged is False
     with client.audio.speech.with_streaming_response.create(model="tts-1", voice="alloy", input=SPOKEN) as response:
         assert response.headers["content-type"] == "audio/wav"
         assert response.read()[:4] == b"RIFF"
-    assert ledger_rows(gateway, "SELECT images, characters, cost_nanos FROM usage ORDER BY id") == [(2, 0, 80_000_000), (0, 0, 0), (0, 11, 165_000)]
+    assert ledger_rows(gateway, "SELECT images, characters, cost_nanos FROM usage ORDER BY id") == [
+        (2, 0, 80_000_000),
+        (1, 0, 40_000_000),
+        (0, 0, 0),
+        (0, 11, 165_000),
+    ]

@@ -1,7 +1,7 @@
 """`engine: echo` for images, speech and moderations: small valid answers made locally, so
 an operator can try these endpoints (and their billing) with no vendor account.
 
-An image is a 1x1 transparent PNG, speech a tenth of a second of silence as WAV whatever
+An image is a 1x1 transparent PNG (streamed as one completed event when asked), speech a tenth of a second of silence as WAV whatever
 format was asked for, a moderation never flags anything. Usage is what a vendor's would be:
 the images made, the characters read aloud.
 """
@@ -57,6 +57,8 @@ class EchoMediaAdapter:
         if call.endpoint == "moderations":
             return Reply(200, _dumps(_moderation(call)), Usage())
         n = call.body.get("n") or 1
+        if call.stream:
+            return EchoImageStream(n)
         return Reply(200, _dumps(_images(call, n)), Usage(images=n))
 
 
@@ -99,6 +101,24 @@ class EchoAudioStream(UpstreamStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         yield SILENT_WAV[:44]
         yield SILENT_WAV[44:]
+        self.complete = True
+
+    def close(self) -> None:
+        pass
+
+
+class EchoImageStream(UpstreamStream):
+    """A GPT image model's stream: one `image_generation.completed` event per image."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self._n = n
+        self.usage = Usage(images=n)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        event = {"type": "image_generation.completed", "b64_json": PNG_BASE64, "created_at": int(time.time()), "output_format": "png", "size": "1x1"}
+        for _ in range(self._n):
+            yield b"event: image_generation.completed\ndata: " + _dumps(event) + b"\n\n"
         self.complete = True
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from core.providers.base import Adapter, Reply, UpstreamCall, UpstreamFailure, U
 from core.providers.echo_media import EchoMediaAdapter
 from core.providers.http import open_stream, post_json
 from core.providers.openai import AzureAdapter, OpenAIAdapter
+from core.sse import SseSplitter, encode_event, event_data
 from core.usage import Usage, reported_count
 
 OCTET_STREAM = "application/octet-stream"
@@ -38,6 +39,8 @@ class MediaAdapter:
         payload = orjson.dumps({**call.body, "model": call.route.upstream_name})
         if call.endpoint == "audio/speech":
             return await open_audio(http, url, headers, payload, call)
+        if call.stream:  # GPT image models stream partial images, then each one completed
+            return ImageStream(await open_stream(http, url, headers, payload, call), call.route, call.body.get("n") or 1)
         body, data = await post_json(http, url, headers, payload, call)
         usage = _ANSWER_USAGE[call.endpoint](data)
         if usage is None:
@@ -51,12 +54,10 @@ def image_usage(data: Any) -> Usage | None:
     images = data.get("data") if isinstance(data, dict) else None
     if not isinstance(images, list):
         return None
-    reported = data.get("usage")
-    tokens = reported if isinstance(reported, dict) else {}
-    prompt, completion = reported_count(tokens.get("input_tokens")), reported_count(tokens.get("output_tokens"))
-    if prompt is None or completion is None:  # half a report is no report: billed per image
+    tokens = _token_usage(data.get("usage"))
+    if tokens is None:  # half a report is no report: billed per image
         return Usage(images=len(images))
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, images=len(images))
+    return Usage(prompt_tokens=tokens.prompt_tokens, completion_tokens=tokens.completion_tokens, images=len(images))
 
 
 def moderation_usage(data: Any) -> Usage | None:
@@ -130,6 +131,86 @@ class AudioStream(UpstreamStream):
             self._response.release()
         else:
             self._response.close()
+
+
+COMPLETED_IMAGE = b"image_generation.completed"
+
+
+class ImageStream(UpstreamStream):
+    """A GPT image model's stream (`image_generation.partial_image` events, then one
+    `image_generation.completed` per image, which carries the image's token usage), relayed
+    as it comes. Only completed events are parsed: partial images pass through untouched.
+
+    Billed for the images completed, by the tokens their events report when each reports
+    them; a stream the client leaves before its last image is billed the `n` images it asked
+    for, as the vendor goes on to make them (see `close`).
+    """
+
+    def __init__(self, response: aiohttp.ClientResponse, route: ModelRoute, requested: int):
+        super().__init__()
+        self._response = response
+        self._route = route
+        self._requested = requested
+        self._completed: list[Usage | None] = []  # each completed image's token usage, if reported
+        self._finished = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        splitter = SseSplitter()
+        try:
+            async for chunk in self._response.content.iter_any():
+                events = splitter.feed(chunk)  # whole events only: an error event may have to follow
+                for event in events:
+                    if COMPLETED_IMAGE in event:
+                        self._observe(event)
+                if events:
+                    yield b"".join(events)
+            self._finished = True
+        except TimeoutError:
+            self.error = GatewayError(
+                504, "api_error", "upstream_timeout", f"Provider '{self._route.provider.name}' stopped sending for {self._route.timeout:g}s."
+            )
+        except aiohttp.ClientError:
+            self.error = broken_off(self._route)
+        finally:
+            self.close()
+        if self.error is None and (splitter.rest().strip() or not self.complete):
+            self.error = bad_gateway(f"Provider '{self._route.provider.name}' ended the stream early.", "upstream_stream_broken")
+        if self.error is not None:
+            yield encode_event(orjson.dumps(self.error.body()))
+
+    def _observe(self, event: bytes) -> None:
+        data = event_data(event)
+        try:
+            parsed = orjson.loads(data) if data is not None else None
+        except ValueError:
+            return
+        if not isinstance(parsed, dict) or parsed.get("type") != "image_generation.completed":
+            return
+        self._completed.append(_token_usage(parsed.get("usage")))
+        self.usage = self._images_usage()
+        self.complete = len(self._completed) >= self._requested
+
+    def _images_usage(self) -> Usage:
+        images = len(self._completed)
+        if any(usage is None for usage in self._completed):
+            return Usage(images=images)
+        reported = [usage for usage in self._completed if usage is not None]
+        return Usage(sum(u.prompt_tokens for u in reported), sum(u.completion_tokens for u in reported), images=images)
+
+    def close(self) -> None:
+        if self._finished:
+            self._response.release()
+            return
+        self._response.close()
+        if self.error is None and not self.complete:  # the client left: the vendor makes and bills them all
+            self.usage = Usage(images=self._requested, estimated=True)
+
+
+def _token_usage(reported: Any) -> Usage | None:
+    """A GPT image model's `usage` (input and output tokens), or None if it lacks either."""
+    tokens = reported if isinstance(reported, dict) else {}
+    prompt, completion = reported_count(tokens.get("input_tokens")), reported_count(tokens.get("output_tokens"))
+    return None if prompt is None or completion is None else Usage(prompt_tokens=prompt, completion_tokens=completion)
 
 
 MEDIA_ADAPTERS: dict[str, Adapter] = {"openai": MediaAdapter(OpenAIAdapter()), "azure": MediaAdapter(AzureAdapter()), "echo": EchoMediaAdapter()}
