@@ -22,7 +22,7 @@ from core.metering import ERROR, OK, Outcome
 from core.pricing import COUNT, PRICED_BY_UNIT, PriceBook, count_price_json, format_usd
 from core.proxy import ProxyRequest, new_request_id
 from core.request_checks import output_token_limit
-from core.usage import Usage, estimate_prompt_tokens
+from core.usage import Usage, estimate_media_prompt_tokens, estimate_prompt_tokens
 
 ESTIMATED = "estimated"
 # Endpoints that write no tokens: nothing is reserved for output.
@@ -120,6 +120,9 @@ class BillingMeter:
         completion = 0
         if request.endpoint not in _NO_OUTPUT_TOKENS:
             completion = output_token_limit(request.endpoint, body) or config.preferences.reserve_completion_tokens
+        if request.endpoint in PRICED_BY_UNIT:
+            images = request.units.images if request.units is not None else 0
+            return estimate_media_prompt_tokens(request.endpoint, body), completion * max(images, 1)  # each image its own output
         return estimate_prompt_tokens(body), completion
 
 

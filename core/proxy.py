@@ -20,9 +20,10 @@ from core.errors import GatewayError, bad_gateway, bad_request
 from core.metering import CLIENT_DISCONNECTED, ERROR, OK, Meter, Outcome, Ticket
 from core.providers import adapter_for, messages_adapter_for, responses_adapter_for
 from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamStream, invalid_answer
+from core.providers.media import media_adapter_for
 from core.providers.messages import anthropic_error_body, anthropic_event
 from core.providers.responses_native import responses_error_event
-from core.request_checks import check_request
+from core.request_checks import check_request, requested_units
 from core.routing import Scheduler, routes_for
 from core.sse import encode_event
 from core.stored_responses import StoredResponses
@@ -30,8 +31,19 @@ from core.usage import Usage, complete_usage, estimate_usage, usage_so_far
 
 log = logging.getLogger("tollgate.proxy")
 
-ENDPOINTS = ("chat/completions", "completions", "embeddings", "messages", "responses")
-_REQUIRED_FIELD = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input", "messages": "messages", "responses": "input"}
+ENDPOINTS = ("chat/completions", "completions", "embeddings", "messages", "responses", "images/generations", "moderations", "audio/speech")
+_REQUIRED_FIELD = {
+    "chat/completions": "messages",
+    "completions": "prompt",
+    "embeddings": "input",
+    "messages": "messages",
+    "responses": "input",
+    "images/generations": "prompt",
+    "moderations": "input",
+    "audio/speech": "input",
+}
+# Endpoints whose answer is never a stream of events: `stream: true` is a 400.
+_NOT_STREAMED = {"embeddings": "Embeddings", "moderations": "Moderations"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +76,10 @@ def parse_proxy_request(endpoint: str, body: Any) -> ProxyRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad_request("The 'stream' field must be true or false.", "invalid_stream", "stream")
-    if stream and endpoint == "embeddings":
-        raise bad_request("Embeddings cannot be streamed.", "invalid_stream", "stream")
+    if stream and endpoint in _NOT_STREAMED:
+        raise bad_request(f"{_NOT_STREAMED[endpoint]} cannot be streamed.", "invalid_stream", "stream")
     check_request(endpoint, body)
-    return ProxyRequest(endpoint, body, model, stream, new_request_id())
+    return ProxyRequest(endpoint, body, model, stream, new_request_id(), requested_units(endpoint, body))
 
 
 _REQUEST_PREFIX = f"req_{secrets.token_hex(6)}"
@@ -181,7 +193,13 @@ async def _send(request: ProxyRequest, call: UpstreamCall, http: aiohttp.ClientS
 
 
 # Endpoints whose adapters depend on the endpoint as well as the engine (translating ones).
-_ADAPTER_FOR = {"messages": messages_adapter_for, "responses": responses_adapter_for}
+_ADAPTER_FOR = {
+    "messages": messages_adapter_for,
+    "responses": responses_adapter_for,
+    "images/generations": media_adapter_for,
+    "moderations": media_adapter_for,
+    "audio/speech": media_adapter_for,
+}
 
 
 def _as_public_model(request: ProxyRequest, routes: tuple[ModelRoute, ...]) -> ProxyRequest:
@@ -234,11 +252,19 @@ class MeteredStream:
     def _end_with(self, error: GatewayError) -> bytes:
         self.upstream.close()
         self.upstream.error = error
+        if self.upstream.binary:  # no error text inside audio: the relay cuts it off (`aborted`)
+            return b""
         if self.request.endpoint == "messages":  # Anthropic's clients expect its error event
             return anthropic_event("error", anthropic_error_body(error))
         if self.request.endpoint == "responses":
             return responses_error_event(error)
         return encode_event(orjson.dumps(error.body()))
+
+    @property
+    def aborted(self) -> bool:
+        """A binary stream that failed: the client's connection is closed without the end of
+        the body, so the client knows it lacks the rest (an ending would say it had it all)."""
+        return self.upstream.binary and self.upstream.error is not None
 
     @property
     def report_every(self) -> float | None:
@@ -249,7 +275,9 @@ class MeteredStream:
         process die before the stream ends)."""
         if self._ticket is not None:
             upstream = self.upstream
-            usage = usage_so_far(upstream.partial_usage, self.request.body, upstream.completion_text_bytes)
+            usage = upstream.usage  # known from the start when exact (speech's characters)
+            if usage is None or usage.estimated:
+                usage = usage_so_far(upstream.partial_usage, self.request.body, upstream.completion_text_bytes)
             self._ticket.report(Outcome(self.route.provider.name, self.route.upstream_name, usage, ERROR))
 
     def finish(self, disconnected: bool) -> None:

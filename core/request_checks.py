@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from core.errors import GatewayError, bad_request
+from core.usage import Usage
 
 # orjson, which writes what the gateway sends on, reads 1,024 levels but writes at most 254:
 # a body nested deeper could not be forwarded, so it is refused when it is read.
@@ -75,6 +76,50 @@ def check_request(endpoint: str, body: dict[str, Any]) -> None:
         check_messages(body)
     elif endpoint == "responses":
         check_responses(body)
+    elif endpoint in _MEDIA_CHECKS:
+        _MEDIA_CHECKS[endpoint](body)
+
+
+MAX_IMAGES = 10  # OpenAI's bound for `n` on images/generations
+
+
+def requested_units(endpoint: str, body: dict[str, Any]) -> Usage | None:
+    """What a media request asks for at most, which admission reserves for (checked first by
+    check_request): `n` images, the characters of the text to read aloud."""
+    if endpoint == "images/generations":
+        return Usage(images=body.get("n") or 1)
+    if endpoint == "audio/speech":
+        return Usage(characters=len(body["input"]))
+    return None
+
+
+def check_image_generation(body: dict[str, Any]) -> None:
+    """`n` is what the reservation counts on: a whole number of images OpenAI would make."""
+    _check_string(body, "prompt")
+    n = body.get("n")
+    if n is not None and (type(n) is not int or not 1 <= n <= MAX_IMAGES):
+        raise bad_request(f"Invalid 'n': expected a whole number from 1 to {MAX_IMAGES}, got {_shown(n)}.", "invalid_n", "n")
+
+
+def check_speech(body: dict[str, Any]) -> None:
+    """The text to read aloud: its characters are what speech is billed by."""
+    _check_string(body, "input")
+
+
+def check_moderation(body: dict[str, Any]) -> None:
+    """Text, or a list of texts or of text and image parts: what OpenAI moderates."""
+    value = body["input"]
+    if not isinstance(value, (str, list)):
+        raise bad_request(f"Invalid 'input': expected a string or a list, got {_shown(value)}.", "invalid_input", "input")
+
+
+def _check_string(body: dict[str, Any], name: str) -> None:
+    value = body[name]
+    if not isinstance(value, str):
+        raise bad_request(f"Invalid '{name}': expected a string, got {_shown(value)}.", f"invalid_{name}", name)
+
+
+_MEDIA_CHECKS = {"images/generations": check_image_generation, "audio/speech": check_speech, "moderations": check_moderation}
 
 
 def output_token_limit(endpoint: str, body: dict[str, Any]) -> int | None:

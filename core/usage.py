@@ -45,6 +45,17 @@ def tokens_for_bytes(size: int) -> int:
     return -(-size // BYTES_PER_TOKEN)
 
 
+def estimate_media_prompt_tokens(endpoint: str, body: dict[str, Any]) -> int:
+    """Input size of an images, speech or moderations request: the image prompt; the text to
+    read aloud and its voice `instructions`; the texts and images to moderate."""
+    value = body.get("prompt" if endpoint.startswith("images/") else "input")
+    items = value if isinstance(value, list) else [value]
+    texts = sum(estimate_text_tokens(item) for item in items if isinstance(item, str))
+    parts = _content_tokens([item for item in items if isinstance(item, dict)])  # moderation's text and image parts
+    instructions = body.get("instructions")
+    return texts + parts + (estimate_text_tokens(instructions) if isinstance(instructions, str) else 0)
+
+
 def text_bytes(value: Any) -> int:
     """UTF-8 size of a string a vendor generated; 0 for anything else (an odd value never raises)."""
     return len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else 0

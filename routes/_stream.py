@@ -1,4 +1,4 @@
-"""The streaming response for proxied SSE: passes chunks through and settles once at the end."""
+"""The streaming response for proxied streams (SSE, or speech's raw audio): passes chunks through and settles once at the end."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class ProxyStreamResponse:
                     self.stream.report_progress()
                     next_report = self._loop.time() + report_every
             delivered = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._end_body(send)
         except asyncio.CancelledError:
             if not self.disconnected:
                 raise  # cancelled from outside (shutdown): not ours to swallow
@@ -79,9 +79,15 @@ class ProxyStreamResponse:
         """Send the stream's last event and end the body (the client may be gone by now)."""
         try:
             await send({"type": "http.response.body", "body": event, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._end_body(send)
         except OSError:
             self.disconnected = True
+
+    async def _end_body(self, send: Send) -> None:
+        """End the body, unless the stream was binary and failed: then it is left unended and
+        the server closes the connection, so the client sees its audio cut short."""
+        if not self.stream.aborted:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _watch_disconnect(self, receive: Receive) -> None:
         message: Message = {"type": ""}

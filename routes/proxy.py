@@ -127,7 +127,7 @@ def _request_headers(scope: Scope) -> dict[str, str]:
 
 # Many clients are configured with a base URL lacking /v1: every proxy path is served both ways.
 API_PREFIXES = ("/v1", "")
-UNPREFIXED_API_PATHS = ("/chat/completions", "/completions", "/embeddings", "/messages", "/responses", "/models")
+UNPREFIXED_API_PATHS = ("/chat/completions", "/completions", "/embeddings", "/messages", "/responses", "/images", "/audio", "/moderations", "/models")
 
 # Paths whose clients expect Anthropic's error shape (main.py renders Starlette-raised errors).
 ANTHROPIC_PATHS = frozenset(f"{prefix}{path}" for prefix in API_PREFIXES for path in ("/messages", "/messages/count_tokens"))

@@ -319,3 +319,66 @@ def responses_events(response: dict[str, Any], words: tuple[str, ...], cut_after
     if cut_after is None:
         events.append(responses_event("response.completed", {"sequence_number": len(words) + 1, "response": response}))
     return events
+
+
+# --- the media endpoints and moderations (test/test_media.py) --------------------------------
+
+PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAAC0lEQVR4nGNgAAIAAAUAAXpeqz8AAAAASUVORK5CYII="
+
+
+def images_like(usage: dict[str, Any] | None = None) -> Handler:
+    """OpenAI's images answer: `n` images in `data`; gpt-image-1's token `usage` when given."""
+
+    async def handler(body: dict[str, Any], _request: Request) -> Response:
+        answer: dict[str, Any] = {"created": 1, "data": [{"b64_json": PNG_B64} for _ in range(body.get("n") or 1)]}
+        if usage is not None:
+            answer["usage"] = usage
+        return JSONResponse(answer)
+
+    return handler
+
+
+async def moderation_like(body: dict[str, Any], _request: Request) -> Response:
+    """OpenAI's moderation answer, nothing flagged, no usage (OpenAI reports none)."""
+    result = {"flagged": False, "categories": {"hate": False}, "category_scores": {"hate": 0.001}}
+    return JSONResponse({"id": "modr-fake", "model": body.get("model"), "results": [result]})
+
+
+def speech_like(chunks: list[bytes], between: threading.Event | None = None, fail_after: bool = False) -> Handler:
+    """Raw audio in `chunks`; after the first, waits for `between` (so a test can see the first
+    arrive before the upstream has finished); `fail_after` breaks the connection at the end."""
+
+    async def handler(_body: dict[str, Any], _request: Request) -> Response:
+        async def gen():  # type: ignore[no-untyped-def]
+            yield chunks[0]
+            while between is not None and not between.is_set():
+                await asyncio.sleep(0.01)
+            for chunk in chunks[1:]:
+                yield chunk
+            if fail_after:
+                raise RuntimeError("upstream died mid-audio")
+
+        return StreamingResponse(gen(), media_type="audio/mpeg")
+
+    return handler
+
+
+def image_stream_like(usage: dict[str, Any] | None, between: threading.Event | None = None) -> Handler:
+    """A GPT image model's stream: a partial image, then (after `between`, when given) the
+    completed image with its token `usage`, as OpenAI sends them (named events, no [DONE])."""
+
+    def event(payload: dict[str, Any]) -> bytes:
+        return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode()
+
+    async def handler(_body: dict[str, Any], _request: Request) -> Response:
+        base = {"b64_json": PNG_B64, "created_at": 1, "output_format": "png", "size": "1024x1024", "quality": "low", "background": "opaque"}
+
+        async def gen():  # type: ignore[no-untyped-def]
+            yield event({**base, "type": "image_generation.partial_image", "partial_image_index": 0})
+            while between is not None and not between.is_set():
+                await asyncio.sleep(0.01)
+            yield event({**base, "type": "image_generation.completed", **({"usage": usage} if usage else {})})
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    return handler

@@ -99,6 +99,9 @@ class UpstreamStream(ABC):
     """
 
     content_type = SSE_CONTENT_TYPE
+    # Raw bytes (audio), not events: nothing may be written into it, so a stream that fails
+    # is cut off (connection closed) rather than ended with an error event.
+    binary = False
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
