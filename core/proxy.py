@@ -20,9 +20,11 @@ from core.metering import CLIENT_DISCONNECTED, ERROR, OK, Meter, Outcome, Ticket
 from core.providers import adapter_for, messages_adapter_for, responses_adapter_for
 from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamStream, invalid_answer
 from core.providers.messages import anthropic_error_body, anthropic_event
+from core.providers.uploads import upload_adapter_for
 from core.request_checks import check_request
 from core.routing import Scheduler, routes_for
 from core.sse import encode_event
+from core.uploads import UPLOAD_ENDPOINTS, Upload
 from core.usage import Usage, complete_usage, estimate_usage, usage_so_far
 
 log = logging.getLogger("tollgate.proxy")
@@ -44,6 +46,8 @@ class ProxyRequest:
     # The media endpoints' units the request asks for at most (`n` images, the characters to
     # read aloud, the upload's longest likely audio), which admission reserves for.
     units: Usage | None = None
+    # A multipart endpoint's form (core/uploads): its fields are `body`, its files spooled.
+    upload: Upload | None = None
 
 
 def parse_proxy_request(endpoint: str, body: Any) -> ProxyRequest:
@@ -126,6 +130,7 @@ class Gateway:
                 self.scheduler.next_upstream_key(route.provider),
                 prefs.max_response_body_bytes,
                 self.loop,
+                request.upload,
             )
             try:
                 answer = await _send(request, call, self.http)
@@ -157,7 +162,11 @@ async def _send(request: ProxyRequest, call: UpstreamCall, http: aiohttp.ClientS
 
 
 # Endpoints whose adapters depend on the endpoint as well as the engine (translating ones).
-_ADAPTER_FOR = {"messages": messages_adapter_for, "responses": responses_adapter_for}
+_ADAPTER_FOR = {
+    "messages": messages_adapter_for,
+    "responses": responses_adapter_for,
+    **dict.fromkeys(UPLOAD_ENDPOINTS, upload_adapter_for),
+}
 
 
 def _as_public_model(request: ProxyRequest, routes: tuple[ModelRoute, ...]) -> ProxyRequest:

@@ -17,6 +17,7 @@ import aiohttp
 
 from core.config import DEFAULT_MAX_RESPONSE_BODY, ModelRoute
 from core.errors import GatewayError, bad_gateway, gateway_timeout
+from core.uploads import Upload
 from core.usage import Usage
 
 SSE_CONTENT_TYPE = "text/event-stream"
@@ -34,6 +35,7 @@ class UpstreamCall:
     # The event loop the call runs on, when the caller knows it: finding it again costs a
     # getpid() syscall per lookup in Python 3.11 (see core.deadlines.Deadline).
     loop: asyncio.AbstractEventLoop | None = None
+    upload: Upload | None = None  # the multipart endpoints' form, sent again on each attempt
 
     @property
     def client_wants_usage(self) -> bool:
