@@ -23,9 +23,11 @@ from core.errors import GatewayError, not_found
 from core.providers.messages import anthropic_error_body
 from core.proxy import ENDPOINTS, MeteredStream, parse_proxy_request
 from core.routing import routes_for
+from core.uploads import UPLOAD_ENDPOINTS
 from core.usage import estimate_prompt_tokens
 from routes._http import authenticate, authenticate_headers, current_config, internal_error, parse_json, read_json, receive_body
 from routes._stream import ProxyStreamResponse
+from routes.uploads import UPLOAD_ENDPOINTS_BY_NAME, UploadEndpoint
 
 log = logging.getLogger("tollgate.proxy")
 
@@ -127,12 +129,20 @@ def _request_headers(scope: Scope) -> dict[str, str]:
 
 # Many clients are configured with a base URL lacking /v1: every proxy path is served both ways.
 API_PREFIXES = ("/v1", "")
-UNPREFIXED_API_PATHS = ("/chat/completions", "/completions", "/embeddings", "/messages", "/responses", "/models")
+UNPREFIXED_API_PATHS = (
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/messages",
+    "/responses",
+    "/models",
+    *(f"/{name}" for name in UPLOAD_ENDPOINTS),
+)
 
 # Paths whose clients expect Anthropic's error shape (main.py renders Starlette-raised errors).
 ANTHROPIC_PATHS = frozenset(f"{prefix}{path}" for prefix in API_PREFIXES for path in ("/messages", "/messages/count_tokens"))
 
-_ENDPOINTS = {name: ProxyEndpoint(name) for name in ENDPOINTS}
+_ENDPOINTS: dict[str, ProxyEndpoint | UploadEndpoint] = {**{name: ProxyEndpoint(name) for name in ENDPOINTS}, **UPLOAD_ENDPOINTS_BY_NAME}
 PROXY_ENDPOINTS = {f"{prefix}/{name}": endpoint for name, endpoint in _ENDPOINTS.items() for prefix in API_PREFIXES}
 
 routes = [
