@@ -15,11 +15,11 @@ import httpx
 import openai
 import pytest
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from core.providers.echo_uploads import PIXEL_PNG_B64
 from test.conftest import ADMIN_KEY, keys_yaml
-from test.servers import fail
+from test.servers import fail, sse
 
 COUNT_KEY = "sk-count-uploads-0003"
 POOR_KEY = "sk-poor-uploads-0004"
@@ -283,12 +283,14 @@ def test_a_form_without_model_or_file_or_not_a_form_is_a_clear_400(start_gateway
         ({"data": {"language": "en"}, "files": {"file": ("a.wav", wav(1))}}, "missing_model", "model"),
         ({"data": {"model": "whisper-1"}, "files": {"audio": ("a.wav", wav(1))}}, "missing_file", "file"),
         ({"json": {"model": "whisper-1", "file": "a.wav"}}, "invalid_content_type", None),
-        ({"data": {"model": "whisper-1", "stream": "true"}, "files": {"file": ("a.wav", wav(1))}}, "stream_unsupported", "stream"),
     ]
     for request, code, param in cases:
         response = gateway.http("POST", "/v1/audio/transcriptions", **request)
         assert response.status_code == 400, response.text
         assert (response.json()["error"]["code"], response.json()["error"]["param"]) == (code, param)
+    for path in ("/v1/audio/translations", "/v1/images/edits"):
+        response = gateway.http("POST", path, data={"model": "whisper-1", "stream": "true"}, files={"file": ("a.wav", b"x"), "image": ("a.png", b"x")})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_stream", response.text
     response = gateway.http("POST", "/v1/images/edits", data={"model": "gpt-image-1", "prompt": "x", "n": "11"}, files={"image": ("a.png", b"png")})
     assert response.json()["error"]["code"] == "invalid_n"
     response = gateway.http("POST", "/v1/images/edits", data={"model": "gpt-image-1", "prompt": "x"}, files={"mask": ("m.png", b"png")})
@@ -338,3 +340,40 @@ def test_estimated_audio_reserves_at_the_documented_bitrate(start_gateway, upstr
     gateway.client().audio.transcriptions.create(file=("a.webm", os.urandom(20_000)), model="whisper-1", response_format="text")
     # 20,000 bytes at 2,000 bytes a second: 10 s.
     assert usage_rows(gateway, "audio_ms, cost_nanos, status") == [(10_000, 1_000_000, "estimated")]
+
+
+def transcript_events(usage: dict[str, Any] | None):  # type: ignore[no-untyped-def]
+    """A fake vendor's streamed transcription: two deltas, then the done event (with `usage` if given)."""
+
+    async def handler(body: dict[str, Any], _request: Request) -> Response:
+        assert body["stream"] == "true"
+        done = {"type": "transcript.text.done", "text": "Hello there", **({"usage": usage} if usage else {})}
+        events = [{"type": "transcript.text.delta", "delta": "Hello"}, {"type": "transcript.text.delta", "delta": " there"}, done]
+
+        async def gen():  # type: ignore[no-untyped-def]
+            for event in events:
+                yield sse(event)
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    return handler
+
+
+def test_a_streamed_transcription_is_relayed_and_billed_from_its_done_event(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    usage = {"type": "tokens", "input_tokens": 1000, "output_tokens": 100, "total_tokens": 1100}
+    upstream.script("p1", transcript_events(usage))
+    events = list(gateway.client().audio.transcriptions.create(file=("a.wav", wav(2)), model="gpt-4o-transcribe", stream=True))
+    assert [event.type for event in events] == ["transcript.text.delta", "transcript.text.delta", "transcript.text.done"]
+    assert events[-1].text == "Hello there"
+    assert usage_rows(gateway, "audio_ms, prompt_tokens, completion_tokens, cost_nanos, status") == [(2000, 1000, 100, 3_500_000, "ok")]
+
+
+def test_a_streamed_transcription_without_usage_is_billed_by_the_measured_file(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    upstream.script("p1", transcript_events(None))
+    events = list(gateway.client().audio.transcriptions.create(file=("a.wav", wav(20)), model="whisper-1", stream=True))
+    assert events[-1].type == "transcript.text.done"
+    assert usage_rows(gateway, "audio_ms, cost_nanos, status") == [(20_000, 2_000_000, "ok")]
+    echoed = list(gateway.client().audio.transcriptions.create(file=("a.wav", wav(1.5)), model="echo-whisper", stream=True))
+    assert "".join(event.delta for event in echoed[:-1]) == echoed[-1].text == "Echo: 1.5 seconds of audio."

@@ -10,7 +10,8 @@ from typing import Any
 
 import aiohttp
 
-from core.providers.base import Reply, UpstreamCall
+from core.providers.base import SSE_CONTENT_TYPE, Reply, UpstreamCall
+from core.sse import encode_event
 from core.uploads import Upload
 from core.uploads.audio_length import estimate_audio_ms
 from core.usage import Usage
@@ -35,6 +36,10 @@ def _transcript(call: UpstreamCall, upload: Upload) -> Reply:
     seconds = heard_ms / 1000
     usage = Usage(audio_ms=heard_ms, estimated=measured is None)
     text = f"Echo: {seconds:g} seconds of audio."
+    if call.stream:  # the whole event stream in one answer: the client reads it as it reads any
+        events: list[dict[str, Any]] = [{"type": "transcript.text.delta", "delta": word} for word in _words(text)]
+        events.append({"type": "transcript.text.done", "text": text, "usage": {"type": "duration", "seconds": seconds}})
+        return Reply(200, b"".join(encode_event(json.dumps(event).encode()) for event in events), usage, SSE_CONTENT_TYPE)
     response_format = call.body.get("response_format") or "json"
     if response_format in _TEXT_FORMATS:
         return Reply(200, text.encode(), usage, _TEXT_FORMATS[str(response_format)])
@@ -43,6 +48,11 @@ def _transcript(call: UpstreamCall, upload: Upload) -> Reply:
         task = "translate" if call.endpoint == "audio/translations" else "transcribe"
         answer = {"task": task, "language": "english", "duration": seconds, "text": text, "segments": []}
     return Reply(200, json.dumps(answer).encode(), usage)
+
+
+def _words(text: str) -> list[str]:
+    words = text.split(" ")
+    return [words[0], *(f" {word}" for word in words[1:])]
 
 
 def _edited_images(call: UpstreamCall) -> Reply:

@@ -5,8 +5,9 @@ streamed from their first byte on every attempt (failover sends them again).
 OpenAI-style providers only (core/endpoints.py): OpenAI `{base}/audio/transcriptions`,
 Azure `/openai/deployments/{deployment}/audio/transcriptions?api-version=...`. The answer
 is relayed with its content type: JSON (`json`, `verbose_json`, images) or text (`text`,
-`srt`, `vtt`). Usage: the vendor's when it reports one, else the duration measured from
-the upload, else the admission's estimate (marked estimated).
+`srt`, `vtt`), or a transcription's event stream (core/providers/transcript_stream.py).
+Usage: the vendor's when it reports one, else the duration measured from the upload, else
+the admission's estimate (marked estimated).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from core.deadlines import Deadline
 from core.errors import bad_gateway
 from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamFailure
 from core.providers.echo_uploads import EchoUploadAdapter
-from core.providers.http import failure_from_status, too_large_answer
+from core.providers.http import failure_from_status, open_stream, too_large_answer
 from core.providers.openai import AzureAdapter, OpenAIAdapter
+from core.providers.transcript_stream import TranscriptStream
 from core.uploads import AUDIO_ENDPOINTS, Upload, UploadedFile
 from core.uploads.audio_length import estimate_audio_ms
 from core.usage import Usage, reported_count
@@ -39,9 +41,13 @@ class UploadAdapter:
     def __init__(self, urls: OpenAIAdapter):
         self.urls = urls
 
-    async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply:
+    async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | TranscriptStream:
         url, headers = self.urls.target(call)
         headers = {name: value for name, value in headers.items() if name.lower() != "content-type"}
+        if call.stream:  # a transcription (core/uploads/request.py refuses the others)
+            upload = call.upload
+            response = await open_stream(http, url, headers, upstream_form(call), call)
+            return TranscriptStream(response, call.route, lambda done: audio_usage(done, upload))
         body, content_type = await post_form(http, url, headers, upstream_form(call), call)
         return read_answer(call, body, content_type)
 
@@ -132,7 +138,7 @@ def read_answer(call: UpstreamCall, body: bytes, content_type: str) -> Reply:
     return Reply(200, body, Usage(prompt_tokens=prompt, completion_tokens=completion, images=len(images)))
 
 
-def audio_usage(data: dict[str, Any] | None, upload: Upload) -> Usage:
+def audio_usage(data: dict[str, Any] | None, upload: Upload | None) -> Usage:
     """What a transcription heard: the vendor's `usage` (`{"type": "duration", "seconds"}`, or
     `{"type": "tokens", ...}` as gpt-4o-transcribe reports), else verbose_json's `duration`,
     else the duration measured from the upload, else the admission's estimate (estimated)."""
@@ -141,11 +147,11 @@ def audio_usage(data: dict[str, Any] | None, upload: Upload) -> Usage:
     heard_ms = _milliseconds(usage.get("seconds")) if usage.get("type") == "duration" else None
     if heard_ms is None and data is not None:
         heard_ms = _milliseconds(data.get("duration"))
-    if heard_ms is None:
+    if heard_ms is None and upload is not None:
         heard_ms = upload.audio_ms
     prompt, completion = _token_counts(usage) if usage.get("type") == "tokens" else (0, 0)
     if heard_ms is None:
-        audio = upload.file("file")
+        audio = upload.file("file") if upload is not None else None
         estimate = estimate_audio_ms(audio.size if audio is not None else 0)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, audio_ms=estimate, estimated=not (prompt or completion))
     return Usage(prompt_tokens=prompt, completion_tokens=completion, audio_ms=heard_ms)

@@ -12,6 +12,7 @@ from core.usage import Usage
 # The file fields each endpoint requires (the first name is the documented one).
 _FILE_FIELDS = {"audio/transcriptions": ("file",), "audio/translations": ("file",), "images/edits": ("image", "image[]")}
 MAX_IMAGES = 10  # OpenAI's bound for `n`
+STREAMED_ENDPOINT = "audio/transcriptions"  # `stream: true` (gpt-4o-transcribe's SSE events)
 
 
 def upload_request(endpoint: str, upload: Upload) -> ProxyRequest:
@@ -24,14 +25,15 @@ def upload_request(endpoint: str, upload: Upload) -> ProxyRequest:
     file = upload.file(*names)
     if file is None:
         raise bad_request(f"The '{names[0]}' file is required.", "missing_file", names[0])
-    if body.get("stream") == "true":
-        raise bad_request("Streamed transcriptions and image edits are not supported by this gateway; send 'stream' false.", "stream_unsupported", "stream")
+    stream = body.get("stream") == "true"
+    if stream and endpoint != STREAMED_ENDPOINT:
+        raise bad_request(f"Only transcriptions can be streamed, not /v1/{endpoint}.", "invalid_stream", "stream")
     if endpoint in AUDIO_ENDPOINTS:
         upload.audio_ms = measure_audio_ms(file)
         units = Usage(audio_ms=upload.audio_ms if upload.audio_ms is not None else estimate_audio_ms(file.size))
     else:
         units = Usage(images=_image_count(body.get("n")))
-    return ProxyRequest(endpoint, dict(body), model, False, new_request_id(), units, upload)
+    return ProxyRequest(endpoint, dict(body), model, stream, new_request_id(), units, upload)
 
 
 def _image_count(raw: object) -> int:
