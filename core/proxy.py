@@ -23,10 +23,12 @@ from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamSt
 from core.providers.media import media_adapter_for
 from core.providers.messages import anthropic_error_body, anthropic_event
 from core.providers.responses_native import responses_error_event
+from core.providers.uploads import upload_adapter_for
 from core.request_checks import check_request, requested_units
 from core.routing import Scheduler, routes_for
 from core.sse import encode_event
 from core.stored_responses import StoredResponses
+from core.uploads import UPLOAD_ENDPOINTS, Upload
 from core.usage import Usage, complete_usage, estimate_usage, usage_so_far
 
 log = logging.getLogger("tollgate.proxy")
@@ -59,6 +61,8 @@ class ProxyRequest:
     # The media endpoints' units the request asks for at most (`n` images, the characters to
     # read aloud, the upload's longest likely audio), which admission reserves for.
     units: Usage | None = None
+    # A multipart endpoint's form (core/uploads): its fields are `body`, its files spooled.
+    upload: Upload | None = None
 
 
 def parse_proxy_request(endpoint: str, body: Any) -> ProxyRequest:
@@ -162,6 +166,7 @@ class Gateway:
                 prefs.max_response_body_bytes,
                 self.loop,
                 self._on_stored(request, key_id, route),
+                request.upload,
             )
             try:
                 answer = await _send(request, call, self.http)
@@ -199,6 +204,7 @@ _ADAPTER_FOR = {
     "images/generations": media_adapter_for,
     "moderations": media_adapter_for,
     "audio/speech": media_adapter_for,
+    **dict.fromkeys(UPLOAD_ENDPOINTS, upload_adapter_for),
 }
 
 

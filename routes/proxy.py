@@ -26,6 +26,7 @@ from core.routing import routes_for
 from core.usage import estimate_prompt_tokens
 from routes._http import authenticate, authenticate_headers, current_config, internal_error, parse_json, read_json, receive_body
 from routes._stream import ProxyStreamResponse
+from routes.uploads import UPLOAD_ENDPOINTS_BY_NAME, UploadEndpoint
 
 log = logging.getLogger("tollgate.proxy")
 
@@ -132,7 +133,7 @@ UNPREFIXED_API_PATHS = ("/chat/completions", "/completions", "/embeddings", "/me
 # Paths whose clients expect Anthropic's error shape (main.py renders Starlette-raised errors).
 ANTHROPIC_PATHS = frozenset(f"{prefix}{path}" for prefix in API_PREFIXES for path in ("/messages", "/messages/count_tokens"))
 
-_ENDPOINTS = {name: ProxyEndpoint(name) for name in ENDPOINTS}
+_ENDPOINTS: dict[str, ProxyEndpoint | UploadEndpoint] = {**{name: ProxyEndpoint(name) for name in ENDPOINTS}, **UPLOAD_ENDPOINTS_BY_NAME}
 PROXY_ENDPOINTS = {f"{prefix}/{name}": endpoint for name, endpoint in _ENDPOINTS.items() for prefix in API_PREFIXES}
 
 routes = [

@@ -98,14 +98,39 @@ class FakeUpstream:
         async def endpoint(request: Request) -> Response:
             provider = request.path_params["provider"]
             endpoint_name = request.path_params["endpoint"]
-            raw = await request.body()
-            body = json.loads(raw) if raw else {}  # a GET or DELETE (stored responses) has none
+            if is_form(request):
+                body = await form_body(request)
+            else:
+                raw = await request.body()
+                body = json.loads(raw) if raw else {}  # a GET or DELETE (stored responses) has none
             self.seen.append(SeenRequest(provider, endpoint_name, body, dict(request.headers), request.url.path, request.url.query))
             handler = self.handlers.get(provider, openai_like)
             return await handler(body, request)
 
         # Vendors' URL shapes: OpenAI `/v1/...`, Azure `/openai/deployments/...`, Gemini `/v1beta/...`.
         return Starlette(routes=[Route("/{provider}/{endpoint:path}", endpoint, methods=["POST", "GET", "DELETE"])])
+
+
+def is_form(request: Request) -> bool:
+    return request.headers.get("content-type", "").startswith("multipart/form-data")
+
+
+async def form_body(request: Request) -> dict[str, Any]:
+    """A multipart form as the fake's `body`: text fields as strings (a repeated name as a list
+    of them), each file as {"filename", "content_type", "content"}."""
+    body: dict[str, Any] = {}
+    async with request.form(max_part_size=64 * 1024 * 1024) as form:
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                item: Any = value
+            else:
+                item = {"filename": value.filename, "content_type": value.content_type, "content": await value.read()}
+            if name in body:
+                previous = body[name]
+                body[name] = [*previous, item] if isinstance(previous, list) else [previous, item]
+            else:
+                body[name] = item
+    return body
 
 
 def completion_body(body: dict[str, Any], text: str = "Hello from upstream") -> dict[str, Any]:

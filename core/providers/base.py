@@ -17,6 +17,7 @@ import aiohttp
 
 from core.config import DEFAULT_MAX_RESPONSE_BODY, ModelRoute
 from core.errors import GatewayError, bad_gateway, gateway_timeout
+from core.uploads import Upload
 from core.usage import Usage
 
 SSE_CONTENT_TYPE = "text/event-stream"
@@ -37,6 +38,7 @@ class UpstreamCall:
     # Called with the id of a response the upstream keeps (a Responses create that may be
     # stored), as soon as the id is known: follow-ups on it must reach this provider.
     stored: Callable[[str], None] | None = None
+    upload: Upload | None = None  # the multipart endpoints' form, sent again on each attempt
 
     @property
     def client_wants_usage(self) -> bool:

@@ -50,8 +50,10 @@ async def post_json(http: aiohttp.ClientSession, url: str, headers: dict[str, st
         raise UpstreamFailure(bad_gateway(f"Provider '{route.provider.name}' returned a response that is not JSON."), retryable=True) from None
 
 
-async def open_stream(http: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes, call: UpstreamCall) -> aiohttp.ClientResponse:
-    """POST and return a 200 response whose body is still to be read (a stream)."""
+async def open_stream(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes | aiohttp.MultipartWriter, call: UpstreamCall
+) -> aiohttp.ClientResponse:
+    """POST (a JSON body, or an upload's form) and return a 200 response whose body is still to be read (a stream)."""
     route = call.route
     timeout = _stream_timeout(route.timeout)
     try:
