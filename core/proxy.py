@@ -20,6 +20,7 @@ from core.metering import CLIENT_DISCONNECTED, ERROR, OK, Meter, Outcome, Ticket
 from core.providers import adapter_for, messages_adapter_for, responses_adapter_for
 from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamStream, invalid_answer
 from core.providers.messages import anthropic_error_body, anthropic_event
+from core.providers.responses_events import error_event as responses_error_event
 from core.request_checks import check_request
 from core.routing import Scheduler, routes_for
 from core.sse import encode_event
@@ -199,19 +200,28 @@ class MeteredStream:
         """End a stream that passed `max_bytes` (the relay counts; nothing is buffered): the
         upstream is closed and the client's last event is the error."""
         message = f"Provider '{self.route.provider.name}' sent a stream over the gateway's limit of {self.max_bytes} bytes."
-        return self._end_with(bad_gateway(message, "upstream_response_too_large"))
+        return self._end_with(bad_gateway(message, "upstream_response_too_large"), dropped=True)
 
     def unreadable(self) -> bytes:
         """End a stream whose reading raised (an event of a shape its adapter did not expect):
         the client's last event is the error; what was relayed is billed as for a cut stream."""
         log.exception("%s: %s sent a stream its adapter could not read", self.request.request_id, self.route.label)
-        return self._end_with(invalid_answer(self.route))
+        return self._end_with(invalid_answer(self.route), dropped=False)
 
-    def _end_with(self, error: GatewayError) -> bytes:
+    def _end_with(self, error: GatewayError, dropped: bool) -> bytes:
+        """The client's last event, in its endpoint's format: Anthropic's `error` event on
+        /v1/messages, a Responses `error` event on /v1/responses (as OpenAI ends one; the
+        openai SDK yields it as a ResponseErrorEvent), numbered on when the stream translates
+        its events itself."""
         self.upstream.close()
         self.upstream.error = error
+        own = self.upstream.failure_events(error, dropped)
+        if own is not None:
+            return own
         if self.request.endpoint == "messages":  # Anthropic's clients expect its error event
             return anthropic_event("error", anthropic_error_body(error))
+        if self.request.endpoint == "responses":
+            return responses_error_event(error)
         return encode_event(orjson.dumps(error.body()))
 
     @property

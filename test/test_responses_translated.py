@@ -23,6 +23,7 @@ from core.providers.base import UpstreamCall
 from core.providers.responses_events import ResponseFrame
 from core.providers.responses_translate import TranslatedResponsesAdapter, from_chat
 from core.usage import Usage
+from test.conftest import keys_yaml
 from test.servers import sse
 from test.test_anthropic import CONFIG as ANTHROPIC_CONFIG
 from test.test_anthropic import EXPECTED_COST_NANOS as ANTHROPIC_COST_NANOS
@@ -295,6 +296,46 @@ def test_gemini_thoughts_stream_as_a_reasoning_item(start_gateway, upstream):
     assert final.output[0].content[0].text == "Paris, so" and final.usage.output_tokens_details.reasoning_tokens == 50
     assert upstream.seen[-1].body["generationConfig"] == {"thinkingConfig": {"thinkingBudget": 1024, "includeThoughts": True}}
     assert ledger_rows(gateway) == [("ok", 1200, 70, 1000, 0, GEMINI_COST_NANOS)]
+
+
+# --- a stream the gateway ends itself --------------------------------------------------------------
+
+
+def long_anthropic_stream() -> bytes:
+    """message_start, then 40 text deltas of 100 bytes and no end: over a 4 KB relay limit."""
+    start, _, _, _, delta, *_ = ANTHROPIC_STREAM.split(b"\n\n")
+    text = json.dumps("word " * 20).encode()
+    return start + b"\n\n" + b"".join(delta.replace(b'"Let me check"', text) + b"\n\n" for _ in range(40))
+
+
+def test_a_stream_over_the_relay_limit_ends_with_a_responses_error_event(start_gateway, upstream):
+    upstream.script("p1", streams(long_anthropic_stream()))
+    config = ANTHROPIC_CONFIG.replace("preferences:\n  model_price:", "preferences:\n  max_response_body_bytes: 4096\n  model_price:")
+    gateway = start_gateway(config, upstream)
+    raw = gateway.http("POST", "/v1/responses", json={"model": "claude-sonnet", "input": "Talk.", "stream": True}).content
+    kinds = strictly_read_events(raw)  # every event one the SDK's models read, the error included
+    assert kinds[-2:] == ["error", "response.failed"] and "response.output_text.delta" in kinds
+    events = [json.loads(block.split("\n")[1].removeprefix("data: ")) for block in raw.decode().split("\n\n") if block]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-2]["code"] == "upstream_response_too_large" and "4096 bytes" in events[-2]["message"]
+    assert events[-1]["response"]["error"]["code"] == "server_error"
+    ((status, prompt, completion, *_),) = wait_for_ledger_rows(gateway)
+    assert (status, prompt) == ("error", 1125) and completion > 0  # what was relayed is billed
+
+
+def test_a_relayed_responses_stream_over_the_limit_ends_with_a_responses_error_event(start_gateway, upstream):
+    delta = {"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "word " * 20}
+
+    async def openai_responses(body: dict[str, Any], request: Request) -> Response:
+        events = [f"event: response.output_text.delta\ndata: {json.dumps({**delta, 'sequence_number': n})}\n\n".encode() for n in range(60)]
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    upstream.script("p1", openai_responses)
+    config = "providers:\n  - provider: p1\n    base_url: {fake:p1}\n    api: k\n    model: [gpt-4o]\n"
+    gateway = start_gateway(config + keys_yaml() + "preferences:\n  max_response_body_bytes: 4096\n", upstream)
+    events = list(gateway.client().responses.create(model="gpt-4o", input="Talk.", stream=True))
+    assert events[-1].type == "error" and events[-1].code == "upstream_response_too_large"
+    assert events[0].type == "response.output_text.delta"
 
 
 # --- what a translated provider cannot do -------------------------------------------------------
