@@ -1,7 +1,8 @@
 """Billing: decides what a request costs, reserves before the upstream call, charges after.
 
 Token-billed requests reserve an estimate (prompt estimate + the request's output-token
-limit, `output_token_limit`, or the configured default, at the model's prices); count-billed requests reserve one count
+limit, `output_token_limit`, or the configured default plus the thinking budget a translating
+adapter adds for `reasoning_effort`, at the model's prices); count-billed requests reserve one count
 credit. The key's limits (core/limits.py) are checked and held in the same synchronous
 step. Settlement charges what the upstream reported and frees every hold.
 """
@@ -21,7 +22,7 @@ from core.limits import Limiter
 from core.metering import ERROR, OK, Outcome
 from core.pricing import COUNT, PRICED_BY_UNIT, PriceBook, count_price_json, format_usd
 from core.proxy import ProxyRequest, new_request_id
-from core.request_checks import output_token_limit
+from core.request_checks import output_token_limit, reasoning_budget
 from core.usage import Usage, estimate_media_prompt_tokens, estimate_prompt_tokens
 
 ESTIMATED = "estimated"
@@ -119,7 +120,8 @@ class BillingMeter:
         body = request.body
         completion = 0
         if request.endpoint not in _NO_OUTPUT_TOKENS:
-            completion = output_token_limit(request.endpoint, body) or config.preferences.reserve_completion_tokens
+            limit = output_token_limit(request.endpoint, body)
+            completion = limit or config.preferences.reserve_completion_tokens + reasoning_budget(request.endpoint, body)
         if request.endpoint in PRICED_BY_UNIT:
             images = request.units.images if request.units is not None else 0
             return estimate_media_prompt_tokens(request.endpoint, body), completion * max(images, 1)  # each image its own output

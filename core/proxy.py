@@ -247,19 +247,26 @@ class MeteredStream:
         """End a stream that passed `max_bytes` (the relay counts; nothing is buffered): the
         upstream is closed and the client's last event is the error."""
         message = f"Provider '{self.route.provider.name}' sent a stream over the gateway's limit of {self.max_bytes} bytes."
-        return self._end_with(bad_gateway(message, "upstream_response_too_large"))
+        return self._end_with(bad_gateway(message, "upstream_response_too_large"), dropped=True)
 
     def unreadable(self) -> bytes:
         """End a stream whose reading raised (an event of a shape its adapter did not expect):
         the client's last event is the error; what was relayed is billed as for a cut stream."""
         log.exception("%s: %s sent a stream its adapter could not read", self.request.request_id, self.route.label)
-        return self._end_with(invalid_answer(self.route))
+        return self._end_with(invalid_answer(self.route), dropped=False)
 
-    def _end_with(self, error: GatewayError) -> bytes:
+    def _end_with(self, error: GatewayError, dropped: bool) -> bytes:
+        """The client's last event, in its endpoint's format: Anthropic's `error` event on
+        /v1/messages, a Responses `error` event on /v1/responses (as OpenAI ends one; the
+        openai SDK yields it as a ResponseErrorEvent), numbered on when the stream translates
+        its events itself."""
         self.upstream.close()
         self.upstream.error = error
         if self.upstream.binary:  # no error text inside audio: the relay cuts it off (`aborted`)
             return b""
+        own = self.upstream.failure_events(error, dropped)
+        if own is not None:
+            return own
         if self.request.endpoint == "messages":  # Anthropic's clients expect its error event
             return anthropic_event("error", anthropic_error_body(error))
         if self.request.endpoint == "responses":

@@ -26,6 +26,11 @@ _LIMIT_FIELDS = {
     "messages": ("max_tokens",),
     "responses": ("max_output_tokens",),
 }
+# Thinking tokens per OpenAI reasoning effort, for vendors that take a budget instead
+# (Anthropic's `thinking.budget_tokens`, Gemini's `thinkingBudget`): Google's own mapping for
+# its OpenAI-compatible API (none 0, low 1K, medium 8K, high 24K). `minimal` is `low`:
+# Anthropic thinks no less than 1,024 tokens.
+REASONING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576}
 
 
 def check_nesting(value: Any, raw: bytes) -> None:
@@ -133,6 +138,23 @@ def output_token_limit(endpoint: str, body: dict[str, Any]) -> int | None:
         if type(value) is int and value > 0 and (limit is None or value > limit):
             limit = value
     return limit
+
+
+def reasoning_effort(endpoint: str, body: dict[str, Any]) -> Any:
+    """The reasoning effort a request asks for, as sent: chat's `reasoning_effort`, the
+    Responses API's `reasoning.effort`; None if it asks for none."""
+    if endpoint == "responses":
+        reasoning = body.get("reasoning")
+        return reasoning.get("effort") if isinstance(reasoning, dict) else None
+    return body.get("reasoning_effort") if endpoint == "chat/completions" else None
+
+
+def reasoning_budget(endpoint: str, body: dict[str, Any]) -> int:
+    """The thinking tokens a translating adapter adds to the output limit of a request that
+    sets none (see anthropic.with_thinking), which admission reserves on top of its default;
+    0 for a request without a known effort."""
+    effort = reasoning_effort(endpoint, body)
+    return REASONING_BUDGETS.get(effort, 0) if isinstance(effort, str) else 0
 
 
 def check_max_tokens(body: dict[str, Any], name: str) -> None:

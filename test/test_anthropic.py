@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from core.config import build_config
 from core.providers.anthropic import from_anthropic, to_anthropic
 from core.providers.base import UpstreamCall
+from core.request_checks import reasoning_budget
 from core.usage import estimate_prompt_tokens
 from test.conftest import ADMIN_KEY, USER_KEY, keys_yaml
 from test.servers import streamed_text
@@ -223,3 +224,134 @@ def test_the_larger_of_both_output_limits_is_sent_as_billing_reserves_it():
     body = {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "max_completion_tokens": 200}
     assert to_anthropic(route_call(body))["max_tokens"] == 300
     assert to_anthropic(route_call({**body, "max_tokens": None}))["max_tokens"] == 200
+
+
+# --- reasoning_effort: extended thinking ---------------------------------------------------------
+
+
+async def _json(body: Any) -> Response:
+    return JSONResponse(body)
+
+
+THINKING_MESSAGE = {
+    **MESSAGE,
+    "content": [
+        {"type": "thinking", "thinking": "Paris is in France.", "signature": "sig"},
+        {"type": "redacted_thinking", "data": "opaque"},
+        {"type": "text", "text": "Sunny."},
+    ],
+    "stop_reason": "end_turn",
+}
+
+
+def thinking_stream() -> bytes:
+    def event(kind: str, data: dict[str, Any]) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+
+    start = STREAM.split(b"\n\n")[0] + b"\n\n"  # message_start: 1,125 prompt tokens
+    return b"".join(
+        [
+            start,
+            event("content_block_start", {"index": 0, "content_block": {"type": "thinking", "thinking": ""}}),
+            event("content_block_delta", {"index": 0, "delta": {"type": "thinking_delta", "thinking": "Paris is"}}),
+            event("content_block_delta", {"index": 0, "delta": {"type": "thinking_delta", "thinking": " in France."}}),
+            event("content_block_delta", {"index": 0, "delta": {"type": "signature_delta", "signature": "sig"}}),
+            event("content_block_stop", {"index": 0}),
+            event("content_block_start", {"index": 1, "content_block": {"type": "text", "text": ""}}),
+            event("content_block_delta", {"index": 1, "delta": {"type": "text_delta", "text": "Sunny."}}),
+            event("content_block_stop", {"index": 1}),
+            event("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 15}}),
+            event("message_stop", {}),
+        ]
+    )
+
+
+def test_reasoning_effort_is_a_thinking_budget_below_the_client_limit():
+    body = {"model": "claude-x", "messages": [{"role": "user", "content": "Think."}], "reasoning_effort": "low", "max_tokens": 3000}
+    out = to_anthropic(route_call(body))
+    assert (out["max_tokens"], out["thinking"]) == (3000, {"type": "enabled", "budget_tokens": 1024})
+    out = to_anthropic(route_call({**body, "reasoning_effort": "high"}))  # 24,576 capped below the limit the client set
+    assert (out["max_tokens"], out["thinking"]) == (3000, {"type": "enabled", "budget_tokens": 2999})
+    assert "thinking" not in to_anthropic(route_call({**body, "reasoning_effort": "none"}))
+
+
+def test_reasoning_effort_without_a_limit_raises_max_tokens_by_the_budget_as_admission_reserves_it():
+    body = {"model": "claude-x", "messages": [{"role": "user", "content": "Think."}], "reasoning_effort": "medium"}
+    out = to_anthropic(route_call(body))
+    assert (out["max_tokens"], out["thinking"]) == (4096 + 8192, {"type": "enabled", "budget_tokens": 8192})
+    assert reasoning_budget("chat/completions", body) == 8192 and reasoning_budget("responses", {"reasoning": {"effort": "medium"}}) == 8192
+    assert reasoning_budget("chat/completions", {"reasoning_effort": ["odd"]}) == 0
+
+
+def test_a_request_continuing_a_tool_call_is_sent_without_thinking():
+    call = {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    body = {"model": "claude-x", "messages": [*messages, {"role": "tool", "tool_call_id": "toolu_1", "content": "18C"}], "reasoning_effort": "low"}
+    out = to_anthropic(route_call(body))
+    assert "thinking" not in out and out["max_tokens"] == 4096
+    later = {**body, "messages": [*body["messages"], {"role": "assistant", "content": "18C."}, {"role": "user", "content": "And tomorrow?"}]}
+    assert to_anthropic(route_call(later))["thinking"]["budget_tokens"] == 1024
+
+
+def test_reasoning_effort_reaches_anthropic_and_its_thinking_comes_back_as_reasoning_content(start_gateway, upstream):
+    upstream.script("p1", lambda body, request: _json(THINKING_MESSAGE))
+    gateway = start_gateway(CONFIG, upstream)
+    reply = gateway.client().chat.completions.create(model="claude-sonnet", messages=[{"role": "user", "content": "Weather?"}], reasoning_effort="low")
+    message = reply.choices[0].message
+    assert message.content == "Sunny." and message.model_extra["reasoning_content"] == "Paris is in France."
+    sent = upstream.seen[-1].body
+    assert (sent["max_tokens"], sent["thinking"]) == (1000 + 1024, {"type": "enabled", "budget_tokens": 1024})
+    assert ledger_rows(gateway) == [("ok", 1125, 15, 1000, 100, EXPECTED_COST_NANOS)]  # thinking is in Anthropic's output count
+
+
+def test_a_stream_relays_thinking_deltas_as_reasoning_content(start_gateway, upstream):
+    async def anthropic(body: dict[str, Any], request: Request) -> Response:
+        return Response(thinking_stream(), media_type="text/event-stream")
+
+    upstream.script("p1", anthropic)
+    gateway = start_gateway(CONFIG, upstream)
+    chunks = list(
+        gateway.client().chat.completions.create(
+            model="claude-sonnet", messages=[{"role": "user", "content": "Weather?"}], reasoning_effort="high", max_tokens=2000, stream=True
+        )
+    )
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices)
+    assert reasoning == "Paris is in France." and streamed_text(chunks) == "Sunny."
+    assert upstream.seen[-1].body["thinking"] == {"type": "enabled", "budget_tokens": 1999}
+    assert ledger_rows(gateway) == [("ok", 1125, 15, 1000, 100, EXPECTED_COST_NANOS)]
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "param"),
+    [
+        ({"temperature": 0.2}, "unsupported_parameter", "temperature"),
+        ({"top_p": 0.5}, "unsupported_parameter", "top_p"),
+        ({"tool_choice": "required", "tools": TOOLS}, "unsupported_parameter", "tool_choice"),
+        ({"max_tokens": 1024}, "invalid_max_tokens", "max_tokens"),
+        ({"reasoning_effort": "extreme"}, "invalid_reasoning_effort", "reasoning_effort"),
+    ],
+)
+def test_what_thinking_cannot_take_is_a_clear_400_before_anything_is_sent(start_gateway, upstream, extra, code, param):
+    gateway = start_gateway(CONFIG, upstream)
+    body = {"model": "claude-sonnet", "messages": [{"role": "user", "content": "Think."}], "reasoning_effort": "low", **extra}
+    response = gateway.http("POST", "/v1/chat/completions", key=USER_KEY, json=body)
+    assert response.status_code == 400
+    assert (response.json()["error"]["code"], response.json()["error"]["param"]) == (code, param)
+    assert upstream.seen == []
+
+
+def test_temperature_1_and_a_high_top_p_go_with_thinking():
+    body = {"model": "claude-x", "messages": [{"role": "user", "content": "Think."}], "reasoning_effort": "low", "temperature": 1, "top_p": 0.95}
+    assert to_anthropic(route_call(body))["thinking"]["budget_tokens"] == 1024
+
+
+def test_admission_reserves_the_thinking_budget_of_a_request_without_a_limit(start_gateway, upstream):
+    upstream.script("p1", lambda body, request: _json(THINKING_MESSAGE))
+    # 1,024 default output tokens at $15/1M ($0.015) fit in $0.05 of credit; 1,024 + 8,192 ($0.14) do not.
+    gateway = start_gateway(CONFIG.replace("{credits: 10}", "{credits: 0.05}"), upstream)
+    client = gateway.client()
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model="claude-sonnet", messages=[{"role": "user", "content": "Hi"}], reasoning_effort="medium")
+    assert caught.value.status_code == 402 and upstream.seen == []
+    client.chat.completions.create(model="claude-sonnet", messages=[{"role": "user", "content": "Hi"}])
+    assert len(upstream.seen) == 1

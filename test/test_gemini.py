@@ -208,3 +208,50 @@ def test_an_answer_without_usage_metadata_is_estimated_from_its_text(start_gatew
 def test_the_larger_of_both_output_limits_is_sent_as_billing_reserves_it():
     body = {"model": "gem", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "max_completion_tokens": 200}
     assert to_gemini(route_call(body))["generationConfig"] == {"maxOutputTokens": 300}
+
+
+# --- reasoning_effort: thinking ------------------------------------------------------------------
+
+THOUGHT = {"text": "Paris, so look it up.", "thought": True}
+THINKING_RESPONSE = {
+    **RESPONSE,
+    "candidates": [{**RESPONSE["candidates"][0], "content": {"role": "model", "parts": [THOUGHT, *RESPONSE["candidates"][0]["content"]["parts"]]}}],
+}
+
+
+def test_reasoning_effort_is_a_thinking_budget_with_thoughts_included():
+    body = {"model": "gem", "messages": [{"role": "user", "content": "Think."}], "reasoning_effort": "medium", "max_tokens": 300}
+    assert to_gemini(route_call(body))["generationConfig"] == {"maxOutputTokens": 300, "thinkingConfig": {"thinkingBudget": 8192, "includeThoughts": True}}
+    assert to_gemini(route_call({**body, "reasoning_effort": "none"}))["generationConfig"]["thinkingConfig"] == {"thinkingBudget": 0}
+    assert "generationConfig" not in to_gemini(route_call({"model": "gem", "messages": [{"role": "user", "content": "Hi"}]}))
+
+
+def test_thought_parts_come_back_as_reasoning_content(start_gateway, upstream):
+    async def gemini(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse(THINKING_RESPONSE)
+
+    upstream.script("p1", gemini)
+    gateway = start_gateway(CONFIG, upstream)
+    reply = gateway.client().chat.completions.create(model="flash", messages=[{"role": "user", "content": "Weather?"}], reasoning_effort="low")
+    message = reply.choices[0].message
+    assert message.content == "Looking it up." and message.model_extra["reasoning_content"] == "Paris, so look it up."
+    assert reply.usage.completion_tokens_details.reasoning_tokens == 50
+    assert upstream.seen[-1].body["generationConfig"] == {"thinkingConfig": {"thinkingBudget": 1024, "includeThoughts": True}}
+    assert ledger_rows(gateway) == [("ok", 1200, 70, 1000, 0, EXPECTED_COST_NANOS)]  # the 50 thinking tokens at reasoning_price
+
+
+def test_a_stream_relays_thought_parts_as_reasoning_content(start_gateway, upstream):
+    thought = b'data: {"candidates": [{"content": {"parts": [{"text": "Paris, so", "thought": true}],"role": "model"},"index": 0}]}\n\n'
+
+    async def gemini(body: dict[str, Any], request: Request) -> Response:
+        return Response(thought + STREAM, media_type="text/event-stream")
+
+    upstream.script("p1", gemini)
+    gateway = start_gateway(CONFIG, upstream)
+    chunks = list(
+        gateway.client().chat.completions.create(model="flash", messages=[{"role": "user", "content": "Weather?"}], reasoning_effort="high", stream=True)
+    )
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices)
+    assert reasoning == "Paris, so" and streamed_text(chunks) == "Looking it up."
+    assert upstream.seen[-1].body["generationConfig"]["thinkingConfig"] == {"thinkingBudget": 24576, "includeThoughts": True}
+    assert ledger_rows(gateway) == [("ok", 1200, 70, 1000, 0, EXPECTED_COST_NANOS)]

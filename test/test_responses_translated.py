@@ -23,15 +23,17 @@ from core.providers.base import UpstreamCall
 from core.providers.responses_events import ResponseFrame
 from core.providers.responses_translate import TranslatedResponsesAdapter, from_chat
 from core.usage import Usage
+from test.conftest import keys_yaml
 from test.servers import sse
 from test.test_anthropic import CONFIG as ANTHROPIC_CONFIG
 from test.test_anthropic import EXPECTED_COST_NANOS as ANTHROPIC_COST_NANOS
-from test.test_anthropic import MESSAGE, ledger_rows, wait_for_ledger_rows
+from test.test_anthropic import MESSAGE, THINKING_MESSAGE, ledger_rows, thinking_stream, wait_for_ledger_rows
 from test.test_anthropic import STREAM as ANTHROPIC_STREAM
 from test.test_gemini import CONFIG as GEMINI_CONFIG
 from test.test_gemini import EXPECTED_COST_NANOS as GEMINI_COST_NANOS
 from test.test_gemini import RESPONSE as GEMINI_RESPONSE
 from test.test_gemini import STREAM as GEMINI_STREAM
+from test.test_gemini import THINKING_RESPONSE as GEMINI_THINKING_RESPONSE
 
 WEATHER_TOOL = {
     "type": "function",
@@ -243,6 +245,99 @@ def test_every_stream_event_and_the_response_hold_what_the_sdk_models_require(st
     SdkResponse.model_validate(gateway.http("POST", "/v1/responses", json=body).json())
 
 
+# --- reasoning --------------------------------------------------------------------------------
+
+
+def test_anthropic_thinking_is_a_reasoning_item_and_the_effort_its_budget(start_gateway, upstream):
+    upstream.script("p1", answers(THINKING_MESSAGE))
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    response = gateway.client().responses.create(model="claude-sonnet", input="Weather?", reasoning={"effort": "medium"}, max_output_tokens=16000)
+    reasoning, message = response.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text == "Paris is in France." and message.type == "message"
+    assert response.output_text == "Sunny." and response.reasoning.effort == "medium"
+    sent = upstream.seen[-1].body
+    assert (sent["max_tokens"], sent["thinking"]) == (16000, {"type": "enabled", "budget_tokens": 8192})
+    assert ledger_rows(gateway) == [("ok", 1125, 15, 1000, 100, ANTHROPIC_COST_NANOS)]  # Anthropic counts thinking as output
+
+
+def test_anthropic_thinking_streams_as_a_reasoning_item(start_gateway, upstream):
+    upstream.script("p1", streams(thinking_stream()))
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    with gateway.client().responses.stream(model="claude-sonnet", input="Weather?", reasoning={"effort": "low"}) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "Paris is in France."
+    assert [item.type for item in final.output] == ["reasoning", "message"] and final.output_text == "Sunny."
+    assert final.output[0].content[0].text == "Paris is in France."
+    assert upstream.seen[-1].body["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert ledger_rows(gateway) == [("ok", 1125, 15, 1000, 100, ANTHROPIC_COST_NANOS)]
+
+
+def test_gemini_thoughts_are_a_reasoning_item_billed_at_the_reasoning_price(start_gateway, upstream):
+    upstream.script("p1", answers(GEMINI_THINKING_RESPONSE))
+    gateway = start_gateway(GEMINI_CONFIG, upstream)
+    response = gateway.client().responses.create(model="flash", input="Weather?", reasoning={"effort": "high"})
+    assert [item.type for item in response.output] == ["reasoning", "message", "function_call"]
+    assert response.output[0].content[0].text == "Paris, so look it up."
+    assert response.usage.output_tokens_details.reasoning_tokens == 50
+    assert upstream.seen[-1].body["generationConfig"] == {"thinkingConfig": {"thinkingBudget": 24576, "includeThoughts": True}}
+    assert ledger_rows(gateway) == [("ok", 1200, 70, 1000, 0, GEMINI_COST_NANOS)]  # 50 thinking tokens x $3.5/1M in it
+
+
+def test_gemini_thoughts_stream_as_a_reasoning_item(start_gateway, upstream):
+    thought = b'data: {"candidates": [{"content": {"parts": [{"text": "Paris, so", "thought": true}],"role": "model"},"index": 0}]}\n\n'
+    upstream.script("p1", streams(thought + GEMINI_STREAM))
+    gateway = start_gateway(GEMINI_CONFIG, upstream)
+    with gateway.client().responses.stream(model="flash", input="Weather?", reasoning={"effort": "minimal"}) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [e.type for e in events][2:5] == ["response.output_item.added", "response.content_part.added", "response.reasoning_text.delta"]
+    assert [item.type for item in final.output] == ["reasoning", "message", "function_call"]
+    assert final.output[0].content[0].text == "Paris, so" and final.usage.output_tokens_details.reasoning_tokens == 50
+    assert upstream.seen[-1].body["generationConfig"] == {"thinkingConfig": {"thinkingBudget": 1024, "includeThoughts": True}}
+    assert ledger_rows(gateway) == [("ok", 1200, 70, 1000, 0, GEMINI_COST_NANOS)]
+
+
+# --- a stream the gateway ends itself --------------------------------------------------------------
+
+
+def long_anthropic_stream() -> bytes:
+    """message_start, then 40 text deltas of 100 bytes and no end: over a 4 KB relay limit."""
+    start, _, _, _, delta, *_ = ANTHROPIC_STREAM.split(b"\n\n")
+    text = json.dumps("word " * 20).encode()
+    return start + b"\n\n" + b"".join(delta.replace(b'"Let me check"', text) + b"\n\n" for _ in range(40))
+
+
+def test_a_stream_over_the_relay_limit_ends_with_a_responses_error_event(start_gateway, upstream):
+    upstream.script("p1", streams(long_anthropic_stream()))
+    config = ANTHROPIC_CONFIG.replace("preferences:\n  model_price:", "preferences:\n  max_response_body_bytes: 4096\n  model_price:")
+    gateway = start_gateway(config, upstream)
+    raw = gateway.http("POST", "/v1/responses", json={"model": "claude-sonnet", "input": "Talk.", "stream": True}).content
+    kinds = strictly_read_events(raw)  # every event one the SDK's models read, the error included
+    assert kinds[-2:] == ["error", "response.failed"] and "response.output_text.delta" in kinds
+    events = [json.loads(block.split("\n")[1].removeprefix("data: ")) for block in raw.decode().split("\n\n") if block]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-2]["code"] == "upstream_response_too_large" and "4096 bytes" in events[-2]["message"]
+    assert events[-1]["response"]["error"]["code"] == "server_error"
+    ((status, prompt, completion, *_),) = wait_for_ledger_rows(gateway)
+    assert (status, prompt) == ("error", 1125) and completion > 0  # what was relayed is billed
+
+
+def test_a_relayed_responses_stream_over_the_limit_ends_with_a_responses_error_event(start_gateway, upstream):
+    delta = {"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "word " * 20}
+
+    async def openai_responses(body: dict[str, Any], request: Request) -> Response:
+        events = [f"event: response.output_text.delta\ndata: {json.dumps({**delta, 'sequence_number': n})}\n\n".encode() for n in range(60)]
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    upstream.script("p1", openai_responses)
+    config = "providers:\n  - provider: p1\n    base_url: {fake:p1}\n    api: k\n    model: [gpt-4o]\n"
+    gateway = start_gateway(config + keys_yaml() + "preferences:\n  max_response_body_bytes: 4096\n", upstream)
+    events = list(gateway.client().responses.create(model="gpt-4o", input="Talk.", stream=True))
+    assert events[-1].type == "error" and events[-1].code == "upstream_response_too_large"
+    assert events[0].type == "response.output_text.delta"
+
+
 # --- what a translated provider cannot do -------------------------------------------------------
 
 REFUSED = {
@@ -315,7 +410,7 @@ def test_gemini_answers_a_response_with_its_reasoning_tokens_priced(start_gatewa
     assert sent.path == "/p1/v1/models/gemini-2.5-flash:generateContent"
     assert sent.body["systemInstruction"] == {"parts": [{"text": "Be brief."}]}
     assert sent.body["contents"] == [{"role": "user", "parts": [{"text": "Where is this?"}, {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}}]}]
-    assert sent.body["generationConfig"] == {"maxOutputTokens": 500}
+    assert sent.body["generationConfig"] == {"maxOutputTokens": 500, "thinkingConfig": {"thinkingBudget": 1024, "includeThoughts": True}}
     assert sent.body["tools"] == [{"functionDeclarations": [{k: WEATHER_TOOL[k] for k in ("name", "description", "parameters")}]}]
     assert ledger_rows(gateway) == [("ok", 1200, 70, 1000, 0, GEMINI_COST_NANOS)]
     assert raw.headers["x-tollgate-cost"] == "0.00036"
@@ -380,8 +475,8 @@ def test_a_function_call_round_trip_reaches_gemini_as_function_call_and_response
 
 
 def test_reasoning_text_a_chat_stream_carries_is_streamed_as_a_reasoning_item(upstream):
-    # Anthropic's and Gemini's chat adapters relay no reasoning text yet; a chat stream that
-    # carries it (DeepSeek's `reasoning_content`, through the OpenAI chat adapter) shows the event flow.
+    # Any chat stream that carries reasoning text translates alike: here DeepSeek's
+    # `reasoning_content`, through the OpenAI chat adapter.
     async def reasoner(body: dict[str, Any], request: Request) -> Response:
         base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "r1"}
         deltas = [{"reasoning_content": "Six times"}, {"reasoning_content": " seven."}, {"content": "42"}]

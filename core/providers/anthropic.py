@@ -2,7 +2,12 @@
 
 Usage: Anthropic's `input_tokens` excludes cached tokens, so the normalised prompt is
 input + cache reads + cache writes; `cached_tokens` are the reads, `cache_write_tokens`
-the writes (`cache_creation_input_tokens`).
+the writes (`cache_creation_input_tokens`). Anthropic counts thinking in `output_tokens`
+without a count of its own, so it bills at the output price (Anthropic's own price for it).
+
+Reasoning: chat's `reasoning_effort` turns on extended thinking (see with_thinking); the
+`thinking` blocks come back as chat's `reasoning_content` (a stream's `thinking_delta` as
+`delta.reasoning_content`); signatures and `redacted_thinking` blocks are dropped.
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ from typing import Any
 import aiohttp
 
 from core.config import ModelRoute
-from core.errors import bad_gateway
+from core.errors import bad_gateway, bad_request
 from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream, translate_batch
 from core.providers.http import open_stream, post_json, vendor_error
-from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
+from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list, thinking_budget
 from core.request_checks import output_token_limit
 from core.sse import SseSplitter, encode_event
 from core.usage import Usage, complete_usage, count, estimate_usage, reported_count, text_bytes
@@ -97,7 +102,67 @@ def to_anthropic(call: UpstreamCall) -> dict[str, Any]:
             out["tool_choice"] = choice
     if call.stream:
         out["stream"] = True
+    with_thinking(out, call)
     return out
+
+
+MIN_THINKING_BUDGET = 1024  # Anthropic's smallest `budget_tokens`
+FORCED_TOOL_CHOICES = ("any", "tool")
+
+
+def with_thinking(out: dict[str, Any], call: UpstreamCall) -> None:
+    """Anthropic's extended thinking for chat's `reasoning_effort` (budgets: REASONING_BUDGETS).
+
+    Anthropic's `max_tokens` bounds thinking and answer together, as OpenAI's output limit
+    bounds reasoning and answer, and the budget must stay below it. A client's own limit,
+    which admission reserved, is sent unchanged with the budget capped below it (a 400 if that
+    leaves less than Anthropic's 1,024). Without one, `max_tokens` is the provider's
+    `default_max_tokens` plus the budget, so the answer keeps its usual room; admission
+    reserves the budget on top of its default too (request_checks.reasoning_budget).
+
+    A request that continues a tool call (its last assistant turn calls tools) is sent
+    without thinking: Anthropic would want that turn's signed thinking blocks back, and the
+    chat format has no place for their signatures. A thinking+tools conversation through chat
+    thinks on the turns that start from a user message only.
+    """
+    budget = thinking_budget(call)
+    if not budget or _continues_tool_call(call.body):
+        return
+    limit = output_token_limit(call.endpoint, call.body)
+    if limit is None:
+        out["max_tokens"] = call.route.provider.default_max_tokens + budget
+    elif limit <= MIN_THINKING_BUDGET:
+        message = (
+            f"Provider '{call.route.provider.name}' thinks at least {MIN_THINKING_BUDGET} tokens: "
+            f"with reasoning_effort, the output limit must be above that (it is {limit})."
+        )
+        raise bad_request(message, "invalid_max_tokens", "max_tokens")
+    else:
+        budget = min(budget, limit - 1)
+    _check_thinking_sampling(out, call.route.provider.name)
+    out["thinking"] = {"type": "enabled", "budget_tokens": budget}
+
+
+def _continues_tool_call(body: dict[str, Any]) -> bool:
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            return bool(message.get("tool_calls"))
+    return False
+
+
+def _check_thinking_sampling(out: dict[str, Any], provider: str) -> None:
+    """Anthropic refuses, with thinking, a temperature other than 1, any top_k, a top_p under
+    0.95 and forced tool use: a 400 naming the parameter, as OpenAI's reasoning models answer."""
+    top_p, choice = out.get("top_p"), out.get("tool_choice") or {}
+    refused = (
+        "temperature" if out.get("temperature") not in (None, 1) else
+        "top_k" if out.get("top_k") is not None else
+        "top_p" if isinstance(top_p, (int, float)) and top_p < 0.95 else
+        "tool_choice" if choice.get("type") in FORCED_TOOL_CHOICES else None
+    )  # fmt: skip
+    if refused is not None:
+        message = f"Provider '{provider}' cannot use '{refused}' with reasoning_effort (Anthropic's extended thinking): leave it unset."
+        raise bad_request(message, "unsupported_parameter", refused)
 
 
 def _tool_choice(choice: Any) -> dict[str, Any] | None:
@@ -207,17 +272,21 @@ def from_anthropic(data: Any) -> tuple[dict[str, Any], str, Usage | None]:
     None when the response reports none (it is then estimated, not billed as zero)."""
     if not isinstance(data, dict):
         data = {}
-    text, tool_calls = [], []
+    text, thinking, tool_calls = [], [], []
     for block in data.get("content") or []:
         if not isinstance(block, dict):
             continue
         if block.get("type") == "text":
             text.append(str(block.get("text", "")))
+        elif block.get("type") == "thinking":  # its signature has no place in chat (see with_thinking)
+            thinking.append(str(block.get("thinking", "")))
         elif block.get("type") == "tool_use":
             tool_calls.append(
                 {"id": block.get("id"), "type": "function", "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {})}}
             )
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not tool_calls else None}
+    if thinking:
+        message["reasoning_content"] = "".join(thinking)
     if tool_calls:
         message["tool_calls"] = tool_calls
     usage = usage_from_anthropic(data["usage"]) if isinstance(data.get("usage"), dict) else None
@@ -280,9 +349,11 @@ class AnthropicStream(UpstreamStream):
             return []
         if kind == "content_block_delta":
             delta = data.get("delta") or {}
-            self.completion_text_bytes += delta_text_bytes(delta)  # thinking too: billed, though not relayed
+            self.completion_text_bytes += delta_text_bytes(delta)  # thinking too: it is billed as output
             if delta.get("type") == "text_delta":
                 return [self._writer.chunk({"content": str(delta.get("text", ""))})]
+            if delta.get("type") == "thinking_delta":
+                return [self._writer.chunk({"reasoning_content": str(delta.get("thinking", ""))})]
             if delta.get("type") == "input_json_delta":
                 partial = str(delta.get("partial_json", ""))
                 index = self._tool_index.get(int(data.get("index", 0)), 0)

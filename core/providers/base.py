@@ -118,6 +118,12 @@ class UpstreamStream(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def failure_events(self, error: GatewayError, dropped: bool) -> bytes | None:
+        """What ends this stream when the gateway cuts it off with `error` (core.proxy), for
+        a stream whose format knows better than its endpoint's plain error event; None here.
+        `dropped`: the last chunk this stream yielded was not relayed (it passed the limit)."""
+        return None
+
 
 class Adapter(Protocol):
     async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream: ...

@@ -4,6 +4,10 @@ format.
 Usage: `promptTokenCount` already includes `cachedContentTokenCount`; thinking tokens
 (`thoughtsTokenCount`) are output the model is billed for, so the normalised completion is
 candidates + thoughts, with the thoughts as `reasoning_tokens`.
+
+Reasoning: chat's `reasoning_effort` is sent as `thinkingConfig.thinkingBudget` (the tokens
+of request_checks.REASONING_BUDGETS; `none` is 0, thinking off) with `includeThoughts`, and
+the thought parts come back as chat's `reasoning_content`. Thought signatures are not kept.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import mimetypes
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -20,7 +25,7 @@ import aiohttp
 from core.errors import bad_gateway
 from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream, translate_batch
 from core.providers.http import open_stream, post_json
-from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list
+from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list, thinking_budget
 from core.request_checks import json_in_text, output_token_limit
 from core.sse import SseSplitter, encode_event, event_data
 from core.usage import Usage, count, estimate_usage
@@ -88,6 +93,9 @@ def to_gemini(call: UpstreamCall) -> dict[str, Any]:
         generation["maxOutputTokens"] = limit
     if stop_list(body.get("stop")):
         generation["stopSequences"] = stop_list(body.get("stop"))
+    budget = thinking_budget(call)
+    if budget is not None:  # its thoughts count in maxOutputTokens, as OpenAI's reasoning in its limit
+        generation["thinkingConfig"] = {"thinkingBudget": budget, "includeThoughts": True} if budget else {"thinkingBudget": 0}
     if generation:
         out["generationConfig"] = generation
     functions = [t["function"] for t in body.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
@@ -171,19 +179,28 @@ def _finish(reason: Any, has_calls: bool) -> str:
     return "tool_calls" if has_calls else "stop"
 
 
-def _candidate_parts(data: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]], Any]:
-    """(texts, function calls, finish reason) of the first candidate."""
+@dataclass(slots=True)
+class CandidateParts:
+    """What the first candidate of a Gemini answer (or stream chunk) says."""
+
+    texts: list[str] = field(default_factory=list)
+    thoughts: list[str] = field(default_factory=list)  # parts marked `thought`: chat's reasoning_content
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: Any = None
+
+
+def _candidate_parts(data: dict[str, Any]) -> CandidateParts:
     candidates = data.get("candidates") or []
     first = candidates[0] if candidates and isinstance(candidates[0], dict) else {}
-    texts, calls = [], []
+    found = CandidateParts(finish_reason=first.get("finishReason"))
     for part in (first.get("content") or {}).get("parts") or []:
-        if not isinstance(part, dict) or part.get("thought"):
+        if not isinstance(part, dict):
             continue
         if isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            (found.thoughts if part.get("thought") else found.texts).append(part["text"])
         elif isinstance(part.get("functionCall"), dict):
-            calls.append(part["functionCall"])
-    return texts, calls, first.get("finishReason")
+            found.calls.append(part["functionCall"])
+    return found
 
 
 def _tool_calls(calls: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:
@@ -203,11 +220,13 @@ def from_gemini(data: Any) -> tuple[dict[str, Any], str, Usage | None]:
     response reports none (it is then estimated, not billed as zero)."""
     if not isinstance(data, dict):
         data = {}
-    texts, calls, reason = _candidate_parts(data)
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
-    if calls:
-        message["tool_calls"] = [{k: v for k, v in call.items() if k != "index"} for call in _tool_calls(calls)]
-    return message, _finish(reason, bool(calls)), usage_from_gemini(data.get("usageMetadata"))
+    parts = _candidate_parts(data)
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(parts.texts) if parts.texts or not parts.calls else None}
+    if parts.thoughts:
+        message["reasoning_content"] = "".join(parts.thoughts)
+    if parts.calls:
+        message["tool_calls"] = [{k: v for k, v in call.items() if k != "index"} for call in _tool_calls(parts.calls)]
+    return message, _finish(parts.finish_reason, bool(parts.calls)), usage_from_gemini(data.get("usageMetadata"))
 
 
 class GeminiStream(UpstreamStream):
@@ -266,20 +285,21 @@ class GeminiStream(UpstreamStream):
         usage = usage_from_gemini(data.get("usageMetadata"))
         if usage is not None:
             self.partial_usage = usage  # each chunk reports the counts so far
-        texts, calls, reason = _candidate_parts(data)
+        parts = _candidate_parts(data)
         out = []
         if not self._started:
             self._started = True
             out.append(self._writer.chunk({"role": "assistant", "content": ""}))
-        text = "".join(texts)
-        if text:
-            self.completion_text_bytes += len(text.encode())
-            out.append(self._writer.chunk({"content": text}))
-        if calls:
-            out.append(self._writer.chunk({"tool_calls": _tool_calls(calls, self._calls)}))
-            self._calls += len(calls)
-        if reason:
-            self._finish = _finish(reason, self._calls > 0)
+        for name, pieces in (("reasoning_content", parts.thoughts), ("content", parts.texts)):
+            text = "".join(pieces)
+            if text:
+                self.completion_text_bytes += len(text.encode())  # thoughts too: billed as output
+                out.append(self._writer.chunk({name: text}))
+        if parts.calls:
+            out.append(self._writer.chunk({"tool_calls": _tool_calls(parts.calls, self._calls)}))
+            self._calls += len(parts.calls)
+        if parts.finish_reason:
+            self._finish = _finish(parts.finish_reason, self._calls > 0)
         return out
 
     def close(self) -> None:

@@ -131,15 +131,16 @@ class ResponseEvents(UpstreamStream):
         self._open: _OpenItem | None = None
         self._finish: str | None = None
         self._prompt_estimate: Usage | None = None
+        self._started = False  # response.created is out
+        self._before_chunk = (0, False)  # (_sequence, _started) before the last chunk yielded
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         splitter = SseSplitter()
-        started = False
         try:
             async for chunk in self._inner:
+                self._before_chunk = (self._sequence, self._started)
                 out, unreadable = translate_batch(splitter.feed(chunk), self._translate)
-                if not started:
-                    started = True
+                if not self._started:
                     out[:0] = self._start()
                 if out:
                     yield b"".join(out)
@@ -147,11 +148,17 @@ class ResponseEvents(UpstreamStream):
                     raise unreadable
         finally:
             self._sync()
-        tail = [] if started else self._start()
         if self.error is not None:
-            yield b"".join([*tail, self._failed(self.error)])
+            yield self.failure_events(self.error, dropped=False)
             return
-        yield b"".join(tail + self._finished())
+        yield b"".join(self._start() + self._finished())
+
+    def failure_events(self, error: GatewayError, dropped: bool) -> bytes:
+        """The end of a failed stream, the vendor's failure or the gateway's cut-off: the
+        events numbered on from the last one the client got (see `_failed`)."""
+        if dropped:
+            self._sequence, self._started = self._before_chunk
+        return b"".join([*self._start(), self._failed(error)])
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         data = {"type": kind, "sequence_number": self._sequence, **fields}
@@ -159,6 +166,10 @@ class ResponseEvents(UpstreamStream):
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
     def _start(self) -> list[bytes]:
+        """`response.created` and `.in_progress`, once: [] after the first call."""
+        if self._started:
+            return []
+        self._started = True
         response = self._frame.response("in_progress", [])
         return [self._event("response.created", response=response), self._event("response.in_progress", response=response)]
 

@@ -9,8 +9,8 @@ What does not translate is refused with a clear 400, never silently dropped: too
 than functions (`web_search`, `file_search`, …), file inputs, and anything that needs a
 stored response (`previous_response_id`, `conversation`, `prompt`, `background`), since a
 translated provider stores nothing: `store` is answered false. `reasoning.effort` is sent
-on as chat's `reasoning_effort`; the Anthropic and Gemini chat adapters do not act on it
-today (the vendor's own default applies), but they bill the reasoning tokens it reports.
+on as chat's `reasoning_effort`, which the Anthropic and Gemini chat adapters turn into
+their thinking budgets; the thinking they return as `reasoning_content` becomes a reasoning item.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ import time
 import uuid
 from typing import Any
 
-from core.errors import GatewayError
+from core.errors import GatewayError, bad_request
 from core.providers.base import UpstreamCall, UpstreamFailure
-from core.request_checks import json_in_text
+from core.request_checks import REASONING_BUDGETS, json_in_text
 from core.sse import encode_event
 from core.usage import Usage
 
@@ -18,6 +18,20 @@ def not_supported(call: UpstreamCall) -> UpstreamFailure:
     """This vendor has no such endpoint: another provider of the model may."""
     error = GatewayError(400, "invalid_request_error", "endpoint_not_supported", f"Provider '{call.route.provider.name}' does not support /v1/{call.endpoint}.")
     return UpstreamFailure(error, retryable=True)
+
+
+def thinking_budget(call: UpstreamCall) -> int | None:
+    """The thinking tokens chat's `reasoning_effort` asks of a vendor that takes a budget
+    (REASONING_BUDGETS); None when the request sets no effort, a 400 for one without a budget."""
+    effort = call.body.get("reasoning_effort")
+    if effort is None:
+        return None
+    budget = REASONING_BUDGETS.get(effort) if isinstance(effort, str) else None
+    if budget is None:
+        efforts = ", ".join(REASONING_BUDGETS)
+        message = f"Provider '{call.route.provider.name}' takes a reasoning effort of {efforts}; got {json.dumps(effort)}."
+        raise bad_request(message, "invalid_reasoning_effort", "reasoning_effort")
+    return budget
 
 
 def stop_list(value: Any) -> list[str]:
