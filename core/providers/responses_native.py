@@ -105,10 +105,10 @@ def _stored_call_error(route: ModelRoute, status: int, body: bytes) -> GatewayEr
 
 
 def responses_error_event(error: GatewayError) -> bytes:
-    """An `error` event as the Responses API streams one (`type`, `code`, `message`), which
-    also carries the usual `error` object: what the openai SDK raises on in a stream."""
-    inner = error.body()["error"]
-    data = {"type": "error", "code": inner["code"], "message": inner["message"], "param": inner.get("param"), **error.body()}
+    """An `error` event as the Responses API streams one (`type`, `code`, `message`, `param`),
+    for a stream the gateway ends itself: the openai SDK yields it as a ResponseErrorEvent,
+    as it does OpenAI's own. (Unnumbered: the vendor numbered the events before it.)"""
+    data = {"type": "error", "code": error.code, "message": error.message, "param": error.param}
     return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
