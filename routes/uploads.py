@@ -60,7 +60,7 @@ class UploadEndpoint:
     async def _read_request(self, receive: Receive, headers: dict[str, str], limit: int) -> ProxyRequest:
         upload = await receive_form(receive, headers, limit)
         try:
-            return upload_request(self.endpoint, upload)
+            return await upload_request(self.endpoint, upload)
         except BaseException:
             upload.close()
             raise
