@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive
+from starlette.types import Receive, Scope
 
 from core.auth_throttle import AuthThrottle
 from core.config import ApiKey, Config
@@ -89,8 +89,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return await receive_body(request.receive, request.headers.get("content-length"), limit)
 
 
-async def receive_body(receive: Receive, declared_length: str | None, limit: int) -> bytes:
-    """`read_body` on a raw ASGI receive channel; ClientDisconnect if the client leaves."""
+async def receive_body(receive: Receive, declared_length: str | None, limit: int, sink: Callable[[bytes], None] | None = None) -> bytes:
+    """`read_body` on a raw ASGI receive channel; ClientDisconnect if the client leaves.
+    With a `sink` (a multipart parser) each chunk goes there as it arrives instead of being
+    kept, under the same limit, and b"" is returned."""
     if declared_length and declared_length.isascii() and declared_length.isdigit() and int(declared_length) > limit:
         raise too_large(limit)
     chunks: list[bytes] = []
@@ -103,9 +105,22 @@ async def receive_body(receive: Receive, declared_length: str | None, limit: int
         size += len(chunk)
         if size > limit:
             raise too_large(limit)
-        chunks.append(chunk)
+        if sink is None:
+            chunks.append(chunk)
+        else:
+            sink(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def request_headers(scope: Scope, names: frozenset[bytes]) -> dict[str, str]:
+    """The headers of `names` picked out of the ASGI scope in one pass (ASGI servers give
+    names lowercased); the first of repeats, as Starlette's Headers.get does."""
+    found: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        if name in names:
+            found.setdefault(name.decode(), value.decode("latin-1"))
+    return found
 
 
 MAX_DIGITS = 18  # below 2**63: what SQLite stores, and far beyond any page, id or count

@@ -6,7 +6,7 @@ import asyncio
 
 from starlette.types import Message, Receive, Scope, Send
 
-from core.proxy import MeteredStream
+from core.proxy import CompletedCall, MeteredStream
 
 
 class ProxyStreamResponse:
@@ -101,3 +101,17 @@ class ProxyStreamResponse:
         task = asyncio.current_task()
         if task is not None:
             task.uncancel()
+
+
+async def send_answer(request_id: str, result: CompletedCall | MeteredStream, scope: Scope, receive: Receive, send: Send) -> None:
+    """A proxied request's answer: the stream relayed, or the reply in one body, with the
+    request id, the provider and the billing headers."""
+    headers = {"x-request-id": request_id, "x-tollgate-provider": result.route.provider.name, **result.headers}
+    if isinstance(result, MeteredStream):
+        await ProxyStreamResponse(result, headers, scope["app"].state.gateway.loop)(scope, receive, send)
+        return
+    reply = result.reply
+    raw_headers = [(b"content-type", reply.content_type.encode("latin-1")), (b"content-length", str(len(reply.body)).encode())]
+    raw_headers += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+    await send({"type": "http.response.start", "status": reply.status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": reply.body})

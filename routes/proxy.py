@@ -21,11 +21,11 @@ from starlette.types import Receive, Scope, Send
 from core.config import ApiKey, Config
 from core.errors import GatewayError, not_found
 from core.providers.messages import anthropic_error_body
-from core.proxy import ENDPOINTS, MeteredStream, parse_proxy_request
+from core.proxy import ENDPOINTS, parse_proxy_request
 from core.routing import routes_for
 from core.usage import estimate_prompt_tokens
-from routes._http import authenticate, authenticate_headers, current_config, internal_error, parse_json, read_json, receive_body
-from routes._stream import ProxyStreamResponse
+from routes._http import authenticate, authenticate_headers, current_config, internal_error, parse_json, read_json, receive_body, request_headers
+from routes._stream import send_answer
 from routes.uploads import UPLOAD_ENDPOINTS_BY_NAME, UploadEndpoint
 
 log = logging.getLogger("tollgate.proxy")
@@ -42,7 +42,7 @@ class ProxyEndpoint:
         state = scope["app"].state
         try:
             config: Config = state.store.current  # this request's config to the end, whatever reloads
-            headers = _request_headers(scope)
+            headers = request_headers(scope, _READ_HEADERS)
             client = scope.get("client")
             key = authenticate_headers(config, headers, client[0] if client else None, state.clock(), state.auth_throttle)
             body = parse_json(await receive_body(receive, headers.get("content-length"), config.preferences.max_request_body_bytes))
@@ -56,15 +56,7 @@ class ProxyEndpoint:
         except Exception as exc:  # a bug: answered with a logged 500, not a dropped connection
             await self.error_response(internal_error(Request(scope), exc))(scope, receive, send)
             return
-        headers = {"x-request-id": proxy_request.request_id, "x-tollgate-provider": result.route.provider.name, **result.headers}
-        if isinstance(result, MeteredStream):
-            await ProxyStreamResponse(result, headers, state.gateway.loop)(scope, receive, send)
-            return
-        reply = result.reply
-        raw_headers = [(b"content-type", reply.content_type.encode()), (b"content-length", str(len(reply.body)).encode())]
-        raw_headers += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
-        await send({"type": "http.response.start", "status": reply.status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": reply.body})
+        await send_answer(proxy_request.request_id, result, scope, receive, send)
 
     def error_response(self, error: GatewayError) -> Response:
         """OpenAI's error shape; Anthropic's on /v1/messages, whose clients expect it."""
@@ -114,16 +106,6 @@ def _model_object(config: Config, key: ApiKey, name: str) -> dict[str, Any] | No
 
 # The request headers the proxy endpoints read, picked out of the ASGI scope in one pass.
 _READ_HEADERS = frozenset({b"authorization", b"x-api-key", b"content-length", b"user-agent", b"x-forwarded-for"})
-
-
-def _request_headers(scope: Scope) -> dict[str, str]:
-    """The headers of _READ_HEADERS (ASGI servers give names lowercased); the first of repeats,
-    as Starlette's Headers.get does."""
-    found: dict[str, str] = {}
-    for name, value in scope["headers"]:
-        if name in _READ_HEADERS:
-            found.setdefault(name.decode(), value.decode("latin-1"))
-    return found
 
 
 # Many clients are configured with a base URL lacking /v1: every proxy path is served both ways.

@@ -14,13 +14,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
 from core.config import Config
-from core.errors import GatewayError, too_large
-from core.proxy import CompletedCall, MeteredStream, ProxyRequest
+from core.errors import GatewayError
+from core.proxy import ProxyRequest
 from core.uploads import UPLOAD_ENDPOINTS, Upload
 from core.uploads.form import FormReader
 from core.uploads.request import upload_request
-from routes._http import authenticate_headers, internal_error
-from routes._stream import ProxyStreamResponse
+from routes._http import authenticate_headers, internal_error, receive_body, request_headers
+from routes._stream import send_answer
 
 # The request headers these endpoints read: the proxy's, and the form's boundary.
 _READ_HEADERS = frozenset({b"authorization", b"x-api-key", b"content-length", b"content-type", b"user-agent", b"x-forwarded-for"})
@@ -39,7 +39,7 @@ class UploadEndpoint:
         try:
             try:
                 config: Config = state.store.current  # this request's config to the end, whatever reloads
-                headers = _request_headers(scope)
+                headers = request_headers(scope, _READ_HEADERS)
                 client = scope.get("client")
                 key = authenticate_headers(config, headers, client[0] if client else None, state.clock(), state.auth_throttle)
                 request = await self._read_request(receive, headers, config.preferences.max_request_body_bytes)
@@ -52,7 +52,7 @@ class UploadEndpoint:
             except Exception as exc:  # a bug: answered with a logged 500, not a dropped connection
                 await _send_error(internal_error(Request(scope), exc), send)
                 return
-            await _send_result(request, result, scope, receive, send)
+            await send_answer(request.request_id, result, scope, receive, send)
         finally:
             if request is not None and request.upload is not None:
                 request.upload.close()
@@ -60,7 +60,7 @@ class UploadEndpoint:
     async def _read_request(self, receive: Receive, headers: dict[str, str], limit: int) -> ProxyRequest:
         upload = await receive_form(receive, headers, limit)
         try:
-            return upload_request(self.endpoint, upload)
+            return await upload_request(self.endpoint, upload)
         except BaseException:
             upload.close()
             raise
@@ -70,38 +70,13 @@ async def receive_form(receive: Receive, headers: dict[str, str], limit: int) ->
     """The form, parsed as its chunks arrive; 413 as soon as it is known to pass `limit`
     bytes (a Content-Length over it is refused before reading). On any failure every file
     spooled so far is freed."""
-    declared = headers.get("content-length")
-    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
     reader = FormReader(headers.get("content-type"))
     try:
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnect()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
-            reader.feed(chunk)
-            if not message.get("more_body", False):
-                return reader.finish()
+        await receive_body(receive, headers.get("content-length"), limit, reader.feed)
+        return reader.finish()
     except BaseException:
         reader.close()
         raise
-
-
-async def _send_result(request: ProxyRequest, result: CompletedCall | MeteredStream, scope: Scope, receive: Receive, send: Send) -> None:
-    headers = {"x-request-id": request.request_id, "x-tollgate-provider": result.route.provider.name, **result.headers}
-    if isinstance(result, MeteredStream):
-        await ProxyStreamResponse(result, headers, scope["app"].state.gateway.loop)(scope, receive, send)
-        return
-    reply = result.reply
-    raw_headers = [(b"content-type", reply.content_type.encode("latin-1")), (b"content-length", str(len(reply.body)).encode())]
-    raw_headers += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
-    await send({"type": "http.response.start", "status": reply.status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": reply.body})
 
 
 async def _send_error(error: GatewayError, send: Send) -> None:
@@ -111,15 +86,6 @@ async def _send_error(error: GatewayError, send: Send) -> None:
     headers += [(name.lower().encode(), value.encode()) for name, value in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-def _request_headers(scope: Scope) -> dict[str, str]:
-    """The headers of _READ_HEADERS; the first of repeats."""
-    found: dict[str, str] = {}
-    for name, value in scope["headers"]:
-        if name in _READ_HEADERS:
-            found.setdefault(name.decode(), value.decode("latin-1"))
-    return found
 
 
 UPLOAD_ENDPOINTS_BY_NAME = {name: UploadEndpoint(name) for name in UPLOAD_ENDPOINTS}

@@ -24,12 +24,22 @@ _ERROR_TYPES = {"INVALID_ARGUMENT": "invalid_request_error", "RESOURCE_EXHAUSTED
 
 
 async def post_json(http: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes, call: UpstreamCall) -> tuple[bytes, Any]:
-    """POST and return the body and parsed JSON of a 200 answer, or raise UpstreamFailure.
+    """POST and return the body and parsed JSON of a 200 answer, or raise UpstreamFailure."""
+    body, _ = await post(http, url, headers, payload, call)
+    route = call.route
+    try:
+        return body, orjson.loads(body)
+    except ValueError:
+        raise UpstreamFailure(bad_gateway(f"Provider '{route.provider.name}' returned a response that is not JSON."), retryable=True) from None
+
+
+async def post(http: aiohttp.ClientSession, url: str, headers: dict[str, str], data: bytes | aiohttp.MultipartWriter, call: UpstreamCall) -> tuple[bytes, str]:
+    """POST and return the body and content type of a 200 answer, or raise UpstreamFailure.
     An answer over `call.max_response_bytes` is refused as soon as it is known to be, not after reading it."""
     route, limit = call.route, call.max_response_bytes
     try:
         with Deadline(route.timeout, call.loop):
-            async with http.post(url, data=payload, headers=headers) as response:
+            async with http.post(url, data=data, headers=headers) as response:
                 status = response.status
                 if (response.content_length or 0) > limit:
                     raise too_large_answer(route, limit)
@@ -38,16 +48,14 @@ async def post_json(http: aiohttp.ClientSession, url: str, headers: dict[str, st
                     body += await response.content.read(limit + 1 - len(body))
                 if len(body) > limit:
                     raise too_large_answer(route, limit)
+                content_type = response.headers.get("Content-Type", "")
     except TimeoutError:
         raise UpstreamFailure.timeout(route) from None
     except aiohttp.ClientError as exc:
         raise UpstreamFailure.unreachable(route, exc) from None
     if status != 200:
         raise failure_from_status(route, status, body)
-    try:
-        return body, orjson.loads(body)
-    except ValueError:
-        raise UpstreamFailure(bad_gateway(f"Provider '{route.provider.name}' returned a response that is not JSON."), retryable=True) from None
+    return body, content_type
 
 
 async def open_stream(

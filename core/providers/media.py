@@ -17,12 +17,12 @@ import aiohttp
 import orjson
 
 from core.config import ModelRoute
-from core.errors import GatewayError, bad_gateway
 from core.providers.base import Adapter, Reply, UpstreamCall, UpstreamFailure, UpstreamStream
 from core.providers.echo_media import EchoMediaAdapter
 from core.providers.http import open_stream, post_json
 from core.providers.openai import AzureAdapter, OpenAIAdapter
-from core.sse import SseSplitter, encode_event, event_data
+from core.providers.relay import RelayedEvents, stream_broken_off, stream_timed_out
+from core.sse import event_data
 from core.usage import Usage, reported_count
 
 OCTET_STREAM = "application/octet-stream"
@@ -80,15 +80,11 @@ async def open_audio(http: aiohttp.ClientSession, url: str, headers: dict[str, s
         raise UpstreamFailure.timeout(route) from None
     except aiohttp.ClientError:
         response.close()
-        raise UpstreamFailure(broken_off(route), retryable=True) from None
+        raise UpstreamFailure(stream_broken_off(route), retryable=True) from None
     if not first:
         response.release()
         raise UpstreamFailure.invalid(route)
     return AudioStream(response, route, first, Usage(characters=len(call.body["input"])))
-
-
-def broken_off(route: ModelRoute) -> GatewayError:
-    return bad_gateway(f"Provider '{route.provider.name}' broke off the stream.", "upstream_stream_broken")
 
 
 class AudioStream(UpstreamStream):
@@ -117,11 +113,9 @@ class AudioStream(UpstreamStream):
                 yield chunk
             self._finished = self.complete = True
         except TimeoutError:
-            self.error = GatewayError(
-                504, "api_error", "upstream_timeout", f"Provider '{self._route.provider.name}' stopped sending for {self._route.timeout:g}s."
-            )
+            self.error = stream_timed_out(self._route)
         except aiohttp.ClientError:
-            self.error = broken_off(self._route)
+            self.error = stream_broken_off(self._route)
         finally:
             self.close()
 
@@ -136,7 +130,7 @@ class AudioStream(UpstreamStream):
 COMPLETED_IMAGE = b"image_generation.completed"
 
 
-class ImageStream(UpstreamStream):
+class ImageStream(RelayedEvents):
     """A GPT image model's stream (`image_generation.partial_image` events, then one
     `image_generation.completed` per image, which carries the image's token usage), relayed
     as it comes. Only completed events are parsed: partial images pass through untouched.
@@ -147,36 +141,15 @@ class ImageStream(UpstreamStream):
     """
 
     def __init__(self, response: aiohttp.ClientResponse, route: ModelRoute, requested: int):
-        super().__init__()
-        self._response = response
-        self._route = route
+        super().__init__(response, route)
         self._requested = requested
         self._completed: list[Usage | None] = []  # each completed image's token usage, if reported
-        self._finished = False
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        splitter = SseSplitter()
-        try:
-            async for chunk in self._response.content.iter_any():
-                events = splitter.feed(chunk)  # whole events only: an error event may have to follow
-                for event in events:
-                    if COMPLETED_IMAGE in event:
-                        self._observe(event)
-                if events:
-                    yield b"".join(events)
-            self._finished = True
-        except TimeoutError:
-            self.error = GatewayError(
-                504, "api_error", "upstream_timeout", f"Provider '{self._route.provider.name}' stopped sending for {self._route.timeout:g}s."
-            )
-        except aiohttp.ClientError:
-            self.error = broken_off(self._route)
-        finally:
-            self.close()
-        if self.error is None and (splitter.rest().strip() or not self.complete):
-            self.error = bad_gateway(f"Provider '{self._route.provider.name}' ended the stream early.", "upstream_stream_broken")
-        if self.error is not None:
-            yield encode_event(orjson.dumps(self.error.body()))
+    def _relay(self, events: list[bytes]) -> list[bytes]:
+        for event in events:
+            if COMPLETED_IMAGE in event:
+                self._observe(event)
+        return events
 
     def _observe(self, event: bytes) -> None:
         data = event_data(event)
@@ -198,10 +171,9 @@ class ImageStream(UpstreamStream):
         return Usage(sum(u.prompt_tokens for u in reported), sum(u.completion_tokens for u in reported), images=images)
 
     def close(self) -> None:
+        super().close()
         if self._finished:
-            self._response.release()
             return
-        self._response.close()
         if self.error is None and not self.complete:  # the client left: the vendor makes and bills them all
             self.usage = Usage(images=self._requested, estimated=True)
 

@@ -6,8 +6,6 @@ uses the vendor's numbers; the extra chunk is dropped again if the client did no
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
@@ -15,11 +13,11 @@ import aiohttp
 import orjson
 
 from core.config import ModelRoute
-from core.errors import GatewayError, bad_gateway
 from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamFailure, UpstreamStream
 from core.providers.http import open_stream, post_json
+from core.providers.relay import RelayedEvents
 from core.request_checks import too_deeply_nested
-from core.sse import DONE, SseSplitter, encode_event, event_data
+from core.sse import DONE, event_data
 from core.usage import text_bytes, usage_from_openai
 
 AZURE_API_VERSION = "2024-10-21"
@@ -80,7 +78,7 @@ def upstream_body(call: UpstreamCall) -> dict[str, Any]:
     return body
 
 
-class OpenAIStream(UpstreamStream):
+class OpenAIStream(RelayedEvents):
     """Relays the upstream's events, reading only what billing needs.
 
     Most events are text deltas: they pass through unparsed and are kept (as the bytes they
@@ -91,11 +89,8 @@ class OpenAIStream(UpstreamStream):
     def __init__(self, response: aiohttp.ClientResponse, route: ModelRoute, client_wants_usage: bool):
         self._unread: list[bytes] = []  # text events not yet counted (see completion_text_bytes)
         self._unread_size = 0
-        super().__init__()
-        self._response = response
-        self._route = route
+        super().__init__(response, route)
         self._client_wants_usage = client_wants_usage
-        self._finished = False
 
     @property  # type: ignore[override]
     def completion_text_bytes(self) -> int:
@@ -107,26 +102,8 @@ class OpenAIStream(UpstreamStream):
     def completion_text_bytes(self, value: int) -> None:
         self._text_bytes = value
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        splitter = SseSplitter()
-        try:
-            async for chunk in self._response.content.iter_any():
-                out = [event for event in splitter.feed(chunk) if self._observe(event)]
-                if out:
-                    yield out[0] if len(out) == 1 else b"".join(out)
-            self._finished = True
-        except TimeoutError:
-            self.error = GatewayError(
-                504, "api_error", "upstream_timeout", f"Provider '{self._route.provider.name}' stopped sending for {self._route.timeout:g}s."
-            )
-        except aiohttp.ClientError:
-            self.error = bad_gateway(f"Provider '{self._route.provider.name}' broke off the stream.", "upstream_stream_broken")
-        finally:
-            self.close()
-        if self.error is None and (splitter.rest().strip() or not self.complete):
-            self.error = bad_gateway(f"Provider '{self._route.provider.name}' ended the stream early.", "upstream_stream_broken")
-        if self.error is not None:
-            yield encode_event(json.dumps(self.error.body()).encode())
+    def _relay(self, events: list[bytes]) -> list[bytes]:
+        return [event for event in events if self._observe(event)]
 
     def _observe(self, event: bytes) -> bool:
         """Record usage and streamed text from one event; say whether the client should see it."""
@@ -164,14 +141,6 @@ class OpenAIStream(UpstreamStream):
                 continue
         self._unread.clear()
         self._unread_size = 0
-
-    def close(self) -> None:
-        # A stream cut short must drop its connection (that is what cancels the upstream
-        # generation); a finished one goes back to the pool.
-        if self._finished:
-            self._response.release()
-        else:
-            self._response.close()
 
 
 MAX_UNREAD_BYTES = 256 * 1024

@@ -12,7 +12,6 @@ have it; the older `/openai/responses?api-version=2025-03-01-preview` was its pr
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -23,7 +22,8 @@ from core.deadlines import Deadline
 from core.errors import GatewayError, bad_gateway
 from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamFailure, UpstreamStream
 from core.providers.http import MAX_ERROR_BODY, open_stream, post_json, too_large_answer, vendor_error
-from core.sse import SseSplitter, event_data
+from core.providers.relay import RelayedEvents
+from core.sse import event_data
 from core.usage import text_bytes, usage_from_responses
 
 # The events that end a response, each carrying the final `response` (and its usage).
@@ -112,7 +112,7 @@ def responses_error_event(error: GatewayError) -> bytes:
     return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-class ResponsesStream(UpstreamStream):
+class ResponsesStream(RelayedEvents):
     """Relays a Responses stream unchanged, reading only what billing needs: the id from
     `response.created`, the usage from the terminal event (`response.completed`,
     `.incomplete`, `.failed`), and, kept unparsed until an estimate needs them, the `delta`
@@ -121,11 +121,8 @@ class ResponsesStream(UpstreamStream):
     def __init__(self, response: aiohttp.ClientResponse, call: UpstreamCall):
         self._deltas: list[bytes] = []  # delta events not yet counted (see completion_text_bytes)
         self._deltas_size = 0
-        super().__init__()
-        self._response = response
+        super().__init__(response, call.route)
         self._call = call
-        self._route: ModelRoute = call.route
-        self._finished = False
         self._error_relayed = False
 
     @property  # type: ignore[override]
@@ -138,27 +135,13 @@ class ResponsesStream(UpstreamStream):
     def completion_text_bytes(self, value: int) -> None:
         self._text_bytes = value
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        splitter = SseSplitter()
-        name = self._route.provider.name
-        try:
-            async for chunk in self._response.content.iter_any():
-                events = splitter.feed(chunk)
-                for event in events:
-                    self._observe(event)
-                if events:
-                    yield events[0] if len(events) == 1 else b"".join(events)
-            self._finished = True
-        except TimeoutError:
-            self.error = GatewayError(504, "api_error", "upstream_timeout", f"Provider '{name}' stopped sending for {self._route.timeout:g}s.")
-        except aiohttp.ClientError:
-            self.error = bad_gateway(f"Provider '{name}' broke off the stream.", "upstream_stream_broken")
-        finally:
-            self.close()
-        if self.error is None and not self.complete:
-            self.error = bad_gateway(f"Provider '{name}' ended the stream early.", "upstream_stream_broken")
-        if self.error is not None and not self._error_relayed:
-            yield responses_error_event(self.error)
+    def _relay(self, events: list[bytes]) -> list[bytes]:
+        for event in events:
+            self._observe(event)
+        return events
+
+    def error_event(self, error: GatewayError) -> bytes | None:
+        return None if self._error_relayed else responses_error_event(error)
 
     def _observe(self, event: bytes) -> None:
         """Record what billing needs from one event (named by its `event:` line)."""
@@ -204,13 +187,6 @@ class ResponsesStream(UpstreamStream):
             self._text_bytes += text_bytes(delta.get("delta")) if isinstance(delta, dict) else 0
         self._deltas.clear()
         self._deltas_size = 0
-
-    def close(self) -> None:
-        # As OpenAIStream: a stream cut short drops its connection (cancelling the generation).
-        if self._finished:
-            self._response.release()
-        else:
-            self._response.close()
 
 
 MAX_UNREAD_BYTES = 256 * 1024

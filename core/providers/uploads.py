@@ -20,11 +20,10 @@ import orjson
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
-from core.deadlines import Deadline
 from core.errors import bad_gateway
 from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamFailure
 from core.providers.echo_uploads import EchoUploadAdapter
-from core.providers.http import failure_from_status, open_stream, too_large_answer
+from core.providers.http import open_stream, post
 from core.providers.openai import AzureAdapter, OpenAIAdapter
 from core.providers.transcript_stream import TranscriptStream
 from core.uploads import AUDIO_ENDPOINTS, Upload, UploadedFile
@@ -48,7 +47,7 @@ class UploadAdapter:
             upload = call.upload
             response = await open_stream(http, url, headers, upstream_form(call), call)
             return TranscriptStream(response, call.route, lambda done: audio_usage(done, upload))
-        body, content_type = await post_form(http, url, headers, upstream_form(call), call)
+        body, content_type = await post(http, url, headers, upstream_form(call), call)
         return read_answer(call, body, content_type)
 
 
@@ -88,30 +87,6 @@ class SpooledFilePayload(Payload):
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return b"".join(self._value.chunks()).decode(encoding, errors)
-
-
-async def post_form(http: aiohttp.ClientSession, url: str, headers: dict[str, str], form: aiohttp.MultipartWriter, call: UpstreamCall) -> tuple[bytes, str]:
-    """POST the form; a 200's body and content type, or UpstreamFailure (as post_json: the
-    answer refused once it is known to pass `call.max_response_bytes`)."""
-    route, limit = call.route, call.max_response_bytes
-    try:
-        with Deadline(route.timeout, call.loop):
-            async with http.post(url, data=form, headers=headers) as response:
-                status, content_type = response.status, response.headers.get("Content-Type", "")
-                if (response.content_length or 0) > limit:
-                    raise too_large_answer(route, limit)
-                body = await response.content.read(limit + 1)
-                while len(body) <= limit and not response.content.at_eof():
-                    body += await response.content.read(limit + 1 - len(body))
-                if len(body) > limit:
-                    raise too_large_answer(route, limit)
-    except TimeoutError:
-        raise UpstreamFailure.timeout(route) from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamFailure.unreachable(route, exc) from None
-    if status != 200:
-        raise failure_from_status(route, status, body)
-    return body, content_type
 
 
 def read_answer(call: UpstreamCall, body: bytes, content_type: str) -> Reply:

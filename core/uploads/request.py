@@ -3,6 +3,8 @@ units admission reserves for (`n` images, the audio's duration)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from core.errors import bad_request
 from core.proxy import ProxyRequest, new_request_id
 from core.uploads import AUDIO_ENDPOINTS, Upload
@@ -15,8 +17,10 @@ MAX_IMAGES = 10  # OpenAI's bound for `n`
 STREAMED_ENDPOINT = "audio/transcriptions"  # `stream: true` (gpt-4o-transcribe's SSE events)
 
 
-def upload_request(endpoint: str, upload: Upload) -> ProxyRequest:
-    """Check the model, the file and `n`; measure the audio. The upstream validates the rest."""
+async def upload_request(endpoint: str, upload: Upload) -> ProxyRequest:
+    """Check the model, the file and `n`; measure the audio (in a thread: a spooled file is
+    read from disk, and the event loop serves every other request meanwhile). The upstream
+    validates the rest."""
     body = upload.fields()
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -29,7 +33,7 @@ def upload_request(endpoint: str, upload: Upload) -> ProxyRequest:
     if stream and endpoint != STREAMED_ENDPOINT:
         raise bad_request(f"Only transcriptions can be streamed, not /v1/{endpoint}.", "invalid_stream", "stream")
     if endpoint in AUDIO_ENDPOINTS:
-        upload.audio_ms = measure_audio_ms(file)
+        upload.audio_ms = await asyncio.to_thread(measure_audio_ms, file)
         units = Usage(audio_ms=upload.audio_ms if upload.audio_ms is not None else estimate_audio_ms(file.size))
     else:
         units = Usage(images=_image_count(body.get("n")))
