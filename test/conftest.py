@@ -4,7 +4,7 @@ import asyncio
 import os
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +31,16 @@ class RunningGateway:
     def async_client(self, key: str = USER_KEY, **kwargs: Any) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kwargs)
 
-    def fire(self, key: str, count: int, **create: Any) -> list[int]:
-        """Send `count` chat completions at once with the async openai SDK; their HTTP statuses."""
+    def fire(self, key: str, count: int, call: Callable[[openai.AsyncOpenAI], Awaitable[Any]] | None = None, **create: Any) -> list[int]:
+        """Send `count` requests at once with the async openai SDK, `call(client)` each (by
+        default a chat completion of `create`); their HTTP statuses."""
 
         async def all_at_once() -> list[int]:
             client = self.async_client(key)
 
             async def one() -> int:
                 try:
-                    await client.chat.completions.create(**create)
+                    await (call(client) if call is not None else client.chat.completions.create(**create))
                     return 200
                 except openai.APIStatusError as exc:
                     return exc.status_code

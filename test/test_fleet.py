@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from starlette.responses import Response, StreamingResponse
 
 from core.ledger.postgres_schema import SCHEMA_VERSION
 from test.postgres import PostgresServer
-from test.servers import FakeUpstream, ResponsesVendor, ServerThread, WebhookReceiver, held_stream, openai_like, stream_chunks
+from test.servers import FakeUpstream, ResponsesVendor, ServerThread, WebhookReceiver, held_stream, images_like, openai_like, stream_chunks
 from test.test_billing import MEDIA_REPORTS
 from test.test_cli import ROOT, _free_port, wait_until_healthy
 from test.test_web import Browser
@@ -658,15 +658,19 @@ preferences:
 """
 
 
-def fire_keys(instances: list[Instance], keys: list[str], total: int, **create: Any) -> list[int]:
-    """`total` chat completions at once, spread round-robin over the instances and the keys."""
+def fire_keys(
+    instances: list[Instance], keys: list[str], total: int, call: Callable[[openai.AsyncOpenAI], Awaitable[Any]] | None = None, **create: Any
+) -> list[int]:
+    """`total` requests at once, spread round-robin over the instances and the keys: `call(client)`
+    each, by default a chat completion of `create`."""
 
     async def all_at_once() -> list[int]:
         clients = [instance.client(key) for instance in instances for key in keys]
 
         async def one(i: int) -> int:
             try:
-                await clients[i % len(clients)].chat.completions.create(model="echo-1", messages=MESSAGES, **create)
+                client = clients[i % len(clients)]
+                await (call(client) if call is not None else client.chat.completions.create(model="echo-1", messages=MESSAGES, **create))
                 return 200
             except openai.APIStatusError as exc:
                 return exc.status_code
@@ -870,3 +874,17 @@ def test_media_units_read_from_postgresql_as_from_sqlite(fleet):
     tab = browser.get("/admin/keys").text  # usage_key_day
     assert all(f">{part}<" in tab for part in ("3 images", "12.5 min audio", "2,000 characters"))
     fleet.assert_balances_equal_ledger_sums()
+
+
+def test_sixty_image_requests_over_three_instances_are_billed_per_image_without_overspending(fleet):
+    """Each request reserves its n=2 images (0.08 USD) on the fleet's ledger before the vendor
+    is called: with 1 USD, exactly 12 of 60 requests spread over three instances are served,
+    and each charge records its images."""
+    fleet.upstream.script("p1", images_like())
+    text = UNITS_TEXT.replace("preferences: {credits: 10}", "preferences: {credits: 1}").replace("model: [echo-1]", "model: [dall-e-3]")
+    instances = fleet.start("", count=3, text=text)
+    statuses = fire_keys(instances, [KEY], 60, lambda client: client.images.generate(model="dall-e-3", prompt="x", n=2))
+    assert statuses.count(200) == 12 and statuses.count(402) == 48
+    fleet.assert_balances_equal_ledger_sums()
+    assert fleet.sql("SELECT COUNT(*), SUM(images), SUM(cost_nanos), MIN(unit_prices) FROM usage WHERE status = 'ok'") == '12|24|960000000|{"image":"0.04"}'
+    assert {instance.state()["remaining_credits"] for instance in instances} == {0.04}

@@ -425,3 +425,33 @@ def test_echo_answers_images_speech_and_moderations(start_gateway):
         (0, 0, 0),
         (0, 11, 165_000),
     ]
+
+
+# --- many at once ----------------------------------------------------------------------------
+
+
+def test_sixty_image_requests_at_once_never_overspend_a_key(start_gateway, upstream):
+    """Each request reserves its n=2 images (0.08 USD) before the vendor is called: with 1
+    USD, exactly 12 of 60 concurrent requests are served and the key ends at 0.04, the sum of
+    its ledger rows."""
+    script_media(upstream)
+    gateway = start_gateway(CONFIG.replace("billing_mode: token, credits: 10}", "billing_mode: token, credits: 1}", 1), upstream)
+    results = gateway.fire(TOKEN_KEY, 60, lambda client: client.images.generate(model="dall-e-3", prompt="x", n=2))
+    assert results.count(200) == 12 and results.count(402) == 48
+    assert len(upstream.seen) == 12
+    state = gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY).json()["api_keys_states"][TOKEN_KEY]
+    assert Decimal(str(state["remaining_credits"])) == Decimal("0.04")
+    assert ledger_rows(gateway, "SELECT COUNT(*), SUM(images), SUM(cost_nanos) FROM usage WHERE status = 'ok'") == [(12, 24, 960_000_000)]
+
+
+def test_fifty_speech_requests_at_once_on_a_count_key_spend_exactly_its_credits(start_gateway, upstream):
+    script_media(upstream)
+    gateway = start_gateway(CONFIG, upstream)  # COUNT_KEY: 5 count credits
+
+    async def speak(client):
+        async with client.audio.speech.with_streaming_response.create(model="tts-1", voice="alloy", input=SPOKEN) as response:
+            await response.read()
+
+    results = gateway.fire(COUNT_KEY, 50, speak)
+    assert results.count(200) == 5 and results.count(402) == 45
+    assert ledger_rows(gateway, "SELECT COUNT(*), SUM(count_charged), SUM(characters) FROM usage WHERE status = 'ok'") == [(5, 5, 55)]
