@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 DONE = b"[DONE]"
@@ -45,3 +47,17 @@ def event_data(event: bytes) -> bytes | None:
 
 def encode_event(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
+
+
+def chat_chunk(event: bytes) -> dict[str, Any] | None:
+    """The JSON object of an inner chat stream's event, for the translators that read it
+    (/v1/messages and /v1/responses over chat); None for `[DONE]`, comments, data that is
+    not an object, and error events (the inner stream's error is taken over at its end)."""
+    raw = event_data(event)
+    if raw is None or raw == DONE:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and not data.get("error") else None

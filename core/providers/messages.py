@@ -19,7 +19,7 @@ from core.errors import GatewayError, bad_gateway
 from core.providers.anthropic import ANTHROPIC_VERSION, StreamUsage, delta_text_bytes, usage_from_anthropic
 from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamStream, translate_batch
 from core.providers.http import open_stream, post_json
-from core.sse import DONE, SseSplitter, event_data
+from core.sse import SseSplitter, chat_chunk, event_data
 from core.usage import Usage, complete_usage, estimate_prompt_tokens, estimate_usage, usage_from_openai, usage_so_far
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use", "content_filter": "refusal"}
@@ -305,14 +305,8 @@ class EventsFromChunks(UpstreamStream):
         self.error = self.error or self._inner.error
 
     def _translate(self, event: bytes) -> list[bytes]:
-        raw = event_data(event)
-        if raw is None or raw == DONE:
-            return []
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            return []
-        if not isinstance(data, dict) or data.get("error"):
+        data = chat_chunk(event)
+        if data is None:
             return []
         usage = usage_from_openai(data)
         if usage is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from core.errors import GatewayError
 from core.providers.base import UpstreamStream, translate_batch
-from core.sse import DONE, SseSplitter, event_data
+from core.sse import SseSplitter, chat_chunk
 from core.usage import Usage, complete_usage, estimate_prompt_tokens, usage_so_far
 
 # Why a response stopped short, by the chat finish_reason that says so (others complete it).
@@ -210,15 +210,9 @@ class ResponseEvents(UpstreamStream):
         return self._prompt_estimate
 
     def _translate(self, event: bytes) -> list[bytes]:
-        raw = event_data(event)
-        if raw is None or raw == DONE:
+        data = chat_chunk(event)
+        if data is None:
             return []
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            return []
-        if not isinstance(data, dict) or data.get("error"):
-            return []  # the inner stream's error event: its error is taken over at the end
         choices = data.get("choices")
         first = choices[0] if isinstance(choices, list) and choices else None
         return self._translate_choice(first) if isinstance(first, dict) else []
