@@ -5,11 +5,13 @@ input items) must reach the provider that holds it, and only the key that made i
 them. The ledger keeps each record durably, written in its batches off the request path;
 this process also keeps the recent ones in a bounded map, so a follow-up sent right after
 the create finds its record before the batch commits, and most follow-ups cost no query. A
-miss reads the database: in a fleet, the create may have gone through another instance.
+miss reads the database (twice, 0.1 s apart): in a fleet, the create may have gone through
+another instance, whose batch commits within 10 ms.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from core.config import ApiKey, Config, ModelRoute
@@ -17,6 +19,9 @@ from core.errors import GatewayError, bad_request, forbidden, not_found
 from core.ledger import RESPONSE_RETENTION_SECONDS, Ledger, StoredResponse
 
 MAX_REMEMBERED = 100_000  # recent records kept in memory (~200 bytes each); older ones are read
+# An unknown id is looked up once more after this: well past the ledgers' 10 ms group commit,
+# so a follow-up sent to one instance right after the create went through another finds it.
+UNCOMMITTED_WAIT_SECONDS = 0.1
 
 
 class StoredResponses:
@@ -40,6 +45,9 @@ class StoredResponses:
         one past its retention alike (a key learns nothing of other keys' responses)."""
         stored = self._recent.get(response_id)
         if stored is None:
+            stored = await self._ledger.stored_response(response_id)
+        if stored is None:  # fleet: made through another instance, whose batch may not have committed yet
+            await asyncio.sleep(UNCOMMITTED_WAIT_SECONDS)
             stored = await self._ledger.stored_response(response_id)
         if stored is None or stored.key_id != key.id or stored.created_at < self._clock() - RESPONSE_RETENTION_SECONDS:
             raise response_not_found(response_id, param)
