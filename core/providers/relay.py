@@ -47,9 +47,6 @@ class RelayedEvents(UpstreamStream):
     def _relay(self, events: list[bytes]) -> list[bytes]:
         """Read what billing needs from one read's events; the ones the client gets."""
 
-    def _ended(self) -> None:
-        """Called once the upstream stopped sending, before the error event is chosen."""
-
     def error_event(self, error: GatewayError) -> bytes | None:
         """The client's last event for a failed stream (None: it has had the upstream's own)."""
         return encode_event(orjson.dumps(error.body()))
@@ -70,7 +67,6 @@ class RelayedEvents(UpstreamStream):
             self.close()
         if self.error is None and (splitter.rest().strip() or not self.complete):
             self.error = stream_ended_early(self._route)
-        self._ended()
         if self.error is not None:
             event = self.error_event(self.error)
             if event is not None:

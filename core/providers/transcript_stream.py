@@ -29,15 +29,15 @@ class TranscriptStream(RelayedEvents):
     def __init__(self, response: aiohttp.ClientResponse, route: ModelRoute, usage_of: Callable[[dict[str, Any] | None], Usage]):
         super().__init__(response, route)
         self._usage_of = usage_of
+        # Billed from the start: the measured (or bounded) duration, which the vendor charges
+        # once it has begun, however the stream ends (a client leaving, a cut); the done
+        # event's report replaces it.
+        self.usage = self.partial_usage = usage_of(None)
 
     def _relay(self, events: list[bytes]) -> list[bytes]:
         for event in events:
             self._observe(event)
         return events
-
-    def _ended(self) -> None:
-        if self.usage is None:
-            self.usage = self._usage_of(None)  # no report: the measured (or bounded) duration
 
     def _observe(self, event: bytes) -> None:
         data = event_data(event)
