@@ -154,7 +154,10 @@ def _tools(body: dict[str, Any], provider: str) -> dict[str, Any]:
     if kind == "function":
         return {"tools": functions, "tool_choice": {"type": "function", "function": {"name": choice.get("name")}}}
     if kind == "allowed_tools":  # a subset of the tools, chosen among freely or of necessity
-        allowed = {t.get("name") for t in choice.get("tools") or [] if isinstance(t, dict)}
+        listed = choice.get("tools") or []
+        if not isinstance(listed, list):
+            raise bad_request("Invalid 'tool_choice.tools': expected a list of tools.", "invalid_tool_choice", "tool_choice")
+        allowed = {t.get("name") for t in listed if isinstance(t, dict)}
         return {"tools": [f for f in functions if f["function"].get("name") in allowed], "tool_choice": choice.get("mode") or "auto"}
     raise unsupported(f"Provider '{provider}' cannot be made to use a '{kind}' tool: only function tools translate to it.", "unsupported_tool", "tool_choice")
 

@@ -7,13 +7,13 @@ import asyncio
 
 from core.errors import bad_request
 from core.proxy import ProxyRequest, new_request_id
+from core.request_checks import MAX_IMAGES
 from core.uploads import AUDIO_ENDPOINTS, Upload
 from core.uploads.audio_length import estimate_audio_ms, measure_audio_ms
 from core.usage import Usage
 
 # The file fields each endpoint requires (the first name is the documented one).
 _FILE_FIELDS = {"audio/transcriptions": ("file",), "audio/translations": ("file",), "images/edits": ("image", "image[]")}
-MAX_IMAGES = 10  # OpenAI's bound for `n`
 STREAMED_ENDPOINT = "audio/transcriptions"  # `stream: true` (gpt-4o-transcribe's SSE events)
 
 
