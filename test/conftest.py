@@ -119,3 +119,10 @@ api_keys:
   - api: {USER_KEY}
     name: alice{allow}
 """
+
+
+def clear_of_window_edge(seconds: int, margin: float = 20) -> None:
+    """Wait out the end of the current fixed window when it is near: a burst must fall in one."""
+    left = seconds - time.time() % seconds
+    if left < margin:
+        time.sleep(left + 0.5)

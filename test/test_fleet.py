@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from core.ledger.postgres_schema import SCHEMA_VERSION
+from test.conftest import clear_of_window_edge
 from test.postgres import PostgresServer
 from test.servers import FakeUpstream, ResponsesVendor, ServerThread, WebhookReceiver, held_stream, images_like, openai_like, stream_chunks
 from test.test_billing import MEDIA_REPORTS
@@ -150,13 +151,6 @@ def fleet(tmp_path: Path, postgres: PostgresServer, upstream: FakeUpstream) -> I
     made = Fleet(tmp_path, postgres, upstream)
     yield made
     made.stop()
-
-
-def clear_of_window_edge(seconds: int, margin: float = 20) -> None:
-    """Wait out the end of the current fixed window when it is near: a burst must fall in one."""
-    left = seconds - time.time() % seconds
-    if left < margin:
-        time.sleep(left + 0.5)
 
 
 def test_count_credits_are_exact_over_three_instances(fleet):

@@ -193,8 +193,9 @@ def test_another_key_cannot_see_a_response_nor_continue_it(start_gateway, upstre
 def test_a_response_made_with_store_false_is_not_remembered(start_gateway, upstream, vendor):
     gateway = start_gateway(config(), upstream)
     response = gateway.client().responses.create(model="gpt-5", input="hello there", store=False)
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as caught:
         gateway.client().responses.retrieve(response.id)
+    assert caught.value.body["code"] == "response_not_found" and len(upstream.seen) == 1  # the gateway's 404: never forwarded
 
 
 def test_a_follow_up_goes_to_the_provider_holding_the_previous_response(start_gateway, upstream, vendor):
