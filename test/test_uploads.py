@@ -3,10 +3,12 @@ through the real gateway with the official openai SDK, billed per minute and per
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import sqlite3
 import tempfile
+import time
 import wave
 from pathlib import Path
 from typing import Any
@@ -377,3 +379,26 @@ def test_a_streamed_transcription_without_usage_is_billed_by_the_measured_file(s
     assert usage_rows(gateway, "audio_ms, cost_nanos, status") == [(20_000, 2_000_000, "ok")]
     echoed = list(gateway.client().audio.transcriptions.create(file=("a.wav", wav(1.5)), model="echo-whisper", stream=True))
     assert "".join(event.delta for event in echoed[:-1]) == echoed[-1].text == "Echo: 1.5 seconds of audio."
+
+
+def test_a_streamed_transcription_the_client_leaves_is_billed_its_measured_audio(start_gateway, upstream):
+    """The vendor charges the whole file once it has begun: a client that hangs up after the
+    first delta is billed the file's 20 seconds, not a few output tokens."""
+
+    async def endless(body: dict[str, Any], _request: Request) -> Response:
+        async def gen():  # type: ignore[no-untyped-def]
+            while True:
+                yield sse({"type": "transcript.text.delta", "delta": "word "})
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    upstream.script("p1", endless)
+    gateway = start_gateway(CONFIG, upstream)
+    stream = gateway.client().audio.transcriptions.create(file=("a.wav", wav(20)), model="whisper-1", stream=True)
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 30
+    while not (rows := usage_rows(gateway, "audio_ms, cost_nanos, status")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert rows == [(20_000, 2_000_000, "client_disconnected")]
