@@ -245,6 +245,21 @@ def test_every_stream_event_and_the_response_hold_what_the_sdk_models_require(st
     SdkResponse.model_validate(gateway.http("POST", "/v1/responses", json=body).json())
 
 
+def test_a_stream_arriving_in_one_write_is_numbered_from_response_created(start_gateway, upstream):
+    """The vendor's whole stream in one chunk: created/in_progress come first and are 0 and 1,
+    the item events numbered on (before the fix the opening events were numbered after them)."""
+
+    async def at_once(_body: dict[str, Any], _request: Request) -> Response:
+        return StreamingResponse(iter([ANTHROPIC_STREAM]), media_type="text/event-stream")
+
+    upstream.script("p1", at_once)
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    raw = gateway.http("POST", "/v1/responses", json={"model": "claude-sonnet", "input": "Weather?", "stream": True}).content
+    events = [json.loads(block.split("\n")[1].removeprefix("data: ")) for block in raw.decode().split("\n\n") if block]
+    assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
 # --- reasoning --------------------------------------------------------------------------------
 
 

@@ -139,9 +139,9 @@ class ResponseEvents(UpstreamStream):
         try:
             async for chunk in self._inner:
                 self._before_chunk = (self._sequence, self._started)
+                opening = self._start()  # numbered before the chunk's own events
                 out, unreadable = translate_batch(splitter.feed(chunk), self._translate)
-                if not self._started:
-                    out[:0] = self._start()
+                out[:0] = opening
                 if out:
                     yield b"".join(out)
                 if unreadable is not None:
