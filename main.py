@@ -38,7 +38,7 @@ from core.ledger.sqlite import LedgerUnavailable, check_ledger_file
 from core.ledger.sqlite_lock import LedgerLock, LedgerLockError
 from core.providers.messages import anthropic_error_body
 from core.proxy import Gateway
-from core.reload import ConfigStore
+from core.reload import ConfigStore, log_warnings
 from core.routing import Scheduler
 from core.stored_responses import StoredResponses
 from core.upstream import create_http_session
@@ -65,6 +65,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
     `clock` is the time every limit, budget period and ledger row uses (tests move it)."""
     database = parse_database(db_path)
     store = ConfigStore(config_path, load_config(config_path))
+    log_warnings(store.current)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -17,12 +17,12 @@ from zoneinfo import ZoneInfo
 
 from core.config_billing import BILLING_MODES, DEFAULT_RESERVE_COMPLETION_TOKENS, KeyBilling, read_key_billing, read_price_book
 from core.config_limits import LIMIT_KEYS, AlertSettings, IPNetwork, KeyLimits, read_alerts, read_key_limits, read_networks, read_timezone
-from core.config_reader import Section, items_of
+from core.config_reader import Section, collecting_warnings, items_of
 from core.cooperate import cooperate
 from core.keys.index import KeyIndex, digest_of, mask_key
 from core.lookup import PrefixTable
 from core.pricing import PriceBook, build_price_book
-from core.yamlsource import ConfigError, error_at, expand_env, line_of, parse_yaml
+from core.yamlsource import ConfigError, ConfigWarning, error_at, expand_env, line_of, parse_yaml
 
 ENGINES = ("openai", "azure", "anthropic", "gemini", "echo")
 SCHEDULING_ALGORITHMS = ("fixed_priority", "round_robin", "weighted_round_robin", "random")
@@ -163,6 +163,7 @@ class Config:
     deleted_keys: dict[str, ApiKey] = field(default_factory=dict)  # by id; their history stays readable
     key_problems: dict[str, str] = field(default_factory=dict)  # key id (or account id) → why its stored change is not in force
     deleted_accounts: dict[str, ApiKey] = field(default_factory=dict)  # by name; their keys' history stays readable
+    warnings: tuple[ConfigWarning, ...] = ()  # what loads but is not done as written (Section.warn)
 
 
 def load_config(path: str | Path) -> Config:
@@ -179,15 +180,20 @@ def load_config(path: str | Path) -> Config:
 
 
 def build_config(text: str, file: str, source_hash: str | None = None) -> Config:
-    """Build from the fast, position-less parse; on an error, build again from a parse
-    that knows line numbers, so the message can say where."""
+    """Build from the fast, position-less parse; on an error or a warning, build again from
+    a parse that knows line numbers, so the message can say where."""
     try:
         try:
-            return _build(parse_yaml(text, file, located=False), text, file, source_hash)
+            with collecting_warnings() as warnings:
+                config = _build(parse_yaml(text, file, located=False), text, file, source_hash)
+            if not warnings or all(warning.line is not None for warning in warnings):
+                return replace(config, warnings=tuple(warnings))
         except ConfigError as fast_error:
             if fast_error.line is not None:
                 raise
-        return _build(parse_yaml(text, file), text, file, source_hash)
+        with collecting_warnings() as warnings:  # again, with positions for the message
+            config = _build(parse_yaml(text, file), text, file, source_hash)
+        return replace(config, warnings=tuple(warnings))
     except RecursionError:  # lists or mappings nested thousands deep: refused, not a crash of the reloader
         raise ConfigError(file, None, "YAML error: nested too deeply") from None
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import date
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from core.yamlsource import ConfigError, error_at, line_of, position_of
+from core.yamlsource import ConfigError, ConfigWarning, error_at, line_of, position_of, warning_at
 
 _MISSING = object()
 # Every number in the config is at most this: counts, tokens, USD, seconds. Past 2**64 JSON
@@ -16,6 +18,29 @@ _MISSING = object()
 # clients read a neighbour. 10^15 tokens or dollars is far beyond any real budget.
 MAX_NUMBER = 10**15
 MAX_NUMBER_TEXT = f"{MAX_NUMBER} (10^15)"
+
+# Where `Section.warn` puts its warnings while a config is being built (None: nobody collects,
+# as when the keys API validates one entry). A context variable, because reloads build
+# configs in a worker thread while the loop may build another for `--check-config` or a test.
+_warnings: ContextVar[list[ConfigWarning] | None] = ContextVar("config_warnings", default=None)
+
+
+@contextmanager
+def collecting_warnings() -> Iterator[list[ConfigWarning]]:
+    """Collect the warnings of the config built inside the block, in the order found."""
+    found: list[ConfigWarning] = []
+    token = _warnings.set(found)
+    try:
+        yield found
+    finally:
+        _warnings.reset(token)
+
+
+def warn(warning: ConfigWarning) -> None:
+    """Record a warning for the config being built (dropped when nobody collects)."""
+    sink = _warnings.get()
+    if sink is not None:
+        sink.append(warning)
 
 
 class Section:
@@ -39,6 +64,10 @@ class Section:
         error = error_at(self.file, self.node, key, reason)
         error.field = self.where(str(key)) if key is not None else self.path  # the keys API names it as `param`
         return error
+
+    def warn(self, key: Any, reason: str) -> None:
+        """A warning at `key` (or at this mapping): the config loads, and says so."""
+        warn(warning_at(self.file, self.node, key, reason))
 
     def where(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key

@@ -45,6 +45,12 @@ class ReloadError:
     column: int | None = None
 
 
+def log_warnings(config: Config) -> None:
+    """Each warning of a loaded config, once per load: what it ignores is never silent."""
+    for warning in config.warnings:
+        log.warning("%s", warning)
+
+
 class ConfigStore:
     """Holds the current config and the story of its reloads."""
 
@@ -104,6 +110,7 @@ class ConfigStore:
         self.last_error = None
         self.reload_count += 1
         log.info("config reloaded from %s (%d providers, %d keys)", self.path, len(config.providers), len(config.keys))
+        log_warnings(config)
         return True
 
     def apply_records(self, records: KeyRecords, accounts: AccountRecords | None = None) -> None:

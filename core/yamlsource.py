@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ruamel.yaml import YAML
@@ -34,6 +35,28 @@ class ConfigError(Exception):
         self.field: str | None = None  # the setting's dotted path, when a Section raised it
         where = ":".join(str(part) for part in (file, line or None, self.column) if part is not None)
         super().__init__(f"{where}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigWarning:
+    """Something the config says that loads but is not done as written (a uni-api option
+    Tollgate ignores, a discovered model without a price): `file:line:column: reason`, kept
+    with the config it was found in, logged and shown on the status page."""
+
+    file: str
+    line: int | None
+    reason: str
+    column: int | None = None
+
+    def __str__(self) -> str:
+        where = ":".join(str(part) for part in (self.file, self.line or None, self.column if self.line else None) if part is not None)
+        return f"{where}: {self.reason}"
+
+
+def warning_at(file: str, node: Any, key: Any, reason: str) -> ConfigWarning:
+    """A ConfigWarning at `node[key]` (or at `node`), positioned like `error_at`."""
+    line, column = position_of(node, key) or (None, None)
+    return ConfigWarning(file, line, reason, column)
 
 
 def error_at(file: str, node: Any, key: Any, reason: str) -> ConfigError:

@@ -32,6 +32,7 @@ async def config_status(request: Request) -> Response:
         "api_keys": len(config.keys),
         "models": len(config.public_models),
         "last_error": None if error is None else _error_json(error),
+        "warnings": [{"message": str(w), "file": w.file, "line": w.line, "column": w.column, "reason": w.reason} for w in config.warnings],
         "api_keys_defined_in": _key_sources(config),
         "api_key_changes": _key_changes(store),
         "account_changes": _account_changes(store),
