@@ -43,7 +43,7 @@ from core.routing import Scheduler
 from core.stored_responses import StoredResponses
 from core.upstream import create_http_session
 from core.yamlsource import ConfigError
-from routes import accounts, admin, api_keys, audit, billing_admin, proxy, responses, self_service, web, web_usage_keys
+from routes import accounts, admin, api_keys, audit, billing_admin, proxy, responses, self_service, web, web_prices, web_usage_keys
 from routes._http import error_response, http_error, internal_error
 from routes._pages import compile_templates
 from routes._session import SessionSigner
@@ -122,6 +122,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             *self_service.routes,
             *audit.routes,
             *web_usage_keys.routes,
+            *web_prices.routes,
             *web.routes,
         ],
         lifespan=lifespan,

@@ -20,7 +20,8 @@ from core.errors import GatewayError, bad_request
 from core.ledger import COUNT_CREDITS, Account, InsufficientBalance, Ledger, Reservation, UsageRecord
 from core.limits import Limiter
 from core.metering import ERROR, OK, Outcome
-from core.pricing import COUNT, PRICED_BY_UNIT, PriceBook, count_price_json, format_usd
+from core.pricing import COUNT, PRICED_BY_UNIT, count_price_json, format_usd
+from core.pricing.book import PriceBook
 from core.proxy import ProxyRequest, new_request_id
 from core.request_checks import output_token_limit, reasoning_budget
 from core.usage import Usage, estimate_media_prompt_tokens, estimate_prompt_tokens
@@ -89,9 +90,10 @@ class BillingMeter:
             if not needs_estimate:
                 nanos = 0
             elif request.endpoint in PRICED_BY_UNIT:
-                nanos = prices.estimate_charge_nanos(request.model, request.endpoint, request.units or Usage(), prompt, completion)
+                units = request.units or Usage()
+                nanos = prices.estimate_charge_nanos(request.model, request.endpoint, units, prompt, completion, terms.price_multiplier)
             else:
-                nanos = prices.token_price(request.model).estimate_nanos(prompt, completion)
+                nanos = prices.token_price(request.model, None, terms.price_multiplier).estimate_nanos(prompt, completion)
             balance_nanos, count = (0 if terms.unlimited_credits else nanos), 0
         try:
             reservation = await self.ledger.admit(key, nanos, balance_nanos, count, prompt + completion, now, request.request_id)
@@ -187,10 +189,10 @@ class BillingTicket:
             cost_nanos, count = self.prices.count_price_nanos(model), 1
             unit_prices = count_price_json(self.prices.count_price(model))
         elif self.request.endpoint in PRICED_BY_UNIT:
-            cost_nanos, unit_prices = self.prices.charge_nanos(model, self.request.endpoint, outcome.usage)
+            cost_nanos, unit_prices = self.prices.charge_nanos(model, self.request.endpoint, outcome.usage, outcome.provider, self.terms.price_multiplier)
             count = 0
         else:
-            token_price = self.prices.token_price(model)
+            token_price = self.prices.token_price(model, outcome.provider, self.terms.price_multiplier)
             cost_nanos, count = token_price.cost_nanos(outcome.usage), 0
             unit_prices = token_price.unit_prices()
         status = ESTIMATED if outcome.status == OK and outcome.usage.estimated else outcome.status

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from core.config_billing import BILLING_MODES, DEFAULT_RESERVE_COMPLETION_TOKENS, KeyBilling, read_key_billing, read_price_book
+from core.config_billing import BILLING_MODES, DEFAULT_RESERVE_COMPLETION_TOKENS, KeyBilling, read_key_billing, read_multiplier, read_price_book
 from core.config_limits import LIMIT_KEYS, AlertSettings, IPNetwork, KeyLimits, read_alerts, read_key_limits, read_networks, read_timezone
 from core.config_reader import Section, collecting_warnings, items_of
 from core.cooperate import cooperate
 from core.keys.index import KeyIndex, digest_of, mask_key
 from core.lookup import PrefixTable
-from core.pricing import PriceBook, build_price_book
+from core.pricing.book import PriceBook, build_price_book, with_routes
 from core.yamlsource import ConfigError, ConfigWarning, error_at, expand_env, line_of, parse_yaml
 
 ENGINES = ("openai", "azure", "anthropic", "gemini", "echo")
@@ -31,21 +31,23 @@ DEFAULT_TIMEOUT = Decimal(100)
 # Every setting api.yaml accepts, by place; a test checks that api.yaml.example documents each.
 TOP_LEVEL_KEYS = ("providers", "accounts", "api_keys", "preferences")
 PROVIDER_KEYS = ("provider", "base_url", "api", "engine", "model", "preferences")
-PROVIDER_PREFERENCE_KEYS = ("model_timeout", "headers", "weight", "api_version", "default_max_tokens")
+PROVIDER_PREFERENCE_KEYS = ("model_timeout", "headers", "weight", "api_version", "default_max_tokens", "price_multiplier")
 KEY_KEYS = ("api", "id", "name", "role", "account", "model", "preferences")
 KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # safe in a URL path, a CSV cell and a log line
 ACCOUNT_KEYS = ("name", "preferences")
 ACCOUNT_PREFERENCE_KEYS = (
     "billing_mode", "credits", "count_credits", "created_at", "rate_limit", "token_rate_limit", "concurrency_limit",
     "daily_cost_limit", "weekly_cost_limit", "monthly_cost_limit", "budget", "budget_period", "timezone", "alerts", "self_service_keys",
+    "price_multiplier",
 )  # fmt: skip
 ACCOUNT_ID_PREFIX = "account:"  # an account's ledger id: `account:acme` (no key id has a ':')
 ACCOUNT = "account"  # the role of the stand-in key an account is billed and limited as
 FILE, API = "api.yaml", "api"  # where a key is defined: the operator's file, or the keys API
-KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at", *LIMIT_KEYS)
+KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at", "price_multiplier", *LIMIT_KEYS)
 PREFERENCE_KEYS = (
     "SCHEDULING_ALGORITHM", "AUTO_RETRY", "cooldown_period", "model_timeout", "max_request_body_bytes", "model_price", "count_billing",
     "reserve_completion_tokens", "timezone", "trusted_proxies", "alerts", "max_response_body_bytes", "auth_failure_limit",
+    "price_catalog", "price_multiplier",
 )  # fmt: skip
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BODY = 100 * 1024 * 1024  # an upstream answer (or stream) past this is cut off: 502
@@ -62,6 +64,7 @@ class Provider:
     weight: int
     api_version: str | None = None  # Azure's api-version, Anthropic's anthropic-version
     default_max_tokens: int = 4096  # Anthropic requires max_tokens; used when the client sends none
+    price_multiplier: Decimal = Decimal(1)  # this provider's prices x this (x the global multiplier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +206,9 @@ def _build(tree: Any, text: str, file: str, source_hash: str | None) -> Config:
     top = Section(tree, file, "")
     top.reject_unknown(TOP_LEVEL_KEYS)
     preferences, global_timeouts = _read_preferences(top.section("preferences"))
-    providers, routes_by_provider = _read_providers(top, global_timeouts)
+    providers, routes_by_provider = _read_providers(top, global_timeouts, preferences.prices)
+    priced = with_routes(preferences.prices, _price_routes(routes_by_provider))
+    preferences = replace(preferences, prices=priced)
     routes = _index_routes(routes_by_provider)
     accounts = _read_accounts(top, preferences)
     keys = _read_keys(top, {p.name: p for p in providers}, routes, preferences, accounts)
@@ -296,7 +301,7 @@ def _infer_engine(base_url: str) -> str:
     return "openai"
 
 
-def _read_providers(top: Section, global_timeouts: dict[str, Decimal]) -> tuple[list[Provider], list[list[ModelRoute]]]:
+def _read_providers(top: Section, global_timeouts: dict[str, Decimal], prices: PriceBook) -> tuple[list[Provider], list[list[ModelRoute]]]:
     providers: list[Provider] = []
     all_routes: list[list[ModelRoute]] = []
     seen: set[str] = set()
@@ -323,10 +328,11 @@ def _read_providers(top: Section, global_timeouts: dict[str, Decimal]) -> tuple[
             weight=prefs.integer("weight", 1, minimum=1),
             api_version=prefs.string("api_version") if prefs.has("api_version") else None,
             default_max_tokens=prefs.integer("default_max_tokens", 4096, minimum=1),
+            price_multiplier=read_multiplier(prefs),
         )
         timeouts = PrefixTable({**global_timeouts, **_read_timeouts(prefs)})
         providers.append(provider)
-        all_routes.append(_read_models(section, provider, timeouts))
+        all_routes.append(_read_models(section, provider, timeouts, prices))
     return providers, all_routes
 
 
@@ -374,7 +380,11 @@ def _read_headers(prefs: Section) -> dict[str, str]:
     return {str(name): headers.string(name) for name in headers.node}
 
 
-def _read_models(section: Section, provider: Provider, timeouts: PrefixTable[Decimal]) -> list[ModelRoute]:
+def _price_routes(routes_by_provider: list[list[ModelRoute]]) -> list[tuple[str, str, str, str, Decimal]]:
+    return [(r.provider.name, r.provider.engine, r.upstream_name, r.public_name, r.provider.price_multiplier) for rs in routes_by_provider for r in rs]
+
+
+def _read_models(section: Section, provider: Provider, timeouts: PrefixTable[Decimal], prices: PriceBook) -> list[ModelRoute]:
     routes: list[ModelRoute] = []
     seen: set[str] = set()
     items = items_of(section, "model")
@@ -394,9 +404,16 @@ def _read_models(section: Section, provider: Provider, timeouts: PrefixTable[Dec
         if public in seen:
             raise error_at(section.file, models_node, index, f"model '{public}' is listed twice for provider '{provider.name}'")
         seen.add(public)
+        if prices.resolve_route(provider.engine, upstream, public).price is None:
+            raise error_at(section.file, models_node, index, unpriced_message(public))
         timeout = timeouts.get(public) or timeouts.get(upstream) or DEFAULT_TIMEOUT
         routes.append(ModelRoute(provider, public, upstream, float(timeout)))
     return routes
+
+
+def unpriced_message(model: str) -> str:
+    """Fail closed: a model nothing prices would be billed $0."""
+    return f"model '{model}' has no price: add a model_price entry or a default (the price catalog does not list it; '{model}: 0' marks it free)"
 
 
 def _index_routes(routes_by_provider: list[list[ModelRoute]]) -> dict[str, tuple[ModelRoute, ...]]:
@@ -479,7 +496,8 @@ def _key_billing(section: Section, prefs: Section, accounts: dict[str, ApiKey]) 
         if prefs.has(own):
             raise prefs.error(own, f"{prefs.where(own)}: a key in an account draws on the account's balance; set {own} on account '{name}'")
     mode = prefs.choice("billing_mode", BILLING_MODES, account.billing.mode)
-    return replace(account.billing, mode=mode, owner=account.id)
+    multiplier = read_multiplier(prefs) if prefs.has("price_multiplier") else account.billing.price_multiplier
+    return replace(account.billing, mode=mode, owner=account.id, price_multiplier=multiplier)
 
 
 def read_key_id(section: Section) -> str:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from core.config_reader import Section, to_decimal
-from core.pricing import COUNT, TOKEN, ModelPrice, PriceBook, TokenPrice, build_price_book, to_nanos
+from core.pricing import COUNT, FREE, TOKEN, ModelPrice, TokenPrice, to_nanos
+from core.pricing.book import PriceBook, build_price_book
+from core.pricing.catalog import CatalogError, PriceCatalog, builtin_catalog, load_catalog
 from core.timeutil import to_unix
 
 BILLING_MODES = (TOKEN, COUNT, "hybrid")
@@ -26,10 +30,14 @@ class KeyBilling:
     count_credits: int = 0
     created_at: float = 0.0  # the billing window starts here (unix seconds)
     owner: str | None = None  # an account's ledger id: the key draws on that account's balance
+    price_multiplier: Decimal = Decimal(1)  # the key's (or its account's) markup over the price
 
     @property
     def unlimited_credits(self) -> bool:
         return self.credits_nanos is None
+
+
+BUILTIN, NO_CATALOG = "builtin", "none"  # preferences.price_catalog, besides a file's path
 
 
 def read_price_book(prefs: Section) -> PriceBook:
@@ -39,7 +47,34 @@ def read_price_book(prefs: Section) -> PriceBook:
     billing.reject_unknown(COUNT_BILLING_KEYS)
     table = billing.section("model_count_prices")
     count_prices = {str(name): table.number(name) for name in table.node}
-    return build_price_book(model_prices, count_prices, billing.number("default_count_price", 0), billing.boolean("enabled", True))
+    return build_price_book(
+        model_prices,
+        count_prices,
+        billing.number("default_count_price", 0),
+        billing.boolean("enabled", True),
+        _read_catalog(prefs),
+        read_multiplier(prefs),
+    )
+
+
+def read_multiplier(prefs: Section) -> Decimal:
+    """`price_multiplier`: what a reseller bills over the price (catalog price x 1.2)."""
+    return prefs.number("price_multiplier", 1, minimum=0, allow_equal=False)
+
+
+def _read_catalog(prefs: Section) -> PriceCatalog | None:
+    """`price_catalog`: the built-in catalog (default), none, or an operator's JSON file (a
+    relative path is read from api.yaml's directory), loaded with the config."""
+    choice = prefs.string("price_catalog", BUILTIN)
+    if choice == NO_CATALOG:
+        return None
+    try:
+        if choice == BUILTIN:
+            return builtin_catalog()
+        path = Path(choice)
+        return load_catalog(path if path.is_absolute() else Path(prefs.file).parent / path)
+    except CatalogError as exc:
+        raise prefs.error("price_catalog", f"{prefs.where('price_catalog')}: {exc}") from None
 
 
 def _read_model_price(prices: Section, name: Any) -> ModelPrice:
@@ -60,7 +95,9 @@ def _read_model_price(prices: Section, name: Any) -> ModelPrice:
         return ModelPrice(token, count, **units)
     if isinstance(value, str) and "," in value:
         return ModelPrice(token=_token_price(prices, name))
-    return ModelPrice(count=to_decimal(value, prices, name))
+    count = to_decimal(value, prices, name)
+    # `x: 0` marks a model free (tokens too); a count price otherwise leaves tokens to the catalog or default.
+    return ModelPrice(token=FREE, count=count) if count == 0 else ModelPrice(count=count)
 
 
 def _token_price(section: Section, key: Any) -> TokenPrice:
@@ -80,6 +117,7 @@ def read_key_billing(prefs: Section) -> KeyBilling:
         credits_nanos=None if credits == UNLIMITED else to_nanos(credits),
         count_credits=prefs.integer("count_credits", 0),
         created_at=_read_timestamp(prefs, "created_at"),
+        price_multiplier=read_multiplier(prefs),
     )
 
 

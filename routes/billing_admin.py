@@ -19,6 +19,7 @@ from core.errors import bad_request, forbidden, not_found
 from core.keys.states import key_state, key_states, usage_rows
 from core.ledger import COUNT_CREDITS, CREDITS
 from core.money_format import usd_json
+from core.pricing.listing import price_rows
 from core.reload import ConfigStore
 from core.timeutil import to_unix
 from core.usage import Usage
@@ -47,7 +48,8 @@ async def api_keys_states(request: Request) -> Response:
     states = await key_states(config, request.app.state.ledger, list(config.keys))
     # uni-api's shape, keyed by secret; a key whose secret is not known (made or rotated
     # through the keys API: only its digest is stored) appears under its id.
-    return ExactJSONResponse({"api_keys_states": {key.secret or key.id: states[key.id] for key in config.keys}})
+    keyed = {key.secret or key.id: states[key.id] for key in config.keys}
+    return ExactJSONResponse({"api_keys_states": keyed, "model_prices": price_rows(config.preferences.prices)})
 
 
 def _grant_endpoint(kind: str):  # type: ignore[no-untyped-def]

@@ -40,7 +40,7 @@ def book(enabled: bool = True):
     [
         ("gpt-4o", (Decimal(1), Decimal(2))),  # exact
         ("gpt-4o-2024-08-06", (Decimal(1), Decimal(2))),  # prefix
-        ("gpt-4o-mini", (Decimal(3), Decimal(6))),  # its entry is count-only: token price falls to default
+        ("gpt-4o-mini", (Decimal("0.15"), Decimal("0.60"))),  # its entry is count-only: token price from the catalog
         ("claude-3-5-sonnet-20241022", (Decimal("0.12"), Decimal("0.48"))),
         ("other", (Decimal(3), Decimal(6))),  # default
     ],

@@ -1094,3 +1094,17 @@ def test_audit_log_tells_the_media_units_a_usage_report_billed(units_web):
     assert "whisper-1 via external: 0 + 0 tokens, 12.5 min audio, $0.075" in audit
     detail = [json.loads(e["detail"]) for e in gateway.http("GET", "/v1/audit_log", key=ADMIN_KEY).json()["entries"] if e["action"] == "report_usage"]
     assert sorted(d.get("images", 0) for d in detail) == [0, 0, 3]
+
+
+def test_the_prices_page_shows_each_models_price_and_its_source(web):
+    gateway, browser = web
+    browser.login(USER_KEY)
+    assert browser.get("/admin/prices").status_code in (302, 303, 403)  # admins only
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    page = browser.get("/admin/prices")
+    assert page.status_code == 200
+    row = re.search(r"<tr>\s*<td>echo-1</td><td>echo</td><td>echo-1</td>(.*?)</tr>", page.text, re.S)
+    assert row, page.text
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.S)
+    assert cells[:2] == ["1000", "2000"] and cells[-1].startswith("config") and "model_price.echo-1" in cells[-1]

@@ -13,6 +13,7 @@ from core.ledger import Account, Ledger
 from core.ledger.sums import Totals, Window
 from core.money_format import usd_json
 from core.pricing import COUNT, TOKEN
+from core.pricing.listing import plain
 from core.units_format import units_json
 
 ACTIVE, DISABLED, EXPIRED, DELETED = "active", "disabled", "expired", "deleted"
@@ -72,6 +73,7 @@ def _state(config: Config, key: ApiKey, account: Account, details: list[dict[str
         "request_count": account.request_count,
         "enabled": True,
         "created_at": datetime.fromtimestamp(terms.created_at, UTC).isoformat() if terms.created_at else None,
+        "price_multiplier": plain(terms.price_multiplier),
         "cost_details": {"billing_details": details},
     }
 

@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 
-from core.lookup import DEFAULT, PrefixTable
 from core.usage import Usage
 
 NANOS_PER_USD = 1_000_000_000
@@ -167,7 +166,7 @@ UNIT_OF_ENDPOINT = {
     "audio/speech": CHARACTER,
 }
 MODERATIONS = "moderations"
-# Endpoints priced by core.pricing.PriceBook.charge_nanos rather than by tokens alone.
+# Endpoints priced by core.pricing.book.PriceBook.charge_nanos rather than by tokens alone.
 PRICED_BY_UNIT = frozenset({*UNIT_OF_ENDPOINT, MODERATIONS})
 MS_PER_MINUTE = 60_000
 
@@ -198,113 +197,5 @@ def unit_quantity(unit: str, usage: Usage) -> Decimal:
     return Decimal(usage.characters) / PER_MILLION
 
 
-def _unit_price_json(unit: str, price: Decimal) -> str:
+def unit_price_json(unit: str, price: Decimal) -> str:
     return json.dumps({unit: str(price)}, separators=(",", ":"))
-
-
-@dataclass(frozen=True, slots=True)
-class PriceBook:
-    """Everything needed to price a model, resolved once per config load.
-
-    A model takes the `model_price` entry that matches it best (exact, longest prefix,
-    `default`); that entry's token price, or the default entry's when it has none. So
-    `gpt-4o-mini: 0.001` (count only) never inherits `gpt-4o`'s token price.
-    """
-
-    model_prices: PrefixTable[ModelPrice]
-    billing_count_prices: PrefixTable[Decimal]  # count_billing.model_count_prices
-    default_count_price: Decimal
-    count_billing_enabled: bool
-    _count_nanos: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
-
-    def token_price(self, model: str) -> TokenPrice:
-        entry = self.model_prices.get(model)
-        if entry is not None and entry.token is not None:
-            return entry.token
-        fallback = self.model_prices.default
-        return fallback.token if fallback is not None and fallback.token is not None else FREE
-
-    def count_price_nanos(self, model: str) -> int:
-        """The count price in nano-dollars, remembered per model for this config."""
-        nanos = self._count_nanos.get(model)
-        if nanos is None:
-            nanos = to_nanos(self.count_price(model))
-            if len(self._count_nanos) < 65536:
-                self._count_nanos[model] = nanos
-        return nanos
-
-    def count_price(self, model: str) -> Decimal:
-        """Its own model_price count price, else count_billing.model_count_prices, else the default."""
-        own = self._own_count_price(model)
-        if own is not None:
-            return own
-        configured = self.billing_count_prices.get(model)
-        return self.default_count_price if configured is None else configured
-
-    def has_explicit_count_price(self, model: str) -> bool:
-        """A named entry (not a default) gives this model a count price: hybrid keys bill it by count."""
-        if self._own_count_price(model) is not None:
-            return True
-        value, key = self.billing_count_prices.match(model)
-        return value is not None and key != DEFAULT
-
-    def cost_type(self, billing_mode: str, model: str) -> str:
-        if not self.count_billing_enabled or billing_mode == TOKEN:
-            return TOKEN
-        if billing_mode == COUNT:
-            return COUNT
-        return COUNT if self.has_explicit_count_price(model) else TOKEN
-
-    def charge_nanos(self, model: str, endpoint: str, usage: Usage) -> tuple[int, str]:
-        """What a request of a PRICED_BY_UNIT endpoint costs a key billed in dollars, and the
-        unit prices used (recorded with the charge).
-
-        Moderations cost the model's count price (0 if it names none: a default count price
-        is for count billing). The media endpoints bill by tokens when the vendor reported
-        token usage and the model's entry has a token price (gpt-image-1, gpt-4o-transcribe);
-        else by their unit (images, minutes of audio, 1M characters) when the entry prices it;
-        else by tokens, as any other request."""
-        if endpoint == MODERATIONS:
-            price = self.explicit_count_price(model)
-            return to_nanos(price), count_price_json(price)
-        unit = UNIT_OF_ENDPOINT[endpoint]
-        entry = self._entry(model)
-        reported_tokens = not usage.estimated and usage.total_tokens > 0
-        if entry is not None and not (reported_tokens and entry.token is not None):
-            unit_price = entry.unit_price(unit)
-            if unit_price is not None:
-                return to_nanos(unit_quantity(unit, usage) * unit_price), _unit_price_json(unit, unit_price)
-        token_price = self.token_price(model)
-        return token_price.cost_nanos(usage), token_price.unit_prices()
-
-    def estimate_charge_nanos(self, model: str, endpoint: str, units: Usage, prompt_tokens: int, completion_tokens: int) -> int:
-        """What to reserve for a request of a PRICED_BY_UNIT endpoint: its units at the unit
-        price when the model has one (`units` is what the request asks for: `n` images, the
-        input's characters, the upload's longest likely duration), else its token estimate."""
-        if endpoint == MODERATIONS:
-            return to_nanos(self.explicit_count_price(model))
-        entry = self._entry(model)
-        price = entry.unit_price(UNIT_OF_ENDPOINT[endpoint]) if entry is not None else None
-        if price is not None:
-            return to_nanos(unit_quantity(UNIT_OF_ENDPOINT[endpoint], units) * price)
-        return self.token_price(model).estimate_nanos(prompt_tokens, completion_tokens)
-
-    def explicit_count_price(self, model: str) -> Decimal:
-        """A count price some entry names for this model (not a default), else 0."""
-        own = self._own_count_price(model)
-        if own is not None:
-            return own
-        value, key = self.billing_count_prices.match(model)
-        return value if value is not None and key != DEFAULT else Decimal(0)
-
-    def _entry(self, model: str) -> ModelPrice | None:
-        """The model's best `model_price` entry, the default one included."""
-        return self.model_prices.get(model)
-
-    def _own_count_price(self, model: str) -> Decimal | None:
-        entry, key = self.model_prices.match(model)
-        return entry.count if entry is not None and key != DEFAULT else None
-
-
-def build_price_book(model_prices: dict[str, ModelPrice], count_prices: dict[str, Decimal], default_count_price: Decimal, enabled: bool) -> PriceBook:
-    return PriceBook(PrefixTable(model_prices), PrefixTable(count_prices), default_count_price, enabled)
