@@ -219,3 +219,11 @@ def test_a_missing_catalog_file_is_a_catalog_error(tmp_path: Path) -> None:
 
 def test_a_catalog_error_is_a_value_error() -> None:
     assert issubclass(CatalogError, ValueError)
+
+
+def test_the_readme_table_gives_each_vendors_model_count_date_and_source() -> None:
+    readme = (BUILTIN_PATH.parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Price catalog") :].split("\n### ")[0]
+    for vendor, body in RAW["vendors"].items():
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{vendor}`"))
+        assert f"| {len(body['models'])} | {body['as_of']} | {body['source']} |" in row, row
