@@ -19,6 +19,8 @@ from core.config_billing import BILLING_MODES, DEFAULT_RESERVE_COMPLETION_TOKENS
 from core.config_limits import LIMIT_KEYS, AlertSettings, IPNetwork, KeyLimits, read_alerts, read_key_limits, read_networks, read_timezone
 from core.config_reader import Section, collecting_warnings, items_of
 from core.cooperate import cooperate
+from core.discovery import DEFAULT_TIMEOUT as DEFAULT_DISCOVERY_TIMEOUT
+from core.discovery import Discovery
 from core.keys.index import KeyIndex, digest_of, mask_key
 from core.lookup import PrefixTable
 from core.pricing.book import PriceBook, build_price_book, with_routes
@@ -47,7 +49,7 @@ KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at",
 PREFERENCE_KEYS = (
     "SCHEDULING_ALGORITHM", "AUTO_RETRY", "cooldown_period", "model_timeout", "max_request_body_bytes", "model_price", "count_billing",
     "reserve_completion_tokens", "timezone", "trusted_proxies", "alerts", "max_response_body_bytes", "auth_failure_limit",
-    "price_catalog", "price_multiplier",
+    "price_catalog", "price_multiplier", "model_discovery_timeout",
 )  # fmt: skip
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BODY = 100 * 1024 * 1024  # an upstream answer (or stream) past this is cut off: 502
@@ -75,6 +77,7 @@ class ModelRoute:
     public_name: str
     upstream_name: str
     timeout: float
+    discovered: bool = False  # listed by the upstream's /models (the provider has no `model:`), not by the operator
 
     @property
     def label(self) -> str:
@@ -145,6 +148,7 @@ class Preferences:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     max_response_body_bytes: int = DEFAULT_MAX_RESPONSE_BODY
     auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT  # per client address per minute; 0: off
+    model_discovery_timeout: float = DEFAULT_DISCOVERY_TIMEOUT  # seconds for all providers without `model:`
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +173,9 @@ class Config:
     warnings: tuple[ConfigWarning, ...] = ()  # what loads but is not done as written (Section.warn)
 
 
-def load_config(path: str | Path) -> Config:
-    """Read, validate and build the config at `path`; raises ConfigError with file and line."""
+def load_config(path: str | Path, previous: Config | None = None) -> Config:
+    """Read, validate and build the config at `path`; raises ConfigError with file and line.
+    `previous`: the config this one replaces, whose discovered models a failed discovery keeps."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -179,34 +184,35 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(str(path), None, "config file not found (start from: cp api.yaml.example api.yaml)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), None, f"cannot read config file: {exc}") from None
-    return build_config(text, str(path), hashlib.sha256(raw).hexdigest())
+    return build_config(text, str(path), hashlib.sha256(raw).hexdigest(), previous)
 
 
-def build_config(text: str, file: str, source_hash: str | None = None) -> Config:
+def build_config(text: str, file: str, source_hash: str | None = None, previous: Config | None = None) -> Config:
     """Build from the fast, position-less parse; on an error or a warning, build again from
-    a parse that knows line numbers, so the message can say where."""
+    a parse that knows line numbers, so the message can say where (asking no upstream twice)."""
+    discovery = Discovery(previous)
     try:
         try:
             with collecting_warnings() as warnings:
-                config = _build(parse_yaml(text, file, located=False), text, file, source_hash)
+                config = _build(parse_yaml(text, file, located=False), text, file, source_hash, discovery)
             if not warnings or all(warning.line is not None for warning in warnings):
                 return replace(config, warnings=tuple(warnings))
         except ConfigError as fast_error:
             if fast_error.line is not None:
                 raise
         with collecting_warnings() as warnings:  # again, with positions for the message
-            config = _build(parse_yaml(text, file), text, file, source_hash)
+            config = _build(parse_yaml(text, file), text, file, source_hash, discovery)
         return replace(config, warnings=tuple(warnings))
     except RecursionError:  # lists or mappings nested thousands deep: refused, not a crash of the reloader
         raise ConfigError(file, None, "YAML error: nested too deeply") from None
 
 
-def _build(tree: Any, text: str, file: str, source_hash: str | None) -> Config:
+def _build(tree: Any, text: str, file: str, source_hash: str | None, discovery: Discovery) -> Config:
     expand_env(tree, file)
     top = Section(tree, file, "")
     top.reject_unknown(TOP_LEVEL_KEYS)
     preferences, global_timeouts = _read_preferences(top.section("preferences"))
-    providers, routes_by_provider = _read_providers(top, global_timeouts, preferences.prices)
+    providers, routes_by_provider = _read_providers(top, global_timeouts, discovery, preferences.model_discovery_timeout, preferences.prices)
     priced = with_routes(preferences.prices, _price_routes(routes_by_provider))
     preferences = replace(preferences, prices=priced)
     routes = _index_routes(routes_by_provider)
@@ -276,6 +282,7 @@ def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]
         max_response_body_bytes=section.integer("max_response_body_bytes", DEFAULT_MAX_RESPONSE_BODY, minimum=1),
         auth_failure_limit=section.integer("auth_failure_limit", DEFAULT_AUTH_FAILURE_LIMIT, minimum=0),
         alerts=read_alerts(section, "alerts"),
+        model_discovery_timeout=float(section.number("model_discovery_timeout", DEFAULT_DISCOVERY_TIMEOUT, minimum=0, allow_equal=False)),
     )
     return prefs, _read_timeouts(section)
 
@@ -301,9 +308,12 @@ def _infer_engine(base_url: str) -> str:
     return "openai"
 
 
-def _read_providers(top: Section, global_timeouts: dict[str, Decimal], prices: PriceBook) -> tuple[list[Provider], list[list[ModelRoute]]]:
+def _read_providers(
+    top: Section, global_timeouts: dict[str, Decimal], discovery: Discovery, discovery_timeout: float, prices: PriceBook
+) -> tuple[list[Provider], list[list[ModelRoute]]]:
     providers: list[Provider] = []
     all_routes: list[list[ModelRoute]] = []
+    to_discover: list[tuple[int, Section, Provider, PrefixTable[Decimal]]] = []
     seen: set[str] = set()
     items = items_of(top, "providers")
     if not items:
@@ -332,8 +342,54 @@ def _read_providers(top: Section, global_timeouts: dict[str, Decimal], prices: P
         )
         timeouts = PrefixTable({**global_timeouts, **_read_timeouts(prefs)})
         providers.append(provider)
-        all_routes.append(_read_models(section, provider, timeouts, prices))
+        if items_of(section, "model"):
+            all_routes.append(_read_models(section, provider, timeouts, prices))
+        else:
+            _check_discoverable(section, engine)
+            to_discover.append((len(all_routes), section, provider, timeouts))
+            all_routes.append([])
+    _discover_models(to_discover, all_routes, discovery, discovery_timeout, prices)
     return providers, all_routes
+
+
+def _check_discoverable(section: Section, engine: str) -> None:
+    """A provider without `model:` lists its upstream's models, except where no list says what to call."""
+    if engine == "azure":
+        reason = "Azure serves deployments, which its model list does not name: list them (`model: [my-deployment]`)"
+        raise section.error("provider", f"{section.where('model')} is required for an Azure provider: {reason}")
+    if engine == "echo":
+        raise section.error("provider", f"{section.where('model')} must list at least one model")
+
+
+def _discover_models(
+    pending: list[tuple[int, Section, Provider, PrefixTable[Decimal]]],
+    all_routes: list[list[ModelRoute]],
+    discovery: Discovery,
+    timeout: float,
+    prices: PriceBook,
+) -> None:
+    """Fill in the routes of the providers without `model:` from their upstreams (asked at once),
+    public name = upstream name; a failure is a warning at the provider, never an error. A
+    discovered model nothing prices is not served (one warning lists them): fail closed,
+    without refusing a config for what an upstream happens to list."""
+    if not pending:
+        return
+    outcomes = discovery.models([provider for _, _, provider, _ in pending], timeout)
+    for (slot, section, provider, timeouts), outcome in zip(pending, outcomes, strict=True):
+        if outcome.problem is not None:
+            section.warn("provider", f"provider '{provider.name}': {outcome.problem}")
+        priced: list[str] = []
+        unpriced: list[str] = []
+        for name in outcome.models:
+            (priced if prices.resolve_route(provider.engine, name, name).price is not None else unpriced).append(name)
+        if unpriced:
+            shown = ", ".join(unpriced[:20]) + (f" and {len(unpriced) - 20} more" if len(unpriced) > 20 else "")
+            section.warn(
+                "provider",
+                f"provider '{provider.name}': {len(unpriced)} discovered model(s) have no price and are not served: {shown} "
+                "(add model_price entries or a default)",
+            )
+        all_routes[slot] = [ModelRoute(provider, name, name, float(timeouts.get(name) or DEFAULT_TIMEOUT), discovered=True) for name in priced]
 
 
 def _read_engine(section: Section) -> str:

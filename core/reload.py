@@ -91,7 +91,7 @@ class ConfigStore:
             if digest == self.current.source_hash and self.last_error is None:
                 return False
             with _gc_paused(), _short_gil_turns():
-                config = await asyncio.to_thread(_load_and_freeze, self.path, LoopLoad())
+                config = await asyncio.to_thread(_load_and_freeze, self.path, LoopLoad(), self.file_config)
             records, accounts = self.records, self.account_records
             with _short_gil_turns():  # every stored key is built again on the new file: off the loop too
                 current = await asyncio.to_thread(layered, config, records, accounts, self._built)
@@ -220,12 +220,13 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
-def _load_and_freeze(path: Path, load: LoopLoad) -> Config:
+def _load_and_freeze(path: Path, load: LoopLoad, previous: Config | None = None) -> Config:
     """Load, then move everything just allocated out of the collector's reach: otherwise the
     first collection after the load scans the whole new config on the event loop's thread,
-    and later full collections scan it again (pauses that grow with the number of keys)."""
+    and later full collections scan it again (pauses that grow with the number of keys).
+    `previous`: the config being replaced, whose discovered models a failed discovery keeps."""
     with cooperating(load):
-        config = load_config(path)
+        config = load_config(path, previous)
     gc.freeze()
     return config
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from core.billing import BillingMeter
 from core.config import ApiKey, Config
 from core.errors import bad_request, forbidden, not_found
 from core.keys.states import key_state, key_states, usage_rows
+from core.keys.uniapi_usage import DEFAULT_DAYS, uniapi_token_usage
 from core.ledger import COUNT_CREDITS, CREDITS
 from core.money_format import usd_json
 from core.pricing.listing import price_rows
@@ -62,7 +64,10 @@ def _grant_endpoint(kind: str):  # type: ignore[no-untyped-def]
         state = request.app.state
         idempotency_key = request.headers.get("idempotency-key") or None
         applied = await add_credit(ledger, key, kind, amount, request.query_params.get("reason"), idempotency_key, state.clock(), actor, state.alerts)
-        return ExactJSONResponse({"applied": applied, "api_key_state": await key_state(config, ledger, key)})
+        key_state_now = await key_state(config, ledger, key)
+        # uni-api's answer names the new total (`new_credits`; its count-billing guide's script reads `new_count_credits`)
+        new_total = {"new_count_credits": key_state_now["count_credits"]} if kind == COUNT_CREDITS else {"new_credits": key_state_now["credits"]}
+        return ExactJSONResponse({"applied": applied, **new_total, "api_key_state": key_state_now})
 
     handle.__name__ = f"add_{kind}"
     return handle
@@ -79,6 +84,8 @@ async def set_billing_mode(request: Request) -> Response:
 
 
 MAX_DAYS = 36_500  # a century: timedelta itself stops at 999,999,999 days
+_UNIX_TIME = re.compile(r"\d{1,12}(\.\d{1,6})?")
+FORMATS = ("tollgate", "uniapi")
 
 
 def _time_range(request: Request) -> tuple[float | None, float | None]:
@@ -95,18 +102,23 @@ def _time_range(request: Request) -> tuple[float | None, float | None]:
 
 
 def _datetime_param(raw: str | None, name: str) -> float | None:
+    """ISO 8601, or a Unix timestamp as uni-api also accepts."""
     if not raw:
         return None
     try:
-        return to_unix(raw)
+        return float(raw) if _UNIX_TIME.fullmatch(raw.strip()) else to_unix(raw)
     except ValueError:
         raise bad_request(f"The '{name}' parameter must be an ISO 8601 time, got '{raw}'.", f"invalid_{name}", name) from None
 
 
 async def token_usage(request: Request) -> Response:
-    """Usage per key and model. Admins may ask about any key (or all); others only themselves."""
+    """Usage per key and model. Admins may ask about any key (or all); others only themselves.
+    `?format=uniapi` answers in uni-api's shape (core/keys/uniapi_usage.py)."""
     config = current_config(request)
     caller = authenticate(request, config)
+    answer_format = request.query_params.get("format") or FORMATS[0]
+    if answer_format not in FORMATS:
+        raise bad_request(f"The 'format' parameter must be one of {', '.join(FORMATS)}, got '{answer_format}'.", "invalid_format", "format")
     asked = request.query_params.get("api_key_param")
     if asked:
         target = config.key_index.find(asked)
@@ -120,6 +132,11 @@ async def token_usage(request: Request) -> Response:
     start, end = _time_range(request)
     model = request.query_params.get("model") or None
     ledger = request.app.state.ledger
+    if answer_format == "uniapi":
+        window = _uniapi_window(request, start, end)
+        single = keys[0] if asked or not caller.is_admin else None
+        key_filter = keys[0].masked if asked else ("all" if caller.is_admin else "self")  # uni-api echoes the secret; never here
+        return ExactJSONResponse(await uniapi_token_usage(config, ledger, keys, window, model, key_filter, single))
     states = await key_states(config, ledger, keys)
     stats = []
     for key in keys:
@@ -138,6 +155,17 @@ async def token_usage(request: Request) -> Response:
             }
         )
     return ExactJSONResponse({"stats": stats})
+
+
+def _uniapi_window(request: Request, start: float | None, end: float | None) -> tuple[float | None, float | None]:
+    """uni-api's window: `last_n_days` and no times at all (its last 30 days) end now."""
+    params = request.query_params
+    now = request.app.state.clock()
+    if params.get("last_n_days") is not None:
+        return start, now
+    if not params.get("start_datetime") and not params.get("end_datetime"):
+        return now - timedelta(days=DEFAULT_DAYS).total_seconds(), now
+    return start, end
 
 
 async def report_usage(request: Request) -> Response:

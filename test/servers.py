@@ -181,6 +181,32 @@ def embedding_body(body: dict[str, Any]) -> dict[str, Any]:
     return {"object": "list", "data": [vector], "model": body.get("model"), "usage": {"prompt_tokens": 5, "total_tokens": 5}}
 
 
+def model_list(vendor: str, models: list[str], then: Handler = openai_like, page_size: int = 2) -> Handler:
+    """Answers GET `…/models` as `vendor` lists its models (`openai`: `data[].id`; `anthropic`:
+    pages of `page_size` with `has_more`/`last_id`, read from `after_id`; `gemini`: `models[].name`
+    with their `supportedGenerationMethods`, paged by `pageToken`); everything else goes to `then`.
+    A Gemini name ending in `-aqa` is listed with only `generateAnswer` (not callable)."""
+
+    async def handler(body: dict[str, Any], request: Request) -> Response:
+        if request.method != "GET" or not request.url.path.endswith("/models"):
+            return await then(body, request)
+        if vendor == "openai":
+            return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "fake"} for name in models]})
+        cursor = request.query_params.get("after_id" if vendor == "anthropic" else "pageToken")
+        start = models.index(cursor) + 1 if vendor == "anthropic" and cursor else int(cursor or 0)
+        page = models[start : start + page_size]
+        more = start + page_size < len(models)
+        if vendor == "anthropic":
+            data = [{"type": "model", "id": name, "display_name": name} for name in page]
+            return JSONResponse({"data": data, "has_more": more, "first_id": page[0] if page else None, "last_id": page[-1] if page else None})
+        entries = [
+            {"name": f"models/{name}", "supportedGenerationMethods": ["generateAnswer"] if name.endswith("-aqa") else ["generateContent"]} for name in page
+        ]
+        return JSONResponse({"models": entries, **({"nextPageToken": str(start + page_size)} if more else {})})
+
+    return handler
+
+
 def fail(status: int, body: Any = None) -> Handler:
     async def handler(_body: dict[str, Any], _request: Request) -> Response:
         if body is None:

@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 import time
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -383,6 +384,52 @@ def test_token_usage_permissions(start_gateway, upstream):
     assert admin.json()["stats"][0]["total_cost"] == 0.025
     empty = gateway.http("GET", "/v1/token_usage", key=ADMIN_KEY, params={"api_key_param": TOKEN_KEY, "end_datetime": "2000-01-01T00:00:00Z"})
     assert empty.json()["stats"][0]["usage"] == []
+
+
+def test_token_usage_answers_in_uniapis_shape_when_asked(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    for key in (TOKEN_KEY, TOKEN_KEY, COUNT_KEY):
+        gateway.client(key).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    gateway.client(TOKEN_KEY).chat.completions.create(model="claude-3-5-sonnet", messages=MESSAGES)
+    mine = gateway.http("GET", "/v1/token_usage", key=TOKEN_KEY, params={"format": "uniapi"})
+    assert mine.status_code == 200 and TOKEN_KEY not in mine.text
+    body = mine.json()
+    row = {"api_key_prefix": "sk-…001", "total_prompt_tokens": 22, "total_completion_tokens": 14, "total_tokens": 36, "request_count": 2}
+    assert body["usage"] == [
+        {**row, "model": "claude-3-5-sonnet", "total_prompt_tokens": 11, "total_completion_tokens": 7, "total_tokens": 18, "request_count": 1},
+        {**row, "model": "gpt-4o"},
+    ]
+    details = body["query_details"]
+    start, end = (datetime.fromisoformat(details[name]) for name in ("start_datetime", "end_datetime"))
+    assert end - start == timedelta(days=30) and abs(end.timestamp() - time.time()) < 60  # uni-api's default window
+    assert {name: details[name] for name in ("api_key_filter", "model_filter", "credits", "total_cost", "balance", "billing_mode")} == {
+        "api_key_filter": "self", "model_filter": "all", "credits": "$10.0", "total_cost": "$0.075", "balance": "$9.925", "billing_mode": "token",
+    }  # fmt: skip
+    assert details["count_credits"] == 0 and details["total_requests"] == 3
+    counted = gateway.http(
+        "GET", "/v1/token_usage", key=ADMIN_KEY, params={"format": "uniapi", "api_key_param": COUNT_KEY, "model": "gpt-4o", "last_n_days": 1}
+    )
+    details = counted.json()["query_details"]
+    assert details["billing_mode"] == "count" and details["count_credits"] == 10 and details["count_balance"] == 9 and details["total_requests"] == 1
+    assert details["api_key_filter"] == "sk-…002" and details["model_filter"] == "gpt-4o" and COUNT_KEY not in counted.text
+    everyone = gateway.http("GET", "/v1/token_usage", key=ADMIN_KEY, params={"format": "uniapi", "start_datetime": "0"}).json()  # Unix time, as uni-api takes
+    assert [(r["api_key_prefix"], r["model"]) for r in everyone["usage"]] == [
+        ("sk-…001", "claude-3-5-sonnet"),
+        ("sk-…001", "gpt-4o"),
+        ("sk-…002", "gpt-4o"),
+    ]
+    assert everyone["query_details"]["api_key_filter"] == "all" and everyone["query_details"]["credits"] is None
+    assert everyone["query_details"]["start_datetime"] == "1970-01-01T00:00:00+00:00" and everyone["query_details"]["end_datetime"] is None
+    unknown = gateway.http("GET", "/v1/token_usage", key=TOKEN_KEY, params={"format": "csv"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "invalid_format" and unknown.json()["error"]["param"] == "format"
+
+
+def test_top_ups_answer_the_new_total_as_uni_api_does(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    counted = gateway.http("POST", "/v1/add_count_credits", key=ADMIN_KEY, params={"paid_key": COUNT_KEY, "amount": "100"}).json()
+    assert counted["new_count_credits"] == 110 and counted["applied"] is True and counted["api_key_state"]["remaining_count_credits"] == 110
+    paid = gateway.http("POST", "/v1/add_credits", key=ADMIN_KEY, params={"paid_key": TOKEN_KEY, "amount": "2.5"})
+    assert paid.json()["new_credits"] == 12.5 and b'"new_credits":12.5' in paid.content
 
 
 def test_usage_report_bills_external_usage_by_the_same_rules(start_gateway, upstream):
