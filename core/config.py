@@ -212,12 +212,15 @@ def _build(tree: Any, text: str, file: str, source_hash: str | None, discovery: 
     top = Section(tree, file, "")
     top.reject_unknown(TOP_LEVEL_KEYS)
     preferences, global_timeouts = _read_preferences(top.section("preferences"))
-    providers, routes_by_provider = _read_providers(top, global_timeouts, discovery, preferences.model_discovery_timeout, preferences.prices)
+    unpriced: list[ConfigError] = []  # raised once the rest has loaded
+    providers, routes_by_provider = _read_providers(top, global_timeouts, discovery, preferences.model_discovery_timeout, preferences.prices, unpriced)
     priced = with_routes(preferences.prices, _price_routes(routes_by_provider))
     preferences = replace(preferences, prices=priced)
     routes = _index_routes(routes_by_provider)
     accounts = _read_accounts(top, preferences)
     keys = _read_keys(top, {p.name: p for p in providers}, routes, preferences, accounts)
+    if unpriced:
+        raise unpriced[0]
     return Config(
         source=file,
         source_hash=source_hash or hashlib.sha256(text.encode()).hexdigest(),
@@ -309,7 +312,7 @@ def _infer_engine(base_url: str) -> str:
 
 
 def _read_providers(
-    top: Section, global_timeouts: dict[str, Decimal], discovery: Discovery, discovery_timeout: float, prices: PriceBook
+    top: Section, global_timeouts: dict[str, Decimal], discovery: Discovery, discovery_timeout: float, prices: PriceBook, unpriced: list[ConfigError]
 ) -> tuple[list[Provider], list[list[ModelRoute]]]:
     providers: list[Provider] = []
     all_routes: list[list[ModelRoute]] = []
@@ -343,7 +346,11 @@ def _read_providers(
         timeouts = PrefixTable({**global_timeouts, **_read_timeouts(prefs)})
         providers.append(provider)
         if items_of(section, "model"):
-            all_routes.append(_read_models(section, provider, timeouts, prices))
+            routes = _read_models(section, provider, timeouts)
+            problem = _unpriced(section, routes, prices)
+            if problem is not None:
+                unpriced.append(problem)
+            all_routes.append(routes)
         else:
             _check_discoverable(section, engine)
             to_discover.append((len(all_routes), section, provider, timeouts))
@@ -440,7 +447,7 @@ def _price_routes(routes_by_provider: list[list[ModelRoute]]) -> list[tuple[str,
     return [(r.provider.name, r.provider.engine, r.upstream_name, r.public_name, r.provider.price_multiplier) for rs in routes_by_provider for r in rs]
 
 
-def _read_models(section: Section, provider: Provider, timeouts: PrefixTable[Decimal], prices: PriceBook) -> list[ModelRoute]:
+def _read_models(section: Section, provider: Provider, timeouts: PrefixTable[Decimal]) -> list[ModelRoute]:
     routes: list[ModelRoute] = []
     seen: set[str] = set()
     items = items_of(section, "model")
@@ -460,15 +467,23 @@ def _read_models(section: Section, provider: Provider, timeouts: PrefixTable[Dec
         if public in seen:
             raise error_at(section.file, models_node, index, f"model '{public}' is listed twice for provider '{provider.name}'")
         seen.add(public)
-        if prices.resolve_route(provider.engine, upstream, public).price is None:
-            raise error_at(section.file, models_node, index, unpriced_message(public))
         timeout = timeouts.get(public) or timeouts.get(upstream) or DEFAULT_TIMEOUT
         routes.append(ModelRoute(provider, public, upstream, float(timeout)))
     return routes
 
 
+def _unpriced(section: Section, routes: list[ModelRoute], prices: PriceBook) -> ConfigError | None:
+    """Fail closed: a model a provider lists that nothing prices would be billed $0, so the
+    config must not load; the error points at the model's line. `_build` raises it once the
+    rest of the config is known good, so a mistake elsewhere is reported as itself.
+    (Discovered models nothing prices are left out instead: `_discover_models`.)"""
+    for position, route in enumerate(routes):
+        if prices.resolve_route(route.provider.engine, route.upstream_name, route.public_name).price is None:
+            return error_at(section.file, section.node["model"], position, unpriced_message(route.public_name))
+    return None
+
+
 def unpriced_message(model: str) -> str:
-    """Fail closed: a model nothing prices would be billed $0."""
     return f"model '{model}' has no price: add a model_price entry or a default (the price catalog does not list it; '{model}: 0' marks it free)"
 
 
