@@ -108,6 +108,11 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
         server.stop()
 
 
+# A served model nothing prices does not load (fail-closed pricing). Tests about something
+# else serve their echo and made-up models free, and say so with this preferences section.
+FREE = "preferences:\n  model_price: {default: 0}\n"
+
+
 def keys_yaml(user_models: str | None = None) -> str:
     """The api_keys section most tests share: one admin and one user key."""
     allow = f"\n    model: {user_models}" if user_models else ""

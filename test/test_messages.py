@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from core.usage import estimate_prompt_tokens, estimate_usage
-from test.conftest import USER_KEY, keys_yaml
+from test.conftest import FREE, USER_KEY, keys_yaml
 from test.servers import completion_body, stream_chunks
 from test.test_anthropic import CONFIG as ANTHROPIC_CONFIG
 from test.test_anthropic import EXPECTED_COST_NANOS, MESSAGE, STREAM, ledger_rows, wait_for_ledger_rows
@@ -131,7 +131,7 @@ def test_a_bad_key_on_messages_is_an_anthropic_authentication_error(start_gatewa
 
 
 def test_a_forbidden_model_on_messages_is_an_anthropic_permission_error(start_gateway):
-    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1, echo-2]\n" + keys_yaml("echo-2"))
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1, echo-2]\n" + FREE + keys_yaml("echo-2"))
     with pytest.raises(anthropic.PermissionDeniedError) as caught:
         sdk(gateway).messages.create(model="echo-1", max_tokens=10, messages=[{"role": "user", "content": "x"}])
     assert caught.value.body["error"]["type"] == "permission_error"
@@ -172,7 +172,7 @@ def test_count_tokens_answers_the_estimate_free_of_charge(start_gateway):
 
 
 def test_count_tokens_refuses_like_messages_does(start_gateway):
-    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1, echo-2]\n" + keys_yaml("echo-2"))
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1, echo-2]\n" + FREE + keys_yaml("echo-2"))
     hello = [{"role": "user", "content": "hello"}]
     with pytest.raises(anthropic.NotFoundError) as not_found:
         sdk(gateway).messages.count_tokens(model="nope", messages=hello)

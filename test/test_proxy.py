@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from core.usage import estimate_prompt_tokens
-from test.conftest import ADMIN_KEY, USER_KEY, keys_yaml
+from test.conftest import ADMIN_KEY, FREE, USER_KEY, keys_yaml
 from test.servers import fail, hang, held_stream, openai_like, stream_chunks, streamed_text
 
 TWO_PROVIDERS = """
@@ -34,7 +34,7 @@ MESSAGES = [{"role": "user", "content": "hello there"}]
 
 
 def test_echo_provider_answers_through_the_openai_sdk(start_gateway):
-    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml())
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + FREE + keys_yaml())
     reply = gateway.client().chat.completions.create(model="echo-1", messages=MESSAGES)
     assert reply.choices[0].message.content == "Echo: hello there"
     assert reply.usage.prompt_tokens == 10  # 3 priming + 4 per message + ceil(11 bytes / 4)
@@ -42,7 +42,7 @@ def test_echo_provider_answers_through_the_openai_sdk(start_gateway):
 
 
 def test_echo_provider_streams_and_reports_usage(start_gateway):
-    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml())
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + FREE + keys_yaml())
     stream = gateway.client().chat.completions.create(model="echo-1", messages=MESSAGES, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     text = streamed_text(chunks)
@@ -51,7 +51,7 @@ def test_echo_provider_streams_and_reports_usage(start_gateway):
 
 
 def test_echo_embeddings_and_completions(start_gateway):
-    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml())
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + FREE + keys_yaml())
     client = gateway.client()
     embedding = client.embeddings.create(model="echo-1", input=["a", "b"])
     assert len(embedding.data) == 2 and embedding.data[0].embedding != embedding.data[1].embedding
@@ -60,7 +60,7 @@ def test_echo_embeddings_and_completions(start_gateway):
 
 
 def test_echo_ids_are_shaped_like_openai_ids(start_gateway):
-    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml())
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + FREE + keys_yaml())
     client = gateway.client()
     first, second = (client.chat.completions.create(model="echo-1", messages=MESSAGES) for _ in range(2))
     assert first.id.startswith("chatcmpl-") and first.id != second.id
@@ -70,7 +70,7 @@ def test_echo_ids_are_shaped_like_openai_ids(start_gateway):
 
 
 def test_endpoints_answer_without_the_v1_prefix(start_gateway):
-    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml())
+    gateway = start_gateway("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + FREE + keys_yaml())
     client = openai.OpenAI(base_url=gateway.url, api_key=USER_KEY, max_retries=0)  # a base URL without /v1
     assert client.chat.completions.create(model="echo-1", messages=MESSAGES).choices[0].message.content == "Echo: hello there"
     assert client.completions.create(model="echo-1", prompt="say hi").choices[0].text == "Echo: say hi"

@@ -10,11 +10,11 @@ import time
 import openai
 import pytest
 
-from test.conftest import ADMIN_KEY, USER_KEY, keys_yaml
+from test.conftest import ADMIN_KEY, FREE, USER_KEY, keys_yaml
 from test.servers import held_stream, streamed_text
 
-ECHO = "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + keys_yaml()
-ECHO_TWO_MODELS = "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1, echo-2]\n" + keys_yaml()
+ECHO = "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + FREE + keys_yaml()
+ECHO_TWO_MODELS = "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1, echo-2]\n" + FREE + keys_yaml()
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
@@ -36,9 +36,9 @@ def test_in_place_write_is_picked_up(start_gateway):
 
 def test_broken_file_keeps_the_old_config_and_reports_the_line(start_gateway):
     gateway = start_gateway(ECHO)
-    gateway.rewrite_config(ECHO + "preferences:\n  cooldown_period: -1\n")
+    gateway.rewrite_config(ECHO.replace(FREE, FREE + "  cooldown_period: -1\n"))
     status = gateway.status()
-    assert status["last_error"]["line"] == len(ECHO.splitlines()) + 2  # the cooldown_period line
+    assert status["last_error"]["line"] == 7  # the cooldown_period line
     assert status["last_error"]["column"] == 3
     assert "cooldown_period must be >= 0" in status["last_error"]["reason"]
     assert status["last_error"]["file"] == str(gateway.config_path)
@@ -76,7 +76,9 @@ def test_deleted_file_keeps_serving(start_gateway):
 
 def test_removed_key_is_refused_after_reload(start_gateway):
     gateway = start_gateway(ECHO)
-    gateway.rewrite_config("providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\napi_keys:\n  - api: " + ADMIN_KEY + "\n    role: admin\n")
+    gateway.rewrite_config(
+        "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n" + FREE + "api_keys:\n  - api: " + ADMIN_KEY + "\n    role: admin\n"
+    )
     assert gateway.http("GET", "/v1/models").status_code == 401
 
 
@@ -102,6 +104,7 @@ def test_streams_in_flight_finish_across_a_reload(start_gateway, upstream):
     upstream.script("p1", held_stream(release, ["one", " two"]))
     config = (
         "providers:\n  - provider: p1\n    base_url: {fake:p1}\n    api: k\n    model: [gpt-4o]\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n"
+        + FREE
         + keys_yaml()
     )
     gateway = start_gateway(config, upstream)
