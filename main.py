@@ -31,6 +31,7 @@ from core.alerts import Alerts
 from core.auth_throttle import AuthThrottle
 from core.billing import BillingMeter
 from core.config import Config, load_config
+from core.config_check import check_config
 from core.errors import GatewayError
 from core.ledger.database import Database, open_ledger, parse_database
 from core.ledger.postgres import PgLedger
@@ -218,6 +219,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="worker processes on the port (env TOLLGATE_WORKERS, default 1; above 1 needs PostgreSQL)",
     )
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--check-config", metavar="FILE", help="load FILE, print its warnings and error, exit (1 if it does not load); no server")
     return parser.parse_args(argv)
 
 
@@ -227,6 +229,8 @@ class StartRefused(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.check_config is not None:
+        return check_config(args.check_config, sys.stdout, sys.stderr)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     with contextlib.ExitStack() as held:  # the ledger's lock and the socket, until the server ends
         try:

@@ -6,6 +6,7 @@ timeouts) is derived here. A `Config` is swapped atomically on reload.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from core.config_billing import BILLING_MODES, DEFAULT_RESERVE_COMPLETION_TOKENS, KeyBilling, read_key_billing, read_multiplier, read_price_book
@@ -24,6 +26,18 @@ from core.discovery import Discovery
 from core.keys.index import KeyIndex, digest_of, mask_key
 from core.lookup import PrefixTable
 from core.pricing.book import PriceBook, build_price_book, with_routes
+from core.uniapi_options import (
+    ENGINE_ALIASES,
+    ENGINES_NOT_SUPPORTED,
+    KEY,
+    KEY_PREFERENCES,
+    PREFERENCES,
+    PROVIDER,
+    PROVIDER_PREFERENCES,
+    TOP,
+    ignored,
+    read_options,
+)
 from core.yamlsource import ConfigError, ConfigWarning, error_at, expand_env, line_of, parse_yaml
 
 ENGINES = ("openai", "azure", "anthropic", "gemini", "echo")
@@ -171,6 +185,10 @@ class Config:
     key_problems: dict[str, str] = field(default_factory=dict)  # key id (or account id) → why its stored change is not in force
     deleted_accounts: dict[str, ApiKey] = field(default_factory=dict)  # by name; their keys' history stays readable
     warnings: tuple[ConfigWarning, ...] = ()  # what loads but is not done as written (Section.warn)
+    # `provider/model` labels that a model literally named so (on another provider) holds in
+    # `routes`: a key not allowed that model but allowed the label's route is served by it.
+    shadowed_labels: dict[str, ModelRoute] = field(default_factory=dict)
+    unserved: dict[str, frozenset[str] | None] = field(default_factory=dict)  # see Unserved
 
 
 def load_config(path: str | Path, previous: Config | None = None) -> Config:
@@ -198,10 +216,15 @@ def build_config(text: str, file: str, source_hash: str | None = None, previous:
             if not warnings or all(warning.line is not None for warning in warnings):
                 return replace(config, warnings=tuple(warnings))
         except ConfigError as fast_error:
-            if fast_error.line is not None:
+            if fast_error.line is not None and all(warning.line is not None for warning in warnings):
+                fast_error.warnings = tuple(warnings)
                 raise
         with collecting_warnings() as warnings:  # again, with positions for the message
-            config = _build(parse_yaml(text, file), text, file, source_hash, discovery)
+            try:
+                config = _build(parse_yaml(text, file), text, file, source_hash, discovery)
+            except ConfigError as error:
+                error.warnings = tuple(warnings)
+                raise
         return replace(config, warnings=tuple(warnings))
     except RecursionError:  # lists or mappings nested thousands deep: refused, not a crash of the reloader
         raise ConfigError(file, None, "YAML error: nested too deeply") from None
@@ -210,15 +233,17 @@ def build_config(text: str, file: str, source_hash: str | None = None, previous:
 def _build(tree: Any, text: str, file: str, source_hash: str | None, discovery: Discovery) -> Config:
     expand_env(tree, file)
     top = Section(tree, file, "")
-    top.reject_unknown(TOP_LEVEL_KEYS)
+    read_options(top, TOP_LEVEL_KEYS, TOP)
     preferences, global_timeouts = _read_preferences(top.section("preferences"))
     unpriced: list[ConfigError] = []  # raised once the rest has loaded
-    providers, routes_by_provider = _read_providers(top, global_timeouts, discovery, preferences.model_discovery_timeout, preferences.prices, unpriced)
+    providers, routes_by_provider, unserved = _read_providers(
+        top, global_timeouts, discovery, preferences.model_discovery_timeout, preferences.prices, unpriced
+    )
     priced = with_routes(preferences.prices, _price_routes(routes_by_provider))
     preferences = replace(preferences, prices=priced)
-    routes = _index_routes(routes_by_provider)
+    routes, shadowed = _index_routes(routes_by_provider)
     accounts = _read_accounts(top, preferences)
-    keys = _read_keys(top, {p.name: p for p in providers}, routes, preferences, accounts)
+    keys = _read_keys(top, {p.name: p for p in providers}, routes, preferences, accounts, unserved)
     if unpriced:
         raise unpriced[0]
     return Config(
@@ -233,6 +258,8 @@ def _build(tree: Any, text: str, file: str, source_hash: str | None, discovery: 
         public_models=tuple(dict.fromkeys(r.public_name for rs in routes_by_provider for r in rs)),
         preferences=preferences,
         accounts=accounts,
+        shadowed_labels=shadowed,
+        unserved=unserved,
     )
 
 
@@ -272,7 +299,7 @@ def read_account(section: Section, preferences: Preferences, line: int | None = 
 
 
 def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]]:
-    section.reject_unknown(PREFERENCE_KEYS)
+    read_options(section, PREFERENCE_KEYS, PREFERENCES)
     prefs = Preferences(
         scheduling_algorithm=section.choice("SCHEDULING_ALGORITHM", SCHEDULING_ALGORITHMS, "fixed_priority"),
         auto_retry=section.boolean("AUTO_RETRY", True),
@@ -301,21 +328,44 @@ def _read_timeouts(section: Section) -> dict[str, Decimal]:
 
 
 def _infer_engine(base_url: str) -> str:
-    url = base_url.lower()
-    if "anthropic.com" in url:
-        return "anthropic"
-    if "googleapis.com" in url:
+    """The engine a base_url implies, as uni-api infers it (its core/utils.py get_engine): by
+    host, and by path for self-hosted APIs (`…/v1/messages`: Anthropic's; `…/v1beta`: Gemini's)."""
+    parts = urlsplit(base_url.lower())
+    host, path = parts.hostname or "", parts.path.rstrip("/")
+    if host.endswith("volces.com") and path.endswith("/api/v3/responses"):
+        return "doubao-translation"
+    if path.endswith("/v1beta") or (host == "generativelanguage.googleapis.com" and "/v1beta/openai" not in path):
         return "gemini"
-    if "openai.azure.com" in url:
+    if host.endswith("aiplatform.googleapis.com"):
+        return "vertex"
+    if host.endswith("openai.azure.com"):
         return "azure"
+    if host.endswith("azuredatabricks.net"):
+        return "azure-databricks"
+    if host == "api.cloudflare.com":
+        return "cloudflare"
+    if host.endswith("anthropic.com") or path.endswith("/v1/messages"):
+        return "anthropic"
+    if host.endswith("amazonaws.com"):
+        return "aws"
+    if host == "api.cohere.com":
+        return "cohere"
     return "openai"
+
+
+# Where a provider serves nothing, and why nobody is warned twice: provider name → None (the
+# whole provider: an engine Tollgate lacks) or the model names it does not serve.
+Unserved = dict[str, frozenset[str] | None]
+# uni-api's model of its /v1/search endpoint, which Tollgate does not have.
+SEARCH_MODEL = "search"
 
 
 def _read_providers(
     top: Section, global_timeouts: dict[str, Decimal], discovery: Discovery, discovery_timeout: float, prices: PriceBook, unpriced: list[ConfigError]
-) -> tuple[list[Provider], list[list[ModelRoute]]]:
+) -> tuple[list[Provider], list[list[ModelRoute]], Unserved]:
     providers: list[Provider] = []
     all_routes: list[list[ModelRoute]] = []
+    unserved: Unserved = {}
     to_discover: list[tuple[int, Section, Provider, PrefixTable[Decimal]]] = []
     seen: set[str] = set()
     items = items_of(top, "providers")
@@ -323,15 +373,21 @@ def _read_providers(
         raise top.error("providers", "providers must list at least one provider")
     for index, node in items:
         section = Section(node, top.file, f"providers[{index}]", top.node["providers"], index)
-        section.reject_unknown(PROVIDER_KEYS)
         name = section.string("provider")
         if name in seen:
             raise section.error("provider", f"duplicate provider name '{name}'")
         seen.add(name)
         engine = _read_engine(section)
+        if engine in ENGINES_NOT_SUPPORTED:
+            read_options(section, PROVIDER_KEYS, PROVIDER, warn=False)
+            at = "engine" if section.has("engine") else "base_url" if section.has("base_url") else "provider"
+            section.warn(at, f"uni-api engine '{engine}' is not supported: provider '{name}' loads but serves nothing")
+            unserved[name] = None
+            continue
+        read_options(section, PROVIDER_KEYS, PROVIDER)
         base_url = _read_base_url(section, engine)
         prefs = section.section("preferences")
-        prefs.reject_unknown(PROVIDER_PREFERENCE_KEYS)
+        read_options(prefs, PROVIDER_PREFERENCE_KEYS, PROVIDER_PREFERENCES)
         provider = Provider(
             name=name,
             engine=engine,
@@ -346,17 +402,19 @@ def _read_providers(
         timeouts = PrefixTable({**global_timeouts, **_read_timeouts(prefs)})
         providers.append(provider)
         if items_of(section, "model"):
-            routes = _read_models(section, provider, timeouts)
+            routes, dropped = _read_models(section, provider, timeouts)
             problem = _unpriced(section, routes, prices)
             if problem is not None:
                 unpriced.append(problem)
             all_routes.append(routes)
+            if dropped:
+                unserved[name] = dropped
         else:
             _check_discoverable(section, engine)
             to_discover.append((len(all_routes), section, provider, timeouts))
             all_routes.append([])
     _discover_models(to_discover, all_routes, discovery, discovery_timeout, prices)
-    return providers, all_routes
+    return providers, all_routes, unserved
 
 
 def _check_discoverable(section: Section, engine: str) -> None:
@@ -400,13 +458,34 @@ def _discover_models(
 
 
 def _read_engine(section: Section) -> str:
+    """Tollgate's engine for the provider, uni-api's engine names read as the same formats
+    (`gpt`, `openrouter`: openai; `claude`: anthropic); an engine only uni-api has is returned
+    as is, for the caller to warn about."""
     if section.has("engine"):
-        engine = section.choice("engine", ENGINES)
+        engine = section.string("engine")
+        engine = ENGINE_ALIASES.get(engine, engine)
+        if engine not in ENGINES and engine not in ENGINES_NOT_SUPPORTED:
+            aliases = ", ".join(ENGINE_ALIASES)
+            raise section.error("engine", f"{section.where('engine')} must be one of {', '.join(ENGINES)} (or uni-api's {aliases}); got '{engine}'")
+    elif section.has("project_id"):  # uni-api: a Google Cloud service account is Vertex AI
+        engine = "vertex"
+    elif section.has("cf_account_id"):
+        engine = "cloudflare"
     elif section.has("base_url"):
         engine = _infer_engine(section.string("base_url"))
     else:
         raise section.error("provider", f"{section.path} needs a base_url (or engine: echo)")
     return engine
+
+
+# The endpoint paths a full-endpoint base_url may end with, per engine: what is left is the
+# prefix the adapters append their endpoints to. uni-api writes base_url as the endpoint
+# (`…/v1/chat/completions`, `…/v1/messages`); Tollgate's own examples write the prefix.
+_OPENAI_ENDPOINTS = (
+    "/chat/completions", "/completions", "/embeddings", "/responses/compact", "/responses", "/images/generations",
+    "/images/edits", "/audio/transcriptions", "/audio/translations", "/audio/speech", "/moderations", "/messages",
+)  # fmt: skip
+_ENDPOINT_SUFFIXES = {"openai": _OPENAI_ENDPOINTS, "anthropic": ("/messages",)}
 
 
 def _read_base_url(section: Section, engine: str) -> str:
@@ -415,8 +494,21 @@ def _read_base_url(section: Section, engine: str) -> str:
     url = section.string("base_url")
     if not url.startswith(("http://", "https://")):
         raise section.error("base_url", f"{section.where('base_url')} must start with http:// or https://, got '{url}'")
+    return endpoint_prefix(url, engine)
+
+
+def endpoint_prefix(url: str, engine: str) -> str:
+    """The prefix of a base_url given as a prefix or as a full endpoint URL. Gemini's models
+    hang below `…/v1beta` (`…/v1beta/models/x:generateContent` is cut at `/models`); Azure's
+    deployments below the resource URL (`…/openai/deployments/…` is cut at `/openai`)."""
     url = url.rstrip("/")
-    for suffix in ("/chat/completions", "/completions", "/embeddings"):
+    if engine == "gemini":
+        head, found, _ = url.partition("/models/")
+        return head if found else url.removesuffix("/models")
+    if engine == "azure":
+        head, found, _ = url.partition("/openai/")
+        return head if found else url.removesuffix("/openai")
+    for suffix in _ENDPOINT_SUFFIXES.get(engine, ()):
         if url.endswith(suffix):
             return url[: -len(suffix)]
     return url
@@ -447,9 +539,12 @@ def _price_routes(routes_by_provider: list[list[ModelRoute]]) -> list[tuple[str,
     return [(r.provider.name, r.provider.engine, r.upstream_name, r.public_name, r.provider.price_multiplier) for rs in routes_by_provider for r in rs]
 
 
-def _read_models(section: Section, provider: Provider, timeouts: PrefixTable[Decimal]) -> list[ModelRoute]:
+def _read_models(section: Section, provider: Provider, timeouts: PrefixTable[Decimal]) -> tuple[list[ModelRoute], frozenset[str]]:
+    """The provider's routes, and the model names it lists but does not serve (uni-api's
+    `search`, a model of its /v1/search endpoint, which Tollgate has not)."""
     routes: list[ModelRoute] = []
-    seen: set[str] = set()
+    dropped: set[str] = set()
+    seen: dict[str, str] = {}  # public name → upstream name
     items = items_of(section, "model")
     if not items:
         raise section.error("provider", f"{section.where('model')} must list at least one model")
@@ -465,11 +560,18 @@ def _read_models(section: Section, provider: Provider, timeouts: PrefixTable[Dec
         if not upstream or not public:
             raise error_at(section.file, models_node, index, f"{section.where('model')}[{index}] has an empty model name")
         if public in seen:
-            raise error_at(section.file, models_node, index, f"model '{public}' is listed twice for provider '{provider.name}'")
-        seen.add(public)
+            if seen[public] != upstream:
+                raise error_at(section.file, models_node, index, f"model '{public}' is listed twice for provider '{provider.name}'")
+            section.warn_at(models_node, index, f"model '{public}' is listed twice for provider '{provider.name}' (the same model): read once")
+            continue  # uni-api's README lists `gemini-2.5-flash: gemini-2.5-flash` and `gemini-2.5-flash`
+        seen[public] = upstream
+        if public == SEARCH_MODEL:
+            section.warn_at(models_node, index, ignored(f"model: {SEARCH_MODEL}") + " (uni-api's /v1/search)")
+            dropped.add(public)
+            continue
         timeout = timeouts.get(public) or timeouts.get(upstream) or DEFAULT_TIMEOUT
         routes.append(ModelRoute(provider, public, upstream, float(timeout)))
-    return routes
+    return routes, frozenset(dropped)
 
 
 def _unpriced(section: Section, routes: list[ModelRoute], prices: PriceBook) -> ConfigError | None:
@@ -477,30 +579,49 @@ def _unpriced(section: Section, routes: list[ModelRoute], prices: PriceBook) -> 
     config must not load; the error points at the model's line. `_build` raises it once the
     rest of the config is known good, so a mistake elsewhere is reported as itself.
     (Discovered models nothing prices are left out instead: `_discover_models`.)"""
-    for position, route in enumerate(routes):
+    for route in routes:
         if prices.resolve_route(route.provider.engine, route.upstream_name, route.public_name).price is None:
-            return error_at(section.file, section.node["model"], position, unpriced_message(route.public_name))
+            return error_at(section.file, section.node["model"], _item_of(section.node["model"], route.public_name), unpriced_message(route.public_name))
     return None
+
+
+def _item_of(models: list[Any], public: str) -> int:
+    """The index of the model list item serving `public` (items read once or skipped make it
+    differ from the route's position)."""
+    for index, entry in enumerate(models):
+        name = next(iter(entry.values())) if isinstance(entry, dict) and len(entry) == 1 else entry
+        if str(name).strip() == public:
+            return index
+    return 0
 
 
 def unpriced_message(model: str) -> str:
     return f"model '{model}' has no price: add a model_price entry or a default (the price catalog does not list it; '{model}: 0' marks it free)"
 
 
-def _index_routes(routes_by_provider: list[list[ModelRoute]]) -> dict[str, tuple[ModelRoute, ...]]:
-    """Public name → every route serving it (config order), plus `provider/name` → that one route."""
+def _index_routes(routes_by_provider: list[list[ModelRoute]]) -> tuple[dict[str, tuple[ModelRoute, ...]], dict[str, ModelRoute]]:
+    """Public name → every route serving it (config order), plus `provider/name` → that one
+    route; and the labels a model literally named so holds instead (see `shadowed_labels`)."""
     index: dict[str, list[ModelRoute]] = {}
     for routes in routes_by_provider:
         for route in routes:
             index.setdefault(route.public_name, []).append(route)
+    shadowed: dict[str, ModelRoute] = {}
     for routes in routes_by_provider:
         for route in routes:
-            index.setdefault(route.label, [route])
-    return {name: tuple(routes) for name, routes in index.items()}
+            held = index.setdefault(route.label, [route])
+            if held[0] is not route and route.label not in shadowed:
+                shadowed[route.label] = route
+    return {name: tuple(routes) for name, routes in index.items()}, shadowed
 
 
 def _read_keys(
-    top: Section, providers: dict[str, Provider], routes: dict[str, tuple[ModelRoute, ...]], preferences: Preferences, accounts: dict[str, ApiKey]
+    top: Section,
+    providers: dict[str, Provider],
+    routes: dict[str, tuple[ModelRoute, ...]],
+    preferences: Preferences,
+    accounts: dict[str, ApiKey],
+    unserved: Unserved,
 ) -> list[ApiKey]:
     keys: list[ApiKey] = []
     seen: set[str] = set()
@@ -508,17 +629,30 @@ def _read_keys(
     for index, node in items_of(top, "api_keys"):
         cooperate()
         section = Section(node, top.file, f"api_keys[{index}]", top.node["api_keys"], index)
-        section.reject_unknown(KEY_KEYS)
         secret = section.string("api")
         if secret in seen:
             raise section.error("api", f"duplicate API key in {section.path} (keys must be unique)")
         seen.add(secret)
-        key = read_key(section, providers, routes, preferences, accounts, secret=secret, line=line_of(top.node["api_keys"], index))
+        line = line_of(top.node["api_keys"], index)
+        key = read_key(section, providers, routes, preferences, accounts, secret=secret, line=line, unserved=unserved)
         if key.id in ids:
             raise section.error("id" if section.has("id") else "api", f"{section.path} has the id '{key.id}' of another key (ids must be unique)")
         ids.add(key.id)
         keys.append(key)
-    return keys
+    return _with_an_admin(top, keys)
+
+
+def _with_an_admin(top: Section, keys: list[ApiKey]) -> list[ApiKey]:
+    """uni-api's rule: when no key has `role: admin`, the first key is the admin (its minimal
+    example has one key and no role). Said as a warning, and written into the key's entry so
+    that an edit through the keys API keeps it."""
+    if not keys or any(key.is_admin for key in keys):
+        return keys
+    first = keys[0]
+    Section(top.node["api_keys"][0], top.file, "api_keys[0]").warn(
+        "api", "no key has role: admin, so the first key is the admin (as in uni-api); set role: admin on the key you mean"
+    )
+    return [replace(first, role="admin", entry={**first.entry, "role": "admin"}), *keys[1:]]
 
 
 def read_key(
@@ -531,26 +665,45 @@ def read_key(
     secret: str | None,
     line: int | None = None,
     key_id: str | None = None,
+    unserved: Unserved | None = None,
 ) -> ApiKey:
     """One key entry, validated: api.yaml's and the keys API's (which passes the stored id and
     no secret) share this, so both give the same messages for the same mistakes."""
-    section.reject_unknown(KEY_KEYS)
+    read_options(section, KEY_KEYS, KEY)
     prefs = section.section("preferences")
-    prefs.reject_unknown(KEY_PREFERENCE_KEYS)
+    read_options(prefs, KEY_PREFERENCE_KEYS, KEY_PREFERENCES)
+    _refuse_per_model_limits(prefs)
     if key_id is None:
         key_id = read_key_id(section) if section.has("id") else ledger_id(secret or "")
     return ApiKey(
         secret=secret,
         id=key_id,
         name=section.string("name", mask_key(secret) if secret else key_id),
-        role=section.choice("role", ("user", "admin"), "user"),
-        access=_read_access(section, providers, routes),
+        role=_read_role(section),
+        access=_read_access(section, providers, routes, unserved or {}),
         billing=_key_billing(section, prefs, accounts),
         limits=read_key_limits(prefs, preferences.timezone, preferences.alerts),
         line=line,
         account=accounts[section.string("account")] if section.has("account") else None,
         entry={name: value for name, value in section.node.items() if name != "api"},
     )
+
+
+def _read_role(section: Section) -> str:
+    """`user` or `admin`; uni-api's other roles are names for its request log: a user here."""
+    role = section.string("role", "user")
+    if role not in ("user", "admin"):
+        section.warn("role", ignored(f"role: {role}") + " (the key is a user key)")
+        return "user"
+    return role
+
+
+def _refuse_per_model_limits(prefs: Section) -> None:
+    """uni-api's per-model `rate_limit: {model: 10/min, default: 4/min}` would, ignored, leave
+    the key unlimited: refused, saying how Tollgate writes it."""
+    for name in ("rate_limit", "token_rate_limit"):
+        if isinstance(prefs.raw(name), dict):
+            raise prefs.error(name, f"{prefs.where(name)}: per-model limits are not supported; write one limit for the key, e.g. {name}: 15/min,1000/day")
 
 
 def _key_billing(section: Section, prefs: Section, accounts: dict[str, ApiKey]) -> KeyBilling:
@@ -584,28 +737,48 @@ def ledger_id(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def _read_access(section: Section, providers: dict[str, Provider], routes: dict[str, tuple[ModelRoute, ...]]) -> ModelAccess:
+def _read_access(section: Section, providers: dict[str, Provider], routes: dict[str, tuple[ModelRoute, ...]], unserved: Unserved) -> ModelAccess:
+    """A key's `model:` list, read as uni-api reads it: `provider/model` is that provider's
+    model, `<provider/model>` the model literally named so, `model: []` every model. An entry
+    that can only narrow what the key may use and that names nothing here (another config's
+    provider, uni-api's API keys as channels) is ignored with a warning, never widened."""
     if not section.has("model"):
         return ModelAccess()
-    entries = section.raw("model")
-    entries = entries if isinstance(entries, list) else [entries]
+    raw = section.raw("model")
+    entries, holder = (raw, raw) if isinstance(raw, list) else ([raw], None)
+    if not entries:  # uni-api: an empty list is every model
+        return ModelAccess()
+    where = section.where("model")
     everything, by_provider, pairs, models = False, set(), set(), set()
-    for entry in entries:
+    for index, entry in enumerate(entries):
+        warn_here = functools.partial(section.warn_at, holder, index) if holder is not None else functools.partial(section.warn, "model")
+        if isinstance(entry, dict) and len(entry) == 1:  # uni-api's channel weight: `- gcp1/*: 5`
+            entry = next(iter(entry))
+            warn_here(ignored("model weight"))
         name = str(entry).strip()
         provider, _, model = name.partition("/")
-        if name in ("*", "all"):  # "all" as in uni-api configs
+        if name.startswith("<") and name.endswith(">"):  # uni-api: the whole text is the model's name
+            literal = name[1:-1].strip()
+            if not any(route.public_name == literal for route in routes.get(literal, ())):
+                raise section.error("model", f"{where} names model '{literal}', which no provider serves")
+            models.add(literal)
+        elif name in ("*", "all"):  # "all" as in uni-api configs
             everything = True
+        elif model and provider in unserved and (unserved[provider] is None or model in (unserved[provider] or ())):
+            continue  # a provider (or model) that serves nothing here: warned about where it is defined
+        elif model and provider.startswith("sk-") and provider not in providers:
+            warn_here(ignored("API key as a channel (sk-…/*)"))
         elif model and provider in providers:
             if model == "*":
                 by_provider.add(provider)
-            elif name in routes:
+            elif any(route.provider.name == provider for route in routes.get(model, ())):
                 pairs.add((provider, model))
             else:
-                raise section.error("model", f"{section.where('model')} names '{name}', but provider '{provider}' has no model '{model}'")
+                raise section.error("model", f"{where} names '{name}', but provider '{provider}' has no model '{model}'")
         elif name in routes:
             models.add(name)
         elif model:
-            raise section.error("model", f"{section.where('model')} names '{name}', but there is no provider '{provider}' and no model by that name")
+            warn_here(f"{where} names '{name}', but there is no provider '{provider}' and no model by that name: the entry is ignored")
         else:
-            raise section.error("model", f"{section.where('model')} names model '{name}', which no provider serves")
+            raise section.error("model", f"{where} names model '{name}', which no provider serves")
     return ModelAccess(everything, frozenset(by_provider), frozenset(pairs), frozenset(models))

@@ -69,16 +69,23 @@ class Section:
         """A warning at `key` (or at this mapping): the config loads, and says so."""
         warn(warning_at(self.file, self.node, key, reason))
 
+    def warn_at(self, holder: Any, at: Any, reason: str) -> None:
+        """A warning at `holder[at]`: a list item below this mapping."""
+        warn(warning_at(self.file, holder, at, reason))
+
     def where(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
     def line(self, key: Any = None) -> int | None:
         return line_of(self.node, key)
 
-    def reject_unknown(self, known: Iterable[str]) -> None:
+    def reject_unknown(self, known: Iterable[str], also_allowed: Iterable[str] = ()) -> None:
+        """An error for the first key not `known` (suggesting the nearest known one); keys in
+        `also_allowed` pass without being suggested (uni-api's options, warned about)."""
         known = list(known)
+        passed = frozenset(also_allowed)
         for key in self.node:
-            if key not in known:
+            if key not in known and key not in passed:
                 hint = difflib.get_close_matches(str(key), known, n=1)
                 suffix = f" (did you mean '{hint[0]}'?)" if hint else f" (known: {', '.join(known)})"
                 raise self.error(key, f"unknown key '{key}' in {self.path or 'the top level'}{suffix}")

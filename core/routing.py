@@ -23,6 +23,7 @@ def routes_for(config: Config, model: str, key: ApiKey, endpoint: str = "chat/co
     routes = config.routes.get(model)
     if routes is None:
         raise not_found(f"The model '{model}' does not exist or is not served by this gateway.", "model_not_found")
+    routes = _label_if_only_that_is_allowed(config, model, key, routes)
     engines = SERVED_BY.get(endpoint)
     if engines is not None:
         routes = tuple(route for route in routes if route.provider.engine in engines)
@@ -35,6 +36,16 @@ def routes_for(config: Config, model: str, key: ApiKey, endpoint: str = "chat/co
     if not allowed:
         raise forbidden(f"This API key is not allowed to use the model '{model}'.", "model_not_allowed")
     return allowed
+
+
+def _label_if_only_that_is_allowed(config: Config, model: str, key: ApiKey, routes: tuple[ModelRoute, ...]) -> tuple[ModelRoute, ...]:
+    """`anthropic/claude-x` is both a model literally named so (on some provider) and the label
+    of provider anthropic's claude-x: a key allowed the literal model gets it (as uni-api reads
+    a request's model name), a key allowed only the label's route gets that, never a 403."""
+    if key.access.everything or any(key.access.allows(route) for route in routes):
+        return routes
+    label = config.shadowed_labels.get(model)
+    return (label,) if label is not None and key.access.allows(label) else routes
 
 
 class Scheduler:

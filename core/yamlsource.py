@@ -33,6 +33,7 @@ class ConfigError(Exception):
         self.column = column if line else None
         self.reason = reason
         self.field: str | None = None  # the setting's dotted path, when a Section raised it
+        self.warnings: tuple[ConfigWarning, ...] = ()  # those found before it (`--check-config` prints them)
         where = ":".join(str(part) for part in (file, line or None, self.column) if part is not None)
         super().__init__(f"{where}: {reason}")
 

@@ -48,8 +48,10 @@ PAGE_HEADERS = {
 
 def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
     # `nonce` makes each rendered top-up form a one-time idempotency key: a double submit applies once.
-    banner = _config_error(request, context.get("me"))
-    html = templates.get_template(name).render(request=request, nonce=secrets.token_urlsafe(12), config_error=banner, **context)
+    me = context.get("me")
+    banner = _config_error(request, me)
+    warnings = _config_warnings(request, me)
+    html = templates.get_template(name).render(request=request, nonce=secrets.token_urlsafe(12), config_error=banner, config_warnings=warnings, **context)
     return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
 
 
@@ -65,6 +67,15 @@ def _config_error(request: Request, me: ApiKey | None) -> dict[str, str] | None:
     store: ConfigStore = request.app.state.store
     error = store.last_error if me is not None and me.is_admin else None
     return None if error is None else {"message": error.message, "at": when(error.at)}
+
+
+def _config_warnings(request: Request, me: ApiKey | None) -> list[str]:
+    """What the config in force says that is not done as written (`file:line:column: reason`),
+    for admins: a uni-api user sees which of their options Tollgate ignores."""
+    if me is None or not me.is_admin:
+        return []
+    store: ConfigStore = request.app.state.store
+    return [str(warning) for warning in store.file_config.warnings]
 
 
 def flash_message(request: Request) -> str | None:

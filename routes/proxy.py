@@ -99,6 +99,9 @@ async def count_tokens(request: Request) -> Response:
 def _model_object(config: Config, key: ApiKey, name: str) -> dict[str, Any] | None:
     """OpenAI's model object for `name`, owned by the first provider the key may use it through."""
     allowed = [route for route in config.routes.get(name, ()) if key.access.allows(route)]
+    label = config.shadowed_labels.get(name)
+    if not allowed and label is not None and key.access.allows(label):  # as routes_for serves it
+        allowed = [label]
     if not allowed:
         return None
     return {"id": name, "object": "model", "created": int(config.loaded_at or time.time()), "owned_by": allowed[0].provider.name}

@@ -198,3 +198,30 @@ def test_an_ipv6_host_without_ipv6_exits_2_with_one_line(tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
     line = one_line_refusal(result)
     assert line.startswith("tollgate: cannot listen on [::1]:0: Address family not supported") and "--host 0.0.0.0" in line
+
+
+def test_check_config_prints_warnings_and_a_summary_without_starting(tmp_path):
+    config = tmp_path / "api.yaml"
+    config.write_text("providers:\n  - provider: x\n    engine: echo\n    model: [m]\n    notes: docs\napi_keys:\n  - api: sk-a\n    role: admin\n")
+    result = run_main("--check-config", str(config), "--port", "1")  # no port is opened, no ledger made
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [f"warning: {config}:5:5: uni-api option 'notes' is not supported and is ignored"]
+    assert result.stdout.strip() == f"{config}: OK (1 providers, 1 models, 1 keys, 1 warnings)"
+    assert list(tmp_path.iterdir()) == [config]
+
+
+def test_check_config_prints_the_error_with_its_line_and_fails(tmp_path):
+    config = tmp_path / "api.yaml"
+    config.write_text("providers:\n  - provider: x\n    engine: echo\n    notes: docs\n    model: [m]\napi_keys:\n  - api: sk-a\n    rol: admin\n")
+    result = run_main("--check-config", str(config))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"warning: {config}:4:5: uni-api option 'notes' is not supported and is ignored",
+        f"error: {config}:8:5: unknown key 'rol' in api_keys[0] (did you mean 'role'?)",
+    ]
+    assert result.stdout == ""
+
+
+def test_check_config_loads_uni_apis_readme_example(tmp_path):
+    result = run_main("--check-config", str(ROOT / "test" / "fixtures" / "uniapi" / "codex.yaml"))
+    assert result.returncode == 0 and "uni-api engine 'codex' is not supported" in result.stderr

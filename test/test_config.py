@@ -37,7 +37,7 @@ def test_minimal_config_builds_typed_objects():
     assert config.providers[0].engine == "echo"
     assert config.preferences.scheduling_algorithm == "fixed_priority"
     assert config.preferences.auto_retry is True
-    assert config.key_index.find("sk-one").role == "user"
+    assert config.key_index.find("sk-one").role == "admin"  # the only key: the admin, as in uni-api (test_uniapi.py)
     assert config.key_index.find("sk-on") is None
 
 
@@ -138,12 +138,12 @@ def test_expand_env_leaves_plain_text_alone():
         (BASE + "preferences:\n  AUTO_RETRY: maybe\n", 8, "preferences.AUTO_RETRY must be true or false"),
         (BASE + "preferences:\n  SCHEDULING_ALGORITHM: fastest\n", 8, "must be one of fixed_priority, round_robin"),
         (BASE + "  - api: sk-one\n", 7, "duplicate API key in api_keys[1]"),
-        (BASE + "  - api: sk-two\n    model: [nope/*]\n", 8, "there is no provider 'nope'"),
+        (BASE + "  - api: sk-two\n    model: [echo/gpt-9]\n", 8, "provider 'echo' has no model 'gpt-9'"),
         (BASE + "  - api: sk-two\n    model: [gpt-9]\n", 8, "model 'gpt-9', which no provider serves"),
-        (BASE + "  - api: sk-two\n    role: root\n", 8, "must be one of user, admin"),
+        (BASE + "  - api: sk-two\n    role: [admin]\n", 8, "api_keys[1].role must be a string"),
         (BASE.replace("model: [echo-1]", "model: [echo-1]\n  - provider: echo\n    engine: echo\n    model: [x]"), 5, "duplicate provider name 'echo'"),
         (BASE.replace("engine: echo", "engine: telepathy"), 3, "must be one of openai, azure"),
-        (BASE.replace("model: [echo-1]", "model: [echo-1, echo-1]"), 4, "model 'echo-1' is listed twice"),
+        (BASE.replace("model: [echo-1]", "model: [echo-1, {x: echo-1}]"), 4, "model 'echo-1' is listed twice"),
         (BASE.replace("model: [echo-1]", "model: 5"), 4, "providers[0].model must be a list"),
         ("providers:\n  - provider: x\n    base_url: ftp://x\n    api: k\n    model: [m]\n", 3, "must start with http:// or https://"),
         ("providers:\n  - provider: x\n    base_url: https://x\n    model: [m]\n", 2, "providers[0].api is required"),

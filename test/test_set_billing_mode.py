@@ -161,11 +161,11 @@ def test_set_billing_mode_on_a_file_with_a_syntax_error_names_it(start_gateway, 
 
 def test_set_billing_mode_on_a_file_that_does_not_validate_leaves_it_alone(start_gateway, upstream):
     gateway = start_gateway(CONFIG, upstream, watch=False)
-    gateway.config_path.write_text(gateway.config_path.read_text().replace("role: admin", "role: root"))
+    gateway.config_path.write_text(gateway.config_path.read_text().replace("role: admin", "role: [admin]"))
     before = gateway.config_path.read_text()
     response = gateway.http("POST", "/v1/set_billing_mode", key=ADMIN_KEY, params={"paid_key": "sk-block-0001", "billing_mode": "count"})
     assert response.status_code == 409 and response.json()["error"]["code"] == "config_invalid"
-    assert response.json()["error"]["message"].startswith("api.yaml has an error at line 11, column 3: api_keys[0].role must be one of user, admin")
+    assert response.json()["error"]["message"].startswith("api.yaml has an error at line 11, column 3: api_keys[0].role must be a string, got a list")
     assert gateway.config_path.read_text() == before
 
 

@@ -460,6 +460,19 @@ def test_every_admin_page_shows_the_config_error_banner(web):
     assert "failed to reload" not in user.get("/usage").text  # the config is the operator's business
 
 
+def test_admin_pages_list_the_configs_warnings(web):
+    gateway, browser = web
+    browser.login(ADMIN_KEY)
+    assert "warning" not in browser.get("/admin").text
+    gateway.rewrite_config(CONFIG.replace("    model: [echo-1]\n", "    model: [echo-1]\n    notes: https://vendor.example/docs\n", 1))
+    page = browser.get("/admin").text
+    assert "api.yaml loads with 1 warning<" in page
+    assert f"{gateway.config_path}:7:5: uni-api option &#39;notes&#39; is not supported and is ignored" in page
+    user = Browser(gateway.url)
+    user.login(USER_KEY)
+    assert "uni-api option" not in user.get("/usage").text  # the config is the operator's business
+
+
 def test_not_found_page_offers_a_way_back(web):
     gateway, browser = web
     anonymous = Browser(gateway.url).get("/no-such-page")

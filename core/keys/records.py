@@ -125,7 +125,8 @@ def compose_patches(first: dict[str, Any], second: dict[str, Any]) -> dict[str, 
 def build_key(config: Config, key_id: str, entry: dict[str, Any], *, secret: str | None = None, line: int | None = None) -> ApiKey:
     """A key from an entry, validated as api.yaml's are; ConfigError says which field is wrong."""
     providers = {provider.name: provider for provider in config.providers}
-    return read_key(Section(entry, "api_keys", ""), providers, config.routes, config.preferences, config.accounts, secret=secret, line=line, key_id=key_id)
+    section = Section(entry, "api_keys", "")
+    return read_key(section, providers, config.routes, config.preferences, config.accounts, secret=secret, line=line, key_id=key_id, unserved=config.unserved)
 
 
 def apply_record(config: Config, record: KeyRecord, file_key: ApiKey | None) -> ApiKey:
