@@ -42,7 +42,7 @@ ACCOUNT_PREFERENCE_KEYS = (
 ACCOUNT_ID_PREFIX = "account:"  # an account's ledger id: `account:acme` (no key id has a ':')
 ACCOUNT = "account"  # the role of the stand-in key an account is billed and limited as
 FILE, API = "api.yaml", "api"  # where a key is defined: the operator's file, or the keys API
-KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at", *LIMIT_KEYS)
+KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at", *LIMIT_KEYS, "AUTO_RETRY")
 PREFERENCE_KEYS = (
     "SCHEDULING_ALGORITHM", "AUTO_RETRY", "cooldown_period", "model_timeout", "max_request_body_bytes", "model_price", "count_billing",
     "reserve_completion_tokens", "timezone", "trusted_proxies", "alerts", "max_response_body_bytes", "auth_failure_limit",
@@ -118,6 +118,7 @@ class ApiKey:
     previous_until: float = 0.0
     account: ApiKey | None = field(default=None, repr=False, compare=False)  # its account's stand-in key
     self_service_keys: bool = False  # an account's stand-in: the account's keys may make and revoke keys in it
+    auto_retry: bool | int = True  # its AUTO_RETRY, else the global one (see read_auto_retry)
 
     def __post_init__(self) -> None:
         if not self.digest and self.secret is not None:
@@ -132,7 +133,7 @@ class ApiKey:
 @dataclass(frozen=True, slots=True)
 class Preferences:
     scheduling_algorithm: str = "fixed_priority"
-    auto_retry: bool = True
+    auto_retry: bool | int = True  # see read_auto_retry
     cooldown_period: float = 60.0
     max_request_body_bytes: int = DEFAULT_MAX_BODY
     prices: PriceBook = field(default_factory=lambda: build_price_book({}, {}, Decimal(0), True))
@@ -261,7 +262,7 @@ def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]
     section.reject_unknown(PREFERENCE_KEYS)
     prefs = Preferences(
         scheduling_algorithm=section.choice("SCHEDULING_ALGORITHM", SCHEDULING_ALGORITHMS, "fixed_priority"),
-        auto_retry=section.boolean("AUTO_RETRY", True),
+        auto_retry=read_auto_retry(section, True),
         cooldown_period=float(section.number("cooldown_period", 60)),
         max_request_body_bytes=section.integer("max_request_body_bytes", DEFAULT_MAX_BODY, minimum=1),
         prices=read_price_book(section),
@@ -273,6 +274,25 @@ def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]
         alerts=read_alerts(section, "alerts"),
     )
     return prefs, _read_timeouts(section)
+
+
+def read_auto_retry(section: Section, default: bool | int) -> bool | int:
+    """`AUTO_RETRY` as uni-api writes it: true (every route serving the model, in order), false
+    (the first only), or a number N of retries after the first attempt (at most N + 1 routes)."""
+    raw = section.raw("AUTO_RETRY")
+    if raw is None:
+        return default
+    if isinstance(raw, bool) or (isinstance(raw, str) and not raw.strip().isdigit()):
+        try:
+            return section.boolean("AUTO_RETRY")
+        except ConfigError:
+            raise section.error("AUTO_RETRY", f"{section.where('AUTO_RETRY')} must be true, false or a number of retries, got '{raw}'") from None
+    return section.integer("AUTO_RETRY", minimum=0)
+
+
+def attempts_allowed(auto_retry: bool | int, routes: int) -> int:
+    """How many of `routes` candidate routes a request may try under `auto_retry`."""
+    return routes if auto_retry is True else min(routes, int(auto_retry) + 1)
 
 
 def _read_timeouts(section: Section) -> dict[str, Decimal]:
@@ -462,6 +482,7 @@ def read_key(
         line=line,
         account=accounts[section.string("account")] if section.has("account") else None,
         entry={name: value for name, value in section.node.items() if name != "api"},
+        auto_retry=read_auto_retry(prefs, preferences.auto_retry),
     )
 
 

@@ -135,7 +135,7 @@ def test_expand_env_leaves_plain_text_alone():
         (BASE + "preferences:\n  cooldown_perod: 5\n", 8, "did you mean 'cooldown_period'?"),
         (BASE + "preferences:\n  cooldown_period: -5\n", 8, "preferences.cooldown_period must be >= 0, got -5"),
         (BASE + "preferences:\n  cooldown_period: soon\n", 8, "must be a number, got 'soon'"),
-        (BASE + "preferences:\n  AUTO_RETRY: maybe\n", 8, "preferences.AUTO_RETRY must be true or false"),
+        (BASE + "preferences:\n  AUTO_RETRY: maybe\n", 8, "preferences.AUTO_RETRY must be true, false or a number of retries"),
         (BASE + "preferences:\n  SCHEDULING_ALGORITHM: fastest\n", 8, "must be one of fixed_priority, round_robin"),
         (BASE + "  - api: sk-one\n", 7, "duplicate API key in api_keys[1]"),
         (BASE + "  - api: sk-two\n    model: [nope/*]\n", 8, "there is no provider 'nope'"),
@@ -277,3 +277,20 @@ def test_a_key_written_without_its_api_label_is_not_quoted_in_the_error():
     error = error_of(BASE + "  - sk-live-SECRET-7f3a9c\n")
     assert error.line == 7 and "api_keys[1] must be a mapping, got a string" in error.reason
     assert "SECRET" not in str(error)
+
+
+@pytest.mark.parametrize(("written", "read"), [("true", True), ("false", False), ("0", 0), ("3", 3), ("'2'", 2)])
+def test_auto_retry_is_true_false_or_a_number_of_retries(written, read):
+    config = load(BASE + f"    preferences: {{AUTO_RETRY: {written}}}\npreferences: {{AUTO_RETRY: 1}}\n")
+    assert config.key_index.find("sk-one").auto_retry == read and type(config.key_index.find("sk-one").auto_retry) is type(read)
+    assert config.preferences.auto_retry == 1
+
+
+def test_a_key_without_auto_retry_takes_the_global_one():
+    assert load(BASE + "preferences: {AUTO_RETRY: 2}\n").key_index.find("sk-one").auto_retry == 2
+
+
+@pytest.mark.parametrize("written", ["maybe", "-1", "1.5"])
+def test_auto_retry_of_another_kind_is_a_located_error(written):
+    error = error_of(BASE + f"preferences: {{AUTO_RETRY: {written}}}\n")
+    assert error.line == 7 and "preferences.AUTO_RETRY" in error.reason

@@ -244,6 +244,34 @@ def test_auto_retry_off_tries_one_provider(start_gateway, upstream):
     assert upstream.providers_seen() == ["p1"]
 
 
+FOUR_PROVIDERS = (
+    "providers:\n"
+    + "".join(f"  - provider: p{n}\n    base_url: {{fake:p{n}}}\n    api: up-key\n    model: [gpt-4o]\n" for n in range(1, 5))
+    + "preferences:\n  cooldown_period: 0\n  AUTO_RETRY: 1\n"
+    + keys_yaml()
+    + "  - api: sk-patient-0003\n    name: patient\n    preferences: {AUTO_RETRY: 3}\n"
+)
+
+
+def test_auto_retry_as_a_number_caps_the_retries_after_the_first_attempt(start_gateway, upstream):
+    for name in ("p1", "p2", "p3"):
+        upstream.script(name, fail(500))
+    gateway = start_gateway(FOUR_PROVIDERS.replace("{fake:p4}", upstream.base_url("p4")), upstream)
+    with pytest.raises(openai.APIStatusError) as caught:
+        gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.status_code == 502
+    assert upstream.providers_seen() == ["p1", "p2"], "AUTO_RETRY: 1 is one retry after the first attempt"
+
+
+def test_a_keys_auto_retry_number_overrides_the_global_one(start_gateway, upstream):
+    for name in ("p1", "p2", "p3"):
+        upstream.script(name, fail(500))
+    gateway = start_gateway(FOUR_PROVIDERS.replace("{fake:p4}", upstream.base_url("p4")), upstream)
+    reply = gateway.client("sk-patient-0003").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert reply.choices[0].message.content == "Hello from upstream"
+    assert upstream.providers_seen() == ["p1", "p2", "p3", "p4"]
+
+
 def test_all_providers_failing_gives_502_with_openai_shape(start_gateway, upstream):
     upstream.script("p1", fail(500))
     upstream.script("p2", fail(500))
