@@ -25,7 +25,10 @@ from core.pricing import PriceBook, build_price_book
 from core.yamlsource import ConfigError, ConfigWarning, error_at, expand_env, line_of, parse_yaml
 
 ENGINES = ("openai", "azure", "anthropic", "gemini", "echo")
-SCHEDULING_ALGORITHMS = ("fixed_priority", "round_robin", "weighted_round_robin", "random")
+SCHEDULING_ALGORITHMS = ("fixed_priority", "round_robin", "weighted_round_robin", "lottery", "random")
+# uni-api's names Tollgate reads as one of its own: smart_round_robin also orders a provider's
+# upstream keys by their success rate, which Tollgate does not (it rotates them).
+SCHEDULING_ALIASES = {"smart_round_robin": "weighted_round_robin"}
 DEFAULT_TIMEOUT = Decimal(100)
 
 # Every setting api.yaml accepts, by place; a test checks that api.yaml.example documents each.
@@ -42,7 +45,7 @@ ACCOUNT_PREFERENCE_KEYS = (
 ACCOUNT_ID_PREFIX = "account:"  # an account's ledger id: `account:acme` (no key id has a ':')
 ACCOUNT = "account"  # the role of the stand-in key an account is billed and limited as
 FILE, API = "api.yaml", "api"  # where a key is defined: the operator's file, or the keys API
-KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at", *LIMIT_KEYS, "AUTO_RETRY")
+KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at", *LIMIT_KEYS, "AUTO_RETRY", "SCHEDULING_ALGORITHM")
 PREFERENCE_KEYS = (
     "SCHEDULING_ALGORITHM", "AUTO_RETRY", "cooldown_period", "model_timeout", "max_request_body_bytes", "model_price", "count_billing",
     "reserve_completion_tokens", "timezone", "trusted_proxies", "alerts", "max_response_body_bytes", "auth_failure_limit",
@@ -119,6 +122,7 @@ class ApiKey:
     account: ApiKey | None = field(default=None, repr=False, compare=False)  # its account's stand-in key
     self_service_keys: bool = False  # an account's stand-in: the account's keys may make and revoke keys in it
     auto_retry: bool | int = True  # its AUTO_RETRY, else the global one (see read_auto_retry)
+    scheduling_algorithm: str = "fixed_priority"  # its SCHEDULING_ALGORITHM, else the global one
 
     def __post_init__(self) -> None:
         if not self.digest and self.secret is not None:
@@ -261,7 +265,7 @@ def read_account(section: Section, preferences: Preferences, line: int | None = 
 def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]]:
     section.reject_unknown(PREFERENCE_KEYS)
     prefs = Preferences(
-        scheduling_algorithm=section.choice("SCHEDULING_ALGORITHM", SCHEDULING_ALGORITHMS, "fixed_priority"),
+        scheduling_algorithm=read_scheduling_algorithm(section, "fixed_priority"),
         auto_retry=read_auto_retry(section, True),
         cooldown_period=float(section.number("cooldown_period", 60)),
         max_request_body_bytes=section.integer("max_request_body_bytes", DEFAULT_MAX_BODY, minimum=1),
@@ -288,6 +292,19 @@ def read_auto_retry(section: Section, default: bool | int) -> bool | int:
         except ConfigError:
             raise section.error("AUTO_RETRY", f"{section.where('AUTO_RETRY')} must be true, false or a number of retries, got '{raw}'") from None
     return section.integer("AUTO_RETRY", minimum=0)
+
+
+def read_scheduling_algorithm(section: Section, default: str) -> str:
+    """`SCHEDULING_ALGORITHM`: one of SCHEDULING_ALGORITHMS, or a uni-api name read as one (warned)."""
+    if not section.has("SCHEDULING_ALGORITHM"):
+        return default
+    name = section.string("SCHEDULING_ALGORITHM")
+    if name in SCHEDULING_ALIASES:
+        section.warn(
+            "SCHEDULING_ALGORITHM", f"uni-api's '{name}' is read as {SCHEDULING_ALIASES[name]} (upstream keys are rotated, not ordered by success rate)"
+        )
+        return SCHEDULING_ALIASES[name]
+    return section.choice("SCHEDULING_ALGORITHM", SCHEDULING_ALGORITHMS)
 
 
 def attempts_allowed(auto_retry: bool | int, routes: int) -> int:
@@ -483,6 +500,7 @@ def read_key(
         account=accounts[section.string("account")] if section.has("account") else None,
         entry={name: value for name, value in section.node.items() if name != "api"},
         auto_retry=read_auto_retry(prefs, preferences.auto_retry),
+        scheduling_algorithm=read_scheduling_algorithm(prefs, preferences.scheduling_algorithm),
     )
 
 

@@ -150,10 +150,10 @@ class Gateway:
     async def _first_answer(
         self, config: Config, request: ProxyRequest, routes: tuple[ModelRoute, ...], key: ApiKey
     ) -> tuple[Reply | UpstreamStream, ModelRoute]:
-        """Try routes in scheduling order until one answers, as many as the key's AUTO_RETRY
+        """Try routes in the key's scheduling order until one answers, as many as its AUTO_RETRY
         allows; failover only on retryable failures."""
         prefs = config.preferences
-        ordered = self.scheduler.order(request.model, routes, prefs.scheduling_algorithm)
+        ordered = self.scheduler.order(request.model, routes, key.scheduling_algorithm)
         if key.auto_retry is not True:
             ordered = ordered[: attempts_allowed(key.auto_retry, len(ordered))]
         failure: UpstreamFailure | None = None

@@ -37,6 +37,12 @@ def routes_for(config: Config, model: str, key: ApiKey, endpoint: str = "chat/co
     return allowed
 
 
+def _lottery(routes: Sequence[ModelRoute]) -> list[ModelRoute]:
+    """uni-api's lottery: weighted random, each route first with the chance weight / total,
+    the rest drawn likewise among those left (Efraimidis-Spirakis keys: u ** (1 / weight))."""
+    return sorted(routes, key=lambda route: random.random() ** (1 / route.provider.weight), reverse=True)
+
+
 class Scheduler:
     """Orders candidate routes and remembers which ones failed recently."""
 
@@ -91,6 +97,8 @@ class Scheduler:
             return list(routes)
         if algorithm == "random":
             return random.sample(list(routes), len(routes))
+        if algorithm == "lottery":
+            return _lottery(routes)
         if algorithm == "round_robin":
             start = next(self._round_robin.setdefault(model, itertools.count())) % len(routes)
             return list(routes[start:]) + list(routes[:start])

@@ -294,3 +294,28 @@ def test_a_key_without_auto_retry_takes_the_global_one():
 def test_auto_retry_of_another_kind_is_a_located_error(written):
     error = error_of(BASE + f"preferences: {{AUTO_RETRY: {written}}}\n")
     assert error.line == 7 and "preferences.AUTO_RETRY" in error.reason
+
+
+def test_a_key_may_set_its_own_scheduling_algorithm_and_lottery_is_one():
+    config = load(BASE + "    preferences: {SCHEDULING_ALGORITHM: lottery}\n  - api: sk-two\npreferences: {SCHEDULING_ALGORITHM: round_robin}\n")
+    assert config.key_index.find("sk-one").scheduling_algorithm == "lottery"
+    assert config.key_index.find("sk-two").scheduling_algorithm == "round_robin"
+
+
+def test_smart_round_robin_loads_as_weighted_round_robin_with_a_warning():
+    config = load(BASE + "    preferences: {SCHEDULING_ALGORITHM: smart_round_robin}\n")
+    assert config.key_index.find("sk-one").scheduling_algorithm == "weighted_round_robin"
+    assert [(w.line, "smart_round_robin" in w.reason) for w in config.warnings] == [(7, True)]
+
+
+def test_lottery_puts_routes_first_in_proportion_to_their_weight():
+    config = load(
+        """\
+        providers:
+          - {provider: heavy, engine: echo, model: [m], preferences: {weight: 3}}
+          - {provider: light, engine: echo, model: [m]}
+        """
+    )
+    scheduler = Scheduler()
+    firsts = [scheduler.order("m", config.routes["m"], "lottery")[0].provider.name for _ in range(2000)]
+    assert 1350 < firsts.count("heavy") < 1650  # 1500 expected; sigma is about 19

@@ -272,6 +272,16 @@ def test_a_keys_auto_retry_number_overrides_the_global_one(start_gateway, upstre
     assert upstream.providers_seen() == ["p1", "p2", "p3", "p4"]
 
 
+def test_a_keys_scheduling_algorithm_overrides_the_global_one(start_gateway, upstream):
+    config = TWO_PROVIDERS + "  - api: sk-spread-0004\n    name: spread\n    preferences: {SCHEDULING_ALGORITHM: round_robin}\n"
+    gateway = start_gateway(config.replace("cooldown_period: 60", "SCHEDULING_ALGORITHM: fixed_priority"), upstream)
+    for _ in range(4):
+        gateway.client("sk-spread-0004").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    for _ in range(2):
+        gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert upstream.providers_seen() == ["p1", "p2", "p1", "p2", "p1", "p1"]
+
+
 def test_all_providers_failing_gives_502_with_openai_shape(start_gateway, upstream):
     upstream.script("p1", fail(500))
     upstream.script("p2", fail(500))
