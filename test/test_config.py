@@ -319,3 +319,9 @@ def test_lottery_puts_routes_first_in_proportion_to_their_weight():
     scheduler = Scheduler()
     firsts = [scheduler.order("m", config.routes["m"], "lottery")[0].provider.name for _ in range(2000)]
     assert 1350 < firsts.count("heavy") < 1650  # 1500 expected; sigma is about 19
+
+
+def test_rate_limits_count_weeks_months_and_years_as_uni_api_does():
+    config = load(BASE + "    preferences: {rate_limit: '1/week,10/month,3/mo,5/year,2/hr'}\n")
+    rules = config.key_index.find("sk-one").limits.rate_limits
+    assert [(rule.limit, rule.seconds) for rule in rules] == [(1, 7 * 86400), (10, 30 * 86400), (3, 30 * 86400), (5, 365 * 86400), (2, 3600)]
