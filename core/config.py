@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from core.body_overrides import BodyOverrides, read_body_overrides
 from core.config_billing import BILLING_MODES, DEFAULT_RESERVE_COMPLETION_TOKENS, KeyBilling, read_key_billing, read_price_book
 from core.config_limits import LIMIT_KEYS, AlertSettings, IPNetwork, KeyLimits, read_alerts, read_key_limits, read_networks, read_timezone
 from core.config_reader import Section, collecting_warnings, items_of
@@ -34,7 +35,7 @@ DEFAULT_TIMEOUT = Decimal(100)
 # Every setting api.yaml accepts, by place; a test checks that api.yaml.example documents each.
 TOP_LEVEL_KEYS = ("providers", "accounts", "api_keys", "preferences")
 PROVIDER_KEYS = ("provider", "base_url", "api", "engine", "model", "preferences")
-PROVIDER_PREFERENCE_KEYS = ("model_timeout", "headers", "weight", "api_version", "default_max_tokens")
+PROVIDER_PREFERENCE_KEYS = ("model_timeout", "headers", "weight", "api_version", "default_max_tokens", "post_body_parameter_overrides")
 KEY_KEYS = ("api", "id", "name", "role", "account", "model", "preferences")
 KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # safe in a URL path, a CSV cell and a log line
 ACCOUNT_KEYS = ("name", "preferences")
@@ -65,6 +66,7 @@ class Provider:
     weight: int
     api_version: str | None = None  # Azure's api-version, Anthropic's anthropic-version
     default_max_tokens: int = 4096  # Anthropic requires max_tokens; used when the client sends none
+    body_overrides: BodyOverrides | None = None  # post_body_parameter_overrides (core/body_overrides.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,9 +364,21 @@ def _read_providers(top: Section, global_timeouts: dict[str, Decimal]) -> tuple[
             default_max_tokens=prefs.integer("default_max_tokens", 4096, minimum=1),
         )
         timeouts = PrefixTable({**global_timeouts, **_read_timeouts(prefs)})
+        routes = _read_models(section, provider, timeouts)
+        provider, routes = _with_body_overrides(prefs, provider, routes)
         providers.append(provider)
-        all_routes.append(_read_models(section, provider, timeouts))
+        all_routes.append(routes)
     return providers, all_routes
+
+
+def _with_body_overrides(prefs: Section, provider: Provider, routes: list[ModelRoute]) -> tuple[Provider, list[ModelRoute]]:
+    """The provider with its post_body_parameter_overrides (their per-model entries are named
+    by its public model names, known once its models are read), and its routes pointing at it."""
+    overrides = read_body_overrides(prefs, (route.public_name for route in routes))
+    if overrides is None:
+        return provider, routes
+    provider = replace(provider, body_overrides=overrides)
+    return provider, [replace(route, provider=provider) for route in routes]
 
 
 def _read_engine(section: Section) -> str:

@@ -325,3 +325,30 @@ def test_rate_limits_count_weeks_months_and_years_as_uni_api_does():
     config = load(BASE + "    preferences: {rate_limit: '1/week,10/month,3/mo,5/year,2/hr'}\n")
     rules = config.key_index.find("sk-one").limits.rate_limits
     assert [(rule.limit, rule.seconds) for rule in rules] == [(1, 7 * 86400), (10, 30 * 86400), (3, 30 * 86400), (5, 365 * 86400), (2, 3600)]
+
+
+def test_body_overrides_load_per_public_model_and_warn_about_what_they_cannot_do():
+    config = load(
+        """\
+        providers:
+          - provider: a
+            base_url: https://a.example/v1
+            api: k
+            model:
+              - real-name: nice
+            preferences:
+              post_body_parameter_overrides:
+                stream: false
+                __remove__: [{path: tools, where: {type: x}}, temperature]
+                nice: {seed: 1}
+                real-name: {seed: 2}
+        """
+    )
+    overrides = config.providers[0].body_overrides
+    assert config.routes["nice"][0].provider is config.providers[0]
+    body = {"model": "real-name", "temperature": 1, "stream": True}
+    # `real-name` is no public name, so (as in uni-api) it is a field for every model.
+    assert overrides.apply("nice", body) == {"model": "real-name", "stream": True, "real-name": {"seed": 2}, "seed": 1}
+    assert overrides.apply("other", body) == {"model": "real-name", "stream": True, "real-name": {"seed": 2}}
+    assert [w.line for w in config.warnings] == [9, 10]
+    assert "stream" in config.warnings[0].reason and "path rules" in config.warnings[1].reason

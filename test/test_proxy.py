@@ -282,6 +282,41 @@ def test_a_keys_scheduling_algorithm_overrides_the_global_one(start_gateway, ups
     assert upstream.providers_seen() == ["p1", "p2", "p1", "p2", "p1", "p1"]
 
 
+OVERRIDDEN = TWO_PROVIDERS.replace(
+    "    model: [gpt-4o]\n  - provider: p2",
+    """    model:
+      - gpt-4o-2024-08-06: gpt-4o
+    preferences:
+      post_body_parameter_overrides:
+        __remove__: [temperature, stream_options]
+        metadata: {team: ops, tags: {a: 1}}
+        gpt-4o:
+          __remove__: top_p
+          seed: 7
+          metadata: {tags: {b: 2}}
+  - provider: p2""",
+)
+
+
+def test_body_overrides_apply_globally_then_per_public_model_and_merge_mappings(start_gateway, upstream):
+    gateway = start_gateway(OVERRIDDEN, upstream)
+    gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, temperature=0.2, top_p=0.5, metadata={"user": "x"})
+    seen = upstream.seen[-1].body
+    assert seen["model"] == "gpt-4o-2024-08-06" and seen["seed"] == 7 and seen["messages"] == MESSAGES
+    assert seen["metadata"] == {"user": "x", "team": "ops", "tags": {"a": 1, "b": 2}}
+    assert "temperature" not in seen and "top_p" not in seen
+
+
+def test_body_overrides_leave_the_usage_a_stream_is_billed_by_and_the_other_providers_body(start_gateway, upstream):
+    gateway = start_gateway(OVERRIDDEN, upstream)
+    chunks = list(gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True, temperature=0.2))
+    assert streamed_text(chunks) == "Hello from upstream"
+    assert upstream.seen[-1].body["stream_options"] == {"include_usage": True}, "billing reads the final usage chunk"
+    assert upstream.seen[-1].body["stream"] is True and "temperature" not in upstream.seen[-1].body
+    gateway.client().chat.completions.create(model="p2/gpt-4o", messages=MESSAGES, temperature=0.2)
+    assert upstream.seen[-1].provider == "p2" and upstream.seen[-1].body["temperature"] == 0.2 and "seed" not in upstream.seen[-1].body
+
+
 def test_all_providers_failing_gives_502_with_openai_shape(start_gateway, upstream):
     upstream.script("p1", fail(500))
     upstream.script("p2", fail(500))
