@@ -6,6 +6,7 @@ timeouts) is derived here. A `Config` is swapped atomically on reload.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import time
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo
 
 from core.body_overrides import BodyOverrides, read_body_overrides
@@ -35,7 +37,7 @@ DEFAULT_TIMEOUT = Decimal(100)
 # Every setting api.yaml accepts, by place; a test checks that api.yaml.example documents each.
 TOP_LEVEL_KEYS = ("providers", "accounts", "api_keys", "preferences")
 PROVIDER_KEYS = ("provider", "base_url", "api", "engine", "model", "preferences")
-PROVIDER_PREFERENCE_KEYS = ("model_timeout", "headers", "weight", "api_version", "default_max_tokens", "post_body_parameter_overrides")
+PROVIDER_PREFERENCE_KEYS = ("model_timeout", "headers", "weight", "api_version", "default_max_tokens", "post_body_parameter_overrides", "proxy")
 KEY_KEYS = ("api", "id", "name", "role", "account", "model", "preferences")
 KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # safe in a URL path, a CSV cell and a log line
 ACCOUNT_KEYS = ("name", "preferences")
@@ -50,10 +52,28 @@ KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at",
 PREFERENCE_KEYS = (
     "SCHEDULING_ALGORITHM", "AUTO_RETRY", "cooldown_period", "model_timeout", "max_request_body_bytes", "model_price", "count_billing",
     "reserve_completion_tokens", "timezone", "trusted_proxies", "alerts", "max_response_body_bytes", "auth_failure_limit",
+    "proxy",
 )  # fmt: skip
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BODY = 100 * 1024 * 1024  # an upstream answer (or stream) past this is cut off: 502
 DEFAULT_AUTH_FAILURE_LIMIT = 30
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamProxy:
+    """An http(s) proxy: its URL without credentials, which go in a Proxy-Authorization
+    header: to the proxy's CONNECT for an https vendor (never through the tunnel), with the
+    request itself for a plain http one (aiohttp sends `proxy_headers` only on a CONNECT)."""
+
+    url: str
+    connect_headers: dict[str, str] | None = field(default=None, repr=False)
+    request_headers: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def for_vendor(self, base_url: str) -> UpstreamProxy:
+        auth = self.connect_headers or self.request_headers or None
+        if base_url.startswith("https://"):
+            return UpstreamProxy(self.url, auth)
+        return UpstreamProxy(self.url, None, auth or {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +87,7 @@ class Provider:
     api_version: str | None = None  # Azure's api-version, Anthropic's anthropic-version
     default_max_tokens: int = 4096  # Anthropic requires max_tokens; used when the client sends none
     body_overrides: BodyOverrides | None = None  # post_body_parameter_overrides (core/body_overrides.py)
+    proxy: UpstreamProxy | None = field(default=None, repr=False)  # `proxy`: what this provider is reached through
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +231,7 @@ def _build(tree: Any, text: str, file: str, source_hash: str | None) -> Config:
     top = Section(tree, file, "")
     top.reject_unknown(TOP_LEVEL_KEYS)
     preferences, global_timeouts = _read_preferences(top.section("preferences"))
-    providers, routes_by_provider = _read_providers(top, global_timeouts)
+    providers, routes_by_provider = _read_providers(top, global_timeouts, read_proxy(top.section("preferences"), None))
     routes = _index_routes(routes_by_provider)
     accounts = _read_accounts(top, preferences)
     keys = _read_keys(top, {p.name: p for p in providers}, routes, preferences, accounts)
@@ -335,7 +356,9 @@ def _infer_engine(base_url: str) -> str:
     return "openai"
 
 
-def _read_providers(top: Section, global_timeouts: dict[str, Decimal]) -> tuple[list[Provider], list[list[ModelRoute]]]:
+def _read_providers(
+    top: Section, global_timeouts: dict[str, Decimal], global_proxy: UpstreamProxy | None = None
+) -> tuple[list[Provider], list[list[ModelRoute]]]:
     providers: list[Provider] = []
     all_routes: list[list[ModelRoute]] = []
     seen: set[str] = set()
@@ -353,6 +376,7 @@ def _read_providers(top: Section, global_timeouts: dict[str, Decimal]) -> tuple[
         base_url = _read_base_url(section, engine)
         prefs = section.section("preferences")
         prefs.reject_unknown(PROVIDER_PREFERENCE_KEYS)
+        proxy = read_proxy(prefs, global_proxy)
         provider = Provider(
             name=name,
             engine=engine,
@@ -362,6 +386,7 @@ def _read_providers(top: Section, global_timeouts: dict[str, Decimal]) -> tuple[
             weight=prefs.integer("weight", 1, minimum=1),
             api_version=prefs.string("api_version") if prefs.has("api_version") else None,
             default_max_tokens=prefs.integer("default_max_tokens", 4096, minimum=1),
+            proxy=proxy.for_vendor(base_url) if proxy is not None else None,
         )
         timeouts = PrefixTable({**global_timeouts, **_read_timeouts(prefs)})
         routes = _read_models(section, provider, timeouts)
@@ -369,6 +394,32 @@ def _read_providers(top: Section, global_timeouts: dict[str, Decimal]) -> tuple[
         providers.append(provider)
         all_routes.append(routes)
     return providers, all_routes
+
+
+def read_proxy(prefs: Section, default: UpstreamProxy | None) -> UpstreamProxy | None:
+    """`proxy` (uni-api's): an http:// or https:// proxy's URL and credentials, else `default`
+    (a provider's: the global one). A socks5 proxy needs a library Tollgate lacks: a warning,
+    as if unset. Messages never quote the URL, which may hold a password."""
+    if not prefs.has("proxy"):
+        return default
+    raw = prefs.string("proxy")
+    try:
+        url = urlsplit(raw)
+        port = url.port
+    except ValueError:
+        url, port = None, None
+    scheme = url.scheme.lower() if url is not None else ""
+    if scheme.startswith("socks"):
+        prefs.warn("proxy", "socks5 proxies are not supported (http:// and https:// are) and are ignored")
+        return default
+    if url is None or scheme not in ("http", "https") or not url.hostname:
+        raise prefs.error("proxy", f"{prefs.where('proxy')} must be a proxy URL like http://host:port (http:// or https://)")
+    host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+    headers = None
+    if url.username:
+        credentials = f"{unquote(url.username)}:{unquote(url.password or '')}".encode()
+        headers = {"Proxy-Authorization": f"Basic {base64.b64encode(credentials).decode()}"}
+    return UpstreamProxy(f"{scheme}://{host}{f':{port}' if port else ''}", headers)
 
 
 def _with_body_overrides(prefs: Section, provider: Provider, routes: list[ModelRoute]) -> tuple[Provider, list[ModelRoute]]:

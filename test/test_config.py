@@ -352,3 +352,22 @@ def test_body_overrides_load_per_public_model_and_warn_about_what_they_cannot_do
     assert overrides.apply("other", body) == {"model": "real-name", "stream": True, "real-name": {"seed": 2}}
     assert [w.line for w in config.warnings] == [9, 10]
     assert "stream" in config.warnings[0].reason and "path rules" in config.warnings[1].reason
+
+
+def test_a_proxys_credentials_go_to_the_proxy_only_and_never_into_messages():
+    config = load(
+        """\
+        providers:
+          - {provider: tls, base_url: https://a.example/v1, api: k, model: [m]}
+          - {provider: plain, base_url: http://b.example/v1, api: k, model: [m], preferences: {proxy: "http://b-proxy:3128"}}
+        preferences:
+          proxy: http://ops:pa%40ss@proxy.example:8080
+        """
+    )
+    tls, plain = config.providers
+    assert tls.proxy.url == "http://proxy.example:8080" and tls.proxy.request_headers == {}
+    assert tls.proxy.connect_headers == {"Proxy-Authorization": "Basic b3BzOnBhQHNz"}  # ops:pa@ss, to the CONNECT only
+    assert plain.proxy.url == "http://b-proxy:3128" and plain.proxy.connect_headers is None and plain.proxy.request_headers == {}
+    assert "pa%40ss" not in repr(config.providers) and "b3Bz" not in repr(config.providers)
+    error = error_of(BASE + "preferences:\n  proxy: ftp://ops:hunter2@proxy.example\n")
+    assert error.line == 8 and "preferences.proxy must be a proxy URL" in error.reason and "hunter2" not in str(error)
