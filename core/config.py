@@ -6,6 +6,7 @@ timeouts) is derived here. A `Config` is swapped atomically on reload.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import re
@@ -14,9 +15,10 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo
 
+from core.body_overrides import BodyOverrides, read_body_overrides
 from core.config_billing import BILLING_MODES, DEFAULT_RESERVE_COMPLETION_TOKENS, KeyBilling, read_key_billing, read_multiplier, read_price_book
 from core.config_limits import LIMIT_KEYS, AlertSettings, IPNetwork, KeyLimits, read_alerts, read_key_limits, read_networks, read_timezone
 from core.config_reader import Section, collecting_warnings, items_of
@@ -41,13 +43,25 @@ from core.uniapi_options import (
 from core.yamlsource import ConfigError, ConfigWarning, error_at, expand_env, line_of, parse_yaml
 
 ENGINES = ("openai", "azure", "anthropic", "gemini", "echo")
-SCHEDULING_ALGORITHMS = ("fixed_priority", "round_robin", "weighted_round_robin", "random")
+SCHEDULING_ALGORITHMS = ("fixed_priority", "round_robin", "weighted_round_robin", "lottery", "random")
+# uni-api's names Tollgate reads as one of its own: smart_round_robin also orders a provider's
+# upstream keys by their success rate, which Tollgate does not (it rotates them).
+SCHEDULING_ALIASES = {"smart_round_robin": "weighted_round_robin"}
 DEFAULT_TIMEOUT = Decimal(100)
 
 # Every setting api.yaml accepts, by place; a test checks that api.yaml.example documents each.
 TOP_LEVEL_KEYS = ("providers", "accounts", "api_keys", "preferences")
 PROVIDER_KEYS = ("provider", "base_url", "api", "engine", "model", "preferences")
-PROVIDER_PREFERENCE_KEYS = ("model_timeout", "headers", "weight", "api_version", "default_max_tokens", "price_multiplier")
+PROVIDER_PREFERENCE_KEYS = (
+    "model_timeout",
+    "headers",
+    "weight",
+    "api_version",
+    "default_max_tokens",
+    "price_multiplier",
+    "post_body_parameter_overrides",
+    "proxy",
+)
 KEY_KEYS = ("api", "id", "name", "role", "account", "model", "preferences")
 KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # safe in a URL path, a CSV cell and a log line
 ACCOUNT_KEYS = ("name", "preferences")
@@ -59,15 +73,32 @@ ACCOUNT_PREFERENCE_KEYS = (
 ACCOUNT_ID_PREFIX = "account:"  # an account's ledger id: `account:acme` (no key id has a ':')
 ACCOUNT = "account"  # the role of the stand-in key an account is billed and limited as
 FILE, API = "api.yaml", "api"  # where a key is defined: the operator's file, or the keys API
-KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at", "price_multiplier", *LIMIT_KEYS)
+KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at", "price_multiplier", *LIMIT_KEYS, "AUTO_RETRY", "SCHEDULING_ALGORITHM")
 PREFERENCE_KEYS = (
     "SCHEDULING_ALGORITHM", "AUTO_RETRY", "cooldown_period", "model_timeout", "max_request_body_bytes", "model_price", "count_billing",
     "reserve_completion_tokens", "timezone", "trusted_proxies", "alerts", "max_response_body_bytes", "auth_failure_limit",
-    "price_catalog", "price_multiplier", "model_discovery_timeout",
+    "price_catalog", "price_multiplier", "model_discovery_timeout", "proxy",
 )  # fmt: skip
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BODY = 100 * 1024 * 1024  # an upstream answer (or stream) past this is cut off: 502
 DEFAULT_AUTH_FAILURE_LIMIT = 30
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamProxy:
+    """An http(s) proxy: its URL without credentials, which go in a Proxy-Authorization
+    header: to the proxy's CONNECT for an https vendor (never through the tunnel), with the
+    request itself for a plain http one (aiohttp sends `proxy_headers` only on a CONNECT)."""
+
+    url: str
+    connect_headers: dict[str, str] | None = field(default=None, repr=False)
+    request_headers: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def for_vendor(self, base_url: str) -> UpstreamProxy:
+        auth = self.connect_headers or self.request_headers or None
+        if base_url.startswith("https://"):
+            return UpstreamProxy(self.url, auth)
+        return UpstreamProxy(self.url, None, auth or {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +112,8 @@ class Provider:
     api_version: str | None = None  # Azure's api-version, Anthropic's anthropic-version
     default_max_tokens: int = 4096  # Anthropic requires max_tokens; used when the client sends none
     price_multiplier: Decimal = Decimal(1)  # this provider's prices x this (x the global multiplier)
+    body_overrides: BodyOverrides | None = None  # post_body_parameter_overrides (core/body_overrides.py)
+    proxy: UpstreamProxy | None = field(default=None, repr=False)  # `proxy`: what this provider is reached through
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +171,8 @@ class ApiKey:
     previous_until: float = 0.0
     account: ApiKey | None = field(default=None, repr=False, compare=False)  # its account's stand-in key
     self_service_keys: bool = False  # an account's stand-in: the account's keys may make and revoke keys in it
+    auto_retry: bool | int = True  # its AUTO_RETRY, else the global one (see read_auto_retry)
+    scheduling_algorithm: str = "fixed_priority"  # its SCHEDULING_ALGORITHM, else the global one
 
     def __post_init__(self) -> None:
         if not self.digest and self.secret is not None:
@@ -152,7 +187,7 @@ class ApiKey:
 @dataclass(frozen=True, slots=True)
 class Preferences:
     scheduling_algorithm: str = "fixed_priority"
-    auto_retry: bool = True
+    auto_retry: bool | int = True  # see read_auto_retry
     cooldown_period: float = 60.0
     max_request_body_bytes: int = DEFAULT_MAX_BODY
     prices: PriceBook = field(default_factory=lambda: build_price_book({}, {}, Decimal(0), True))
@@ -237,7 +272,7 @@ def _build(tree: Any, text: str, file: str, source_hash: str | None, discovery: 
     preferences, global_timeouts = _read_preferences(top.section("preferences"))
     unpriced: list[ConfigError] = []  # raised once the rest has loaded
     providers, routes_by_provider, unserved = _read_providers(
-        top, global_timeouts, discovery, preferences.model_discovery_timeout, preferences.prices, unpriced
+        top, global_timeouts, discovery, preferences.model_discovery_timeout, preferences.prices, unpriced, read_proxy(top.section("preferences"), None)
     )
     priced = with_routes(preferences.prices, _price_routes(routes_by_provider))
     preferences = replace(preferences, prices=priced)
@@ -301,8 +336,8 @@ def read_account(section: Section, preferences: Preferences, line: int | None = 
 def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]]:
     read_options(section, PREFERENCE_KEYS, PREFERENCES)
     prefs = Preferences(
-        scheduling_algorithm=section.choice("SCHEDULING_ALGORITHM", SCHEDULING_ALGORITHMS, "fixed_priority"),
-        auto_retry=section.boolean("AUTO_RETRY", True),
+        scheduling_algorithm=read_scheduling_algorithm(section, "fixed_priority"),
+        auto_retry=read_auto_retry(section, True),
         cooldown_period=float(section.number("cooldown_period", 60)),
         max_request_body_bytes=section.integer("max_request_body_bytes", DEFAULT_MAX_BODY, minimum=1),
         prices=read_price_book(section),
@@ -315,6 +350,38 @@ def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]
         model_discovery_timeout=float(section.number("model_discovery_timeout", DEFAULT_DISCOVERY_TIMEOUT, minimum=0, allow_equal=False)),
     )
     return prefs, _read_timeouts(section)
+
+
+def read_auto_retry(section: Section, default: bool | int) -> bool | int:
+    """`AUTO_RETRY` as uni-api writes it: true (every route serving the model, in order), false
+    (the first only), or a number N of retries after the first attempt (at most N + 1 routes)."""
+    raw = section.raw("AUTO_RETRY")
+    if raw is None:
+        return default
+    if isinstance(raw, bool) or (isinstance(raw, str) and not raw.strip().isdigit()):
+        try:
+            return section.boolean("AUTO_RETRY")
+        except ConfigError:
+            raise section.error("AUTO_RETRY", f"{section.where('AUTO_RETRY')} must be true, false or a number of retries, got '{raw}'") from None
+    return section.integer("AUTO_RETRY", minimum=0)
+
+
+def read_scheduling_algorithm(section: Section, default: str) -> str:
+    """`SCHEDULING_ALGORITHM`: one of SCHEDULING_ALGORITHMS, or a uni-api name read as one (warned)."""
+    if not section.has("SCHEDULING_ALGORITHM"):
+        return default
+    name = section.string("SCHEDULING_ALGORITHM")
+    if name in SCHEDULING_ALIASES:
+        section.warn(
+            "SCHEDULING_ALGORITHM", f"uni-api's '{name}' is read as {SCHEDULING_ALIASES[name]} (upstream keys are rotated, not ordered by success rate)"
+        )
+        return SCHEDULING_ALIASES[name]
+    return section.choice("SCHEDULING_ALGORITHM", SCHEDULING_ALGORITHMS)
+
+
+def attempts_allowed(auto_retry: bool | int, routes: int) -> int:
+    """How many of `routes` candidate routes a request may try under `auto_retry`."""
+    return routes if auto_retry is True else min(routes, int(auto_retry) + 1)
 
 
 def _read_timeouts(section: Section) -> dict[str, Decimal]:
@@ -361,7 +428,13 @@ SEARCH_MODEL = "search"
 
 
 def _read_providers(
-    top: Section, global_timeouts: dict[str, Decimal], discovery: Discovery, discovery_timeout: float, prices: PriceBook, unpriced: list[ConfigError]
+    top: Section,
+    global_timeouts: dict[str, Decimal],
+    discovery: Discovery,
+    discovery_timeout: float,
+    prices: PriceBook,
+    unpriced: list[ConfigError],
+    global_proxy: UpstreamProxy | None = None,
 ) -> tuple[list[Provider], list[list[ModelRoute]], Unserved]:
     providers: list[Provider] = []
     all_routes: list[list[ModelRoute]] = []
@@ -388,6 +461,7 @@ def _read_providers(
         base_url = _read_base_url(section, engine)
         prefs = section.section("preferences")
         read_options(prefs, PROVIDER_PREFERENCE_KEYS, PROVIDER_PREFERENCES)
+        proxy = read_proxy(prefs, global_proxy)
         provider = Provider(
             name=name,
             engine=engine,
@@ -398,11 +472,12 @@ def _read_providers(
             api_version=prefs.string("api_version") if prefs.has("api_version") else None,
             default_max_tokens=prefs.integer("default_max_tokens", 4096, minimum=1),
             price_multiplier=read_multiplier(prefs),
+            proxy=proxy.for_vendor(base_url) if proxy is not None else None,
         )
         timeouts = PrefixTable({**global_timeouts, **_read_timeouts(prefs)})
-        providers.append(provider)
         if items_of(section, "model"):
             routes, dropped = _read_models(section, provider, timeouts)
+            provider, routes = _with_body_overrides(prefs, provider, routes)
             problem = _unpriced(section, routes, prices)
             if problem is not None:
                 unpriced.append(problem)
@@ -413,7 +488,10 @@ def _read_providers(
             _check_discoverable(section, engine)
             to_discover.append((len(all_routes), section, provider, timeouts))
             all_routes.append([])
+        providers.append(provider)
     _discover_models(to_discover, all_routes, discovery, discovery_timeout, prices)
+    for slot, section, _, _ in to_discover:  # per-model overrides name models known only now
+        providers[slot], all_routes[slot] = _with_body_overrides(section.section("preferences"), providers[slot], all_routes[slot])
     return providers, all_routes, unserved
 
 
@@ -455,6 +533,42 @@ def _discover_models(
                 "(add model_price entries or a default)",
             )
         all_routes[slot] = [ModelRoute(provider, name, name, float(timeouts.get(name) or DEFAULT_TIMEOUT), discovered=True) for name in priced]
+
+
+def read_proxy(prefs: Section, default: UpstreamProxy | None) -> UpstreamProxy | None:
+    """`proxy` (uni-api's): an http:// or https:// proxy's URL and credentials, else `default`
+    (a provider's: the global one). A socks5 proxy needs a library Tollgate lacks: a warning,
+    as if unset. Messages never quote the URL, which may hold a password."""
+    if not prefs.has("proxy"):
+        return default
+    raw = prefs.string("proxy")
+    try:
+        url = urlsplit(raw)
+        port = url.port
+    except ValueError:
+        url, port = None, None
+    scheme = url.scheme.lower() if url is not None else ""
+    if scheme.startswith("socks"):
+        prefs.warn("proxy", "socks5 proxies are not supported (http:// and https:// are) and are ignored")
+        return default
+    if url is None or scheme not in ("http", "https") or not url.hostname:
+        raise prefs.error("proxy", f"{prefs.where('proxy')} must be a proxy URL like http://host:port (http:// or https://)")
+    host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+    headers = None
+    if url.username:
+        credentials = f"{unquote(url.username)}:{unquote(url.password or '')}".encode()
+        headers = {"Proxy-Authorization": f"Basic {base64.b64encode(credentials).decode()}"}
+    return UpstreamProxy(f"{scheme}://{host}{f':{port}' if port else ''}", headers)
+
+
+def _with_body_overrides(prefs: Section, provider: Provider, routes: list[ModelRoute]) -> tuple[Provider, list[ModelRoute]]:
+    """The provider with its post_body_parameter_overrides (their per-model entries are named
+    by its public model names, known once its models are read), and its routes pointing at it."""
+    overrides = read_body_overrides(prefs, (route.public_name for route in routes))
+    if overrides is None:
+        return provider, routes
+    provider = replace(provider, body_overrides=overrides)
+    return provider, [replace(route, provider=provider) for route in routes]
 
 
 def _read_engine(section: Section) -> str:
@@ -686,6 +800,8 @@ def read_key(
         line=line,
         account=accounts[section.string("account")] if section.has("account") else None,
         entry={name: value for name, value in section.node.items() if name != "api"},
+        auto_retry=read_auto_retry(prefs, preferences.auto_retry),
+        scheduling_algorithm=read_scheduling_algorithm(prefs, preferences.scheduling_algorithm),
     )
 
 

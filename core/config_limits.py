@@ -13,7 +13,10 @@ from core.pricing import to_nanos
 from core.timeutil import to_unix
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-UNIT_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+UNIT_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hr": 3600, "hour": 3600, "d": 86400, "day": 86400,
+                "w": 7 * 86400, "week": 7 * 86400,
+                # As uni-api counts them: a month is 30 days and a year 365, not the calendar's.
+                "mo": 30 * 86400, "month": 30 * 86400, "y": 365 * 86400, "year": 365 * 86400}  # fmt: skip
 _RATE = re.compile(r"^\s*([0-9]+)\s*/\s*([0-9]*)\s*([a-z]+?)s?\s*$")
 PERIODS = ("daily", "weekly", "monthly")
 ALERT_KEYS = ("thresholds", "webhook_url")
@@ -131,7 +134,9 @@ def _rates(section: Section, key: str) -> tuple[RateRule, ...]:
         if match is not None and any(len(digits) > len(str(MAX_NUMBER)) or int(digits) > MAX_NUMBER for digits in match.group(1, 2) if digits):
             raise section.error(key, f"{section.where(key)} numbers must be at most {MAX_NUMBER_TEXT}; got '{part.strip()}'")
         if match is None or unit is None or int(match.group(1)) <= 0:
-            raise section.error(key, f"{section.where(key)} must look like '60/min,1000/day' (units s, min, hour, day); got '{part.strip()}'")
+            raise section.error(
+                key, f"{section.where(key)} must look like '60/min,1000/day' (units s, min, hour, day, week, month, year); got '{part.strip()}'"
+            )
         rules.append(RateRule(int(match.group(1)), unit * int(match.group(2) or 1), part.strip()))
     return tuple(rules)
 

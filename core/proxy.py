@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from core.config import ApiKey, Config, ModelRoute
+from core.config import ApiKey, Config, ModelRoute, attempts_allowed
 from core.errors import GatewayError, bad_gateway, bad_request
 from core.metering import CLIENT_DISCONNECTED, ERROR, OK, Meter, Outcome, Ticket
 from core.providers import adapter_for, messages_adapter_for, responses_adapter_for
@@ -122,7 +122,7 @@ class Gateway:
         ticket = await self.meter.admit(config, key, request)
         streaming = False
         try:
-            answer, route = await self._first_answer(config, request, routes, key.id)
+            answer, route = await self._first_answer(config, request, routes, key)
             if isinstance(answer, UpstreamStream):
                 stream = MeteredStream(answer, route, request, ticket, ticket.start_headers(), config.preferences.max_response_body_bytes)
                 streaming = True  # the stream ends the ticket when it finishes
@@ -148,13 +148,14 @@ class Gateway:
         return functools.partial(self.stored.remember, key_id=key_id, provider=route.provider.name)
 
     async def _first_answer(
-        self, config: Config, request: ProxyRequest, routes: tuple[ModelRoute, ...], key_id: str
+        self, config: Config, request: ProxyRequest, routes: tuple[ModelRoute, ...], key: ApiKey
     ) -> tuple[Reply | UpstreamStream, ModelRoute]:
-        """Try routes in scheduling order until one answers; failover only on retryable failures."""
+        """Try routes in the key's scheduling order until one answers, as many as its AUTO_RETRY
+        allows; failover only on retryable failures."""
         prefs = config.preferences
-        ordered = self.scheduler.order(request.model, routes, prefs.scheduling_algorithm)
-        if not prefs.auto_retry:
-            ordered = ordered[:1]
+        ordered = self.scheduler.order(request.model, routes, key.scheduling_algorithm)
+        if key.auto_retry is not True:
+            ordered = ordered[: attempts_allowed(key.auto_retry, len(ordered))]
         failure: UpstreamFailure | None = None
         for route in ordered:
             call = UpstreamCall(
@@ -165,7 +166,7 @@ class Gateway:
                 self.scheduler.next_upstream_key(route.provider),
                 prefs.max_response_body_bytes,
                 self.loop,
-                self._on_stored(request, key_id, route),
+                self._on_stored(request, key.id, route),
                 request.upload,
             )
             try:

@@ -48,6 +48,12 @@ def _label_if_only_that_is_allowed(config: Config, model: str, key: ApiKey, rout
     return (label,) if label is not None and key.access.allows(label) else routes
 
 
+def _lottery(routes: Sequence[ModelRoute]) -> list[ModelRoute]:
+    """uni-api's lottery: weighted random, each route first with the chance weight / total,
+    the rest drawn likewise among those left (Efraimidis-Spirakis keys: u ** (1 / weight))."""
+    return sorted(routes, key=lambda route: random.random() ** (1 / route.provider.weight), reverse=True)
+
+
 class Scheduler:
     """Orders candidate routes and remembers which ones failed recently."""
 
@@ -102,6 +108,8 @@ class Scheduler:
             return list(routes)
         if algorithm == "random":
             return random.sample(list(routes), len(routes))
+        if algorithm == "lottery":
+            return _lottery(routes)
         if algorithm == "round_robin":
             start = next(self._round_robin.setdefault(model, itertools.count())) % len(routes)
             return list(routes[start:]) + list(routes[:start])

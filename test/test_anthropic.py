@@ -186,6 +186,29 @@ def test_truncated_stream_gives_a_clean_error_and_bills_the_partial_usage(start_
     assert completion >= 6 and cost > 0  # 25 bytes of text streamed: estimated
 
 
+def test_body_overrides_reach_the_anthropic_body_and_billing_still_reads_its_usage(start_gateway, upstream):
+    async def anthropic(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse(MESSAGE)
+
+    upstream.script("p1", anthropic)
+    overrides = """    preferences:
+      default_max_tokens: 1000
+      post_body_parameter_overrides:
+        metadata: {user_id: tenant-1}
+        __remove__: top_p
+        claude-sonnet:
+          __remove__: [temperature]
+          thinking: {type: enabled, budget_tokens: 2000}
+"""
+    gateway = start_gateway(CONFIG.replace("    preferences: {default_max_tokens: 1000}\n", overrides), upstream)
+    gateway.client().chat.completions.create(model="claude-sonnet", messages=[{"role": "user", "content": "Hi"}], temperature=0.5, top_p=0.9)
+    seen = upstream.seen[-1].body
+    assert seen["metadata"] == {"user_id": "tenant-1"} and seen["thinking"] == {"type": "enabled", "budget_tokens": 2000}
+    assert "temperature" not in seen and "top_p" not in seen
+    assert seen["model"] == "claude-3-5-sonnet-20241022" and seen["max_tokens"] == 1000 and seen["messages"][0]["role"] == "user"
+    assert ledger_rows(gateway) == [("ok", 1125, 15, 1000, 100, EXPECTED_COST_NANOS)]
+
+
 def test_anthropic_errors_come_back_openai_shaped(start_gateway, upstream):
     async def anthropic(body: dict[str, Any], request: Request) -> Response:
         return JSONResponse(

@@ -135,7 +135,7 @@ def test_expand_env_leaves_plain_text_alone():
         (BASE + "preferences:\n  cooldown_perod: 5\n", 8, "did you mean 'cooldown_period'?"),
         (BASE + "preferences:\n  cooldown_period: -5\n", 8, "preferences.cooldown_period must be >= 0, got -5"),
         (BASE + "preferences:\n  cooldown_period: soon\n", 8, "must be a number, got 'soon'"),
-        (BASE + "preferences:\n  AUTO_RETRY: maybe\n", 8, "preferences.AUTO_RETRY must be true or false"),
+        (BASE + "preferences:\n  AUTO_RETRY: maybe\n", 8, "preferences.AUTO_RETRY must be true, false or a number of retries"),
         (BASE + "preferences:\n  SCHEDULING_ALGORITHM: fastest\n", 8, "must be one of fixed_priority, round_robin"),
         (BASE + "  - api: sk-one\n", 7, "duplicate API key in api_keys[1]"),
         (BASE + "  - api: sk-two\n    model: [echo/gpt-9]\n", 8, "provider 'echo' has no model 'gpt-9'"),
@@ -277,3 +277,97 @@ def test_a_key_written_without_its_api_label_is_not_quoted_in_the_error():
     error = error_of(BASE + "  - sk-live-SECRET-7f3a9c\n")
     assert error.line == 7 and "api_keys[1] must be a mapping, got a string" in error.reason
     assert "SECRET" not in str(error)
+
+
+@pytest.mark.parametrize(("written", "read"), [("true", True), ("false", False), ("0", 0), ("3", 3), ("'2'", 2)])
+def test_auto_retry_is_true_false_or_a_number_of_retries(written, read):
+    config = load(BASE + f"    preferences: {{AUTO_RETRY: {written}}}\npreferences: {{AUTO_RETRY: 1}}\n")
+    assert config.key_index.find("sk-one").auto_retry == read and type(config.key_index.find("sk-one").auto_retry) is type(read)
+    assert config.preferences.auto_retry == 1
+
+
+def test_a_key_without_auto_retry_takes_the_global_one():
+    assert load(BASE + "preferences: {AUTO_RETRY: 2}\n").key_index.find("sk-one").auto_retry == 2
+
+
+@pytest.mark.parametrize("written", ["maybe", "-1", "1.5"])
+def test_auto_retry_of_another_kind_is_a_located_error(written):
+    error = error_of(BASE + f"preferences: {{AUTO_RETRY: {written}}}\n")
+    assert error.line == 7 and "preferences.AUTO_RETRY" in error.reason
+
+
+def test_a_key_may_set_its_own_scheduling_algorithm_and_lottery_is_one():
+    config = load(BASE + "    preferences: {SCHEDULING_ALGORITHM: lottery}\n  - api: sk-two\npreferences: {SCHEDULING_ALGORITHM: round_robin}\n")
+    assert config.key_index.find("sk-one").scheduling_algorithm == "lottery"
+    assert config.key_index.find("sk-two").scheduling_algorithm == "round_robin"
+
+
+def test_smart_round_robin_loads_as_weighted_round_robin_with_a_warning():
+    config = load(BASE + "    preferences: {SCHEDULING_ALGORITHM: smart_round_robin}\n")
+    assert config.key_index.find("sk-one").scheduling_algorithm == "weighted_round_robin"
+    assert [(w.line, "smart_round_robin" in w.reason) for w in config.warnings] == [(7, True)]
+
+
+def test_lottery_puts_routes_first_in_proportion_to_their_weight():
+    config = load(
+        """\
+        providers:
+          - {provider: heavy, engine: echo, model: [m], preferences: {weight: 3}}
+          - {provider: light, engine: echo, model: [m]}
+        """
+    )
+    scheduler = Scheduler()
+    firsts = [scheduler.order("m", config.routes["m"], "lottery")[0].provider.name for _ in range(2000)]
+    assert 1350 < firsts.count("heavy") < 1650  # 1500 expected; sigma is about 19
+
+
+def test_rate_limits_count_weeks_months_and_years_as_uni_api_does():
+    config = load(BASE + "    preferences: {rate_limit: '1/week,10/month,3/mo,5/year,2/hr'}\n")
+    rules = config.key_index.find("sk-one").limits.rate_limits
+    assert [(rule.limit, rule.seconds) for rule in rules] == [(1, 7 * 86400), (10, 30 * 86400), (3, 30 * 86400), (5, 365 * 86400), (2, 3600)]
+
+
+def test_body_overrides_load_per_public_model_and_warn_about_what_they_cannot_do():
+    config = load(
+        """\
+        providers:
+          - provider: a
+            base_url: https://a.example/v1
+            api: k
+            model:
+              - real-name: nice
+            preferences:
+              post_body_parameter_overrides:
+                stream: false
+                __remove__: [{path: tools, where: {type: x}}, temperature]
+                nice: {seed: 1}
+                real-name: {seed: 2}
+        """
+    )
+    overrides = config.providers[0].body_overrides
+    assert config.routes["nice"][0].provider is config.providers[0]
+    body = {"model": "real-name", "temperature": 1, "stream": True}
+    # `real-name` is no public name, so (as in uni-api) it is a field for every model.
+    assert overrides.apply("nice", body) == {"model": "real-name", "stream": True, "real-name": {"seed": 2}, "seed": 1}
+    assert overrides.apply("other", body) == {"model": "real-name", "stream": True, "real-name": {"seed": 2}}
+    assert [w.line for w in config.warnings] == [9, 10]
+    assert "stream" in config.warnings[0].reason and "path rules" in config.warnings[1].reason
+
+
+def test_a_proxys_credentials_go_to_the_proxy_only_and_never_into_messages():
+    config = load(
+        """\
+        providers:
+          - {provider: tls, base_url: https://a.example/v1, api: k, model: [m]}
+          - {provider: plain, base_url: http://b.example/v1, api: k, model: [m], preferences: {proxy: "http://b-proxy:3128"}}
+        preferences:
+          proxy: http://ops:pa%40ss@proxy.example:8080
+        """
+    )
+    tls, plain = config.providers
+    assert tls.proxy.url == "http://proxy.example:8080" and tls.proxy.request_headers == {}
+    assert tls.proxy.connect_headers == {"Proxy-Authorization": "Basic b3BzOnBhQHNz"}  # ops:pa@ss, to the CONNECT only
+    assert plain.proxy.url == "http://b-proxy:3128" and plain.proxy.connect_headers is None and plain.proxy.request_headers == {}
+    assert "pa%40ss" not in repr(config.providers) and "b3Bz" not in repr(config.providers)
+    error = error_of(BASE + "preferences:\n  proxy: ftp://ops:hunter2@proxy.example\n")
+    assert error.line == 8 and "preferences.proxy must be a proxy URL" in error.reason and "hunter2" not in str(error)

@@ -182,6 +182,7 @@ def test_token_credits_admit_what_the_balance_covers_over_three_instances(fleet)
     [
         ("concurrency_limit: 10", 429, 0),
         ("rate_limit: '10/day'", 429, 86400),
+        ("rate_limit: '10/month'", 429, 30 * 86400),  # uni-api's month: 30 days
         ("token_rate_limit: '150/day'", 429, 86400),  # 15 tokens reserved per request
         ("quota: 150, quota_type: tokens", 402, 0),
         ("quota: 0.2, quota_type: usd", 402, 0),

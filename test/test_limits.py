@@ -80,6 +80,20 @@ def test_request_rate_limit_refuses_then_recovers_when_the_window_passes(start_g
     assert call(gateway).headers["x-ratelimit-remaining-requests"] == "2"
 
 
+def test_a_monthly_rate_limit_refuses_the_third_call_until_its_30_day_window_ends(start_gateway):
+    gateway, clock = start(start_gateway, "rate_limit: '2/month'")
+    call(gateway)
+    call(gateway)
+    error = error_of(gateway)
+    month = 30 * 86400  # uni-api's month; windows are fixed, aligned to the epoch like the others
+    left = month - T0 % month
+    assert error.status_code == 429 and error.body["code"] == "rate_limit_exceeded"
+    assert error.response.headers["retry-after"] == str(int(left))
+    assert "2/month" in error.body["message"]
+    clock.advance(left)
+    assert call(gateway).headers["x-ratelimit-remaining-requests"] == "1"
+
+
 def test_token_rate_limit_counts_actual_tokens(start_gateway):
     gateway, clock = start(start_gateway, "token_rate_limit: '40/min'")
     call(gateway, max_tokens=5)  # reserves 10 + 5, uses 15

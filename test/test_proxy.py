@@ -7,14 +7,17 @@ import threading
 import time
 from typing import Any
 
+import httpx
 import openai
 import pytest
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
 
 from core.usage import estimate_prompt_tokens
 from test.conftest import ADMIN_KEY, FREE, USER_KEY, keys_yaml
-from test.servers import fail, hang, held_stream, openai_like, stream_chunks, streamed_text
+from test.servers import ServerThread, fail, hang, held_stream, openai_like, stream_chunks, streamed_text
 
 TWO_PROVIDERS = """
 providers:
@@ -242,6 +245,131 @@ def test_auto_retry_off_tries_one_provider(start_gateway, upstream):
         gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert caught.value.status_code == 502
     assert upstream.providers_seen() == ["p1"]
+
+
+FOUR_PROVIDERS = (
+    "providers:\n"
+    + "".join(f"  - provider: p{n}\n    base_url: {{fake:p{n}}}\n    api: up-key\n    model: [gpt-4o]\n" for n in range(1, 5))
+    + "preferences:\n  cooldown_period: 0\n  AUTO_RETRY: 1\n"
+    + keys_yaml()
+    + "  - api: sk-patient-0003\n    name: patient\n    preferences: {AUTO_RETRY: 3}\n"
+)
+
+
+def test_auto_retry_as_a_number_caps_the_retries_after_the_first_attempt(start_gateway, upstream):
+    for name in ("p1", "p2", "p3"):
+        upstream.script(name, fail(500))
+    gateway = start_gateway(FOUR_PROVIDERS.replace("{fake:p4}", upstream.base_url("p4")), upstream)
+    with pytest.raises(openai.APIStatusError) as caught:
+        gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.status_code == 502
+    assert upstream.providers_seen() == ["p1", "p2"], "AUTO_RETRY: 1 is one retry after the first attempt"
+
+
+def test_a_keys_auto_retry_number_overrides_the_global_one(start_gateway, upstream):
+    for name in ("p1", "p2", "p3"):
+        upstream.script(name, fail(500))
+    gateway = start_gateway(FOUR_PROVIDERS.replace("{fake:p4}", upstream.base_url("p4")), upstream)
+    reply = gateway.client("sk-patient-0003").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert reply.choices[0].message.content == "Hello from upstream"
+    assert upstream.providers_seen() == ["p1", "p2", "p3", "p4"]
+
+
+def test_a_keys_scheduling_algorithm_overrides_the_global_one(start_gateway, upstream):
+    config = TWO_PROVIDERS + "  - api: sk-spread-0004\n    name: spread\n    preferences: {SCHEDULING_ALGORITHM: round_robin}\n"
+    gateway = start_gateway(config.replace("cooldown_period: 60", "SCHEDULING_ALGORITHM: fixed_priority"), upstream)
+    for _ in range(4):
+        gateway.client("sk-spread-0004").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    for _ in range(2):
+        gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert upstream.providers_seen() == ["p1", "p2", "p1", "p2", "p1", "p1"]
+
+
+OVERRIDDEN = TWO_PROVIDERS.replace(
+    "    model: [gpt-4o]\n  - provider: p2",
+    """    model:
+      - gpt-4o-2024-08-06: gpt-4o
+    preferences:
+      post_body_parameter_overrides:
+        __remove__: [temperature, stream_options]
+        metadata: {team: ops, tags: {a: 1}}
+        gpt-4o:
+          __remove__: top_p
+          seed: 7
+          metadata: {tags: {b: 2}}
+  - provider: p2""",
+)
+
+
+def test_body_overrides_apply_globally_then_per_public_model_and_merge_mappings(start_gateway, upstream):
+    gateway = start_gateway(OVERRIDDEN, upstream)
+    gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, temperature=0.2, top_p=0.5, metadata={"user": "x"})
+    seen = upstream.seen[-1].body
+    assert seen["model"] == "gpt-4o-2024-08-06" and seen["seed"] == 7 and seen["messages"] == MESSAGES
+    assert seen["metadata"] == {"user": "x", "team": "ops", "tags": {"a": 1, "b": 2}}
+    assert "temperature" not in seen and "top_p" not in seen
+
+
+def test_body_overrides_leave_the_usage_a_stream_is_billed_by_and_the_other_providers_body(start_gateway, upstream):
+    gateway = start_gateway(OVERRIDDEN, upstream)
+    chunks = list(gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True, temperature=0.2))
+    assert streamed_text(chunks) == "Hello from upstream"
+    assert upstream.seen[-1].body["stream_options"] == {"include_usage": True}, "billing reads the final usage chunk"
+    assert upstream.seen[-1].body["stream"] is True and "temperature" not in upstream.seen[-1].body
+    gateway.client().chat.completions.create(model="p2/gpt-4o", messages=MESSAGES, temperature=0.2)
+    assert upstream.seen[-1].provider == "p2" and upstream.seen[-1].body["temperature"] == 0.2 and "seed" not in upstream.seen[-1].body
+
+
+class ForwardProxy:
+    """A tiny HTTP forward proxy: records each request (its absolute-form target and
+    Proxy-Authorization) and passes it on to the host it names."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+        self.server = ServerThread(Starlette(routes=[Route("/{path:path}", self._forward, methods=["POST"])])).start()
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    async def _forward(self, request: Request) -> Response:
+        self.seen.append((request.url.path, request.headers.get("proxy-authorization")))
+        headers = {name: value for name, value in request.headers.items() if name.lower() not in ("host", "proxy-authorization", "content-length")}
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(f"http://{request.headers['host']}{request.url.path}", content=await request.body(), headers=headers)
+        return Response(answer.content, answer.status_code, media_type=answer.headers.get("content-type"))
+
+
+@pytest.fixture
+def forward_proxy():
+    proxy = ForwardProxy()
+    yield proxy
+    proxy.server.stop()
+
+
+def test_a_providers_http_proxy_carries_its_requests_and_a_socks5_one_is_ignored_with_a_warning(start_gateway, upstream, forward_proxy):
+    proxied = forward_proxy.url.replace("http://", "http://ops:s3cret@")
+    config = TWO_PROVIDERS.replace("cooldown_period: 60", "cooldown_period: 60\n  proxy: socks5://127.0.0.1:1080").replace(
+        "    model: [gpt-4o]\n  - provider: p2", f"    model: [gpt-4o]\n    preferences: {{proxy: '{proxied}'}}\n  - provider: p2"
+    )
+    gateway = start_gateway(config, upstream)
+    reply = gateway.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert reply.choices[0].message.content == "Hello from upstream"
+    assert forward_proxy.seen == [("/p1/v1/chat/completions", "Basic b3BzOnMzY3JldA==")]  # ops:s3cret
+    gateway.client().chat.completions.create(model="p2/gpt-4o", messages=MESSAGES)
+    assert len(forward_proxy.seen) == 1 and upstream.providers_seen() == ["p1", "p2"], "socks5 is ignored: p2 goes direct"
+    warnings = gateway.status()["warnings"]
+    assert any("socks5 proxies are not supported (http:// and https:// are) and are ignored" in str(w) for w in warnings)
+
+
+def test_the_global_proxy_is_every_providers_and_its_credentials_are_never_logged_or_shown(start_gateway, upstream, caplog):
+    config = TWO_PROVIDERS.replace("cooldown_period: 60", "AUTO_RETRY: false\n  proxy: http://ops:pr0xy-pass@127.0.0.1:9")
+    gateway = start_gateway(config, upstream)
+    response = gateway.http("POST", "/v1/chat/completions", json={"model": "gpt-4o", "messages": MESSAGES})
+    assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_unreachable"
+    assert upstream.seen == []
+    shown = response.text + caplog.text + json.dumps(gateway.status()) + gateway.http("GET", "/admin/config/status", key=ADMIN_KEY).text
+    assert "pr0xy-pass" not in shown
 
 
 def test_all_providers_failing_gives_502_with_openai_shape(start_gateway, upstream):

@@ -20,7 +20,7 @@ import aiohttp
 
 from core.config import ModelRoute
 from core.errors import bad_gateway, bad_request
-from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream, translate_batch
+from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream, final_body, translate_batch
 from core.providers.http import open_stream, post_json, vendor_error
 from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list, thinking_budget
 from core.request_checks import output_token_limit
@@ -49,7 +49,7 @@ class AnthropicAdapter:
             "Content-Type": JSON_CONTENT_TYPE,
             **route.provider.headers,
         }
-        payload = json.dumps(to_anthropic(call), ensure_ascii=False).encode()
+        payload = json.dumps(final_body(call, to_anthropic(call)), ensure_ascii=False).encode()
         url = f"{route.provider.base_url}/messages"
         if call.stream:
             return AnthropicStream(await open_stream(http, url, headers, payload, call), call)

@@ -79,6 +79,13 @@ class UpstreamFailure(Exception):
         return cls(bad_gateway(f"Provider '{route.provider.name}' could not be reached: {type(exc).__name__}.", "upstream_unreachable"), retryable=True)
 
 
+def final_body(call: UpstreamCall, body: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body to send the vendor: `body` (in its format) with the provider's
+    post_body_parameter_overrides applied, resolved at load (core/body_overrides.py)."""
+    overrides = call.route.provider.body_overrides
+    return body if overrides is None else overrides.apply(call.route.public_name, body)
+
+
 def invalid_answer(route: ModelRoute) -> GatewayError:
     return bad_gateway(f"Provider '{route.provider.name}' sent an answer the gateway cannot read.", "upstream_invalid_response")
 

@@ -23,7 +23,7 @@ from urllib.parse import quote
 import aiohttp
 
 from core.errors import bad_gateway
-from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream, translate_batch
+from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream, final_body, translate_batch
 from core.providers.http import open_stream, post_json
 from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list, thinking_budget
 from core.request_checks import json_in_text, output_token_limit
@@ -49,7 +49,7 @@ class GeminiAdapter:
         route = call.route
         model = quote(route.upstream_name, safe="")
         headers = {"x-goog-api-key": call.upstream_key, "Content-Type": JSON_CONTENT_TYPE, **route.provider.headers}
-        payload = json.dumps(to_gemini(call), ensure_ascii=False).encode()
+        payload = json.dumps(final_body(call, to_gemini(call)), ensure_ascii=False).encode()
         if call.stream:
             url = f"{route.provider.base_url}/models/{model}:streamGenerateContent?alt=sse"
             return GeminiStream(await open_stream(http, url, headers, payload, call), call)

@@ -39,7 +39,7 @@ async def post(http: aiohttp.ClientSession, url: str, headers: dict[str, str], d
     route, limit = call.route, call.max_response_bytes
     try:
         with Deadline(route.timeout, call.loop):
-            async with http.post(url, data=data, headers=headers) as response:
+            async with _post(http, url, data, headers, route) as response:
                 status = response.status
                 if (response.content_length or 0) > limit:
                     raise too_large_answer(route, limit)
@@ -66,7 +66,7 @@ async def open_stream(
     timeout = _stream_timeout(route.timeout)
     try:
         with Deadline(route.timeout, call.loop):
-            response = await http.post(url, data=payload, headers=headers, timeout=timeout)
+            response = await _post(http, url, payload, headers, route, timeout=timeout)
             if response.status != 200:
                 try:
                     body = await response.content.read(MAX_ERROR_BODY)
@@ -78,6 +78,16 @@ async def open_stream(
     except aiohttp.ClientError as exc:
         raise UpstreamFailure.unreachable(route, exc) from None
     return response
+
+
+def _post(http: aiohttp.ClientSession, url: str, data: Any, headers: dict[str, str], route: ModelRoute, **options: Any) -> Any:
+    """The shared session's POST, through the provider's proxy if it has one (`proxy`)."""
+    proxy = route.provider.proxy
+    if proxy is None:
+        return http.post(url, data=data, headers=headers, **options)
+    if proxy.request_headers:
+        headers = {**headers, **proxy.request_headers}
+    return http.post(url, data=data, headers=headers, proxy=proxy.url, proxy_headers=proxy.connect_headers, **options)
 
 
 @functools.lru_cache(maxsize=64)

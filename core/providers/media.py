@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 
 from core.config import ModelRoute
-from core.providers.base import Adapter, Reply, UpstreamCall, UpstreamFailure, UpstreamStream
+from core.providers.base import Adapter, Reply, UpstreamCall, UpstreamFailure, UpstreamStream, final_body
 from core.providers.echo_media import EchoMediaAdapter
 from core.providers.http import open_stream, post_json
 from core.providers.openai import AzureAdapter, OpenAIAdapter
@@ -36,7 +36,7 @@ class MediaAdapter:
 
     async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
         url, headers = self.engine.target(call)
-        payload = orjson.dumps({**call.body, "model": call.route.upstream_name})
+        payload = orjson.dumps(final_body(call, {**call.body, "model": call.route.upstream_name}))
         if call.endpoint == "audio/speech":
             return await open_audio(http, url, headers, payload, call)
         if call.stream:  # GPT image models stream partial images, then each one completed

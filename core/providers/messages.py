@@ -17,7 +17,7 @@ import aiohttp
 
 from core.errors import GatewayError, bad_gateway
 from core.providers.anthropic import ANTHROPIC_VERSION, StreamUsage, delta_text_bytes, usage_from_anthropic
-from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamStream, translate_batch
+from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamStream, final_body, translate_batch
 from core.providers.http import open_stream, post_json
 from core.sse import SseSplitter, chat_chunk, event_data
 from core.usage import Usage, complete_usage, estimate_prompt_tokens, estimate_usage, usage_from_openai, usage_so_far
@@ -180,7 +180,7 @@ class MessagesAdapter:
             "Content-Type": JSON_CONTENT_TYPE,
             **route.provider.headers,
         }
-        payload = json.dumps({**call.body, "model": route.upstream_name}, ensure_ascii=False).encode()
+        payload = json.dumps(final_body(call, {**call.body, "model": route.upstream_name}), ensure_ascii=False).encode()
         url = f"{route.provider.base_url}/messages"
         if call.stream:
             return NativeEvents(await open_stream(http, url, headers, payload, call), route.provider.name)

@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 
 from core.config import ModelRoute
-from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamFailure, UpstreamStream
+from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamFailure, UpstreamStream, final_body
 from core.providers.http import open_stream, post_json
 from core.providers.relay import RelayedEvents
 from core.request_checks import too_deeply_nested
@@ -69,8 +69,7 @@ def is_answer(endpoint: str, data: Any) -> bool:
 
 
 def upstream_body(call: UpstreamCall) -> dict[str, Any]:
-    body = dict(call.body)
-    body["model"] = call.route.upstream_name
+    body = final_body(call, {**call.body, "model": call.route.upstream_name})
     if call.stream and call.endpoint != "embeddings":
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
