@@ -31,7 +31,7 @@ NOT_SUPPORTED: dict[str, frozenset[str]] = {
         "passthrough_request_headers", "search_defaults", "responses_stream_commit_policy", "access_key", "secret_key",
     }),
     KEY: frozenset({"weights"}),
-    KEY_PREFERENCES: frozenset({"ENABLE_MODERATION", "AUTO_RETRY"}),
+    KEY_PREFERENCES: frozenset({"ENABLE_MODERATION"}),
     PREFERENCES: frozenset({"rate_limit", "keepalive_interval", "error_triggers"}),
 }  # fmt: skip
 
