@@ -181,11 +181,23 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 _opener = urllib.request.build_opener(_NoRedirects)
 
 
+def _opener_for(provider: Provider) -> tuple[urllib.request.OpenerDirector, dict[str, str]]:
+    """The opener reaching the provider as its requests do: through its `proxy` when it has
+    one, with the proxy's credentials (urllib sends them to the CONNECT of an https vendor,
+    with the request to a plain http one)."""
+    proxy = provider.proxy
+    if proxy is None:
+        return _opener, {}
+    opener = urllib.request.build_opener(_NoRedirects, urllib.request.ProxyHandler({"http": proxy.url, "https": proxy.url}))
+    return opener, dict(proxy.connect_headers or proxy.request_headers or {})
+
+
 def _get_json(url: str, headers: dict[str, str], deadline: float, provider: Provider) -> Any:
     """GET `url` and parse its JSON, all by `deadline`; every failure as DiscoveryFailed."""
     secrets = tuple(key for key in provider.upstream_keys if key)
+    opener, proxy_headers = _opener_for(provider)
     try:
-        with _opener.open(urllib.request.Request(url, headers=headers), timeout=_left(deadline)) as response:
+        with opener.open(urllib.request.Request(url, headers={**headers, **proxy_headers}), timeout=_left(deadline)) as response:
             body = _read_by(response, deadline)
     except urllib.error.HTTPError as error:
         raise DiscoveryFailed(_scrub(f"HTTP {error.code}{_vendor_message(error)}", secrets)) from None
