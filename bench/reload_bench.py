@@ -24,6 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.config import load_config
 from core.reload import ConfigStore
 
+# The echo models are billed nothing, as they were before a model nothing prices stopped
+# loading (fail-closed pricing): said explicitly, so that reload figures stay comparable.
+# Only the stand-alone run appends it; --under-load takes run.py's prices.
+FREE = "preferences:\n  model_price: {default: 0}\n"
+
 
 def big_config(keys: int, models: int, providers: int = 10) -> str:
     lines = ["providers:"]
@@ -149,7 +154,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "api.yaml"
-        path.write_text(big_config(args.keys, args.models))
+        path.write_text(big_config(args.keys, args.models) + FREE)
         asyncio.run(measure(path, args.rounds))
 
 

@@ -542,15 +542,15 @@ def read_proxy(prefs: Section, default: UpstreamProxy | None) -> UpstreamProxy |
     if not prefs.has("proxy"):
         return default
     raw = prefs.string("proxy")
+    if raw.strip().lower().startswith("socks"):  # before parsing: uni-api's example, socks5://[username]:[password]@[ip]:[port], is no URL
+        prefs.warn("proxy", "socks5 proxies are not supported (http:// and https:// are) and are ignored")
+        return default
     try:
         url = urlsplit(raw)
         port = url.port
     except ValueError:
         url, port = None, None
     scheme = url.scheme.lower() if url is not None else ""
-    if scheme.startswith("socks"):
-        prefs.warn("proxy", "socks5 proxies are not supported (http:// and https:// are) and are ignored")
-        return default
     if url is None or scheme not in ("http", "https") or not url.hostname:
         raise prefs.error("proxy", f"{prefs.where('proxy')} must be a proxy URL like http://host:port (http:// or https://)")
     host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname

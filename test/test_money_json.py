@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from routes._json import ExactJSONResponse
-from test.conftest import ADMIN_KEY
+from test.conftest import ADMIN_KEY, FREE
 from test.test_security import gateway_session
 
 KEY = "sk-tiny-spender-0001"
@@ -85,7 +85,7 @@ providers:
   - provider: echo
     engine: echo
     model: [echo-1]
-api_keys:
+{FREE}api_keys:
   - api: {ADMIN_KEY}
     role: admin
   - api: {KEY}

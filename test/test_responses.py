@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from core.usage import estimate_prompt_tokens
-from test.conftest import ADMIN_KEY, USER_KEY
+from test.conftest import ADMIN_KEY, FREE, USER_KEY
 from test.servers import ResponsesVendor, fail
 
 OTHER_KEY = "sk-other-user-0003"
@@ -223,7 +223,7 @@ def test_a_follow_up_the_key_may_not_send_to_the_holder_is_refused(start_gateway
 
 
 def test_echo_answers_the_responses_api(start_gateway):
-    gateway = start_gateway(f"providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\napi_keys:\n  - api: {USER_KEY}\n")
+    gateway = start_gateway(f"providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n{FREE}api_keys:\n  - api: {USER_KEY}\n")
     client = gateway.client()
     response = client.responses.create(model="echo-1", input=[{"role": "user", "content": "hello there"}])
     assert response.output_text == "Echo: hello there" and response.id.startswith("resp_") and response.usage.output_tokens == 5

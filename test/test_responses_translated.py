@@ -23,7 +23,7 @@ from core.providers.base import UpstreamCall
 from core.providers.responses_events import ResponseFrame
 from core.providers.responses_translate import TranslatedResponsesAdapter, from_chat
 from core.usage import Usage
-from test.conftest import keys_yaml
+from test.conftest import FREE, keys_yaml
 from test.servers import sse
 from test.test_anthropic import CONFIG as ANTHROPIC_CONFIG
 from test.test_anthropic import EXPECTED_COST_NANOS as ANTHROPIC_COST_NANOS
@@ -501,7 +501,7 @@ def test_reasoning_text_a_chat_stream_carries_is_streamed_as_a_reasoning_item(up
         return StreamingResponse(iter(chunks), media_type="text/event-stream")
 
     upstream.script("p1", reasoner)
-    config = build_config(f"providers:\n  - provider: p1\n    base_url: {upstream.base_url('p1')}\n    api: k\n    model: [r1]\n", "api.yaml")
+    config = build_config(f"providers:\n  - provider: p1\n    base_url: {upstream.base_url('p1')}\n    api: k\n    model: [r1]\n{FREE}", "api.yaml")
     call = UpstreamCall("responses", {"model": "r1", "input": "6 x 7?", "stream": True}, True, config.routes["r1"][0], "k")
 
     async def relay() -> tuple[bytes, Any]:

@@ -18,42 +18,44 @@ from starlette.responses import JSONResponse, Response
 
 from core.config import build_config
 from core.yamlsource import ConfigError
+from test.conftest import FREE
+from test.servers import model_list
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 UNIAPI = FIXTURES / "uniapi"
 EXAMPLES = sorted(path.name for path in UNIAPI.glob("*.yaml"))
 
-# TODO(lead, at merge): options another helper implements in this issue (per-provider `proxy`,
-# `post_body_parameter_overrides`, per-key SCHEDULING_ALGORITHM). Until that branch is merged
-# they are unknown here, so the examples are loaded without them; remove this list then.
-MERGED_SEPARATELY = {
-    "provider.preferences": ("post_body_parameter_overrides", "proxy"),
-    "api_key.preferences": ("SCHEDULING_ALGORITHM",),
-    "preferences": ("proxy",),
-}
-# TODO(lead, at merge): model discovery from /v1/models (another helper) fills a provider that
-# lists no model; until then the tests give such a provider this model, as discovery would.
-DISCOVERED = "discovered-model"
+# What the fake upstream lists for a provider written without `model:` (uni-api's discovery):
+# a model the price catalog prices, and one nothing prices, which is not served (fail closed).
+PRICED, UNPRICED = "gpt-4o-mini", "house-llm-1"
+SEARCH_UNPRICED = (
+    "api.yaml:8:9: model 'jina-embeddings-v3' has no price: add a model_price entry or a default "
+    "(the price catalog does not list it; 'jina-embeddings-v3: 0' marks it free)"
+)
 
 
-def prepared(name: str) -> str:
-    """The example as text Tollgate loads today: the merged-separately options left out and
-    what discovery would find filled in (see the TODOs above); otherwise as uni-api wrote it."""
+def example(name: str) -> str:
+    """The example as uni-api's README writes it."""
+    return (UNIAPI / name).read_text()
+
+
+def discovering(text: str) -> list[str]:
+    """The providers written without `model:`: they serve what their upstream lists."""
+    return [provider["provider"] for provider in YAML(typ="safe").load(text)["providers"] if "model" not in provider]
+
+
+def engines_of(text: str) -> dict[str, str]:
+    """Each served provider's engine, as the example's own base_url implies it. Read without
+    asking the example's real hosts for their models: a provider that would discover them is
+    given one (free) for this reading only."""
     yaml = YAML(typ="rt")
-    tree = yaml.load((UNIAPI / name).read_text())
+    tree = yaml.load(text)
     for provider in tree["providers"]:
-        for option in MERGED_SEPARATELY["provider.preferences"]:
-            (provider.get("preferences") or {}).pop(option, None)
-        if "model" not in provider and "base_url" in provider:
-            provider["model"] = [DISCOVERED]
-    for key in tree.get("api_keys") or []:
-        for option in MERGED_SEPARATELY["api_key.preferences"]:
-            (key.get("preferences") or {}).pop(option, None)
-    for option in MERGED_SEPARATELY["preferences"]:
-        (tree.get("preferences") or {}).pop(option, None)
+        provider.setdefault("model", ["probe"])
+    tree.setdefault("preferences", {}).setdefault("model_price", {})["probe"] = 0
     out = io.StringIO()
     yaml.dump(tree, out)
-    return out.getvalue()
+    return {provider.name: provider.engine for provider in build_config(out.getvalue(), "api.yaml").providers}
 
 
 def served_by(text: str, fake_url: str) -> str:
@@ -62,7 +64,7 @@ def served_by(text: str, fake_url: str) -> str:
     implied written down, since the fake's host no longer implies it."""
     yaml = YAML(typ="rt")
     tree = yaml.load(text)
-    engines = {provider.name: provider.engine for provider in build_config(text, "api.yaml").providers}
+    engines = engines_of(text)
     for provider in tree["providers"]:
         name = provider["provider"]
         if "base_url" in provider and name in engines:
@@ -74,50 +76,70 @@ def served_by(text: str, fake_url: str) -> str:
     return out.getvalue()
 
 
+def on_the_fake(name: str, upstream: Any) -> str:
+    """The example served by the fake upstream, which lists PRICED and UNPRICED for each
+    provider that discovers its models."""
+    text = example(name)
+    for provider in discovering(text):
+        upstream.script(provider, model_list("openai", [PRICED, UNPRICED]))
+    return served_by(text, upstream.server.url)
+
+
 def secrets_of(text: str) -> list[str]:
     return [key["api"] for key in YAML(typ="safe").load(text)["api_keys"]]
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
-def test_each_readme_example_loads_with_located_warnings(name):
-    config = build_config(prepared(name), "api.yaml")
+@pytest.mark.parametrize("name", [name for name in EXAMPLES if name != "search.yaml"])
+def test_each_readme_example_loads_with_located_warnings(name, upstream):
+    config = build_config(on_the_fake(name, upstream), "api.yaml")
     assert config.keys and any(key.is_admin for key in config.keys)
     for warning in config.warnings:
         assert warning.line is not None, str(warning)
 
 
-def reasons(name: str) -> list[str]:
-    return [warning.reason for warning in build_config(prepared(name), "api.yaml").warnings]
+def test_the_search_example_does_not_load_until_its_embedding_model_has_a_price():
+    """uni-api bills an unpriced model its default (1,2); Tollgate serves no model nothing
+    prices: the operator must price jina-embeddings-v3 (the example's `search` is not served)."""
+    with pytest.raises(ConfigError) as error:
+        build_config(example("search.yaml"), "api.yaml")
+    assert str(error.value) == SEARCH_UNPRICED
+
+
+def reasons(text: str) -> list[str]:
+    return [warning.reason for warning in build_config(text, "api.yaml").warnings]
 
 
 def test_the_advanced_example_warns_once_per_option_tollgate_lacks():
-    text = prepared("advanced.yaml")
+    text = example("advanced.yaml")
     config = build_config(text, "api.yaml")
     lines = text.splitlines()
     for warning in config.warnings:  # an ignored option's warning points at the line that sets it
-        option = warning.reason.split("'")[1]
-        if warning.reason.startswith("uni-api option") and option.isidentifier():
+        if warning.reason.startswith("uni-api option") and (option := warning.reason.split("'")[1]).isidentifier():
             assert lines[warning.line - 1].strip().startswith(f"{option}:"), str(warning)
-    ignored = sorted(r.split("'")[1] for r in reasons("advanced.yaml") if r.startswith("uni-api option"))
+    ignored = sorted(r.split("'")[1] for r in reasons(text) if r.startswith("uni-api option"))
     assert ignored == sorted(
         ["exclude_endpoints", "exclude_request_types", "exclude_request_rules", "max_request_body_bytes"]  # provider_name
         + ["tools"]  # anthropic
         + ["tools", "api_key_rate_limit", "api_key_cooldown_period", "api_key_schedule_algorithm", "keepalive_interval"]  # gemini
         + ["cooldown_period"]  # azure
         + ["tools"]  # other-provider
-        + ["ENABLE_MODERATION", "AUTO_RETRY", "API key as a channel (sk-…/*)"]  # api_keys[1]
-        + ["model weight"] * 3
-        + ["AUTO_RETRY"]  # api_keys[2]
+        + ["ENABLE_MODERATION", "API key as a channel (sk-…/*)"]  # api_keys[1]
+        + ["model weight"] * 3  # api_keys[2]
         + ["rate_limit", "keepalive_interval", "error_triggers"]  # preferences
     )
-    engines = sorted(r for r in reasons("advanced.yaml") if r.startswith("uni-api engine"))
+    # post_body_parameter_overrides, AUTO_RETRY and SCHEDULING_ALGORITHM are Tollgate's too; the
+    # example's socks5 proxies (gemini's and the global one) are not, each a warning at its line.
+    socks5 = [w for w in config.warnings if w.reason.startswith("socks5")]
+    assert [lines[w.line - 1].strip().split(" #")[0] for w in socks5] == ["proxy: socks5://[username]:[password]@[ip]:[port]"] * 2
+    assert [w.reason for w in socks5] == ["socks5 proxies are not supported (http:// and https:// are) and are ignored"] * 2
+    engines = sorted(r for r in reasons(text) if r.startswith("uni-api engine"))
     assert [e.split("'")[1] for e in engines] == ["aws", "azure-databricks", "cloudflare", "doubao-translation", "vertex", "vertex"]
-    assert sum("there is no provider" in r for r in reasons("advanced.yaml")) == 4  # openai-test/…, gcp1-3/*
-    assert not any("no key has role: admin" in r for r in reasons("advanced.yaml"))
+    assert sum("there is no provider" in r for r in reasons(text)) == 4  # openai-test/…, gcp1-3/*
+    assert not any("no key has role: admin" in r for r in reasons(text))
 
 
 def test_the_advanced_example_reads_engines_and_base_urls_as_uni_api_does():
-    providers = {p.name: p for p in build_config(prepared("advanced.yaml"), "api.yaml").providers}
+    providers = {p.name: p for p in build_config(example("advanced.yaml"), "api.yaml").providers}
     assert {name: (p.engine, p.base_url) for name, p in providers.items()} == {
         "provider_name": ("openai", "https://api.your.com/v1"),
         "anthropic": ("anthropic", "https://api.anthropic.com/v1"),
@@ -125,6 +147,7 @@ def test_the_advanced_example_reads_engines_and_base_urls_as_uni_api_does():
         "azure": ("azure", "https://your-endpoint.openai.azure.com"),
         "other-provider": ("openai", "https://api.xxx.com/v1"),  # engine: openrouter, uni-api's OpenAI format
     }
+    assert providers["gemini"].proxy is None  # socks5: ignored, not the global (socks5, ignored too)
 
 
 ANTHROPIC_MESSAGE = json.loads((FIXTURES / "anthropic_message.json").read_text())
@@ -140,7 +163,7 @@ async def gemini_like(body: dict[str, Any], request: Request) -> Response:
 
 
 def test_the_advanced_example_serves_each_provider_at_the_path_it_names(start_gateway, upstream):
-    text = prepared("advanced.yaml")
+    text = example("advanced.yaml")
     admin, literal_key, _ = secrets_of(text)
     gateway = start_gateway(served_by(text, upstream.server.url))
     upstream.script("anthropic", anthropic_like)
@@ -159,37 +182,45 @@ def test_the_advanced_example_serves_each_provider_at_the_path_it_names(start_ga
         reply = gateway.client(key).chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
         assert reply.choices[0].message.content, model
         assert upstream.seen[-1].path == path, model
+        if model == "azure/gpt-5.2":  # the example's post_body_parameter_overrides, applied
+            assert upstream.seen[-1].body["key1"] == "value1" and upstream.seen[-1].body["key2"] == "value2"
 
 
-def test_the_minimal_example_serves_and_its_only_key_is_the_admin(start_gateway, upstream):
-    text = prepared("minimal.yaml")
+def test_the_minimal_example_serves_the_priced_models_its_upstream_lists_and_its_only_key_is_the_admin(start_gateway, upstream):
+    text = on_the_fake("minimal.yaml", upstream)
     (key,) = secrets_of(text)
-    assert any("no key has role: admin" in r for r in reasons("minimal.yaml"))
-    gateway = start_gateway(served_by(text, upstream.server.url))
-    reply = gateway.client(key).chat.completions.create(model=DISCOVERED, messages=[{"role": "user", "content": "hi"}])
+    gateway = start_gateway(text)
+    warnings = [w["reason"] for w in gateway.http("GET", "/v1/config/status", key=key).json()["warnings"]]  # an admin route
+    assert any("no key has role: admin" in r for r in warnings)
+    assert [r for r in warnings if UNPRICED in r] == [
+        f"provider 'provider_name': 1 discovered model(s) have no price and are not served: {UNPRICED} (add model_price entries or a default)"
+    ]
+    assert [model.id for model in gateway.client(key).models.list()] == [PRICED]
+    reply = gateway.client(key).chat.completions.create(model=PRICED, messages=[{"role": "user", "content": "hi"}])
     assert reply.choices[0].message.content
     assert upstream.seen[-1].path == "/provider_name/v1/chat/completions"
-    assert gateway.http("GET", "/v1/config/status", key=key).status_code == 200  # an admin route
+    unpriced = gateway.http("POST", "/v1/chat/completions", key=key, json={"model": UNPRICED, "messages": [{"role": "user", "content": "hi"}]})
+    assert unpriced.status_code == 404
 
 
 def test_the_channel_priority_example_serves_both_channels(start_gateway, upstream):
-    text = prepared("channel_priority.yaml")
-    gateway = start_gateway(served_by(text, upstream.server.url))
+    gateway = start_gateway(on_the_fake("channel_priority.yaml", upstream))
     for channel in ("ai1", "ai2"):
-        gateway.client("sk-1234").chat.completions.create(model=f"{channel}/{DISCOVERED}", messages=[{"role": "user", "content": "hi"}])
+        gateway.client("sk-1234").chat.completions.create(model=f"{channel}/{PRICED}", messages=[{"role": "user", "content": "hi"}])
         assert upstream.seen[-1].path == f"/{channel}/v1/chat/completions"
 
 
 def test_providers_tollgate_has_no_engine_for_serve_nothing_and_keys_naming_them_load():
-    config = build_config(prepared("codex.yaml"), "api.yaml")
+    config = build_config(example("codex.yaml"), "api.yaml")
     assert config.providers == () and config.unserved == {"codex": None}
-    search = build_config(prepared("search.yaml"), "api.yaml")
+    priced = example("search.yaml") + "preferences:\n  model_price: {jina-embeddings-v3: '0.02'}\n"  # see the search test above
+    search = build_config(priced, "api.yaml")
     assert search.public_models == ("jina-embeddings-v3",)  # `search` is uni-api's /v1/search: not served
 
 
-def one_provider(base_url: str, engine: str | None = None, keys: str = "") -> str:
+def one_provider(base_url: str, engine: str | None = None, keys: str = "", prices: str = FREE) -> str:
     pinned = f"\n    engine: {engine}" if engine else ""
-    return f"providers:\n  - provider: p1\n    base_url: {base_url}{pinned}\n    api: k\n    model: [m]\napi_keys:\n  - api: sk-one\n    role: admin{keys}\n"
+    return f"providers:\n  - provider: p1\n    base_url: {base_url}{pinned}\n    api: k\n    model: [m]\n{prices}api_keys:\n  - api: sk-one\n    role: admin{keys}\n"
 
 
 @pytest.mark.parametrize(
@@ -228,7 +259,7 @@ def test_a_full_endpoint_base_url_is_called_at_that_endpoint(start_gateway, upst
     vendors = {"anthropic": anthropic_like, "gemini": gemini_like}
     if engine in vendors:
         upstream.script("p1", vendors[engine])
-    gateway = start_gateway(one_provider(f"{upstream.server.url}/p1{written}", engine) + "preferences:\n  model_price: {m: '1,2'}\n")
+    gateway = start_gateway(one_provider(f"{upstream.server.url}/p1{written}", engine, prices="preferences:\n  model_price: {m: '1,2'}\n"))
     gateway.client("sk-one").chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
     assert upstream.seen[-1].path == called
 
@@ -289,6 +320,8 @@ def test_angle_brackets_name_the_model_literally():
             base_url: https://b.example/v1
             api: k
             model: [a/m]
+        preferences:
+          model_price: {default: 0}
         api_keys:
           - api: sk-one
             role: admin
@@ -312,7 +345,7 @@ def test_a_per_model_rate_limit_is_refused_saying_how_to_write_it():
 def test_another_role_is_a_user_with_a_warning():
     config = build_config(one_provider("https://x.example/v1", keys="\n  - api: sk-two\n    role: vip"), "api.yaml")
     assert config.key_index.find("sk-two").role == "user"
-    assert [str(w) for w in config.warnings] == ["api.yaml:10:5: uni-api option 'role: vip' is not supported and is ignored (the key is a user key)"]
+    assert [str(w) for w in config.warnings] == ["api.yaml:12:5: uni-api option 'role: vip' is not supported and is ignored (the key is a user key)"]
 
 
 def test_warnings_are_on_the_config_status(start_gateway, upstream):

@@ -51,7 +51,7 @@ preferences:
   AUTO_RETRY: false
   model_timeout: {{default: 0.5}}
   max_response_body_bytes: 4096
-  model_price: {{default: '1000,2000'}}
+  model_price: {{gpt-4o: '1000,2000', default: '1000,2000'}}  # gpt-4o: not the catalog's price
 """
 
 
