@@ -73,7 +73,9 @@ def test_alias_and_provider_scoped_names_resolve_to_routes():
 def test_engine_is_inferred_from_base_url():
     config = load("providers:\n  - provider: x\n    base_url: https://api.example.com/v1\n    api: k\n    model: [m]\npreferences:\n  model_price: {m: 0}\n")
     assert config.providers[0].engine == "openai"
-    anthropic = load("providers:\n  - provider: x\n    base_url: https://api.anthropic.com/v1\n    api: k\n    model: [m]\npreferences:\n  model_price: {m: 0}\n")
+    anthropic = load(
+        "providers:\n  - provider: x\n    base_url: https://api.anthropic.com/v1\n    api: k\n    model: [m]\npreferences:\n  model_price: {m: 0}\n"
+    )
     assert anthropic.providers[0].engine == "anthropic"
     azure = load("providers:\n  - provider: x\n    base_url: https://me.openai.azure.com\n    api: k\n    model: [m]\npreferences:\n  model_price: {m: 0}\n")
     assert azure.providers[0].engine == "azure"
@@ -236,7 +238,9 @@ def test_routes_for_applies_the_allow_list():
 
 def test_scheduler_puts_cooling_routes_last_and_recovers_them():
     clock = [100.0]
-    config = load("providers:\n  - provider: a\n    engine: echo\n    model: [m]\n  - provider: b\n    engine: echo\n    model: [m]\npreferences:\n  model_price: {m: 0}\n")
+    config = load(
+        "providers:\n  - provider: a\n    engine: echo\n    model: [m]\n  - provider: b\n    engine: echo\n    model: [m]\npreferences:\n  model_price: {m: 0}\n"
+    )
     scheduler = Scheduler(clock=lambda: clock[0])
     first, second = config.routes["m"]
     scheduler.cool_down(first, 60)
@@ -306,7 +310,9 @@ def test_auto_retry_of_another_kind_is_a_located_error(written):
 
 
 def test_a_key_may_set_its_own_scheduling_algorithm_and_lottery_is_one():
-    config = load(BASE + "    preferences: {SCHEDULING_ALGORITHM: lottery}\n  - api: sk-two\npreferences: {SCHEDULING_ALGORITHM: round_robin, model_price: {echo-1: 0}}\n")
+    config = load(
+        BASE + "    preferences: {SCHEDULING_ALGORITHM: lottery}\n  - api: sk-two\npreferences: {SCHEDULING_ALGORITHM: round_robin, model_price: {echo-1: 0}}\n"
+    )
     assert config.key_index.find("sk-one").scheduling_algorithm == "lottery"
     assert config.key_index.find("sk-two").scheduling_algorithm == "round_robin"
 
