@@ -24,7 +24,7 @@ providers:
     api: k
     model: [gpt-4o]
 preferences:
-  model_price: {{default: "1,2"}}
+  model_price: {{gpt-4o: "1,2"}}  # the catalog prices gpt-4o higher; these tests count on $1/$2 per million
 accounts:
   - name: acme
     preferences: {{billing_mode: count, count_credits: 5}}

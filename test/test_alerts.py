@@ -104,7 +104,10 @@ def test_fired_alerts_survive_a_restart(start_gateway, receiver):
 def test_quota_count_credits_and_budget_thresholds(start_gateway, receiver):
     prefs = "billing_mode: count, count_credits: 4, quota: 40, daily_cost_limit: 0.004"
     gateway = start_gateway(
-        config(receiver.url, prefs).replace("model_price: {default: '1000,2000'}", "count_billing: {default_count_price: 0.001}"), clock=FakeClock(T0)
+        config(receiver.url, prefs).replace(
+            "model_price: {default: '1000,2000'}", "model_price: {echo-1: {token_price: '0,0'}}\n  count_billing: {default_count_price: 0.001}"
+        ),
+        clock=FakeClock(T0),
     )
     chat(gateway, 2)  # 2 of 4 count credits, 30 of 40 tokens, 0.002 of 0.004 USD today
     received = receiver.wait_for(3)

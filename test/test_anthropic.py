@@ -18,7 +18,7 @@ from core.providers.anthropic import from_anthropic, to_anthropic
 from core.providers.base import UpstreamCall
 from core.request_checks import reasoning_budget
 from core.usage import estimate_prompt_tokens
-from test.conftest import ADMIN_KEY, USER_KEY, keys_yaml
+from test.conftest import ADMIN_KEY, FREE, USER_KEY, keys_yaml
 from test.servers import streamed_text
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -55,7 +55,7 @@ EXPECTED_COST_NANOS = 25 * 3 * 1000 + 300 * 1000 + 375 * 1000 + 225 * 1000
 
 def route_call(body: dict[str, Any], stream: bool = False) -> UpstreamCall:
     config = build_config(
-        "providers:\n  - provider: a\n    engine: anthropic\n    base_url: https://api.anthropic.com/v1\n    api: k\n    model: [claude-x]\n", "api.yaml"
+        "providers:\n  - provider: a\n    engine: anthropic\n    base_url: https://api.anthropic.com/v1\n    api: k\n    model: [claude-x]\n" + FREE, "api.yaml"
     )
     return UpstreamCall("chat/completions", body, stream, config.routes["claude-x"][0], "k")
 

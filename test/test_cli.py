@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from test.conftest import FREE
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -84,7 +86,7 @@ def test_sigterm_flushes_every_ledger_row(tmp_path):
     config.write_text(
         "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n"
         "api_keys:\n  - api: sk-count-cli-0001\n    preferences: {billing_mode: count, count_credits: 100}\n"
-        "preferences:\n  count_billing: {default_count_price: 0.002}\n"
+        "preferences:\n  model_price: {echo-1: {token_price: '0,0'}}\n  count_billing: {default_count_price: 0.002}\n"
     )
     db, port = tmp_path / "ledger.db", _free_port()
     process = subprocess.Popen([sys.executable, "main.py", "--config", str(config), "--db", str(db), "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT)
@@ -105,7 +107,11 @@ def test_sigterm_flushes_every_ledger_row(tmp_path):
         assert ledger.execute("SELECT COUNT(*), SUM(count_charged), SUM(cost_nanos) FROM usage").fetchone() == (25, 25, 25 * 2_000_000)
 
 
-ECHO_CONFIG = "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\napi_keys:\n  - api: sk-admin-change-me\n    role: admin\n    name: ops\n"
+ECHO_CONFIG = (
+    "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n"
+    + FREE
+    + "api_keys:\n  - api: sk-admin-change-me\n    role: admin\n    name: ops\n"
+)
 
 
 def test_a_port_in_use_exits_2_with_one_line_before_the_ledger_is_made(tmp_path):
@@ -202,7 +208,7 @@ def test_an_ipv6_host_without_ipv6_exits_2_with_one_line(tmp_path):
 
 def test_check_config_prints_warnings_and_a_summary_without_starting(tmp_path):
     config = tmp_path / "api.yaml"
-    config.write_text("providers:\n  - provider: x\n    engine: echo\n    model: [m]\n    notes: docs\napi_keys:\n  - api: sk-a\n    role: admin\n")
+    config.write_text("providers:\n  - provider: x\n    engine: echo\n    model: [m]\n    notes: docs\n" + FREE + "api_keys:\n  - api: sk-a\n    role: admin\n")
     result = run_main("--check-config", str(config), "--port", "1")  # no port is opened, no ledger made
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == [f"warning: {config}:5:5: uni-api option 'notes' is not supported and is ignored"]

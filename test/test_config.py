@@ -20,6 +20,9 @@ providers:
 api_keys:
   - api: sk-one
 """
+# BASE serves echo-1, which nothing prices, so on its own it does not load (fail-closed pricing): the error
+# tests rely on that to add one line at a known place. A test that loads it says echo-1 is free with this.
+ECHO_FREE = "preferences:\n  model_price: {echo-1: 0}\n"
 
 
 def load(text: str):
@@ -33,7 +36,7 @@ def error_of(text: str) -> ConfigError:
 
 
 def test_minimal_config_builds_typed_objects():
-    config = load(BASE)
+    config = load(BASE + ECHO_FREE)
     assert config.providers[0].engine == "echo"
     assert config.preferences.scheduling_algorithm == "fixed_priority"
     assert config.preferences.auto_retry is True
@@ -55,6 +58,8 @@ def test_alias_and_provider_scoped_names_resolve_to_routes():
             base_url: https://b.example/v1/
             api: k
             model: [nice]
+        preferences:
+          model_price: {nice: 0, other: 0}
         """
     )
     nice = config.routes["nice"]
@@ -66,11 +71,13 @@ def test_alias_and_provider_scoped_names_resolve_to_routes():
 
 
 def test_engine_is_inferred_from_base_url():
-    config = load("providers:\n  - provider: x\n    base_url: https://api.example.com/v1\n    api: k\n    model: [m]\n")
+    config = load("providers:\n  - provider: x\n    base_url: https://api.example.com/v1\n    api: k\n    model: [m]\npreferences:\n  model_price: {m: 0}\n")
     assert config.providers[0].engine == "openai"
-    anthropic = load("providers:\n  - provider: x\n    base_url: https://api.anthropic.com/v1\n    api: k\n    model: [m]\n")
+    anthropic = load(
+        "providers:\n  - provider: x\n    base_url: https://api.anthropic.com/v1\n    api: k\n    model: [m]\npreferences:\n  model_price: {m: 0}\n"
+    )
     assert anthropic.providers[0].engine == "anthropic"
-    azure = load("providers:\n  - provider: x\n    base_url: https://me.openai.azure.com\n    api: k\n    model: [m]\n")
+    azure = load("providers:\n  - provider: x\n    base_url: https://me.openai.azure.com\n    api: k\n    model: [m]\npreferences:\n  model_price: {m: 0}\n")
     assert azure.providers[0].engine == "azure"
 
 
@@ -101,6 +108,8 @@ def test_env_vars_are_expanded_with_defaults(monkeypatch):
             base_url: ${BASE:-https://fallback.example/v1}
             api: ${UP_KEY}
             model: [m]
+        preferences:
+          model_price: {m: 0}
         """
     )
     assert config.providers[0].upstream_keys == ("secret-from-env",)
@@ -161,7 +170,7 @@ def test_validation_errors_name_the_line_and_reason(text, line, reason):
 
 def test_yaml_the_fast_parser_refuses_but_ruamel_accepts_still_loads():
     """libyaml stops at the ':' of a timezone inside a flow mapping; ruamel reads it."""
-    config = load(BASE + "    preferences: {billing_mode: token, credits: 10.0, created_at: 2024-01-01T00:00:00+08:00}\n")
+    config = load(BASE + "    preferences: {billing_mode: token, credits: 10.0, created_at: 2024-01-01T00:00:00+08:00}\n" + ECHO_FREE)
     billing = config.key_index.find("sk-one").billing
     assert (billing.mode, billing.credits_nanos, billing.created_at) == ("token", 10_000_000_000, 1704038400.0)
 
@@ -192,7 +201,7 @@ def test_yaml_that_fails_inside_the_parser_is_a_config_error_not_a_crash(value):
 
 
 def test_numbers_are_exact_decimals():
-    config = load(BASE + "preferences:\n  cooldown_period: 0.1\n")
+    config = load(BASE + "preferences:\n  cooldown_period: 0.1\n  model_price: {echo-1: 0}\n")
     assert config.preferences.cooldown_period == float(Decimal("0.1"))
 
 
@@ -212,6 +221,8 @@ def test_routes_for_applies_the_allow_list():
             model: [b/m1]
           - api: sk-uni
             model: [all]
+        preferences:
+          model_price: {m1: 0, m2: 0}
         """
     )
     some = config.key_index.find("sk-some")
@@ -227,7 +238,9 @@ def test_routes_for_applies_the_allow_list():
 
 def test_scheduler_puts_cooling_routes_last_and_recovers_them():
     clock = [100.0]
-    config = load("providers:\n  - provider: a\n    engine: echo\n    model: [m]\n  - provider: b\n    engine: echo\n    model: [m]\n")
+    config = load(
+        "providers:\n  - provider: a\n    engine: echo\n    model: [m]\n  - provider: b\n    engine: echo\n    model: [m]\npreferences:\n  model_price: {m: 0}\n"
+    )
     scheduler = Scheduler(clock=lambda: clock[0])
     first, second = config.routes["m"]
     scheduler.cool_down(first, 60)
@@ -269,7 +282,7 @@ def test_numbers_past_the_documented_maximum_are_located_errors(preferences, whe
 
 
 def test_the_largest_allowed_numbers_load():
-    config = load(BASE + "    preferences: {count_credits: 1000000000000000, credits: 1000000000000000, quota: 1000000000000000}\n")
+    config = load(BASE + "    preferences: {count_credits: 1000000000000000, credits: 1000000000000000, quota: 1000000000000000}\n" + ECHO_FREE)
     assert config.key_index.find("sk-one").billing.count_credits == 10**15
 
 
@@ -281,13 +294,13 @@ def test_a_key_written_without_its_api_label_is_not_quoted_in_the_error():
 
 @pytest.mark.parametrize(("written", "read"), [("true", True), ("false", False), ("0", 0), ("3", 3), ("'2'", 2)])
 def test_auto_retry_is_true_false_or_a_number_of_retries(written, read):
-    config = load(BASE + f"    preferences: {{AUTO_RETRY: {written}}}\npreferences: {{AUTO_RETRY: 1}}\n")
+    config = load(BASE + f"    preferences: {{AUTO_RETRY: {written}}}\npreferences: {{AUTO_RETRY: 1, model_price: {{echo-1: 0}}}}\n")
     assert config.key_index.find("sk-one").auto_retry == read and type(config.key_index.find("sk-one").auto_retry) is type(read)
     assert config.preferences.auto_retry == 1
 
 
 def test_a_key_without_auto_retry_takes_the_global_one():
-    assert load(BASE + "preferences: {AUTO_RETRY: 2}\n").key_index.find("sk-one").auto_retry == 2
+    assert load(BASE + "preferences: {AUTO_RETRY: 2, model_price: {echo-1: 0}}\n").key_index.find("sk-one").auto_retry == 2
 
 
 @pytest.mark.parametrize("written", ["maybe", "-1", "1.5"])
@@ -297,15 +310,18 @@ def test_auto_retry_of_another_kind_is_a_located_error(written):
 
 
 def test_a_key_may_set_its_own_scheduling_algorithm_and_lottery_is_one():
-    config = load(BASE + "    preferences: {SCHEDULING_ALGORITHM: lottery}\n  - api: sk-two\npreferences: {SCHEDULING_ALGORITHM: round_robin}\n")
+    config = load(
+        BASE + "    preferences: {SCHEDULING_ALGORITHM: lottery}\n  - api: sk-two\npreferences: {SCHEDULING_ALGORITHM: round_robin, model_price: {echo-1: 0}}\n"
+    )
     assert config.key_index.find("sk-one").scheduling_algorithm == "lottery"
     assert config.key_index.find("sk-two").scheduling_algorithm == "round_robin"
 
 
 def test_smart_round_robin_loads_as_weighted_round_robin_with_a_warning():
-    config = load(BASE + "    preferences: {SCHEDULING_ALGORITHM: smart_round_robin}\n")
+    # role: admin, so the only warning is this one (without it the first key is the admin, with a warning)
+    config = load(BASE + "    role: admin\n    preferences: {SCHEDULING_ALGORITHM: smart_round_robin}\n" + ECHO_FREE)
     assert config.key_index.find("sk-one").scheduling_algorithm == "weighted_round_robin"
-    assert [(w.line, "smart_round_robin" in w.reason) for w in config.warnings] == [(7, True)]
+    assert [(w.line, "smart_round_robin" in w.reason) for w in config.warnings] == [(8, True)]
 
 
 def test_lottery_puts_routes_first_in_proportion_to_their_weight():
@@ -314,6 +330,8 @@ def test_lottery_puts_routes_first_in_proportion_to_their_weight():
         providers:
           - {provider: heavy, engine: echo, model: [m], preferences: {weight: 3}}
           - {provider: light, engine: echo, model: [m]}
+        preferences:
+          model_price: {m: 0}
         """
     )
     scheduler = Scheduler()
@@ -322,7 +340,7 @@ def test_lottery_puts_routes_first_in_proportion_to_their_weight():
 
 
 def test_rate_limits_count_weeks_months_and_years_as_uni_api_does():
-    config = load(BASE + "    preferences: {rate_limit: '1/week,10/month,3/mo,5/year,2/hr'}\n")
+    config = load(BASE + "    preferences: {rate_limit: '1/week,10/month,3/mo,5/year,2/hr'}\n" + ECHO_FREE)
     rules = config.key_index.find("sk-one").limits.rate_limits
     assert [(rule.limit, rule.seconds) for rule in rules] == [(1, 7 * 86400), (10, 30 * 86400), (3, 30 * 86400), (5, 365 * 86400), (2, 3600)]
 
@@ -342,6 +360,8 @@ def test_body_overrides_load_per_public_model_and_warn_about_what_they_cannot_do
                 __remove__: [{path: tools, where: {type: x}}, temperature]
                 nice: {seed: 1}
                 real-name: {seed: 2}
+        preferences:
+          model_price: {nice: 0}
         """
     )
     overrides = config.providers[0].body_overrides
@@ -362,6 +382,7 @@ def test_a_proxys_credentials_go_to_the_proxy_only_and_never_into_messages():
           - {provider: plain, base_url: http://b.example/v1, api: k, model: [m], preferences: {proxy: "http://b-proxy:3128"}}
         preferences:
           proxy: http://ops:pa%40ss@proxy.example:8080
+          model_price: {m: 0}
         """
     )
     tls, plain = config.providers

@@ -251,7 +251,7 @@ def test_disk_full_keeps_answering_retries_and_shows_the_error(start_gateway):
     config = (
         "providers:\n  - provider: echo\n    engine: echo\n    model: [echo-1]\n"
         f"api_keys:\n  - api: {ADMIN_KEY}\n    role: admin\n  - api: {USER_KEY}\n    preferences: {{billing_mode: count, count_credits: 100}}\n"
-        "preferences:\n  count_billing: {default_count_price: 0.01}\n"
+        "preferences:\n  model_price: {echo-1: {token_price: '0,0'}}\n  count_billing: {default_count_price: 0.01}\n"
     )
     gateway = start_gateway(config)
     ledger = gateway.server.app.state.ledger

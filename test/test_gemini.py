@@ -16,7 +16,7 @@ from core.config import build_config
 from core.providers.base import UpstreamCall
 from core.providers.gemini import from_gemini, to_gemini
 from core.usage import estimate_prompt_tokens
-from test.conftest import keys_yaml
+from test.conftest import FREE, keys_yaml
 from test.servers import streamed_text
 from test.test_anthropic import TOOLS, ledger_rows, wait_for_ledger_rows
 
@@ -47,7 +47,7 @@ EXPECTED_COST_NANOS = (60 + 75 + 50 + 175) * 1000
 
 def route_call(body: dict[str, Any]) -> UpstreamCall:
     config = build_config(
-        "providers:\n  - provider: g\n    base_url: https://generativelanguage.googleapis.com/v1beta\n    api: k\n    model: [gem]\n", "api.yaml"
+        "providers:\n  - provider: g\n    base_url: https://generativelanguage.googleapis.com/v1beta\n    api: k\n    model: [gem]\n" + FREE, "api.yaml"
     )
     assert config.providers[0].engine == "gemini"
     return UpstreamCall("chat/completions", body, False, config.routes["gem"][0], "k")
