@@ -17,6 +17,7 @@ from core.config import build_config
 from core.yamlsource import ConfigError
 from test.conftest import keys_yaml
 from test.servers import fail, model_list
+from test.test_proxy import ForwardProxy
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -155,3 +156,17 @@ def test_a_discovered_model_nothing_prices_is_not_served_and_one_warning_names_i
     assert gateway.http("POST", "/v1/chat/completions", json={"model": "house-llm-1", "messages": MESSAGES}).status_code == 404
     gateway.rewrite_config(gateway.config_path.read_text().replace("gpt-: '1,2'", "gpt-: '1,2', default: '5,5'"))
     assert [model.id for model in gateway.client().models.list()] == ["gpt-x", "house-llm-1", "house-llm-2"]  # a default prices them
+
+
+def test_discovery_reaches_the_upstream_through_the_providers_proxy(start_gateway, upstream):
+    proxy = ForwardProxy()
+    try:
+        upstream.script("p1", model_list("openai", ["gpt-x"]))
+        proxied = proxy.url.replace("http://", "http://ops:s3cret@")
+        text = config("openai").replace(f"    api: {SECRET}\n", f"    api: {SECRET}\n    preferences: {{proxy: '{proxied}'}}\n", 1)
+        gateway = start_gateway(text, upstream)
+        assert [model.id for model in gateway.client().models.list()] == ["gpt-x"]
+        assert proxy.seen[0] == ("/p1/v1/models", "Basic b3BzOnMzY3JldA==")  # ops:s3cret, to the proxy only
+        assert "proxy-authorization" not in models_requests(upstream)[0].headers
+    finally:
+        proxy.server.stop()

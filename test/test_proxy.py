@@ -326,7 +326,7 @@ class ForwardProxy:
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str | None]] = []
-        self.server = ServerThread(Starlette(routes=[Route("/{path:path}", self._forward, methods=["POST"])])).start()
+        self.server = ServerThread(Starlette(routes=[Route("/{path:path}", self._forward, methods=["GET", "POST"])])).start()
 
     @property
     def url(self) -> str:
@@ -335,8 +335,9 @@ class ForwardProxy:
     async def _forward(self, request: Request) -> Response:
         self.seen.append((request.url.path, request.headers.get("proxy-authorization")))
         headers = {name: value for name, value in request.headers.items() if name.lower() not in ("host", "proxy-authorization", "content-length")}
+        target = f"http://{request.headers['host']}{request.url.path}" + (f"?{request.url.query}" if request.url.query else "")
         async with httpx.AsyncClient() as client:
-            answer = await client.post(f"http://{request.headers['host']}{request.url.path}", content=await request.body(), headers=headers)
+            answer = await client.request(request.method, target, content=await request.body(), headers=headers)
         return Response(answer.content, answer.status_code, media_type=answer.headers.get("content-type"))
 
 
