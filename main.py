@@ -31,7 +31,9 @@ from core.alerts import Alerts
 from core.auth_throttle import AuthThrottle
 from core.billing import BillingMeter
 from core.config import Config, load_config
-from core.config_check import check_config
+from core.config.check import check_config
+from core.config.reload import ConfigStore, log_warnings
+from core.config.yamlsource import ConfigError
 from core.errors import GatewayError
 from core.ledger.database import Database, open_ledger, parse_database
 from core.ledger.postgres import PgLedger
@@ -39,11 +41,9 @@ from core.ledger.sqlite import LedgerUnavailable, check_ledger_file
 from core.ledger.sqlite_lock import LedgerLock, LedgerLockError
 from core.providers.messages import anthropic_error_body
 from core.proxy import Gateway
-from core.reload import ConfigStore, log_warnings
 from core.routing import Scheduler
 from core.stored_responses import StoredResponses
 from core.upstream import create_http_session
-from core.yamlsource import ConfigError
 from routes import accounts, admin, api_keys, audit, billing_admin, proxy, responses, self_service, web, web_prices, web_usage_keys
 from routes._http import error_response, http_error, internal_error
 from routes._pages import compile_templates

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.config_billing import KeyBilling
+from core.config.billing import KeyBilling
 from core.ledger import UsageRecord, hold
 from core.ledger.sqlite import SqliteLedger
 

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.config import load_config
-from core.reload import ConfigStore
+from core.config.reload import ConfigStore
 
 # The echo models are billed nothing, as they were before a model nothing prices stopped
 # loading (fail-closed pricing): said explicitly, so that reload figures stay comparable.

@@ -11,15 +11,15 @@ from core.alerts import Alerts
 from core.audit import ADD_COUNT_CREDITS, ADD_CREDITS, REPORT_USAGE, SET_BILLING_MODE, Actor, AuditEntry, balance
 from core.billing import BillingMeter, check_window_open
 from core.config import FILE, ApiKey, Config
-from core.config_billing import BILLING_MODES
-from core.config_writer import ConfigChangedError, ConfigWriteError, set_key_preference
+from core.config.billing import BILLING_MODES
+from core.config.reload import ConfigStore, ReloadError
+from core.config.writer import ConfigChangedError, ConfigWriteError, set_key_preference
+from core.config.yamlsource import ConfigError
 from core.errors import GatewayError, bad_request
 from core.keys.admin import update_key
 from core.ledger import COUNT_CREDITS, CREDITS, Grant, Ledger
 from core.pricing import format_usd, to_nanos
-from core.reload import ConfigStore, ReloadError
 from core.usage import Usage
-from core.yamlsource import ConfigError
 
 MAX_AMOUNT = Decimal(10) ** 9
 MAX_IDEMPOTENCY_KEY = 200

@@ -38,7 +38,7 @@ import aiohttp
 import aiosqlite
 
 from core.config import ApiKey
-from core.config_billing import KeyBilling
+from core.config.billing import KeyBilling
 from core.ledger import Account, Ledger
 from core.limits import Limiter
 from core.money_format import count_text, usd_text

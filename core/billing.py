@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from core.alerts import Alerts
 from core.config import ApiKey, Config
-from core.config_billing import KeyBilling
+from core.config.billing import KeyBilling
 from core.errors import GatewayError, bad_request
 from core.ledger import COUNT_CREDITS, Account, InsufficientBalance, Ledger, Reservation, UsageRecord
 from core.limits import Limiter

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
-from core.config_reader import Section
+from core.config.reader import Section
 
 KEY = "post_body_parameter_overrides"
 REMOVE = "__remove__"

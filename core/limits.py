@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 from core.config import ACCOUNT, ApiKey
-from core.config_limits import IPNetwork, RateRule
+from core.config.limits import IPNetwork, RateRule
 from core.errors import GatewayError, forbidden
 from core.ledger import Account
 from core.ledger.sums import Window, account_totals, window_totals

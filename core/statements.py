@@ -10,7 +10,7 @@ from typing import Any
 
 from core import reports
 from core.config import ApiKey, Config
-from core.config_billing import UNLIMITED
+from core.config.billing import UNLIMITED
 from core.keys.states import effective_mode
 from core.ledger import Account, Ledger
 from core.ledger.sums import Totals, Window

@@ -11,7 +11,7 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from core.config_reader import MAX_NUMBER
+from core.config.reader import MAX_NUMBER
 from core.errors import GatewayError
 from core.keys.admin import jsonable
 

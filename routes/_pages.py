@@ -13,9 +13,9 @@ from starlette.responses import HTMLResponse, RedirectResponse
 
 from core.admin_actions import config_error_message
 from core.config import ApiKey
+from core.config.reload import ConfigStore
 from core.errors import GatewayError
 from core.money_format import count_text, usd_text
-from core.reload import ConfigStore
 from routes.web_views import MESSAGES, when
 
 WEB = Path(__file__).resolve().parent.parent / "web"

@@ -13,12 +13,12 @@ from starlette.routing import Route
 from core.admin_actions import add_credit
 from core.audit import Actor
 from core.config import FILE, ApiKey, Config
+from core.config.reload import ConfigStore
 from core.errors import bad_request
 from core.keys import accounts as account_admin
 from core.keys.admin import iso, jsonable
 from core.keys.states import key_states, keys_by_account
 from core.ledger import COUNT_CREDITS, CREDITS
-from core.reload import ConfigStore
 from routes._http import caller_ip, current_config, read_json, require_admin
 from routes._json import ExactJSONResponse
 

@@ -9,9 +9,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from core.config import ACCOUNT_ID_PREFIX, API, FILE, Config
+from core.config.reload import ConfigStore, ReloadError
 from core.keys.admin import jsonable
 from core.ledger.postgres import PgLedger
-from core.reload import ConfigStore, ReloadError
 from routes._http import current_config, require_admin
 from routes._json import ExactJSONResponse
 

@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from core.audit import Actor
 from core.config import FILE, ApiKey, Config
+from core.config.reload import ConfigStore
 from core.errors import bad_request
 from core.keys import admin as key_admin
 from core.keys.admin import iso, jsonable, key_not_found
@@ -24,7 +25,6 @@ from core.keys.states import key_states, key_status
 from core.ledger import Account, Ledger
 from core.limits import Limiter
 from core.money_format import usd_json
-from core.reload import ConfigStore
 from routes._http import authenticate, caller_ip, current_config, parse_json, read_body, require_admin, whole_number
 from routes._json import ExactJSONResponse
 

@@ -16,13 +16,13 @@ from core.admin_actions import add_credit
 from core.audit import Actor
 from core.billing import BillingMeter
 from core.config import ApiKey, Config
+from core.config.reload import ConfigStore
 from core.errors import bad_request, forbidden, not_found
 from core.keys.states import key_state, key_states, usage_rows
 from core.keys.uniapi_usage import DEFAULT_DAYS, uniapi_token_usage
 from core.ledger import COUNT_CREDITS, CREDITS
 from core.money_format import usd_json
 from core.pricing.listing import price_rows
-from core.reload import ConfigStore
 from core.timeutil import to_unix
 from core.usage import Usage
 from routes._http import authenticate, caller_ip, current_config, read_json, require_admin, whole_number

@@ -18,11 +18,11 @@ from core import admin_actions, reports, statements
 from core.alerts import recent_alerts
 from core.audit import LOGIN, Actor, AuditEntry
 from core.config import ApiKey, Config
+from core.config.reload import ConfigStore
 from core.errors import GatewayError, forbidden, not_found
 from core.ledger import COUNT_CREDITS, CREDITS, Ledger
 from core.ledger.postgres import PgLedger
 from core.ledger.sums import Window
-from core.reload import ConfigStore
 from routes import web_account_admin, web_accounts, web_export, web_keys
 from routes._http import caller_ip, current_config, whole_number
 from routes._pages import WEB, flash_message, read_form, redirect, render

@@ -14,10 +14,10 @@ from starlette.routing import Route
 
 from core.audit import Actor
 from core.config import API, ApiKey, Config
+from core.config.reload import ConfigStore
 from core.errors import GatewayError
 from core.keys import accounts as account_admin
 from core.keys.admin import jsonable
-from core.reload import ConfigStore
 from routes._forms import invalid_field
 from routes._http import caller_ip, current_config
 from routes._pages import redirect, render

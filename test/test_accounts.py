@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from core.config import build_config
-from core.yamlsource import ConfigError
+from core.config.yamlsource import ConfigError
 from test.conftest import ADMIN_KEY, RunningGateway
 
 ONE, TWO, SOLO = "sk-acme-one-0001", "sk-acme-two-0002", "sk-solo-key-0003"

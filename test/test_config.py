@@ -9,8 +9,8 @@ import pytest
 from ruamel.yaml import YAML
 
 from core.config import build_config
+from core.config.yamlsource import ConfigError, expand_env, parse_yaml
 from core.routing import Scheduler, routes_for
-from core.yamlsource import ConfigError, expand_env, parse_yaml
 
 BASE = """\
 providers:
@@ -253,7 +253,9 @@ def test_every_setting_is_documented_in_the_example():
     import re
     from pathlib import Path
 
-    from core import config, config_billing, config_limits
+    from core import config
+    from core.config import billing as config_billing
+    from core.config import limits as config_limits
 
     example = (Path(__file__).resolve().parent.parent / "api.yaml.example").read_text()
     settings = (

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from core.config import build_config
-from core.yamlsource import ConfigError
+from core.config.yamlsource import ConfigError
 from test.conftest import keys_yaml
 from test.servers import fail, model_list
 from test.test_proxy import ForwardProxy

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config_billing import KeyBilling
+from core.config.billing import KeyBilling
 from core.ledger import COUNT_CREDITS, CREDITS, Grant, InsufficientBalance, UsageRecord
 from core.ledger.rollups import ROLLUP_STATEMENTS
 from core.ledger.sqlite import SqliteLedger

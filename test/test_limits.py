@@ -309,7 +309,7 @@ def test_allowed_clients_match_user_agent_patterns(start_gateway):
 )
 def test_limit_settings_are_validated(prefs, reason):
     from core.config import build_config
-    from core.yamlsource import ConfigError
+    from core.config.yamlsource import ConfigError
 
     with pytest.raises(ConfigError) as caught:
         build_config(config(prefs), "api.yaml")

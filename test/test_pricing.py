@@ -103,7 +103,7 @@ def test_tiny_charges_sum_exactly():
 
 
 def test_bad_prices_are_config_errors():
-    from core.yamlsource import ConfigError
+    from core.config.yamlsource import ConfigError
 
     with pytest.raises(ConfigError) as caught:
         build_config(PRICES.format(enabled="true").replace("0.12,0.48", "0.12,abc"), "api.yaml")

@@ -11,7 +11,7 @@ import stat
 import httpx
 import pytest
 
-from core.config_writer import ConfigChangedError, ConfigWriteError, replace_text, set_key_preference
+from core.config.writer import ConfigChangedError, ConfigWriteError, replace_text, set_key_preference
 from test.conftest import ADMIN_KEY
 
 LONG_FLOW = "{billing_mode: token, credits: 10, created_at: 2024-01-01T00:00:00+08:00, daily_cost_limit: 5, monthly_cost_limit: 50, count_credits: 0}"

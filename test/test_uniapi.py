@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from core.config import build_config
-from core.yamlsource import ConfigError
+from core.config.yamlsource import ConfigError
 from test.conftest import FREE
 from test.servers import model_list
 

@@ -8,5 +8,5 @@
 - self_service.py: what a key holder may do to the keys of their own account.
 - states.py: a key's or account's billing state as the APIs and pages show it.
 
-Keys themselves are parsed with the rest of api.yaml (core/config.py: `read_key`, `read_account`).
+Keys themselves are parsed with the rest of api.yaml (core/config/__init__.py: `read_key`, `read_account`).
 """

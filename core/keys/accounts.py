@@ -15,12 +15,12 @@ from typing import Any
 
 from core.audit import CREATE_ACCOUNT, DELETE_ACCOUNT, UPDATE_ACCOUNT, Actor, AuditEntry
 from core.config import API, FILE, ApiKey, Config
+from core.config.reload import ConfigStore
+from core.config.yamlsource import ConfigError
 from core.errors import GatewayError, bad_request, not_found
 from core.keys.admin import jsonable
 from core.keys.records import AccountChange, AccountRecord, build_account, patched_record
 from core.ledger import Ledger
-from core.reload import ConfigStore
-from core.yamlsource import ConfigError
 
 
 def account_not_found(name: str) -> GatewayError:

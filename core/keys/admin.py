@@ -19,13 +19,13 @@ import orjson
 
 from core.audit import CREATE_KEY, DELETE_KEY, ROTATE_KEY, UPDATE_KEY, Actor, AuditEntry
 from core.config import API, FILE, ApiKey, Config, read_key_id
-from core.config_reader import Section
+from core.config.reader import Section
+from core.config.reload import ConfigStore
+from core.config.yamlsource import ConfigError
 from core.errors import GatewayError, bad_request, not_found
 from core.keys.index import digest_of, mask_key
 from core.keys.records import KeyRecord, RecordChange, RecordConflict, build_key, patched_record
 from core.ledger import Ledger
-from core.reload import ConfigStore
-from core.yamlsource import ConfigError
 
 SECRET_BYTES = 32  # 256 bits of randomness: 43 URL-safe characters after `sk-`
 MAX_SECRET_LENGTH = 512

@@ -26,9 +26,9 @@ from typing import Any, TypeVar
 import orjson
 
 from core.config import ACCOUNT_ID_PREFIX, API, FILE, ApiKey, Config, read_account, read_key
-from core.config_reader import Section
+from core.config.reader import Section
+from core.config.yamlsource import ConfigError
 from core.keys.index import KeyIndex
-from core.yamlsource import ConfigError
 
 log = logging.getLogger("tollgate.keys")
 

@@ -13,10 +13,10 @@ import copy
 from typing import Any
 
 from core.config import KEY_KEYS, KEY_PREFERENCE_KEYS, ApiKey, Config
+from core.config.yamlsource import ConfigError
 from core.errors import GatewayError, bad_request, forbidden
 from core.keys.admin import invalid_entry, key_not_found
 from core.keys.records import build_key
-from core.yamlsource import ConfigError
 
 HOLDER_FIELDS = ("name", "role", "account", "model", "preferences")
 HOLDER_PREFERENCES = (

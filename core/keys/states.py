@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from core.config import ApiKey, Config
-from core.config_billing import UNLIMITED
+from core.config.billing import UNLIMITED
 from core.ledger import Account, Ledger
 from core.ledger.sums import Totals, Window
 from core.money_format import usd_json

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
-from core.config_billing import KeyBilling
+from core.config.billing import KeyBilling
 
 if TYPE_CHECKING:
     from core.audit import AuditEntry

@@ -38,7 +38,7 @@ import orjson
 
 from core.audit import INSERT_AUDIT, AuditEntry, read_audit_page
 from core.config import ACCOUNT_ID_PREFIX, ApiKey
-from core.config_billing import KeyBilling
+from core.config.billing import KeyBilling
 from core.errors import GatewayError
 from core.keys.records import (
     INSERT_ACCOUNT,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TextIO
 
 from core.config import load_config
-from core.yamlsource import ConfigError
+from core.config.yamlsource import ConfigError
 
 
 def check_config(path: str, out: TextIO, err: TextIO) -> int:

@@ -10,7 +10,7 @@ from datetime import date
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from core.yamlsource import ConfigError, ConfigWarning, error_at, line_of, position_of, warning_at
+from core.config.yamlsource import ConfigError, ConfigWarning, error_at, line_of, position_of, warning_at
 
 _MISSING = object()
 # Every number in the config is at most this: counts, tokens, USD, seconds. Past 2**64 JSON

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from core.config_reader import Section
+from core.config.reader import Section
 
 # Places, as `read_options` names them.
 TOP, PROVIDER, PROVIDER_PREFERENCES, KEY, KEY_PREFERENCES, PREFERENCES = (

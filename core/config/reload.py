@@ -21,9 +21,9 @@ from pathlib import Path
 from watchfiles import awatch
 
 from core.config import Config, load_config
+from core.config.yamlsource import ConfigError
 from core.cooperate import LoopLoad, cooperate, cooperating
 from core.keys.records import AccountRecords, BuiltKeys, KeyRecords, layered
-from core.yamlsource import ConfigError
 
 log = logging.getLogger("tollgate.config")
 

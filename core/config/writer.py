@@ -20,7 +20,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from core.yamlsource import ConfigError, expand_env, parse_yaml
+from core.config.yamlsource import ConfigError, expand_env, parse_yaml
 
 NULL_TAG = "tag:yaml.org,2002:null"
 BOM = "\ufeff"

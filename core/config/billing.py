@@ -7,7 +7,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from core.config_reader import Section, to_decimal
+from core.config.reader import Section, to_decimal
 from core.pricing import COUNT, FREE, TOKEN, ModelPrice, TokenPrice, to_nanos
 from core.pricing.book import PriceBook, build_price_book
 from core.pricing.catalog import CatalogError, PriceCatalog, builtin_catalog, load_catalog

@@ -19,16 +19,12 @@ from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo
 
 from core.body_overrides import BodyOverrides, read_body_overrides
-from core.config_billing import BILLING_MODES, DEFAULT_RESERVE_COMPLETION_TOKENS, KeyBilling, read_key_billing, read_multiplier, read_price_book
-from core.config_limits import LIMIT_KEYS, AlertSettings, IPNetwork, KeyLimits, read_alerts, read_key_limits, read_networks, read_timezone
-from core.config_reader import Section, collecting_warnings, items_of
-from core.cooperate import cooperate
-from core.discovery import DEFAULT_TIMEOUT as DEFAULT_DISCOVERY_TIMEOUT
-from core.discovery import Discovery
-from core.keys.index import KeyIndex, digest_of, mask_key
-from core.lookup import PrefixTable
-from core.pricing.book import PriceBook, build_price_book, with_routes
-from core.uniapi_options import (
+from core.config.billing import BILLING_MODES, DEFAULT_RESERVE_COMPLETION_TOKENS, KeyBilling, read_key_billing, read_multiplier, read_price_book
+from core.config.discovery import DEFAULT_TIMEOUT as DEFAULT_DISCOVERY_TIMEOUT
+from core.config.discovery import Discovery
+from core.config.limits import LIMIT_KEYS, AlertSettings, IPNetwork, KeyLimits, read_alerts, read_key_limits, read_networks, read_timezone
+from core.config.reader import Section, collecting_warnings, items_of
+from core.config.uniapi import (
     ENGINE_ALIASES,
     ENGINES_NOT_SUPPORTED,
     KEY,
@@ -40,7 +36,11 @@ from core.uniapi_options import (
     ignored,
     read_options,
 )
-from core.yamlsource import ConfigError, ConfigWarning, error_at, expand_env, line_of, parse_yaml
+from core.config.yamlsource import ConfigError, ConfigWarning, error_at, expand_env, line_of, parse_yaml
+from core.cooperate import cooperate
+from core.keys.index import KeyIndex, digest_of, mask_key
+from core.lookup import PrefixTable
+from core.pricing.book import PriceBook, build_price_book, with_routes
 
 ENGINES = ("openai", "azure", "anthropic", "gemini", "echo")
 SCHEDULING_ALGORITHMS = ("fixed_priority", "round_robin", "weighted_round_robin", "lottery", "random")

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from core.config_reader import MAX_NUMBER, MAX_NUMBER_TEXT, Section
+from core.config.reader import MAX_NUMBER, MAX_NUMBER_TEXT, Section
 from core.pricing import to_nanos
 from core.timeutil import to_unix
 
