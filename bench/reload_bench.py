@@ -36,7 +36,7 @@ def big_config(keys: int, models: int, providers: int = 10) -> str:
     for p in range(providers):
         lines += [f"  - provider: p{p}", "    engine: echo", "    model:"]
         lines += [f"      - model-{p}-{m}" for m in range(per_provider)]
-    lines.append("api_keys:")
+    lines += ["api_keys:", "  - api: sk-bench-admin-0123456789abcdef", "    name: ops", "    role: admin"]
     for k in range(keys):
         lines += [f"  - api: sk-bench-{k:08d}-0123456789abcdef", f"    name: user{k}", "    model: ['*']"]
     return "\n".join(lines) + "\n"

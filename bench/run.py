@@ -92,6 +92,9 @@ api_keys:
   - api: {KEYS[2]}
     name: limited-key
     preferences: {{billing_mode: token, credits: 1000000, rate_limit: '10000000/min', concurrency_limit: 1000}}
+  - api: sk-bench-admin-0123456789abcdef
+    name: ops
+    role: admin
 preferences:
   model_price: {{default: '1,2'}}
   count_billing: {{default_count_price: 0.001}}
