@@ -42,10 +42,10 @@ def _label_if_only_that_is_allowed(config: Config, model: str, key: ApiKey, rout
     """`anthropic/claude-x` is both a model literally named so (on some provider) and the label
     of provider anthropic's claude-x: a key allowed the literal model gets it (as uni-api reads
     a request's model name), a key allowed only the label's route gets that, never a 403."""
-    if key.access.everything or any(key.access.allows(route) for route in routes):
+    label = config.shadowed_labels.get(model)  # None for nearly every request: nothing to scan
+    if label is None or key.access.everything or any(key.access.allows(route) for route in routes):
         return routes
-    label = config.shadowed_labels.get(model)
-    return (label,) if label is not None and key.access.allows(label) else routes
+    return (label,) if key.access.allows(label) else routes
 
 
 def _lottery(routes: Sequence[ModelRoute]) -> list[ModelRoute]:

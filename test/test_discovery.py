@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +131,8 @@ def test_a_hanging_models_endpoint_is_cut_at_the_discovery_timeout(start_gateway
         return JSONResponse({"data": [{"id": "late"}]})
 
     upstream.script("p1", hanging)
-    started = time.monotonic()
     gateway = start_gateway(config("openai", "  model_discovery_timeout: 0.5\n", user_models=None), upstream)
-    assert time.monotonic() - started < 2.5
-    (warning,) = gateway.status()["warnings"]
+    (warning,) = gateway.status()["warnings"]  # an answer waited for would have served 'late', without a warning
     assert "failed" in warning["reason"] and "serves no models" in warning["reason"]
     assert [model.id for model in gateway.client().models.list()] == ["echo-1"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 import pytest
@@ -207,3 +208,8 @@ def test_unit_prices_are_checked_like_every_price():
     typo = MEDIA_PRICES.replace("audio_minute_price: 0.006}", "audio_minute: 0.006}")
     with pytest.raises(ConfigError, match="audio_minute"):
         build_config(typo, "api.yaml")
+
+
+def test_recorded_unit_prices_are_never_in_exponent_notation():
+    tiny = TokenPrice(Decimal("0.0000001"), Decimal("1E+1"), cache_read=Decimal("3.30"))
+    assert json.loads(tiny.unit_prices()) == {"input": "0.0000001", "output": "10", "cache_read": "3.30"}

@@ -136,18 +136,24 @@ class TokenPrice:
         return (prompt_tokens * self.input + completion_tokens * self.output) / PER_MILLION
 
 
+def price_text(price: Decimal) -> str:
+    """A price as recorded with a charge: its digits as written, never an exponent
+    (`str(Decimal)` writes `1E-7` for a tiny catalog price times a small multiplier)."""
+    return format(price, "f")
+
+
 def _token_prices_json(price: TokenPrice) -> str:
-    prices = {"input": str(price.input), "output": str(price.output)}
+    prices = {"input": price_text(price.input), "output": price_text(price.output)}
     for name in ("cache_read", "cache_write", "reasoning"):
         value = getattr(price, name)
         if value is not None:
-            prices[name] = str(value)
+            prices[name] = price_text(value)
     return json.dumps(prices, separators=(",", ":"))
 
 
 @functools.lru_cache(maxsize=4096)
 def count_price_json(price: Decimal) -> str:
-    return json.dumps({"count": str(price)}, separators=(",", ":"))
+    return json.dumps({"count": price_text(price)}, separators=(",", ":"))
 
 
 FREE = TokenPrice(Decimal(0), Decimal(0))
@@ -198,4 +204,4 @@ def unit_quantity(unit: str, usage: Usage) -> Decimal:
 
 
 def unit_price_json(unit: str, price: Decimal) -> str:
-    return json.dumps({unit: str(price)}, separators=(",", ":"))
+    return json.dumps({unit: price_text(price)}, separators=(",", ":"))
