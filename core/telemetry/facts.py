@@ -1,0 +1,110 @@
+"""What one proxied request did, gathered as it happens and reported once when it ends.
+
+The proxy endpoints create a `RequestFacts` when a request arrives; the gateway fills in the
+route, the upstream attempts and the billing ticket; the endpoint hands it to the telemetry
+(core/telemetry/__init__.py) when the answer has been sent. Metrics, the request log line and
+the trace are all made from it then, in one place, so the request's path only stores a few
+attributes and the three views can never disagree.
+
+Times are `time.perf_counter()` readings; `wall_ns` anchors them to the wall clock (spans).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from core.billing import BillingTicket
+    from core.ledger import UsageRecord
+
+# An upstream attempt's outcome (tollgate_upstream_requests_total{outcome}): it answered; it
+# failed and the request moved on to another provider; it failed and was the request's last.
+OK, FAILOVER, ERROR, TIMEOUT = "ok", "failover", "error", "timeout"
+# The status recorded for a client that left before it was answered (nginx's convention).
+CLIENT_CLOSED = 499
+
+
+class Attempt:
+    """One call to one provider."""
+
+    __slots__ = ("ended", "model", "outcome", "provider", "started", "upstream_model")
+
+    def __init__(self, provider: str, model: str, upstream_model: str, started: float):
+        self.provider = provider
+        self.model = model  # the public model name
+        self.upstream_model = upstream_model
+        self.started = started
+        self.ended = started
+        self.outcome = OK
+
+    def end(self, outcome: str) -> None:
+        self.outcome = outcome
+        self.ended = time.perf_counter()
+
+
+class RequestFacts:
+    """Filled in along the request's path; read once, by `Telemetry.finish`."""
+
+    __slots__ = (
+        "attempts",
+        "ended",
+        "endpoint",
+        "error_code",
+        "first_byte",
+        "key_name",
+        "model",
+        "provider",
+        "refused",
+        "request_id",
+        "started",
+        "status",
+        "stream",
+        "ticket",
+        "trace_headers",
+        "wall_ns",
+    )
+
+    def __init__(self, endpoint: str, trace_headers: dict[str, str] | None = None):
+        self.endpoint = endpoint
+        self.started = time.perf_counter()
+        self.wall_ns = time.time_ns()
+        self.ended = self.started
+        self.request_id = ""
+        # Labels come from the config only (the route resolved, the key found): a client's
+        # made-up model name never becomes a label value (unbounded series).
+        self.model = ""
+        self.provider = ""
+        self.key_name = ""
+        self.status = 0
+        self.error_code = ""  # the GatewayError code of an error answer
+        self.refused = False  # refused before any upstream call (401/402/403/429)
+        self.stream = False
+        self.first_byte: float | None = None  # streams: when the first chunk went to the client
+        self.attempts: list[Attempt] = []
+        self.ticket: BillingTicket | None = None
+        self.trace_headers = trace_headers  # traceparent / tracestate, when tracing is on
+
+    def attempt(self, provider: str, upstream_model: str) -> Attempt:
+        """Start an attempt; the previous one, having failed, is now a failover."""
+        if self.attempts and self.attempts[-1].outcome != OK:
+            self.attempts[-1].outcome = FAILOVER
+        attempt = Attempt(provider, self.model, upstream_model, time.perf_counter())
+        self.attempts.append(attempt)
+        return attempt
+
+    @property
+    def failovers(self) -> int:
+        return sum(1 for attempt in self.attempts if attempt.outcome == FAILOVER)
+
+    @property
+    def settled(self) -> UsageRecord | None:
+        """The ledger row the request was charged by (None: nothing was charged)."""
+        return self.ticket.settled if self.ticket is not None else None
+
+    def seconds(self, at: float) -> float:
+        return at - self.started
+
+    def wall_time_ns(self, at: float) -> int:
+        """A perf_counter reading as nanoseconds since the epoch (span start and end times)."""
+        return self.wall_ns + int((at - self.started) * 1e9)
