@@ -43,8 +43,10 @@ from core.providers.messages import anthropic_error_body
 from core.proxy import Gateway
 from core.routing import Scheduler
 from core.stored_responses import StoredResponses
+from core.telemetry import Telemetry
+from core.telemetry.request_log import LOG_FORMATS, configure_logging
 from core.upstream import create_http_session
-from routes import accounts, admin, api_keys, audit, billing_admin, proxy, responses, self_service, web, web_prices, web_usage_keys
+from routes import accounts, admin, api_keys, audit, billing_admin, metrics, proxy, responses, self_service, web, web_prices, web_usage_keys
 from routes._http import error_response, http_error, internal_error
 from routes._pages import compile_templates
 from routes._session import SessionSigner
@@ -52,7 +54,6 @@ from routes._web_auth import LoginRequired
 
 log = logging.getLogger("tollgate")
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 EXAMPLE_ADMIN_KEY = "sk-admin-change-me"  # api.yaml.example's: public, so never a real admin key
 
 
@@ -67,6 +68,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
     database = parse_database(db_path)
     store = ConfigStore(config_path, load_config(config_path))
     log_warnings(store.current)
+    telemetry = Telemetry(store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -85,6 +87,8 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         app.state.stored_responses = StoredResponses(ledger, clock)
         app.state.gateway = Gateway(http, Scheduler(), meter, app.state.stored_responses)
         alerts = meter.alerts = app.state.alerts = Alerts(ledger, meter.limiter, clock, lambda: http)
+        metrics = telemetry.metrics
+        ledger.on_commit, store.on_reload, alerts.on_fired = metrics.ledger_committed, metrics.config_reloaded, metrics.alert_fired
         await alerts.load()
         alert_sender = asyncio.create_task(alerts.deliver_forever())
         compile_templates()  # off the first page's time
@@ -111,12 +115,14 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
                     await watcher
             await http.close()
             await ledger.close()  # flushes every queued ledger row
+            telemetry.close()
 
     app = GatewayApp(
         routes=[
             *proxy.routes,
             *responses.routes,
             *admin.routes,
+            *metrics.routes,
             *api_keys.routes,
             *accounts.routes,
             *billing_admin.routes,
@@ -130,6 +136,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         exception_handlers={GatewayError: on_error, HTTPException: on_error, LoginRequired: to_login, Exception: on_unexpected_error},
     )
     app.state.store = store  # loaded now: the entry point checks it before starting
+    app.state.telemetry = telemetry
     app.state.database = database
     return app
 
@@ -137,7 +144,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
 def worker_app() -> Starlette:
     """The app in each of `--workers N` processes (uvicorn imports this factory in each): the
     parent checked the config and the database, and passes them in the environment."""
-    logging.basicConfig(level=os.environ.get("TOLLGATE_LOG_LEVEL", "INFO").upper(), format=LOG_FORMAT)
+    configure_logging(os.environ.get("TOLLGATE_LOG_LEVEL", "info"), os.environ.get("TOLLGATE_LOG_FORMAT", "text"))
     _stop_with_supervisor()
     return create_app(os.environ["TOLLGATE_CONFIG"], os.environ["TOLLGATE_DATABASE"])
 
@@ -219,6 +226,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="worker processes on the port (env TOLLGATE_WORKERS, default 1; above 1 needs PostgreSQL)",
     )
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get("TOLLGATE_LOG_FORMAT", "text"),
+        choices=LOG_FORMATS,
+        help="text, or json: one JSON object per line (env TOLLGATE_LOG_FORMAT, default text)",
+    )
     parser.add_argument("--check-config", metavar="FILE", help="load FILE, print its warnings and error, exit (1 if it does not load); no server")
     return parser.parse_args(argv)
 
@@ -231,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.check_config is not None:
         return check_config(args.check_config, sys.stdout, sys.stderr)
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    configure_logging(args.log_level, args.log_format)
     with contextlib.ExitStack() as held:  # the ledger's lock and the socket, until the server ends
         try:
             app, listener = _prepare(args, held)
@@ -413,6 +426,8 @@ def _serve(app: Starlette, listener: socket.socket, args: argparse.Namespace) ->
         "proxy_headers": False,
         "server_header": False,
     }
+    if args.log_format == "json":  # uvicorn's own lines through our JSON formatter too
+        options["log_config"] = None
     if args.workers > 1:
         return _serve_workers(listener, args, options)
     config = uvicorn.Config(app, **options)
@@ -428,6 +443,7 @@ def _serve_workers(listener: socket.socket, args: argparse.Namespace, options: d
     os.environ["TOLLGATE_CONFIG"] = str(Path(args.config).resolve())
     os.environ["TOLLGATE_DATABASE"] = args.database_target
     os.environ["TOLLGATE_LOG_LEVEL"] = args.log_level
+    os.environ["TOLLGATE_LOG_FORMAT"] = args.log_format
     config = uvicorn.Config("main:worker_app", factory=True, workers=args.workers, **options)
     log.info(
         "Tollgate pages: %s (%d workers on %s; CTRL+C to stop)", _pages_url(args.host, options["port"]), args.workers, _address(args.host, options["port"])

@@ -103,6 +103,7 @@ class Alerts:
         self._fired: dict[str, set[tuple[str, float]]] = {}
         self._deliveries: asyncio.Queue[int] = asyncio.Queue()
         self._queued: set[int] = set()  # what `_deliveries` holds (a sweep finds it again)
+        self.on_fired: Callable[[str], None] = lambda metric: None  # told of each crossing this process recorded
 
     async def load(self) -> None:
         """Which crossings have fired (survives restarts), and deliveries still owed."""
@@ -179,6 +180,7 @@ class Alerts:
             event_id = done.result()
             if event_id is None:
                 return  # another process fired this crossing
+            self.on_fired(reading.metric)
             log.info(
                 "alert: key %s %s crossed %.0f%% (%s of %s)",
                 key.masked,

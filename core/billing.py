@@ -133,7 +133,7 @@ class BillingMeter:
 class BillingTicket:
     """One admitted request's holds; it ends once, by `settle` (or `charge`) or `release`."""
 
-    __slots__ = ("cost_type", "ended", "key", "meter", "prices", "report_every", "request", "reservation", "terms")
+    __slots__ = ("cost_type", "ended", "key", "meter", "prices", "report_every", "request", "reservation", "settled", "terms")
 
     def __init__(
         self,
@@ -154,6 +154,7 @@ class BillingTicket:
         self.reservation = reservation
         self.ended = False
         self.report_every = meter.ledger.report_every
+        self.settled: UsageRecord | None = None  # the charged row, for the request's telemetry
 
     def settle(self, outcome: Outcome) -> dict[str, str]:
         """Charge the outcome; the x-tollgate-* and limit headers for the response."""
@@ -169,6 +170,7 @@ class BillingTicket:
         self.ended = True  # only now: should pricing above raise, a later release() still frees the holds
         try:
             self.meter.ledger.settle(self.reservation, record)
+            self.settled = record
         except BaseException:
             self.meter.ledger.release(self.reservation)  # settling raised half way: nothing may stay held
             raise

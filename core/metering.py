@@ -17,6 +17,7 @@ from core.usage import Usage
 
 if TYPE_CHECKING:
     from core.config import ApiKey, Config
+    from core.ledger import UsageRecord
     from core.proxy import ProxyRequest
 
 OK = "ok"
@@ -48,6 +49,9 @@ class Ticket(Protocol):
     def start_headers(self) -> dict[str, str]:
         """Headers known at admission (rate limits, quota), for responses sent before settling."""
         ...
+
+    # The ledger row the ticket was charged by, once settled (None: not charged, or released).
+    settled: UsageRecord | None
 
     # Seconds between progress reports of a long stream (None: this meter wants none).
     report_every: float | None

@@ -28,6 +28,8 @@ from core.request_checks import check_request, requested_units
 from core.routing import Scheduler, routes_for
 from core.sse import encode_event
 from core.stored_responses import StoredResponses
+from core.telemetry.facts import ERROR as ATTEMPT_FAILED
+from core.telemetry.facts import TIMEOUT, RequestFacts
 from core.uploads import UPLOAD_ENDPOINTS, Upload
 from core.usage import Usage, complete_usage, estimate_usage, usage_so_far
 
@@ -114,15 +116,20 @@ class Gateway:
         self.meter = meter
         self.stored = stored
 
-    async def handle(self, config: Config, key: ApiKey, request: ProxyRequest) -> CompletedCall | MeteredStream:
+    async def handle(self, config: Config, key: ApiKey, request: ProxyRequest, facts: RequestFacts | None = None) -> CompletedCall | MeteredStream:
+        """`facts` (core/telemetry) learns the route, the attempts and the ticket as they happen."""
+        facts = facts or RequestFacts(request.endpoint)
+        facts.request_id, facts.key_name, facts.stream = request.request_id, key.name, request.stream
         routes = routes_for(config, request.model, key, request.endpoint)
         request = _as_public_model(request, routes)
+        facts.model = request.model
         if request.endpoint == "responses":
             routes = await self._continuing(config, key, request, routes)
-        ticket = await self.meter.admit(config, key, request)
+        ticket = facts.ticket = await self.meter.admit(config, key, request)
         streaming = False
         try:
-            answer, route = await self._first_answer(config, request, routes, key)
+            answer, route = await self._first_answer(config, request, routes, key, facts)
+            facts.provider = route.provider.name
             if isinstance(answer, UpstreamStream):
                 stream = MeteredStream(answer, route, request, ticket, ticket.start_headers(), config.preferences.max_response_body_bytes)
                 streaming = True  # the stream ends the ticket when it finishes
@@ -148,7 +155,7 @@ class Gateway:
         return functools.partial(self.stored.remember, key_id=key_id, provider=route.provider.name)
 
     async def _first_answer(
-        self, config: Config, request: ProxyRequest, routes: tuple[ModelRoute, ...], key: ApiKey
+        self, config: Config, request: ProxyRequest, routes: tuple[ModelRoute, ...], key: ApiKey, facts: RequestFacts
     ) -> tuple[Reply | UpstreamStream, ModelRoute]:
         """Try routes in the key's scheduling order until one answers, as many as its AUTO_RETRY
         allows; failover only on retryable failures."""
@@ -169,15 +176,21 @@ class Gateway:
                 self._on_stored(request, key.id, route),
                 request.upload,
             )
+            attempt = facts.attempt(route.provider.name, route.provider.engine, route.upstream_name)
             try:
                 answer = await _send(request, call, self.http)
-            except UpstreamFailure as exc:
+            except (UpstreamFailure, GatewayError) as exc:
+                error = exc.error if isinstance(exc, UpstreamFailure) else exc
+                attempt.end(TIMEOUT if error.code == "upstream_timeout" else ATTEMPT_FAILED)
+                if isinstance(exc, GatewayError):
+                    raise
                 log.warning("%s: %s failed: %s", request.request_id, route.label, exc.error.message)
                 if not exc.retryable:
                     raise exc.error from None
                 self.scheduler.cool_down(route, prefs.cooldown_period)
                 failure = exc
                 continue
+            attempt.end(OK)
             self.scheduler.recovered(route)
             return answer, route
         raise failure.error if failure else bad_gateway("No provider could serve the request.")

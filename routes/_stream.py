@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from starlette.types import Message, Receive, Scope, Send
 
 from core.proxy import CompletedCall, MeteredStream
+from core.telemetry.facts import ERROR, RequestFacts
 
 
 class ProxyStreamResponse:
@@ -23,12 +25,13 @@ class ProxyStreamResponse:
     often while the relay still awaits the upstream's own end of stream.
     """
 
-    __slots__ = ("_loop", "_relaying", "disconnected", "headers", "stream")
+    __slots__ = ("_loop", "_relaying", "disconnected", "facts", "headers", "stream")
 
-    def __init__(self, stream: MeteredStream, headers: dict[str, str], loop: asyncio.AbstractEventLoop):
+    def __init__(self, stream: MeteredStream, headers: dict[str, str], loop: asyncio.AbstractEventLoop, facts: RequestFacts):
         """`loop` is the one this response runs on: asyncio's own lookup of the running loop
         makes a getpid() syscall per call in Python 3.11 (py-spy: ~6% of a streamed request)."""
         self.stream = stream
+        self.facts = facts  # learns when the first chunk went out
         self._loop = loop
         self.headers = [(b"content-type", stream.content_type.encode()), (b"cache-control", b"no-cache")]
         self.headers += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
@@ -47,6 +50,8 @@ class ProxyStreamResponse:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             sent, limit = 0, self.stream.max_bytes
             async for chunk in chunks:
+                if not sent:
+                    self.facts.first_byte = time.perf_counter()
                 sent += len(chunk)
                 if sent > limit:
                     await send({"type": "http.response.body", "body": self.stream.cut_off(), "more_body": True})
@@ -103,14 +108,21 @@ class ProxyStreamResponse:
             task.uncancel()
 
 
-async def send_answer(request_id: str, result: CompletedCall | MeteredStream, scope: Scope, receive: Receive, send: Send) -> None:
+async def send_answer(request_id: str, result: CompletedCall | MeteredStream, scope: Scope, receive: Receive, send: Send, facts: RequestFacts) -> None:
     """A proxied request's answer: the stream relayed, or the reply in one body, with the
     request id, the provider and the billing headers."""
     headers = {"x-request-id": request_id, "x-tollgate-provider": result.route.provider.name, **result.headers}
     if isinstance(result, MeteredStream):
-        await ProxyStreamResponse(result, headers, scope["app"].state.gateway.loop)(scope, receive, send)
+        facts.status = 200
+        await ProxyStreamResponse(result, headers, scope["app"].state.gateway.loop, facts)(scope, receive, send)
+        if facts.attempts:  # the answering attempt lasted as long as its stream
+            facts.attempts[-1].ended = time.perf_counter()
+            if result.upstream.error is not None:  # the provider failed mid-stream
+                facts.attempts[-1].outcome = ERROR
+                facts.error_code = result.upstream.error.code
         return
     reply = result.reply
+    facts.status = reply.status
     raw_headers = [(b"content-type", reply.content_type.encode("latin-1")), (b"content-length", str(len(reply.body)).encode())]
     raw_headers += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
     await send({"type": "http.response.start", "status": reply.status, "headers": raw_headers})

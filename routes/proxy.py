@@ -23,6 +23,8 @@ from core.errors import GatewayError, not_found
 from core.providers.messages import anthropic_error_body
 from core.proxy import ENDPOINTS, parse_proxy_request
 from core.routing import routes_for
+from core.telemetry import TRACE_HEADERS, Telemetry
+from core.telemetry.facts import CLIENT_CLOSED, RequestFacts
 from core.usage import estimate_prompt_tokens
 from routes._http import authenticate, authenticate_headers, current_config, internal_error, parse_json, read_json, receive_body, request_headers
 from routes._stream import send_answer
@@ -40,23 +42,34 @@ class ProxyEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope["app"].state
+        telemetry: Telemetry = state.telemetry
+        facts = RequestFacts(self.endpoint)
+        telemetry.start(facts)
         try:
-            config: Config = state.store.current  # this request's config to the end, whatever reloads
-            headers = request_headers(scope, _READ_HEADERS)
-            client = scope.get("client")
-            key = authenticate_headers(config, headers, client[0] if client else None, state.clock(), state.auth_throttle)
-            body = parse_json(await receive_body(receive, headers.get("content-length"), config.preferences.max_request_body_bytes))
-            proxy_request = parse_proxy_request(self.endpoint, body)
-            result = await state.gateway.handle(config, key, proxy_request)
-        except GatewayError as exc:
-            await self.error_response(exc)(scope, receive, send)
-            return
-        except ClientDisconnect:
-            return  # gone before its request was even read: nothing to answer, nothing charged
-        except Exception as exc:  # a bug: answered with a logged 500, not a dropped connection
-            await self.error_response(internal_error(Request(scope), exc))(scope, receive, send)
-            return
-        await send_answer(proxy_request.request_id, result, scope, receive, send)
+            try:
+                config: Config = state.store.current  # this request's config to the end, whatever reloads
+                headers = request_headers(scope, _READ_HEADERS)
+                telemetry.read_trace_headers(facts, headers)
+                client = scope.get("client")
+                key = authenticate_headers(config, headers, client[0] if client else None, state.clock(), state.auth_throttle)
+                body = parse_json(await receive_body(receive, headers.get("content-length"), config.preferences.max_request_body_bytes))
+                proxy_request = parse_proxy_request(self.endpoint, body)
+                result = await state.gateway.handle(config, key, proxy_request, facts)
+            except GatewayError as exc:
+                facts.failed(exc)
+                await self.error_response(exc)(scope, receive, send)
+                return
+            except ClientDisconnect:
+                facts.status = CLIENT_CLOSED
+                return  # gone before its request was even read: nothing to answer, nothing charged
+            except Exception as exc:  # a bug: answered with a logged 500, not a dropped connection
+                error = internal_error(Request(scope), exc)
+                facts.failed(error)
+                await self.error_response(error)(scope, receive, send)
+                return
+            await send_answer(proxy_request.request_id, result, scope, receive, send, facts)
+        finally:
+            telemetry.finish(facts)
 
     def error_response(self, error: GatewayError) -> Response:
         """OpenAI's error shape; Anthropic's on /v1/messages, whose clients expect it."""
@@ -108,7 +121,7 @@ def _model_object(config: Config, key: ApiKey, name: str) -> dict[str, Any] | No
 
 
 # The request headers the proxy endpoints read, picked out of the ASGI scope in one pass.
-_READ_HEADERS = frozenset({b"authorization", b"x-api-key", b"content-length", b"user-agent", b"x-forwarded-for"})
+_READ_HEADERS = frozenset({b"authorization", b"x-api-key", b"content-length", b"user-agent", b"x-forwarded-for", *TRACE_HEADERS})
 
 
 # Many clients are configured with a base URL lacking /v1: every proxy path is served both ways.

@@ -16,6 +16,8 @@ from starlette.types import Receive, Scope, Send
 from core.config import Config
 from core.errors import GatewayError
 from core.proxy import ProxyRequest
+from core.telemetry import TRACE_HEADERS, Telemetry
+from core.telemetry.facts import CLIENT_CLOSED, RequestFacts
 from core.uploads import UPLOAD_ENDPOINTS, Upload
 from core.uploads.form import FormReader
 from core.uploads.request import upload_request
@@ -23,7 +25,7 @@ from routes._http import authenticate_headers, internal_error, receive_body, req
 from routes._stream import send_answer
 
 # The request headers these endpoints read: the proxy's, and the form's boundary.
-_READ_HEADERS = frozenset({b"authorization", b"x-api-key", b"content-length", b"content-type", b"user-agent", b"x-forwarded-for"})
+_READ_HEADERS = frozenset({b"authorization", b"x-api-key", b"content-length", b"content-type", b"user-agent", b"x-forwarded-for", *TRACE_HEADERS})
 
 
 class UploadEndpoint:
@@ -35,27 +37,36 @@ class UploadEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope["app"].state
+        telemetry: Telemetry = state.telemetry
+        facts = RequestFacts(self.endpoint)
+        telemetry.start(facts)
         request: ProxyRequest | None = None
         try:
             try:
                 config: Config = state.store.current  # this request's config to the end, whatever reloads
                 headers = request_headers(scope, _READ_HEADERS)
+                telemetry.read_trace_headers(facts, headers)
                 client = scope.get("client")
                 key = authenticate_headers(config, headers, client[0] if client else None, state.clock(), state.auth_throttle)
                 request = await self._read_request(receive, headers, config.preferences.max_request_body_bytes)
-                result = await state.gateway.handle(config, key, request)
+                result = await state.gateway.handle(config, key, request, facts)
             except GatewayError as exc:
+                facts.failed(exc)
                 await _send_error(exc, send)
                 return
             except ClientDisconnect:
+                facts.status = CLIENT_CLOSED
                 return  # gone before its form had arrived: nothing to answer, nothing charged
             except Exception as exc:  # a bug: answered with a logged 500, not a dropped connection
-                await _send_error(internal_error(Request(scope), exc), send)
+                error = internal_error(Request(scope), exc)
+                facts.failed(error)
+                await _send_error(error, send)
                 return
-            await send_answer(request.request_id, result, scope, receive, send)
+            await send_answer(request.request_id, result, scope, receive, send, facts)
         finally:
             if request is not None and request.upload is not None:
                 request.upload.close()
+            telemetry.finish(facts)
 
     async def _read_request(self, receive: Receive, headers: dict[str, str], limit: int) -> ProxyRequest:
         upload = await receive_form(receive, headers, limit)

@@ -77,8 +77,9 @@ KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at",
 PREFERENCE_KEYS = (
     "SCHEDULING_ALGORITHM", "AUTO_RETRY", "cooldown_period", "model_timeout", "max_request_body_bytes", "model_price", "count_billing",
     "reserve_completion_tokens", "timezone", "trusted_proxies", "alerts", "max_response_body_bytes", "auth_failure_limit",
-    "price_catalog", "price_multiplier", "model_discovery_timeout", "proxy",
+    "price_catalog", "price_multiplier", "model_discovery_timeout", "proxy", "metrics",
 )  # fmt: skip
+METRICS_KEYS = ("public", "per_key")
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BODY = 100 * 1024 * 1024  # an upstream answer (or stream) past this is cut off: 502
 DEFAULT_AUTH_FAILURE_LIMIT = 30
@@ -185,6 +186,14 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """`preferences.metrics`: who may scrape GET /metrics, and whether per-key series exist."""
+
+    public: bool = False  # no admin key needed: for a scraper on a private network
+    per_key: bool = False  # tollgate_key_* series labelled with key names (one series per key)
+
+
+@dataclass(frozen=True, slots=True)
 class Preferences:
     scheduling_algorithm: str = "fixed_priority"
     auto_retry: bool | int = True  # see read_auto_retry
@@ -198,6 +207,7 @@ class Preferences:
     max_response_body_bytes: int = DEFAULT_MAX_RESPONSE_BODY
     auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT  # per client address per minute; 0: off
     model_discovery_timeout: float = DEFAULT_DISCOVERY_TIMEOUT  # seconds for all providers without `model:`
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,8 +358,17 @@ def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]
         auth_failure_limit=section.integer("auth_failure_limit", DEFAULT_AUTH_FAILURE_LIMIT, minimum=0),
         alerts=read_alerts(section, "alerts"),
         model_discovery_timeout=float(section.number("model_discovery_timeout", DEFAULT_DISCOVERY_TIMEOUT, minimum=0, allow_equal=False)),
+        metrics=read_metrics_settings(section),
     )
     return prefs, _read_timeouts(section)
+
+
+def read_metrics_settings(preferences: Section) -> MetricsSettings:
+    if not preferences.has("metrics"):
+        return MetricsSettings()
+    section = preferences.section("metrics")
+    section.reject_unknown(METRICS_KEYS)
+    return MetricsSettings(public=section.boolean("public", False), per_key=section.boolean("per_key", False))
 
 
 def read_auto_retry(section: Section, default: bool | int) -> bool | int:

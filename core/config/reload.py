@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +64,7 @@ class ConfigStore:
         self.last_error: ReloadError | None = None
         self.last_attempt_at = initial.loaded_at
         self.reload_count = 0
+        self.on_reload: Callable[[bool], None] = _ignore_reload  # told of each reload: applied, or refused
         self._signature = _signature(self.path)
         self._lock = asyncio.Lock()
         # Held by an edit of the file across reload, write, reload: the writer rewrites the whole
@@ -99,6 +100,7 @@ class ConfigStore:
             if self.last_error is None or self.last_error.message != str(exc):
                 log.error("config reload failed, still serving the previous config: %s", exc)
             self.last_error = ReloadError(str(exc), exc.file, exc.line, exc.reason, time.time(), exc.column)
+            self.on_reload(False)
             return False
         old_file, old_current = self.file_config, self.current
         if records is not self.records or accounts is not self.account_records:  # changed meanwhile
@@ -109,6 +111,7 @@ class ConfigStore:
             self._retire_later(old_file)
         self.last_error = None
         self.reload_count += 1
+        self.on_reload(True)
         log.info("config reloaded from %s (%d providers, %d keys)", self.path, len(config.providers), len(config.keys))
         log_warnings(config)
         return True
@@ -251,3 +254,7 @@ def _file_hash(path: Path) -> str:
         raise ConfigError(str(path), None, "config file was removed; still serving the previous config") from None
     except OSError as exc:
         raise ConfigError(str(path), None, f"cannot read config file: {exc}") from None
+
+
+def _ignore_reload(applied: bool) -> None:
+    """`on_reload` until the app sets its metrics' hook."""

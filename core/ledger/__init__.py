@@ -284,3 +284,7 @@ class Ledger(Protocol):
     async def audit_entries(self, limit: int, before_id: int | None = None, key_id: str | None = None) -> list[dict[str, Any]]: ...
 
     def health(self) -> dict[str, Any]: ...
+
+    # Told of each group commit: its seconds (None: it failed, to be retried) and the rows
+    # still waiting; the app points it at its metrics.
+    on_commit: Callable[[float | None, int], None]

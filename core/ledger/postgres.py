@@ -246,6 +246,8 @@ class PgLedger:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self.write_error: str | None = None
         self._retrying = 0
+        # Told of each group commit: (seconds, or None when it failed; rows still unwritten).
+        self.on_commit: Callable[[float | None, int], None] = _ignore_commit
         self.database_error: str | None = None  # the heartbeat's last failure, for /health
         # What this instance serves, for the fleet's status: set by the app (config hash, error).
         self.config_source: Callable[[], tuple[str, str | None]] = lambda: ("", None)
@@ -502,16 +504,19 @@ class PgLedger:
             return
         delay = 0.05
         while True:
+            started = time.perf_counter()
             try:
                 await self._commit(items)
                 if self.write_error is not None:
                     log.warning("ledger writes work again; %d held rows written", len(items))
                 self.write_error, self._retrying = None, 0
+                self.on_commit(time.perf_counter() - started, self._queue.qsize())
                 return
             except (*UNREACHABLE, asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
                 if self.write_error != reason(exc):
                     log.warning("ledger write of %d rows failed (%s); retrying until it works", len(items), reason(exc))
                 self.write_error, self._retrying = reason(exc), len(items)
+                self.on_commit(None, self._queue.qsize() + self._retrying)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY)
                 await self._reconnect_writer()
@@ -921,3 +926,7 @@ def redact(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _ignore_commit(seconds: float | None, unwritten: int) -> None:
+    """`on_commit` until the app sets its metrics' hook."""

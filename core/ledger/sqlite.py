@@ -148,6 +148,8 @@ class SqliteLedger:
         self._seq = 0  # position in the write queue of the last item queued
         self.write_error: str | None = None  # the last failed write while it is being retried
         self._retrying = 0  # rows held in memory by a write being retried
+        # Told of each group commit: (seconds, or None when it failed; rows still unwritten).
+        self.on_commit: Callable[[float | None, int], None] = _ignore_commit
         self.limiter = Limiter(self, clock)
         self._records_lock = asyncio.Lock()
         self._next_prune = 0.0  # when the writer next drops expired stored responses
@@ -436,16 +438,19 @@ class SqliteLedger:
             return
         delay = 0.05
         while True:
+            started = time.perf_counter()
             try:
                 applied = await self._commit(items)
                 if self.write_error is not None:
                     log.warning("ledger writes work again; %d held rows written", len(items))
                 self.write_error, self._retrying = None, 0
+                self.on_commit(time.perf_counter() - started, self._queue.qsize())
                 break
             except sqlite3.OperationalError as exc:
                 if self.write_error != str(exc):
                     log.exception("ledger write of %d rows failed; retrying (every %.0fs at most) until it works", len(items), MAX_RETRY_DELAY)
                 self.write_error, self._retrying = str(exc), len(items)
+                self.on_commit(None, self._queue.qsize() + self._retrying)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY)
             except Exception:
@@ -589,3 +594,7 @@ def _commit_sync(db: sqlite3.Connection, items: list[_Written], prune_before: fl
             db.execute("ROLLBACK")
         raise
     return applied
+
+
+def _ignore_commit(seconds: float | None, unwritten: int) -> None:
+    """`on_commit` until the app sets its metrics' hook."""

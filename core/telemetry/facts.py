@@ -15,23 +15,28 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from core.billing import BillingTicket
+    from core.errors import GatewayError
     from core.ledger import UsageRecord
+    from core.metering import Ticket
 
 # An upstream attempt's outcome (tollgate_upstream_requests_total{outcome}): it answered; it
 # failed and the request moved on to another provider; it failed and was the request's last.
 OK, FAILOVER, ERROR, TIMEOUT = "ok", "failover", "error", "timeout"
 # The status recorded for a client that left before it was answered (nginx's convention).
 CLIENT_CLOSED = 499
+# Statuses that refuse a request before any provider is called: no key, no credit, not
+# allowed, too fast (tollgate_admission_refusals_total).
+_REFUSALS = frozenset({401, 402, 403, 429})
 
 
 class Attempt:
     """One call to one provider."""
 
-    __slots__ = ("ended", "model", "outcome", "provider", "started", "upstream_model")
+    __slots__ = ("ended", "engine", "model", "outcome", "provider", "started", "upstream_model")
 
-    def __init__(self, provider: str, model: str, upstream_model: str, started: float):
+    def __init__(self, provider: str, engine: str, model: str, upstream_model: str, started: float):
         self.provider = provider
+        self.engine = engine  # the provider's API: openai, azure, anthropic, gemini, ...
         self.model = model  # the public model name
         self.upstream_model = upstream_model
         self.started = started
@@ -82,14 +87,19 @@ class RequestFacts:
         self.stream = False
         self.first_byte: float | None = None  # streams: when the first chunk went to the client
         self.attempts: list[Attempt] = []
-        self.ticket: BillingTicket | None = None
+        self.ticket: Ticket | None = None
         self.trace_headers = trace_headers  # traceparent / tracestate, when tracing is on
 
-    def attempt(self, provider: str, upstream_model: str) -> Attempt:
+    def failed(self, error: GatewayError) -> None:
+        """The request was answered with `error`."""
+        self.status, self.error_code = error.status, error.code
+        self.refused = not self.attempts and error.status in _REFUSALS
+
+    def attempt(self, provider: str, engine: str, upstream_model: str) -> Attempt:
         """Start an attempt; the previous one, having failed, is now a failover."""
         if self.attempts and self.attempts[-1].outcome != OK:
             self.attempts[-1].outcome = FAILOVER
-        attempt = Attempt(provider, self.model, upstream_model, time.perf_counter())
+        attempt = Attempt(provider, engine, self.model, upstream_model, time.perf_counter())
         self.attempts.append(attempt)
         return attempt
 

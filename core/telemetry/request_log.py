@@ -1,0 +1,97 @@
+"""One log line per proxied request, and the log formats (`--log-format text|json`).
+
+The line is written at `info` by the `tollgate.requests` logger, when the request has been
+answered: time, request id, key name (never the secret), model, provider, status, tokens,
+cost, duration, failovers. With `--log-format json` every log line is one JSON object, the
+request's fields at its top level, for a log shipper to index without parsing text.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from core.pricing import format_usd
+from core.telemetry.facts import RequestFacts
+
+log = logging.getLogger("tollgate.requests")
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMATS = ("text", "json")
+
+
+class RequestLine:
+    """The request's fields; rendered as `key=value` text only if a text handler formats it."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict[str, Any]):
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return " ".join(f"{name}={_text(value)}" for name, value in self.fields.items())
+
+
+def _text(value: Any) -> str:
+    text = str(value)
+    return text if text and " " not in text and '"' not in text else orjson.dumps(text).decode()
+
+
+def log_request(facts: RequestFacts) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    record = facts.settled
+    fields: dict[str, Any] = {
+        "request_id": facts.request_id,
+        "endpoint": facts.endpoint,
+        "key": facts.key_name,
+        "model": facts.model,
+        "provider": facts.provider,
+        "status": facts.status,
+        "stream": facts.stream,
+        "prompt_tokens": record.prompt_tokens if record is not None else 0,
+        "completion_tokens": record.completion_tokens if record is not None else 0,
+        "cost_usd": format_usd(record.cost_nanos) if record is not None else "0",
+        "duration_ms": round((facts.ended - facts.started) * 1000, 1),
+        "failovers": facts.failovers,
+    }
+    if facts.first_byte is not None:
+        fields["first_byte_ms"] = round((facts.first_byte - facts.started) * 1000, 1)
+    if facts.error_code:
+        fields["error"] = facts.error_code
+    if record is not None and record.status != "ok":
+        fields["outcome"] = record.status  # estimated, error, client_disconnected
+    log.info("%s", RequestLine(fields))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message; a request
+    line's fields at the top level instead of its message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        line = record.args[0] if isinstance(record.args, tuple) and len(record.args) == 1 else None
+        if isinstance(line, RequestLine):
+            entry["message"] = "request"
+            entry.update(line.fields)
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """The root logger's level and format, for the gateway and uvicorn's own lines alike."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
