@@ -47,7 +47,9 @@ class Gateway:
 
     def start(self) -> Gateway:
         command = [sys.executable, "main.py", "--config", str(self.config), "--db", str(self.db), "--host", "127.0.0.1", "--port", str(self.port)]
-        self.process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE)
+        # Its log to a file: a pipe nobody reads would block the gateway once full (a line per request).
+        with open(self.config.parent / "gateway.log", "ab") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, stderr=log)
         wait_until_healthy(self.process, self.url)
         return self
 

@@ -63,7 +63,9 @@ class Instance:
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "main.py", "--config", str(config_path), "--database", database, "--host", "127.0.0.1", "--port", str(self.port), *extra]
         env = {**os.environ, "TOLLGATE_HEARTBEAT_SECONDS": "1", "TOLLGATE_LEASE_SECONDS": "5"}
-        self.process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, env=env, start_new_session=True)
+        # Its log to a file: a pipe nobody reads would block the gateway once full (a line per request).
+        with open(config_path.parent / f"gateway-{self.port}.log", "ab") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, stderr=log, env=env, start_new_session=True)
         wait_until_healthy(self.process, self.url, timeout=30)
 
     def client(self, key: str = KEY) -> openai.AsyncOpenAI:
@@ -595,7 +597,7 @@ def test_instances_starting_together_on_a_new_database_migrate_it_once(tmp_path,
         subprocess.Popen(
             [sys.executable, "main.py", "--config", str(path), "--database", database, "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
         for port in ports
     ]
