@@ -11,11 +11,13 @@ import ipaddress
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -448,9 +450,30 @@ def _serve_workers(listener: socket.socket, args: argparse.Namespace, options: d
     log.info(
         "Tollgate pages: %s (%d workers on %s; CTRL+C to stop)", _pages_url(args.host, options["port"]), args.workers, _address(args.host, options["port"])
     )
-    with contextlib.suppress(KeyboardInterrupt):
+    with _metrics_shared_by_workers(), contextlib.suppress(KeyboardInterrupt):
         Multiprocess(config, sockets=[listener]).run()
     return 0
+
+
+@contextlib.contextmanager
+def _metrics_shared_by_workers() -> Iterator[None]:
+    """prometheus_client's multiprocess mode: each worker writes its metrics to files in one
+    directory, and a scrape of any worker reads them all. The directory must start empty: an
+    operator's own PROMETHEUS_MULTIPROC_DIR is emptied of old files, else one is made here
+    for this run and removed after it."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        for old in Path(given).glob("*.db"):
+            old.unlink()
+        yield
+        return
+    made = tempfile.mkdtemp(prefix="tollgate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    try:
+        yield
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -402,6 +403,54 @@ def test_workers_share_one_port_and_the_ledger(fleet):
             time.sleep(0.2)
     finally:
         made.stop()
+
+
+@pytest.mark.parametrize("own_directory", [True, False], ids=["PROMETHEUS_MULTIPROC_DIR", "made-for-the-run"])
+def test_a_scrape_of_any_worker_counts_the_requests_of_every_worker(fleet, tmp_path, own_directory):
+    """`--workers 2`: prometheus_client's multiprocess mode, in the operator's directory or one
+    made for the run. Whichever worker a scrape reaches, it counts the host's requests, not
+    its own share."""
+    if own_directory:
+        (tmp_path / "metrics").mkdir()
+        (tmp_path / "metrics" / "counter_1.db").write_bytes(b"left by an earlier run")  # emptied at the start
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+    try:
+        (instance,) = fleet.start("billing_mode: count, count_credits: 1000", 1, "--workers", "2")
+    finally:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    workers = _worker_pids(instance)
+    metrics_dir = Path(_environment(workers[0])["PROMETHEUS_MULTIPROC_DIR"])
+    assert (metrics_dir == tmp_path / "metrics") is own_directory and _environment(workers[1])["PROMETHEUS_MULTIPROC_DIR"] == str(metrics_dir)
+    body = {"model": "echo-1", "messages": [{"role": "user", "content": "hi"}]}
+    sent = 0
+    while {path.stem.rsplit("_", 1)[1] for path in metrics_dir.glob("counter_*.db")} != {str(pid) for pid in workers}:
+        assert sent < 300, f"requests reached one worker only: {list(metrics_dir.iterdir())}"
+        with httpx.Client() as fresh:  # a new connection each time: the kernel spreads them over the workers
+            assert fresh.post(f"{instance.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=10).status_code == 200
+        sent += 1
+    for _ in range(8):
+        with httpx.Client() as fresh:
+            text = fresh.get(f"{instance.url}/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+        samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+        assert sum(s.value for s in samples if s.name == "tollgate_requests_total") == sent
+        assert sum(s.value for s in samples if s.name == "tollgate_request_duration_seconds_count") == sent
+        assert [s.value for s in samples if s.name == "tollgate_inflight_requests"] == [0]
+
+
+def _worker_pids(instance: Instance) -> list[int]:
+    """The pids of an instance's two workers, as /health names them (`host:pid:…`)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + 20
+    while len(seen) < 2:
+        assert time.monotonic() < deadline, f"requests reached only {seen}"
+        with httpx.Client() as fresh:
+            seen.add(int(fresh.get(f"{instance.url}/health").json()["ledger"]["instance"].split(":")[1]))
+    return sorted(seen)
+
+
+def _environment(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().split("=", 1) for entry in entries if b"=" in entry)
 
 
 def _alive(pid: int) -> bool:
