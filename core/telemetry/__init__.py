@@ -38,7 +38,7 @@ class Telemetry:
         self.tracing = tracing
 
     def start(self, facts: RequestFacts) -> None:
-        self.metrics.inflight.inc()
+        self.metrics.inflight.add(1)
 
     def read_trace_headers(self, facts: RequestFacts, headers: Mapping[str, str]) -> None:
         """Keep an incoming trace context when tracing is on: the request's span continues it."""
@@ -50,7 +50,7 @@ class Telemetry:
         failure here must not turn into an error the client sees or a lost settle."""
         facts.ended = time.perf_counter()
         try:
-            self.metrics.inflight.dec()
+            self.metrics.inflight.add(-1)
             self.metrics.request_finished(facts, self.store.current.preferences.metrics.per_key)
             log_request(facts)
             if self.tracing is not None:
