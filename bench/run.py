@@ -195,8 +195,9 @@ def wait_http(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def start_server(kind: str, work: Path, upstream: str, port: int, ledger: list[str] | None = None) -> subprocess.Popen[bytes]:
-    """`ledger`: the gateway's ledger arguments (default: an SQLite file, `--db`)."""
+def start_server(kind: str, work: Path, upstream: str, port: int, ledger: list[str] | None = None, log_level: str = "warning") -> subprocess.Popen[bytes]:
+    """`ledger`: the gateway's ledger arguments (default: an SQLite file, `--db`). `log_level`
+    info writes the gateway's request log, to work/gateway.log."""
     env = {**os.environ, "UPSTREAM": upstream}
     if kind == "bare":
         # The bare pass-through forwards to the same nginx paths as the gateway's providers.
@@ -227,9 +228,13 @@ def start_server(kind: str, work: Path, upstream: str, port: int, ledger: list[s
             "--port",
             str(port),
             "--log-level",
-            "warning",
+            log_level,
         ]
-    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    if kind != "bare" and log_level in ("info", "debug"):
+        with open(work / "gateway.log", "ab") as log:
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=log)
+    else:
+        process = subprocess.Popen(command, cwd=ROOT, env=env)
     wait_http(f"http://127.0.0.1:{port}/v1/chat/completions")
     return process
 
@@ -260,6 +265,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--log-level", default="warning", help="the gateway's; info adds its request log (written to a file)")
     args = parser.parse_args()
     require_tools()
     with tempfile.TemporaryDirectory() as tmp:
@@ -275,7 +281,7 @@ def main() -> None:
                 # this VM's speed drifts over minutes, and the ratio should compare like with like.
                 order = ("bare", "gateway") if repeat % 2 == 0 else ("gateway", "bare")
                 ports = {kind: free_port() for kind in order}
-                servers = {kind: start_server(kind, work, upstream, port) for kind, port in ports.items()}
+                servers = {kind: start_server(kind, work, upstream, port, log_level=args.log_level) for kind, port in ports.items()}
                 urls = {kind: f"http://127.0.0.1:{port}/v1/chat/completions" for kind, port in ports.items()}
                 try:
                     for stream in (False, True):

@@ -179,17 +179,17 @@ class Gateway:
             attempt = facts.attempt(route.provider.name, route.provider.engine, route.upstream_name)
             try:
                 answer = await _send(request, call, self.http)
-            except (UpstreamFailure, GatewayError) as exc:
-                error = exc.error if isinstance(exc, UpstreamFailure) else exc
-                attempt.end(TIMEOUT if error.code == "upstream_timeout" else ATTEMPT_FAILED)
-                if isinstance(exc, GatewayError):
-                    raise
+            except UpstreamFailure as exc:
+                attempt.end(TIMEOUT if exc.error.code == "upstream_timeout" else ATTEMPT_FAILED)
                 log.warning("%s: %s failed: %s", request.request_id, route.label, exc.error.message)
                 if not exc.retryable:
                     raise exc.error from None
                 self.scheduler.cool_down(route, prefs.cooldown_period)
                 failure = exc
                 continue
+            except BaseException:  # a client error passed on, or the request cancelled
+                attempt.end(ATTEMPT_FAILED)
+                raise
             attempt.end(OK)
             self.scheduler.recovered(route)
             return answer, route

@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 from ruamel.yaml import YAML
 
-from core.config import build_config
+from core.config import MetricsSettings, build_config
 from core.config.yamlsource import ConfigError, expand_env, parse_yaml
 from core.routing import Scheduler, routes_for
 
@@ -33,6 +33,11 @@ def error_of(text: str) -> ConfigError:
     with pytest.raises(ConfigError) as caught:
         load(text)
     return caught.value
+
+
+def test_metrics_settings_are_read_and_default_to_admin_only_without_key_series():
+    assert load(BASE + ECHO_FREE).preferences.metrics == MetricsSettings(public=False, per_key=False)
+    assert load(BASE + ECHO_FREE + "  metrics: {public: true, per_key: yes}\n").preferences.metrics == MetricsSettings(public=True, per_key=True)
 
 
 def test_minimal_config_builds_typed_objects():
@@ -146,6 +151,9 @@ def test_expand_env_leaves_plain_text_alone():
         (BASE + "preferences:\n  cooldown_period: soon\n", 8, "must be a number, got 'soon'"),
         (BASE + "preferences:\n  AUTO_RETRY: maybe\n", 8, "preferences.AUTO_RETRY must be true, false or a number of retries"),
         (BASE + "preferences:\n  SCHEDULING_ALGORITHM: fastest\n", 8, "must be one of fixed_priority, round_robin"),
+        (BASE + "preferences:\n  metrics: 5\n", 8, "preferences.metrics must be a mapping, got the number 5"),
+        (BASE + "preferences:\n  metrics: {per_kye: true}\n", 8, "unknown key 'per_kye' in preferences.metrics (did you mean 'per_key'?)"),
+        (BASE + "preferences:\n  metrics: {public: maybe}\n", 8, "preferences.metrics.public must be true or false, got 'maybe'"),
         (BASE + "  - api: sk-one\n", 7, "duplicate API key in api_keys[1]"),
         (BASE + "  - api: sk-two\n    model: [echo/gpt-9]\n", 8, "provider 'echo' has no model 'gpt-9'"),
         (BASE + "  - api: sk-two\n    model: [gpt-9]\n", 8, "model 'gpt-9', which no provider serves"),

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from core.telemetry.facts import RequestFacts
+from core.telemetry.facts import CLIENT_CLOSED, RequestFacts
 from core.telemetry.metrics import Metrics
 from core.telemetry.request_log import log_request
 
@@ -38,7 +38,7 @@ class Telemetry:
         self.tracing = tracing
 
     def start(self, facts: RequestFacts) -> None:
-        self.metrics.inflight.inc()
+        self.metrics.inflight.add(1)
 
     def read_trace_headers(self, facts: RequestFacts, headers: Mapping[str, str]) -> None:
         """Keep an incoming trace context when tracing is on: the request's span continues it."""
@@ -49,8 +49,10 @@ class Telemetry:
         """Count, log and trace the request. Never raises: the answer has been sent, and a
         failure here must not turn into an error the client sees or a lost settle."""
         facts.ended = time.perf_counter()
+        if not facts.status:  # ended before any answer was recorded (cancelled): the client left
+            facts.status = CLIENT_CLOSED
         try:
-            self.metrics.inflight.dec()
+            self.metrics.inflight.add(-1)
             self.metrics.request_finished(facts, self.store.current.preferences.metrics.per_key)
             log_request(facts)
             if self.tracing is not None:

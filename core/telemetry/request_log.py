@@ -8,7 +8,10 @@ request's fields at its top level, for a log shipper to index without parsing te
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
+import queue
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,12 +35,12 @@ class RequestLine:
         self.fields = fields
 
     def __str__(self) -> str:
-        return " ".join(f"{name}={_text(value)}" for name, value in self.fields.items())
+        return " ".join([f"{name}={_text(value) if value.__class__ is str else value}" for name, value in self.fields.items()])
 
 
-def _text(value: Any) -> str:
-    text = str(value)
-    return text if text and " " not in text and '"' not in text else orjson.dumps(text).decode()
+def _text(value: str) -> str:
+    """A value as it is, or JSON-quoted when it would not read back as one word (empty, spaces, quotes)."""
+    return value if value and " " not in value and '"' not in value else orjson.dumps(value).decode()
 
 
 def log_request(facts: RequestFacts) -> None:
@@ -89,9 +92,39 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, log_format: str) -> None:
-    """The root logger's level and format, for the gateway and uvicorn's own lines alike."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    """The root logger's level and format, for the gateway and uvicorn's own lines alike.
+
+    Lines are written by a thread of their own (the logging cookbook's QueueHandler and
+    QueueListener): with a line per request, a stderr that blocks (a full pipe to a slow log
+    collector) would otherwise stop the event loop and every request with it. The event loop
+    only makes the record and queues it; formatting and writing happen on the thread.
+
+    A log line costs less without what no format here shows: the caller's file and line (a
+    stack walk per line), thread and process (the logging HOWTO's "Optimization" section)."""
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+    writer = logging.StreamHandler()
+    writer.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(lines, writer)
+    _listener.start()
+    atexit.register(_listener.stop)  # the lines still queued are written before the process exits
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_RecordQueue(lines)]
     root.setLevel(level.upper())
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
+class _RecordQueue(logging.handlers.QueueHandler):
+    """Queues the record as it is: the listener is in this process, so nothing needs to be
+    made picklable first (QueueHandler.prepare would format the message here, on the loop)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
