@@ -13,8 +13,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PORT=8000
 
 WORKDIR /app
-COPY requirements.txt .
+COPY requirements.txt requirements-otel.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
+# OpenTelemetry traces are an add-on: docker build --build-arg WITH_OTEL=1 -t tollgate .
+ARG WITH_OTEL=0
+RUN if [ "$WITH_OTEL" = "1" ]; then pip install --no-cache-dir -r requirements-otel.txt; fi
 
 COPY main.py api.yaml.example ./
 COPY core ./core

@@ -47,6 +47,7 @@ from core.routing import Scheduler
 from core.stored_responses import StoredResponses
 from core.telemetry import Telemetry
 from core.telemetry.request_log import LOG_FORMATS, configure_logging
+from core.telemetry.tracing import Tracing
 from core.upstream import create_http_session
 from routes import accounts, admin, api_keys, audit, billing_admin, metrics, proxy, responses, self_service, web, web_prices, web_usage_keys
 from routes._http import error_response, http_error, internal_error
@@ -89,6 +90,8 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         app.state.stored_responses = StoredResponses(ledger, clock)
         app.state.gateway = Gateway(http, Scheduler(), meter, app.state.stored_responses)
         alerts = meter.alerts = app.state.alerts = Alerts(ledger, meter.limiter, clock, lambda: http)
+        # Made here, in the process that serves (each of --workers N): the exporter's thread with it.
+        telemetry.tracing = Tracing.from_environment()
         metrics = telemetry.metrics
         ledger.on_commit, store.on_reload, alerts.on_fired = metrics.ledger_committed, metrics.config_reloaded, metrics.alert_fired
         await alerts.load()
