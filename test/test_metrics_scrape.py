@@ -26,7 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from test.conftest import ADMIN_KEY, USER_KEY, RunningGateway, clear_of_window_edge
-from test.servers import FakeUpstream, completion_body, fail, openai_like
+from test.servers import FakeUpstream, completion_body, fail, hang, openai_like
+from test.test_upstream_faults import cut_stream
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "tollgate-dashboard.json"
 COUNT_KEY, BROKE_KEY, THROTTLED_KEY = "sk-metrics-count-0003", "sk-metrics-broke-0004", "sk-metrics-throttled-0005"
@@ -358,3 +359,50 @@ def test_dashboard_is_importable_with_a_prometheus_data_source_picked_at_import(
         assert query.count("(") == query.count(")"), query
         for quantile in re.findall(r"histogram_quantile\(.*", query):  # over a rate of buckets, by le
             assert re.search(r"sum by \(le[,)].*rate\(tollgate_[a-z_]+_bucket\{", quantile), quantile
+
+
+def test_a_provider_timing_out_and_a_stream_breaking_off_are_their_upstream_outcomes(start_gateway, upstream):
+    """`timeout`: the provider did not answer within model_timeout (504, the request's last
+    attempt); `error`: a stream that had started (200) broke off before its end."""
+    upstream.script("p1", hang(3))
+    upstream.script("p2", cut_stream)
+    gateway = start_gateway(
+        f"""
+providers:
+  - provider: p1
+    base_url: {{fake:p1}}
+    api: k1
+    model: [slow-chat]
+  - provider: p2
+    base_url: {{fake:p2}}
+    api: k2
+    model: [cut-chat]
+api_keys:
+  - api: {ADMIN_KEY}
+    role: admin
+  - api: {USER_KEY}
+    name: alice
+    preferences: {{credits: 10}}
+preferences:
+  AUTO_RETRY: false
+  model_timeout: {{default: 0.5}}
+  model_price: {{default: '1,2'}}
+""",
+        upstream,
+    )
+    alice = gateway.client()
+    timed_out = status_of(lambda: alice.chat.completions.create(model="slow-chat", messages=MESSAGES))
+    assert (timed_out.status_code, timed_out.body["code"]) == (504, "upstream_timeout")
+    with pytest.raises(openai.APIError):  # the stream's last event is the gateway's error
+        list(alice.chat.completions.create(model="cut-chat", messages=MESSAGES, stream=True))
+
+    metrics = scrape_when_idle(gateway)
+    assert metrics.series("tollgate_upstream_requests_total", "provider", "model", "outcome") == {
+        ("p1", "slow-chat", "timeout"): 1,
+        ("p2", "cut-chat", "error"): 1,
+    }
+    assert metrics.series("tollgate_requests_total", "endpoint", "model", "provider", "status_code") == {
+        ("chat/completions", "slow-chat", "", "504"): 1,
+        ("chat/completions", "cut-chat", "p2", "200"): 1,
+    }
+    assert metrics.series("tollgate_admission_refusals_total", "code") == {}
