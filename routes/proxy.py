@@ -1,9 +1,7 @@
 """/v1 proxy endpoints: chat completions, completions, embeddings, messages, models; and the
 free Anthropic token count.
 
-The four proxy endpoints are plain ASGI apps rather than Starlette request handlers: they
-are the hot path, and building Starlette's Request/Response objects and passing its
-exception middleware cost more per call than all of billing (see bench/run.py).
+The proxied endpoints are plain ASGI apps (routes/_proxied.py: why, and their shared frame).
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ import time
 from typing import Any
 
 import orjson
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -21,55 +19,25 @@ from starlette.types import Receive, Scope, Send
 from core.config import ApiKey, Config
 from core.errors import GatewayError, not_found
 from core.providers.messages import anthropic_error_body
-from core.proxy import ENDPOINTS, parse_proxy_request
+from core.proxy import ENDPOINTS, ProxyRequest, parse_proxy_request
 from core.routing import routes_for
-from core.telemetry import TRACE_HEADERS, Telemetry
-from core.telemetry.facts import CLIENT_CLOSED, RequestFacts
 from core.usage import estimate_prompt_tokens
-from routes._http import authenticate, authenticate_headers, current_config, internal_error, parse_json, read_json, receive_body, request_headers
-from routes._stream import send_answer
+from routes._http import authenticate, current_config, parse_json, read_json, receive_body
+from routes._proxied import ProxiedEndpoint
 from routes.uploads import UPLOAD_ENDPOINTS_BY_NAME, UploadEndpoint
 
 log = logging.getLogger("tollgate.proxy")
 
 
-class ProxyEndpoint:
-    """One proxied endpoint: authenticate, read the body, run the gateway, answer."""
+class ProxyEndpoint(ProxiedEndpoint):
+    """One proxied JSON endpoint: the body is read whole, then checked."""
 
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint
-        self.__name__ = endpoint.replace("/", "_")  # Starlette names routes after their endpoint
+    async def read_request(self, receive: Receive, headers: dict[str, str], config: Config) -> ProxyRequest:
+        body = parse_json(await receive_body(receive, headers.get("content-length"), config.preferences.max_request_body_bytes))
+        return parse_proxy_request(self.endpoint, body)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state = scope["app"].state
-        telemetry: Telemetry = state.telemetry
-        facts = RequestFacts(self.endpoint)
-        telemetry.start(facts)
-        try:
-            try:
-                config: Config = state.store.current  # this request's config to the end, whatever reloads
-                headers = request_headers(scope, _READ_HEADERS)
-                telemetry.read_trace_headers(facts, headers)
-                client = scope.get("client")
-                key = authenticate_headers(config, headers, client[0] if client else None, state.clock(), state.auth_throttle)
-                body = parse_json(await receive_body(receive, headers.get("content-length"), config.preferences.max_request_body_bytes))
-                proxy_request = parse_proxy_request(self.endpoint, body)
-                result = await state.gateway.handle(config, key, proxy_request, facts)
-            except GatewayError as exc:
-                facts.failed(exc)
-                await self.error_response(exc)(scope, receive, send)
-                return
-            except ClientDisconnect:
-                facts.status = CLIENT_CLOSED
-                return  # gone before its request was even read: nothing to answer, nothing charged
-            except Exception as exc:  # a bug: answered with a logged 500, not a dropped connection
-                error = internal_error(Request(scope), exc)
-                facts.failed(error)
-                await self.error_response(error)(scope, receive, send)
-                return
-            await send_answer(proxy_request.request_id, result, scope, receive, send, facts)
-        finally:
-            telemetry.finish(facts)
+    async def send_error(self, error: GatewayError, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.error_response(error)(scope, receive, send)
 
     def error_response(self, error: GatewayError) -> Response:
         """OpenAI's error shape; Anthropic's on /v1/messages, whose clients expect it."""
@@ -118,10 +86,6 @@ def _model_object(config: Config, key: ApiKey, name: str) -> dict[str, Any] | No
     if not allowed:
         return None
     return {"id": name, "object": "model", "created": int(config.loaded_at or time.time()), "owned_by": allowed[0].provider.name}
-
-
-# The request headers the proxy endpoints read, picked out of the ASGI scope in one pass.
-_READ_HEADERS = frozenset({b"authorization", b"x-api-key", b"content-length", b"user-agent", b"x-forwarded-for", *TRACE_HEADERS})
 
 
 # Many clients are configured with a base URL lacking /v1: every proxy path is served both ways.

@@ -435,6 +435,7 @@ def test_a_scrape_of_any_worker_counts_the_requests_of_every_worker(fleet, tmp_p
         assert sum(s.value for s in samples if s.name == "tollgate_requests_total") == sent
         assert sum(s.value for s in samples if s.name == "tollgate_request_duration_seconds_count") == sent
         assert [s.value for s in samples if s.name == "tollgate_inflight_requests"] == [0]
+        assert sum(s.value for s in samples if s.name == "tollgate_ledger_commit_seconds_count") > 0  # the PostgreSQL writer's commits
 
 
 def _worker_pids(instance: Instance) -> list[int]:
