@@ -106,20 +106,27 @@ def configure_logging(level: str, log_format: str) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     global _listener
-    if _listener is not None:
-        _listener.stop()
+    _stop_writing()
     writer = logging.StreamHandler()
     writer.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     _listener = logging.handlers.QueueListener(lines, writer)
     _listener.start()
-    atexit.register(_listener.stop)  # the lines still queued are written before the process exits
+    atexit.register(_stop_writing)  # the lines still queued are written before the process exits
     root = logging.getLogger()
     root.handlers[:] = [_RecordQueue(lines)]
     root.setLevel(level.upper())
 
 
 _listener: logging.handlers.QueueListener | None = None
+
+
+def _stop_writing() -> None:
+    """Write the lines still queued and stop the writing thread (once, however often called)."""
+    global _listener
+    listener, _listener = _listener, None
+    if listener is not None:
+        listener.stop()
 
 
 class _RecordQueue(logging.handlers.QueueHandler):
