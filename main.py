@@ -184,7 +184,7 @@ class GatewayApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
-_API_PATHS = ("/v1/", "/health", "/dashboard/", *proxy.UNPREFIXED_API_PATHS)
+_API_PATHS = ("/v1/", "/health", "/metrics", "/dashboard/", *proxy.UNPREFIXED_API_PATHS)
 
 
 def _is_page(request: Request) -> bool:

@@ -273,8 +273,10 @@ def test_counters_move_by_exactly_what_was_sent(start_gateway, upstream, vendor)
 
 def test_metrics_need_the_admin_key_unless_public(start_gateway, upstream, vendor):
     gateway = start_gateway(CONFIG, upstream)
-    assert gateway.http("GET", "/metrics", key=None).status_code == 401
-    assert gateway.http("GET", "/metrics", key=USER_KEY).status_code == 403
+    unauthorized, forbidden = gateway.http("GET", "/metrics", key=None), gateway.http("GET", "/metrics", key=USER_KEY)
+    # A scraper's refusal is the API's JSON error, not an HTML page.
+    assert (unauthorized.status_code, unauthorized.json()["error"]["code"]) == (401, "invalid_api_key")
+    assert (forbidden.status_code, forbidden.json()["error"]["code"]) == (403, "admin_required")
     assert scrape(gateway).series("tollgate_config_reloads_total", "result") == {}
 
     change_config(gateway, "public: false", "public: true")
