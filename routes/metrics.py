@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core.telemetry import Telemetry
+from core.telemetry.metrics import Metrics
 from routes._http import current_config, require_admin
 
 
@@ -20,12 +20,9 @@ async def metrics(request: Request) -> Response:
     if not config.preferences.metrics.public:
         require_admin(request, config)
     state = request.app.state
-    telemetry: Telemetry = state.telemetry
-
-    def refresh() -> None:
-        telemetry.metrics.unwritten.set(state.ledger.health()["unwritten_rows"])
-
-    return Response(telemetry.metrics.exposition(refresh), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+    metrics: Metrics = state.telemetry.metrics
+    metrics.unwritten.set(state.ledger.health()["unwritten_rows"])  # as of now, not the last commit
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
 routes = [Route("/metrics", metrics, methods=["GET"])]

@@ -32,10 +32,10 @@ _TRACE_HEADER_NAMES = tuple(name.decode() for name in TRACE_HEADERS)
 class Telemetry:
     """The app's metrics, request log and tracing."""
 
-    def __init__(self, store: ConfigStore, tracing: Tracing | None = None):
+    def __init__(self, store: ConfigStore):
         self.store = store
         self.metrics = Metrics()
-        self.tracing = tracing
+        self.tracing: Tracing | None = None  # set by the serving process's lifespan (main.py)
 
     def start(self, facts: RequestFacts) -> None:
         self.metrics.inflight.add(1)

@@ -70,7 +70,7 @@ class RequestFacts:
         "wall_ns",
     )
 
-    def __init__(self, endpoint: str, trace_headers: dict[str, str] | None = None):
+    def __init__(self, endpoint: str):
         self.endpoint = endpoint
         self.started = time.perf_counter()
         self.wall_ns = time.time_ns()
@@ -88,7 +88,7 @@ class RequestFacts:
         self.first_byte: float | None = None  # streams: when the first chunk went to the client
         self.attempts: list[Attempt] = []
         self.ticket: Ticket | None = None
-        self.trace_headers = trace_headers  # traceparent / tracestate, when tracing is on
+        self.trace_headers: dict[str, str] | None = None  # traceparent / tracestate, when tracing is on
 
     def failed(self, error: GatewayError) -> None:
         """The request was answered with `error`."""

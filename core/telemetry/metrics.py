@@ -14,12 +14,12 @@ create a series per request).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from core.pricing import NANOS_PER_USD
 from core.telemetry.facts import RequestFacts
 from core.telemetry.series import CounterSeries, GaugeSeries, HistogramSeries, Series, SeriesCollector
 
@@ -28,7 +28,6 @@ S = TypeVar("S", CounterSeries, HistogramSeries, GaugeSeries)
 # Seconds: LLM calls run from milliseconds (an embedding) to minutes (a long stream).
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
-NANOS_PER_USD = 1_000_000_000
 # (kind label, UsageRecord field): the tokens a request was charged for.
 TOKEN_KINDS = (
     ("prompt", "prompt_tokens"),
@@ -132,10 +131,8 @@ class Metrics:
     def alert_fired(self, metric: str) -> None:
         self.alerts.inc((metric,))
 
-    def exposition(self, refresh: Callable[[], None] | None = None) -> bytes:
-        """The text format; `refresh` first sets the gauges read at scrape time."""
-        if refresh is not None:
-            refresh()
+    def exposition(self) -> bytes:
+        """The text format: this process's series, or under --workers every worker's."""
         if not self.multiprocess:
             return generate_latest(self.registry)
         registry = CollectorRegistry(auto_describe=False)

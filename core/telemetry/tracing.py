@@ -180,16 +180,15 @@ def _server_attributes(facts: RequestFacts, operation: str, system: str) -> dict
         FAILOVERS: facts.failovers,
         STREAM: facts.stream,
     }
-    if system:
-        attributes[GEN_AI_SYSTEM] = attributes[GEN_AI_PROVIDER_NAME] = system
-    if facts.model:
-        attributes[GEN_AI_REQUEST_MODEL] = facts.model
-    if facts.key_name:
-        attributes[KEY_NAME] = facts.key_name
-    if facts.provider:
-        attributes[PROVIDER] = facts.provider
-    if facts.error_code:
-        attributes[ERROR_TYPE] = facts.error_code
+    # Set only when known (an empty string or zero would read as a value in a backend).
+    known: dict[str, Any] = {
+        GEN_AI_SYSTEM: system,
+        GEN_AI_PROVIDER_NAME: system,
+        GEN_AI_REQUEST_MODEL: facts.model,
+        KEY_NAME: facts.key_name,
+        PROVIDER: facts.provider,
+        ERROR_TYPE: facts.error_code,
+    }
     if facts.first_byte is not None:
         attributes[TIME_TO_FIRST_BYTE] = facts.seconds(facts.first_byte)
     record = facts.settled
@@ -197,13 +196,11 @@ def _server_attributes(facts: RequestFacts, operation: str, system: str) -> dict
         attributes[GEN_AI_RESPONSE_MODEL] = record.upstream_model
         attributes[GEN_AI_INPUT_TOKENS] = record.prompt_tokens
         attributes[GEN_AI_OUTPUT_TOKENS] = record.completion_tokens
-        if record.cached_tokens:
-            attributes[GEN_AI_CACHE_READ_TOKENS] = record.cached_tokens
-        if record.cache_write_tokens:
-            attributes[GEN_AI_CACHE_CREATION_TOKENS] = record.cache_write_tokens
-        if record.reasoning_tokens:
-            attributes[GEN_AI_REASONING_TOKENS] = record.reasoning_tokens
         attributes[COST_NANOS] = record.cost_nanos
         attributes[COST_USD] = format_usd(record.cost_nanos)
         attributes[COST_TYPE] = record.cost_type
+        known[GEN_AI_CACHE_READ_TOKENS] = record.cached_tokens
+        known[GEN_AI_CACHE_CREATION_TOKENS] = record.cache_write_tokens
+        known[GEN_AI_REASONING_TOKENS] = record.reasoning_tokens
+    attributes.update((name, value) for name, value in known.items() if value)
     return attributes
