@@ -49,7 +49,8 @@ from core.telemetry import Telemetry
 from core.telemetry.request_log import LOG_FORMATS, configure_logging
 from core.telemetry.tracing import Tracing
 from core.upstream import create_http_session
-from routes import accounts, admin, api_keys, audit, billing_admin, metrics, proxy, responses, self_service, web, web_prices, web_usage_keys
+from core.vendors.months import VendorMonths
+from routes import accounts, admin, api_keys, audit, billing_admin, metrics, providers, proxy, responses, self_service, web, web_prices, web_usage_keys
 from routes._http import error_response, http_error, internal_error
 from routes._pages import compile_templates
 from routes._session import SessionSigner
@@ -88,14 +89,16 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         app.state.clock = clock
         meter = BillingMeter(ledger, clock)
         app.state.stored_responses = StoredResponses(ledger, clock)
-        app.state.gateway = Gateway(http, Scheduler(), meter, app.state.stored_responses)
-        alerts = meter.alerts = app.state.alerts = Alerts(ledger, meter.limiter, clock, lambda: http)
+        vendors = meter.vendors = app.state.vendors = VendorMonths(ledger, clock)
+        app.state.gateway = Gateway(http, Scheduler(), meter, app.state.stored_responses, vendors)
+        alerts = meter.alerts = vendors.alerts = app.state.alerts = Alerts(ledger, meter.limiter, clock, lambda: http)
         # Made here, in the process that serves (each of --workers N): the exporter's thread with it.
         telemetry.tracing = Tracing.from_environment()
         metrics = telemetry.metrics
         ledger.on_commit, store.on_reload, alerts.on_fired = metrics.ledger_committed, metrics.config_reloaded, metrics.alert_fired
         await alerts.load()
         alert_sender = asyncio.create_task(alerts.deliver_forever())
+        vendor_refresh = asyncio.create_task(vendors.refresh_forever()) if ledger.shared else None  # other instances' vendor cost
         compile_templates()  # off the first page's time
         gc.freeze()  # the loaded config is long-lived: keep full collections from re-scanning it
         # Each request leaves a little cyclic garbage (futures, tracebacks); at Python's default
@@ -113,6 +116,8 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             yield
         finally:
             alert_sender.cancel()
+            if vendor_refresh is not None:
+                vendor_refresh.cancel()
             stop.set()
             if watcher is not None:
                 watcher.cancel()
@@ -131,6 +136,7 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
             *api_keys.routes,
             *accounts.routes,
             *billing_admin.routes,
+            *providers.routes,
             *self_service.routes,
             *audit.routes,
             *web_usage_keys.routes,

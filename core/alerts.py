@@ -39,6 +39,7 @@ import aiosqlite
 
 from core.config import ApiKey
 from core.config.billing import KeyBilling
+from core.config.limits import AlertSettings
 from core.ledger import Account, Ledger
 from core.limits import Limiter
 from core.money_format import count_text, usd_text
@@ -51,6 +52,8 @@ FIRST_RETRY_SECONDS = 1.0
 DELIVERY_TIMEOUT = 10.0
 CLAIM_SECONDS = 60.0  # a delivery claim not renewed for this long (attempts renew it) was a dead process's
 SWEEP_SECONDS = 30.0
+PROVIDER_ID_PREFIX = "provider:"  # alert rows of a provider's budget: key_id `provider:NAME`, key_name NAME
+PROVIDER_BUDGET = "provider_monthly_budget"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,11 @@ class Reading:
     used: int
     limit: int
     unit: str  # "usd" (nanos) or "count"/"tokens"
+    armed_as: str = ""  # the crossing's identity when not the metric (a provider's budget month)
+
+    @property
+    def crossing(self) -> str:
+        return self.armed_as or self.metric
 
     def shown(self, value: int) -> str:
         """As stored and sent to webhooks: a plain decimal (`0.06`) or a whole number."""
@@ -91,6 +99,21 @@ def readings(key: ApiKey, account: Account, limiter: Limiter) -> list[Reading]:
         if spend is not None and spend.ready is not None and spend.ready.done() and spend.ready.exception() is None:
             out.append(Reading(f"{limit.name}:{datetime.fromtimestamp(spend.start, UTC).date().isoformat()}", spend.spent, limit.limit_nanos, "usd"))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Watched:
+    """Whose readings an alert is about: a key (an account), or a provider's monthly budget."""
+
+    id: str  # alert rows' key_id: the key's ledger id, or `provider:NAME`
+    name: str
+    shown: str  # as the log names it (a key's masked secret)
+    webhook_url: str | None
+    window_start: float = 0.0  # a crossing fired before this was another billing window's
+
+    @classmethod
+    def key(cls, key: ApiKey) -> Watched:
+        return cls(key.id, key.name, f"key {key.masked}", key.limits.alerts.webhook_url, key.billing.created_at)
 
 
 class Alerts:
@@ -125,28 +148,38 @@ class Alerts:
     def check(self, key: ApiKey, account: Account) -> None:
         """Compare the key's readings with its thresholds; fire new crossings, re-arm cleared ones."""
         thresholds = key.limits.alerts.thresholds
-        if not thresholds:
-            return
-        fired = self._fired.setdefault(key.id, set())
-        for reading in readings(key, account, self.limiter):
+        if thresholds:
+            self._compare(Watched.key(key), readings(key, account, self.limiter), thresholds)
+
+    def check_provider(self, provider: str, spent: int, budget: int, month: str, settings: AlertSettings) -> None:
+        """A provider's vendor cost this month (`month`: YYYY-MM) against its `monthly_budget`,
+        at `preferences.alerts`' thresholds and webhook: a new month starts armed."""
+        if settings.thresholds:
+            watched = Watched(f"{PROVIDER_ID_PREFIX}{provider}", provider, f"provider {provider}", settings.webhook_url)
+            reading = Reading(PROVIDER_BUDGET, spent, budget, "usd", f"{PROVIDER_BUDGET}:{month}")
+            self._compare(watched, [reading], settings.thresholds)
+
+    def _compare(self, watched: Watched, current: list[Reading], thresholds: tuple[float, ...]) -> None:
+        fired = self._fired.setdefault(watched.id, set())
+        for reading in current:
             fraction = Decimal(reading.used) / Decimal(reading.limit)
             for threshold in thresholds:
                 crossed = fraction >= Decimal(str(threshold))
-                armed = (reading.metric, threshold) not in fired
+                armed = (reading.crossing, threshold) not in fired
                 if crossed and armed:
-                    fired.add((reading.metric, threshold))
-                    self._record(key, reading, threshold)
+                    fired.add((reading.crossing, threshold))
+                    self._record(watched, reading, threshold)
                 elif not crossed and not armed:
-                    fired.discard((reading.metric, threshold))
-                    self._rearm(key, reading, threshold)
+                    fired.discard((reading.crossing, threshold))
+                    self._rearm(watched, reading, threshold)
 
-    def _record(self, key: ApiKey, reading: Reading, threshold: float) -> None:
+    def _record(self, watched: Watched, reading: Reading, threshold: float) -> None:
         """Record the crossing unless another process did (then this one only remembers it)."""
         now = self.clock()
-        url = key.limits.alerts.webhook_url
+        url = watched.webhook_url
         event = (
-            key.id,
-            key.name,
+            watched.id,
+            watched.name,
             reading.metric,
             threshold,
             reading.shown(reading.used),
@@ -160,7 +193,7 @@ class Alerts:
             async with db.execute(
                 "INSERT INTO alert_fired (key_id, metric, threshold, fired_at, fired_limit) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (key_id, metric, threshold) DO NOTHING RETURNING fired_at",
-                (key.id, reading.metric, threshold, now, reading.limit),
+                (watched.id, reading.crossing, threshold, now, reading.limit),
             ) as cursor:
                 if await cursor.fetchone() is None:
                     return None
@@ -175,15 +208,15 @@ class Alerts:
 
         def recorded(done: asyncio.Future[int | None]) -> None:
             if done.cancelled() or done.exception() is not None:
-                log.error("alert for key %s %s not recorded: %r", key.masked, reading.metric, None if done.cancelled() else done.exception())
+                log.error("alert for %s %s not recorded: %r", watched.shown, reading.metric, None if done.cancelled() else done.exception())
                 return
             event_id = done.result()
             if event_id is None:
                 return  # another process fired this crossing
             self.on_fired(reading.metric)
             log.info(
-                "alert: key %s %s crossed %.0f%% (%s of %s)",
-                key.masked,
+                "alert: %s %s crossed %.0f%% (%s of %s)",
+                watched.shown,
                 reading.metric,
                 threshold * 100,
                 reading.text(reading.used),
@@ -195,13 +228,13 @@ class Alerts:
         _, done = self.ledger.query_in_order(write)
         done.add_done_callback(recorded)
 
-    def _rearm(self, key: ApiKey, reading: Reading, threshold: float) -> None:
+    def _rearm(self, watched: Watched, reading: Reading, threshold: float) -> None:
         """Forget the crossing if the key really is back under it (see the module's docstring)."""
 
         async def write(db: aiosqlite.Connection) -> None:
             await db.execute(
                 "DELETE FROM alert_fired WHERE key_id = ? AND metric = ? AND threshold = ? AND (fired_limit < ? OR fired_at < ?)",
-                (key.id, reading.metric, threshold, reading.limit, key.billing.created_at),
+                (watched.id, reading.crossing, threshold, reading.limit, watched.window_start),
             )
 
         _, done = self.ledger.query_in_order(write)
@@ -262,11 +295,11 @@ class Alerts:
         key_id, key_name, metric, threshold, used, limit_value, ts, url, attempts = row
         if not url:
             return
+        whose = {"provider": key_name} if key_id.startswith(PROVIDER_ID_PREFIX) else {"key_id": key_id, "key_name": key_name}
         payload = {
             "event": "threshold_crossed",
             "id": event_id,
-            "key_id": key_id,
-            "key_name": key_name,
+            **whose,
             "metric": metric,
             "threshold": threshold,
             "used": used,

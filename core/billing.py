@@ -25,6 +25,7 @@ from core.pricing.book import PriceBook
 from core.proxy import ProxyRequest, new_request_id
 from core.request_checks import output_token_limit, reasoning_budget
 from core.usage import Usage, estimate_media_prompt_tokens, estimate_prompt_tokens
+from core.vendors.months import VendorMonths
 
 ESTIMATED = "estimated"
 # Endpoints that write no tokens: nothing is reserved for output.
@@ -71,6 +72,7 @@ class BillingMeter:
         self.ledger = ledger
         self.clock = clock
         self.alerts: Alerts | None = None  # set by the app once the sender runs
+        self.vendors: VendorMonths | None = None  # each budgeted provider's month, set by the app
 
     @property
     def limiter(self) -> Limiter:
@@ -108,13 +110,18 @@ class BillingMeter:
         endpoint = reported_endpoint(usage)
         check_window_open(key.billing, self.clock(), 409)
         routes = config.routes.get(model)
+        upstream = model
         if routes:
             model = routes[0].public_name
+            # The vendor's name for it on the reported provider (`provider/model` names the route).
+            upstream = next((route.upstream_name for route in routes if route.provider.name == provider), routes[0].upstream_name)
         account = await self.ledger.account(key.id, key.billing)
         request = ProxyRequest(endpoint, {}, model, False, new_request_id())
         cost_type = config.preferences.prices.cost_type(key.billing.mode, model)
         ticket = BillingTicket(self, key, key.billing, config.preferences.prices, request, cost_type, Reservation(account, 0, 0))
-        return ticket.charge(Outcome(provider, model, usage, OK))
+        if self.vendors is not None and provider in config.budgeted:  # its month loaded, so the report counts in it
+            await self.vendors.prepare(config, provider, self.clock())
+        return ticket.charge(Outcome(provider, upstream, usage, OK))
 
     @staticmethod
     def _token_estimate(config: Config, request: ProxyRequest) -> tuple[int, int]:
@@ -169,11 +176,13 @@ class BillingTicket:
         cost_nanos = record.cost_nanos
         self.ended = True  # only now: should pricing above raise, a later release() still frees the holds
         try:
-            self.meter.ledger.settle(self.reservation, record)
+            seq = self.meter.ledger.settle(self.reservation, record)
             self.settled = record
         except BaseException:
             self.meter.ledger.release(self.reservation)  # settling raised half way: nothing may stay held
             raise
+        if record.vendor_cost_nanos and self.meter.vendors is not None:
+            self.meter.vendors.count(record, seq)
         if self.meter.alerts is not None:
             self.meter.alerts.check(self.key, self.reservation.account)
             if self.key.account is not None:  # the shared balance and limits, as the account's alerts
@@ -198,7 +207,10 @@ class BillingTicket:
             cost_nanos, count = token_price.cost_nanos(outcome.usage), 0
             unit_prices = token_price.unit_prices()
         status = ESTIMATED if outcome.status == OK and outcome.usage.estimated else outcome.status
-        return self._record(outcome.provider, outcome.upstream_model, outcome.usage, unit_prices, cost_nanos, count, status)
+        # What the vendor charges for it: the provider that served it, at its price for the model
+        # it was asked for (a failed stream the vendor bills counts too: its usage so far).
+        vendor = self.prices.vendor_price(outcome.provider, outcome.upstream_model).cost(self.request.endpoint, outcome.usage)
+        return self._record(outcome.provider, outcome.upstream_model, outcome.usage, unit_prices, cost_nanos, count, status, vendor)
 
     def release(self) -> None:
         if self.ended:
@@ -230,7 +242,17 @@ class BillingTicket:
             "x-tollgate-count-credits-remaining": str(account.remaining_count(self.terms)),
         }
 
-    def _record(self, provider: str, upstream_model: str, usage: Usage, unit_prices: str, cost_nanos: int, count: int, status: str) -> UsageRecord:
+    def _record(
+        self,
+        provider: str,
+        upstream_model: str,
+        usage: Usage,
+        unit_prices: str,
+        cost_nanos: int,
+        count: int,
+        status: str,
+        vendor: tuple[int | None, str] = (None, ""),
+    ) -> UsageRecord:
         return UsageRecord(
             request_id=self.request.request_id,
             ts=self.meter.clock(),
@@ -253,4 +275,6 @@ class BillingTicket:
             images=usage.images,
             audio_ms=usage.audio_ms,
             characters=usage.characters,
+            vendor_cost_nanos=vendor[0],
+            vendor_unit_prices=vendor[1],
         )

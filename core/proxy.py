@@ -32,6 +32,7 @@ from core.telemetry.facts import ERROR as ATTEMPT_FAILED
 from core.telemetry.facts import TIMEOUT, RequestFacts
 from core.uploads import UPLOAD_ENDPOINTS, Upload
 from core.usage import Usage, complete_usage, estimate_usage, usage_so_far
+from core.vendors.months import VendorMonths
 
 log = logging.getLogger("tollgate.proxy")
 
@@ -107,14 +108,18 @@ class CompletedCall:
 class Gateway:
     """Runs one proxied request against the routes of the config it started with."""
 
-    def __init__(self, http: aiohttp.ClientSession, scheduler: Scheduler, meter: Meter, stored: StoredResponses | None = None):
+    def __init__(
+        self, http: aiohttp.ClientSession, scheduler: Scheduler, meter: Meter, stored: StoredResponses | None = None, vendors: VendorMonths | None = None
+    ):
         """Created on the loop it serves (the HTTP session is bound to it anyway). `stored`
-        remembers the responses upstreams store (Responses API), for their follow-ups."""
+        remembers the responses upstreams store (Responses API), for their follow-ups;
+        `vendors` keeps providers' monthly budgets (core/vendors)."""
         self.http = http
         self.loop = asyncio.get_running_loop()
         self.scheduler = scheduler
         self.meter = meter
         self.stored = stored
+        self.vendors = vendors
 
     async def handle(self, config: Config, key: ApiKey, request: ProxyRequest, facts: RequestFacts | None = None) -> CompletedCall | MeteredStream:
         """`facts` (core/telemetry) learns the route, the attempts and the ticket as they happen."""
@@ -125,6 +130,8 @@ class Gateway:
         facts.model = request.model
         if request.endpoint == "responses":
             routes = await self._continuing(config, key, request, routes)
+        if config.budgeted and self.vendors is not None:  # a provider that spent its budget is skipped
+            routes = await self.vendors.usable(config, routes)
         ticket = facts.ticket = await self.meter.admit(config, key, request)
         streaming = False
         try:

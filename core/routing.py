@@ -87,6 +87,15 @@ class Scheduler:
     def is_cooling(self, route: ModelRoute) -> bool:
         return self._is_cooling(route, self._clock())
 
+    def cooling(self) -> dict[str, list[str]]:
+        """Each provider's upstream models cooling down now (the Providers page's status)."""
+        now = self._clock()
+        found: dict[str, list[str]] = {}
+        for (provider, upstream), until in list(self._cooldown_until.items()):
+            if until > now:
+                found.setdefault(provider, []).append(upstream)
+        return found
+
     def next_upstream_key(self, provider: Provider) -> str:
         keys = provider.upstream_keys
         if len(keys) == 1:

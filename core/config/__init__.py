@@ -19,7 +19,15 @@ from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo
 
 from core.body_overrides import BodyOverrides, read_body_overrides
-from core.config.billing import BILLING_MODES, DEFAULT_RESERVE_COMPLETION_TOKENS, KeyBilling, read_key_billing, read_multiplier, read_price_book
+from core.config.billing import (
+    BILLING_MODES,
+    DEFAULT_RESERVE_COMPLETION_TOKENS,
+    KeyBilling,
+    read_key_billing,
+    read_multiplier,
+    read_price_book,
+    read_vendor_terms,
+)
 from core.config.discovery import DEFAULT_TIMEOUT as DEFAULT_DISCOVERY_TIMEOUT
 from core.config.discovery import Discovery
 from core.config.limits import LIMIT_KEYS, AlertSettings, IPNetwork, KeyLimits, read_alerts, read_key_limits, read_networks, read_timezone
@@ -40,7 +48,8 @@ from core.config.yamlsource import ConfigError, ConfigWarning, error_at, expand_
 from core.cooperate import cooperate
 from core.keys.index import KeyIndex, digest_of, mask_key
 from core.lookup import PrefixTable
-from core.pricing.book import PriceBook, build_price_book, with_routes
+from core.pricing.book import PriceBook, build_price_book, with_routes, with_vendor_prices
+from core.pricing.vendor import NO_TERMS, VendorTerms
 
 ENGINES = ("openai", "azure", "anthropic", "gemini", "echo")
 SCHEDULING_ALGORITHMS = ("fixed_priority", "round_robin", "weighted_round_robin", "lottery", "random")
@@ -61,6 +70,10 @@ PROVIDER_PREFERENCE_KEYS = (
     "price_multiplier",
     "post_body_parameter_overrides",
     "proxy",
+    "cost_price",
+    "cost_multiplier",
+    "monthly_budget",
+    "budget_action",
 )
 KEY_KEYS = ("api", "id", "name", "role", "account", "model", "preferences")
 KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # safe in a URL path, a CSV cell and a log line
@@ -115,6 +128,7 @@ class Provider:
     price_multiplier: Decimal = Decimal(1)  # this provider's prices x this (x the global multiplier)
     body_overrides: BodyOverrides | None = None  # post_body_parameter_overrides (core/body_overrides.py)
     proxy: UpstreamProxy | None = field(default=None, repr=False)  # `proxy`: what this provider is reached through
+    vendor: VendorTerms = NO_TERMS  # what the vendor charges the operator, and its monthly budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +248,7 @@ class Config:
     # `routes`: a key not allowed that model but allowed the label's route is served by it.
     shadowed_labels: dict[str, ModelRoute] = field(default_factory=dict)
     unserved: dict[str, frozenset[str] | None] = field(default_factory=dict)  # see Unserved
+    budgeted: frozenset[str] = frozenset()  # providers with a `monthly_budget` (core/vendors)
 
 
 def load_config(path: str | Path, previous: Config | None = None) -> Config:
@@ -284,7 +299,9 @@ def _build(tree: Any, text: str, file: str, source_hash: str | None, discovery: 
     providers, routes_by_provider, unserved = _read_providers(
         top, global_timeouts, discovery, preferences.model_discovery_timeout, preferences.prices, unpriced, read_proxy(top.section("preferences"), None)
     )
-    priced = with_routes(preferences.prices, _price_routes(routes_by_provider))
+    route_prices = _price_routes(routes_by_provider)
+    priced = with_routes(preferences.prices, route_prices)
+    priced = with_vendor_prices(priced, {p.name: (p.vendor, p.engine) for p in providers}, [route[:4] for route in route_prices])
     preferences = replace(preferences, prices=priced)
     routes, shadowed = _index_routes(routes_by_provider)
     accounts = _read_accounts(top, preferences)
@@ -305,6 +322,7 @@ def _build(tree: Any, text: str, file: str, source_hash: str | None, discovery: 
         accounts=accounts,
         shadowed_labels=shadowed,
         unserved=unserved,
+        budgeted=frozenset(p.name for p in providers if p.vendor.monthly_budget_nanos is not None),
     )
 
 
@@ -492,6 +510,7 @@ def _read_providers(
             default_max_tokens=prefs.integer("default_max_tokens", 4096, minimum=1),
             price_multiplier=read_multiplier(prefs),
             proxy=proxy.for_vendor(base_url) if proxy is not None else None,
+            vendor=read_vendor_terms(prefs),
         )
         timeouts = PrefixTable({**global_timeouts, **_read_timeouts(prefs)})
         if items_of(section, "model"):

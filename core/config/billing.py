@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from core.config.reader import Section, to_decimal
+from core.lookup import PrefixTable
 from core.pricing import COUNT, FREE, TOKEN, ModelPrice, TokenPrice, to_nanos
 from core.pricing.book import PriceBook, build_price_book
 from core.pricing.catalog import CatalogError, PriceCatalog, builtin_catalog, load_catalog
+from core.pricing.vendor import ALERT, BUDGET_ACTIONS, VendorTerms
 from core.timeutil import to_unix
 
 BILLING_MODES = (TOKEN, COUNT, "hybrid")
@@ -54,6 +56,23 @@ def read_price_book(prefs: Section) -> PriceBook:
         billing.boolean("enabled", True),
         _read_catalog(prefs),
         read_multiplier(prefs),
+    )
+
+
+def read_vendor_terms(prefs: Section) -> VendorTerms:
+    """A provider's vendor side: `cost_price` (model_price's shapes), `cost_multiplier`,
+    `monthly_budget` (USD at vendor cost) and `budget_action`."""
+    prices = prefs.section("cost_price")
+    cost_prices = {str(name): _read_model_price(prices, name) for name in prices.node}
+    budget = prefs.number("monthly_budget", minimum=0, allow_equal=False) if prefs.has("monthly_budget") else None
+    action = prefs.choice("budget_action", BUDGET_ACTIONS, ALERT)
+    if action != ALERT and budget is None:
+        raise prefs.error("budget_action", f"{prefs.where('budget_action')} needs a monthly_budget to act on")
+    return VendorTerms(
+        PrefixTable(cost_prices),
+        prefs.number("cost_multiplier", 1, minimum=0),
+        None if budget is None else to_nanos(budget),
+        action,
     )
 
 

@@ -167,6 +167,10 @@ class UsageRecord(NamedTuple):
     images: int = 0  # the media endpoints' units (core/usage.py Usage)
     audio_ms: int = 0
     characters: int = 0
+    # What the vendor charged the operator for this request (core.pricing.vendor), at the unit
+    # prices recorded beside it; None: no vendor price is known (never shown as $0).
+    vendor_cost_nanos: int | None = None
+    vendor_unit_prices: str = ""
 
 
 class StoredResponse(NamedTuple):
@@ -257,6 +261,12 @@ class Ledger(Protocol):
         ...
 
     async def totals(self, windows: list[Window], by_model: bool = False) -> dict[tuple[str, ...], Totals]: ...
+
+    def vendor_month(self, provider: str, since: float, until: float) -> tuple[int, asyncio.Future[int]]:
+        """A provider's vendor cost in nano-dollars over [since, until) (a month: whole 15-minute
+        slots of the provider rollup), read at a point of the write order like `query_in_order`;
+        in fleet mode the figure every instance's charges move (core.vendors.months)."""
+        ...
 
     async def grants_in(self, windows: list[Window]) -> dict[str, tuple[int, int]]: ...
 

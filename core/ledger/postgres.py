@@ -103,7 +103,11 @@ _USAGE_TYPES = {
     "unit_prices": "text",
     "status": "text",
     "account_id": "text",
+    "vendor_unit_prices": "text",
 }
+# pg_advisory_xact_lock key of `provider_spend`: settlements take it shared, the instance that
+# creates a month's row takes it alone, so no charge falls between the row's sum and its updates.
+VENDOR_SPEND_LOCK = 0x70_11_6A_7F
 
 
 def _settle_sql() -> str:
@@ -162,6 +166,13 @@ def _settle_sql() -> str:
               FROM freed f JOIN rate_windows r ON r.key_id = f.owner_id AND r.kind = 'tokens' AND r.window_start = floor(f.admitted_at / r.seconds) * r.seconds
               LEFT JOIN new n ON n.request_id = f.request_id WHERE f.owner_id <> '' GROUP BY f.owner_id, r.seconds) d
         WHERE w.key_id = d.owner_id AND w.kind = 'tokens' AND w.seconds = d.seconds
+    ),
+    provider_spend_moved AS (
+        UPDATE provider_spend p SET nanos = p.nanos + d.cost
+        FROM (SELECT q.provider, q.since, q.period_end, SUM(n.vendor_cost_nanos) AS cost FROM new n
+              JOIN provider_spend q ON q.provider = n.provider AND n.ts >= q.since AND n.ts < q.period_end
+              WHERE n.vendor_cost_nanos IS NOT NULL GROUP BY q.provider, q.since, q.period_end) d
+        WHERE p.provider = d.provider AND p.since = d.since AND p.period_end = d.period_end
     ),
     {rollups}
     SELECT (SELECT COUNT(*) FROM new), (SELECT COUNT(*) FROM freed)
@@ -688,6 +699,29 @@ class PgLedger:
         await self.flush()
         return await window_totals(self.reader, windows, by_model)  # type: ignore[arg-type]
 
+    def vendor_month(self, provider: str, since: float, until: float) -> tuple[int, asyncio.Future[int]]:
+        """The month's figure in `provider_spend`, which every settlement moves; the first
+        instance to need it makes it from the provider rollup, with settlements held off."""
+        return 0, asyncio.ensure_future(self._vendor_month(provider, since, until))
+
+    async def _vendor_month(self, provider: str, since: float, until: float) -> int:
+        select = "SELECT nanos FROM provider_spend WHERE provider = $1 AND since = $2 AND period_end = $3"
+        with reachable():
+            nanos = await self.pool.fetchval(select, provider, since, until)
+            if nanos is None:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", VENDOR_SPEND_LOCK)
+                    await conn.execute(
+                        "INSERT INTO provider_spend (provider, since, period_end, nanos)"
+                        " SELECT $1, $2, $3, COALESCE(SUM(vendor_cost_nanos), 0) FROM usage_provider_slot WHERE provider = $1 AND slot >= $2 AND slot < $3"
+                        " ON CONFLICT DO NOTHING",
+                        provider,
+                        since,
+                        until,
+                    )
+                    nanos = await conn.fetchval(select, provider, since, until)
+        return int(nanos)
+
     async def grants_in(self, windows: list[Window]) -> dict[str, tuple[int, int]]:
         await self.flush()
         return await grant_totals(self.reader, windows)  # type: ignore[arg-type]
@@ -891,6 +925,8 @@ async def settle_in(conn: asyncpg.Connection, records: list[UsageRecord], freed:
     if not records and not freed:
         return
     keys = [record.key_id for record in records] + [record.account_id for record in records if record.account_id]
+    if any(record.vendor_cost_nanos for record in records):  # (a separate statement: the settlement's snapshot is taken after it)
+        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", VENDOR_SPEND_LOCK)
     await lock_accounts(conn, keys)
     columns = [list(values) for values in zip(*records, strict=True)] if records else [[] for _ in _USAGE_COLUMNS]
     await conn.fetchrow(_SETTLE_SQL, *columns, freed)

@@ -337,6 +337,29 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX stored_responses_by_time ON stored_responses (created_at);
     """,
+    # The vendor side, as in SQLite's schema 14; and each provider's vendor cost per budget
+    # month (`provider_spend`), moved by the settlements that add to it, so that every
+    # instance reads one exact figure (core/vendors/months.py).
+    8: """
+    ALTER TABLE usage ADD COLUMN vendor_cost_nanos BIGINT;
+    ALTER TABLE usage ADD COLUMN vendor_unit_prices TEXT NOT NULL DEFAULT '';
+    CREATE TABLE usage_provider_slot (
+        provider TEXT NOT NULL, slot BIGINT NOT NULL, upstream_model TEXT NOT NULL, requests BIGINT NOT NULL,
+        prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL, cached_tokens BIGINT NOT NULL,
+        cost_nanos BIGINT NOT NULL, vendor_cost_nanos BIGINT NOT NULL, unknown_cost BIGINT NOT NULL, priced_billed_nanos BIGINT NOT NULL,
+        errors BIGINT NOT NULL,
+        PRIMARY KEY (provider, slot, upstream_model)
+    );
+    CREATE INDEX usage_provider_slot_by_slot ON usage_provider_slot (slot);
+    INSERT INTO usage_provider_slot
+        SELECT provider, (floor(ts / 900) * 900)::int8, upstream_model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens),
+               SUM(cost_nanos), 0, COUNT(*), 0, SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END)
+        FROM usage WHERE provider <> '' GROUP BY 1, 2, 3;
+    CREATE TABLE provider_spend (
+        provider TEXT NOT NULL, since DOUBLE PRECISION NOT NULL, period_end DOUBLE PRECISION NOT NULL, nanos BIGINT NOT NULL,
+        PRIMARY KEY (provider, since, period_end)
+    );
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

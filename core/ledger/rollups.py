@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+SLOT_SECONDS = 900  # the provider rollup's time slot
+
 # How each rollup column is computed from `usage` rows.
 _GROUPS = {
     "key_id": "key_id",
@@ -17,6 +19,11 @@ _GROUPS = {
     "cost_type": "cost_type",
     "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",  # the UTC day, as core.ledger.sums.utc_day
     "month": "strftime('%Y-%m', ts, 'unixepoch')",
+    "provider": "provider",
+    "upstream_model": "upstream_model",
+    # 15-minute slots: every time zone in use today is a whole number of quarter hours from UTC,
+    # so a day or a month in `preferences.timezone` is a whole number of slots.
+    "slot": f"CAST(ts / {SLOT_SECONDS} AS INTEGER) * {SLOT_SECONDS}",
 }
 _MEASURES = {
     "requests": "COUNT(*)",
@@ -30,14 +37,22 @@ _MEASURES = {
     "images": "SUM(images)",
     "audio_ms": "SUM(audio_ms)",
     "characters": "SUM(characters)",
+    "vendor_cost_nanos": "COALESCE(SUM(vendor_cost_nanos), 0)",  # the known costs; `unknown_cost` counts the rest
+    "unknown_cost": "SUM(vendor_cost_nanos IS NULL)",
+    "priced_billed_nanos": "SUM(CASE WHEN vendor_cost_nanos IS NOT NULL THEN cost_nanos ELSE 0 END)",  # billed, where the vendor cost is known
 }
 # PostgreSQL spells the UTC day and month, and the count of errors, its own way.
 _PG_GROUPS = {
     **_GROUPS,
     "day": "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
     "month": "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM')",
+    "slot": f"(floor(ts / {SLOT_SECONDS}) * {SLOT_SECONDS})::int8",
 }
-_PG_MEASURES = {**_MEASURES, "errors": "SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END)"}
+_PG_MEASURES = {
+    **_MEASURES,
+    "errors": "SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END)",
+    "unknown_cost": "SUM(CASE WHEN vendor_cost_nanos IS NULL THEN 1 ELSE 0 END)",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +98,14 @@ ROLLUPS = (
         ("account_id", "day"),
         ("requests", "cost_nanos", "token_cost_nanos", "count_charged", "errors", *_TOKENS, *UNITS),
         "account_id <> ''",
+    ),
+    # The vendor side (core/vendors): per provider, 15-minute slot and upstream model, what keys
+    # were billed for its calls and what it costs; released requests (no provider) are left out.
+    Rollup(
+        "usage_provider_slot",
+        ("provider", "slot", "upstream_model"),
+        ("requests", *_TOKENS, "cost_nanos", "vendor_cost_nanos", "unknown_cost", "priced_billed_nanos", "errors"),
+        "provider <> ''",
     ),
 )
 ROLLUP_STATEMENTS = tuple(rollup.sql for rollup in ROLLUPS)

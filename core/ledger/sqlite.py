@@ -58,7 +58,7 @@ GROUP_COMMIT_SECONDS = 0.01
 
 _USAGE_COLUMNS = ", ".join(UsageRecord._fields)  # the record is a tuple in column order
 # Usage rows go in as multi-row INSERTs of these sizes (a batch of 300 is 256 + 32 + 3 x 4).
-# (256 rows x 17 columns stay far under SQLite's 32,766 bound parameters per statement.)
+# (256 rows x 23 columns stay far under SQLite's 32,766 bound parameters per statement.)
 # executemany releases and retakes the GIL around every row: under load that is one contended
 # hand-over between the database thread and the event loop per request (strace: ~1,400 futex
 # calls/s at 2,400 requests/s). One statement per chunk makes it a handful per batch.
@@ -68,6 +68,7 @@ _INSERT_USAGE = {n: f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES " + ", ".join(
 _INSERT_GRANT = "INSERT OR IGNORE INTO grants (key_id, kind, amount, reason, idempotency_key, ts) VALUES (?, ?, ?, ?, ?, ?)"
 _INSERT_STORED = f"INSERT OR REPLACE INTO stored_responses ({', '.join(StoredResponse._fields)}) VALUES (?, ?, ?, ?)"
 _SELECT_STORED = f"SELECT {', '.join(StoredResponse._fields)} FROM stored_responses WHERE response_id = ?"
+_VENDOR_MONTH = "SELECT COALESCE(SUM(vendor_cost_nanos), 0) FROM usage_provider_slot WHERE provider = ? AND slot >= ? AND slot < ?"
 PRUNE_EVERY_SECONDS = 3600.0  # how often a writer drops stored responses past their retention
 
 
@@ -269,6 +270,14 @@ class SqliteLedger:
         returns the queue position (what later settlements compare with) and the result."""
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         return self._enqueue(_InOrder(query, done)), done
+
+    def vendor_month(self, provider: str, since: float, until: float) -> tuple[int, asyncio.Future[int]]:
+        async def read(db: aiosqlite.Connection) -> int:
+            async with db.execute(_VENDOR_MONTH, (provider, since, until)) as cursor:
+                row = await cursor.fetchone()
+            return int(row[0]) if row else 0
+
+        return self.query_in_order(read)
 
     def settle(self, reservation: Reservation, record: UsageRecord) -> int:
         reservation.unhold()

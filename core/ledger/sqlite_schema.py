@@ -238,6 +238,25 @@ MIGRATIONS: dict[int, str] = {
     ) WITHOUT ROWID;
     CREATE INDEX stored_responses_by_time ON stored_responses (created_at);
     """,
+    # The vendor side (core/vendors): each charge's vendor cost (NULL: unknown) at the unit prices
+    # beside it, and a per provider, 15-minute slot and upstream model rollup. Earlier rows are
+    # summed in with an unknown vendor cost.
+    14: """
+    ALTER TABLE usage ADD COLUMN vendor_cost_nanos INTEGER;
+    ALTER TABLE usage ADD COLUMN vendor_unit_prices TEXT NOT NULL DEFAULT '';
+    CREATE TABLE usage_provider_slot (
+        provider TEXT NOT NULL, slot INTEGER NOT NULL, upstream_model TEXT NOT NULL, requests INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL,
+        cost_nanos INTEGER NOT NULL, vendor_cost_nanos INTEGER NOT NULL, unknown_cost INTEGER NOT NULL, priced_billed_nanos INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        PRIMARY KEY (provider, slot, upstream_model)
+    ) WITHOUT ROWID;
+    CREATE INDEX usage_provider_slot_by_slot ON usage_provider_slot (slot);
+    INSERT INTO usage_provider_slot
+        SELECT provider, CAST(ts / 900 AS INTEGER) * 900, upstream_model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens),
+               SUM(cost_nanos), 0, COUNT(*), 0, SUM(status = 'error')
+        FROM usage WHERE provider <> '' GROUP BY 1, 2, 3;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

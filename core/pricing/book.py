@@ -27,6 +27,7 @@ from core.pricing import (
     unit_quantity,
 )
 from core.pricing.resolution import PriceOrigin, Resolved, resolve, scaled, scaled_token
+from core.pricing.vendor import NO_TERMS, UNKNOWN, VendorPrice, VendorTerms, resolve_vendor_price, vendor_prices
 from core.usage import Usage
 
 if TYPE_CHECKING:
@@ -68,6 +69,10 @@ class PriceBook:
     multiplier: Decimal = Decimal(1)  # preferences.price_multiplier
     by_route: dict[tuple[str, str], RoutePrice] = field(default_factory=dict)  # (provider, public model)
     by_model: dict[str, RoutePrice] = field(default_factory=dict)  # public model: its costliest route, to reserve
+    # The vendor side (core.pricing.vendor): each route's vendor price by (provider, upstream
+    # model), and each provider's terms and engine, for a model no route serves (a usage report).
+    vendor_by_route: dict[tuple[str, str], VendorPrice] = field(default_factory=dict)
+    vendor_terms: dict[str, tuple[VendorTerms, str]] = field(default_factory=dict)
     _count_nanos: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     _by_name: dict[str, RoutePrice] = field(default_factory=dict, repr=False, compare=False)
 
@@ -98,6 +103,18 @@ class PriceBook:
         if token is None:
             token = scaled_token(fallback.token, multiplier) if fallback is not None and fallback.token is not None else FREE
         return RoutePrice(provider, public, upstream, own, token, resolved.origin, multiplier)
+
+    def vendor_price(self, provider: str, upstream: str) -> VendorPrice:
+        """What `provider` charges for `upstream`: resolved at load for every route; a model no
+        route serves (a usage report's) is resolved now and remembered; UNKNOWN for a provider
+        the config does not have."""
+        hit = self.vendor_by_route.get((provider, upstream))
+        if hit is None:
+            terms, engine = self.vendor_terms.get(provider, (NO_TERMS, ""))
+            hit = resolve_vendor_price(terms, self.catalog, engine, upstream, upstream) if provider in self.vendor_terms else UNKNOWN
+            if len(self.vendor_by_route) < 65536:
+                self.vendor_by_route[(provider, upstream)] = hit
+        return hit
 
     def token_price(self, model: str, provider: str | None = None, multiplier: Decimal = Decimal(1)) -> TokenPrice:
         token = self.route_price(model, provider).token
@@ -209,6 +226,13 @@ def with_routes(book: PriceBook, routes: Iterable[tuple[str, str, str, str, Deci
         if held is None or _reserve_rank(priced) > _reserve_rank(held):
             by_model[public] = priced
     return dataclasses.replace(book, by_route=by_route, by_model=by_model, _count_nanos={}, _by_name={})
+
+
+def with_vendor_prices(book: PriceBook, providers: dict[str, tuple[VendorTerms, str]], routes: list[tuple[str, str, str, str]]) -> PriceBook:
+    """The book with every route's vendor price resolved: `providers` maps each provider to its
+    terms and engine, `routes` are (provider, engine, upstream, public)."""
+    terms = {name: provider_terms for name, (provider_terms, _) in providers.items()}
+    return dataclasses.replace(book, vendor_by_route=vendor_prices(terms, book.catalog, routes), vendor_terms=dict(providers))
 
 
 def _reserve_rank(route: RoutePrice) -> tuple[Decimal, Decimal]:

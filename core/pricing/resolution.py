@@ -62,7 +62,7 @@ def resolve(entries: PrefixTable[ModelPrice], catalog: PriceCatalog | None, engi
     own = entry if entry is not None and matched != DEFAULT else None
     listed = _catalog_entry(catalog, engine, upstream, public)
     if own is not None and listed is not None:
-        merged = _completed(own, listed.price)
+        merged = completed(own, listed.price)
         source = CONFIG if merged == own else f"{CONFIG}+{CATALOG}"
         detail = f"model_price.{matched}" + ("" if merged == own else f", completed from {_catalog_detail(listed)}")
         return Resolved(merged, PriceOrigin(source, detail))
@@ -85,7 +85,7 @@ def _catalog_detail(listed: CatalogEntry) -> str:
     return f"catalog: {listed.vendor}, prices as of {listed.as_of}"
 
 
-def _completed(own: ModelPrice, listed: ModelPrice) -> ModelPrice:
+def completed(own: ModelPrice, listed: ModelPrice) -> ModelPrice:
     """The entry, its missing prices taken from the catalog: an entry giving only a count
     price (`gpt-4o: 0.01`) still bills token keys the catalog's token price. An entry's
     token price is taken whole (its cache prices fall back to its own input price)."""

@@ -74,6 +74,12 @@ class Metrics:
         )
         self.tokens = counter("tollgate_tokens", "Tokens charged, by kind (prompt and completion include cached and reasoning).", ("model", "kind"))
         self.cost = counter("tollgate_cost_usd", "US dollars charged (the ledger holds the exact amounts).", ("model", "cost_type"), NANOS_PER_USD)
+        self.vendor_cost = counter(
+            "tollgate_vendor_cost_usd",
+            "US dollars the providers charge for the requests served (vendor prices; requests of unknown vendor cost add nothing).",
+            ("provider", "model"),
+            NANOS_PER_USD,
+        )
         self.refusals = counter("tollgate_admission_refusals", "Requests refused before any provider was called, by error code.", ("code",))
         self.inflight = gauge("tollgate_inflight_requests", "Proxied requests in progress.")
         self.unwritten = gauge("tollgate_ledger_unwritten_rows", "Charges in memory waiting to be written to the ledger.")
@@ -114,10 +120,21 @@ class Metrics:
                 self.tokens.inc((model, kind), count)
                 if key is not None:
                     self.key_tokens.inc((key, model, kind), count)
+        if record.vendor_cost_nanos:
+            self.vendor_cost.inc((record.provider, record.upstream_model), record.vendor_cost_nanos)
         if record.cost_nanos:
             self.cost.inc((model, record.cost_type), record.cost_nanos)  # counted in nanos, shown in dollars
             if key is not None:
                 self.key_cost.inc((key, model), record.cost_nanos)
+
+    def upstream_outcomes(self) -> dict[str, dict[str, int]]:
+        """Calls per provider and outcome since this process started (the Providers page); empty
+        under --workers, where each worker counts its own (Prometheus sums them)."""
+        outcomes: dict[str, dict[str, int]] = {}
+        for (provider, _, outcome), count in self.upstream.values.items():
+            by_outcome = outcomes.setdefault(str(provider), {})
+            by_outcome[str(outcome)] = by_outcome.get(str(outcome), 0) + int(count)
+        return outcomes
 
     def ledger_committed(self, seconds: float | None, unwritten: int) -> None:
         """A group commit ended (`seconds` None: it failed and will be retried)."""
