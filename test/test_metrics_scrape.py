@@ -50,6 +50,7 @@ providers:
     base_url: {{fake:p1}}
     api: sk-vendor-one
     model: [house-chat]
+    preferences: {{cost_price: {{default: '0.5,1'}}}}
   - provider: p2
     base_url: {{fake:p2}}
     api: sk-vendor-two
@@ -262,6 +263,13 @@ def test_counters_move_by_exactly_what_was_sent(start_gateway, upstream, vendor)
         ("p2", "doomed-chat", "error"): 1,
     }
     assert metrics.series("tollgate_tokens_total", "model", "kind") == vendor.tokens()
+    gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY)  # writes every queued ledger row first
+    with sqlite3.connect(gateway.config_path.parent / "data" / "tollgate.db") as db:
+        vendor_costs = db.execute("SELECT provider, upstream_model, SUM(vendor_cost_nanos) FROM usage WHERE vendor_cost_nanos > 0 GROUP BY 1, 2").fetchall()
+    # p1's vendor price is known (cost_price), p3's is not (and counts nothing, never $0).
+    assert [row[:2] for row in vendor_costs] == [("p1", "house-chat")]
+    expected_vendor = {(provider, model): Decimal(nanos) / 10**9 for provider, model, nanos in vendor_costs}
+    assert_dollars(metrics.series("tollgate_vendor_cost_usd_total", "provider", "model"), expected_vendor)
     assert_dollars(metrics.series("tollgate_cost_usd_total", "model", "cost_type"), cost)
     assert metrics.series("tollgate_admission_refusals_total", "code") == {
         ("credit_balance_exhausted",): 1,
