@@ -267,7 +267,7 @@ def test_migrating_a_version_1_database_backfills_the_rollup(tmp_path, caplog):
     assert len(migrating) == SCHEMA_VERSION - 1  # an existing ledger says what each step is doing
 
 
-@pytest.mark.parametrize("version", range(1, 7))
+@pytest.mark.parametrize("version", [*range(1, 7), 13])
 def test_every_earlier_schema_version_migrates_and_keeps_its_money(tmp_path, version):
     """A ledger left at each earlier schema version, with charges and a top-up, opens at the
     current version with the same balance, rollups that match the rows, and an audit log."""
@@ -285,13 +285,19 @@ def test_every_earlier_schema_version_migrates_and_keeps_its_money(tmp_path, ver
             " cached_tokens, cost_type, unit_prices, cost_nanos, count_charged, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
-        if version >= 2:  # the rollups existed: keep them in step, as that version's gateway did
+        if version >= 12:  # today's rollups but the vendor side's: as that version's gateway wrote them
+            from core.ledger.rollups import ROLLUPS
+
+            for rollup in ROLLUPS:
+                if rollup.table != "usage_provider_slot":
+                    db.execute(rollup.sql, (0,))
+        elif version >= 2:  # the rollups existed: keep them in step, as that version's gateway did
             db.execute("DELETE FROM usage_daily")
             db.execute(
                 "INSERT INTO usage_daily SELECT key_id, strftime('%Y-%m-%d', ts, 'unixepoch'), model, cost_type, COUNT(*), SUM(prompt_tokens),"
                 " SUM(completion_tokens), SUM(cached_tokens), SUM(cost_nanos), SUM(count_charged), SUM(status = 'error') FROM usage GROUP BY 1, 2, 3, 4"
             )
-        if version >= 3:
+        if 3 <= version < 12:
             for table in ("usage_key_day", "usage_key_month", "usage_key_model", "usage_day_model"):
                 db.execute(f"DELETE FROM {table}")
             for statement in _statements(MIGRATIONS[3]):
@@ -306,6 +312,10 @@ def test_every_earlier_schema_version_migrates_and_keeps_its_money(tmp_path, ver
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert db.execute("SELECT SUM(requests), SUM(cost_nanos) FROM usage_key_model").fetchone() == (6, 18_000_000)
         assert db.execute("SELECT COUNT(*) FROM audit_log").fetchone() == (0,)
+        # The vendor side's rollup holds the earlier charges, their vendor cost unknown (not $0).
+        vendor_side = "SELECT SUM(requests), SUM(cost_nanos), SUM(vendor_cost_nanos), SUM(unknown_cost), SUM(priced_billed_nanos) FROM usage_provider_slot"
+        assert db.execute(vendor_side).fetchone() == (6, 18_000_000, 0, 6, 0)
+        assert db.execute("SELECT COUNT(*) FROM usage WHERE vendor_cost_nanos IS NULL AND vendor_unit_prices = ''").fetchone() == (6,)
 
 
 def test_stored_responses_are_written_in_batches_kept_across_restarts_and_pruned_after_30_days(tmp_path):

@@ -29,7 +29,7 @@ from core.limits import period_bounds
 from core.money_format import usd_json
 
 OK, OVER_BUDGET, COOLING_DOWN = "ok", "over_budget", "cooling_down"
-_MONTH = re.compile(r"(\d{4})-(\d{2})")
+_MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
 _SUMS = (
     "SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), SUM(cost_nanos),"
     " SUM(vendor_cost_nanos), SUM(unknown_cost), SUM(priced_billed_nanos), SUM(errors)"
@@ -86,7 +86,7 @@ def month_bounds(zone: ZoneInfo, now: float, month: str | None) -> tuple[float, 
         start, end = period_bounds("monthly", zone, now)
         return start, end, datetime.fromtimestamp(start, zone).strftime("%Y-%m")
     match = _MONTH.fullmatch(month)
-    if match is None or not 1 <= int(match.group(2)) <= 12 or int(match.group(1)) < 1970:
+    if match is None or not 1 <= int(match.group(2)) <= 12 or not 1970 <= int(match.group(1)) <= 9998:  # its end is a valid date too
         raise bad_request("'month' must be a month written YYYY-MM, like 2026-11.", "invalid_month", "month")
     first = datetime(int(match.group(1)), int(match.group(2)), 1, tzinfo=zone)
     start, end = period_bounds("monthly", zone, first.timestamp())
