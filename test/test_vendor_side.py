@@ -266,3 +266,17 @@ def test_vendor_settings_that_make_no_sense_are_refused_where_they_are(prefs: st
     with pytest.raises(ConfigError) as refused:
         build_config(text + "preferences:\n  model_price: {default: 1}\n", "api.yaml")
     assert problem in refused.value.reason and refused.value.line == 5
+
+
+def test_fifty_concurrent_requests_add_up_exactly_and_alert_once(start_gateway, upstream, receiver):
+    config = CONFIG.replace("monthly_budget: 0.00005", "monthly_budget: 0.001").replace("budget_action: stop", "budget_action: alert")
+    gateway = start_gateway(config + f"  alerts: {{thresholds: [0.5], webhook_url: '{receiver.url}'}}\n", upstream)
+    statuses = gateway.fire(USER_KEY, 60, model="p1/chat", messages=MESSAGES)
+    assert statuses == [200] * 60
+    p1 = by_provider(states(gateway))["p1"]
+    assert (p1["requests_this_month"], p1["cost_this_month"], p1["billed_this_month"]) == (60, usd(60 * P1_COST), usd(60 * BILLED))
+    assert p1["budget_used"] == Decimal("1.5")
+    assert sum(row[4] for row in ledger_rows(gateway)) == 60 * P1_COST
+    receiver.wait_for(1)
+    time.sleep(0.3)
+    assert [(event["provider"], event["threshold"]) for event in receiver.received] == [("p1", 0.5)]  # crossed once, sent once
