@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from main import create_app
-from test.servers import FakeUpstream, ServerThread
+from test.servers import FakeUpstream, ServerThread, WebhookReceiver
 
 ADMIN_KEY = "sk-admin-test-0001"
 USER_KEY = "sk-user-test-0002"
@@ -84,6 +84,15 @@ def upstream() -> Iterator[FakeUpstream]:
     fake.server = ServerThread(fake.app()).start()
     yield fake
     fake.server.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    """A local webhook endpoint that records what alerts POST to it."""
+    hook = WebhookReceiver()
+    hook.server = ServerThread(hook.app()).start()
+    yield hook
+    hook.server.stop()
 
 
 @pytest.fixture

@@ -7,22 +7,11 @@ import re
 import sqlite3
 import time
 
-import pytest
-
 from test.conftest import ADMIN_KEY
-from test.servers import ServerThread, WebhookReceiver
 from test.test_limits import T0, FakeClock
 
 KEY = "sk-alerted-0001"
 MESSAGES = [{"role": "user", "content": "hello there"}]  # 0.02 USD per request at these prices
-
-
-@pytest.fixture
-def receiver():
-    hook = WebhookReceiver()
-    hook.server = ServerThread(hook.app()).start()
-    yield hook
-    hook.server.stop()
 
 
 def config(hook_url: str, prefs: str = "credits: 0.1") -> str:

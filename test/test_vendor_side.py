@@ -17,7 +17,7 @@ import pytest
 from core.config import build_config
 from core.config.yamlsource import ConfigError
 from test.conftest import ADMIN_KEY, USER_KEY, RunningGateway
-from test.servers import FakeUpstream, ServerThread, WebhookReceiver, fail
+from test.servers import FakeUpstream, fail
 from test.test_limits import FakeClock
 from test.test_upstream_faults import cut_stream
 
@@ -63,14 +63,6 @@ preferences:
   model_price: {{default: '10,20'}}
   timezone: Asia/Kolkata
 """
-
-
-@pytest.fixture
-def receiver():
-    hook = WebhookReceiver()
-    hook.server = ServerThread(hook.app()).start()
-    yield hook
-    hook.server.stop()
 
 
 def ask(gateway: RunningGateway, model: str) -> str:
