@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from core.alerts import Alerts
 from core.config import Config, ModelRoute
@@ -40,6 +41,7 @@ class MonthSpend:
     end: float
     ready: asyncio.Future[None]
     label: str  # YYYY-MM in the config's time zone
+    zone: ZoneInfo
     marker: int = 0
     db_nanos: int = 0
     live_nanos: int = 0
@@ -82,11 +84,13 @@ class VendorMonths:
     async def prepare(self, config: Config, provider: str, now: float) -> MonthSpend:
         """The provider's spend this month, loaded from the ledger once per month."""
         zone = config.preferences.timezone
-        start, end = period_bounds("monthly", zone, now)
         month = self._months.get(provider)
+        if month is not None and month.zone is zone and month.start <= now < month.end and month.loaded:  # every request but the month's first
+            return self._configured(config, provider, month)
+        start, end = period_bounds("monthly", zone, now)
         if month is None or month.start != start or month.end != end:
             label = datetime.fromtimestamp(start, zone).strftime("%Y-%m")
-            month = MonthSpend(start, end, asyncio.get_running_loop().create_future(), label)
+            month = MonthSpend(start, end, asyncio.get_running_loop().create_future(), label, zone)
             self._months[provider] = month
             month.marker, result = self.ledger.vendor_month(provider, start, end)
             try:
@@ -104,6 +108,12 @@ class VendorMonths:
                 await asyncio.shield(month.ready)
         if not month.loaded:
             raise _loading()
+        month.zone = zone
+        return self._configured(config, provider, month)
+
+    @staticmethod
+    def _configured(config: Config, provider: str, month: MonthSpend) -> MonthSpend:
+        """The month with the budget and alert settings of `config` (a reload applies at once)."""
         terms = config.preferences.prices.vendor_terms.get(provider)
         month.budget = terms[0].monthly_budget_nanos if terms is not None else None
         month.alerts = config.preferences.alerts
