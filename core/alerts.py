@@ -370,13 +370,17 @@ def _log_failure(done: asyncio.Future[Any]) -> None:
         log.error("alert re-arm not written: %r", done.exception())
 
 
-async def recent_alerts(ledger: Ledger, key_id: str | None, limit: int = 20) -> list[dict[str, Any]]:
+async def recent_alerts(ledger: Ledger, key_id: str | None, limit: int = 20, providers: bool = False) -> list[dict[str, Any]]:
+    """The newest alerts: of one key (`key_id`), of providers' budgets (`providers`), or all."""
     await ledger.flush()
     sql = "SELECT ts, key_id, key_name, metric, threshold, used, limit_value, status, attempts, last_error FROM alert_events"
     params: list[Any] = []
     if key_id is not None:
         sql += " WHERE key_id = ?"
         params.append(key_id)
+    elif providers:
+        sql += " WHERE key_id LIKE ?"  # no key id has a colon (core.config.KEY_ID)
+        params.append(PROVIDER_ID_PREFIX + "%")
     async with ledger.reader.execute(sql + " ORDER BY ts DESC, id DESC LIMIT ?", [*params, limit]) as cursor:
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]

@@ -23,13 +23,15 @@ from core.errors import GatewayError, forbidden, not_found
 from core.ledger import COUNT_CREDITS, CREDITS, Ledger
 from core.ledger.postgres import PgLedger
 from core.ledger.sums import Window
-from routes import web_account_admin, web_accounts, web_export, web_keys
+from core.vendors.states import month_totals
+from routes import web_account_admin, web_accounts, web_export, web_keys, web_providers
 from routes._http import caller_ip, current_config, whole_number
 from routes._pages import WEB, flash_message, read_form, redirect, render
 from routes._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Session, csrf_matches, new_session, set_cookie
 from routes._web_auth import LoginRequired, admin_visitor, check_page_access, signer, visitor
 from routes.key_forms import DEFAULTS, settings_values
 from routes.usage_keys import account_keys_section
+from routes.web_providers import money_cells
 from routes.web_views import MESSAGES, alert_rows, breakdown_rows, chart, grant_rows, key_row, limit_rows, log_rows, sort_value, units_total, when
 
 PAGE_SIZE = 50
@@ -124,6 +126,7 @@ async def overview(request: Request) -> Response:
         csrf=session.csrf,
         today=_pair(await reports.totals_since(ledger, today)),
         month=_pair(await reports.totals_since(ledger, month)),
+        vendor=money_cells(await month_totals(config, ledger, request.app.state.clock())),
         top_keys=[
             {"id": kid, "name": names.get(kid, kid[:8] + " (removed)"), "requests": r, "cost": c, "known": kid in names}
             for kid, r, c in await reports.top_keys_in_month(ledger, reports.this_month())
@@ -334,6 +337,7 @@ routes = [
     Route("/logout", logout, methods=["POST"]),
     Route("/admin", overview, methods=["GET"]),
     Route("/admin/keys", billing_tab, methods=["GET"]),
+    *web_providers.routes,
     *web_keys.routes,
     Route("/admin/keys/{key_id}", key_detail, methods=["GET"]),
     Route("/admin/keys/{key_id}/add_credits", _action(CREDITS), methods=["POST"]),

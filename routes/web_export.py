@@ -1,4 +1,4 @@
-"""CSV downloads: the request log and the per-key summary for a date range, streamed."""
+"""CSV downloads: the request log, the per-key summary and the per-provider days for a date range, streamed."""
 
 from __future__ import annotations
 
@@ -20,12 +20,16 @@ from core.ledger.sums import Window
 from core.pricing import format_usd
 from core.timeutil import days_before
 from core.units_format import CSV_HEADER, units_csv
+from core.vendors.states import day_range, provider_days
 from routes._http import current_config
 from routes._web_auth import admin_visitor, visitor
 
 DEFAULT_DAYS = 30
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as a formula (OWASP's CSV injection)
 REQUEST_HEADER = ("time", "request_id", "key_id", "key_name", "model", "provider", "upstream_model", "prompt_tokens", "completion_tokens", "cached_tokens",
                   "cost_type", "unit_prices", "cost_usd", "count_credits", "status", "cache_write_tokens", "reasoning_tokens", *CSV_HEADER)  # fmt: skip
+PROVIDER_HEADER = ("day", "provider", "upstream_model", "requests", "prompt_tokens", "completion_tokens", "cached_tokens",
+                   "vendor_cost_usd", "billed_usd", "margin_usd", "unknown_cost_requests", "errors")  # fmt: skip
 SUMMARY_HEADER = (
     "key_id",
     "key_name",
@@ -44,17 +48,29 @@ SUMMARY_HEADER = (
 
 def date_range(request: Request) -> tuple[float, float, str]:
     """[start day 00:00, end day + 1 00:00) in UTC from `start`/`end` (YYYY-MM-DD); last 30 days by default."""
+    start, end = days_asked(request, datetime.now(UTC).date())
+    since = datetime(start.year, start.month, start.day, tzinfo=UTC).timestamp()
+    until = datetime(end.year, end.month, end.day, tzinfo=UTC).timestamp() + 86400
+    return since, until, f"{start.isoformat()}_{end.isoformat()}"
+
+
+def days_asked(request: Request, today: date) -> tuple[date, date]:
+    """The first and last day of `start`/`end` (YYYY-MM-DD); the 30 days up to `today` by default."""
     params = request.query_params
     try:
-        end = date.fromisoformat(params["end"]) if params.get("end") else datetime.now(UTC).date()
+        end = date.fromisoformat(params["end"]) if params.get("end") else today
         start = date.fromisoformat(params["start"]) if params.get("start") else days_before(end, DEFAULT_DAYS - 1)
     except ValueError:
         raise bad_request("Dates must look like 2024-01-31.", "invalid_date") from None
     if start > end:
         raise bad_request("The start date is after the end date.", "invalid_date")
-    since = datetime(start.year, start.month, start.day, tzinfo=UTC).timestamp()
-    until = datetime(end.year, end.month, end.day, tzinfo=UTC).timestamp() + 86400
-    return since, until, f"{start.isoformat()}_{end.isoformat()}"
+    return start, end
+
+
+def text_cell(value: str) -> str:
+    """A name from outside (a provider's, a model's as a vendor lists it) as a CSV cell a
+    spreadsheet shows as text: one starting like a formula gets a leading apostrophe."""
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
 
 
 async def csv_stream(header: Iterable[str], rows: AsyncIterator[Iterable[Any]]) -> AsyncIterator[str]:
@@ -142,7 +158,30 @@ async def keys_csv(request: Request) -> StreamingResponse:
     return download(csv_stream(SUMMARY_HEADER, rows()), f"keys_{label}.csv")
 
 
+async def providers_csv(request: Request) -> StreamingResponse:
+    """Per provider, day (preferences.timezone) and upstream model: requests, tokens, vendor
+    cost (empty when unknown), billed, margin (over the requests of known cost), errors."""
+    config = current_config(request)
+    admin_visitor(request, config)
+    zone = config.preferences.timezone
+    start, end = days_asked(request, datetime.fromtimestamp(request.app.state.clock(), zone).date())
+    try:
+        since, until = day_range(zone, start, end)
+    except OverflowError:  # the day after 9999-12-31
+        raise bad_request("The end date is past the last day there is.", "invalid_date") from None
+
+    async def rows() -> AsyncIterator[tuple[Any, ...]]:
+        async for day, provider, model, t in provider_days(config, request.app.state.ledger, since, until):
+            known = t.cost_known
+            yield (day, text_cell(provider), text_cell(model), t.requests, t.prompt_tokens, t.completion_tokens, t.cached_tokens,
+                   format_usd(t.vendor_cost_nanos) if known else "", format_usd(t.billed_nanos), format_usd(t.margin_nanos) if known else "",
+                   t.unknown_cost, t.errors)  # fmt: skip
+
+    return download(csv_stream(PROVIDER_HEADER, rows()), f"providers_{start.isoformat()}_{end.isoformat()}.csv")
+
+
 routes = [
+    Route("/admin/export/providers.csv", providers_csv, methods=["GET"]),
     Route("/admin/export/requests.csv", admin_requests_csv, methods=["GET"]),
     Route("/admin/export/keys.csv", keys_csv, methods=["GET"]),
     Route("/usage/export/requests.csv", own_requests_csv, methods=["GET"]),

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from core.alerts import PROVIDER_ID_PREFIX
 from core.config import API, ApiKey, Config
 from core.keys.states import ACTIVE, effective_mode, key_status
 from core.ledger import Account
@@ -19,6 +20,7 @@ from core.pricing import COUNT, TOKEN, to_nanos
 from core.reports import DayPoint
 from core.statements import LimitUse, quota_use
 from core.units_format import unit_parts, units_text
+from core.vendors.states import ProviderTotals
 
 SHORT_ID = 8
 MESSAGES = {
@@ -253,6 +255,31 @@ def chart(points: list[DayPoint], width: int = 720, height: int = 160) -> dict[s
     }
 
 
+def cost_chart(days: list[tuple[str, ProviderTotals]], width: int = 720, height: int = 160) -> dict[str, Any]:
+    """Two bars a day, the vendor cost and what keys were billed, on one scale, in SVG user
+    units (a day whose every request's cost is unknown has no cost bar, not a $0 one)."""
+    top = max((max(t.vendor_cost_nanos, t.billed_nanos) for _, t in days), default=0) or 1
+    step = width / max(len(days), 1)
+    bars = []
+    for index, (day, totals) in enumerate(days):
+        x = round(index * step, 1)
+        cost = usd_text(totals.vendor_cost_nanos) if totals.cost_known else "unknown"
+        unknown = f" ({count_text(totals.unknown_cost)} of unknown cost)" if totals.unknown_cost and totals.cost_known else ""
+        label = f"{day}: vendor cost {cost}{unknown}, billed {usd_text(totals.billed_nanos)}, {count_text(totals.requests)} requests"
+        half = max(step / 2 - 1, 0.5)
+        for kind, nanos, left in (("cost", totals.vendor_cost_nanos, x + 1), ("billed", totals.billed_nanos, x + step / 2)):
+            bar_height = round(nanos / top * (height - 10), 1)
+            bars.append({"kind": kind, "x": round(left, 1), "y": height - bar_height, "w": round(half, 1), "h": bar_height, "label": label})
+    return {
+        "width": width,
+        "height": height,
+        "bars": bars,
+        "first": days[0][0] if days else "",
+        "last": days[-1][0] if days else "",
+        "max": usd_text(top if any(t.vendor_cost_nanos or t.billed_nanos for _, t in days) else 0),
+    }
+
+
 def breakdown_rows(totals: dict[tuple[str, ...], Totals]) -> list[dict[str, Any]]:
     """Per model and cost type, from `Ledger.totals(..., by_model=True)`."""
     return [
@@ -351,9 +378,17 @@ def alert_rows(rows: list[dict[str, Any]], config: Config) -> list[dict[str, Any
         shown = usd_text if _is_money(metric, config.keys_by_id.get(row["key_id"])) else count_text
         amounts = f"{shown(_units(row['used'], shown))} of {shown(_units(row['limit_value'], shown))}"
         what = metric.replace("_", " ") + (f" ({period})" if period else "")
-        out.append({"time": when(row["ts"]), "key_name": row["key_name"], "text": f"{what} crossed {round(row['threshold'] * 100)}% ({amounts})",
+        out.append({"time": when(row["ts"]), **_alert_subject(row), "text": f"{what} crossed {round(row['threshold'] * 100)}% ({amounts})",
                     "status": row["status"], "status_class": ALERT_STATUS_CLASSES.get(row["status"], ""), "delivery": _delivery(row)})  # fmt: skip
     return out
+
+
+def _alert_subject(row: dict[str, Any]) -> dict[str, str | None]:
+    """Whose alert: a key by its name, or a provider's budget (key_id `provider:NAME`) named as
+    the provider and linked to the Providers page, never shown as a key that is not there."""
+    if row["key_id"].startswith(PROVIDER_ID_PREFIX):
+        return {"key_name": f"provider {row['key_name']}", "href": "/admin/providers"}
+    return {"key_name": row["key_name"], "href": None}
 
 
 ALERT_STATUS_CLASSES = {"sent": "ok", "failed": "error", "pending": "estimated"}

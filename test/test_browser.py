@@ -240,3 +240,45 @@ def test_admin_tops_up_an_account_in_the_browser(start_gateway, browser_page):
     page.wait_for_url("**/admin/accounts/browser-team?done=account_created")
     assert page.locator(".tile.credits .value").inner_text() == "$5.00"
     assert gateway.http("GET", "/v1/accounts/browser-team", key=ADMIN_KEY).json()["preferences"] == {"credits": 5, "self_service_keys": True}
+
+
+def test_providers_page_shows_each_providers_exact_figures_in_the_browser(start_gateway, upstream, browser):
+    from decimal import Decimal
+
+    from core.money_format import usd_text
+    from test.test_web_providers import VENDOR_CONFIG, provider_states, traffic
+
+    gateway = start_gateway(VENDOR_CONFIG, upstream)
+    traffic(gateway, upstream)  # cheap and dear: different cost_price; mystery: none (unknown cost)
+    page = logged_in(browser, gateway.url, 1366)
+    page.click("nav >> text=Providers")
+    page.wait_for_url("**/admin/providers")
+    api = provider_states(gateway)
+    assert api["cheap"]["cost_this_month"] != api["dear"]["cost_this_month"]
+    for name, state in api.items():
+        row = page.locator(f'tr[data-provider="{name}"]')
+        for css_class, field in (("today", "cost_today"), ("cost", "cost_this_month"), ("billed", "billed_this_month"), ("margin", "margin_this_month")):
+            amount = row.locator(f"td.{css_class} .usd")
+            if state[field] is None:
+                assert amount.inner_text() == "unknown", (name, field)
+            else:
+                assert amount.inner_text() == usd_text(int(state[field] * 10**9)), (name, field)
+                assert Decimal(amount.get_attribute("data-usd")) == state[field], (name, field)
+        assert int(row.locator("td.requests").inner_text()) == state["requests_this_month"]
+        assert row.locator(".status").inner_text() == state["status"]
+    budget = page.locator('tr[data-provider="cheap"] td.budget')
+    assert budget.locator("rect.fill").get_attribute("width") == str(round(Decimal(api["cheap"]["budget_used"]) * 100))
+    assert page.locator('tr[data-provider="dear"] .failovers').inner_text() == "1"
+    chart = page.locator('section[data-provider="dear"] figure.chart svg')
+    assert chart.locator("rect.cost").count() == 30 and chart.is_visible()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "providers.png"), full_page=True)
+    assert overflow(page, "html") == 0 and overflow(page, "table.providers") == 0
+    assert page.evaluate(
+        "document.querySelector('table.providers').getBoundingClientRect().right <= document.querySelector('table.providers').closest('.card').getBoundingClientRect().right"
+    )
+
+    page.click("text=← ")  # the month before: nothing yet, and no 500
+    assert page.locator('tr[data-provider="cheap"] td.requests').inner_text() == "0"
+    page.goto(f"{gateway.url}/admin/providers?month=2026-13")
+    assert "YYYY-MM" in page.locator("main").inner_text()

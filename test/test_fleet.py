@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -921,6 +922,33 @@ def test_media_units_read_from_postgresql_as_from_sqlite(fleet):
     tab = browser.get("/admin/keys").text  # usage_key_day
     assert all(f">{part}<" in tab for part in ("3 images", "12.5 min audio", "2,000 characters"))
     fleet.assert_balances_equal_ledger_sums()
+
+
+VENDOR_TEXT = (
+    "providers:\n  - provider: p1\n    base_url: {upstream}\n    api: k\n    model: [echo-1]\n"
+    "    preferences: {cost_price: {default: '0.123456789,0.2'}, monthly_budget: 0.00001}\n"
+    f"api_keys:\n  - api: {ADMIN}\n    role: admin\n  - api: {KEY}\n    name: fleet-user\n    preferences: {{credits: 10}}\n"
+    "preferences:\n  model_price: {default: '1000,2000'}\n  alerts: {thresholds: [0.5]}\n"
+)
+
+
+def test_the_providers_page_and_csv_read_from_postgresql_as_from_sqlite(fleet):
+    """The Providers page, its CSV and its alerts on the fleet's ledger: charged through one
+    instance, read through another, equal to the ledger's rows."""
+    first, second = fleet.start("", count=2, text=VENDOR_TEXT)
+    assert fire_keys([first], [KEY], 3) == [200] * 3
+    vendor_cost = int(fleet.sql("SELECT SUM(vendor_cost_nanos) FROM usage"))
+    browser = Browser(second.url)
+    browser.login(ADMIN)
+    rows = list(csv.DictReader(io.StringIO(browser.get("/admin/export/providers.csv").text)))
+    assert [(row["provider"], row["upstream_model"], row["requests"]) for row in rows] == [("p1", "echo-1", "3")]
+    assert Decimal(rows[0]["vendor_cost_usd"]) * 10**9 == vendor_cost
+    page = browser.get("/admin/providers").text
+    assert f'data-usd="{Decimal(vendor_cost) / 10**9}"' in page.split('<tr data-provider="p1">')[1].split("</tr>")[0]
+    deadline = time.monotonic() + 10  # 3 x ~2.8 µ$ of a 10 µ$ budget: past its half
+    while '<a href="/admin/providers">provider p1</a>' not in browser.get("/admin/providers").text:
+        assert time.monotonic() < deadline, "the provider's budget alert is not on its page"
+        time.sleep(0.2)
 
 
 def test_sixty_image_requests_over_three_instances_are_billed_per_image_without_overspending(fleet):

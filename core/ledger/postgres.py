@@ -713,7 +713,9 @@ class PgLedger:
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", VENDOR_SPEND_LOCK)
                     await conn.execute(
                         "INSERT INTO provider_spend (provider, since, period_end, nanos)"
-                        " SELECT $1, $2, $3, COALESCE(SUM(vendor_cost_nanos), 0) FROM usage_provider_slot WHERE provider = $1 AND slot >= $2 AND slot < $3"
+                        # $2 and $3 typed once: a DOUBLE PRECISION column and a BIGINT one otherwise make them ambiguous
+                        " SELECT $1, $2::float8, $3::float8, COALESCE(SUM(vendor_cost_nanos), 0) FROM usage_provider_slot"
+                        " WHERE provider = $1 AND slot >= $2::float8 AND slot < $3::float8"
                         " ON CONFLICT DO NOTHING",
                         provider,
                         since,

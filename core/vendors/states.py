@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -30,10 +31,19 @@ from core.money_format import usd_json
 
 OK, OVER_BUDGET, COOLING_DOWN = "ok", "over_budget", "cooling_down"
 _MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
-_SUMS = (
-    "SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), SUM(cost_nanos),"
-    " SUM(vendor_cost_nanos), SUM(unknown_cost), SUM(priced_billed_nanos), SUM(errors)"
-)
+_CHUNK = 500  # rollup rows fetched at a time by a streamed export
+_COLUMNS = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cost_nanos",
+    "vendor_cost_nanos",
+    "unknown_cost",
+    "priced_billed_nanos",
+    "errors",
+)  # in ProviderTotals.add's order
+_SUMS = ", ".join(f"SUM({column})" for column in _COLUMNS)
 
 
 @dataclass(slots=True)
@@ -60,6 +70,9 @@ class ProviderTotals:
         self.unknown_cost += int(row[6] or 0)
         self.priced_billed_nanos += int(row[7] or 0)
         self.errors += int(row[8] or 0)
+
+    def merge(self, other: ProviderTotals) -> None:
+        self.add(_row(other))
 
     @property
     def cost_known(self) -> bool:
@@ -123,7 +136,7 @@ async def provider_months(config: Config, ledger: Ledger, now: float, month: str
         provider, model = name.split("\x00", 1)
         entry = found.setdefault(provider, ProviderMonth())
         entry.models[model] = totals
-        entry.month.add(_row(totals))
+        entry.month.merge(totals)
     for provider, totals in sums.get("today", {}).items():
         found.setdefault(provider, ProviderMonth()).today = totals
     return label, found
@@ -153,14 +166,32 @@ def budget_used(spent_nanos: int, budget_nanos: int) -> Decimal:
     return (Decimal(spent_nanos) / Decimal(budget_nanos)).quantize(Decimal("0.0001"), rounding="ROUND_DOWN")
 
 
-async def provider_states(
+@dataclass(slots=True)
+class ProviderState:
+    """One provider's month as the API and the Providers page show it: its totals, budget and status."""
+
+    name: str
+    configured: bool  # in the config (else only named by the ledger: a usage report's `provider`)
+    entry: ProviderMonth
+    budget_nanos: int | None
+    budget_action: str | None
+    status: str
+    cooling_down_models: list[str]
+
+    @property
+    def budget_used(self) -> Decimal | None:
+        return None if self.budget_nanos is None else budget_used(self.entry.month.vendor_cost_nanos, self.budget_nanos)
+
+
+async def provider_state_list(
     config: Config,
     ledger: Ledger,
     now: float,
     month: str | None = None,
     cooling: dict[str, list[str]] | None = None,
-) -> dict[str, Any]:
-    """GET /v1/providers_states: per provider, today and the month (see the module doc)."""
+) -> tuple[str, bool, list[ProviderState]]:
+    """Every provider's state in `month` (None: the current one): (the month, whether it is the
+    current one, the states). A past month is never over budget: its budget no longer binds."""
     label, months = await provider_months(config, ledger, now, month)
     current = month is None or label == month_bounds(config.preferences.timezone, now, None)[2]
     configured = {provider.name: provider for provider in config.providers}
@@ -170,49 +201,64 @@ async def provider_states(
         provider = configured.get(name)
         terms = provider.vendor if provider is not None else None
         budget = terms.monthly_budget_nanos if terms is not None else None
-        spent = entry.month.vendor_cost_nanos
-        if budget is not None and spent >= budget and current:
+        if budget is not None and entry.month.vendor_cost_nanos >= budget and current:
             status = OVER_BUDGET
         elif name in cooling:
             status = COOLING_DOWN
         else:
             status = OK
-        states.append(
+        action = terms.budget_action if budget is not None and terms is not None else None
+        states.append(ProviderState(name, provider is not None, entry, budget, action, status, sorted(cooling.get(name, []))))
+    return label, current, states
+
+
+async def provider_states(
+    config: Config,
+    ledger: Ledger,
+    now: float,
+    month: str | None = None,
+    cooling: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """GET /v1/providers_states: per provider, today and the month (see the module doc)."""
+    label, _, states = await provider_state_list(config, ledger, now, month, cooling)
+    return {"month": label, "timezone": str(config.preferences.timezone), "providers": [_state_json(state) for state in states]}
+
+
+def _state_json(state: ProviderState) -> dict[str, Any]:
+    entry, used = state.entry, state.budget_used
+    return {
+        "provider": state.name,
+        "configured": state.configured,
+        "requests_today": entry.today.requests,
+        "cost_today": cost_json(entry.today),
+        "billed_today": usd_json(entry.today.billed_nanos),
+        "requests_this_month": entry.month.requests,
+        "cost_this_month": cost_json(entry.month),
+        "billed_this_month": usd_json(entry.month.billed_nanos),
+        "margin_this_month": usd_json(entry.month.margin_nanos) if entry.month.cost_known else None,
+        "unknown_cost_requests": entry.month.unknown_cost,
+        "errors_this_month": entry.month.errors,
+        "monthly_budget": usd_json(state.budget_nanos) if state.budget_nanos is not None else None,
+        "budget_action": state.budget_action,
+        "budget_used": orjson.Fragment(str(used).encode()) if used is not None else None,
+        "status": state.status,
+        "cooling_down_models": state.cooling_down_models,
+        "models": [
             {
-                "provider": name,
-                "configured": provider is not None,
-                "requests_today": entry.today.requests,
-                "cost_today": cost_json(entry.today),
-                "billed_today": usd_json(entry.today.billed_nanos),
-                "requests_this_month": entry.month.requests,
-                "cost_this_month": cost_json(entry.month),
-                "billed_this_month": usd_json(entry.month.billed_nanos),
-                "margin_this_month": usd_json(entry.month.margin_nanos) if entry.month.cost_known else None,
-                "unknown_cost_requests": entry.month.unknown_cost,
-                "errors_this_month": entry.month.errors,
-                "monthly_budget": usd_json(budget) if budget is not None else None,
-                "budget_action": terms.budget_action if budget is not None and terms is not None else None,
-                "budget_used": orjson.Fragment(str(budget_used(spent, budget)).encode()) if budget is not None else None,
-                "status": status,
-                "cooling_down_models": sorted(cooling.get(name, [])),
-                "models": [
-                    {
-                        "model": model,
-                        "requests": totals.requests,
-                        "prompt_tokens": totals.prompt_tokens,
-                        "completion_tokens": totals.completion_tokens,
-                        "cached_tokens": totals.cached_tokens,
-                        "cost": cost_json(totals),
-                        "billed": usd_json(totals.billed_nanos),
-                        "margin": usd_json(totals.margin_nanos) if totals.cost_known else None,
-                        "unknown_cost_requests": totals.unknown_cost,
-                        "errors": totals.errors,
-                    }
-                    for model, totals in sorted(entry.models.items())
-                ],
+                "model": model,
+                "requests": totals.requests,
+                "prompt_tokens": totals.prompt_tokens,
+                "completion_tokens": totals.completion_tokens,
+                "cached_tokens": totals.cached_tokens,
+                "cost": cost_json(totals),
+                "billed": usd_json(totals.billed_nanos),
+                "margin": usd_json(totals.margin_nanos) if totals.cost_known else None,
+                "unknown_cost_requests": totals.unknown_cost,
+                "errors": totals.errors,
             }
-        )
-    return {"month": label, "timezone": str(config.preferences.timezone), "providers": states}
+            for model, totals in sorted(entry.models.items())
+        ],
+    }
 
 
 def day_starts(zone: ZoneInfo, now: float, days: int) -> list[tuple[str, float, float]]:
@@ -246,3 +292,45 @@ async def daily_provider_series(config: Config, ledger: Ledger, now: float, days
         days_of = series.setdefault(provider, [(day, ProviderTotals()) for day, _, _ in spans])
         days_of[index][1].add(row[2:])
     return series
+
+
+async def month_totals(config: Config, ledger: Ledger, now: float) -> ProviderTotals:
+    """Every provider's current month summed (the overview's vendor cost and margin tiles)."""
+    zone = config.preferences.timezone
+    start, end, _ = month_bounds(zone, now, None)
+    total = ProviderTotals()
+    for totals in (await provider_sums(ledger, {"month": (start, end)})).get("month", {}).values():
+        total.merge(totals)
+    return total
+
+
+def day_range(zone: ZoneInfo, first: date, last: date) -> tuple[float, float]:
+    """[first day 00:00, the day after `last` 00:00) in the zone, as unix seconds."""
+    following = last + timedelta(days=1)
+    return (
+        datetime(first.year, first.month, first.day, tzinfo=zone).timestamp(),
+        datetime(following.year, following.month, following.day, tzinfo=zone).timestamp(),
+    )
+
+
+async def provider_days(config: Config, ledger: Ledger, since: float, until: float) -> AsyncIterator[tuple[str, str, str, ProviderTotals]]:
+    """(YYYY-MM-DD in preferences.timezone, provider, upstream model, totals) for every day of
+    [since, until) with usage, oldest day first: the rollup's slots read in time order (a
+    slot never straddles two days: every zone's offset is a multiple of 15 minutes), a day
+    folded and given out when the next one starts, so a long range streams."""
+    zone = config.preferences.timezone
+    await ledger.flush()
+    sql = f"SELECT provider, upstream_model, slot, {', '.join(_COLUMNS)} FROM usage_provider_slot WHERE slot >= ? AND slot < ? ORDER BY slot"
+    day = ""
+    folded: dict[tuple[str, str], ProviderTotals] = {}
+    async with ledger.reader.execute(sql, (since, until)) as cursor:
+        while rows := await cursor.fetchmany(_CHUNK):
+            for row in rows:
+                row_day = datetime.fromtimestamp(float(row[2]), zone).date().isoformat()
+                if row_day != day:
+                    for (provider, model), totals in sorted(folded.items()):
+                        yield day, provider, model, totals
+                    day, folded = row_day, {}
+                folded.setdefault((str(row[0]), str(row[1])), ProviderTotals()).add(row[3:])
+    for (provider, model), totals in sorted(folded.items()):
+        yield day, provider, model, totals
