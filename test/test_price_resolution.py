@@ -233,6 +233,14 @@ def test_the_admin_api_shows_each_price_and_where_it_came_from(start_gateway, up
     gateway = start_gateway(MULTIPLIED, upstream)
     body = gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY).json()
     rows = {(row["provider"], row["model"]): row for row in body["model_prices"]}
+    # What the vendor charges the operator: the catalog's list price of the upstream model (the keys' multipliers aside).
+    vendor = rows["p1", "gpt-4o"].pop("vendor_price")
+    assert (vendor["source"], Decimal(vendor["input"]), Decimal(vendor["output"])) == (
+        "catalog",
+        Decimal(listed("openai", "gpt-4o")["input"]),
+        Decimal(listed("openai", "gpt-4o")["output"]),
+    )
+    assert rows["p1", "house-model"]["vendor_price"] is None  # no cost_price, not in the catalog: unknown
     assert rows["p1", "gpt-4o"] | {"source_detail": None} == {
         "model": "gpt-4o", "provider": "p1", "upstream_model": "gpt-4o", "source": "config", "source_detail": None, "multiplier": "3",
         "input": "3", "output": "6", "cache_read": None, "cache_write": None, "reasoning": None,

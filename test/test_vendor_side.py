@@ -272,3 +272,16 @@ def test_fifty_concurrent_requests_add_up_exactly_and_alert_once(start_gateway, 
     receiver.wait_for(1)
     time.sleep(0.3)
     assert [(event["provider"], event["threshold"]) for event in receiver.received] == [("p1", 0.5)]  # crossed once, sent once
+
+
+def test_the_admin_api_shows_each_routes_vendor_price_and_where_it_came_from(start_gateway, upstream):
+    gateway = start_gateway(CONFIG, upstream)
+    rows = {(row["provider"], row["model"]): row["vendor_price"] for row in gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY).json()["model_prices"]}
+    assert {k: rows["p2", "chat"][k] for k in ("source", "source_detail", "input", "output")} == {
+        "source": "default",
+        "source_detail": "cost_price.default",
+        "input": "1.5",  # "3,4" x cost_multiplier 0.5
+        "output": "2",
+    }
+    assert rows["p3", "cheap-chat"]["source_detail"] == "cost_price.cheap-chat" and rows["p3", "backup-chat"] is None
+    assert rows["p3", "catalogued"]["source"] == "catalog" and rows["p3", "catalogued"]["input"] == "0.12"

@@ -43,4 +43,22 @@ def price_row(book: PriceBook, route: RoutePrice) -> dict[str, Any]:
         row[name] = None if value is None else plain(value)
     count = book.explicit_count_price(route.model) if book.has_explicit_count_price(route.model) else None
     row["count"] = None if count is None else plain(count)
+    row["vendor_price"] = vendor_price_row(book, route)
+    return row
+
+
+def vendor_price_row(book: PriceBook, route: RoutePrice) -> dict[str, Any] | None:
+    """What the provider charges the operator for the route's upstream model (core.pricing.vendor),
+    cost_multiplier applied; None when unknown."""
+    vendor = book.vendor_price(route.provider, route.upstream)
+    price = vendor.price
+    if price is None or vendor.origin is None:
+        return None
+    row: dict[str, Any] = {"source": vendor.origin.source, "source_detail": vendor.origin.detail}
+    for name in _TOKEN_RATES:
+        value = getattr(price.token, name) if price.token is not None else None
+        row[name] = None if value is None else plain(value)
+    for name in (*_UNIT_RATES, "count"):
+        value = getattr(price, name)
+        row[name] = None if value is None else plain(value)
     return row
