@@ -712,8 +712,10 @@ class PgLedger:
                 async with self.pool.acquire() as conn, conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", VENDOR_SPEND_LOCK)
                     await conn.execute(
+                        # (The bounds are typed: `since` and `slot` would make PostgreSQL deduce two types for each.)
                         "INSERT INTO provider_spend (provider, since, period_end, nanos)"
-                        " SELECT $1, $2, $3, COALESCE(SUM(vendor_cost_nanos), 0) FROM usage_provider_slot WHERE provider = $1 AND slot >= $2 AND slot < $3"
+                        " SELECT $1, $2::float8, $3::float8, COALESCE(SUM(vendor_cost_nanos), 0) FROM usage_provider_slot"
+                        " WHERE provider = $1 AND slot >= $2::float8 AND slot < $3::float8"
                         " ON CONFLICT DO NOTHING",
                         provider,
                         since,
