@@ -4,14 +4,19 @@ vendor cost in `provider_spend`, moved by every settlement; core/vendors/months.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
+from core.ledger.postgres import VENDOR_SPEND_LOCK
 from test.postgres import PostgresServer
 from test.servers import FakeUpstream, ServerThread, WebhookReceiver
 from test.test_fleet import ADMIN, KEY, MESSAGES, Fleet, Instance
@@ -126,3 +131,49 @@ def test_a_provider_that_spent_its_budget_is_skipped_by_every_instance_then_none
     fleet.assert_balances_equal_ledger_sums()
     states = {state["provider"]: state for state in instances[1].get("/v1/providers_states").json()["providers"]}
     assert (states["p1"]["status"], states["p2"]["status"]) == ("over_budget", "over_budget")
+
+
+@contextlib.contextmanager
+def vendor_writes_held(fleet: Fleet) -> Iterator[None]:
+    """Settlements that carry a vendor cost wait (their shared VENDOR_SPEND_LOCK is taken
+    here alone) while reads go on: the ledger's writes lagging behind its answers, as behind
+    a slow commit or a busy database."""
+    locked, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(fleet.database)
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", VENDOR_SPEND_LOCK)
+            locked.set()
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+        finally:
+            await conn.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(hold(),))
+    thread.start()
+    try:
+        assert locked.wait(10)
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_an_instances_own_charges_count_against_a_stop_budget_while_its_writes_lag(fleet):
+    (instance,) = fleet.start("", count=1, text=two_providers(fleet, "monthly_budget: 0.1, budget_action: stop"))
+    assert served_by(instance) == "p1"  # $0.025 of $0.1, written
+    flush_all(fleet)
+
+    with vendor_writes_held(fleet):  # for about 3 s: six refreshes of the month's spend
+        providers = []
+        for _ in range(12):
+            providers.append(served_by(instance))
+            time.sleep(0.25)
+
+    # Three more calls reach the budget; every later one goes to p2, however many times the
+    # month was read again from a database that did not have them yet.
+    assert providers == ["p1"] * 3 + ["p2"] * 9
+    flush_all(fleet)
+    assert vendor_spend(fleet, "p1") == 4 * COST_PER_CALL
+    fleet.assert_balances_equal_ledger_sums()
