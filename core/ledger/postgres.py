@@ -712,8 +712,8 @@ class PgLedger:
                 async with self.pool.acquire() as conn, conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", VENDOR_SPEND_LOCK)
                     await conn.execute(
+                        # (The bounds are typed: `since` and `slot` would make PostgreSQL deduce two types for each.)
                         "INSERT INTO provider_spend (provider, since, period_end, nanos)"
-                        # $2 and $3 typed once: a DOUBLE PRECISION column and a BIGINT one otherwise make them ambiguous
                         " SELECT $1, $2::float8, $3::float8, COALESCE(SUM(vendor_cost_nanos), 0) FROM usage_provider_slot"
                         " WHERE provider = $1 AND slot >= $2::float8 AND slot < $3::float8"
                         " ON CONFLICT DO NOTHING",

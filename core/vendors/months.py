@@ -6,7 +6,9 @@ A month's spend is the ledger's sum up to a point in its write order (`marker`) 
 settled after that point in this process, exactly as key budget periods are kept
 (core.limits.PeriodSpend). In fleet mode every instance's charges count: the sum is kept in
 the database in the same transaction as the charges (core.ledger.postgres), and each
-instance reads it again every REFRESH_SECONDS, adding its own charges in between.
+instance reads it again every REFRESH_SECONDS, adding its own charges in between (each read
+waits until this instance's charges counted so far are written: one still queued would
+otherwise drop out of the figure until a later read).
 """
 
 from __future__ import annotations
@@ -169,6 +171,9 @@ class VendorMonths:
                     continue
                 live_before = month.live_nanos
                 try:
+                    # The charges counted here so far must be in the figure read, or they would be
+                    # dropped from it until a later read: wait until they are written.
+                    await self.ledger.flush()
                     _, result = self.ledger.vendor_month(provider, month.start, month.end)
                     total = await result
                 except asyncio.CancelledError:
