@@ -1,5 +1,7 @@
 """Threshold alerts: when a key's credits, count credits, quota or a period budget crosses
-a configured fraction, record an event and POST it to the webhook, once per crossing.
+a configured fraction, record an event and POST it to the webhook, once per crossing. A
+provider's monthly vendor budget (core/vendors) is watched the same way, under the id
+`provider:NAME`, once per crossing per month.
 
 Checking is synchronous and cheap (it runs right after settlement); recording and delivery
 happen in the ledger's write order and a background task, never on the request's path. A
