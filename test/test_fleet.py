@@ -31,7 +31,7 @@ from starlette.responses import Response, StreamingResponse
 from core.ledger.postgres_schema import SCHEMA_VERSION
 from test.conftest import clear_of_window_edge
 from test.postgres import PostgresServer
-from test.servers import FakeUpstream, ResponsesVendor, ServerThread, WebhookReceiver, held_stream, images_like, openai_like, stream_chunks
+from test.servers import FakeUpstream, ResponsesVendor, WebhookReceiver, held_stream, images_like, openai_like, stream_chunks
 from test.test_billing import MEDIA_REPORTS
 from test.test_cli import ROOT, _free_port, wait_until_healthy
 from test.test_web import Browser
@@ -463,14 +463,6 @@ def _alive(pid: int) -> bool:
     with contextlib.suppress(FileNotFoundError):
         return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
     return False
-
-
-@pytest.fixture
-def receiver() -> Iterator[WebhookReceiver]:
-    hook = WebhookReceiver()
-    hook.server = ServerThread(hook.app()).start()
-    yield hook
-    hook.server.stop()
 
 
 def alerted(receiver: WebhookReceiver, count_credits: int) -> str:

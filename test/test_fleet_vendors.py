@@ -30,7 +30,7 @@ from core.ledger.postgres import VENDOR_SPEND_LOCK, PgLedger
 from core.ledger.postgres_schema import MIGRATIONS
 from core.limits import period_bounds
 from test.postgres import PostgresServer
-from test.servers import FakeUpstream, ServerThread, WebhookReceiver, completion_body
+from test.servers import FakeUpstream, completion_body
 from test.test_fleet import ADMIN, KEY, MESSAGES, Fleet, Instance, fire_keys, slow_words
 
 # Each answer of the fake vendors: 11 prompt and 7 completion tokens; at the cost price
@@ -51,14 +51,6 @@ def fleet(tmp_path: Path, postgres: PostgresServer, upstream: FakeUpstream) -> I
     made = Fleet(tmp_path, postgres, upstream)
     yield made
     made.stop()
-
-
-@pytest.fixture
-def receiver() -> Iterator[WebhookReceiver]:
-    hook = WebhookReceiver()
-    hook.server = ServerThread(hook.app()).start()
-    yield hook
-    hook.server.stop()
 
 
 def two_providers(fleet: Fleet, p1: str, p2: str = "", prefs: str = "") -> str:
