@@ -101,10 +101,10 @@ async def _request_rows(ledger: Ledger, key_id: str | None, since: float, until:
             datetime.fromtimestamp(record["ts"], UTC).isoformat(),
             record["request_id"],
             record["key_id"],
-            record["key_name"],
-            record["model"],
-            record["provider"],
-            record["upstream_model"],
+            text_cell(record["key_name"]),  # names people chose (a self-service holder's key): text, never a formula
+            text_cell(record["model"]),
+            text_cell(record["provider"]),
+            text_cell(record["upstream_model"]),
             record["prompt_tokens"],
             record["completion_tokens"],
             record["cached_tokens"],
@@ -150,9 +150,9 @@ async def keys_csv(request: Request) -> StreamingResponse:
         for key in config.keys:
             t = totals.get((key.id,))
             if t is None:
-                yield (key.id, key.name, key.masked, effective_mode(config, key), 0, 0, 0, 0, "0", 0, 0, *units_csv(0, 0, 0))
+                yield (key.id, text_cell(key.name), key.masked, effective_mode(config, key), 0, 0, 0, 0, "0", 0, 0, *units_csv(0, 0, 0))
             else:
-                yield (key.id, key.name, key.masked, effective_mode(config, key), t.requests, t.prompt_tokens, t.completion_tokens, t.cached_tokens,
+                yield (key.id, text_cell(key.name), key.masked, effective_mode(config, key), t.requests, t.prompt_tokens, t.completion_tokens, t.cached_tokens,
                        format_usd(t.cost_nanos), t.count_charged, t.errors, *units_csv(t.images, t.audio_ms, t.characters))  # fmt: skip
 
     return download(csv_stream(SUMMARY_HEADER, rows()), f"keys_{label}.csv")

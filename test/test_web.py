@@ -273,6 +273,19 @@ def test_key_summary_csv_matches_the_api(web):
     assert browser.get("/admin/export/keys.csv?start=2030-01-02&end=2030-01-01").status_code == 400
 
 
+def test_csv_exports_name_a_formula_like_key_as_text(start_gateway):
+    """A key name someone chose (a self-service holder names their keys) must not run as a formula
+    in the admin's spreadsheet: it starts with an apostrophe there."""
+    gateway = start_gateway(CONFIG.replace("name: bob", "name: '=HYPERLINK(\"http://evil\")'"))
+    chat(gateway, COUNT_KEY, 1)
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    requests = list(csv.DictReader(io.StringIO(browser.get("/admin/export/requests.csv").text)))
+    keys = {r["key_id"]: r for r in csv.DictReader(io.StringIO(browser.get("/admin/export/keys.csv").text))}
+    assert [r["key_name"] for r in requests] == ['\'=HYPERLINK("http://evil")']
+    assert keys[key_id(COUNT_KEY)]["key_name"] == '\'=HYPERLINK("http://evil")' and keys[key_id(USER_KEY)]["key_name"] == "alice"
+
+
 def test_billing_tab_searches_sorts_and_pages(start_gateway):
     many = "".join(f"  - api: sk-many-{i:04d}-abcdef\n    name: user-{i:04d}\n" for i in range(120))
     gateway = start_gateway(CONFIG.replace("preferences:\n  model_price", "".join(["", many]) + "preferences:\n  model_price", 1))
