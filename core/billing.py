@@ -103,6 +103,18 @@ class BillingMeter:
             raise exhausted(exc.kind) from None
         return BillingTicket(self, key, terms, prices, request, cost_type, reservation)
 
+    async def admit_free(self, key: ApiKey, request: ProxyRequest) -> FreeTicket:
+        """Admit a request the gateway answers free of charge (Anthropic's count_tokens): it
+        must pass the key's limits and counts against its concurrency and request rate, as
+        any request does, but holds nothing of its balance and leaves no ledger row."""
+        now = self.clock()
+        check_window_open(key.billing, now)
+        try:
+            reservation = await self.ledger.admit(key, 0, 0, 0, 0, now, request.request_id)
+        except InsufficientBalance as exc:
+            raise exhausted(exc.kind) from None
+        return FreeTicket(self, key, reservation)
+
     async def record_external(self, config: Config, key: ApiKey, model: str, usage: Usage, provider: str) -> int:
         """Charge usage that happened elsewhere; it already happened, so no balance check.
         A `provider/model` name is billed as its public model, as on the proxy; media units
@@ -278,3 +290,37 @@ class BillingTicket:
             vendor_cost_nanos=vendor[0],
             vendor_unit_prices=vendor[1],
         )
+
+
+class FreeTicket:
+    """A free request's holds (BillingMeter.admit_free): it ends by freeing them, with no charge
+    and no ledger row; its request still counts in the key's rate windows (the limiter counts a
+    freed request as used, and the fleet's windows counted it at admission)."""
+
+    __slots__ = ("ended", "key", "meter", "reservation")
+
+    settled: UsageRecord | None = None
+    report_every: float | None = None
+
+    def __init__(self, meter: BillingMeter, key: ApiKey, reservation: Reservation):
+        self.meter = meter
+        self.key = key
+        self.reservation = reservation
+        self.ended = False
+
+    def settle(self, outcome: Outcome) -> dict[str, str]:
+        self.release()
+        return self.start_headers()
+
+    def release(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.meter.ledger.release(self.reservation)
+
+    def start_headers(self) -> dict[str, str]:
+        if not self.key.limits.meters_anything:
+            return {}
+        return self.meter.limiter.headers(self.key, self.reservation.account, self.meter.clock())
+
+    def report(self, outcome: Outcome) -> None:
+        pass

@@ -64,3 +64,7 @@ class Ticket(Protocol):
 
 class Meter(Protocol):
     async def admit(self, config: Config, key: ApiKey, request: ProxyRequest) -> Ticket: ...
+
+    async def admit_free(self, key: ApiKey, request: ProxyRequest) -> Ticket:
+        """A request answered free of charge: limits checked and counted, no balance held."""
+        ...

@@ -21,7 +21,7 @@ from core.metering import CLIENT_DISCONNECTED, ERROR, OK, Meter, Outcome, Ticket
 from core.providers import adapter_for, messages_adapter_for, responses_adapter_for
 from core.providers.base import Reply, UpstreamCall, UpstreamFailure, UpstreamStream, invalid_answer
 from core.providers.media import media_adapter_for
-from core.providers.messages import anthropic_error_body, anthropic_event
+from core.providers.messages import anthropic_error_body, anthropic_event, count_tokens_upstream
 from core.providers.responses_native import responses_error_event
 from core.providers.uploads import upload_adapter_for
 from core.request_checks import check_request, requested_units
@@ -31,7 +31,7 @@ from core.stored_responses import StoredResponses
 from core.telemetry.facts import ERROR as ATTEMPT_FAILED
 from core.telemetry.facts import TIMEOUT, RequestFacts
 from core.uploads import UPLOAD_ENDPOINTS, Upload
-from core.usage import Usage, complete_usage, estimate_usage, usage_so_far
+from core.usage import Usage, complete_usage, estimate_prompt_tokens, estimate_usage, usage_so_far
 from core.vendors.months import VendorMonths
 
 log = logging.getLogger("tollgate.proxy")
@@ -66,6 +66,9 @@ class ProxyRequest:
     units: Usage | None = None
     # A multipart endpoint's form (core/uploads): its fields are `body`, its files spooled.
     upload: Upload | None = None
+    # The client's headers that vendors of one engine understand and the gateway passes on to
+    # them (routes/_http.forwarded_headers): Anthropic's betas, OpenAI's beta and internal flags.
+    forwarded: dict[str, str] | None = None
 
 
 def parse_proxy_request(endpoint: str, body: Any) -> ProxyRequest:
@@ -147,6 +150,32 @@ class Gateway:
             if not streaming:
                 ticket.release()  # a no-op once settled; frees every hold if anything above raised
 
+    async def count_tokens(self, config: Config, key: ApiKey, request: ProxyRequest) -> tuple[bytes, dict[str, str]]:
+        """Anthropic's `count_tokens` for a Messages request: the vendor's own count when the
+        route the key would be sent to is an Anthropic provider (with the client's betas; the
+        next Anthropic route if one fails), else the gateway's estimate, as for a provider of
+        another engine. Free (BillingMeter.admit_free), but limited like any request. Returns
+        the JSON body and the limit headers."""
+        routes = routes_for(config, request.model, key, "messages")
+        request = _as_public_model(request, routes)
+        ticket = await self.meter.admit_free(key, request)
+        try:
+            for route in self.scheduler.order(request.model, routes, key.scheduling_algorithm):
+                if route.provider.engine != "anthropic":
+                    break  # served elsewhere: the estimate is what that provider's request would hold
+                upstream_key = self.scheduler.next_upstream_key(route.provider)
+                call = UpstreamCall("messages/count_tokens", request.body, False, route, upstream_key, config.preferences.max_response_body_bytes,
+                                    self.loop, forwarded=request.forwarded)  # fmt: skip
+                try:
+                    return await count_tokens_upstream(call, self.http), ticket.settle(_free_outcome(route))
+                except UpstreamFailure as exc:
+                    if not exc.retryable:
+                        raise exc.error from None
+                    log.warning("%s: %s could not count tokens: %s", request.request_id, route.label, exc.error.message)
+            return orjson.dumps({"input_tokens": estimate_prompt_tokens(request.body)}), ticket.settle(_free_outcome(routes[0]))
+        finally:
+            ticket.release()
+
     async def _continuing(self, config: Config, key: ApiKey, request: ProxyRequest, routes: tuple[ModelRoute, ...]) -> tuple[ModelRoute, ...]:
         """A Responses create continuing a stored response (`previous_response_id`) may only go
         to the provider holding it, and only for the key that made it (404 otherwise)."""
@@ -182,6 +211,7 @@ class Gateway:
                 self.loop,
                 self._on_stored(request, key.id, route),
                 request.upload,
+                request.forwarded,
             )
             attempt = facts.attempt(route.provider.name, route.provider.engine, route.upstream_name)
             try:
@@ -227,6 +257,11 @@ _ADAPTER_FOR = {
     "audio/speech": media_adapter_for,
     **dict.fromkeys(UPLOAD_ENDPOINTS, upload_adapter_for),
 }
+
+
+def _free_outcome(route: ModelRoute) -> Outcome:
+    """What a free request's ticket is settled with (it charges nothing whatever it is told)."""
+    return Outcome(route.provider.name, route.upstream_name, Usage(), OK)
 
 
 def _as_public_model(request: ProxyRequest, routes: tuple[ModelRoute, ...]) -> ProxyRequest:

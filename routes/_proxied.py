@@ -9,11 +9,14 @@ than all of billing (see bench/run.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
 from core.config import Config
 from core.errors import GatewayError
+from core.providers.client_headers import forwarded_headers
 from core.proxy import ProxyRequest
 from core.telemetry import TRACE_HEADERS, Telemetry
 from core.telemetry.facts import CLIENT_CLOSED, RequestFacts
@@ -47,6 +50,9 @@ class ProxiedEndpoint:
                 client = scope.get("client")
                 key = authenticate_headers(config, headers, client[0] if client else None, state.clock(), state.auth_throttle)
                 request = await self.read_request(receive, headers, config)
+                forwarded = forwarded_headers(scope["headers"])
+                if forwarded is not None:  # a coding agent's betas and flags, for vendors that read them
+                    request = dataclasses.replace(request, forwarded=forwarded)
                 result = await state.gateway.handle(config, key, request, facts)
             except GatewayError as exc:
                 facts.failed(exc)

@@ -6,6 +6,7 @@ The proxied endpoints are plain ASGI apps (routes/_proxied.py: why, and their sh
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -18,10 +19,9 @@ from starlette.types import Receive, Scope, Send
 
 from core.config import ApiKey, Config
 from core.errors import GatewayError, not_found
+from core.providers.client_headers import forwarded_headers
 from core.providers.messages import anthropic_error_body
 from core.proxy import ENDPOINTS, ProxyRequest, parse_proxy_request
-from core.routing import routes_for
-from core.usage import estimate_prompt_tokens
 from routes._http import authenticate, current_config, parse_json, read_json, receive_body
 from routes._proxied import ProxiedEndpoint
 from routes.uploads import UPLOAD_ENDPOINTS_BY_NAME, UploadEndpoint
@@ -66,15 +66,19 @@ async def retrieve_model(request: Request) -> Response:
 
 
 async def count_tokens(request: Request) -> Response:
-    """Anthropic's `POST /v1/messages/count_tokens` (Claude Code calls it before requests):
-    the gateway's prompt estimate, free: no reservation, no ledger row, no limit used. The
-    body is checked as /v1/messages checks it, and the key must be one /v1/messages would
-    accept for this model (404 / 403 as it answers)."""
+    """Anthropic's `POST /v1/messages/count_tokens` (Claude Code calls it for `/context` and
+    before long requests): Anthropic's own count through an Anthropic provider, the gateway's
+    estimate for others (Gateway.count_tokens). Free, but it counts against the key's rate
+    limits. The body is checked as /v1/messages checks it, and the key must be one /v1/messages
+    would accept for this model (404 / 403 as it answers), in Anthropic's error shape."""
     config = current_config(request)
     key = authenticate(request, config)
     counted = parse_proxy_request("messages", await read_json(request, config.preferences.max_request_body_bytes))
-    routes_for(config, counted.model, key)
-    return JSONResponse({"input_tokens": estimate_prompt_tokens(counted.body)})
+    forwarded = forwarded_headers(request.scope["headers"])
+    if forwarded is not None:
+        counted = dataclasses.replace(counted, forwarded=forwarded)
+    body, headers = await request.app.state.gateway.count_tokens(config, key, counted)
+    return Response(body, headers=headers, media_type="application/json")
 
 
 def _model_object(config: Config, key: ApiKey, name: str) -> dict[str, Any] | None:

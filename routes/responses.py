@@ -12,11 +12,12 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from core.config import Config, ModelRoute
-from core.errors import bad_request
+from core.errors import GatewayError, bad_request
 from core.providers.responses_native import call_stored
 from core.stored_responses import StoredResponses, response_not_found
 from routes._http import authenticate, current_config
@@ -60,6 +61,19 @@ async def _forward(request: Request, method: str, suffix: str) -> Response:
     return Response(reply.body, reply.status, media_type=reply.content_type)
 
 
+async def refuse_websocket(websocket: WebSocket) -> None:
+    """Codex CLI opens a WebSocket on /v1/responses before it uses HTTPS (when its provider
+    has `supports_websockets`, as OpenAI's own does). The gateway serves the Responses API over
+    HTTPS only, and says so with 426 Upgrade Required, which Codex takes as "use HTTPS" at
+    once; the 403 a server without the route answers makes it retry five times first (~7 s).
+    The body is OpenAI's error shape, for a person reading it."""
+    error = GatewayError(426, "invalid_request_error", "websocket_not_supported", "This gateway serves the Responses API over HTTPS only: POST /v1/responses.")
+    try:
+        await websocket.send_denial_response(JSONResponse(error.body(), error.status))
+    except RuntimeError:  # a server without the ASGI denial-response extension: a plain refusal
+        await websocket.close()
+
+
 def _route_of(config: Config, provider: str) -> ModelRoute | None:
     """A route of the provider (for its URL, key and timeout), the most patient one."""
     routes = [route for routes in config.routes.values() for route in routes if route.provider.name == provider]
@@ -74,5 +88,6 @@ routes = [
         Route(f"{prefix}/responses/{{response_id}}", delete, methods=["DELETE"]),
         Route(f"{prefix}/responses/{{response_id}}/cancel", cancel, methods=["POST"]),
         Route(f"{prefix}/responses/{{response_id}}/input_items", input_items, methods=["GET"]),
+        WebSocketRoute(f"{prefix}/responses", refuse_websocket),
     )
 ]

@@ -21,6 +21,7 @@ import aiohttp
 from core.config import ModelRoute
 from core.errors import bad_gateway, bad_request
 from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamStream, final_body, translate_batch
+from core.providers.client_headers import with_anthropic_betas
 from core.providers.http import open_stream, post_json, vendor_error
 from core.providers.translate import ChunkWriter, arguments_of, completion, not_supported, split_data_url, stop_list, thinking_budget
 from core.request_checks import output_token_limit
@@ -43,12 +44,7 @@ class AnthropicAdapter:
         if call.endpoint != "chat/completions":
             raise not_supported(call)
         route = call.route
-        headers = {
-            "x-api-key": call.upstream_key,
-            "anthropic-version": route.provider.api_version or ANTHROPIC_VERSION,
-            "Content-Type": JSON_CONTENT_TYPE,
-            **route.provider.headers,
-        }
+        headers = anthropic_headers(call)
         payload = json.dumps(final_body(call, to_anthropic(call)), ensure_ascii=False).encode()
         url = f"{route.provider.base_url}/messages"
         if call.stream:
@@ -57,6 +53,14 @@ class AnthropicAdapter:
         message, finish_reason, reported = from_anthropic(data)
         usage = complete_usage(reported, lambda: estimate_usage(call.body, {"choices": [{"message": message}]}))
         return Reply(200, completion(call, message, finish_reason, usage, data.get("id") if isinstance(data, dict) else None), usage)
+
+
+def anthropic_headers(call: UpstreamCall) -> dict[str, str]:
+    """What every call to an Anthropic provider sends: its key and API version, the provider's
+    own headers, and the client's betas merged into the provider's (client_headers.py)."""
+    provider = call.route.provider
+    headers = {"x-api-key": call.upstream_key, "anthropic-version": provider.api_version or ANTHROPIC_VERSION, "Content-Type": JSON_CONTENT_TYPE}
+    return {**headers, **with_anthropic_betas(provider.headers, call.forwarded)}
 
 
 def to_anthropic(call: UpstreamCall) -> dict[str, Any]:

@@ -39,6 +39,7 @@ class UpstreamCall:
     # stored), as soon as the id is known: follow-ups on it must reach this provider.
     stored: Callable[[str], None] | None = None
     upload: Upload | None = None  # the multipart endpoints' form, sent again on each attempt
+    forwarded: dict[str, str] | None = None  # client headers for vendors that read them (ProxyRequest.forwarded)
 
     @property
     def client_wants_usage(self) -> bool:

@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 
 from core.errors import GatewayError, bad_gateway
-from core.providers.anthropic import ANTHROPIC_VERSION, StreamUsage, delta_text_bytes, usage_from_anthropic
-from core.providers.base import JSON_CONTENT_TYPE, Adapter, Reply, UpstreamCall, UpstreamStream, final_body, translate_batch
+from core.providers.anthropic import StreamUsage, anthropic_headers, delta_text_bytes, usage_from_anthropic
+from core.providers.base import Adapter, Reply, UpstreamCall, UpstreamFailure, UpstreamStream, final_body, translate_batch
 from core.providers.http import open_stream, post_json
 from core.sse import SseSplitter, chat_chunk, event_data
 from core.usage import Usage, complete_usage, estimate_prompt_tokens, estimate_usage, usage_from_openai, usage_so_far
@@ -174,12 +174,7 @@ class MessagesAdapter:
 
     async def _native(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
         route = call.route
-        headers = {
-            "x-api-key": call.upstream_key,
-            "anthropic-version": route.provider.api_version or ANTHROPIC_VERSION,
-            "Content-Type": JSON_CONTENT_TYPE,
-            **route.provider.headers,
-        }
+        headers = anthropic_headers(call)
         payload = json.dumps(final_body(call, {**call.body, "model": route.upstream_name}), ensure_ascii=False).encode()
         url = f"{route.provider.base_url}/messages"
         if call.stream:
@@ -187,6 +182,18 @@ class MessagesAdapter:
         body, data = await post_json(http, url, headers, payload, call)
         reported = data.get("usage") if isinstance(data, dict) else None
         return Reply(200, body, usage_from_anthropic(reported))  # None, or partial: billing estimates (the rest of) it
+
+
+async def count_tokens_upstream(call: UpstreamCall, http: aiohttp.ClientSession) -> bytes:
+    """Anthropic's own count of a Messages request's input (`POST /messages/count_tokens`),
+    which it gives free: the client's body (model renamed) with the client's betas, its answer
+    relayed as it is. Refusals come back as UpstreamFailure, as for any call."""
+    route = call.route
+    payload = json.dumps({**call.body, "model": route.upstream_name}, ensure_ascii=False).encode()
+    body, data = await post_json(http, f"{route.provider.base_url}/messages/count_tokens", anthropic_headers(call), payload, call)
+    if not isinstance(data, dict) or not isinstance(data.get("input_tokens"), int):
+        raise UpstreamFailure.invalid(route)
+    return body
 
 
 class NativeEvents(UpstreamStream):

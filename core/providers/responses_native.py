@@ -21,6 +21,7 @@ from core.config import DEFAULT_MAX_RESPONSE_BODY, ModelRoute, Provider
 from core.deadlines import Deadline
 from core.errors import GatewayError, bad_gateway
 from core.providers.base import JSON_CONTENT_TYPE, Reply, UpstreamCall, UpstreamFailure, UpstreamStream, final_body
+from core.providers.client_headers import openai_headers
 from core.providers.http import MAX_ERROR_BODY, open_stream, post_json, too_large_answer, vendor_error
 from core.providers.relay import RelayedEvents
 from core.sse import event_data
@@ -48,7 +49,8 @@ class NativeResponsesAdapter:
 
     async def send(self, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
         provider = call.route.provider
-        url, headers = responses_url(provider), {**auth_headers(provider, call.upstream_key), "Content-Type": JSON_CONTENT_TYPE}
+        url = responses_url(provider)
+        headers = {**openai_headers(call.forwarded), **auth_headers(provider, call.upstream_key), "Content-Type": JSON_CONTENT_TYPE}
         payload = orjson.dumps(final_body(call, {**call.body, "model": call.route.upstream_name}))
         if call.stream:
             return ResponsesStream(await open_stream(http, url, headers, payload, call), call)

@@ -116,6 +116,18 @@ def configure_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [_RecordQueue(lines)]
     root.setLevel(level.upper())
+    logging.getLogger("uvicorn.error").addFilter(_denial_is_no_error)  # once: the same filter is not added twice
+
+
+# uvicorn's WebSocket implementations log this after every handshake refused with an HTTP
+# response (the ASGI denial-response extension) though the client got the response intact. The
+# gateway's only WebSocket route refuses that way (routes/responses.refuse_websocket: Codex
+# CLI's attempt, answered 426 so it uses HTTPS), so the line would be a false error per session.
+_FALSE_HANDSHAKE_ERROR = "ASGI callable returned without completing handshake."
+
+
+def _denial_is_no_error(record: logging.LogRecord) -> bool:
+    return record.msg != _FALSE_HANDSHAKE_ERROR
 
 
 _listener: logging.handlers.QueueListener | None = None
