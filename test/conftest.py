@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from main import create_app
+from test.agent_vendors import AnthropicMessagesVendor, CodexResponsesVendor
 from test.servers import FakeUpstream, ServerThread, WebhookReceiver
 
 ADMIN_KEY = "sk-admin-test-0001"
@@ -84,6 +85,16 @@ def upstream() -> Iterator[FakeUpstream]:
     fake.server = ServerThread(fake.app()).start()
     yield fake
     fake.server.stop()
+
+
+@pytest.fixture
+def agent_vendors(upstream: FakeUpstream) -> tuple[AnthropicMessagesVendor, CodexResponsesVendor]:
+    """The strict fakes coding agents meet (test/agent_vendors.py): p1 speaks Anthropic's
+    Messages API, p2 OpenAI's Responses API."""
+    messages, responses = AnthropicMessagesVendor(), CodexResponsesVendor()
+    upstream.script("p1", messages)
+    upstream.script("p2", responses)
+    return messages, responses
 
 
 @pytest.fixture

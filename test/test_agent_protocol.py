@@ -14,7 +14,7 @@ import pytest
 import websockets.exceptions
 import websockets.sync.client
 
-from test.agent_vendors import CODEX_USAGE, AnthropicMessagesVendor, CodexResponsesVendor
+from test.agent_vendors import CODEX_USAGE
 from test.conftest import ADMIN_KEY, USER_KEY
 
 CONFIG = """
@@ -51,14 +51,6 @@ CONTEXT_MANAGEMENT = {"edits": [{"type": "clear_tool_uses_20250919"}]}
 HELLO = [{"role": "user", "content": "ping"}]
 
 
-@pytest.fixture
-def vendors(upstream) -> tuple[AnthropicMessagesVendor, CodexResponsesVendor]:
-    messages, responses = AnthropicMessagesVendor(), CodexResponsesVendor()
-    upstream.script("p1", messages)
-    upstream.script("p2", responses)
-    return messages, responses
-
-
 def sdk(gateway, betas: str | None = CLIENT_BETAS) -> anthropic.Anthropic:
     headers = {"anthropic-beta": betas} if betas else {}
     return anthropic.Anthropic(base_url=gateway.url, api_key=USER_KEY, max_retries=0, default_headers=headers)
@@ -80,8 +72,8 @@ CLAUDE_CALL_NANOS = nanos(1200, "3") + nanos(3000, "3.75") + nanos(20000, "0.3")
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_the_clients_betas_reach_anthropic_merged_with_the_providers_and_beta_fields_pass(start_gateway, upstream, vendors, stream):
-    messages_vendor, _ = vendors
+def test_the_clients_betas_reach_anthropic_merged_with_the_providers_and_beta_fields_pass(start_gateway, upstream, agent_vendors, stream):
+    messages_vendor, _ = agent_vendors
     gateway = start_gateway(CONFIG, upstream)
     client = sdk(gateway)
     create = {"model": "claude-sonnet-5-5", "max_tokens": 8000, "messages": HELLO, "extra_body": {"context_management": CONTEXT_MANAGEMENT}}
@@ -98,18 +90,20 @@ def test_the_clients_betas_reach_anthropic_merged_with_the_providers_and_beta_fi
     assert ledger_costs(gateway) == [("claude-sonnet-5-5", CLAUDE_CALL_NANOS)]
 
 
-def test_without_the_beta_header_the_vendors_refusal_comes_back_in_anthropics_shape(start_gateway, upstream, vendors):
-    messages_vendor, _ = vendors
+def test_without_the_beta_header_the_vendors_refusal_comes_back_in_anthropics_shape(start_gateway, upstream, agent_vendors):
+    messages_vendor, _ = agent_vendors
     config = CONFIG.replace("      headers: {Anthropic-Beta: 'prompt-caching-2024-07-31,context-management-2025-06-27'}\n", "      default_max_tokens: 100\n")
     gateway = start_gateway(config, upstream)
     with pytest.raises(anthropic.BadRequestError) as refused:
-        sdk(gateway, betas=None).messages.create(model="claude-sonnet-5-5", max_tokens=100, messages=HELLO, extra_body={"context_management": CONTEXT_MANAGEMENT})
+        sdk(gateway, betas=None).messages.create(
+            model="claude-sonnet-5-5", max_tokens=100, messages=HELLO, extra_body={"context_management": CONTEXT_MANAGEMENT}
+        )
     assert refused.value.body["error"] == {"type": "invalid_request_error", "message": "context_management: Extra inputs are not permitted"}
     assert "anthropic-beta" not in upstream.seen[-1].headers
     assert messages_vendor.refused == ["context_management: Extra inputs are not permitted"]
 
 
-def test_anthropic_betas_go_to_anthropic_providers_only(start_gateway, upstream, vendors):
+def test_anthropic_betas_go_to_anthropic_providers_only(start_gateway, upstream, agent_vendors):
     gateway = start_gateway(CONFIG, upstream)
     reply = gateway.client(default_headers={"anthropic-beta": CLIENT_BETAS}).chat.completions.create(model="gpt-4o", messages=HELLO)
     assert reply.choices[0].message.content
@@ -118,8 +112,8 @@ def test_anthropic_betas_go_to_anthropic_providers_only(start_gateway, upstream,
     assert "anthropic-beta" not in upstream.seen[-1].headers
 
 
-def test_count_tokens_is_anthropics_own_count_free_and_limited_like_any_request(start_gateway, upstream, vendors):
-    messages_vendor, _ = vendors
+def test_count_tokens_is_anthropics_own_count_free_and_limited_like_any_request(start_gateway, upstream, agent_vendors):
+    messages_vendor, _ = agent_vendors
     gateway = start_gateway(CONFIG, upstream)
     client = sdk(gateway)
     body: dict[str, Any] = {"model": "claude-sonnet-5-5", "messages": HELLO, "system": "Be brief.", "extra_body": {"context_management": CONTEXT_MANAGEMENT}}
@@ -138,7 +132,7 @@ def test_count_tokens_is_anthropics_own_count_free_and_limited_like_any_request(
     assert gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY).json()["api_keys_states"][USER_KEY]["request_count"] == 1
 
 
-def test_count_tokens_passes_on_the_vendors_refusal_and_falls_back_to_the_estimate_when_it_fails(start_gateway, upstream, vendors):
+def test_count_tokens_passes_on_the_vendors_refusal_and_falls_back_to_the_estimate_when_it_fails(start_gateway, upstream, agent_vendors):
     config = CONFIG.replace("      headers: {Anthropic-Beta: 'prompt-caching-2024-07-31,context-management-2025-06-27'}\n", "      default_max_tokens: 100\n")
     gateway = start_gateway(config, upstream)
     with pytest.raises(anthropic.BadRequestError) as refused:
@@ -154,8 +148,8 @@ def test_count_tokens_passes_on_the_vendors_refusal_and_falls_back_to_the_estima
     assert sdk(gateway).messages.count_tokens(model="claude-sonnet-5-5", messages=HELLO).input_tokens > 0
 
 
-def test_codex_requests_pass_through_untouched_and_bill_cached_and_reasoning_tokens(start_gateway, upstream, vendors):
-    _, responses_vendor = vendors
+def test_codex_requests_pass_through_untouched_and_bill_cached_and_reasoning_tokens(start_gateway, upstream, agent_vendors):
+    _, responses_vendor = agent_vendors
     gateway = start_gateway(CONFIG, upstream)
     items = [
         {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "You are Codex."}]},
@@ -165,7 +159,11 @@ def test_codex_requests_pass_through_untouched_and_bill_cached_and_reasoning_tok
     headers = {"x-openai-internal-codex-responses-lite": "true", "originator": "codex_exec", "session-id": "s1"}
     events = list(
         gateway.client(default_headers=headers).responses.create(
-            model="gpt-5-codex", input=items, store=False, stream=True, extra_body={"prompt_cache_key": "s1"}  # type: ignore[arg-type]
+            model="gpt-5-codex",
+            input=items,
+            store=False,
+            stream=True,
+            extra_body={"prompt_cache_key": "s1"},  # type: ignore[arg-type]
         )
     )
     assert events[-1].type == "response.completed" and events[-1].response.output_text == responses_vendor.reply  # type: ignore[union-attr]
@@ -178,7 +176,7 @@ def test_codex_requests_pass_through_untouched_and_bill_cached_and_reasoning_tok
     assert ledger_costs(gateway) == [("gpt-5-codex", expected)]
 
 
-def test_a_websocket_on_responses_is_refused_with_426_so_codex_uses_https_at_once(start_gateway, upstream, vendors):
+def test_a_websocket_on_responses_is_refused_with_426_so_codex_uses_https_at_once(start_gateway, upstream, agent_vendors):
     gateway = start_gateway(CONFIG, upstream)
     for path in ("/v1/responses", "/responses"):
         with pytest.raises(websockets.exceptions.InvalidStatus) as refused:

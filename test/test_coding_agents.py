@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from test.agent_vendors import ANTHROPIC_USAGE, CODEX_USAGE, AnthropicMessagesVendor, CodexResponsesVendor
+from test.agent_vendors import ANTHROPIC_USAGE, CODEX_USAGE
 from test.conftest import ADMIN_KEY, USER_KEY
 
 CLAUDE_CODE = "@anthropic-ai/claude-code@2.1.332"
@@ -144,20 +144,17 @@ def run(args: list[str], home: Path, env: dict[str, str]) -> subprocess.Complete
 
 
 def claude(agents: Agents, gateway, home: Path, prompt: str) -> subprocess.CompletedProcess[str]:
-    env = {"ANTHROPIC_BASE_URL": gateway.url, "ANTHROPIC_API_KEY": USER_KEY, "ANTHROPIC_MODEL": "claude-sonnet-5-5", "ANTHROPIC_DEFAULT_HAIKU_MODEL": "claude-haiku-5-5"}
+    env = {
+        "ANTHROPIC_BASE_URL": gateway.url,
+        "ANTHROPIC_API_KEY": USER_KEY,
+        "ANTHROPIC_MODEL": "claude-sonnet-5-5",
+        "ANTHROPIC_DEFAULT_HAIKU_MODEL": "claude-haiku-5-5",
+    }
     return run([str(agents.claude), "-p", prompt], home, env)
 
 
-@pytest.fixture
-def vendors(upstream) -> tuple[AnthropicMessagesVendor, CodexResponsesVendor]:
-    messages, responses = AnthropicMessagesVendor(), CodexResponsesVendor()
-    upstream.script("p1", messages)
-    upstream.script("p2", responses)
-    return messages, responses
-
-
-def test_claude_code_prints_its_answer_through_the_gateway_on_a_one_dollar_key_billed_exactly(agents, start_gateway, upstream, vendors, tmp_path):
-    messages_vendor, _ = vendors
+def test_claude_code_prints_its_answer_through_the_gateway_on_a_one_dollar_key_billed_exactly(agents, start_gateway, upstream, agent_vendors, tmp_path):
+    messages_vendor, _ = agent_vendors
     gateway = start_gateway(CONFIG, upstream)
     done = claude(agents, gateway, tmp_path, "Reply with pong.")
     assert done.returncode == 0, done.stderr
@@ -179,8 +176,8 @@ def test_claude_code_prints_its_answer_through_the_gateway_on_a_one_dollar_key_b
     assert Decimal(str(state["remaining_credits"])) == 1 - Decimal(sum(cost for *_, cost in rows)) / 10**9
 
 
-def test_claude_code_context_asks_the_vendor_to_count_and_costs_nothing(agents, start_gateway, upstream, vendors, tmp_path):
-    messages_vendor, _ = vendors
+def test_claude_code_context_asks_the_vendor_to_count_and_costs_nothing(agents, start_gateway, upstream, agent_vendors, tmp_path):
+    messages_vendor, _ = agent_vendors
     gateway = start_gateway(CONFIG, upstream)
     done = claude(agents, gateway, tmp_path, "/context")
     assert done.returncode == 0, done.stderr
@@ -192,8 +189,8 @@ def test_claude_code_context_asks_the_vendor_to_count_and_costs_nothing(agents, 
     assert ledger(gateway) == []
 
 
-def test_codex_exec_works_through_the_gateway_and_is_billed_exactly(agents, start_gateway, upstream, vendors, tmp_path):
-    _, responses_vendor = vendors
+def test_codex_exec_works_through_the_gateway_and_is_billed_exactly(agents, start_gateway, upstream, agent_vendors, tmp_path):
+    _, responses_vendor = agent_vendors
     gateway = start_gateway(CONFIG, upstream)
     codex_home = tmp_path / ".codex"
     codex_home.mkdir()
@@ -212,7 +209,9 @@ def test_codex_exec_works_through_the_gateway_and_is_billed_exactly(agents, star
         supports_websockets = true
         """)
     )
-    done = run([str(agents.codex), "exec", "--skip-git-repo-check", "Reply with pong."], tmp_path, {"TOLLGATE_API_KEY": USER_KEY, "CODEX_HOME": str(codex_home)})
+    done = run(
+        [str(agents.codex), "exec", "--skip-git-repo-check", "Reply with pong."], tmp_path, {"TOLLGATE_API_KEY": USER_KEY, "CODEX_HOME": str(codex_home)}
+    )
     assert done.returncode == 0, done.stderr
     assert responses_vendor.reply in done.stdout
     assert "Reconnecting" not in done.stderr, "Codex fell back from the WebSocket at once"
