@@ -2,9 +2,10 @@
 
 Token-billed requests reserve an estimate (prompt estimate + the request's output-token
 limit, `output_token_limit`, or the configured default plus the thinking budget a translating
-adapter adds for `reasoning_effort`, at the model's prices); count-billed requests reserve one count
-credit. The key's limits (core/limits.py) are checked and held in the same synchronous
-step. Settlement charges what the upstream reported and frees every hold.
+adapter adds for `reasoning_effort`, at the model's prices), the output part capped by the key's
+`max_reserve_completion_tokens`; count-billed requests reserve one count credit. The key's
+limits (core/limits.py) are checked and held in the same synchronous step. Settlement charges
+what the upstream reported, in full even past the reservation, and frees every hold.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from core.errors import GatewayError, bad_request
 from core.ledger import COUNT_CREDITS, Account, InsufficientBalance, Ledger, Reservation, UsageRecord
 from core.limits import Limiter
 from core.metering import ERROR, OK, Outcome
+from core.money_format import count_text, usd_text
 from core.pricing import COUNT, PRICED_BY_UNIT, count_price_json, format_usd
 from core.pricing.book import PriceBook
 from core.proxy import ProxyRequest, new_request_id
@@ -46,12 +48,37 @@ def reported_endpoint(usage: Usage) -> str:
     return sold[0] if sold else "chat/completions"
 
 
-def exhausted(kind: str) -> GatewayError:
-    if kind == COUNT_CREDITS:
-        return GatewayError(
-            402, "insufficient_quota", "count_credits_exhausted", "This API key has no count credits left. Ask the operator to add count credits."
-        )
-    return GatewayError(402, "insufficient_quota", "credit_balance_exhausted", "This API key's credit balance is exhausted. Ask the operator to add credits.")
+def count_credits_exhausted() -> GatewayError:
+    return GatewayError(402, "insufficient_quota", "count_credits_exhausted", "This API key has no count credits left. Ask the operator to add count credits.")
+
+
+def credit_balance_exhausted(key: ApiKey, needed_nanos: int, refusal: InsufficientBalance, estimate: str) -> GatewayError:
+    """The 402 for a balance that cannot hold a request: what it needed reserved (`estimate`
+    says of what) against what the key had, so the holder knows how much to ask for."""
+    balance, held = refusal.balance_nanos, refusal.held_nanos
+    needed, available = _distinct_usd(needed_nanos, max(balance - held, 0))
+    whose = f"this API key's account '{key.account.name}'" if key.billing.owner and key.account is not None else "this API key"
+    details = [f"balance {usd_text(balance)}"] if held or balance < 0 else []
+    if held:
+        details.append(f"{usd_text(held)} held by requests in flight")
+    has = f"{available} available" + (f" ({', '.join(details)})" if details else "")
+    message = f"This request needs up to {needed} reserved{estimate} but {whose} has {has}. Ask the operator to add credits."
+    return GatewayError(402, "insufficient_quota", "credit_balance_exhausted", message)
+
+
+def _distinct_usd(needed_nanos: int, available_nanos: int) -> tuple[str, str]:
+    """Both amounts as pages show them, or to the nano-dollar when rounding would show two
+    different amounts alike (`needs $0.05 but has $0.05`)."""
+    needed, available = usd_text(needed_nanos), usd_text(available_nanos)
+    if needed == available and needed_nanos != available_nanos:
+        return f"${format_usd(needed_nanos)}", f"${format_usd(available_nanos)}"
+    return needed, available
+
+
+def token_estimate_text(model: str, prompt: int, completion: int) -> str:
+    """What a token reservation is made of, for the 402's message."""
+    output = f" + {count_text(completion)} output tokens" if completion else ""
+    return f" (an estimated {count_text(prompt)} prompt tokens{output} at {model}'s prices)"
 
 
 def check_window_open(terms: KeyBilling, now: float, status: int = 403) -> None:
@@ -85,7 +112,7 @@ class BillingMeter:
         check_window_open(terms, now)
         cost_type = prices.cost_type(terms.mode, request.model)
         needs_estimate = key.limits.meters_anything or (cost_type != COUNT and not terms.unlimited_credits)
-        prompt, completion = self._token_estimate(config, request) if needs_estimate else (0, 0)
+        prompt, completion = self._token_estimate(config, key, request) if needs_estimate else (0, 0)
         if cost_type == COUNT:
             nanos, balance_nanos, count = prices.count_price_nanos(request.model), 0, 1
         else:
@@ -99,8 +126,11 @@ class BillingMeter:
             balance_nanos, count = (0 if terms.unlimited_credits else nanos), 0
         try:
             reservation = await self.ledger.admit(key, nanos, balance_nanos, count, prompt + completion, now, request.request_id)
-        except InsufficientBalance as exc:
-            raise exhausted(exc.kind) from None
+        except InsufficientBalance as refusal:
+            if refusal.kind == COUNT_CREDITS:
+                raise count_credits_exhausted() from None
+            estimate = "" if request.endpoint in PRICED_BY_UNIT else token_estimate_text(request.model, prompt, completion)
+            raise credit_balance_exhausted(key, balance_nanos, refusal, estimate) from None
         return BillingTicket(self, key, terms, prices, request, cost_type, reservation)
 
     async def admit_free(self, key: ApiKey, request: ProxyRequest) -> FreeTicket:
@@ -136,13 +166,17 @@ class BillingMeter:
         return ticket.charge(Outcome(provider, upstream, usage, OK))
 
     @staticmethod
-    def _token_estimate(config: Config, request: ProxyRequest) -> tuple[int, int]:
-        """(prompt, completion) tokens this request may use at most, as far as we can tell."""
+    def _token_estimate(config: Config, key: ApiKey, request: ProxyRequest) -> tuple[int, int]:
+        """(prompt, completion) tokens to reserve for: what this request may use at most, as
+        far as we can tell, its output capped by the key's max_reserve_completion_tokens."""
         body = request.body
         completion = 0
         if request.endpoint not in _NO_OUTPUT_TOKENS:
             limit = output_token_limit(request.endpoint, body)
             completion = limit or config.preferences.reserve_completion_tokens + reasoning_budget(request.endpoint, body)
+            cap = key.max_reserve_completion_tokens
+            if cap and completion > cap:  # the rest is charged at settlement if used (README: Billing)
+                completion = cap
         if request.endpoint in PRICED_BY_UNIT:
             images = request.units.images if request.units is not None else 0
             return estimate_media_prompt_tokens(request.endpoint, body), completion * max(images, 1)  # each image its own output

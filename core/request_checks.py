@@ -129,9 +129,10 @@ _MEDIA_CHECKS = {"images/generations": check_image_generation, "audio/speech": c
 
 def output_token_limit(endpoint: str, body: dict[str, Any]) -> int | None:
     """The most output tokens a request lets the model write; None if it sets no limit. One
-    answer for the reservation and for the translators that send the limit on, so what is
-    sent is what was reserved for: messages and completions read `max_tokens` alone (their
-    vendors know no other), chat the larger of `max_tokens` and `max_completion_tokens`."""
+    answer for the reservation (which reserves up to the key's max_reserve_completion_tokens
+    of it) and for the translators that send the limit on: messages and completions read
+    `max_tokens` alone (their vendors know no other), chat the larger of `max_tokens` and
+    `max_completion_tokens`."""
     limit = None
     for name in _LIMIT_FIELDS.get(endpoint, ()):
         value = body.get(name)

@@ -704,7 +704,8 @@ LIMIT_BODIES = {
 def test_a_small_max_completion_tokens_does_not_shrink_the_reservation(start_gateway, path, body):
     # 100,000 output tokens at $1 per million is $0.10: more than the key's $0.01. Messages and
     # completions send max_tokens on and ignore max_completion_tokens; chat reserves the larger.
-    gateway = start_gateway(ECHO_CENT)
+    # No cap (max_reserve_completion_tokens: 0), so the reservation is the limit itself.
+    gateway = start_gateway(ECHO_CENT + "  max_reserve_completion_tokens: 0\n")
     request = {"model": "echo-1", "max_tokens": 100_000, **body}
     assert gateway.http("POST", path, key=TOKEN_KEY, json=request).status_code == 402
     response = gateway.http("POST", path, key=TOKEN_KEY, json={**request, "max_completion_tokens": 1})

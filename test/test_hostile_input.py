@@ -104,7 +104,7 @@ def test_pathological_bodies_get_a_clear_4xx(start_gateway, body):
 
 
 def test_a_huge_max_tokens_is_refused_for_lack_of_credit_not_by_a_crash(start_gateway):
-    gateway = start_gateway(CONFIG)
+    gateway = start_gateway(CONFIG + "  max_reserve_completion_tokens: 0\n")  # no cap: all of it is reserved
     body = {"model": "echo-1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2**31 - 1}  # the largest accepted
     response = gateway.http("POST", "/v1/chat/completions", json=body)
     _assert_well_formed(response)

@@ -21,11 +21,13 @@ from zoneinfo import ZoneInfo
 from core.body_overrides import BodyOverrides, read_body_overrides
 from core.config.billing import (
     BILLING_MODES,
+    DEFAULT_MAX_RESERVE_COMPLETION_TOKENS,
     DEFAULT_RESERVE_COMPLETION_TOKENS,
     KeyBilling,
     read_key_billing,
     read_multiplier,
     read_price_book,
+    read_reserve_cap,
     read_vendor_terms,
 )
 from core.config.discovery import DEFAULT_TIMEOUT as DEFAULT_DISCOVERY_TIMEOUT
@@ -86,10 +88,13 @@ ACCOUNT_PREFERENCE_KEYS = (
 ACCOUNT_ID_PREFIX = "account:"  # an account's ledger id: `account:acme` (no key id has a ':')
 ACCOUNT = "account"  # the role of the stand-in key an account is billed and limited as
 FILE, API = "api.yaml", "api"  # where a key is defined: the operator's file, or the keys API
-KEY_PREFERENCE_KEYS = ("billing_mode", "credits", "count_credits", "created_at", "price_multiplier", *LIMIT_KEYS, "AUTO_RETRY", "SCHEDULING_ALGORITHM")
+KEY_PREFERENCE_KEYS = (
+    "billing_mode", "credits", "count_credits", "created_at", "price_multiplier", "max_reserve_completion_tokens", *LIMIT_KEYS,
+    "AUTO_RETRY", "SCHEDULING_ALGORITHM",
+)  # fmt: skip
 PREFERENCE_KEYS = (
     "SCHEDULING_ALGORITHM", "AUTO_RETRY", "cooldown_period", "model_timeout", "max_request_body_bytes", "model_price", "count_billing",
-    "reserve_completion_tokens", "timezone", "trusted_proxies", "alerts", "max_response_body_bytes", "auth_failure_limit",
+    "reserve_completion_tokens", "max_reserve_completion_tokens", "timezone", "trusted_proxies", "alerts", "max_response_body_bytes", "auth_failure_limit",
     "price_catalog", "price_multiplier", "model_discovery_timeout", "proxy", "metrics",
 )  # fmt: skip
 METRICS_KEYS = ("public", "per_key")
@@ -188,6 +193,8 @@ class ApiKey:
     self_service_keys: bool = False  # an account's stand-in: the account's keys may make and revoke keys in it
     auto_retry: bool | int = True  # its AUTO_RETRY, else the global one (see read_auto_retry)
     scheduling_algorithm: str = "fixed_priority"  # its SCHEDULING_ALGORITHM, else the global one
+    # Its max_reserve_completion_tokens, else the global one (0: no cap), resolved at load.
+    max_reserve_completion_tokens: int = DEFAULT_MAX_RESERVE_COMPLETION_TOKENS
 
     def __post_init__(self) -> None:
         if not self.digest and self.secret is not None:
@@ -215,6 +222,7 @@ class Preferences:
     max_request_body_bytes: int = DEFAULT_MAX_BODY
     prices: PriceBook = field(default_factory=lambda: build_price_book({}, {}, Decimal(0), True))
     reserve_completion_tokens: int = DEFAULT_RESERVE_COMPLETION_TOKENS
+    max_reserve_completion_tokens: int = DEFAULT_MAX_RESERVE_COMPLETION_TOKENS  # 0: no cap
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
     trusted_proxies: tuple[IPNetwork, ...] = ()
     alerts: AlertSettings = field(default_factory=AlertSettings)
@@ -370,6 +378,7 @@ def _read_preferences(section: Section) -> tuple[Preferences, dict[str, Decimal]
         max_request_body_bytes=section.integer("max_request_body_bytes", DEFAULT_MAX_BODY, minimum=1),
         prices=read_price_book(section),
         reserve_completion_tokens=section.integer("reserve_completion_tokens", DEFAULT_RESERVE_COMPLETION_TOKENS),
+        max_reserve_completion_tokens=read_reserve_cap(section, DEFAULT_MAX_RESERVE_COMPLETION_TOKENS),
         timezone=read_timezone(section, "timezone"),
         trusted_proxies=read_networks(section, "trusted_proxies"),
         max_response_body_bytes=section.integer("max_response_body_bytes", DEFAULT_MAX_RESPONSE_BODY, minimum=1),
@@ -840,6 +849,7 @@ def read_key(
         entry={name: value for name, value in section.node.items() if name != "api"},
         auto_retry=read_auto_retry(prefs, preferences.auto_retry),
         scheduling_algorithm=read_scheduling_algorithm(prefs, preferences.scheduling_algorithm),
+        max_reserve_completion_tokens=read_reserve_cap(prefs, preferences.max_reserve_completion_tokens),
     )
 
 

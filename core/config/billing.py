@@ -18,6 +18,10 @@ from core.timeutil import to_unix
 BILLING_MODES = (TOKEN, COUNT, "hybrid")
 UNLIMITED = -1  # credits: -1 in api.yaml, and in the JSON the admin API answers
 DEFAULT_RESERVE_COMPLETION_TOKENS = 1024
+# The most output tokens admission reserves for, whatever limit a request sets: Claude Code asks
+# for 64,000 on every call, which reserved in full refuses a small balance that could pay for the
+# answer. 0: no cap (the full limit is reserved, so a balance never goes below zero by output).
+DEFAULT_MAX_RESERVE_COMPLETION_TOKENS = 8192
 COUNT_BILLING_KEYS = ("enabled", "default_count_price", "model_count_prices")
 UNIT_PRICE_KEYS = ("image_price", "audio_minute_price", "character_price")  # the media endpoints' units
 MODEL_PRICE_KEYS = ("token_price", "count_price", "cache_read_price", "cache_write_price", "reasoning_price", *UNIT_PRICE_KEYS)
@@ -57,6 +61,12 @@ def read_price_book(prefs: Section) -> PriceBook:
         _read_catalog(prefs),
         read_multiplier(prefs),
     )
+
+
+def read_reserve_cap(prefs: Section, default: int) -> int:
+    """`max_reserve_completion_tokens`: the key's own (or the global) cap on the output tokens
+    admission reserves for; 0 is no cap. Null, as every setting here, is the same as unset."""
+    return prefs.integer("max_reserve_completion_tokens", default, minimum=0)
 
 
 def read_vendor_terms(prefs: Section) -> VendorTerms:

@@ -32,9 +32,13 @@ COUNT_CREDITS = "count_credits"
 
 
 class InsufficientBalance(Exception):
-    def __init__(self, kind: str):
+    """The balance cannot hold a request; for USD credit, what it had, for the 402's message."""
+
+    def __init__(self, kind: str, balance_nanos: int = 0, held_nanos: int = 0):
         super().__init__(kind)
         self.kind = kind  # CREDITS or COUNT_CREDITS
+        self.balance_nanos = balance_nanos  # credits + grants - charges (may be below zero)
+        self.held_nanos = held_nanos  # of it, held by requests in flight
 
 
 @dataclass(slots=True)
@@ -133,7 +137,7 @@ def hold(account: Account, terms: KeyBilling, nanos: int, count: int) -> Reserva
         raise InsufficientBalance(COUNT_CREDITS)
     remaining = account.remaining_nanos(terms)
     if remaining is not None and not count and (remaining <= 0 or remaining - holder.reserved_nanos < nanos):
-        raise InsufficientBalance(CREDITS)
+        raise InsufficientBalance(CREDITS, remaining, holder.reserved_nanos)
     holder.reserved_nanos += nanos
     holder.reserved_count += count
     return Reservation(account, nanos, count, holder=holder)

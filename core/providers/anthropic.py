@@ -119,7 +119,7 @@ def with_thinking(out: dict[str, Any], call: UpstreamCall) -> None:
 
     Anthropic's `max_tokens` bounds thinking and answer together, as OpenAI's output limit
     bounds reasoning and answer, and the budget must stay below it. A client's own limit,
-    which admission reserved, is sent unchanged with the budget capped below it (a 400 if that
+    which admission reserved for (up to max_reserve_completion_tokens), is sent unchanged with the budget capped below it (a 400 if that
     leaves less than Anthropic's 1,024). Without one, `max_tokens` is the provider's
     `default_max_tokens` plus the budget, so the answer keeps its usual room; admission
     reserves the budget on top of its default too (request_checks.reasoning_budget).
