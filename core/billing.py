@@ -141,8 +141,11 @@ class BillingMeter:
         check_window_open(key.billing, now)
         try:
             reservation = await self.ledger.admit(key, 0, 0, 0, 0, now, request.request_id)
-        except InsufficientBalance as exc:
-            raise exhausted(exc.kind) from None
+        except InsufficientBalance as refusal:  # nothing to hold, but a key at or below zero makes no requests
+            if refusal.kind == COUNT_CREDITS:
+                raise count_credits_exhausted() from None
+            message = f"This API key's credit balance is exhausted ({usd_text(refusal.balance_nanos)}). Ask the operator to add credits."
+            raise GatewayError(402, "insufficient_quota", "credit_balance_exhausted", message) from None
         return FreeTicket(self, key, reservation)
 
     async def record_external(self, config: Config, key: ApiKey, model: str, usage: Usage, provider: str) -> int:

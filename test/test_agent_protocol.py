@@ -183,3 +183,12 @@ def test_a_websocket_on_responses_is_refused_with_426_so_codex_uses_https_at_onc
             websockets.sync.client.connect(f"ws://127.0.0.1:{gateway.server.port}{path}", additional_headers={"Authorization": f"Bearer {USER_KEY}"})
         assert refused.value.response.status_code == 426
         assert b'"code":"websocket_not_supported"' in refused.value.response.body
+
+
+def test_count_tokens_is_refused_to_a_key_whose_balance_is_exhausted(start_gateway, upstream, agent_vendors):
+    gateway = start_gateway(CONFIG.replace("credits: 10,", "credits: 0,"), upstream)
+    with pytest.raises(anthropic.APIStatusError) as refused:
+        sdk(gateway).messages.count_tokens(model="claude-sonnet-5-5", messages=HELLO)
+    assert refused.value.status_code == 402
+    assert refused.value.body["error"] == {"type": "billing_error", "message": "This API key's credit balance is exhausted ($0.00). Ask the operator to add credits."}
+    assert upstream.seen == []
