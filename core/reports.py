@@ -133,7 +133,7 @@ async def request_log(ledger: Ledger, key_id: str, before: float | None = None, 
     await ledger.flush()
     sql = (
         "SELECT ts, model, provider, prompt_tokens, completion_tokens, cached_tokens, cost_type, cost_nanos, count_charged, status, request_id,"
-        " images, audio_ms, characters FROM usage WHERE key_id = ? AND ts < ? ORDER BY ts DESC LIMIT ?"
+        " images, audio_ms, characters, cache_write_tokens FROM usage WHERE key_id = ? AND ts < ? ORDER BY ts DESC LIMIT ?"
     )
     async with ledger.reader.execute(sql, (key_id, float("inf") if before is None else before, limit)) as cursor:
         names = [d[0] for d in cursor.description]

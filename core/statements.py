@@ -29,6 +29,7 @@ def totals_json(t: Totals) -> dict[str, Any]:
         "prompt_tokens": t.prompt_tokens,
         "completion_tokens": t.completion_tokens,
         "cached_tokens": t.cached_tokens,
+        "cache_write_tokens": t.cache_write_tokens,
         "total_tokens": t.prompt_tokens + t.completion_tokens,
         **units_json(t.images, t.audio_ms, t.characters),
         "cost": usd_json(t.cost_nanos),

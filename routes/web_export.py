@@ -29,7 +29,7 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as
 REQUEST_HEADER = ("time", "request_id", "key_id", "key_name", "model", "provider", "upstream_model", "prompt_tokens", "completion_tokens", "cached_tokens",
                   "cost_type", "unit_prices", "cost_usd", "count_credits", "status", "cache_write_tokens", "reasoning_tokens", *CSV_HEADER)  # fmt: skip
 PROVIDER_HEADER = ("day", "provider", "upstream_model", "requests", "prompt_tokens", "completion_tokens", "cached_tokens",
-                   "vendor_cost_usd", "billed_usd", "margin_usd", "unknown_cost_requests", "errors")  # fmt: skip
+                   "vendor_cost_usd", "billed_usd", "margin_usd", "unknown_cost_requests", "errors", "cache_write_tokens")  # fmt: skip
 SUMMARY_HEADER = (
     "key_id",
     "key_name",
@@ -43,6 +43,7 @@ SUMMARY_HEADER = (
     "count_credits",
     "errors",
     *CSV_HEADER,  # the media units, after the columns older files have
+    "cache_write_tokens",  # added later still
 )
 
 
@@ -150,10 +151,10 @@ async def keys_csv(request: Request) -> StreamingResponse:
         for key in config.keys:
             t = totals.get((key.id,))
             if t is None:
-                yield (key.id, text_cell(key.name), key.masked, effective_mode(config, key), 0, 0, 0, 0, "0", 0, 0, *units_csv(0, 0, 0))
+                yield (key.id, text_cell(key.name), key.masked, effective_mode(config, key), 0, 0, 0, 0, "0", 0, 0, *units_csv(0, 0, 0), 0)
             else:
                 yield (key.id, text_cell(key.name), key.masked, effective_mode(config, key), t.requests, t.prompt_tokens, t.completion_tokens, t.cached_tokens,
-                       format_usd(t.cost_nanos), t.count_charged, t.errors, *units_csv(t.images, t.audio_ms, t.characters))  # fmt: skip
+                       format_usd(t.cost_nanos), t.count_charged, t.errors, *units_csv(t.images, t.audio_ms, t.characters), t.cache_write_tokens)  # fmt: skip
 
     return download(csv_stream(SUMMARY_HEADER, rows()), f"keys_{label}.csv")
 
@@ -175,7 +176,7 @@ async def providers_csv(request: Request) -> StreamingResponse:
             known = t.cost_known
             yield (day, text_cell(provider), text_cell(model), t.requests, t.prompt_tokens, t.completion_tokens, t.cached_tokens,
                    format_usd(t.vendor_cost_nanos) if known else "", format_usd(t.billed_nanos), format_usd(t.margin_nanos) if known else "",
-                   t.unknown_cost, t.errors)  # fmt: skip
+                   t.unknown_cost, t.errors, t.cache_write_tokens)  # fmt: skip
 
     return download(csv_stream(PROVIDER_HEADER, rows()), f"providers_{start.isoformat()}_{end.isoformat()}.csv")
 

@@ -20,7 +20,7 @@ from core.vendors.states import ProviderState, ProviderTotals, daily_provider_se
 from routes._http import current_config
 from routes._pages import render
 from routes._web_auth import admin_visitor
-from routes.web_views import alert_rows, cost_chart, percent, use_level
+from routes.web_views import alert_rows, cache_text, cost_chart, percent, use_level
 
 CHART_DAYS = 30
 FIRST_MONTH = "1970-01"  # the first month `?month=` takes
@@ -108,7 +108,7 @@ def _model_row(model: str, totals: ProviderTotals) -> dict[str, Any]:
     tokens = f"{count_text(totals.prompt_tokens)} / {count_text(totals.completion_tokens)}"
     return {
         "model": model,
-        "tokens": tokens + (f" ({count_text(totals.cached_tokens)} cached)" if totals.cached_tokens else ""),
+        "tokens": tokens + cache_text(totals.cached_tokens, totals.cache_write_tokens),
         "errors": totals.errors,
         **money_cells(totals),
     }

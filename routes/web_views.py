@@ -290,6 +290,7 @@ def breakdown_rows(totals: dict[tuple[str, ...], Totals]) -> list[dict[str, Any]
             "prompt_tokens": t.prompt_tokens,
             "completion_tokens": t.completion_tokens,
             "cached_tokens": t.cached_tokens,
+            "cache_write_tokens": t.cache_write_tokens,
             "units": units_text(t.images, t.audio_ms, t.characters),
             "cost": t.cost_nanos,
             "count_credits": t.count_charged,
@@ -306,6 +307,13 @@ def units_total(totals: dict[tuple[str, ...], Totals]) -> str:
     return units_text(total.images, total.audio_ms, total.characters)
 
 
+def cache_text(read: int, written: int) -> str:
+    """The cache's part of a prompt, after its token counts: " (1,000 cached, 100 cache
+    writes)", only the parts that are not zero ("" when neither is)."""
+    parts = [f"{count_text(count)} {what}" for count, what in ((read, "cached"), (written, "cache writes")) if count]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def log_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
@@ -313,7 +321,7 @@ def log_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "model": row["model"],
             "provider": row["provider"] or "—",
             "tokens": f"{count_text(row['prompt_tokens'])} / {count_text(row['completion_tokens'])}"
-            + (f" ({count_text(row['cached_tokens'])} cached)" if row["cached_tokens"] else ""),
+            + cache_text(row["cached_tokens"], row["cache_write_tokens"]),
             "units": units_text(row["images"], row["audio_ms"], row["characters"]),
             "cost": usd_text(row["cost_nanos"]) + (" · 1 credit" if row["count_charged"] else ""),
             "status": row["status"],

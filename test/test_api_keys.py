@@ -554,3 +554,45 @@ def test_list_filters_by_name_and_pages(gateway: RunningGateway) -> None:
     assert [(page["limit"], page["offset"], page["total"], len(page["data"])) for page in pages] == [(3, 0, 7, 3), (3, 3, 7, 3), (3, 6, 7, 1)]
     paged_ids = [key["id"] for page in pages for key in page["data"]]
     assert paged_ids == [key["id"] for key in everything["data"]]
+
+
+# 12. what the states show
+
+
+def test_key_states_show_the_cache_writes_anthropic_reports_beside_the_cache_reads(start_gateway: StartGateway, upstream: FakeUpstream) -> None:
+    """Claude Code's prompt caching through /v1/messages: each answer reports 1,000 cache reads
+    and 100 cache writes (`cache_creation_input_tokens`); the key's state, its usage and the
+    provider's state count both, per model."""
+    import anthropic
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+
+    from test.test_anthropic import CONFIG as ANTHROPIC_CONFIG
+    from test.test_anthropic import MESSAGE
+
+    async def anthropic_vendor(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse(MESSAGE)
+
+    upstream.script("p1", anthropic_vendor)
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    client = anthropic.Anthropic(base_url=gateway.url, api_key=USER_KEY, max_retries=0)
+    for _ in range(2):
+        client.messages.create(model="claude-sonnet", max_tokens=100, messages=[{"role": "user", "content": "Weather in Paris?"}])
+    cache = {"prompt_tokens": 2250, "cached_tokens": 2000, "cache_write_tokens": 200}
+
+    def figures(row: dict[str, Any]) -> dict[str, Any]:
+        return {name: row[name] for name in cache}
+
+    response = gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY)
+    assert response.status_code == 200, response.text
+    (detail,) = response.json()["api_keys_states"][USER_KEY]["cost_details"]["billing_details"]
+    assert (detail["model"], figures(detail)) == ("claude-sonnet", cache)
+    (stats,) = gateway.http("GET", f"/v1/token_usage?api_key_param={USER_KEY}&last_n_days=1", key=ADMIN_KEY).json()["stats"]
+    assert [figures(row) for row in stats["usage"]] == [cache]
+    assert figures(gateway.http("GET", "/v1/usage").json()["totals"]) == cache
+    assert [figures(row) for row in gateway.http("GET", "/v1/usage/models?period=all").json()["data"]] == [cache]
+    year, month = time.gmtime()[:2]
+    bill = gateway.http("GET", f"/v1/billing/bill/{year}/{month:02d}").json()
+    assert figures(bill["totals"]) == cache and [figures(row) for row in bill["line_items"]] == [cache]
+    (provider,) = gateway.http("GET", "/v1/providers_states", key=ADMIN_KEY).json()["providers"]
+    assert [figures(row) for row in provider["models"]] == [cache]

@@ -93,6 +93,7 @@ def test_token_key_is_charged_the_reported_usage(start_gateway, upstream):
         "prompt_tokens": 11,
         "completion_tokens": 7,
         "cached_tokens": 0,
+        "cache_write_tokens": 0,
         "total_tokens": 18,
         "count_credits_used": 0,
     }

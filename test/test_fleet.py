@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import os
@@ -914,6 +915,68 @@ def test_media_units_read_from_postgresql_as_from_sqlite(fleet):
     tab = browser.get("/admin/keys").text  # usage_key_day
     assert all(f">{part}<" in tab for part in ("3 images", "12.5 min audio", "2,000 characters"))
     fleet.assert_balances_equal_ledger_sums()
+
+
+ANTHROPIC_TEXT = (
+    "providers:\n  - provider: p1\n    engine: anthropic\n    base_url: {upstream}\n    api: k\n    model: [claude-sonnet]\n"
+    f"api_keys:\n  - api: {ADMIN}\n    role: admin\n  - api: {KEY}\n    name: fleet-user\n    preferences: {{credits: 10}}\n"
+    "preferences:\n  model_price: {default: '1000,2000'}\n"
+)
+
+
+def test_cache_writes_from_before_schema_9_and_after_read_from_postgresql_as_from_sqlite(fleet):
+    """A fleet ledger left at schema 8 holds a charge with 70 cache writes that its rollups could
+    not sum; upgraded, it is summed in from its row, and a /v1/messages call through one instance
+    (Anthropic reports 100 cache writes) is added by the settlement: another instance reads both."""
+    import anthropic
+    import asyncpg
+    from starlette.responses import JSONResponse
+
+    from core.config import ledger_id
+    from core.ledger.postgres_schema import MIGRATIONS
+    from core.ledger.rollups import _PG_GROUPS, ROLLUPS
+    from test.test_anthropic import MESSAGE
+
+    async def anthropic_vendor(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse(MESSAGE)
+
+    async def schema_8() -> None:
+        conn = await asyncpg.connect(fleet.database)
+        try:
+            async with conn.transaction():
+                for version in range(1, 9):
+                    await conn.execute(MIGRATIONS[version])
+                await conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (8)")
+                await conn.execute(
+                    "INSERT INTO usage (request_id, ts, key_id, key_name, model, provider, upstream_model, prompt_tokens, completion_tokens,"
+                    " cached_tokens, cost_type, unit_prices, cost_nanos, count_charged, status, cache_write_tokens) VALUES ('r-old', $1, $2,"
+                    " 'fleet-user', 'claude-sonnet', 'p1', 'claude-sonnet', 200, 5, 50, 'token', '{}', 1000, 0, 'ok', 70)",
+                    time.time() - 60,
+                    ledger_id(KEY),
+                )
+                for rollup in ROLLUPS:  # as schema 8's instances summed it: without the cache writes
+                    before = dataclasses.replace(rollup, values=tuple(v for v in rollup.values if v != "cache_write_tokens"))
+                    await conn.execute("WITH new AS (SELECT * FROM usage) " + before.pg_upsert("new"))
+        finally:
+            await conn.close()
+
+    fleet.upstream.script("p1", anthropic_vendor)
+    asyncio.run(schema_8())
+    first, second = fleet.start("", count=2, text=ANTHROPIC_TEXT)
+    client = anthropic.Anthropic(base_url=first.url, api_key=KEY, max_retries=0)
+    client.messages.create(model="claude-sonnet", max_tokens=100, messages=[{"role": "user", "content": "Weather in Paris?"}])
+    first.get("/v1/api_keys_states")  # flushes the first instance's charge
+    (detail,) = second.state()["cost_details"]["billing_details"]
+    assert (detail["cached_tokens"], detail["cache_write_tokens"]) == (1050, 170)
+    (provider,) = [p for p in second.get("/v1/providers_states").json()["providers"] if p["provider"] == "p1"]
+    assert [(m["cached_tokens"], m["cache_write_tokens"]) for m in provider["models"]] == [(1050, 170)]
+    for rollup in ROLLUPS:
+        if "cache_write_tokens" in rollup.values:
+            keys, groups = ", ".join(rollup.keys), ", ".join(_PG_GROUPS[key] for key in rollup.keys)
+            raw = fleet.sql(
+                f"SELECT {groups}, SUM(cache_write_tokens) FROM usage {f'WHERE {rollup.only}' if rollup.only else ''} GROUP BY {groups} ORDER BY {groups}"
+            )
+            assert fleet.sql(f"SELECT {keys}, cache_write_tokens FROM {rollup.table} ORDER BY {keys}") == raw, rollup.table
 
 
 VENDOR_TEXT = (

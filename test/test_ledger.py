@@ -267,7 +267,16 @@ def test_migrating_a_version_1_database_backfills_the_rollup(tmp_path, caplog):
     assert len(migrating) == SCHEMA_VERSION - 1  # an existing ledger says what each step is doing
 
 
-@pytest.mark.parametrize("version", [*range(1, 7), 13])
+def rollups_before_schema_15() -> list[str]:
+    """The rollup upserts as the gateway wrote them before cache writes were summed (schemas 12 to 14)."""
+    from dataclasses import replace
+
+    from core.ledger.rollups import ROLLUPS
+
+    return [replace(rollup, values=tuple(v for v in rollup.values if v != "cache_write_tokens")).sql for rollup in ROLLUPS]
+
+
+@pytest.mark.parametrize("version", [*range(1, 7), 13, 14])
 def test_every_earlier_schema_version_migrates_and_keeps_its_money(tmp_path, version):
     """A ledger left at each earlier schema version, with charges and a top-up, opens at the
     current version with the same balance, rollups that match the rows, and an audit log."""
@@ -285,12 +294,10 @@ def test_every_earlier_schema_version_migrates_and_keeps_its_money(tmp_path, ver
             " cached_tokens, cost_type, unit_prices, cost_nanos, count_charged, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
-        if version >= 12:  # today's rollups but the vendor side's: as that version's gateway wrote them
-            from core.ledger.rollups import ROLLUPS
-
-            for rollup in ROLLUPS:
-                if rollup.table != "usage_provider_slot":
-                    db.execute(rollup.sql, (0,))
+        if version >= 12:  # today's rollups but cache writes (and before 14 the vendor side's): as that version's gateway wrote them
+            for sql in rollups_before_schema_15():
+                if version >= 14 or "usage_provider_slot" not in sql:
+                    db.execute(sql, (0,))
         elif version >= 2:  # the rollups existed: keep them in step, as that version's gateway did
             db.execute("DELETE FROM usage_daily")
             db.execute(
@@ -316,6 +323,76 @@ def test_every_earlier_schema_version_migrates_and_keeps_its_money(tmp_path, ver
         vendor_side = "SELECT SUM(requests), SUM(cost_nanos), SUM(vendor_cost_nanos), SUM(unknown_cost), SUM(priced_billed_nanos) FROM usage_provider_slot"
         assert db.execute(vendor_side).fetchone() == (6, 18_000_000, 0, 6, 0)
         assert db.execute("SELECT COUNT(*) FROM usage WHERE vendor_cost_nanos IS NULL AND vendor_unit_prices = ''").fetchone() == (6,)
+
+
+def _rollup_cache_writes(db: sqlite3.Connection) -> dict[str, tuple[list[tuple], list[tuple]]]:
+    """Per rollup: its groups' cache writes, and the same summed from the raw rows."""
+    from core.ledger.rollups import _GROUPS, ROLLUPS
+
+    found = {}
+    for rollup in ROLLUPS:
+        if "cache_write_tokens" in rollup.values:
+            keys, groups = ", ".join(rollup.keys), ", ".join(_GROUPS[key] for key in rollup.keys)
+            where = f"WHERE {rollup.only}" if rollup.only else ""
+            summed = db.execute(f"SELECT {keys}, cache_write_tokens FROM {rollup.table} ORDER BY {keys}").fetchall()
+            raw = db.execute(f"SELECT {groups}, SUM(cache_write_tokens) FROM usage {where} GROUP BY {groups} ORDER BY {groups}").fetchall()
+            found[rollup.table] = (summed, raw)
+    return found
+
+
+def test_cache_writes_recorded_before_schema_15_are_summed_into_every_rollup_with_later_ones(tmp_path):
+    """Schema 15 gave the rollups a column for cache writes: the charges written before it are
+    summed in from their rows at the upgrade, and the totals the pages and the API read hold
+    them with the charges written after it, over whole days and the raw rows at a window's edges."""
+    from core.ledger.sqlite_schema import MIGRATIONS, _statements
+    from core.ledger.sums import DAY, Window, account_totals
+
+    base = 1_700_000_000.0 - (1_700_000_000 % DAY)  # a UTC midnight
+    team = "account:team"
+
+    def charge(request_id: str, ts: float, key_id: str, model: str, cache_writes: int, account_id: str = "") -> UsageRecord:
+        return UsageRecord(
+            request_id, ts, key_id, "n", model, f"p-{model}", f"up-{model}", 500, 10, 100, "token", "{}", 1000, 0, "ok", cache_writes, 0, account_id
+        )
+
+    old = [
+        charge("r0", base + 10, "k", "m", 300),
+        charge("r1", base + DAY + 10, "k", "m", 40, team),
+        charge("r2", base + DAY + 20, "k", "m2", 5),
+        charge("r3", base + 2 * DAY + 5, "k", "m", 0),
+        charge("r4", base + 30, "k2", "m", 7, team),
+    ]
+    path = tmp_path / "v14.db"
+    with sqlite3.connect(path, isolation_level=None) as db:
+        for step in range(1, 15):
+            for statement in _statements(MIGRATIONS[step]):
+                db.execute(statement)
+        db.execute("PRAGMA user_version = 14")
+        db.executemany(f"INSERT INTO usage ({', '.join(UsageRecord._fields)}) VALUES ({', '.join('?' for _ in UsageRecord._fields)})", old)
+        for sql in rollups_before_schema_15():
+            db.execute(sql, (0,))
+
+    async def scenario():
+        ledger = await SqliteLedger.open(path)
+        try:
+            ledger.settle(await ledger.reserve("k", KeyBilling(credits_nanos=10**9), 0, 0), charge("r5", base + 2 * DAY + 50, "k", "m", 1000, team))
+            all_time = await ledger.totals([Window("k", 0), Window("k2", 0)])
+            by_model = await ledger.totals([Window("k", 0)], by_model=True)
+            edges = await ledger.totals([Window("k", base + 20, base + 2 * DAY + 60)])  # r0 out; r1, r2 (a whole day), r3, r5 in
+            accounts = await account_totals(ledger.reader, [Window(team, 0)])
+            return all_time, by_model, edges, accounts
+        finally:
+            await ledger.close()
+
+    all_time, by_model, edges, accounts = asyncio.run(scenario())
+    assert (all_time[("k",)].cache_write_tokens, all_time[("k2",)].cache_write_tokens) == (1345, 7)
+    assert all_time[("k",)].cached_tokens == 500  # beside the cache reads, which stay as they were
+    assert {model: t.cache_write_tokens for (_, model, _), t in by_model.items()} == {"m": 1340, "m2": 5}
+    assert edges[("k",)].cache_write_tokens == 1045
+    assert accounts[(team,)].cache_write_tokens == 1047
+    with sqlite3.connect(path) as db:
+        for table, (summed, raw) in _rollup_cache_writes(db).items():
+            assert summed == raw and any(row[-1] for row in summed), table
 
 
 def test_stored_responses_are_written_in_batches_kept_across_restarts_and_pruned_after_30_days(tmp_path):

@@ -111,6 +111,47 @@ def test_tool_use_round_trip_through_an_openai_format_provider(start_gateway, up
     assert json.loads(json.dumps(upstream.seen[-1].body["messages"][1]["tool_calls"][0]["function"]["arguments"])) == '{"location": "Paris"}'
 
 
+# Claude Code sends reminders mid-conversation as messages of role "system".
+MID_SYSTEM = [
+    {"role": "user", "content": "Fix the bug."},
+    {"role": "assistant", "content": "Looking at it."},
+    {"role": "system", "content": [{"type": "text", "text": "The user changed main.py."}]},
+    {"role": "user", "content": "Go on."},
+]
+
+
+def test_a_mid_conversation_system_message_stays_a_system_message_at_its_place(start_gateway, upstream):
+    gateway = start_gateway(OPENAI_FORMAT, upstream)
+    message = sdk(gateway).messages.create(model="gpt-4o", max_tokens=100, system="Be brief.", messages=MID_SYSTEM)
+    assert message.content[0].text == "Hello from upstream"
+    assert upstream.seen[-1].body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Fix the bug."},
+        {"role": "assistant", "content": "Looking at it."},
+        {"role": "system", "content": "The user changed main.py."},
+        {"role": "user", "content": "Go on."},
+    ]
+
+
+def test_a_mid_conversation_system_message_reaches_gemini_as_its_system_instruction(start_gateway, upstream):
+    from test.test_gemini import RESPONSE
+
+    async def gemini(body: dict[str, Any], request: Request) -> Response:
+        return JSONResponse(RESPONSE)
+
+    upstream.script("p1", gemini)
+    gateway = start_gateway(GEMINI_CONFIG, upstream)
+    response = gateway.http("POST", "/v1/messages", json={"model": "flash", "max_tokens": 100, "system": "Be brief.", "messages": MID_SYSTEM})
+    assert response.status_code == 200, response.text
+    sent = upstream.seen[-1].body
+    assert sent["systemInstruction"] == {"parts": [{"text": "Be brief.\n\nThe user changed main.py."}]}
+    assert [(c["role"], [p["text"] for p in c["parts"]]) for c in sent["contents"]] == [
+        ("user", ["Fix the bug."]),
+        ("model", ["Looking at it."]),
+        ("user", ["Go on."]),
+    ]
+
+
 def test_errors_on_messages_are_anthropic_shaped(start_gateway):
     gateway = start_gateway(ECHO)
     with pytest.raises(anthropic.NotFoundError) as caught:

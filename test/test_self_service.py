@@ -60,7 +60,15 @@ def test_usage_shows_balances_quota_limits_and_totals(gateway_and_clock):
     assert limits["rate_limit"]["used"] == 2 and limits["rate_limit"]["limit"] == 100 and 0 < limits["rate_limit"]["reset_seconds"] <= 60
     assert limits["concurrency_limit"] == {"name": "concurrency_limit", "limit": 4, "used": 0, "remaining": 4}
     assert limits["daily_cost_limit"]["used"] == pytest.approx(0.04) and limits["daily_cost_limit"]["window_end"] == "2026-02-21T00:00:00+00:00"
-    assert usage["totals"] == {"requests": 2, "prompt_tokens": 20, "completion_tokens": 10, "cached_tokens": 0, "total_tokens": 30, "cost": 0.04}
+    assert usage["totals"] == {
+        "requests": 2,
+        "prompt_tokens": 20,
+        "completion_tokens": 10,
+        "cached_tokens": 0,
+        "cache_write_tokens": 0,
+        "total_tokens": 30,
+        "cost": 0.04,
+    }
     assert usage["expires_at"] == "2027-01-01T00:00:00+00:00"
 
 

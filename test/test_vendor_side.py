@@ -140,6 +140,7 @@ def test_providers_states_are_exact_to_the_nanodollar(start_gateway, upstream):
             "prompt_tokens": 33,
             "completion_tokens": 21,
             "cached_tokens": 0,
+            "cache_write_tokens": 0,
             "cost": usd(3 * P1_COST),
             "billed": usd(3 * BILLED),
             "margin": usd(3 * (BILLED - P1_COST)),

@@ -17,6 +17,7 @@ import pytest
 from core.keys.index import mask_key
 from core.money_format import usd_text
 from test.conftest import ADMIN_KEY
+from test.conftest import USER_KEY as CONFTEST_USER_KEY
 
 USER_KEY = "sk-web-user-0001"
 OTHER_KEY = "sk-web-other-0002"
@@ -1084,7 +1085,7 @@ def test_csv_exports_end_with_the_media_units(units_web):
     units = {row[4]: row[17:] for row in rows}
     assert units == {"echo-1": ["0", "0", "0"], "dall-e-3": ["3", "0", "0"], "whisper-1": ["0", "12.5", "0"], "tts-1": ["0", "0", "2000"]}
     summary = {row["key_name"]: row for row in csv.DictReader(io.StringIO(browser.get("/admin/export/keys.csv").text))}
-    assert list(summary["alice"])[-3:] == ["images", "audio_minutes", "characters"]
+    assert list(summary["alice"])[-4:] == ["images", "audio_minutes", "characters", "cache_write_tokens"]  # added after the units
     assert [summary["alice"][name] for name in ("images", "audio_minutes", "characters")] == ["3", "12.5", "2000"]
     assert [summary["bob"][name] for name in ("images", "audio_minutes", "characters")] == ["0", "0", "0"]
     own = Browser(gateway.url)
@@ -1111,6 +1112,47 @@ def test_billing_tab_and_key_pages_show_the_media_units_next_to_the_tokens(units
             assert shown in by_model and shown in log
     plain = page_text(browser.get(f"/admin/keys/{key_id(OTHER_KEY)}").text)
     assert not any(word in plain for word in ("image", "min audio", "character"))
+
+
+def test_pages_and_csv_exports_show_cache_writes_beside_the_cache_reads(start_gateway, upstream):
+    """Two /v1/messages calls (as Claude Code makes them) to Anthropic, each reporting 1,000
+    cache reads and 100 cache writes: the key's pages, the Providers page and the exports show
+    the cache writes wherever they show the cache reads."""
+    import anthropic
+    from starlette.responses import JSONResponse
+
+    from test.test_anthropic import CONFIG as ANTHROPIC_CONFIG
+    from test.test_anthropic import MESSAGE
+
+    async def anthropic_vendor(body, request):
+        return JSONResponse(MESSAGE)
+
+    upstream.script("p1", anthropic_vendor)
+    gateway = start_gateway(ANTHROPIC_CONFIG, upstream)
+    client = anthropic.Anthropic(base_url=gateway.url, api_key=CONFTEST_USER_KEY, max_retries=0)
+    for _ in range(2):
+        client.messages.create(model="claude-sonnet", max_tokens=100, messages=[{"role": "user", "content": "Weather in Paris?"}])
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    holder = Browser(gateway.url)
+    holder.login(CONFTEST_USER_KEY)
+    for page in (browser.get(f"/admin/keys/{key_id(CONFTEST_USER_KEY)}").text, holder.get("/usage").text):
+        by_model = page.split("<h2>By model</h2>")[1].split("</table>")[0]
+        header = re.findall(r"<th[^>]*>([^<]*)</th>", by_model)
+        cells = re.findall(r"<td[^>]*>([^<]*)</td>", by_model)
+        assert dict(zip(header, cells, strict=False))["Cached"] == "2,000"
+        assert dict(zip(header, cells, strict=False))["Cache writes"] == "200"
+        log = page_text(page.split("<h2>Recent requests</h2>")[1].split("</table>")[0])
+        assert log.count("1,125 / 15 (1,000 cached, 100 cache writes)") == 2
+    providers = page_text(browser.get("/admin/providers").text.split('<tr data-model="claude-3-5-sonnet-20241022">')[1].split("</tr>")[0])
+    assert "2,250 / 30 (2,000 cached, 200 cache writes)" in providers
+    requests = list(csv.DictReader(io.StringIO(browser.get("/admin/export/requests.csv").text)))
+    assert [(row["cached_tokens"], row["cache_write_tokens"]) for row in requests] == [("1000", "100")] * 2
+    keys = {row["key_id"]: row for row in csv.DictReader(io.StringIO(browser.get("/admin/export/keys.csv").text))}
+    assert (keys[key_id(CONFTEST_USER_KEY)]["cached_tokens"], keys[key_id(CONFTEST_USER_KEY)]["cache_write_tokens"]) == ("2000", "200")
+    assert keys[key_id(ADMIN_KEY)]["cache_write_tokens"] == "0"
+    (vendor,) = csv.DictReader(io.StringIO(browser.get("/admin/export/providers.csv").text))
+    assert (vendor["cached_tokens"], vendor["cache_write_tokens"]) == ("2000", "200")
 
 
 def test_audit_log_tells_the_media_units_a_usage_report_billed(units_web):

@@ -87,6 +87,7 @@ def model_row(model: str, cost_type: str, totals: Totals) -> dict[str, Any]:
         "prompt_tokens": totals.prompt_tokens,
         "completion_tokens": totals.completion_tokens,
         "cached_tokens": totals.cached_tokens,
+        "cache_write_tokens": totals.cache_write_tokens,
         "total_tokens": totals.prompt_tokens + totals.completion_tokens,
         **units_json(totals.images, totals.audio_ms, totals.characters),
         "count_credits_used": totals.count_charged if cost_type == COUNT else 0,

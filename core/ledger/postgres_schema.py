@@ -360,6 +360,33 @@ MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (provider, since, period_end)
     );
     """,
+    # Cache writes summed in the rollups beside the cache reads, as in SQLite's schema 15.
+    9: """
+    ALTER TABLE usage_daily ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_day ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_model ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_account_day ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_provider_slot ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0;
+    CREATE TEMP TABLE cache_writes ON COMMIT DROP AS
+        SELECT key_id, account_id, to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, model, cost_type, provider,
+               (floor(ts / 900) * 900)::int8 AS slot, upstream_model, cache_write_tokens AS n
+        FROM usage WHERE cache_write_tokens > 0;
+    UPDATE usage_daily d SET cache_write_tokens = w.n
+        FROM (SELECT key_id, day, model, cost_type, SUM(n) AS n FROM cache_writes GROUP BY 1, 2, 3, 4) AS w
+        WHERE d.key_id = w.key_id AND d.day = w.day AND d.model = w.model AND d.cost_type = w.cost_type;
+    UPDATE usage_key_day d SET cache_write_tokens = w.n
+        FROM (SELECT key_id, day, SUM(n) AS n FROM cache_writes GROUP BY 1, 2) AS w
+        WHERE d.key_id = w.key_id AND d.day = w.day;
+    UPDATE usage_key_model m SET cache_write_tokens = w.n
+        FROM (SELECT key_id, model, cost_type, SUM(n) AS n FROM cache_writes GROUP BY 1, 2, 3) AS w
+        WHERE m.key_id = w.key_id AND m.model = w.model AND m.cost_type = w.cost_type;
+    UPDATE usage_account_day d SET cache_write_tokens = w.n
+        FROM (SELECT account_id, day, SUM(n) AS n FROM cache_writes WHERE account_id <> '' GROUP BY 1, 2) AS w
+        WHERE d.account_id = w.account_id AND d.day = w.day;
+    UPDATE usage_provider_slot s SET cache_write_tokens = w.n
+        FROM (SELECT provider, slot, upstream_model, SUM(n) AS n FROM cache_writes WHERE provider <> '' GROUP BY 1, 2, 3) AS w
+        WHERE s.provider = w.provider AND s.slot = w.slot AND s.upstream_model = w.upstream_model;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -30,6 +30,7 @@ _MEASURES = {
     "prompt_tokens": "SUM(prompt_tokens)",
     "completion_tokens": "SUM(completion_tokens)",
     "cached_tokens": "SUM(cached_tokens)",
+    "cache_write_tokens": "SUM(cache_write_tokens)",
     "cost_nanos": "SUM(cost_nanos)",
     "token_cost_nanos": "SUM(CASE WHEN cost_type = 'token' THEN cost_nanos ELSE 0 END)",
     "count_charged": "SUM(count_charged)",
@@ -84,7 +85,7 @@ class Rollup:
         )
 
 
-_TOKENS = ("prompt_tokens", "completion_tokens", "cached_tokens")
+_TOKENS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens")
 UNITS = ("images", "audio_ms", "characters")  # the media endpoints' units (core/usage.py)
 ROLLUPS = (
     Rollup("usage_daily", ("key_id", "day", "model", "cost_type"), ("requests", *_TOKENS, "cost_nanos", "count_charged", "errors", *UNITS)),

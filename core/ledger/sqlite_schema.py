@@ -257,6 +257,36 @@ MIGRATIONS: dict[int, str] = {
                SUM(cost_nanos), 0, COUNT(*), 0, SUM(status = 'error')
         FROM usage WHERE provider <> '' GROUP BY 1, 2, 3;
     """,
+    # Cache writes (Anthropic's cache_creation_input_tokens) summed in the rollups beside the
+    # cache reads, so pages and the API show them; earlier rows are summed in from `usage`,
+    # read once: only the rows with cache writes are gathered, then added to each rollup.
+    15: """
+    ALTER TABLE usage_daily ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_day ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_key_model ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_account_day ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_provider_slot ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
+    CREATE TEMP TABLE cache_writes AS
+        SELECT key_id, account_id, strftime('%Y-%m-%d', ts, 'unixepoch') AS day, model, cost_type, provider,
+               CAST(ts / 900 AS INTEGER) * 900 AS slot, upstream_model, cache_write_tokens AS n
+        FROM usage WHERE cache_write_tokens > 0;
+    UPDATE usage_daily SET cache_write_tokens = w.n
+        FROM (SELECT key_id, day, model, cost_type, SUM(n) AS n FROM cache_writes GROUP BY 1, 2, 3, 4) AS w
+        WHERE usage_daily.key_id = w.key_id AND usage_daily.day = w.day AND usage_daily.model = w.model AND usage_daily.cost_type = w.cost_type;
+    UPDATE usage_key_day SET cache_write_tokens = w.n
+        FROM (SELECT key_id, day, SUM(n) AS n FROM cache_writes GROUP BY 1, 2) AS w
+        WHERE usage_key_day.key_id = w.key_id AND usage_key_day.day = w.day;
+    UPDATE usage_key_model SET cache_write_tokens = w.n
+        FROM (SELECT key_id, model, cost_type, SUM(n) AS n FROM cache_writes GROUP BY 1, 2, 3) AS w
+        WHERE usage_key_model.key_id = w.key_id AND usage_key_model.model = w.model AND usage_key_model.cost_type = w.cost_type;
+    UPDATE usage_account_day SET cache_write_tokens = w.n
+        FROM (SELECT account_id, day, SUM(n) AS n FROM cache_writes WHERE account_id <> '' GROUP BY 1, 2) AS w
+        WHERE usage_account_day.account_id = w.account_id AND usage_account_day.day = w.day;
+    UPDATE usage_provider_slot SET cache_write_tokens = w.n
+        FROM (SELECT provider, slot, upstream_model, SUM(n) AS n FROM cache_writes WHERE provider <> '' GROUP BY 1, 2, 3) AS w
+        WHERE usage_provider_slot.provider = w.provider AND usage_provider_slot.slot = w.slot AND usage_provider_slot.upstream_model = w.upstream_model;
+    DROP TABLE cache_writes;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -43,6 +43,7 @@ class Totals:
     images: int = 0  # the media endpoints' units (core/usage.py Usage)
     audio_ms: int = 0
     characters: int = 0
+    cache_write_tokens: int = 0  # last: the column added after the others (schema 15)
 
     def add(self, row: Sequence[int]) -> None:
         """Add a row of sums in the order of _COLUMNS (the order of the fields)."""
@@ -57,6 +58,7 @@ class Totals:
         self.images += row[8]
         self.audio_ms += row[9]
         self.characters += row[10]
+        self.cache_write_tokens += row[11]
 
     def merge(self, other: Totals) -> None:
         """Add another's totals (per model and cost type into per model, or into one)."""
@@ -75,15 +77,15 @@ def _split(window: Window) -> tuple[Any, ...]:
 
 
 # Columns in the order of Totals.add, for a table aliased {t}: requests and errors differ
-# between raw rows (one request each) and rollups (a count).
-_UNITS = ", SUM({t}.images), SUM({t}.audio_ms), SUM({t}.characters)"
+# between raw rows (one request each) and rollups (a count). The media units, then cache writes.
+_ADDED_LATER = ", SUM({t}.images), SUM({t}.audio_ms), SUM({t}.characters), SUM({t}.cache_write_tokens)"
 _COLUMNS = (
     "SUM({requests}), SUM({t}.prompt_tokens), SUM({t}.completion_tokens), SUM({t}.cached_tokens), SUM({t}.cost_nanos),"
-    " COALESCE(SUM(CASE WHEN {t}.cost_type = 'token' THEN {t}.cost_nanos END), 0), SUM({t}.count_charged), SUM({errors})" + _UNITS
+    " COALESCE(SUM(CASE WHEN {t}.cost_type = 'token' THEN {t}.cost_nanos END), 0), SUM({t}.count_charged), SUM({errors})" + _ADDED_LATER
 )
 _KEY_DAY_COLUMNS = (
     "SUM(d.requests), SUM(d.prompt_tokens), SUM(d.completion_tokens), SUM(d.cached_tokens), SUM(d.cost_nanos), SUM(d.token_cost_nanos),"
-    " SUM(d.count_charged), SUM(d.errors)" + _UNITS.format(t="d")
+    " SUM(d.count_charged), SUM(d.errors)" + _ADDED_LATER.format(t="d")
 )
 
 
@@ -105,7 +107,7 @@ async def _all_time_totals(db: aiosqlite.Connection, key_ids: list[str], by_mode
     cte = f"WITH w(key_id) AS (VALUES {', '.join('(?)' for _ in key_ids)}) "
     if by_model:  # one rollup row per (key, model, cost type) already: nothing to group
         columns = "m.requests, m.prompt_tokens, m.completion_tokens, m.cached_tokens, m.cost_nanos, CASE WHEN m.cost_type = 'token' THEN m.cost_nanos ELSE 0 END, m.count_charged, m.errors,"
-        columns += " m.images, m.audio_ms, m.characters"
+        columns += " m.images, m.audio_ms, m.characters, m.cache_write_tokens"
         sql = f"{cte}SELECT m.key_id, m.model, m.cost_type, {columns} FROM w CROSS JOIN usage_key_model m ON m.key_id = w.key_id"
     else:
         sql = f"{cte}SELECT m.key_id, {_COLUMNS.format(t='m', requests='m.requests', errors='m.errors')} FROM w CROSS JOIN usage_key_model m ON m.key_id = w.key_id GROUP BY m.key_id"

@@ -50,19 +50,31 @@ def anthropic_error_body(error: GatewayError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": type_, "message": error.message}}
 
 
+def _block_text(content: Any) -> str:
+    """The text of a string or of a list of text blocks (a system prompt's two forms)."""
+    if isinstance(content, list):
+        return "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type", "text") == "text")
+    return content if isinstance(content, str) else ""
+
+
 def to_openai(body: dict[str, Any]) -> dict[str, Any]:
-    """An Anthropic Messages request as an OpenAI chat request."""
+    """An Anthropic Messages request as an OpenAI chat request. A message of role `system`
+    among the messages (Claude Code sends its reminders so) stays a system message where it
+    is, as the chat format allows; the translators onward gather them into their own
+    system prompt (core/providers/anthropic.py, gemini.py)."""
     messages: list[dict[str, Any]] = []
-    system = body.get("system")
-    if isinstance(system, list):
-        system = "".join(b.get("text", "") for b in system if isinstance(b, dict))
+    system = _block_text(body.get("system"))
     if system:
         messages.append({"role": "system", "content": system})
     for message in body.get("messages") or []:
         if not isinstance(message, dict):
             continue
-        role = "assistant" if message.get("role") == "assistant" else "user"
         content = message.get("content")
+        if message.get("role") == "system":
+            if text := _block_text(content):
+                messages.append({"role": "system", "content": text})
+            continue
+        role = "assistant" if message.get("role") == "assistant" else "user"
         if isinstance(content, str):
             messages.append({"role": role, "content": content})
             continue

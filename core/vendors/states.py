@@ -42,6 +42,7 @@ _COLUMNS = (
     "unknown_cost",
     "priced_billed_nanos",
     "errors",
+    "cache_write_tokens",
 )  # in ProviderTotals.add's order
 _SUMS = ", ".join(f"SUM({column})" for column in _COLUMNS)
 
@@ -59,6 +60,7 @@ class ProviderTotals:
     unknown_cost: int = 0  # requests of unknown vendor cost
     priced_billed_nanos: int = 0  # billed, for the requests whose vendor cost is known
     errors: int = 0
+    cache_write_tokens: int = 0
 
     def add(self, row: Any) -> None:
         self.requests += int(row[0] or 0)
@@ -70,6 +72,7 @@ class ProviderTotals:
         self.unknown_cost += int(row[6] or 0)
         self.priced_billed_nanos += int(row[7] or 0)
         self.errors += int(row[8] or 0)
+        self.cache_write_tokens += int(row[9] or 0)
 
     def merge(self, other: ProviderTotals) -> None:
         self.add(_row(other))
@@ -153,6 +156,7 @@ def _row(totals: ProviderTotals) -> tuple[int, ...]:
         totals.unknown_cost,
         totals.priced_billed_nanos,
         totals.errors,
+        totals.cache_write_tokens,
     )
 
 
@@ -250,6 +254,7 @@ def _state_json(state: ProviderState) -> dict[str, Any]:
                 "prompt_tokens": totals.prompt_tokens,
                 "completion_tokens": totals.completion_tokens,
                 "cached_tokens": totals.cached_tokens,
+                "cache_write_tokens": totals.cache_write_tokens,
                 "cost": cost_json(totals),
                 "billed": usd_json(totals.billed_nanos),
                 "margin": usd_json(totals.margin_nanos) if totals.cost_known else None,
