@@ -190,5 +190,8 @@ def test_count_tokens_is_refused_to_a_key_whose_balance_is_exhausted(start_gatew
     with pytest.raises(anthropic.APIStatusError) as refused:
         sdk(gateway).messages.count_tokens(model="claude-sonnet-5-5", messages=HELLO)
     assert refused.value.status_code == 402
-    assert refused.value.body["error"] == {"type": "billing_error", "message": "This API key's credit balance is exhausted ($0.00). Ask the operator to add credits."}
+    assert refused.value.body["error"] == {
+        "type": "billing_error",
+        "message": "This API key's credit balance is exhausted ($0.00). Ask the operator to add credits.",
+    }
     assert upstream.seen == []

@@ -174,6 +174,10 @@ def test_claude_code_prints_its_answer_through_the_gateway_on_a_one_dollar_key_b
     assert [cost for *_, cost in rows] == [claude_call_nanos(CLAUDE_PRICES[model]) for model, *_ in rows]
     state = gateway.http("GET", "/v1/api_keys_states", key=ADMIN_KEY).json()["api_keys_states"][USER_KEY]
     assert Decimal(str(state["remaining_credits"])) == 1 - Decimal(sum(cost for *_, cost in rows)) / 10**9
+    by_model = {detail["model"]: detail for detail in state["cost_details"]["billing_details"]}
+    assert {model: detail["cache_write_tokens"] for model, detail in by_model.items()} == {
+        model: 3000 * sum(1 for row in rows if row[0] == model) for model in by_model
+    }, "the cache writes are shown"
 
 
 def test_claude_code_context_asks_the_vendor_to_count_and_costs_nothing(agents, start_gateway, upstream, agent_vendors, tmp_path):
