@@ -13,9 +13,10 @@ import anthropic
 import pytest
 import websockets.exceptions
 import websockets.sync.client
+from starlette.responses import JSONResponse
 
 from test.agent_vendors import CODEX_USAGE
-from test.conftest import ADMIN_KEY, USER_KEY
+from test.conftest import ADMIN_KEY, USER_KEY, clear_of_window_edge
 
 CONFIG = """
 providers:
@@ -116,6 +117,7 @@ def test_count_tokens_is_anthropics_own_count_free_and_limited_like_any_request(
     messages_vendor, _ = agent_vendors
     gateway = start_gateway(CONFIG, upstream)
     client = sdk(gateway)
+    clear_of_window_edge(60)  # the four requests below must fall in one minute of the 3/min window
     body: dict[str, Any] = {"model": "claude-sonnet-5-5", "messages": HELLO, "system": "Be brief.", "extra_body": {"context_management": CONTEXT_MANAGEMENT}}
     assert client.messages.count_tokens(**body).input_tokens == messages_vendor.counted  # type: ignore[arg-type]
     seen = upstream.seen[-1]
@@ -140,8 +142,6 @@ def test_count_tokens_passes_on_the_vendors_refusal_and_falls_back_to_the_estima
     assert refused.value.body["error"]["message"] == "context_management: Extra inputs are not permitted"
 
     async def overloaded(_body: dict[str, Any], _request: Any) -> Any:
-        from starlette.responses import JSONResponse
-
         return JSONResponse({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, 529)
 
     upstream.script("p1", overloaded)
