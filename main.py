@@ -41,6 +41,7 @@ from core.ledger.database import Database, open_ledger, parse_database
 from core.ledger.postgres import PgLedger
 from core.ledger.sqlite import LedgerUnavailable, check_ledger_file
 from core.ledger.sqlite_lock import LedgerLock, LedgerLockError
+from core.process_limits import DEFAULT_BACKLOG, configured_streams, listen_queue, open_files_warning, raise_open_file_limit
 from core.providers.messages import anthropic_error_body
 from core.proxy import Gateway
 from core.routing import Scheduler
@@ -243,6 +244,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=LOG_FORMATS,
         help="text, or json: one JSON object per line (env TOLLGATE_LOG_FORMAT, default text)",
     )
+    parser.add_argument(
+        "--backlog",
+        default=os.environ.get("TOLLGATE_BACKLOG", str(DEFAULT_BACKLOG)),
+        help=f"listen queue for bursts of new connections (env TOLLGATE_BACKLOG, default {DEFAULT_BACKLOG}; the kernel caps it at net.core.somaxconn)",
+    )
     parser.add_argument("--check-config", metavar="FILE", help="load FILE, print its warnings and error, exit (1 if it does not load); no server")
     return parser.parse_args(argv)
 
@@ -272,6 +278,7 @@ def _prepare(args: argparse.Namespace, held: contextlib.ExitStack) -> tuple[Star
     the lifespan), so that a mistake is told at once rather than after a long migration."""
     args.port = _port_number(args.port)
     args.workers = _worker_count(args.workers)
+    args.backlog = _backlog(args.backlog)
     database = _database(args)
     args.database_target = database.target
     config_path = Path(args.config)
@@ -293,7 +300,35 @@ def _prepare(args: argparse.Namespace, held: contextlib.ExitStack) -> tuple[Star
         check_ledger_file(database.target)
     listener = held.enter_context(_listen(args.host, args.port))
     _warn_about_example_admin_keys(app.state.store.current, args.host, args.port, config_path)
+    _hold_many_connections(app.state.store.current, args.backlog)
     return app, listener
+
+
+def _backlog(raw: str) -> int:
+    text = str(raw).strip()
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_BACKLOG):
+        raise StartRefused(f"--backlog (or TOLLGATE_BACKLOG) must be a whole number from 1 to {MAX_BACKLOG}, got '{raw}'")
+    return int(text)
+
+
+MAX_BACKLOG = 2**31 - 1
+
+
+def _hold_many_connections(config: Config, backlog: int) -> None:
+    """Raise the open-file limit (workers inherit it) and say how many streams it holds; warn
+    when that is fewer than the config's providers may open (core/process_limits.py)."""
+    files = raise_open_file_limit()
+    raised = f", raised from {files.raised_from:,}" if files.raised_from is not None else ""
+    log.info(
+        "room for about %s concurrent streams (open-file limit %s%s); listen queue %s",
+        f"{files.streams:,}",
+        f"{files.limit:,}",
+        raised,
+        f"{listen_queue(backlog):,}",
+    )
+    warning = open_files_warning(files, configured_streams(config))
+    if warning is not None:
+        log.warning("%s", warning)
 
 
 def _database(args: argparse.Namespace) -> Database:
@@ -436,6 +471,7 @@ def _serve(app: Starlette, listener: socket.socket, args: argparse.Namespace) ->
         "timeout_graceful_shutdown": 30,
         "proxy_headers": False,
         "server_header": False,
+        "backlog": args.backlog,
     }
     if args.log_format == "json":  # uvicorn's own lines through our JSON formatter too
         options["log_config"] = None

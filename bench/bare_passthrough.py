@@ -21,7 +21,7 @@ UPSTREAM = os.environ.get("UPSTREAM", "http://127.0.0.1:9901")
 
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    app.state.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000))
+    app.state.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     yield
     await app.state.http.close()
 

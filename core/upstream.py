@@ -13,8 +13,14 @@ USER_AGENT = "tollgate"
 
 
 def create_http_session() -> aiohttp.ClientSession:
-    """One pooled session for the life of the process (created inside the running loop)."""
-    connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
+    """One pooled session for the life of the process (created inside the running loop).
+
+    No limit on connections (limit=0): aiohttp's queue for a free connection is invisible,
+    and with streams lasting minutes, a request past the limit waited a whole stream's length
+    unseen. Limits are the operator's, per provider (`max_connections`, core/upstream_gate.py),
+    which wait in the open and answer 503 upstream_busy; the process's open-file limit (raised
+    at start, core/process_limits.py) is the last bound."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
     return aiohttp.ClientSession(
         connector=connector,
         headers={"User-Agent": USER_AGENT},

@@ -52,3 +52,15 @@ def test_the_running_gateway_collects_garbage_in_larger_steps(start_gateway, ups
     gateway = start_gateway(f"providers:\n  - provider: p1\n    base_url: {{fake:p1}}\n    api: k\n    model: [gpt-4o]\n{keys_yaml()}", upstream)
     assert gateway.http("GET", "/v1/models").status_code == 200
     assert gc.get_threshold() == GC_THRESHOLDS
+
+
+@pytest.mark.skipif(not os.environ.get("CI") and not _installed("wrk"), reason="needs wrk (CI installs it)")
+def test_streams_benchmark_smoke_run_has_no_errors_and_a_row_per_server():
+    command = [sys.executable, "bench/streams_bench.py", "--connections", "60", "--duration", "2", "--events", "4", "--spacing-ms", "20", "--hold", "60"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["60"]]
+    assert [row[1] for row in rows] == ["bare", "gateway"], result.stdout
+    assert all(float(row[2]) > 0 and row[6] == "0" and row[7] == "0/0/0" for row in rows), result.stdout  # requests/s, errors
+    held = [line for line in result.stdout.splitlines() if line.startswith("held open:")]
+    assert len(held) == 2 and all(" 60 streams" in line for line in held), result.stdout
