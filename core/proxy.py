@@ -28,9 +28,10 @@ from core.request_checks import check_request, requested_units
 from core.routing import Scheduler, routes_for
 from core.sse import encode_event
 from core.stored_responses import StoredResponses
+from core.telemetry.facts import BUSY, LEFT, SERVED, TIMEOUT, Attempt, RequestFacts
 from core.telemetry.facts import ERROR as ATTEMPT_FAILED
-from core.telemetry.facts import TIMEOUT, RequestFacts
 from core.uploads import UPLOAD_ENDPOINTS, Upload
+from core.upstream_gate import ClientLeft, ClientMessages, Lane, UpstreamBusy, UpstreamGate
 from core.usage import Usage, complete_usage, estimate_prompt_tokens, estimate_usage, usage_so_far
 from core.vendors.months import VendorMonths
 
@@ -123,9 +124,14 @@ class Gateway:
         self.meter = meter
         self.stored = stored
         self.vendors = vendors
+        self.gate = UpstreamGate(self.loop)  # calls in flight per provider: its max_connections
 
-    async def handle(self, config: Config, key: ApiKey, request: ProxyRequest, facts: RequestFacts | None = None) -> CompletedCall | MeteredStream:
-        """`facts` (core/telemetry) learns the route, the attempts and the ticket as they happen."""
+    async def handle(
+        self, config: Config, key: ApiKey, request: ProxyRequest, facts: RequestFacts | None = None, client: ClientMessages | None = None
+    ) -> CompletedCall | MeteredStream:
+        """`facts` (core/telemetry) learns the route, the attempts and the ticket as they happen.
+        `client`: the client's ASGI receive, watched for a hang-up while the request waits for
+        a provider's slot (ClientLeft)."""
         facts = facts or RequestFacts(request.endpoint)
         facts.request_id, facts.key_name, facts.stream = request.request_id, key.name, request.stream
         routes = routes_for(config, request.model, key, request.endpoint)
@@ -137,18 +143,23 @@ class Gateway:
             routes = await self.vendors.usable(config, routes)
         ticket = facts.ticket = await self.meter.admit(config, key, request)
         streaming = False
+        answer: Reply | UpstreamStream | None = None
+        lane: Lane | None = None
         try:
-            answer, route = await self._first_answer(config, request, routes, key, facts)
+            answer, route, lane = await self._first_answer(config, request, routes, key, facts, client)
             facts.provider = route.provider.name
             if isinstance(answer, UpstreamStream):
-                stream = MeteredStream(answer, route, request, ticket, ticket.start_headers(), config.preferences.max_response_body_bytes)
-                streaming = True  # the stream ends the ticket when it finishes
+                stream = MeteredStream(answer, route, request, ticket, ticket.start_headers(), config.preferences.max_response_body_bytes, lane)
+                streaming = True  # the stream ends the ticket, and frees its provider's slot, when it finishes
                 return stream
             usage = complete_usage(answer.usage, lambda: _estimate(request, answer.body))
             return CompletedCall(answer, route, ticket.settle(Outcome(route.provider.name, route.upstream_name, usage, OK)))
         finally:
             if not streaming:
                 ticket.release()  # a no-op once settled; frees every hold if anything above raised
+                if isinstance(answer, UpstreamStream) and lane is not None:  # a stream that never reached its relay
+                    answer.close()
+                    lane.leave()
 
     async def count_tokens(self, config: Config, key: ApiKey, request: ProxyRequest) -> tuple[bytes, dict[str, str]]:
         """Anthropic's `count_tokens` for a Messages request: the vendor's own count when the
@@ -167,7 +178,11 @@ class Gateway:
                 call = UpstreamCall("messages/count_tokens", request.body, False, route, upstream_key, config.preferences.max_response_body_bytes,
                                     self.loop, forwarded=request.forwarded)  # fmt: skip
                 try:
-                    return await count_tokens_upstream(call, self.http), ticket.settle(_free_outcome(route))
+                    async with self.gate.slot(route.provider):
+                        counted = await count_tokens_upstream(call, self.http)
+                    return counted, ticket.settle(_free_outcome(route))
+                except UpstreamBusy:
+                    continue  # the provider's own log line says it is full (core/upstream_gate.py)
                 except UpstreamFailure as exc:
                     if not exc.retryable:
                         raise exc.error from None
@@ -191,10 +206,12 @@ class Gateway:
         return functools.partial(self.stored.remember, key_id=key_id, provider=route.provider.name)
 
     async def _first_answer(
-        self, config: Config, request: ProxyRequest, routes: tuple[ModelRoute, ...], key: ApiKey, facts: RequestFacts
-    ) -> tuple[Reply | UpstreamStream, ModelRoute]:
+        self, config: Config, request: ProxyRequest, routes: tuple[ModelRoute, ...], key: ApiKey, facts: RequestFacts, client: ClientMessages | None
+    ) -> tuple[Reply | UpstreamStream, ModelRoute, Lane]:
         """Try routes in the key's scheduling order until one answers, as many as its AUTO_RETRY
-        allows; failover only on retryable failures."""
+        allows; failover only on retryable failures. A provider at its max_connections is
+        waited for, then passed over without a cooldown (busy is not failing). A stream comes
+        with the lane whose slot it holds until it ends."""
         prefs = config.preferences
         ordered = self.scheduler.order(request.model, routes, key.scheduling_algorithm)
         if key.auto_retry is not True:
@@ -214,8 +231,18 @@ class Gateway:
                 request.forwarded,
             )
             attempt = facts.attempt(route.provider.name, route.provider.engine, route.upstream_name)
+            lane = self.gate[route.provider.name]
             try:
-                answer = await _send(request, call, self.http)
+                if not lane.take(route.provider.max_connections):
+                    await _wait_for_slot(lane, route, attempt, client)
+                answer = await _send(request, call, self.http, lane)
+            except UpstreamBusy as exc:
+                attempt.end(BUSY)
+                failure = exc
+                continue
+            except ClientLeft:
+                attempt.end(BUSY)  # no call was made
+                raise
             except UpstreamFailure as exc:
                 attempt.end(TIMEOUT if exc.error.code == "upstream_timeout" else ATTEMPT_FAILED)
                 log.warning("%s: %s failed: %s", request.request_id, route.label, exc.error.message)
@@ -229,23 +256,44 @@ class Gateway:
                 raise
             attempt.end(OK)
             self.scheduler.recovered(route)
-            return answer, route
+            return answer, route, lane
         raise failure.error if failure else bad_gateway("No provider could serve the request.")
 
 
-async def _send(request: ProxyRequest, call: UpstreamCall, http: aiohttp.ClientSession) -> Reply | UpstreamStream:
+async def _wait_for_slot(lane: Lane, route: ModelRoute, attempt: Attempt, client: ClientMessages | None) -> None:
+    """Queue for a slot of a provider at its max_connections; the attempt learns how it ended."""
+    try:
+        await lane.wait(route.provider, client)
+    except UpstreamBusy:
+        attempt.wait = BUSY
+        raise
+    except BaseException:
+        attempt.wait = LEFT
+        raise
+    attempt.wait = SERVED
+
+
+async def _send(request: ProxyRequest, call: UpstreamCall, http: aiohttp.ClientSession, lane: Lane) -> Reply | UpstreamStream:
     """The adapter's answer. An adapter that chokes on an answer of a shape it did not expect
     (a 200 whose JSON it cannot translate) fails like any unusable answer: a 502 the next
-    provider may do better on, never a 500."""
+    provider may do better on, never a 500. The call holds a slot of `lane`, freed here unless
+    the answer is a stream, which holds it until it ends (MeteredStream.finish)."""
     route = call.route
-    adapter = _ADAPTER_FOR.get(request.endpoint, adapter_for)(route.provider.engine)
+    streaming = False
     try:
-        return await adapter.send(call, http)
-    except (UpstreamFailure, GatewayError):
-        raise
-    except Exception:
-        log.exception("%s: %s sent an answer its adapter could not read", request.request_id, route.label)
-        raise UpstreamFailure.invalid(route) from None
+        adapter = _ADAPTER_FOR.get(request.endpoint, adapter_for)(route.provider.engine)
+        try:
+            answer = await adapter.send(call, http)
+        except (UpstreamFailure, GatewayError):
+            raise
+        except Exception:
+            log.exception("%s: %s sent an answer its adapter could not read", request.request_id, route.label)
+            raise UpstreamFailure.invalid(route) from None
+        streaming = isinstance(answer, UpstreamStream)
+        return answer
+    finally:
+        if not streaming:
+            lane.leave()
 
 
 # Endpoints whose adapters depend on the endpoint as well as the engine (translating ones).
@@ -282,10 +330,12 @@ def _estimate(request: ProxyRequest, body: bytes) -> Usage:
 
 
 class MeteredStream:
-    """An upstream stream that settles its ticket exactly once, however it ends."""
+    """An upstream stream that settles its ticket, and frees its provider's slot (`lane`,
+    core/upstream_gate.py), exactly once, however it ends."""
 
-    def __init__(self, upstream: UpstreamStream, route: ModelRoute, request: ProxyRequest, ticket: Ticket, headers: dict[str, str], max_bytes: int):
+    def __init__(self, upstream: UpstreamStream, route: ModelRoute, request: ProxyRequest, ticket: Ticket, headers: dict[str, str], max_bytes: int, lane: Lane):
         self.upstream = upstream
+        self.lane = lane
         self.route = route
         self.request = request
         self.headers = headers  # sent with the stream's start: limits and quota as admitted
@@ -351,8 +401,8 @@ class MeteredStream:
 
     def finish(self, disconnected: bool) -> None:
         """Close the upstream and settle. Synchronous: runs inside cancellation too. Should
-        reading the outcome raise, the stream is billed for its prompt alone; the ticket ends
-        exactly once either way."""
+        reading the outcome raise, the stream is billed for its prompt alone; the ticket ends,
+        and the provider's slot is freed, exactly once either way."""
         ticket, self._ticket = self._ticket, None
         if ticket is None:
             return
@@ -363,6 +413,7 @@ class MeteredStream:
             log.exception("%s: settling the stream from %s failed; billing the prompt estimate", self.request.request_id, self.route.label)
             ticket.settle(Outcome(self.route.provider.name, self.route.upstream_name, usage_so_far(None, self.request.body, 0), ERROR))
         finally:
+            self.lane.leave()
             ticket.release()  # a no-op once settled
 
     def _settle(self, ticket: Ticket, disconnected: bool) -> None:

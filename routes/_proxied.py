@@ -20,6 +20,7 @@ from core.providers.client_headers import forwarded_headers
 from core.proxy import ProxyRequest
 from core.telemetry import TRACE_HEADERS, Telemetry
 from core.telemetry.facts import CLIENT_CLOSED, RequestFacts
+from core.upstream_gate import ClientLeft
 from routes._http import authenticate_headers, internal_error, request_headers
 from routes._stream import send_answer
 
@@ -53,14 +54,14 @@ class ProxiedEndpoint:
                 forwarded = forwarded_headers(scope["headers"])
                 if forwarded is not None:  # a coding agent's betas and flags, for vendors that read them
                     request = dataclasses.replace(request, forwarded=forwarded)
-                result = await state.gateway.handle(config, key, request, facts)
+                result = await state.gateway.handle(config, key, request, facts, receive)
             except GatewayError as exc:
                 facts.failed(exc)
                 await self.send_error(exc, scope, receive, send)
                 return
-            except ClientDisconnect:
+            except (ClientDisconnect, ClientLeft):
                 facts.status = CLIENT_CLOSED
-                return  # gone before its request had arrived: nothing to answer, nothing charged
+                return  # gone before its request had arrived, or while it waited for a provider: nothing to answer, nothing charged
             except Exception as exc:  # a bug: answered with a logged 500, not a dropped connection
                 error = internal_error(Request(scope), exc)
                 facts.failed(error)

@@ -20,6 +20,7 @@ from core.config import Config, ModelRoute
 from core.errors import GatewayError, bad_request
 from core.providers.responses_native import call_stored
 from core.stored_responses import StoredResponses, response_not_found
+from core.upstream_gate import UpstreamBusy
 from routes._http import authenticate, current_config
 from routes.proxy import API_PREFIXES
 
@@ -57,7 +58,11 @@ async def _forward(request: Request, method: str, suffix: str) -> Response:
     gateway = state.gateway
     upstream_key = gateway.scheduler.next_upstream_key(route.provider)
     path = quote(response_id, safe="") + suffix
-    reply = await call_stored(gateway.http, route, upstream_key, method, path, request.url.query, config.preferences.max_response_body_bytes)
+    try:
+        async with gateway.gate.slot(route.provider):  # the call counts against the provider's max_connections
+            reply = await call_stored(gateway.http, route, upstream_key, method, path, request.url.query, config.preferences.max_response_body_bytes)
+    except UpstreamBusy as busy:
+        raise busy.error from None  # only this provider holds the response: no other to try
     return Response(reply.body, reply.status, media_type=reply.content_type)
 
 

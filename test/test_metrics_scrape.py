@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import threading
 import time
 from collections import Counter
 from decimal import Decimal
@@ -26,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from test.conftest import ADMIN_KEY, USER_KEY, RunningGateway, clear_of_window_edge
-from test.servers import FakeUpstream, completion_body, fail, hang, openai_like
+from test.servers import FakeUpstream, completion_body, fail, hang, held_stream, openai_like
 from test.test_upstream_faults import cut_stream
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "tollgate-dashboard.json"
@@ -339,6 +340,13 @@ def test_every_charted_metric_is_exposed_and_every_exposed_metric_charted(start_
     list(alice.chat.completions.create(model="house-chat", messages=MESSAGES, stream=True))
     alice.chat.completions.create(model="backup-chat", messages=MESSAGES)
     assert status_of(lambda: gateway.client(BROKE_KEY).chat.completions.create(model="house-chat", messages=MESSAGES)).status_code == 402
+    change_config(gateway, "{cost_price: {default: '0.5,1'}}", "{cost_price: {default: '0.5,1'}, max_connections: 1, max_connections_wait: 0}")
+    release = threading.Event()
+    upstream.script("p1", held_stream(release, ["Hello", " there"]))
+    held = alice.chat.completions.create(model="house-chat", messages=MESSAGES, stream=True)  # p1's one slot
+    assert status_of(lambda: alice.chat.completions.create(model="house-chat", messages=MESSAGES)).status_code == 503  # a wait, refused
+    release.set()
+    list(held)
     change_config(gateway, "public: false", "public: true")
 
     deadline = time.monotonic() + 10

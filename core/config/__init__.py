@@ -76,6 +76,8 @@ PROVIDER_PREFERENCE_KEYS = (
     "cost_multiplier",
     "monthly_budget",
     "budget_action",
+    "max_connections",
+    "max_connections_wait",
 )
 KEY_KEYS = ("api", "id", "name", "role", "account", "model", "preferences")
 KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # safe in a URL path, a CSV cell and a log line
@@ -101,6 +103,7 @@ METRICS_KEYS = ("public", "per_key")
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BODY = 100 * 1024 * 1024  # an upstream answer (or stream) past this is cut off: 502
 DEFAULT_AUTH_FAILURE_LIMIT = 30
+DEFAULT_MAX_CONNECTIONS_WAIT = 10.0  # seconds a request waits for a slot of a provider at its max_connections
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,9 @@ class Provider:
     body_overrides: BodyOverrides | None = None  # post_body_parameter_overrides (core/body_overrides.py)
     proxy: UpstreamProxy | None = field(default=None, repr=False)  # `proxy`: what this provider is reached through
     vendor: VendorTerms = NO_TERMS  # what the vendor charges the operator, and its monthly budget
+    # Calls in flight to this provider at once, at most (core/upstream_gate.py); None: no limit.
+    max_connections: int | None = None
+    max_connections_wait: float = DEFAULT_MAX_CONNECTIONS_WAIT  # then 503 upstream_busy (or the next route)
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,6 +514,7 @@ def _read_providers(
         prefs = section.section("preferences")
         read_options(prefs, PROVIDER_PREFERENCE_KEYS, PROVIDER_PREFERENCES)
         proxy = read_proxy(prefs, global_proxy)
+        max_connections, max_connections_wait = read_connection_limit(prefs)
         provider = Provider(
             name=name,
             engine=engine,
@@ -520,6 +527,8 @@ def _read_providers(
             price_multiplier=read_multiplier(prefs),
             proxy=proxy.for_vendor(base_url) if proxy is not None else None,
             vendor=read_vendor_terms(prefs),
+            max_connections=max_connections,
+            max_connections_wait=max_connections_wait,
         )
         timeouts = PrefixTable({**global_timeouts, **_read_timeouts(prefs)})
         if items_of(section, "model"):
@@ -580,6 +589,16 @@ def _discover_models(
                 "(add model_price entries or a default)",
             )
         all_routes[slot] = [ModelRoute(provider, name, name, float(timeouts.get(name) or DEFAULT_TIMEOUT), discovered=True) for name in priced]
+
+
+def read_connection_limit(prefs: Section) -> tuple[int | None, float]:
+    """`max_connections` (a whole number >= 1; absent: no limit) and `max_connections_wait`
+    (seconds >= 0). A wait without a limit is a warning: it would otherwise look in force."""
+    limit = prefs.integer("max_connections", minimum=1) if prefs.has("max_connections") else None
+    wait = float(prefs.number("max_connections_wait", DEFAULT_MAX_CONNECTIONS_WAIT, minimum=0))
+    if limit is None and prefs.has("max_connections_wait"):
+        prefs.warn("max_connections_wait", f"{prefs.where('max_connections_wait')} has no effect without max_connections (no limit, nobody waits)")
+    return limit, wait
 
 
 def read_proxy(prefs: Section, default: UpstreamProxy | None) -> UpstreamProxy | None:

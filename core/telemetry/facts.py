@@ -20,8 +20,12 @@ if TYPE_CHECKING:
     from core.metering import Ticket
 
 # An upstream attempt's outcome (tollgate_upstream_requests_total{outcome}): it answered; it
-# failed and the request moved on to another provider; it failed and was the request's last.
-OK, FAILOVER, ERROR, TIMEOUT = "ok", "failover", "error", "timeout"
+# failed and the request moved on to another provider; it failed and was the request's last;
+# no call was made, the provider being at its max_connections (core/upstream_gate.py).
+OK, FAILOVER, ERROR, TIMEOUT, BUSY = "ok", "failover", "error", "timeout", "busy"
+# How an attempt that found its provider at max_connections ended its wait for a slot
+# (tollgate_upstream_waits_total{result}): it got one; refused (503 upstream_busy); the client left.
+SERVED, LEFT = "served", "left"
 # The status recorded for a client that left before it was answered (nginx's convention).
 CLIENT_CLOSED = 499
 # Statuses that refuse a request before any provider is called: no key, no credit, not
@@ -32,7 +36,7 @@ _REFUSALS = frozenset({401, 402, 403, 429})
 class Attempt:
     """One call to one provider."""
 
-    __slots__ = ("ended", "engine", "model", "outcome", "provider", "started", "upstream_model")
+    __slots__ = ("ended", "engine", "model", "outcome", "provider", "started", "upstream_model", "wait")
 
     def __init__(self, provider: str, engine: str, model: str, upstream_model: str, started: float):
         self.provider = provider
@@ -42,6 +46,7 @@ class Attempt:
         self.started = started
         self.ended = started
         self.outcome = OK
+        self.wait = ""  # SERVED, BUSY or LEFT when the provider was at its max_connections
 
     def end(self, outcome: str) -> None:
         self.outcome = outcome
@@ -96,8 +101,9 @@ class RequestFacts:
         self.refused = not self.attempts and error.status in _REFUSALS
 
     def attempt(self, provider: str, engine: str, upstream_model: str) -> Attempt:
-        """Start an attempt; the previous one, having failed, is now a failover."""
-        if self.attempts and self.attempts[-1].outcome != OK:
+        """Start an attempt; the previous one, having failed, is now a failover (a busy one
+        stays busy: the provider was not called)."""
+        if self.attempts and self.attempts[-1].outcome not in (OK, BUSY):
             self.attempts[-1].outcome = FAILOVER
         attempt = Attempt(provider, engine, self.model, upstream_model, time.perf_counter())
         self.attempts.append(attempt)
@@ -105,7 +111,9 @@ class RequestFacts:
 
     @property
     def failovers(self) -> int:
-        return sum(1 for attempt in self.attempts if attempt.outcome == FAILOVER)
+        """Attempts after which the request moved on: every one but the last (an attempt that
+        answers ends the search), busy providers included."""
+        return len(self.attempts) - 1 if self.attempts else 0
 
     @property
     def settled(self) -> UsageRecord | None:

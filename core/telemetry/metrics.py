@@ -69,8 +69,14 @@ class Metrics:
         self.first_byte = histogram("tollgate_time_to_first_byte_seconds", "Streamed requests: arrival to the first chunk sent.", route)
         self.upstream = counter(
             "tollgate_upstream_requests",
-            "Calls to providers, by outcome: ok, failover (failed, the request moved on), error or timeout (failed, the request's last).",
+            "Calls to providers, by outcome: ok, failover (failed, the request moved on), error or timeout (failed, the request's last),"
+            " busy (not called: the provider was at its max_connections).",
             ("provider", "model", "outcome"),
+        )
+        self.waits = counter(
+            "tollgate_upstream_waits",
+            "Requests that found a provider at its max_connections, by how their wait for a slot ended: served, busy (503 upstream_busy) or left.",
+            ("provider", "result"),
         )
         self.tokens = counter("tollgate_tokens", "Tokens charged, by kind (prompt and completion include cached and reasoning).", ("model", "kind"))
         self.cost = counter("tollgate_cost_usd", "US dollars charged (the ledger holds the exact amounts).", ("model", "cost_type"), NANOS_PER_USD)
@@ -106,6 +112,8 @@ class Metrics:
             self.first_byte.observe(route, facts.first_byte - facts.started)
         for attempt in facts.attempts:
             self.upstream.inc((attempt.provider, attempt.model, attempt.outcome))
+            if attempt.wait:
+                self.waits.inc((attempt.provider, attempt.wait))
         if facts.refused:
             self.refusals.inc((facts.error_code,))
         key = facts.key_name if per_key and facts.key_name else None
