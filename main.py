@@ -96,7 +96,14 @@ def create_app(config_path: str | Path, db_path: str | Path = "data/tollgate.db"
         # Made here, in the process that serves (each of --workers N): the exporter's thread with it.
         telemetry.tracing = Tracing.from_environment()
         metrics = telemetry.metrics
-        ledger.on_commit, store.on_reload, alerts.on_fired = metrics.ledger_committed, metrics.config_reloaded, metrics.alert_fired
+        gate = app.state.gateway.gate
+
+        def reloaded(ok: bool) -> None:
+            metrics.config_reloaded(ok)
+            if ok:
+                gate.reconfigure(store.current.providers)  # a raised limit lets the waiting in now
+
+        ledger.on_commit, store.on_reload, alerts.on_fired = metrics.ledger_committed, reloaded, metrics.alert_fired
         await alerts.load()
         alert_sender = asyncio.create_task(alerts.deliver_forever())
         vendor_refresh = asyncio.create_task(vendors.refresh_forever()) if ledger.shared else None  # other instances' vendor cost

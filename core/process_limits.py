@@ -86,8 +86,7 @@ def configured_streams(config: Config) -> int | None:
     None when one has no limit."""
     total = 0
     for provider in config.providers:
-        limit = getattr(provider, "max_connections", None)  # TEMP until the gate branch lands
-        if limit is None:
+        if provider.max_connections is None:
             return None
-        total += limit
+        total += provider.max_connections
     return total

@@ -10,7 +10,8 @@ that could not be reached does (the next route, else 503 `upstream_busy`), excep
 provider is not cooled down: it is busy, not failing.
 
 The counts are kept per provider *name* in a `Lane`, so they survive config reloads; the
-limit is the one of the Provider the request holds, read when it asks for a slot. A provider
+limit is the one of the Provider the request holds, read when it asks for a slot, and each
+reload hands every lane its new limit (UpstreamGate.reconfigure). A provider
 without a limit (the default) costs a dict lookup and an integer increment per call.
 """
 
@@ -20,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from core.config import Provider
@@ -75,10 +76,10 @@ class Lane:
         if limit is None:
             self.in_flight += 1
             if self._queue:  # a reload removed the limit: the queued go too
-                self._set_limit(None)
+                self.set_limit(None)
             return True
         if limit != self.limit:
-            self._set_limit(limit)
+            self.set_limit(limit)
         if self.in_flight < limit and not self._queue:
             self.in_flight += 1
             return True
@@ -120,7 +121,7 @@ class Lane:
         elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
             self.leave()  # handed a slot just as it was cancelled: passed on, never kept
 
-    def _set_limit(self, limit: int | None) -> None:
+    def set_limit(self, limit: int | None) -> None:
         self.limit = limit
         if self._queue:
             self._wake()
@@ -175,6 +176,13 @@ class UpstreamGate(dict[str, Lane]):
     def __missing__(self, name: str) -> Lane:
         lane = self[name] = Lane(name, self.loop)
         return lane
+
+    def reconfigure(self, providers: Iterable[Provider]) -> None:
+        """A reload: each lane takes its provider's new limit at once (a raised or removed one
+        lets the waiting in now, not at the next request); a provider gone has no limit."""
+        limits = {provider.name: provider.max_connections for provider in providers}
+        for name, lane in self.items():
+            lane.set_limit(limits.get(name))
 
     @contextlib.asynccontextmanager
     async def slot(self, provider: Provider) -> AsyncIterator[None]:

@@ -163,3 +163,15 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 20) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize(("max_connections", "warned"), [(5000, True), (300, False)])
+def test_the_warning_weighs_the_providers_max_connections(tmp_path, max_connections, warned):
+    """All providers limited: what they add up to is what the limit must hold (718 here)."""
+    limited = ECHO_CONFIG.replace("    model: [echo-1]\n", f"    model: [echo-1]\n    preferences: {{max_connections: {max_connections}}}\n")
+    with started(tmp_path, limited, limits=soft_limit(1500, 1500)) as (process, _):
+        log = stop_and_read_log(process)
+    warnings = [line for line in log.splitlines() if "WARNING" in line and "open-file limit" in line]
+    assert len(warnings) == warned, log
+    if warned:
+        assert f"holds about 718 concurrent streams (2 sockets each), the providers' max_connections add up to {max_connections:,}" in warnings[0]

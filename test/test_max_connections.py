@@ -314,12 +314,14 @@ def test_a_reload_that_raises_or_removes_the_limit_lets_the_waiting_in(start_gat
 
     text = gateway.config_path.read_text()
     gateway.rewrite_config(text.replace("max_connections: 1,", "max_connections: 4,"))
-    raised = streams_at_once(gateway, 1)  # the first request under the new limit lets the waiting in too
+    until(lambda: counts(gateway, "p1") == (3, 0) and vendor.open == 3, "the reload alone let the two waiting in")
+    raised = streams_at_once(gateway, 1)
     until(lambda: counts(gateway, "p1") == (4, 0) and vendor.open == 4, "four streams open: the limit raised to 4")
 
     more = streams_at_once(gateway, 1)
     until(lambda: counts(gateway, "p1") == (4, 1), "a fifth waits at the raised limit")
     gateway.rewrite_config(text.replace("max_connections: 1, max_connections_wait: 60", ""))
+    until(lambda: counts(gateway, "p1") == (5, 0) and vendor.open == 5, "the reload alone let the fifth in: no limit")
     unlimited = streams_at_once(gateway, 1)
     until(lambda: counts(gateway, "p1") == (6, 0) and vendor.open == 6, "no limit: six streams open")
 
