@@ -232,7 +232,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tollgate", description="Metering and billing gateway for LLM APIs.")
     parser.add_argument("--config", default=os.environ.get("TOLLGATE_CONFIG", "./api.yaml"), help="config file (env TOLLGATE_CONFIG, default ./api.yaml)")
     parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"), help="listen address (env HOST, default 0.0.0.0)")
-    parser.add_argument("--port", default=os.environ.get("PORT", "8000"), help="listen port (env PORT, default 8000)")  # checked by _port_number
+    parser.add_argument("--port", default=os.environ.get("PORT", "8000"), help="listen port (env PORT, default 8000)")  # checked by _whole_number
     parser.add_argument("--db", default=os.environ.get("TOLLGATE_DB", "./data/tollgate.db"), help="SQLite ledger (env TOLLGATE_DB, default ./data/tollgate.db)")
     parser.add_argument(
         "--database",
@@ -283,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
 def _prepare(args: argparse.Namespace, held: contextlib.ExitStack) -> tuple[Starlette, socket.socket]:
     """Everything that can refuse the start, done before the ledger is opened and migrated (in
     the lifespan), so that a mistake is told at once rather than after a long migration."""
-    args.port = _port_number(args.port)
-    args.workers = _worker_count(args.workers)
-    args.backlog = _backlog(args.backlog)
+    args.port = _whole_number(args.port, "--port (or PORT)", 0, MAX_PORT)
+    args.workers = _whole_number(args.workers, "--workers (or TOLLGATE_WORKERS)", 1, MAX_WORKERS)
+    args.backlog = _whole_number(args.backlog, "--backlog (or TOLLGATE_BACKLOG)", 1, MAX_BACKLOG)
     database = _database(args)
     args.database_target = database.target
     config_path = Path(args.config)
@@ -309,13 +309,6 @@ def _prepare(args: argparse.Namespace, held: contextlib.ExitStack) -> tuple[Star
     _warn_about_example_admin_keys(app.state.store.current, args.host, args.port, config_path)
     _hold_many_connections(app.state.store.current, args.backlog)
     return app, listener
-
-
-def _backlog(raw: str) -> int:
-    text = str(raw).strip()
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_BACKLOG):
-        raise StartRefused(f"--backlog (or TOLLGATE_BACKLOG) must be a whole number from 1 to {MAX_BACKLOG}, got '{raw}'")
-    return int(text)
 
 
 MAX_BACKLOG = 2**31 - 1
@@ -346,13 +339,6 @@ def _database(args: argparse.Namespace) -> Database:
         raise StartRefused(f"--database (or TOLLGATE_DATABASE): {exc}") from exc
 
 
-def _worker_count(raw: str) -> int:
-    text = str(raw).strip()
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_WORKERS):
-        raise StartRefused(f"--workers (or TOLLGATE_WORKERS) must be a whole number from 1 to {MAX_WORKERS}, got '{raw}'")
-    return int(text)
-
-
 MAX_WORKERS = 256
 
 
@@ -381,11 +367,11 @@ def check_shared_ledger(database: Database) -> None:
     asyncio.run(check())
 
 
-def _port_number(raw: str) -> int:
-    """--port or PORT as a port number (0: any free port); a one-line refusal otherwise."""
+def _whole_number(raw: str, option: str, low: int, high: int) -> int:
+    """A flag's (or its environment variable's) whole number in [low, high]; a one-line refusal otherwise."""
     text = str(raw).strip()
-    if not (text.isascii() and text.isdigit() and int(text) <= MAX_PORT):
-        raise StartRefused(f"--port (or PORT) must be a whole number from 0 to {MAX_PORT}, got '{raw}'")
+    if not (text.isascii() and text.isdigit() and low <= int(text) <= high):
+        raise StartRefused(f"{option} must be a whole number from {low} to {high}, got '{raw}'")
     return int(text)
 
 

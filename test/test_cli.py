@@ -231,3 +231,12 @@ def test_check_config_prints_the_error_with_its_line_and_fails(tmp_path):
 def test_check_config_loads_uni_apis_readme_example(tmp_path):
     result = run_main("--check-config", str(ROOT / "test" / "fixtures" / "uniapi" / "codex.yaml"))
     assert result.returncode == 0 and "uni-api engine 'codex' is not supported" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "257", "two"])
+def test_a_bad_worker_count_exits_2_with_one_line(tmp_path, value):
+    config, db = tmp_path / "api.yaml", tmp_path / "ledger.db"
+    config.write_text(ECHO_CONFIG)
+    line = one_line_refusal(run_main("--config", str(config), "--db", str(db), "--workers", value))
+    assert line == f"tollgate: --workers (or TOLLGATE_WORKERS) must be a whole number from 1 to 256, got '{value}'"
+    assert not db.exists()
