@@ -37,7 +37,6 @@ class OpenFiles:
     """The open-file limit after start: `raised_from` is the soft limit found, if it was raised."""
 
     limit: int
-    hard: int
     raised_from: int | None = None
 
     @property
@@ -48,14 +47,14 @@ class OpenFiles:
 
 def raise_open_file_limit() -> OpenFiles:
     """The soft open-file limit raised to the hard one (allowed without privilege)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft == hard:
-        return OpenFiles(soft if soft != resource.RLIM_INFINITY else hard, hard)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # Linux never reports RLIM_INFINITY here
+    if soft == hard:
+        return OpenFiles(soft)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError):  # a hard limit above the kernel's nr_open: keep what there is
-        return OpenFiles(soft, hard)
-    return OpenFiles(hard, hard, raised_from=soft)
+        return OpenFiles(soft)
+    return OpenFiles(hard, raised_from=soft)
 
 
 def open_files_warning(files: OpenFiles, wanted: int | None) -> str | None:

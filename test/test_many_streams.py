@@ -119,7 +119,6 @@ def test_more_than_a_thousand_streams_are_relayed_at_once(tmp_path):
     """The upstream pool had a fixed limit of 1,000 connections: stream 1,001 waited, unseen,
     for one to end. 1,100 clients hold streams open; the vendor must see all 1,100 at once."""
     streams = 1100
-    resource.setrlimit(resource.RLIMIT_NOFILE, (HARD, HARD))  # wrk's sockets: it inherits this
     vendor_port = _free_port()
     vendor = subprocess.Popen([sys.executable, "bench/stream_vendor.py", "--port", str(vendor_port), "--events", "2", "--spacing-ms", "60000"], cwd=ROOT)
     try:
@@ -135,7 +134,9 @@ def test_more_than_a_thousand_streams_are_relayed_at_once(tmp_path):
                 f'wrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer {STREAM_KEY}"\n'
             )
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            wrk = subprocess.Popen(["wrk", "-t1", f"-c{streams}", "-d60s", "--timeout", "120s", "-s", str(script), url], stdout=subprocess.DEVNULL)
+            wrk = subprocess.Popen(
+                ["wrk", "-t1", f"-c{streams}", "-d60s", "--timeout", "120s", "-s", str(script), url], stdout=subprocess.DEVNULL, preexec_fn=soft_limit(HARD)
+            )
             try:
                 _wait_for(lambda: vendor_stats(vendor_port)["open_streams"] >= streams, timeout=50)
                 assert vendor_stats(vendor_port)["open_streams"] == streams
