@@ -264,13 +264,16 @@ class Limiter:
             holds.periods.append((limit.name, state.periods[limit.name].start))
         return holds
 
-    def release(self, holds: Holds, cost_nanos: int, tokens: int, at: float, seq: int, counted: bool = True) -> None:
+    def release(self, holds: Holds, cost_nanos: int, tokens: int, at: float, seq: int, counted: bool = True, state: KeyState | None = None) -> None:
         """Free what the request held and record what it really used (once). `at` and `seq`
-        are the ledger record's time and position in the write order."""
+        are the ledger record's time and position in the write order; `state`: the one the
+        holds were taken from, when not this process's own (a shared ledger's read)."""
         if not holds.open:
             return
         holds.open = False
-        key, state = holds.key, self.state(holds.key)
+        key = holds.key
+        if state is None:
+            state = self.state(key)
         state.in_flight -= 1
         for kind, seconds, start in holds.rate_windows:
             window = state.windows.get((kind, seconds))

@@ -23,13 +23,12 @@ it holds however many instances serve one key:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -61,7 +60,7 @@ from core.keys.records import (
     record_row,
     update_params,
 )
-from core.ledger import CREDITS, RESPONSE_RETENTION_SECONDS, Account, Grant, Reservation, StoredResponse, UsageRecord, hold
+from core.ledger import CREDITS, RESPONSE_RETENTION_SECONDS, Account, Grant, InsufficientBalance, Reservation, StoredResponse, UsageRecord, hold
 from core.ledger.pg_errors import DATABASE_ERRORS, UNREACHABLE, reachable, reason, unavailable
 from core.ledger.pg_reader import PgReader, numbered
 from core.ledger.postgres_schema import migrate
@@ -80,6 +79,7 @@ LEASE_SECONDS = float(os.environ.get("TOLLGATE_LEASE_SECONDS", "10"))
 POOL_SIZE = int(os.environ.get("TOLLGATE_DATABASE_POOL", "10"))
 GROUP_COMMIT_SECONDS = 0.01
 MAX_BATCH = 2000
+MAX_ADMISSIONS = 500  # requests of one key admitted in one transaction, at most
 MAX_RETRY_DELAY = 5.0
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 10.0
@@ -181,12 +181,14 @@ def _settle_sql() -> str:
 
 _SETTLE_SQL = _settle_sql()
 
-# Admission's writes in one statement: the reservation, and the rate windows it counts in, the
-# key's and its account's (a window that has moved on starts again from this request).
+# Admission's writes in one statement: a batch's reservations (one key's: $1 and $4-$7 are
+# columns), and what they count in the rate windows, the key's and its account's (a window that
+# has moved on starts again from this batch).
 _HOLD_SQL = """
 WITH held AS (
     INSERT INTO reservations (request_id, key_id, instance_id, nanos, balance_nanos, count, tokens, admitted_at, owner_id)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $13)
+    SELECT r.request_id, $2, $3, r.nanos, r.balance_nanos, r.count, r.tokens, $8, $13
+    FROM unnest($1::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[]) AS r(request_id, nanos, balance_nanos, count, tokens)
 ),
 account_windows AS (
     INSERT INTO rate_windows (key_id, kind, seconds, window_start, used)
@@ -199,6 +201,25 @@ SELECT $2, w.kind, w.seconds, w.start, w.used FROM unnest($9::text[], $10::int8[
 ON CONFLICT (key_id, kind, seconds) DO UPDATE SET window_start = excluded.window_start,
     used = CASE WHEN rate_windows.window_start = excluded.window_start THEN rate_windows.used + excluded.used ELSE excluded.used END
 """
+
+
+def _window_columns(counts: dict[tuple[str, int, float], int]) -> tuple[list[str], list[int], list[float], list[int]]:
+    """What a batch counts in rate windows, as _HOLD_SQL's columns (kinds, seconds, starts, counts)."""
+    return [kind for kind, _, _ in counts], [seconds for _, seconds, _ in counts], [start for _, _, start in counts], list(counts.values())
+
+
+@dataclass(slots=True, eq=False)
+class _Admission:
+    """A request waiting in this process for its key's next admission transaction."""
+
+    key: ApiKey
+    nanos: int
+    balance_nanos: int
+    count: int
+    tokens: int
+    now: float
+    request_id: str
+    decided: asyncio.Future[Reservation]  # the reservation, or why it was refused
 
 
 @dataclass(slots=True)
@@ -251,7 +272,8 @@ class PgLedger:
         self.limiter = FleetLimiter(self, clock)  # its state is this instance's view, for pages and headers
         self.instance_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._accounts: dict[str, Account] = {}
-        self._turns: dict[str, list[Any]] = {}  # key id -> [lock, waiters]: admissions take turns per key
+        self._waiting: dict[str, list[_Admission]] = {}  # key id -> its requests waiting for admission
+        self._admitters: set[asyncio.Task[None]] = set()  # one per key with requests waiting
         self._queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -304,69 +326,146 @@ class PgLedger:
     # --- admission ----------------------------------------------------------------------
 
     async def admit(self, key: ApiKey, nanos: int, balance_nanos: int, count: int, tokens: int, now: float, request_id: str) -> Reservation:
-        """Check and hold the balance and every limit of the key in one transaction under the
-        key's row lock. Raises InsufficientBalance, a limit's GatewayError, or 503."""
+        """Check and hold the balance and every limit of the key under the key's row lock.
+        Raises InsufficientBalance, a limit's GatewayError, or 503. The request joins its key's
+        queue in this process; the key's next transaction admits everything queued then."""
+        decided: asyncio.Future[Reservation] = asyncio.get_running_loop().create_future()
+        waiting = self._waiting.get(key.id)
+        if waiting is None:
+            waiting = self._waiting[key.id] = []
+            task = asyncio.create_task(self._admit_in_turns(key.id, waiting))
+            self._admitters.add(task)
+            task.add_done_callback(self._admitters.discard)
+        waiting.append(_Admission(key, nanos, balance_nanos, count, tokens, now, request_id, decided))
+        return await decided  # a request that leaves cancels it: its turn then holds nothing
+
+    async def _admit_in_turns(self, key_id: str, waiting: list[_Admission]) -> None:
+        """One admission transaction per key at a time in this process, each taking every
+        request of the key queued meanwhile (up to MAX_ADMISSIONS). One at a time: queued
+        requests wait here holding no database connection, instead of on the key's row lock
+        in PostgreSQL (each holding a pooled connection, lengthening the queue for every
+        instance). Together: the lock is held for a few round trips per batch, not per request,
+        so a key's admissions keep up with any rate of requests, however many instances."""
+        masked = waiting[0].key.masked  # (queued right after this task was made)
+        batch: list[_Admission] = []
+        try:
+            while waiting:
+                key = waiting[0].key  # a reload may have changed the key: one version per batch
+                batch, rest = [], list[_Admission]()
+                for admission in waiting:
+                    (batch if admission.key is key and len(batch) < MAX_ADMISSIONS else rest).append(admission)
+                waiting[:] = rest
+                await self._admit_batch(key, [admission for admission in batch if not admission.decided.done()])
+        except BaseException as exc:  # a bug, or the loop closing: nobody may wait forever
+            if isinstance(exc, Exception):
+                log.exception("admission for key %s failed", masked)
+            for admission in (*batch, *waiting):
+                if not admission.decided.done():
+                    admission.decided.set_exception(exc if isinstance(exc, Exception) else unavailable("the gateway is stopping"))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            del self._waiting[key_id]
+
+    async def _admit_batch(self, key: ApiKey, batch: list[_Admission]) -> None:
+        """Admit or refuse each of `batch` (one key's requests, in arrival order) in one
+        transaction: one read of the key's state, each request checked and held against it in
+        turn as the embedded ledger does in memory, one statement writing every hold."""
+        if not batch:
+            return
+        now = max(admission.now for admission in batch)  # every hold of the batch counts in the same windows
+        admitted: list[tuple[_Admission, Reservation]] = []
+        refused: list[tuple[_Admission, Exception]] = []
         hold_sent = False
         try:
-            async with self._key_turn(key.id), self.pool.acquire() as conn, conn.transaction():
+            async with self.pool.acquire() as conn, conn.transaction():
                 account, state, group_state = await self._locked_state(conn, key, now)
-                limits = key.limits
-                holds = self.limiter.acquire(key, account, nanos, tokens, now, state) if limits.meters_anything else None
                 group = key.account if group_state is not None and key.account is not None and key.account.limits.meters_anything else None
-                group_holds = self.limiter.acquire(group, account.holder, nanos, tokens, now, group_state) if group is not None else None
-                reservation = hold(account, key.billing, balance_nanos, count)
-                windows = holds.rate_windows if holds is not None else []
-                group_windows = group_holds.rate_windows if group_holds is not None else []
-                hold_sent = True
-                await conn.execute(
-                    _HOLD_SQL,
-                    request_id,
-                    key.id,
-                    self.instance_id,
-                    nanos,
-                    balance_nanos,
-                    count,
-                    tokens,
-                    now,
-                    [kind for kind, _, _ in windows],
-                    [seconds for _, seconds, _ in windows],
-                    [start for _, _, start in windows],
-                    [1 if kind == "requests" else tokens for kind, _, _ in windows],
-                    key.billing.owner or "",
-                    [kind for kind, _, _ in group_windows],
-                    [seconds for _, seconds, _ in group_windows],
-                    [start for _, _, start in group_windows],
-                    [1 if kind == "requests" else tokens for kind, _, _ in group_windows],
-                )
+                windows: dict[tuple[str, int, float], int] = {}
+                group_windows: dict[tuple[str, int, float], int] = {}
+                for admission in batch:
+                    if admission.decided.done():  # its request left while the state was read
+                        continue
+                    try:
+                        reservation = self._hold_one(key, group, account, state, group_state, admission, now, windows, group_windows)
+                    except (GatewayError, InsufficientBalance) as exc:
+                        refused.append((admission, exc))
+                        continue
+                    admitted.append((admission, reservation))
+                if admitted:
+                    hold_sent = True
+                    await conn.execute(
+                        _HOLD_SQL,
+                        [admission.request_id for admission, _ in admitted],
+                        key.id,
+                        self.instance_id,
+                        [admission.nanos for admission, _ in admitted],
+                        [admission.balance_nanos for admission, _ in admitted],
+                        [admission.count for admission, _ in admitted],
+                        [admission.tokens for admission, _ in admitted],
+                        now,
+                        *_window_columns(windows),
+                        key.billing.owner or "",
+                        *_window_columns(group_windows),
+                    )
         except DATABASE_ERRORS as exc:
             if not isinstance(exc, UNREACHABLE):
                 log.error("admission for key %s failed in the database: %s", key.masked, exc)
-            if hold_sent:  # the commit may have reached the database with its reply lost: free
-                self._queue.put_nowait(_Ended(None, request_id))  # the hold if it did (a no-op if not)
-            raise unavailable(reason(exc)) from None
-        if holds is not None:  # this instance's view of the key, for headers and pages
+            for admission, _ in admitted if hold_sent else ():  # the commit may have reached the database
+                self._queue.put_nowait(_Ended(None, admission.request_id))  # with its reply lost: free the holds if so
+            for admission in batch:
+                if not admission.decided.done():
+                    admission.decided.set_exception(unavailable(reason(exc)))
+            return
+        if key.limits.meters_anything:  # this instance's view of the key, for headers and pages
             self.limiter._state[key.id] = state
         if group is not None and group_state is not None:
             self.limiter._state[group.id] = group_state
-        reservation.request_id, reservation.tokens, reservation.admitted_at = request_id, tokens, now
-        return reservation
+        for admission, refusal in refused:
+            if not admission.decided.done():
+                admission.decided.set_exception(refusal)
+        for admission, reservation in admitted:
+            reservation.request_id, reservation.tokens, reservation.admitted_at = admission.request_id, admission.tokens, now
+            if admission.decided.done():  # its request left while the holds were written: free its own
+                self.release(reservation)
+            else:
+                admission.decided.set_result(reservation)
 
-    @contextlib.asynccontextmanager
-    async def _key_turn(self, key_id: str) -> AsyncIterator[None]:
-        """One admission per key at a time in this process: the others wait here, holding no
-        database connection, instead of queueing on the key's row lock in PostgreSQL (where each
-        would hold a pooled connection and lengthen the queue for every instance)."""
-        turn = self._turns.get(key_id)
-        if turn is None:
-            turn = self._turns[key_id] = [asyncio.Lock(), 0]
-        turn[1] += 1
+    def _hold_one(
+        self,
+        key: ApiKey,
+        group: ApiKey | None,
+        account: Account,
+        state: KeyState,
+        group_state: KeyState | None,
+        admission: _Admission,
+        now: float,
+        windows: dict[tuple[str, int, float], int],
+        group_windows: dict[tuple[str, int, float], int],
+    ) -> Reservation:
+        """Check and hold one request against the batch's state (what the requests before it
+        hold included), adding what it counts in each rate window; a refused request holds
+        nothing (what its first checks held is given back)."""
+        nanos, tokens = admission.nanos, admission.tokens
+        holds = self.limiter.acquire(key, account, nanos, tokens, now, state) if key.limits.meters_anything else None
         try:
-            async with turn[0]:
-                yield
-        finally:
-            turn[1] -= 1
-            if turn[1] == 0:
-                del self._turns[key_id]
+            group_holds = self.limiter.acquire(group, account.holder, nanos, tokens, now, group_state) if group is not None else None
+        except GatewayError:
+            if holds is not None:
+                self.limiter.release(holds, 0, 0, now, 0, counted=False, state=state)
+            raise
+        try:
+            reservation = hold(account, key.billing, admission.balance_nanos, admission.count)
+        except InsufficientBalance:
+            if holds is not None:
+                self.limiter.release(holds, 0, 0, now, 0, counted=False, state=state)
+            if group_holds is not None:
+                self.limiter.release(group_holds, 0, 0, now, 0, counted=False, state=group_state)
+            raise
+        for held, counts in ((holds, windows), (group_holds, group_windows)):
+            for kind, seconds, start in held.rate_windows if held is not None else ():
+                counts[(kind, seconds, start)] = counts.get((kind, seconds, start), 0) + (1 if kind == "requests" else tokens)
+        return reservation
 
     async def refresh_view(self, key: ApiKey, now: float) -> None:
         """This instance's view of a key's account and limits, read now (for a page)."""
