@@ -3,6 +3,7 @@ front of one fake vendor that holds every stream open for `--events` SSE events 
 apart (bench/stream_vendor.py), under wrk holding C connections, for each C in one run.
 
     python bench/streams_bench.py [--connections 1000,3000,10000] [--duration 30] [--events 20] [--spacing-ms 50]
+                                  [--servers bare,gateway,fleet-2] [--keys 1]
 
 Needs wrk (apt-get install wrk). Run as root for C above ~5,000: it raises its open-file limit
 (soft and hard, inherited by every process it starts) and `net.core.somaxconn` when that is
@@ -14,8 +15,13 @@ For each C and server it prints: requests/s; p50 and p99 of the whole stream (re
 last byte) and p50 against the stream's natural duration (events x spacing); errors of every
 kind (wrk's connect/read/write/timeout and non-2xx; the kernel's listen-queue overflows and
 drops during the run; for the gateway, upstream attempts that failed and answers other than
-200 and 499, read from its /metrics); the server's CPU-seconds per 1,000 relayed events; its
-idle and peak resident memory, and the peak above idle per open stream.
+200 and 499, read from its /metrics); the server's CPU per relayed event (µs) and the cores it
+kept busy (CPU-seconds per second of load: a server near 1.00 per process is CPU-bound); its idle
+and peak resident memory, and the peak above idle per open stream.
+
+`--servers fleet-N` runs the gateway in fleet mode, N workers on a PostgreSQL the benchmark
+starts; `--keys N` spreads the requests over N keys (default one: one busy tenant, whose
+admissions take turns in the fleet).
 """
 
 from __future__ import annotations
@@ -43,13 +49,19 @@ from bench.run import ROOT, cpu_seconds, free_port, parse_wrk, wait_http
 from core.process_limits import RESERVED_FILES, SOCKETS_PER_STREAM
 from test.postgres import PostgresServer
 
-KEY = "sk-bench-streams-000001"
 ADMIN = "sk-bench-admin-0123456789abcdef"
 SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
 
 
-def gateway_config(work: Path, vendor: str) -> Path:
+def bench_keys(count: int) -> list[str]:
+    """The keys the load is spread over (round-robin): one by default, as one busy tenant."""
+    return [f"sk-bench-streams-{number:06d}" for number in range(1, count + 1)]
+
+
+def gateway_config(work: Path, vendor: str, keys: int = 1) -> Path:
     path = work / "api.yaml"
+    entries = "".join(f"  - api: {key}\n    name: streams-{number}\n    preferences: {{billing_mode: token, credits: 100000000}}\n"
+                      for number, key in enumerate(bench_keys(keys), 1))  # fmt: skip
     path.write_text(f"""
 providers:
   - provider: vendor
@@ -57,10 +69,7 @@ providers:
     api: k
     model: [bench-stream]
 api_keys:
-  - api: {KEY}
-    name: streams
-    preferences: {{billing_mode: token, credits: 100000000}}
-  - api: {ADMIN}
+{entries}  - api: {ADMIN}
     name: ops
     role: admin
 preferences:
@@ -69,15 +78,25 @@ preferences:
     return path
 
 
-def wrk_script(work: Path) -> Path:
+def wrk_script(work: Path, keys: int = 1) -> Path:
     body = '{"model":"bench-stream","messages":[{"role":"user","content":"Tell me a story."}],"max_tokens":64,"stream":true}'
     path = work / "streams.lua"
+    bearers = ", ".join(f'"Bearer {key}"' for key in bench_keys(keys))
+    rotate = f"""
+local bearers = {{{bearers}}}
+local sent = 0
+request = function()
+  sent = sent + 1
+  wrk.headers["Authorization"] = bearers[sent % #bearers + 1]
+  return wrk.format()
+end
+"""
     path.write_text(f"""
 wrk.method = "POST"
 wrk.body = '{body}'
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer {KEY}"
-""")
+wrk.headers["Authorization"] = "Bearer {bench_keys(1)[0]}"
+{rotate if keys > 1 else ""}""")  # (one key: no Lua per request, as measured before --keys existed)
     return path
 
 
@@ -175,6 +194,7 @@ class Result:
     listen_drops: int
     server_errors: int
     cpu_ms_per_1k_events: float
+    cores: float  # the server's CPU-seconds per second of load: how much of the machine it had
     idle_rss_mb: float
     peak_rss_mb: float
     kb_per_stream: float
@@ -213,7 +233,7 @@ def measure(kind: str, work: Path, vendor: str, connections: int, args: argparse
     port = free_port()
     server = start(kind, work, vendor, port, args.postgres)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    script = wrk_script(work)
+    script = wrk_script(work, args.keys)
     try:
         pids = process_tree(server.pid)
         subprocess.run(["wrk", "-t1", "-c50", "-d2s", "-s", str(script), url], capture_output=True, check=True)  # warm-up
@@ -223,9 +243,10 @@ def measure(kind: str, work: Path, vendor: str, connections: int, args: argparse
         failures_before = gateway_failures(port) if kind != "bare" else 0
         vendor_stats(f"{vendor}/stats?reset")
         wrk = ["wrk", f"-t{args.wrk_threads}", f"-c{connections}", f"-d{args.duration}s", "--timeout", "300s", "--latency", "-s", str(script), url]
+        started = time.monotonic()
         with peak_rss(pids) as peak:
             out = subprocess.run(wrk, capture_output=True, text=True, check=True).stdout
-        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+        cpu, elapsed = sum(cpu_seconds(pid) for pid in pids) - cpu_before, time.monotonic() - started
         drops = listen_drops() - drops_before
         peak_open = vendor_stats(f"{vendor}/stats")["peak_open_streams"]
         time.sleep(1)  # the streams wrk left behind end (499) before the gateway's count is read
@@ -244,6 +265,7 @@ def measure(kind: str, work: Path, vendor: str, connections: int, args: argparse
         drops,
         failures,
         cpu * 1000 / events * 1000 if events else float("nan"),
+        cpu / elapsed,
         idle / 1024,
         peak[0] / 1024,
         (peak[0] - idle) / connections,
@@ -262,17 +284,19 @@ def hold(kind: str, work: Path, streams: int, args: argparse.Namespace) -> tuple
     held, kb = 0, float("nan")
     try:
         wait_http(f"{vendor_url}/stats")
-        gateway_config(work, vendor_url)
+        gateway_config(work, vendor_url, args.keys)
         server = start(kind, work, vendor_url, port, args.postgres)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         try:
             pids = process_tree(server.pid)
-            subprocess.run(["wrk", "-t1", "-c50", "-d2s", "--timeout", "1s", "-s", str(wrk_script(work)), url], capture_output=True)  # warm-up
+            subprocess.run(["wrk", "-t1", "-c50", "-d2s", "--timeout", "1s", "-s", str(wrk_script(work, args.keys)), url], capture_output=True)  # warm-up
             while vendor_stats(vendor_url)["open_streams"]:  # the warm-up's streams, cut when wrk left
                 time.sleep(0.2)
             time.sleep(1)
             idle = rss_kb(pids)
-            wrk = subprocess.Popen(["wrk", "-t1", f"-c{streams}", "-d120s", "--timeout", "300s", "-s", str(wrk_script(work)), url], stdout=subprocess.DEVNULL)
+            wrk = subprocess.Popen(
+                ["wrk", "-t1", f"-c{streams}", "-d120s", "--timeout", "300s", "-s", str(wrk_script(work, args.keys)), url], stdout=subprocess.DEVNULL
+            )
             try:
                 deadline = time.monotonic() + 100
                 while time.monotonic() < deadline and held < streams:
@@ -309,6 +333,7 @@ def main() -> None:
     parser.add_argument("--wrk-threads", type=int, default=1)
     parser.add_argument("--keep-somaxconn", action="store_true", help="leave net.core.somaxconn as it is (see how the kernel's default does)")
     parser.add_argument("--hold", type=int, default=None, help="streams held open to measure memory per stream (default: the largest C; 0: skip)")
+    parser.add_argument("--keys", type=int, default=1, help="API keys the requests are spread over, round-robin (many tenants; default one busy key)")
     parser.add_argument("--show-wrk", action="store_true", help="print wrk's own output of every run")
     args = parser.parse_args()
     counts = [int(c) for c in args.connections.split(",")]
@@ -330,7 +355,7 @@ def main() -> None:
                           "--spacing-ms", str(args.spacing_ms)]  # fmt: skip
         vendor = subprocess.Popen(vendor_command, cwd=ROOT)
         vendor_url = f"http://127.0.0.1:{vendor_port}"
-        gateway_config(work, vendor_url)
+        gateway_config(work, vendor_url, args.keys)
         try:
             wait_http(f"{vendor_url}/stats")
             for index, connections in enumerate(counts):
@@ -344,13 +369,13 @@ def main() -> None:
             vendor.terminate()
             vendor.wait(timeout=30)
         held = {kind: hold(kind, work, min(args.hold or max(counts), most * workers_of(kind)), args) for kind in kinds} if args.hold != 0 else {}
-    print(f"\n{args.events} events {args.spacing_ms:g} ms apart (natural stream {natural_ms / 1000:g} s), {args.duration} s per run, {os.cpu_count()} cores;"
+    print(f"\n{args.events} events {args.spacing_ms:g} ms apart (natural stream {natural_ms / 1000:g} s), {args.duration} s per run, {args.keys} key(s), {os.cpu_count()} cores;"
           f" vendor: {stats['started']} streams")  # fmt: skip
     print(f"{'C':>6} {'server':8} {'req/s':>7} {'p50 s':>6} {'p99 s':>6} {'p50/nat':>7} {'errors':>6} {'wrk/listen/gw':>13} "
-          f"{'us/event':>8} {'idle MB':>7} {'peak MB':>7} {'KB/conn':>7} {'open':>6}")  # fmt: skip
+          f"{'us/event':>8} {'cores':>5} {'idle MB':>7} {'peak MB':>7} {'KB/conn':>7} {'open':>6}")  # fmt: skip
     for (_, kind), r in sorted(results.items()):
         print(f"{r.connections:6d} {kind:8} {r.rps:7.0f} {r.p50_ms / 1000:6.2f} {r.p99_ms / 1000:6.2f} {r.p50_ms / natural_ms:7.2f} {r.errors:6d} "
-              f"{f'{r.wrk_errors}/{r.listen_drops}/{r.server_errors}':>13} {r.cpu_ms_per_1k_events:8.1f} {r.idle_rss_mb:7.0f} {r.peak_rss_mb:7.0f} "
+              f"{f'{r.wrk_errors}/{r.listen_drops}/{r.server_errors}':>13} {r.cpu_ms_per_1k_events:8.1f} {r.cores:5.2f} {r.idle_rss_mb:7.0f} {r.peak_rss_mb:7.0f} "
               f"{r.kb_per_stream:7.1f} {r.peak_open:6d}")  # fmt: skip
     for kind, (streams, kb) in held.items():
         print(f"held open: {kind:8} {streams:6d} streams, {kb:5.1f} KB resident per stream above idle")

@@ -64,3 +64,14 @@ def test_streams_benchmark_smoke_run_has_no_errors_and_a_row_per_server():
     assert all(float(row[2]) > 0 and row[6] == "0" and row[7] == "0/0/0" for row in rows), result.stdout  # requests/s, errors
     held = [line for line in result.stdout.splitlines() if line.startswith("held open:")]
     assert len(held) == 2 and all(" 60 streams" in line for line in held), result.stdout
+
+
+@pytest.mark.skipif(not os.environ.get("CI") and not _installed("wrk"), reason="needs wrk (CI installs it)")
+def test_streams_benchmark_runs_a_fleet_over_several_keys_without_errors():
+    command = [sys.executable, "bench/streams_bench.py", "--connections", "60", "--duration", "2", "--events", "4", "--spacing-ms", "20", "--hold", "0",
+               "--servers", "fleet-2", "--keys", "3"]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 key(s)" in result.stdout, result.stdout
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["60"]]
+    assert [row[1] for row in rows] == ["fleet-2"] and float(rows[0][2]) > 0 and rows[0][6] == "0", result.stdout  # 401s would be errors
