@@ -163,3 +163,27 @@ def test_a_request_that_leaves_while_waiting_for_admission_holds_nothing(postgre
         assert (await held(ledger))[0] == 20
 
     with_ledger(postgres, test)
+
+
+def test_an_instance_whose_pool_is_all_at_work_still_renews_its_lease(postgres):
+    # Under load every pooled connection may be busy admitting; a heartbeat queued behind them
+    # could let the lease run out while the instance serves, and another would free its holds.
+    async def test(ledger: PgLedger) -> None:
+        observer = await asyncpg.connect(ledger.url)
+        try:
+            before = await observer.fetchval("SELECT heartbeat_at FROM instances WHERE id = $1", ledger.instance_id)
+            async with ledger.pool.acquire(), ledger.pool.acquire():  # the whole pool (pool_size=2)
+                await asyncio.wait_for(ledger.heartbeat(), 5)
+            after = await observer.fetchval("SELECT heartbeat_at FROM instances WHERE id = $1", ledger.instance_id)
+        finally:
+            await observer.close()
+        assert after > before
+
+    async def run() -> None:
+        ledger = await PgLedger.open(postgres.new_database(), pool_size=2)
+        try:
+            await test(ledger)
+        finally:
+            await ledger.close()
+
+    asyncio.run(run())

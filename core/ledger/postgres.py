@@ -277,6 +277,7 @@ class PgLedger:
         self._queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._keeper: asyncpg.Connection | None = None  # the heartbeat's own connection
         self.write_error: str | None = None
         self._retrying = 0
         # Told of each group commit: (seconds, or None when it failed; rows still unwritten).
@@ -944,8 +945,16 @@ class PgLedger:
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def heartbeat(self) -> None:
+        """On a connection of its own: were it to queue for the pool behind admissions (a
+        busy instance has them all at work), its lease could run out while it serves, and
+        another instance would free what its requests hold."""
         config_hash, config_error = self.config_source()
-        async with self.pool.acquire() as conn:
+        if self._keeper is None or self._keeper.is_closed():
+            self._keeper = await asyncpg.connect(
+                self.url, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT, server_settings={"application_name": "tollgate-heartbeat"}
+            )
+        conn = self._keeper
+        try:
             renewed = await conn.fetchval(
                 "UPDATE instances SET heartbeat_at = clock_timestamp(), config_hash = $2, config_error = $3 WHERE id = $1 RETURNING id",
                 self.instance_id,
@@ -962,6 +971,9 @@ class PgLedger:
                 log.warning("instance %s (host %s, pid %s) stopped heartbeating; freeing what its requests held", instance_id, host, pid)
             await self._free_orphans(conn)
             self.live_instances = max(1, int(await conn.fetchval("SELECT COUNT(*) FROM instances")))
+        except DATABASE_ERRORS:
+            conn.terminate()  # a connection in an unknown state: the next beat makes a new one
+            raise
 
     async def _free_orphans(self, conn: asyncpg.Connection) -> None:
         """Delete the reservations of instances that are gone, and bill what their streams had
@@ -1016,6 +1028,8 @@ class PgLedger:
             await self.pool.execute("DELETE FROM instances WHERE id = $1", self.instance_id)
         except DATABASE_ERRORS:
             pass
+        if self._keeper is not None and not self._keeper.is_closed():
+            await self._keeper.close()
         await self.writer.close()
         await self.pool.close()
 
