@@ -22,7 +22,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from core.config import Provider
 from core.errors import GatewayError
@@ -166,6 +166,19 @@ class Lane:
         self._report = self._loop.call_later(REPORT_EVERY, self.report)
 
 
+class Connections(NamedTuple):
+    """A provider's calls in this process, for the Providers page and its API: in flight, its
+    max_connections (None: unlimited), and requests waiting for a slot."""
+
+    in_flight: int
+    limit: int | None
+    waiting: int
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and self.in_flight >= self.limit
+
+
 class UpstreamGate(dict[str, Lane]):
     """Every provider's lane, by provider name, made on first use (`gate[name]`)."""
 
@@ -183,6 +196,14 @@ class UpstreamGate(dict[str, Lane]):
         limits = {provider.name: provider.max_connections for provider in providers}
         for name, lane in self.items():
             lane.set_limit(limits.get(name))
+
+    def connections(self, providers: Iterable[Provider]) -> dict[str, Connections]:
+        """Each provider's calls in flight, limit and waiting requests, now (no lane is made)."""
+        found = {}
+        for provider in providers:
+            lane = self.get(provider.name)
+            found[provider.name] = Connections(lane.in_flight if lane else 0, provider.max_connections, lane.waiting if lane else 0)
+        return found
 
     @contextlib.asynccontextmanager
     async def slot(self, provider: Provider) -> AsyncIterator[None]:

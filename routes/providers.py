@@ -17,8 +17,9 @@ async def providers_states(request: Request) -> Response:
     config = current_config(request)
     require_admin(request, config)
     state = request.app.state
-    cooling = state.gateway.scheduler.cooling()
-    return ExactJSONResponse(await provider_states(config, state.ledger, state.clock(), request.query_params.get("month") or None, cooling))
+    gateway = state.gateway
+    cooling, connections = gateway.scheduler.cooling(), gateway.gate.connections(config.providers)
+    return ExactJSONResponse(await provider_states(config, state.ledger, state.clock(), request.query_params.get("month") or None, cooling, connections))
 
 
 routes = [Route("/v1/providers_states", providers_states, methods=["GET"])]

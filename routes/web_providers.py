@@ -14,8 +14,9 @@ from starlette.routing import Route
 from core.alerts import recent_alerts
 from core.money_format import count_text, usd_text
 from core.pricing import format_usd
-from core.telemetry.facts import ERROR, FAILOVER, TIMEOUT
+from core.telemetry.facts import BUSY, ERROR, FAILOVER, TIMEOUT
 from core.telemetry.metrics import Metrics
+from core.upstream_gate import Connections
 from core.vendors.states import ProviderState, ProviderTotals, daily_provider_series, month_bounds, provider_state_list
 from routes._http import current_config
 from routes._pages import render
@@ -32,7 +33,10 @@ async def providers_page(request: Request) -> Response:
     state = request.app.state
     now = state.clock()
     asked = request.query_params.get("month") or None
-    label, current, states = await provider_state_list(config, state.ledger, now, asked, state.gateway.scheduler.cooling())
+    gateway = state.gateway
+    label, current, states = await provider_state_list(
+        config, state.ledger, now, asked, gateway.scheduler.cooling(), gateway.gate.connections(config.providers)
+    )
     start, end, _ = month_bounds(config.preferences.timezone, now, label)
     # The chart: the last 30 days, or the days of the past month shown.
     series = await daily_provider_series(config, state.ledger, now if current else end - 1, CHART_DAYS if current else round((end - start) / 86400))
@@ -84,15 +88,25 @@ def _provider_view(state: ProviderState, days: list[tuple[str, ProviderTotals]],
         "configured": state.configured,
         "status": state.status,
         "cooling": ", ".join(state.cooling_down_models),
+        "connections": _connections_text(state.connections),
         "today": money(state.entry.today.vendor_cost_nanos, state.entry.today.cost_known),
         **money_cells(month),
         "errors": month.errors,
         "failovers": None if outcomes is None else calls.get(FAILOVER, 0),
         "upstream_errors": None if outcomes is None else calls.get(ERROR, 0) + calls.get(TIMEOUT, 0),
+        "busy": None if outcomes is None else calls.get(BUSY, 0),
         "budget": _budget(state),
         "chart": cost_chart(days),
         "models": [_model_row(model, totals) for model, totals in sorted(state.entry.models.items())],
     }
+
+
+def _connections_text(connections: Connections | None) -> str:
+    """A limited provider's calls now, beside its status: "3 of 5 connections, 2 waiting"."""
+    if connections is None or connections.limit is None:
+        return ""
+    waiting = f", {connections.waiting:,} waiting" if connections.waiting else ""
+    return f"{connections.in_flight:,} of {connections.limit:,} connections{waiting}"
 
 
 def _budget(state: ProviderState) -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ from core.upstream_gate import REPORT_EVERY, ClientLeft, Lane, UpstreamBusy, Ups
 from test.conftest import ADMIN_KEY, USER_KEY, RunningGateway
 from test.servers import ResponsesVendor, completion_body, stream_chunks, streamed_text
 from test.test_metrics_scrape import scrape_when_idle
+from test.test_web import Browser
 
 T = TypeVar("T")
 MESSAGES: Any = [{"role": "user", "content": "hi"}]
@@ -368,6 +369,34 @@ def test_waits_and_busy_attempts_are_counted_in_metrics(start_gateway, upstream,
         ("p2", "chat", "busy"): 1,
     }
     assert metrics.series("tollgate_requests_total", "endpoint", "model", "provider", "status_code")[("chat/completions", "chat", "", "503")] == 1
+
+
+def test_the_providers_api_and_page_show_a_full_provider_its_connections_and_busy_calls(start_gateway, upstream, vendor):
+    gateway = start_gateway(config("{max_connections: 2, max_connections_wait: 60}", p2="{max_connections: 1, max_connections_wait: 0}"), upstream)
+    alice = gateway.client()
+    held = [alice.chat.completions.create(model="p1/chat", messages=MESSAGES, stream=True) for _ in range(2)]
+    waiting = in_background(lambda: gateway.async_client().chat.completions.create(model="p1/chat", messages=MESSAGES))
+    until(lambda: counts(gateway, "p1") == (2, 1), "p1 full, one request waiting")
+    held.append(alice.chat.completions.create(model="p2/chat", messages=MESSAGES, stream=True))
+    assert refused(lambda: alice.chat.completions.create(model="p2/chat", messages=MESSAGES)).status_code == 503  # busy
+
+    providers = {p["provider"]: p for p in gateway.http("GET", "/v1/providers_states", key=ADMIN_KEY).json()["providers"]}
+    assert providers["p1"]["status"] == providers["p2"]["status"] == "at_max_connections"
+    assert providers["p1"]["connections"] == {"in_flight": 2, "max_connections": 2, "waiting": 1}
+    assert providers["p2"]["connections"] == {"in_flight": 1, "max_connections": 1, "waiting": 0}
+    browser = Browser(gateway.url)
+    browser.login(ADMIN_KEY)
+    page = browser.get("/admin/providers").text
+    p1, p2 = (page.split(f'<tr data-provider="{name}">')[1].split("</tr>")[0] for name in ("p1", "p2"))
+    assert "status at_max_connections" in p1 and "2 of 2 connections, 1 waiting" in p1
+    assert '<span class="busy">1</span>' in p2 and "1 of 1 connections<" in p2
+
+    vendor.release.set()
+    assert waiting.result(timeout=30).choices[0].message.content == "Hello from upstream"
+    assert all(streamed_text(stream) == "".join(WORDS) for stream in held)
+    until(lambda: counts(gateway, "p1") == (0, 0), "p1's calls ended")
+    providers = {p["provider"]: p for p in gateway.http("GET", "/v1/providers_states", key=ADMIN_KEY).json()["providers"]}
+    assert providers["p1"]["status"] == "ok" and providers["p1"]["connections"] == {"in_flight": 0, "max_connections": 2, "waiting": 0}
 
 
 # --- count_tokens -------------------------------------------------------------------------------

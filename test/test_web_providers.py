@@ -171,7 +171,7 @@ def test_providers_page_counts_failovers_and_upstream_errors_since_start(vendor_
         chat(gateway, "house-chat")
     page = browser.get("/admin/providers").text
     shown = {name: re.sub(r"<[^>]+>", "", cell(row_of(page, name), "upstream")) for name in ("cheap", "dear", "mystery")}
-    assert shown == {"cheap": "0 / 1", "dear": "1 / 0", "mystery": "0 / 0"}  # failovers / upstream errors
+    assert shown == {"cheap": "0 / 1 / 0", "dear": "1 / 0 / 0", "mystery": "0 / 0 / 0"}  # failovers / upstream errors / busy
     counts = {name: tuple(re.findall(r'<span class="(?:failovers|upstream-errors)">(\d+)</span>', row_of(page, name))) for name in shown}
     assert counts == {"cheap": ("0", "1"), "dear": ("1", "0"), "mystery": ("0", "0")}
 

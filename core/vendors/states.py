@@ -28,8 +28,10 @@ from core.errors import bad_request
 from core.ledger import Ledger
 from core.limits import period_bounds
 from core.money_format import usd_json
+from core.upstream_gate import Connections
 
-OK, OVER_BUDGET, COOLING_DOWN = "ok", "over_budget", "cooling_down"
+# A provider at its max_connections (this process's calls: core/upstream_gate.py) is busy, not failing.
+OK, OVER_BUDGET, COOLING_DOWN, AT_MAX_CONNECTIONS = "ok", "over_budget", "cooling_down", "at_max_connections"
 _MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
 _CHUNK = 500  # rollup rows fetched at a time by a streamed export
 _COLUMNS = (
@@ -181,6 +183,7 @@ class ProviderState:
     budget_action: str | None
     status: str
     cooling_down_models: list[str]
+    connections: Connections | None = None  # this process's calls to it (a configured provider's)
 
     @property
     def budget_used(self) -> Decimal | None:
@@ -193,13 +196,15 @@ async def provider_state_list(
     now: float,
     month: str | None = None,
     cooling: dict[str, list[str]] | None = None,
+    connections: dict[str, Connections] | None = None,
 ) -> tuple[str, bool, list[ProviderState]]:
     """Every provider's state in `month` (None: the current one): (the month, whether it is the
-    current one, the states). A past month is never over budget: its budget no longer binds."""
+    current one, the states). A past month is never over budget: its budget no longer binds.
+    `cooling` and `connections`: this process's routes cooling down and calls per provider."""
     label, months = await provider_months(config, ledger, now, month)
     current = month is None or label == month_bounds(config.preferences.timezone, now, None)[2]
     configured = {provider.name: provider for provider in config.providers}
-    cooling = cooling or {}
+    cooling, connections = cooling or {}, connections or {}
     states = []
     for name, entry in months.items():
         provider = configured.get(name)
@@ -209,10 +214,12 @@ async def provider_state_list(
             status = OVER_BUDGET
         elif name in cooling:
             status = COOLING_DOWN
+        elif name in connections and connections[name].full:
+            status = AT_MAX_CONNECTIONS
         else:
             status = OK
         action = terms.budget_action if budget is not None and terms is not None else None
-        states.append(ProviderState(name, provider is not None, entry, budget, action, status, sorted(cooling.get(name, []))))
+        states.append(ProviderState(name, provider is not None, entry, budget, action, status, sorted(cooling.get(name, [])), connections.get(name)))
     return label, current, states
 
 
@@ -222,10 +229,17 @@ async def provider_states(
     now: float,
     month: str | None = None,
     cooling: dict[str, list[str]] | None = None,
+    connections: dict[str, Connections] | None = None,
 ) -> dict[str, Any]:
     """GET /v1/providers_states: per provider, today and the month (see the module doc)."""
-    label, _, states = await provider_state_list(config, ledger, now, month, cooling)
+    label, _, states = await provider_state_list(config, ledger, now, month, cooling, connections)
     return {"month": label, "timezone": str(config.preferences.timezone), "providers": [_state_json(state) for state in states]}
+
+
+def _connections_json(connections: Connections | None) -> dict[str, Any] | None:
+    if connections is None:
+        return None
+    return {"in_flight": connections.in_flight, "max_connections": connections.limit, "waiting": connections.waiting}
 
 
 def _state_json(state: ProviderState) -> dict[str, Any]:
@@ -247,6 +261,7 @@ def _state_json(state: ProviderState) -> dict[str, Any]:
         "budget_used": orjson.Fragment(str(used).encode()) if used is not None else None,
         "status": state.status,
         "cooling_down_models": state.cooling_down_models,
+        "connections": _connections_json(state.connections),
         "models": [
             {
                 "model": model,
