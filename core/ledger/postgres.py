@@ -6,7 +6,9 @@ it holds however many instances serve one key:
 - Admission is one transaction under the key's `accounts` row lock: it reads the key's
   counters, what requests in flight hold (`reservations`), its rate windows and budget
   periods, checks them with the same rules as the embedded ledger (core/limits.py), and
-  inserts the request's reservation. Instances cannot interleave between check and hold.
+  inserts the request's reservation. Instances cannot interleave between check and hold. The
+  requests of one key waiting in an instance share one such transaction (PgLedger.admit), so
+  a key's row lock is taken per batch of requests, not per request.
   It commits with `synchronous_commit = off`: a reservation lost in a database crash only
   ever frees a hold.
 - Settlements are queued and group-committed by one writer per instance (durably), in one
