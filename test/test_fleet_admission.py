@@ -5,6 +5,8 @@ hold; a request refused by a later check, or whose client left, holds nothing af
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -150,7 +152,9 @@ def test_a_request_that_leaves_while_waiting_for_admission_holds_nothing(postgre
             async with blocker.transaction():
                 await blocker.execute(blocked_on)
                 requests = [asyncio.create_task(ledger.admit(key, 0, 0, 0, 1, 1_800_000_000.0, uuid.uuid4().hex)) for _ in range(30)]
+                deadline = time.monotonic() + 30
                 while not await blocker.fetchval("SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"):
+                    assert time.monotonic() < deadline, "the batch never waited for the lock"
                     await asyncio.sleep(0.01)
                 for request in requests[:10]:
                     request.cancel()
@@ -169,6 +173,9 @@ def test_an_instance_whose_pool_is_all_at_work_still_renews_its_lease(postgres):
     # Under load every pooled connection may be busy admitting; a heartbeat queued behind them
     # could let the lease run out while the instance serves, and another would free its holds.
     async def test(ledger: PgLedger) -> None:
+        assert ledger._heartbeat_task is not None
+        ledger._heartbeat_task.cancel()  # this test beats itself
+        await asyncio.gather(ledger._heartbeat_task, return_exceptions=True)
         observer = await asyncpg.connect(ledger.url)
         try:
             before = await observer.fetchval("SELECT heartbeat_at FROM instances WHERE id = $1", ledger.instance_id)
@@ -187,3 +194,42 @@ def test_an_instance_whose_pool_is_all_at_work_still_renews_its_lease(postgres):
             await ledger.close()
 
     asyncio.run(run())
+
+
+def test_requests_leaving_at_any_moment_of_their_admission_hold_nothing(postgres, tmp_path):
+    # Rounds of fifty admissions, each cancelled after a random few milliseconds: before its
+    # batch, during it, after its hold was handed over but before it woke. Whichever, what stays
+    # held is exactly what was admitted and kept.
+    _, key = key_of(tmp_path, "restless", "api_keys:\n  - api: sk-batch-000005\n    name: restless\n    preferences: {concurrency_limit: 10000}\n")
+    chance = random.Random(21)
+
+    async def test(ledger: PgLedger) -> None:
+        kept: list[Reservation] = []
+        for _ in range(20):
+            requests = [asyncio.create_task(ledger.admit(key, 0, 0, 0, 1, 1_800_000_000.0, uuid.uuid4().hex)) for _ in range(50)]
+            for request in requests:
+                asyncio.get_running_loop().call_later(chance.uniform(0, 0.006), request.cancel)
+            results = await asyncio.gather(*requests, return_exceptions=True)
+            await asyncio.sleep(0.01)  # (the last cancels fire on finished requests: no-ops)
+            kept += [result for result in results if isinstance(result, Reservation)]
+        assert (await held(ledger))[0] == len(kept)
+        await ledger.refresh_view(key, 1_800_000_000.0)  # (a batch's read counts releases still queued: the view lags)
+        assert ledger.limiter.state(key).in_flight == len(kept)
+
+    with_ledger(postgres, test)
+
+
+def test_a_batch_never_counts_in_a_rate_window_older_than_the_databases(postgres, tmp_path):
+    # Another host's clock a little ahead opened this minute's window; a request here, its clock
+    # still in the last minute, counts in that window rather than starting the old one again.
+    _, key = key_of(tmp_path, "skewed", "api_keys:\n  - api: sk-batch-000006\n    name: skewed\n    preferences: {rate_limit: '100/min'}\n")
+    minute = 1_800_000_000.0 // 60 * 60
+
+    async def test(ledger: PgLedger) -> None:
+        first = await ledger.admit(key, 0, 0, 0, 1, minute + 1, uuid.uuid4().hex)
+        second = await ledger.admit(key, 0, 0, 0, 1, minute - 2, uuid.uuid4().hex)
+        row = await ledger.pool.fetchrow("SELECT window_start, used FROM rate_windows WHERE kind = 'requests'")
+        assert (row["window_start"], row["used"]) == (minute, 2)
+        assert first.admitted_at == minute + 1 and second.admitted_at == minute  # settlements find the window they counted in
+
+    with_ledger(postgres, test)

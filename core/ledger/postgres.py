@@ -205,6 +205,11 @@ ON CONFLICT (key_id, kind, seconds) DO UPDATE SET window_start = excluded.window
 """
 
 
+def _again(error: GatewayError) -> GatewayError:
+    """The same error for another request (each raises its own: a traceback is per raise)."""
+    return GatewayError(error.status, error.type, error.code, error.message, dict(error.headers), param=error.param)
+
+
 def _window_columns(counts: dict[tuple[str, int, float], int]) -> tuple[list[str], list[int], list[float], list[int]]:
     """What a batch counts in rate windows, as _HOLD_SQL's columns (kinds, seconds, starts, counts)."""
     return [kind for kind, _, _ in counts], [seconds for _, seconds, _ in counts], [start for _, _, start in counts], list(counts.values())
@@ -340,7 +345,12 @@ class PgLedger:
             self._admitters.add(task)
             task.add_done_callback(self._admitters.discard)
         waiting.append(_Admission(key, nanos, balance_nanos, count, tokens, now, request_id, decided))
-        return await decided  # a request that leaves cancels it: its turn then holds nothing
+        try:
+            return await decided  # a request that leaves cancels it: its turn then holds nothing
+        except asyncio.CancelledError:  # ...unless it left after its hold was handed over, before it woke
+            if decided.done() and not decided.cancelled() and decided.exception() is None:
+                self.release(decided.result())
+            raise
 
     async def _admit_in_turns(self, key_id: str, waiting: list[_Admission]) -> None:
         """One admission transaction per key at a time in this process, each taking every
@@ -349,8 +359,8 @@ class PgLedger:
         in PostgreSQL (each holding a pooled connection, lengthening the queue for every
         instance). Together: the lock is held for a few round trips per batch, not per request,
         so a key's admissions keep up with any rate of requests, however many instances."""
-        masked = waiting[0].key.masked  # (queued right after this task was made)
         batch: list[_Admission] = []
+        latest = float("-inf")  # the batches' time never goes back (a reload can split them out of order)
         try:
             while waiting:
                 key = waiting[0].key  # a reload may have changed the key: one version per batch
@@ -358,10 +368,11 @@ class PgLedger:
                 for admission in waiting:
                     (batch if admission.key is key and len(batch) < MAX_ADMISSIONS else rest).append(admission)
                 waiting[:] = rest
-                await self._admit_batch(key, [admission for admission in batch if not admission.decided.done()])
+                latest = max([latest, *(admission.now for admission in batch)])
+                await self._admit_batch(key, [admission for admission in batch if not admission.decided.done()], latest)
         except BaseException as exc:  # a bug, or the loop closing: nobody may wait forever
             if isinstance(exc, Exception):
-                log.exception("admission for key %s failed", masked)
+                log.exception("admission for key id %s failed", key_id)
             for admission in (*batch, *waiting):
                 if not admission.decided.done():
                     admission.decided.set_exception(exc if isinstance(exc, Exception) else unavailable("the gateway is stopping"))
@@ -370,19 +381,22 @@ class PgLedger:
         finally:
             del self._waiting[key_id]
 
-    async def _admit_batch(self, key: ApiKey, batch: list[_Admission]) -> None:
+    async def _admit_batch(self, key: ApiKey, batch: list[_Admission], now: float) -> None:
         """Admit or refuse each of `batch` (one key's requests, in arrival order) in one
         transaction: one read of the key's state, each request checked and held against it in
-        turn as the embedded ledger does in memory, one statement writing every hold."""
+        turn as the embedded ledger does in memory, one statement writing every hold. `now`:
+        the batch's time (its latest request's), the same for every hold of the batch."""
         if not batch:
             return
-        now = max(admission.now for admission in batch)  # every hold of the batch counts in the same windows
         admitted: list[tuple[_Admission, Reservation]] = []
         refused: list[tuple[_Admission, Exception]] = []
         hold_sent = False
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 account, state, group_state = await self._locked_state(conn, key, now)
+                # Never count in a rate window older than one the database has (another host's
+                # clock ahead of ours): the older one would start again from zero.
+                now = max([now, *(window.start for held in (state, group_state) if held is not None for window in held.windows.values())])
                 group = key.account if group_state is not None and key.account is not None and key.account.limits.meters_anything else None
                 windows: dict[tuple[str, int, float], int] = {}
                 group_windows: dict[tuple[str, int, float], int] = {}
@@ -411,15 +425,17 @@ class PgLedger:
                         key.billing.owner or "",
                         *_window_columns(group_windows),
                     )
-        except DATABASE_ERRORS as exc:
-            if not isinstance(exc, UNREACHABLE):
+        except (*DATABASE_ERRORS, GatewayError) as exc:  # (a read's lost connection is a GatewayError 503: pg_errors.reachable)
+            if isinstance(exc, asyncpg.PostgresError):
                 log.error("admission for key %s failed in the database: %s", key.masked, exc)
-            for admission, _ in admitted if hold_sent else ():  # the commit may have reached the database
-                self._queue.put_nowait(_Ended(None, admission.request_id))  # with its reply lost: free the holds if so
+            self._free_sent(admitted if hold_sent else [])
             for admission in batch:
                 if not admission.decided.done():
-                    admission.decided.set_exception(unavailable(reason(exc)))
+                    admission.decided.set_exception(_again(exc) if isinstance(exc, GatewayError) else unavailable(reason(exc)))
             return
+        except BaseException:  # cancelled (the gateway stopping) or a bug: the caller's runner answers the waiting
+            self._free_sent(admitted if hold_sent else [])
+            raise
         if key.limits.meters_anything:  # this instance's view of the key, for headers and pages
             self.limiter._state[key.id] = state
         if group is not None and group_state is not None:
@@ -433,6 +449,12 @@ class PgLedger:
                 self.release(reservation)
             else:
                 admission.decided.set_result(reservation)
+
+    def _free_sent(self, admitted: list[tuple[_Admission, Reservation]]) -> None:
+        """Holds whose commit may have reached the database with its reply lost: free them if so
+        (the release of a reservation that is not there is a no-op)."""
+        for admission, _ in admitted:
+            self._queue.put_nowait(_Ended(None, admission.request_id))
 
     def _hold_one(
         self,
@@ -918,9 +940,9 @@ class PgLedger:
 
     # --- the fleet ------------------------------------------------------------------------------
 
-    async def _register(self) -> None:
+    async def _register(self, conn: asyncpg.Connection | None = None) -> None:
         config_hash, config_error = self.config_source()
-        await self.pool.execute(
+        await (conn or self.pool).execute(
             "INSERT INTO instances (id, host, pid, started_at, config_hash, config_error) VALUES ($1, $2, $3, $4, $5, $6)"
             " ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp()",
             self.instance_id,
@@ -965,7 +987,7 @@ class PgLedger:
             )
             if renewed is None:
                 log.warning("this instance's lease had expired (its reservations were freed by another instance); registering again")
-                await self._register()
+                await self._register(conn)
             expired = await conn.fetch(
                 "DELETE FROM instances WHERE heartbeat_at < clock_timestamp() - make_interval(secs => $1) RETURNING id, host, pid", LEASE_SECONDS
             )
@@ -1015,9 +1037,10 @@ class PgLedger:
 
     async def close(self) -> None:
         """Write everything queued, leave the fleet (freeing nothing: requests have ended), close."""
-        for task in (self._heartbeat_task, self._settings_task):
-            if task is not None:
-                task.cancel()
+        stopped = [task for task in (self._heartbeat_task, self._settings_task, *self._admitters) if task is not None]
+        for task in stopped:
+            task.cancel()
+        await asyncio.gather(*stopped, return_exceptions=True)  # (an admission cut short queues its releases first)
         if self._writer_task is not None and not self._writer_task.done():
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._queue.put_nowait(done)
@@ -1030,8 +1053,8 @@ class PgLedger:
             await self.pool.execute("DELETE FROM instances WHERE id = $1", self.instance_id)
         except DATABASE_ERRORS:
             pass
-        if self._keeper is not None and not self._keeper.is_closed():
-            await self._keeper.close()
+        if self._keeper is not None:
+            self._keeper.terminate()  # (nothing to finish: a close could wait on a database gone)
         await self.writer.close()
         await self.pool.close()
 
