@@ -199,11 +199,20 @@ class Result:
     peak_rss_mb: float
     kb_per_stream: float
     peak_open: int
+    keys_used: int  # of the bench's keys, those the gateway billed requests to (0: the bare one)
     text: str
 
     @property
     def errors(self) -> int:
         return self.wrk_errors + self.listen_drops + self.server_errors
+
+
+def keys_used(port: int) -> int:
+    """How many of the bench's keys the gateway billed requests to: `--keys N` must reach all N."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/api_keys_states", headers={"Authorization": f"Bearer {ADMIN}"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        states = json.load(reply)["api_keys_states"]
+    return sum(1 for key, state in states.items() if key.startswith("sk-bench-streams-") and state["request_count"] > 0)
 
 
 def workers_of(kind: str) -> int:
@@ -251,6 +260,7 @@ def measure(kind: str, work: Path, vendor: str, connections: int, args: argparse
         peak_open = vendor_stats(f"{vendor}/stats")["peak_open_streams"]
         time.sleep(1)  # the streams wrk left behind end (499) before the gateway's count is read
         failures = gateway_failures(port) - failures_before if kind != "bare" else 0
+        used = keys_used(port) if kind != "bare" else 0
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
@@ -270,6 +280,7 @@ def measure(kind: str, work: Path, vendor: str, connections: int, args: argparse
         peak[0] / 1024,
         (peak[0] - idle) / connections,
         peak_open,
+        used,
         out,
     )
 
@@ -377,13 +388,20 @@ def main() -> None:
         print(f"{r.connections:6d} {kind:8} {r.rps:7.0f} {r.p50_ms / 1000:6.2f} {r.p99_ms / 1000:6.2f} {r.p50_ms / natural_ms:7.2f} {r.errors:6d} "
               f"{f'{r.wrk_errors}/{r.listen_drops}/{r.server_errors}':>13} {r.cpu_ms_per_1k_events:8.1f} {r.cores:5.2f} {r.idle_rss_mb:7.0f} {r.peak_rss_mb:7.0f} "
               f"{r.kb_per_stream:7.1f} {r.peak_open:6d}")  # fmt: skip
+    for (_, kind), r in sorted(results.items()):
+        if kind != "bare" and r.keys_used < args.keys:
+            print(f"error: {kind} x{r.connections}: requests reached {r.keys_used} of the {args.keys} keys", file=sys.stderr)
+    if args.keys > 1:
+        print(
+            "keys billed: " + ", ".join(f"{kind} x{r.connections} {r.keys_used} of {args.keys}" for (_, kind), r in sorted(results.items()) if kind != "bare")
+        )
     for kind, (streams, kb) in held.items():
         print(f"held open: {kind:8} {streams:6d} streams, {kb:5.1f} KB resident per stream above idle")
     for kind in kinds:
         errors = sum(r.errors for (_, k), r in results.items() if k == kind)
         if errors and kind == "bare":
             print(f"note: the bare pass-through had {errors} errors (not the gateway's)")
-    errors = sum(r.errors for (_, k), r in results.items() if k != "bare")
+    errors = sum(r.errors + (r.keys_used < args.keys) for (_, k), r in results.items() if k != "bare")
     if errors:
         sys.exit(f"the gateway had {errors} errors")
 

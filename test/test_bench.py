@@ -72,6 +72,6 @@ def test_streams_benchmark_runs_a_fleet_over_several_keys_without_errors():
                "--servers", "fleet-2", "--keys", "3"]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 key(s)" in result.stdout, result.stdout
+    assert "3 key(s)" in result.stdout and "keys billed: fleet-2 x60 3 of 3" in result.stdout, result.stdout
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["60"]]
     assert [row[1] for row in rows] == ["fleet-2"] and float(rows[0][2]) > 0 and rows[0][6] == "0", result.stdout  # 401s would be errors
