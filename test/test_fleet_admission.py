@@ -180,7 +180,7 @@ def test_an_instance_whose_pool_is_all_at_work_still_renews_its_lease(postgres):
         try:
             before = await observer.fetchval("SELECT heartbeat_at FROM instances WHERE id = $1", ledger.instance_id)
             async with ledger.pool.acquire(), ledger.pool.acquire():  # the whole pool (pool_size=2)
-                await asyncio.wait_for(ledger.heartbeat(), 5)
+                await asyncio.wait_for(ledger.heartbeat(), 30)  # (without its own connection it waits for ever)
             after = await observer.fetchval("SELECT heartbeat_at FROM instances WHERE id = $1", ledger.instance_id)
         finally:
             await observer.close()
