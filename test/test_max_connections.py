@@ -384,6 +384,8 @@ def test_the_providers_api_and_page_show_a_full_provider_its_connections_and_bus
     assert providers["p1"]["status"] == providers["p2"]["status"] == "at_max_connections"
     assert providers["p1"]["connections"] == {"in_flight": 2, "max_connections": 2, "waiting": 1}
     assert providers["p2"]["connections"] == {"in_flight": 1, "max_connections": 1, "waiting": 0}
+    past = gateway.http("GET", "/v1/providers_states", key=ADMIN_KEY, params={"month": "2020-01"}).json()["providers"]
+    assert {p["status"] for p in past} == {"ok"}  # a past month's status is not today's
     browser = Browser(gateway.url)
     browser.login(ADMIN_KEY)
     page = browser.get("/admin/providers").text

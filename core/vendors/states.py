@@ -214,7 +214,7 @@ async def provider_state_list(
             status = OVER_BUDGET
         elif name in cooling:
             status = COOLING_DOWN
-        elif name in connections and connections[name].full:
+        elif current and name in connections and connections[name].full:  # (a past month's status is not today's)
             status = AT_MAX_CONNECTIONS
         else:
             status = OK
