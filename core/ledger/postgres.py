@@ -25,12 +25,13 @@ it holds however many instances serve one key:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -205,6 +206,13 @@ ON CONFLICT (key_id, kind, seconds) DO UPDATE SET window_start = excluded.window
 """
 
 
+def _refuse_all(admissions: Iterable[_Admission], error: BaseException | Callable[[], BaseException]) -> None:
+    """Answer every admission still waiting with an error (each its own when `error` makes them)."""
+    for admission in admissions:
+        if not admission.decided.done():
+            admission.decided.set_exception(error if isinstance(error, BaseException) else error())
+
+
 def _again(error: GatewayError) -> GatewayError:
     """The same error for another request (each raises its own: a traceback is per raise)."""
     return GatewayError(error.status, error.type, error.code, error.message, dict(error.headers), param=error.param)
@@ -370,14 +378,12 @@ class PgLedger:
                 waiting[:] = rest
                 latest = max([latest, *(admission.now for admission in batch)])
                 await self._admit_batch(key, [admission for admission in batch if not admission.decided.done()], latest)
-        except BaseException as exc:  # a bug, or the loop closing: nobody may wait forever
-            if isinstance(exc, Exception):
-                log.exception("admission for key id %s failed", key_id)
-            for admission in (*batch, *waiting):
-                if not admission.decided.done():
-                    admission.decided.set_exception(exc if isinstance(exc, Exception) else unavailable("the gateway is stopping"))
-            if not isinstance(exc, Exception):
-                raise
+        except Exception as exc:  # a bug: nobody may wait forever
+            log.exception("admission for key id %s failed", key_id)
+            _refuse_all((*batch, *waiting), exc)
+        except asyncio.CancelledError:  # the gateway stopping
+            _refuse_all((*batch, *waiting), lambda: unavailable("the gateway is stopping"))
+            raise
         finally:
             del self._waiting[key_id]
 
@@ -429,9 +435,7 @@ class PgLedger:
             if isinstance(exc, asyncpg.PostgresError):
                 log.error("admission for key %s failed in the database: %s", key.masked, exc)
             self._free_sent(admitted if hold_sent else [])
-            for admission in batch:
-                if not admission.decided.done():
-                    admission.decided.set_exception(_again(exc) if isinstance(exc, GatewayError) else unavailable(reason(exc)))
+            _refuse_all(batch, functools.partial(_again, exc) if isinstance(exc, GatewayError) else functools.partial(unavailable, reason(exc)))
             return
         except BaseException:  # cancelled (the gateway stopping) or a bug: the caller's runner answers the waiting
             self._free_sent(admitted if hold_sent else [])
